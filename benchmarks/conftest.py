@@ -1,0 +1,99 @@
+"""Shared fixtures and the ratio table printed at the end of ``pytest benchmarks/``."""
+
+from __future__ import annotations
+
+import math
+
+import peers
+import pytest
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    """Import torch (skip when it is missing) and limit its intra-op threads to the cores
+    this process may use (2 on the reference machine), so that it neither oversubscribes
+    the machine nor gets fewer cores than gradchain."""
+    pytest.importorskip("torch")
+    return peers.set_torch_threads()
+
+
+# --------------------------------------------------------------------------- ratios
+
+
+def _entries(config):
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None:
+        return []
+    out = []
+    for b in bs.benchmarks:
+        info = b.extra_info or {}
+        if "impl" not in info or not b or b.has_error:
+            continue
+        out.append((b.group, info["impl"], b.stats, info))
+    return out
+
+
+def compute_ratios(config):
+    """Rows: one per (group, peer) plus one per GEMM floor, medians in seconds."""
+    rows = []
+    groups = {}
+    for group, impl, stats, info in _entries(config):
+        groups.setdefault(group, {})[impl] = (stats, info)
+    for group, impls in groups.items():
+        gc_entry = impls.get("gradchain")
+        gc_med = gc_entry[0].median if gc_entry else math.nan
+        for impl, (stats, info) in impls.items():
+            if impl == "gradchain":
+                continue
+            if impl == "gemm-floor":
+                floor = info.get("floor_s", 3 * info["gemms_per_pass"] * stats.min)
+                ratio = gc_med / floor
+                target = info.get("target_ratio")
+                rows.append({
+                    "group": group, "peer": "gemm-floor", "peer_s": floor, "gradchain_s": gc_med,
+                    "kind": "gradchain/floor", "ratio": ratio, "target": target,
+                    "met": None if target is None or math.isnan(ratio) else ratio <= target,
+                    "note": f"{info['gemms_per_pass']} x best GEMM {1e3 * stats.min:.3f} ms "
+                            f"({info['gemm_flop'] / stats.min / 1e9:.0f} GFLOP/s)",
+                })
+            else:
+                ratio = stats.median / gc_med
+                target = info.get("target_speedup")
+                rows.append({
+                    "group": group, "peer": impl, "peer_s": stats.median, "gradchain_s": gc_med,
+                    "kind": "speedup", "ratio": ratio, "target": target,
+                    "met": None if target is None or math.isnan(ratio) else ratio >= target,
+                    "note": "",
+                })
+    return rows
+
+
+def _fmt_ms(s):
+    return f"{1e3 * s:10.2f}" if s == s else f"{'-':>10}"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
+def pytest_terminal_summary(terminalreporter, config):
+    rows = compute_ratios(config)
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "gradchain ratios (medians; speedup = peer / gradchain, floor ratio = gradchain / floor)")
+    tr.write_line(f"{'group':<26} {'vs':<11} {'peer ms':>10} {'gradchain ms':>12} "
+                  f"{'ratio':>10} {'target':>8}  met")
+    for r in rows:
+        if r["kind"] == "speedup":
+            ratio = f"{r['ratio']:9.1f}x"
+            target = f">={r['target']:g}x" if r["target"] is not None else "-"
+        else:
+            ratio = f"{r['ratio']:10.2f}"
+            target = f"<={r['target']:g}" if r["target"] is not None else "-"
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        tr.write_line(f"{r['group']:<26} {r['peer']:<11} {_fmt_ms(r['peer_s'])} "
+                      f"{_fmt_ms(r['gradchain_s']):>12} {ratio:>10} {target:>8}  {met}"
+                      + (f"   [{r['note']}]" if r["note"] else ""))
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """With --benchmark-json, store the ratio table in the JSON file too."""
+    output_json["gradchain_ratios"] = compute_ratios(config)

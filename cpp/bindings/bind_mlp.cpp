@@ -1,0 +1,163 @@
+#include <cmath>
+#include <memory>
+#include <string>
+
+#include "gradchain/mlp.hpp"
+#include "pybind.hpp"
+
+namespace gradchain::bindings {
+namespace {
+
+// Hands a std::vector's buffer to NumPy without copying.
+template <class T>
+py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, heap->data(), owner);
+}
+
+py::array_t<double> to_numpy_d(std::vector<double>&& v) {
+  const auto n = static_cast<py::ssize_t>(v.size());
+  return to_numpy(std::move(v), {n});
+}
+
+template <class T>
+using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <class T>
+py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss,
+                  py::object target, bool keep_grads, double max_norm, double norm_type) {
+  if (x.ndim() != 2 || x.shape(1) != net.widths()[0])
+    throw std::invalid_argument("x must have shape (batch, " + std::to_string(net.widths()[0]) +
+                                ")");
+  const int batch = static_cast<int>(x.shape(0));
+  BackwardRequest req;
+  req.loss = parse_loss(loss);
+  req.keep_weight_grads = req.keep_bias_grads = req.keep_activation_grads = keep_grads;
+  req.max_norm = max_norm;
+  req.norm_type = norm_type;
+  CArray<T> tgt;
+  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> labels;
+  if (req.loss == LossKind::cross_entropy) {
+    labels = target.cast<decltype(labels)>();
+    req.target = labels.data();
+  } else if (req.loss != LossKind::probe) {
+    tgt = target.cast<CArray<T>>();
+    req.target = tgt.data();
+  }
+  const T* xp = x.data();
+  // Everything the core reads is now a C++ pointer into arrays this frame keeps alive,
+  // so the GIL can go.
+  BackwardResult<T> r = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return net.backward(xp, batch, req, cancel);
+  });
+
+  const int L = net.depth();
+  const auto& w = net.widths();
+  py::dict d;
+  d["loss"] = r.loss;
+  d["log10_loss"] = r.log10_loss;
+  d["log10_weight_grad_norms"] = to_numpy_d(std::move(r.log10_weight_grad_norms));
+  d["log10_bias_grad_norms"] = to_numpy_d(std::move(r.log10_bias_grad_norms));
+  d["log10_activation_grad_norms"] = to_numpy_d(std::move(r.log10_activation_grad_norms));
+  d["norm_type"] = r.norm_type;
+  d["log10_total_norm"] = r.log10_total_norm;
+  d["clipped"] = r.clipped;
+  d["max_norm"] = r.max_norm;
+  d["log10_clip_coef"] = r.log10_clip_coef;
+  d["output"] = to_numpy(std::move(r.output), {batch, w[static_cast<std::size_t>(L)]});
+  d["output_log2_scale"] = r.output_log2_scale;
+  if (keep_grads) {
+    py::list wg, bg, ag;
+    for (int l = 0; l < L; ++l) {
+      const auto u = static_cast<std::size_t>(l);
+      wg.append(to_numpy(std::move(r.weight_grads[u]), {w[u + 1], w[u]}));
+      bg.append(to_numpy(std::move(r.bias_grads[u]), {w[u + 1]}));
+    }
+    for (int l = 0; l <= L; ++l) {
+      const auto u = static_cast<std::size_t>(l);
+      ag.append(to_numpy(std::move(r.activation_grads[u]), {batch, w[u]}));
+    }
+    d["weight_grads"] = wg;
+    d["bias_grads"] = bg;
+    d["activation_grads"] = ag;
+  }
+  return d;
+}
+
+template <class T>
+void bind_chain(py::module_& m, const char* name) {
+  using Chain = MLPChain<T>;
+  py::class_<Chain>(m, name, "A deep fully connected chain (see gradchain.MLP).")
+      .def(py::init([](std::vector<int> widths, const std::string& activation,
+                       double negative_slope, double alpha, const std::string& init,
+                       double gain, double sigma_w, double bias_std, std::uint64_t seed) {
+             InitSpec spec;
+             spec.kind = InitSpec::parse_kind(init);
+             spec.gain = gain;
+             spec.sigma_w = sigma_w;
+             spec.bias_std = bias_std;
+             const Activation act = Activation::parse(activation, negative_slope, alpha);
+             py::gil_scoped_release release;  // all arguments are C++ values by now
+             return std::make_unique<Chain>(std::move(widths), act, spec, seed);
+           }),
+           py::arg("widths"), py::arg("activation"), py::arg("negative_slope"), py::arg("alpha"),
+           py::arg("init"), py::arg("gain"), py::arg("sigma_w"), py::arg("bias_std"),
+           py::arg("seed"))
+      .def_static(
+          "from_arrays",
+          [](std::vector<int> widths, const std::string& activation, double negative_slope,
+             double alpha, CArray<T> weights, CArray<T> biases) {
+            const Activation act = Activation::parse(activation, negative_slope, alpha);
+            std::vector<T> w(weights.data(), weights.data() + weights.size());
+            std::vector<T> b(biases.data(), biases.data() + biases.size());
+            return std::make_unique<Chain>(std::move(widths), act, std::move(w), std::move(b));
+          },
+          py::arg("widths"), py::arg("activation"), py::arg("negative_slope"), py::arg("alpha"),
+          py::arg("weights"), py::arg("biases"),
+          "A chain from concatenated row-major weights and biases.")
+      .def_property_readonly("widths", &Chain::widths)
+      .def_property_readonly("depth", &Chain::depth)
+      .def_property_readonly("activation", [](const Chain& c) { return c.activation().name(); })
+      .def_property_readonly("log_scale_forward", &Chain::log_scale_forward)
+      .def(
+          "weight",
+          [](py::object self, int l) {
+            Chain& c = self.cast<Chain&>();
+            if (l < 1 || l > c.depth()) throw py::index_error("layer out of range");
+            const auto u = static_cast<std::size_t>(l);
+            const py::ssize_t o = c.widths()[u], i = c.widths()[u - 1];
+            return py::array_t<T>({o, i}, c.weight(l), self);
+          },
+          py::arg("layer"), "View of W_l (1-based layer), shape (out, in).")
+      .def(
+          "bias",
+          [](py::object self, int l) {
+            Chain& c = self.cast<Chain&>();
+            if (l < 1 || l > c.depth()) throw py::index_error("layer out of range");
+            const py::ssize_t o = c.widths()[static_cast<std::size_t>(l)];
+            return py::array_t<T>({o}, c.bias(l), self);
+          },
+          py::arg("layer"), "View of b_l (1-based layer).")
+      .def("backward_bytes",
+           [](const Chain& c, int batch, bool keep_grads) {
+             BackwardRequest req;
+             req.keep_weight_grads = req.keep_bias_grads = req.keep_activation_grads = keep_grads;
+             return c.backward_bytes(batch, req);
+           })
+      .def("backward", &backward<T>, py::arg("x"), py::arg("loss"), py::arg("target"),
+           py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"));
+}
+
+}  // namespace
+
+void bind_mlp(py::module_& m) {
+  bind_chain<double>(m, "MLPChain64");
+  bind_chain<float>(m, "MLPChain32");
+  m.def("activation_names", &Activation::names);
+  m.def("init_names", &InitSpec::names);
+  m.def("loss_names", &loss_names);
+}
+
+}  // namespace gradchain::bindings

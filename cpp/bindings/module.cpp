@@ -1,0 +1,49 @@
+#include "gradchain/system.hpp"
+#include "gradchain/vecmath.hpp"
+#include "pybind.hpp"
+
+namespace gradchain::bindings {
+
+Canceller signal_canceller() {
+  return Canceller([] {
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;
+  });
+}
+
+}  // namespace gradchain::bindings
+
+PYBIND11_MODULE(_core, m) {
+  using namespace gradchain;
+  m.doc() = "gradchain's compiled core (private; use the gradchain package)";
+  m.attr("__version__") = GRADCHAIN_VERSION;
+
+  // NonFiniteError lives in Python (gradchain.errors) so that it can derive from
+  // FloatingPointError; looked up when first raised.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const NonFiniteError& e) {
+      py::object cls = py::module_::import("gradchain.errors").attr("NonFiniteError");
+      py::object exc = cls(e.what(), e.where(), e.index());
+      PyErr_SetObject(cls.ptr(), exc.ptr());
+    } catch (const MemoryRequestError& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
+    }
+  });
+
+  m.def("physical_memory_bytes", &physical_memory_bytes,
+        "Physical memory of this machine in bytes.");
+  m.def("max_threads", &max_threads, "Threads the core's own parallel loops use.");
+  m.def("blas_threads", &blas_threads, "Threads OpenBLAS uses now.");
+  m.def("vectorized_math", &vm::vectorized,
+        "Whether activations use glibc's vector math library.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+
+  bindings::bind_clip(m);
+  bindings::bind_mlp(m);
+}

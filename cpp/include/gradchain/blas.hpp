@@ -1,0 +1,26 @@
+// The one place that knows BLAS/LAPACK symbol names (scipy-openblas32: scipy_ prefix,
+// 32-bit integers). Everything else calls these typed wrappers.
+#pragma once
+
+#include <cstddef>
+
+namespace gradchain::blas {
+
+enum class Trans { N, T };
+
+// C = alpha * op(A) op(B) + beta * C, all row-major; op(A) is m x k, op(B) is k x n.
+void gemm(Trans ta, Trans tb, int m, int n, int k, double alpha, const double* a, int lda,
+          const double* b, int ldb, double beta, double* c, int ldc);
+void gemm(Trans ta, Trans tb, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float beta, float* c, int ldc);
+
+// In-place Householder QR of a row-major m x n matrix (LAPACK geqrf); tau has min(m,n).
+// Returns LAPACK's info.
+int geqrf(int m, int n, double* a, int lda, double* tau);
+// Forms the first n columns of Q from geqrf's output (LAPACK orgqr), m >= n.
+int orgqr(int m, int n, int k, double* a, int lda, const double* tau);
+
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace gradchain::blas

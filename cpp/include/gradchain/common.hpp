@@ -1,0 +1,50 @@
+// Shared vocabulary of the gradchain core: errors, cancellation, small helpers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+
+namespace gradchain {
+
+// A value became NaN or +-inf inside a run. `where` names the place
+// ("forward", "loss", ...) and `index` the first layer or timestep it showed up in.
+class NonFiniteError : public std::runtime_error {
+ public:
+  NonFiniteError(const std::string& where, std::int64_t index, const std::string& what)
+      : std::runtime_error(what), where_(where), index_(index) {}
+  const std::string& where() const noexcept { return where_; }
+  std::int64_t index() const noexcept { return index_; }
+
+ private:
+  std::string where_;
+  std::int64_t index_;
+};
+
+// Thrown when the cancellation hook asks a long run to stop (Ctrl-C in Python).
+class Interrupted : public std::runtime_error {
+ public:
+  Interrupted() : std::runtime_error("interrupted") {}
+};
+
+// Long loops call `poll()` once per unit of work; it consults the hook at most
+// every few milliseconds so that the hook (which may need the GIL) stays cheap.
+class Canceller {
+ public:
+  Canceller() = default;
+  explicit Canceller(std::function<bool()> hook) : hook_(std::move(hook)) {}
+  void poll();
+
+ private:
+  std::function<bool()> hook_;
+  std::int64_t last_ns_ = 0;
+  std::uint32_t counter_ = 0;
+};
+
+enum class DType { float32, float64 };
+
+inline const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }
+
+}  // namespace gradchain

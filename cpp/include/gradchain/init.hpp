@@ -1,0 +1,40 @@
+// Weight and bias initializers, drawn from the counter-based generator in double
+// precision (float32 chains round the same draws).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gradchain/rng.hpp"
+
+namespace gradchain {
+
+enum class InitKind { xavier_normal, xavier_uniform, he_normal, he_uniform, lecun_normal,
+                      orthogonal, normal };
+
+struct InitSpec {
+  InitKind kind = InitKind::xavier_normal;
+  double gain = 1.0;
+  double sigma_w = 1.0;  // `normal`: weight std sigma_w / sqrt(fan_in)
+  double bias_std = 0.0;
+
+  static InitKind parse_kind(const std::string& name);
+  static const std::vector<std::string>& names();
+  void validate() const;
+  // The weight standard deviation for a layer (orthogonal: 1/sqrt(fan_in) times gain, the
+  // std of one entry of a Haar matrix when fan_out >= fan_in).
+  double weight_std(int fan_out, int fan_in) const;
+};
+
+// Streams of the generator: layer l's weights and biases never share random numbers.
+inline std::uint64_t weight_stream(std::uint64_t layer) { return layer * 2; }
+inline std::uint64_t bias_stream(std::uint64_t layer) { return layer * 2 + 1; }
+
+// Writes the row-major fan_out x fan_in weight of layer `layer` (0-based).
+void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const Philox& rng,
+                 std::uint64_t layer);
+// Writes the n biases of layer `layer`: zero, or N(0, bias_std^2).
+void init_bias(double* b, int n, const InitSpec& spec, const Philox& rng, std::uint64_t layer);
+
+}  // namespace gradchain

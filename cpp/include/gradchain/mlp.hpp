@@ -1,0 +1,121 @@
+// A deep fully connected chain h_l = phi(h_{l-1} W_l^T + b_l), l = 1..L, with an exact
+// backward pass whose per-layer gradient norms are carried in log space.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "gradchain/activation.hpp"
+#include "gradchain/common.hpp"
+#include "gradchain/init.hpp"
+#include "gradchain/loss.hpp"
+
+namespace gradchain {
+
+struct BackwardRequest {
+  LossKind loss = LossKind::probe;
+  const void* target = nullptr;  // T[B*n_L] (mse, grad_output) or int64[B] (cross_entropy)
+  bool keep_weight_grads = false;
+  bool keep_bias_grads = false;
+  bool keep_activation_grads = false;
+  double max_norm = -1.0;  // < 0: no clipping
+  double norm_type = 2.0;  // for the total norm and clipping; inf allowed
+};
+
+template <class T>
+struct BackwardResult {
+  // log10 of Frobenius / Euclidean norms; -inf where a gradient is exactly zero.
+  std::vector<double> log10_weight_grad_norms;      // L
+  std::vector<double> log10_bias_grad_norms;        // L
+  std::vector<double> log10_activation_grad_norms;  // L + 1, h_0 = input
+  double loss = 0.0;
+  double log10_loss = 0.0;
+  double norm_type = 2.0;
+  double log10_total_norm = 0.0;  // over all weight and bias gradients, in norm_type
+  bool clipped = false;
+  double max_norm = 0.0;
+  double log10_clip_coef = 0.0;  // min(0, log10(max_norm / (total + 1e-6)))
+  // Output h_L as floats, and the binary exponent the forward pass carried in log space
+  // (0 unless the chain is positively homogeneous and rescaled).
+  std::vector<T> output;
+  std::int64_t output_log2_scale = 0;
+  // Full gradients on request (after clipping, when clipping was asked for).
+  std::vector<std::vector<T>> weight_grads, bias_grads, activation_grads;
+};
+
+// Scratch memory that a chain keeps between backward passes (uninitialised on growth).
+template <class T>
+class Buffer {
+ public:
+  T* get(std::size_t n) {
+    if (n > cap_) {
+      p_.reset();
+      p_.reset(new T[n]);
+      cap_ = n;
+    }
+    return p_.get();
+  }
+  void release() {
+    p_.reset();
+    cap_ = 0;
+  }
+
+ private:
+  std::unique_ptr<T[]> p_;
+  std::size_t cap_ = 0;
+};
+
+template <class T>
+struct Workspace {
+  Buffer<T> h, z, g, g2, dz, dw, db, dzall;
+  void release() {
+    for (Buffer<T>* b : {&h, &z, &g, &g2, &dz, &dw, &db, &dzall}) b->release();
+  }
+};
+
+template <class T>
+class MLPChain {
+ public:
+  // Draws weights and biases from `seed`. widths = (in, hidden..., out), size depth + 1.
+  MLPChain(std::vector<int> widths, Activation act, const InitSpec& init, std::uint64_t seed);
+  // Takes weights (row-major out x in per layer, concatenated) and biases as given.
+  MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights,
+           std::vector<T> biases);
+
+  int depth() const { return static_cast<int>(widths_.size()) - 1; }
+  const std::vector<int>& widths() const { return widths_; }
+  const Activation& activation() const { return act_; }
+  T* weight(int l) { return weights_.data() + woff_[static_cast<std::size_t>(l)]; }
+  T* bias(int l) { return biases_.data() + boff_[static_cast<std::size_t>(l)]; }
+  const T* weight(int l) const { return weights_.data() + woff_[static_cast<std::size_t>(l)]; }
+  const T* bias(int l) const { return biases_.data() + boff_[static_cast<std::size_t>(l)]; }
+  // True when phi is positively homogeneous and every bias is zero: the forward pass
+  // then rescales by powers of two and never overflows.
+  bool log_scale_forward() const;
+
+  // Bytes a backward pass with this batch would allocate.
+  double backward_bytes(int batch, const BackwardRequest& req) const;
+
+  BackwardResult<T> backward(const T* x, int batch, const BackwardRequest& req,
+                             Canceller& cancel) const;
+
+ private:
+  void layout();
+
+  std::vector<int> widths_;
+  Activation act_;
+  std::vector<T> weights_, biases_;
+  std::vector<std::size_t> woff_, boff_;
+  // Reused by backward passes up to kKeptWorkspaceBytes; a concurrent pass on the same
+  // chain gets its own.
+  mutable std::mutex ws_mutex_;
+  mutable Workspace<T> ws_;
+};
+
+extern template class MLPChain<float>;
+extern template class MLPChain<double>;
+
+}  // namespace gradchain

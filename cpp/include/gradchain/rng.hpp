@@ -1,0 +1,60 @@
+// Counter-based random numbers (Philox4x32-10, Salmon et al. 2011). A value depends only
+// on (seed, stream, index), so any element of any layer can be drawn independently: the
+// weights are the same for any thread count and can be regenerated on the fly.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+namespace gradchain {
+
+class Philox {
+ public:
+  using Block = std::array<std::uint32_t, 4>;
+
+  explicit Philox(std::uint64_t seed)
+      : k0_(static_cast<std::uint32_t>(seed)), k1_(static_cast<std::uint32_t>(seed >> 32)) {}
+
+  Block operator()(std::uint64_t stream, std::uint64_t index) const {
+    Block c = {static_cast<std::uint32_t>(index), static_cast<std::uint32_t>(index >> 32),
+               static_cast<std::uint32_t>(stream), static_cast<std::uint32_t>(stream >> 32)};
+    std::uint32_t k0 = k0_, k1 = k1_;
+    for (int r = 0; r < 10; ++r) {
+      const std::uint64_t p0 = std::uint64_t{0xD2511F53u} * c[0];
+      const std::uint64_t p1 = std::uint64_t{0xCD9E8D57u} * c[2];
+      c = {static_cast<std::uint32_t>(p1 >> 32) ^ c[1] ^ k0, static_cast<std::uint32_t>(p1),
+           static_cast<std::uint32_t>(p0 >> 32) ^ c[3] ^ k1, static_cast<std::uint32_t>(p0)};
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    return c;
+  }
+
+  // Two doubles uniform on [0, 1) with 53 random bits each.
+  void uniform2(std::uint64_t stream, std::uint64_t index, double out[2]) const {
+    const Block b = (*this)(stream, index);
+    out[0] = to_unit((std::uint64_t{b[1]} << 32) | b[0]);
+    out[1] = to_unit((std::uint64_t{b[3]} << 32) | b[2]);
+  }
+
+  // Two independent standard normals (Box-Muller).
+  void normal2(std::uint64_t stream, std::uint64_t index, double out[2]) const {
+    double u[2];
+    uniform2(stream, index, u);
+    const double r = std::sqrt(-2.0 * std::log(1.0 - u[0]));  // 1 - u in (0, 1]
+    const double t = 6.283185307179586476925 * u[1];
+    out[0] = r * std::cos(t);
+    out[1] = r * std::sin(t);
+  }
+
+ private:
+  static double to_unit(std::uint64_t x) { return static_cast<double>(x >> 11) * 0x1.0p-53; }
+  std::uint32_t k0_, k1_;
+};
+
+// Fills out[0..n) with standard normals (or uniforms on [-1, 1)) of one stream.
+void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n);
+void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n);
+
+}  // namespace gradchain

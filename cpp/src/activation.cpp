@@ -1,0 +1,242 @@
+#include "gradchain/activation.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "gradchain/parallel.hpp"
+#include "gradchain/vecmath.hpp"
+
+// The scratch blocks are filled by the vector-math calls before any read; GCC cannot see
+// through those calls.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace gradchain {
+
+namespace {
+const std::vector<std::string> kNames = {"linear",    "sigmoid", "tanh", "relu",
+                                         "leaky_relu", "elu",     "gelu", "gelu_tanh",
+                                         "silu",       "softplus"};
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "'" : ", '") + x + "'";
+  return s;
+}
+
+// Elementwise work runs in blocks of this many elements, so that temporaries stay in L1.
+constexpr std::size_t kBlock = 512;
+
+// PyTorch's constants for softplus (beta = 1, threshold = 20) and gelu.
+constexpr double kSoftplusThreshold = 20.0;
+constexpr double kSqrt1_2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kGeluBeta = 0.79788456080286535588;  // sqrt(2/pi)
+constexpr double kGeluKappa = 0.044715;
+
+template <class T>
+void forward_block(const Activation& a, const T* z, T* h, std::size_t n) {
+  T tmp[kBlock];
+  switch (a.kind) {
+    case Act::linear:
+      if (h != z) std::copy(z, z + n, h);
+      break;
+    case Act::tanh:
+      vm::tanh(z, h, n);
+      break;
+    case Act::sigmoid:
+      for (std::size_t i = 0; i < n; ++i) tmp[i] = -z[i];
+      vm::exp(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = T(1) / (T(1) + tmp[i]);
+      break;
+    case Act::relu:
+      // NaN must propagate as in torch.relu.
+      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] < T(0) ? T(0) : z[i];
+      break;
+    case Act::leaky_relu: {
+      const T s = static_cast<T>(a.negative_slope);
+      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] > T(0) ? z[i] : z[i] * s;
+      break;
+    }
+    case Act::elu: {
+      const T al = static_cast<T>(a.alpha);
+      vm::expm1(z, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] > T(0) ? z[i] : al * tmp[i];
+      break;
+    }
+    case Act::gelu:
+      for (std::size_t i = 0; i < n; ++i) tmp[i] = z[i] * static_cast<T>(kSqrt1_2);
+      vm::erf(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] * T(0.5) * (T(1) + tmp[i]);
+      break;
+    case Act::gelu_tanh:
+      for (std::size_t i = 0; i < n; ++i) {
+        const T x = z[i];
+        tmp[i] = static_cast<T>(kGeluBeta) * (x + static_cast<T>(kGeluKappa) * x * x * x);
+      }
+      vm::tanh(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = T(0.5) * z[i] * (T(1) + tmp[i]);
+      break;
+    case Act::silu:
+      for (std::size_t i = 0; i < n; ++i) tmp[i] = -z[i];
+      vm::exp(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] / (T(1) + tmp[i]);
+      break;
+    case Act::softplus:
+      vm::exp(z, tmp, n);
+      vm::log1p(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i)
+        h[i] = z[i] > static_cast<T>(kSoftplusThreshold) ? z[i] : tmp[i];
+      break;
+  }
+}
+
+template <class T>
+void backward_block(const Activation& a, const T* z, const T* h, const T* g, T* out,
+                    std::size_t n) {
+  T tmp[kBlock];
+  switch (a.kind) {
+    case Act::linear:
+      if (out != g) std::copy(g, g + n, out);
+      break;
+    case Act::tanh:
+      for (std::size_t i = 0; i < n; ++i) out[i] = g[i] * (T(1) - h[i] * h[i]);
+      break;
+    case Act::sigmoid:
+      for (std::size_t i = 0; i < n; ++i) out[i] = g[i] * (T(1) - h[i]) * h[i];
+      break;
+    case Act::relu:
+      for (std::size_t i = 0; i < n; ++i) out[i] = h[i] > T(0) ? g[i] : T(0);
+      break;
+    case Act::leaky_relu: {
+      const T s = static_cast<T>(a.negative_slope);
+      if (a.needs_input()) {
+        for (std::size_t i = 0; i < n; ++i) out[i] = z[i] > T(0) ? g[i] : g[i] * s;
+      } else {
+        for (std::size_t i = 0; i < n; ++i) out[i] = h[i] > T(0) ? g[i] : g[i] * s;
+      }
+      break;
+    }
+    case Act::elu: {
+      const T al = static_cast<T>(a.alpha);
+      vm::exp(z, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) out[i] = z[i] <= T(0) ? g[i] * al * tmp[i] : g[i];
+      break;
+    }
+    case Act::gelu: {
+      T pdf[kBlock];
+      for (std::size_t i = 0; i < n; ++i) {
+        tmp[i] = z[i] * static_cast<T>(kSqrt1_2);
+        pdf[i] = T(-0.5) * z[i] * z[i];
+      }
+      vm::erf(tmp, tmp, n);
+      vm::exp(pdf, pdf, n);
+      for (std::size_t i = 0; i < n; ++i) {
+        const T cdf = T(0.5) * (T(1) + tmp[i]);
+        out[i] = g[i] * (cdf + z[i] * pdf[i] * static_cast<T>(kInvSqrt2Pi));
+      }
+      break;
+    }
+    case Act::gelu_tanh: {
+      const T beta = static_cast<T>(kGeluBeta), kappa = static_cast<T>(kGeluKappa);
+      for (std::size_t i = 0; i < n; ++i) {
+        const T x = z[i];
+        tmp[i] = beta * (x + kappa * x * x * x);
+      }
+      vm::tanh(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) {
+        const T x = z[i], t = tmp[i];
+        const T left = T(0.5) * x, right = T(1) + t;
+        const T dleft = T(0.5) * right;
+        const T dright = left * (T(1) - t * t) * beta * (T(1) + T(3) * kappa * x * x);
+        out[i] = g[i] * (dleft + dright);
+      }
+      break;
+    }
+    case Act::silu:
+      for (std::size_t i = 0; i < n; ++i) tmp[i] = -z[i];
+      vm::exp(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) {
+        const T s = T(1) / (T(1) + tmp[i]);
+        out[i] = g[i] * s * (T(1) + z[i] * (T(1) - s));
+      }
+      break;
+    case Act::softplus:
+      vm::exp(z, tmp, n);
+      for (std::size_t i = 0; i < n; ++i)
+        out[i] = z[i] > static_cast<T>(kSoftplusThreshold) ? g[i]
+                                                            : g[i] * tmp[i] / (tmp[i] + T(1));
+      break;
+  }
+}
+}  // namespace
+
+const std::vector<std::string>& Activation::names() { return kNames; }
+
+Activation Activation::parse(const std::string& name, double negative_slope, double alpha) {
+  Activation a;
+  auto it = std::find(kNames.begin(), kNames.end(), name);
+  if (it == kNames.end())
+    throw std::invalid_argument("activation must be one of " + join(kNames) + "; got '" +
+                                name + "'");
+  a.kind = static_cast<Act>(it - kNames.begin());
+  if (!std::isfinite(negative_slope))
+    throw std::invalid_argument("negative_slope must be finite; got " +
+                                std::to_string(negative_slope));
+  if (!std::isfinite(alpha) || alpha <= 0.0)
+    throw std::invalid_argument("alpha must be a positive finite number; got " +
+                                std::to_string(alpha));
+  a.negative_slope = negative_slope;
+  a.alpha = alpha;
+  return a;
+}
+
+std::string Activation::name() const { return kNames[static_cast<std::size_t>(kind)]; }
+
+bool Activation::positively_homogeneous() const {
+  return kind == Act::linear || kind == Act::relu || kind == Act::leaky_relu;
+}
+
+bool Activation::needs_input() const {
+  switch (kind) {
+    case Act::elu:
+    case Act::gelu:
+    case Act::gelu_tanh:
+    case Act::silu:
+    case Act::softplus:
+      return true;
+    case Act::leaky_relu:
+      return negative_slope < 0.0;
+    default:
+      return false;
+  }
+}
+
+template <class T>
+void Activation::forward(const T* z, T* h, std::size_t n) const {
+  parallel_chunks(n, [&](std::size_t b, std::size_t e) {
+    for (std::size_t i = b; i < e; i += kBlock)
+      forward_block(*this, z + i, h + i, std::min(kBlock, e - i));
+  });
+}
+
+template <class T>
+void Activation::backward(const T* z, const T* h, const T* g, T* out, std::size_t n) const {
+  parallel_chunks(n, [&](std::size_t b, std::size_t e) {
+    for (std::size_t i = b; i < e; i += kBlock) {
+      const std::size_t m = std::min(kBlock, e - i);
+      backward_block(*this, z ? z + i : nullptr, h ? h + i : nullptr, g + i, out + i, m);
+    }
+  });
+}
+
+template void Activation::forward<float>(const float*, float*, std::size_t) const;
+template void Activation::forward<double>(const double*, double*, std::size_t) const;
+template void Activation::backward<float>(const float*, const float*, const float*, float*,
+                                          std::size_t) const;
+template void Activation::backward<double>(const double*, const double*, const double*,
+                                           double*, std::size_t) const;
+
+}  // namespace gradchain

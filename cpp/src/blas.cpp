@@ -1,0 +1,32 @@
+#include "gradchain/blas.hpp"
+
+#include <cblas.h>
+#include <lapacke.h>
+
+namespace gradchain::blas {
+namespace {
+CBLAS_TRANSPOSE tr(Trans t) { return t == Trans::N ? CblasNoTrans : CblasTrans; }
+}  // namespace
+
+void gemm(Trans ta, Trans tb, int m, int n, int k, double alpha, const double* a, int lda,
+          const double* b, int ldb, double beta, double* c, int ldc) {
+  scipy_cblas_dgemm(CblasRowMajor, tr(ta), tr(tb), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void gemm(Trans ta, Trans tb, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float beta, float* c, int ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, tr(ta), tr(tb), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+int geqrf(int m, int n, double* a, int lda, double* tau) {
+  return scipy_LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, m, n, a, lda, tau);
+}
+
+int orgqr(int m, int n, int k, double* a, int lda, const double* tau) {
+  return scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, m, n, k, a, lda, tau);
+}
+
+void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
+int get_num_threads() { return scipy_openblas_get_num_threads(); }
+
+}  // namespace gradchain::blas

@@ -1,0 +1,133 @@
+#include "gradchain/init.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "gradchain/blas.hpp"
+
+namespace gradchain {
+
+namespace {
+const std::vector<std::string> kInitNames = {"xavier_normal", "xavier_uniform", "he_normal",
+                                             "he_uniform",    "lecun_normal",   "orthogonal",
+                                             "normal"};
+}  // namespace
+
+void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n) {
+  double pair[2];
+  std::uint64_t i = 0;
+  for (; i + 2 <= n; i += 2) rng.normal2(stream, i / 2, out + i);
+  if (i < n) {
+    rng.normal2(stream, i / 2, pair);
+    out[i] = pair[0];
+  }
+}
+
+void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n) {
+  double pair[2];
+  for (std::uint64_t i = 0; i < n; i += 2) {
+    rng.uniform2(stream, i / 2, pair);
+    out[i] = 2.0 * pair[0] - 1.0;
+    if (i + 1 < n) out[i + 1] = 2.0 * pair[1] - 1.0;
+  }
+}
+
+const std::vector<std::string>& InitSpec::names() { return kInitNames; }
+
+InitKind InitSpec::parse_kind(const std::string& name) {
+  auto it = std::find(kInitNames.begin(), kInitNames.end(), name);
+  if (it == kInitNames.end()) {
+    std::string all;
+    for (const auto& s : kInitNames) all += (all.empty() ? "'" : ", '") + s + "'";
+    throw std::invalid_argument("init must be one of " + all + "; got '" + name + "'");
+  }
+  return static_cast<InitKind>(it - kInitNames.begin());
+}
+
+void InitSpec::validate() const {
+  if (!std::isfinite(gain))
+    throw std::invalid_argument("gain must be a finite number; got " + std::to_string(gain));
+  if (!std::isfinite(sigma_w) || sigma_w < 0.0)
+    throw std::invalid_argument("sigma_w must be a finite number >= 0; got " +
+                                std::to_string(sigma_w));
+  if (!std::isfinite(bias_std) || bias_std < 0.0)
+    throw std::invalid_argument("bias_std must be a finite number >= 0; got " +
+                                std::to_string(bias_std));
+}
+
+double InitSpec::weight_std(int fan_out, int fan_in) const {
+  const double fi = fan_in, fo = fan_out;
+  switch (kind) {
+    case InitKind::xavier_normal:
+    case InitKind::xavier_uniform:
+      return gain * std::sqrt(2.0 / (fi + fo));
+    case InitKind::he_normal:
+    case InitKind::he_uniform:
+      return gain * std::sqrt(2.0 / fi);
+    case InitKind::lecun_normal:
+    case InitKind::orthogonal:
+      return gain / std::sqrt(fi);
+    case InitKind::normal:
+      return gain * sigma_w / std::sqrt(fi);
+  }
+  return 0.0;
+}
+
+void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const Philox& rng,
+                 std::uint64_t layer) {
+  const std::uint64_t n = static_cast<std::uint64_t>(fan_out) * static_cast<std::uint64_t>(fan_in);
+  const std::uint64_t stream = weight_stream(layer);
+  switch (spec.kind) {
+    case InitKind::xavier_uniform:
+    case InitKind::he_uniform: {
+      // U(-a, a) has std a / sqrt(3).
+      const double a = std::sqrt(3.0) * spec.weight_std(fan_out, fan_in);
+      fill_uniform_pm1(rng, stream, w, n);
+      for (std::uint64_t i = 0; i < n; ++i) w[i] *= a;
+      return;
+    }
+    case InitKind::orthogonal: {
+      // Haar measure: QR of a Gaussian matrix with the signs of diag(R) folded into Q
+      // (Mezzadri 2007), taken on the tall orientation as torch.nn.init.orthogonal_ does.
+      const int m = std::max(fan_out, fan_in), k = std::min(fan_out, fan_in);
+      const auto K = static_cast<std::size_t>(k), FI = static_cast<std::size_t>(fan_in);
+      std::vector<double> a(n), tau(K), sign(K);
+      fill_normal(rng, stream, a.data(), n);
+      if (blas::geqrf(m, k, a.data(), k, tau.data()) != 0)
+        throw std::runtime_error("LAPACK geqrf failed in the orthogonal initializer");
+      for (std::size_t j = 0; j < K; ++j) sign[j] = a[j * K + j] < 0.0 ? -1.0 : 1.0;
+      if (blas::orgqr(m, k, k, a.data(), k, tau.data()) != 0)
+        throw std::runtime_error("LAPACK orgqr failed in the orthogonal initializer");
+      // a holds Q (m x k, orthonormal columns); W = Q diag(sign), transposed when wide.
+      for (std::size_t i = 0; i < static_cast<std::size_t>(m); ++i)
+        for (std::size_t j = 0; j < K; ++j) {
+          const double q = spec.gain * a[i * K + j] * sign[j];
+          if (fan_out >= fan_in)
+            w[i * FI + j] = q;
+          else
+            w[j * FI + i] = q;
+        }
+      return;
+    }
+    default: {
+      const double s = spec.weight_std(fan_out, fan_in);
+      fill_normal(rng, stream, w, n);
+      for (std::uint64_t i = 0; i < n; ++i) w[i] *= s;
+      return;
+    }
+  }
+}
+
+void init_bias(double* b, int n, const InitSpec& spec, const Philox& rng, std::uint64_t layer) {
+  const std::uint64_t m = static_cast<std::uint64_t>(n);
+  if (spec.bias_std == 0.0) {
+    std::fill(b, b + m, 0.0);
+    return;
+  }
+  fill_normal(rng, bias_stream(layer), b, m);
+  for (std::uint64_t i = 0; i < m; ++i) b[i] *= spec.bias_std;
+}
+
+}  // namespace gradchain

@@ -1,0 +1,608 @@
+#include "gradchain/mlp.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <thread>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <numeric>
+#include <string>
+
+#include "gradchain/blas.hpp"
+#include "gradchain/parallel.hpp"
+#include "gradchain/scaled.hpp"
+#include "gradchain/system.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gradchain {
+
+namespace {
+const std::vector<std::string> kLossNames = {"probe", "mse", "cross_entropy", "grad_output"};
+
+using blas::Trans;
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Workspaces up to this size stay with the chain between passes (saves page faults).
+constexpr double kKeptWorkspaceBytes = 512.0 * 1024 * 1024;
+
+// Below this many multiply-adds per GEMM, OpenBLAS threads cost more than they save.
+constexpr double kThreadedGemmWork = 1 << 20;
+
+// Restores OpenBLAS's thread count when a run ends, however it ends.
+class BlasThreads {
+ public:
+  explicit BlasThreads(int n) : old_(set_blas_threads(n)) {}
+  ~BlasThreads() { set_blas_threads(old_); }
+  BlasThreads(const BlasThreads&) = delete;
+  BlasThreads& operator=(const BlasThreads&) = delete;
+
+ private:
+  int old_;
+};
+
+std::string layer_msg(int l, int depth) {
+  return "layer " + std::to_string(l) + " of " + std::to_string(depth);
+}
+
+template <class T>
+void check_no_overflow(const Scan& s, const T* z, std::size_t n, int l, int depth,
+                       const char* what) {
+  if (s.finite) return;
+  bool nan = false;
+  for (std::size_t i = 0; i < n; ++i)
+    if (std::isnan(static_cast<double>(z[i]))) nan = true;
+  throw NonFiniteError(
+      "forward", l,
+      std::string("the forward pass ") + (nan ? "produced NaN" : "overflowed to inf") + " in " +
+          what + " at " + layer_msg(l, depth) +
+          (nan ? "" : "; lower the gain, the weights or the input scale"));
+}
+
+// Multiplies every entry by m * 2^e, where the product is formed by one rounding in T.
+template <class T>
+void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
+  int ce = 0;
+  const double cm = coef == 0.0 ? 0.0 : std::frexp(coef, &ce);
+  const std::int64_t total = e + ce;
+  const int k = static_cast<int>(std::clamp<std::int64_t>(total, -100000, 100000));
+  const T mt = static_cast<T>(cm);
+  for (std::size_t i = 0; i < n; ++i)
+    dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i] * mt), k));
+}
+
+}  // namespace
+
+LossKind parse_loss(const std::string& name) {
+  auto it = std::find(kLossNames.begin(), kLossNames.end(), name);
+  if (it == kLossNames.end()) {
+    std::string all;
+    for (const auto& s : kLossNames) all += (all.empty() ? "'" : ", '") + s + "'";
+    throw std::invalid_argument("loss must be one of " + all + "; got '" + name + "'");
+  }
+  return static_cast<LossKind>(it - kLossNames.begin());
+}
+
+const std::vector<std::string>& loss_names() { return kLossNames; }
+
+// ---------------------------------------------------------------------------------------
+
+template <class T>
+void MLPChain<T>::layout() {
+  if (widths_.size() < 2)
+    throw std::invalid_argument("widths must list at least an input and an output width");
+  for (std::size_t i = 0; i < widths_.size(); ++i)
+    if (widths_[i] <= 0)
+      throw std::invalid_argument("width must be positive; widths[" + std::to_string(i) +
+                                  "] is " + std::to_string(widths_[i]));
+  woff_.assign(widths_.size(), 0);
+  boff_.assign(widths_.size(), 0);
+  std::size_t w = 0, b = 0;
+  for (std::size_t l = 1; l < widths_.size(); ++l) {
+    woff_[l] = w;
+    boff_[l] = b;
+    w += static_cast<std::size_t>(widths_[l]) * static_cast<std::size_t>(widths_[l - 1]);
+    b += static_cast<std::size_t>(widths_[l]);
+  }
+  woff_[0] = w;  // unused; keeps the table the same length as widths
+  boff_[0] = b;
+}
+
+template <class T>
+MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& init,
+                      std::uint64_t seed)
+    : widths_(std::move(widths)), act_(act) {
+  layout();
+  init.validate();
+  double nw = 0, nb = 0, maxw = 0;
+  for (std::size_t l = 1; l < widths_.size(); ++l) {
+    const double wl = double(widths_[l]) * double(widths_[l - 1]);
+    nw += wl;
+    nb += widths_[l];
+    maxw = std::max(maxw, wl);
+  }
+  check_memory((nw + nb) * sizeof(T) + 2.0 * maxw * sizeof(double) * max_threads(),
+               "the chain's weights");
+  try {
+    weights_.resize(static_cast<std::size_t>(nw));
+    biases_.resize(static_cast<std::size_t>(nb));
+  } catch (const std::bad_alloc&) {
+    throw MemoryRequestError("could not allocate " + std::to_string((nw + nb) * sizeof(T)) +
+                             " bytes for the chain's weights");
+  }
+  const Philox rng(seed);
+  const int depth = this->depth();
+  // Each layer draws from its own stream, so the split across threads changes nothing.
+  // LAPACK (orthogonal init) runs single-threaded inside the parallel loop.
+  BlasThreads one(1);
+  std::string error;
+#pragma omp parallel
+  {
+    std::vector<double> wbuf, bbuf;
+#pragma omp for schedule(dynamic, 1)
+    for (int l = 1; l <= depth; ++l) {
+      try {
+        const int fo = widths_[static_cast<std::size_t>(l)];
+        const int fi = widths_[static_cast<std::size_t>(l) - 1];
+        wbuf.resize(static_cast<std::size_t>(fo) * static_cast<std::size_t>(fi));
+        bbuf.resize(static_cast<std::size_t>(fo));
+        init_weight(wbuf.data(), fo, fi, init, rng, static_cast<std::uint64_t>(l - 1));
+        init_bias(bbuf.data(), fo, init, rng, static_cast<std::uint64_t>(l - 1));
+        std::transform(wbuf.begin(), wbuf.end(), weight(l),
+                       [](double v) { return static_cast<T>(v); });
+        std::transform(bbuf.begin(), bbuf.end(), bias(l),
+                       [](double v) { return static_cast<T>(v); });
+      } catch (const std::exception& e) {
+#pragma omp critical
+        error = e.what();
+      }
+    }
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
+template <class T>
+MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights,
+                      std::vector<T> biases)
+    : widths_(std::move(widths)), act_(act), weights_(std::move(weights)),
+      biases_(std::move(biases)) {
+  layout();
+  if (weights_.size() != woff_[0])
+    throw std::invalid_argument("weights hold " + std::to_string(weights_.size()) +
+                                " numbers; the widths need " + std::to_string(woff_[0]));
+  if (biases_.size() != boff_[0])
+    throw std::invalid_argument("biases hold " + std::to_string(biases_.size()) +
+                                " numbers; the widths need " + std::to_string(boff_[0]));
+}
+
+template <class T>
+bool MLPChain<T>::log_scale_forward() const {
+  if (!act_.positively_homogeneous()) return false;
+  return std::all_of(biases_.begin(), biases_.end(), [](T b) { return b == T(0); });
+}
+
+template <class T>
+double MLPChain<T>::backward_bytes(int batch, const BackwardRequest& req) const {
+  const double B = batch;
+  double acts = 0, maxw = 0, maxn = 0, nw = 0, nb = 0;
+  for (std::size_t l = 0; l < widths_.size(); ++l) {
+    acts += widths_[l];
+    maxn = std::max(maxn, double(widths_[l]));
+    if (l > 0) {
+      const double wl = double(widths_[l]) * widths_[l - 1];
+      maxw = std::max(maxw, wl);
+      nw += wl;
+      nb += widths_[l];
+    }
+  }
+  double elems = B * acts;                                           // stored h_l
+  if (act_.needs_input()) elems += B * (acts - widths_[0]);          // stored z_l
+  elems += 3 * B * maxn + maxw;                                      // scratch
+  if (req.keep_weight_grads) elems += nw;
+  if (req.keep_bias_grads) elems += nb;
+  if (req.keep_activation_grads) elems += B * acts;
+  return elems * sizeof(T) + 3 * 8.0 * double(widths_.size());
+}
+
+template <class T>
+BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardRequest& req,
+                                        Canceller& cancel) const {
+  if (batch <= 0)
+    throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
+  const int L = depth();
+  const std::size_t B = static_cast<std::size_t>(batch);
+  const auto n = [&](int l) { return static_cast<std::size_t>(widths_[static_cast<std::size_t>(l)]); };
+  const bool homog = log_scale_forward();
+  const bool keep_z = act_.needs_input();
+
+  check_memory(backward_bytes(batch, req), "this backward pass");
+
+  double max_work = 0;
+  for (int l = 1; l <= L; ++l) max_work = std::max(max_work, double(B) * double(n(l)) * double(n(l - 1)));
+  const bool threaded_gemm = max_work >= kThreadedGemmWork && max_threads() > 1;
+  BlasThreads threads(threaded_gemm ? max_threads() : 1);
+  ElementwiseThreads elementwise(threaded_gemm ? 1 : 0);
+
+  // ---- storage -----------------------------------------------------------------------
+  std::vector<std::size_t> hoff(static_cast<std::size_t>(L) + 2, 0);
+  for (int l = 0; l <= L; ++l) hoff[static_cast<std::size_t>(l) + 1] = hoff[static_cast<std::size_t>(l)] + B * n(l);
+  std::size_t maxn = 0, maxw = 0;
+  for (int l = 0; l <= L; ++l) maxn = std::max(maxn, n(l));
+  for (int l = 1; l <= L; ++l) maxw = std::max(maxw, n(l) * n(l - 1));
+
+  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
+  Workspace<T> local;
+  const double bytes = backward_bytes(batch, req);
+  Workspace<T>& ws = lock.owns_lock() && bytes <= kKeptWorkspaceBytes ? ws_ : local;
+  if (lock.owns_lock() && bytes > kKeptWorkspaceBytes) ws_.release();
+  T *H, *Z = nullptr, *DW = nullptr;
+  try {
+    H = ws.h.get(hoff.back());
+    if (keep_z) Z = ws.z.get(hoff.back());
+    if (!req.keep_weight_grads) DW = ws.dw.get(maxw);
+  } catch (const std::bad_alloc&) {
+    throw MemoryRequestError("could not allocate " + std::to_string(bytes) +
+                             " bytes for this backward pass");
+  }
+  T* G = ws.g.get(B * maxn);
+  T* G2 = ws.g2.get(B * maxn);
+  T* DZ = ws.dz.get(B * maxn);
+  T* DB = ws.db.get(maxn);
+  auto h = [&](int l) { return H + hoff[static_cast<std::size_t>(l)]; };
+  auto z = [&](int l) { return keep_z ? Z + hoff[static_cast<std::size_t>(l)] : nullptr; };
+  // h_l = h~_l * 2^e[l] (log-scale forward); shift[l] rescales h_l into [1, 2) for the
+  // weight-gradient GEMM of a plain forward pass, so that it cannot overflow.
+  std::vector<std::int64_t> e(static_cast<std::size_t>(L) + 1, 0);
+  std::vector<int> shift(static_cast<std::size_t>(L) + 1, 0);
+
+  BackwardResult<T> res;
+  res.norm_type = req.norm_type;
+
+  // ---- forward -------------------------------------------------------------------------
+  std::copy(x, x + B * n(0), h(0));
+  {
+    const Scan s = scan(h(0), B * n(0));
+    const int k = exponent_of(s.maxabs);
+    if (homog) {
+      scale_pow2(h(0), B * n(0), -k);
+      e[0] = k;
+    } else {
+      shift[0] = -k;
+    }
+  }
+  for (int l = 1; l <= L; ++l) {
+    const std::size_t m = B * n(l);
+    T* zl = keep_z ? z(l) : h(l);
+    const T alpha = T(1);
+    blas::gemm(Trans::N, Trans::T, batch, widths_[static_cast<std::size_t>(l)],
+               widths_[static_cast<std::size_t>(l) - 1], alpha, h(l - 1),
+               widths_[static_cast<std::size_t>(l) - 1], weight(l),
+               widths_[static_cast<std::size_t>(l) - 1], T(0), zl,
+               widths_[static_cast<std::size_t>(l)]);
+    if (!homog) {
+      const T* bl = bias(l);
+      for (std::size_t r = 0; r < B; ++r) {
+        T* row = zl + r * n(l);
+        for (std::size_t j = 0; j < n(l); ++j) row[j] += bl[j];
+      }
+    }
+    check_no_overflow(scan(zl, m), zl, m, l, L, "the pre-activation h W^T + b");
+    act_.forward(zl, h(l), m);
+    const Scan s = scan(h(l), m);
+    check_no_overflow(s, h(l), m, l, L, "the activation");
+    const int k = exponent_of(s.maxabs);
+    if (homog) {
+      // phi(2^k u) = 2^k phi(u): move the scale into the exponent. The stored z keeps the
+      // previous layer's scale; only its sign is used.
+      scale_pow2(h(l), m, -k);
+      e[static_cast<std::size_t>(l)] = e[static_cast<std::size_t>(l) - 1] + k;
+    } else {
+      shift[static_cast<std::size_t>(l)] = -k;
+    }
+    cancel.poll();
+  }
+
+  // ---- loss and dL/dh_L ---------------------------------------------------------------
+  const std::size_t mL = B * n(L);
+  const T* hL = h(L);
+  const std::int64_t eL = e[static_cast<std::size_t>(L)];
+  res.output.resize(mL);
+  write_scaled(hL, mL, eL, 1.0, res.output.data());
+  res.output_log2_scale = eL;
+
+  std::int64_t gamma = 0;  // dL/dh_l = G * 2^gamma
+  T* g = G;
+  switch (req.loss) {
+    case LossKind::probe: {
+      std::copy(hL, hL + mL, g);
+      gamma = eL;
+      const Scan s = scan(hL, mL);
+      res.log10_loss = s.sumsq > 0 ? std::log10(0.5 * s.sumsq) + 2.0 * double(eL) * kLog10_2 : kNegInf;
+      break;
+    }
+    case LossKind::mse: {
+      const T* y = static_cast<const T*>(req.target);
+      const Scan sy = scan(y, mL);
+      // (h - y) computed at a common power-of-two scale c: exact where h and y overlap.
+      const std::int64_t ey = sy.maxabs > 0 ? exponent_of(sy.maxabs) : std::numeric_limits<int>::min() / 2;
+      const std::int64_t c = std::max(eL, ey);
+      const int sh = static_cast<int>(std::max<std::int64_t>(eL - c, -100000));
+      const int sy_ = static_cast<int>(std::max<std::int64_t>(-c, -100000));
+      const T norm = static_cast<T>(2.0 / double(mL));
+      double ss = 0;
+      for (std::size_t i = 0; i < mL; ++i) {
+        const T u = static_cast<T>(std::ldexp(double(hL[i]), sh)) - static_cast<T>(std::ldexp(double(y[i]), sy_));
+        ss += double(u) * double(u);
+        g[i] = norm * u;
+      }
+      gamma = c;
+      res.log10_loss = ss > 0 ? std::log10(ss / double(mL)) + 2.0 * double(c) * kLog10_2 : kNegInf;
+      break;
+    }
+    case LossKind::cross_entropy: {
+      const auto* labels = static_cast<const std::int64_t*>(req.target);
+      const std::size_t C = n(L);
+      const T invB = static_cast<T>(1.0 / double(B));
+      if (eL <= 900) {
+        const int ie = static_cast<int>(std::max<std::int64_t>(eL, -100000));
+        double total = 0;
+        std::vector<double> p(C);
+        for (std::size_t r = 0; r < B; ++r) {
+          const T* row = hL + r * C;
+          double mx = kNegInf;
+          for (std::size_t j = 0; j < C; ++j) mx = std::max(mx, std::ldexp(double(row[j]), ie));
+          double sum = 0;
+          for (std::size_t j = 0; j < C; ++j) sum += (p[j] = std::exp(std::ldexp(double(row[j]), ie) - mx));
+          const double lse = mx + std::log(sum);
+          const std::size_t y = static_cast<std::size_t>(labels[r]);
+          total += lse - std::ldexp(double(row[y]), ie);
+          for (std::size_t j = 0; j < C; ++j)
+            g[r * C + j] = (static_cast<T>(p[j] / sum) - (j == y ? T(1) : T(0))) * invB;
+        }
+        const double loss = total / double(B);
+        res.log10_loss = loss > 0 ? std::log10(loss) : kNegInf;
+      } else {
+        // Logits beyond double range: softmax is one-hot on the maximum (shared on ties)
+        // and the loss is 2^eL * mean(max - h~_y).
+        double gap = 0, ties_log = 0;
+        for (std::size_t r = 0; r < B; ++r) {
+          const T* row = hL + r * C;
+          const T mx = *std::max_element(row, row + C);
+          std::size_t ties = 0;
+          for (std::size_t j = 0; j < C; ++j) ties += row[j] == mx;
+          const std::size_t y = static_cast<std::size_t>(labels[r]);
+          gap += double(mx) - double(row[y]);
+          ties_log += std::log(double(ties));
+          for (std::size_t j = 0; j < C; ++j)
+            g[r * C + j] = ((row[j] == mx ? T(1) / static_cast<T>(ties) : T(0)) - (j == y ? T(1) : T(0))) * invB;
+        }
+        res.log10_loss = gap > 0 ? std::log10(gap / double(B)) + double(eL) * kLog10_2
+                                 : (ties_log > 0 ? std::log10(ties_log / double(B)) : kNegInf);
+      }
+      gamma = 0;
+      break;
+    }
+    case LossKind::grad_output: {
+      const T* go = static_cast<const T*>(req.target);
+      std::copy(go, go + mL, g);
+      gamma = 0;
+      res.log10_loss = std::numeric_limits<double>::quiet_NaN();
+      break;
+    }
+  }
+  res.loss = req.loss == LossKind::grad_output ? res.log10_loss : std::pow(10.0, res.log10_loss);
+
+  // ---- backward ------------------------------------------------------------------------
+  res.log10_weight_grad_norms.assign(static_cast<std::size_t>(L), kNegInf);
+  res.log10_bias_grad_norms.assign(static_cast<std::size_t>(L), kNegInf);
+  res.log10_activation_grad_norms.assign(static_cast<std::size_t>(L) + 1, kNegInf);
+  const bool p_two = req.norm_type == 2.0;
+  const bool p_inf = std::isinf(req.norm_type);
+  // Per-parameter log10 norms in norm_type, for the total norm (torch's order: W1, b1, ...).
+  std::vector<double> lp_w(static_cast<std::size_t>(L), kNegInf), lp_b(static_cast<std::size_t>(L), kNegInf);
+  std::vector<std::int64_t> w_exp(static_cast<std::size_t>(L)), b_exp(static_cast<std::size_t>(L));
+  if (req.keep_weight_grads) res.weight_grads.resize(static_cast<std::size_t>(L));
+  if (req.keep_bias_grads) res.bias_grads.resize(static_cast<std::size_t>(L));
+  if (req.keep_activation_grads) res.activation_grads.resize(static_cast<std::size_t>(L) + 1);
+  std::vector<std::int64_t> a_exp(req.keep_activation_grads ? static_cast<std::size_t>(L) + 1 : 0);
+
+  auto pnorm_log10 = [&](const T* a, std::size_t cnt, const Scan& s, std::int64_t ex) {
+    if (p_two) return log10_norm(s.sumsq, ex);
+    if (p_inf) return s.maxabs > 0 ? std::log10(s.maxabs) + double(ex) * kLog10_2 : kNegInf;
+    const double sp = sum_abs_pow(a, cnt, req.norm_type);
+    return sp > 0 ? std::log10(sp) / req.norm_type + double(ex) * kLog10_2 : kNegInf;
+  };
+
+  // Normalise G so that max|G| is in [1, 2); returns its scan before normalising.
+  auto normalise = [&](T* a, std::size_t cnt) {
+    const Scan s = scan(a, cnt);
+    const int k = exponent_of(s.maxabs);
+    scale_pow2(a, cnt, -k);
+    gamma += k;
+    return s;
+  };
+  {
+    const Scan s = normalise(g, mL);
+    res.log10_activation_grad_norms[static_cast<std::size_t>(L)] = log10_norm(s.sumsq, gamma - exponent_of(s.maxabs));
+  }
+  if (req.keep_activation_grads) {
+    res.activation_grads[static_cast<std::size_t>(L)].assign(g, g + mL);
+    a_exp[static_cast<std::size_t>(L)] = gamma;
+  }
+
+  if (req.keep_weight_grads)
+    for (int l = 1; l <= L; ++l) res.weight_grads[static_cast<std::size_t>(l) - 1].resize(n(l) * n(l - 1));
+  if (req.keep_bias_grads)
+    for (int l = 1; l <= L; ++l) res.bias_grads[static_cast<std::size_t>(l) - 1].resize(n(l));
+
+  // Parameter gradients of layer l from dz_l = dL/dz_l (scale 2^dz_exp): they feed
+  // nothing downstream, so with two threads a second thread computes them while the
+  // first carries dL/dh on down the chain.
+  auto param_grads = [&](int l, const T* dz, std::int64_t dz_exp) {
+    const std::size_t ul = static_cast<std::size_t>(l) - 1;
+    const std::size_t nl = n(l), np = n(l - 1);
+    const int inl = widths_[static_cast<std::size_t>(l)], inp = widths_[ul];
+    T* db = req.keep_bias_grads ? res.bias_grads[ul].data() : DB;
+    std::fill(db, db + nl, T(0));
+    for (std::size_t r = 0; r < B; ++r) {
+      const T* row = dz + r * nl;
+      for (std::size_t j = 0; j < nl; ++j) db[j] += row[j];
+    }
+    {
+      const Scan s = scan(db, nl);
+      res.log10_bias_grad_norms[ul] = log10_norm(s.sumsq, dz_exp);
+      lp_b[ul] = pnorm_log10(db, nl, s, dz_exp);
+      b_exp[ul] = dz_exp;
+    }
+    // dW = dz^T h_{l-1}, with h_{l-1} brought into [1, 2) by alpha = 2^shift.
+    T* dw = req.keep_weight_grads ? res.weight_grads[ul].data() : DW;
+    const int sh = shift[ul];
+    blas::gemm(Trans::T, Trans::N, inl, inp, batch, static_cast<T>(std::ldexp(1.0, sh)), dz, inl,
+               h(l - 1), inp, T(0), dw, inp);
+    const std::int64_t ex = dz_exp + e[ul] - sh;
+    const Scan s = scan(dw, nl * np);
+    res.log10_weight_grad_norms[ul] = log10_norm(s.sumsq, ex);
+    lp_w[ul] = pnorm_log10(dw, nl * np, s, ex);
+    w_exp[ul] = ex;
+  };
+
+  // Pipelining keeps every dz_l until the second thread has used it.
+  const std::size_t dz_total = hoff.back() - B * n(0);
+  bool pipelined = false;
+#ifdef _OPENMP
+  pipelined = !threaded_gemm && max_threads() > 1 && L > 1 &&
+              bytes + double(dz_total) * sizeof(T) < 0.5 * double(physical_memory_bytes());
+#endif
+  T* DZall = nullptr;
+  if (pipelined) {
+    try {
+      DZall = ws.dzall.get(dz_total);
+    } catch (const std::bad_alloc&) {
+      pipelined = false;
+    }
+  }
+  std::atomic<int> ready{L + 1};  // dz_l is stored for every l >= ready
+  std::atomic<bool> abort{false};
+  std::vector<std::int64_t> dz_exp(static_cast<std::size_t>(L) + 1, 0);
+  std::exception_ptr error;
+
+  auto chain = [&] {
+    T* g_next = G2;
+    for (int l = L; l >= 1; --l) {
+      const std::size_t ul = static_cast<std::size_t>(l) - 1;
+      const std::size_t nl = n(l), np = n(l - 1), m = B * nl;
+      const int inl = widths_[static_cast<std::size_t>(l)], inp = widths_[ul];
+      // dz = dL/dh_l * phi'(z_l), same scale 2^gamma.
+      T* dz = pipelined ? DZall + (hoff[static_cast<std::size_t>(l)] - B * n(0)) : DZ;
+      if (act_.kind == Act::linear) {
+        if (pipelined)
+          std::copy(g, g + m, dz);
+        else
+          dz = g;
+      } else {
+        act_.backward(z(l), h(l), g, dz, m);
+      }
+      if (pipelined) {
+        dz_exp[static_cast<std::size_t>(l)] = gamma;
+        ready.store(l, std::memory_order_release);
+      } else {
+        param_grads(l, dz, gamma);
+      }
+      // dL/dh_{l-1} = dz W_l, renormalised.
+      blas::gemm(Trans::N, Trans::N, batch, inp, inl, T(1), dz, inl, weight(l), inp, T(0), g_next,
+                 inp);
+      std::swap(g, g_next);
+      const Scan s = normalise(g, B * np);
+      res.log10_activation_grad_norms[ul] = log10_norm(s.sumsq, gamma - exponent_of(s.maxabs));
+      if (req.keep_activation_grads) {
+        res.activation_grads[ul].assign(g, g + B * np);
+        a_exp[ul] = gamma;
+      }
+      if (abort.load(std::memory_order_relaxed)) return;
+      cancel.poll();
+    }
+  };
+
+  if (!pipelined) {
+    chain();
+  } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+    {
+      try {
+        if (omp_get_thread_num() == 0) {
+          chain();
+        } else {
+          for (int l = L; l >= 1; --l) {
+            while (ready.load(std::memory_order_acquire) > l) {
+              if (abort.load(std::memory_order_relaxed)) break;
+              std::this_thread::yield();
+            }
+            if (abort.load(std::memory_order_relaxed)) break;
+            param_grads(l, DZall + (hoff[static_cast<std::size_t>(l)] - B * n(0)),
+                        dz_exp[static_cast<std::size_t>(l)]);
+          }
+        }
+      } catch (...) {
+        abort.store(true);
+#pragma omp critical(gradchain_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+#endif
+  }
+  if (error) std::rethrow_exception(error);
+
+  // ---- total norm and clipping (torch.nn.utils.clip_grad_norm_ over W1, b1, W2, ...) -----
+  double lt = kNegInf;
+  for (int l = 0; l < L; ++l) {
+    for (double v : {lp_w[static_cast<std::size_t>(l)], lp_b[static_cast<std::size_t>(l)]}) {
+      if (p_inf)
+        lt = std::max(lt, v);
+      else
+        lt = log10_add(lt, req.norm_type * v);
+    }
+  }
+  res.log10_total_norm = p_inf ? lt : lt / req.norm_type;
+  double coef = 1.0;
+  if (req.max_norm >= 0.0) {
+    res.clipped = true;
+    res.max_norm = req.max_norm;
+    const double denom = log10_add(res.log10_total_norm, -6.0);
+    res.log10_clip_coef = std::min(0.0, (req.max_norm > 0 ? std::log10(req.max_norm) : kNegInf) - denom);
+    coef = std::pow(10.0, res.log10_clip_coef);
+    // The coefficient torch applies is max_norm / (total + 1e-6) rounded to the grads' dtype.
+    if (res.log10_clip_coef < 0.0) {
+      const double total = std::pow(10.0, res.log10_total_norm);
+      if (std::isfinite(total) && total > 0) coef = double(static_cast<T>(req.max_norm / (total + 1e-6)));
+    }
+  }
+
+  // ---- full gradients: undo the scaling (and apply the clip coefficient) ---------------
+  for (int l = 0; l < L; ++l) {
+    const std::size_t ul = static_cast<std::size_t>(l);
+    if (req.keep_weight_grads) {
+      auto& v = res.weight_grads[ul];
+      write_scaled(v.data(), v.size(), w_exp[ul], coef, v.data());
+    }
+    if (req.keep_bias_grads) {
+      auto& v = res.bias_grads[ul];
+      write_scaled(v.data(), v.size(), b_exp[ul], coef, v.data());
+    }
+  }
+  if (req.keep_activation_grads)
+    for (int l = 0; l <= L; ++l) {
+      auto& v = res.activation_grads[static_cast<std::size_t>(l)];
+      write_scaled(v.data(), v.size(), a_exp[static_cast<std::size_t>(l)], 1.0, v.data());
+    }
+  return res;
+}
+
+template class MLPChain<float>;
+template class MLPChain<double>;
+
+}  // namespace gradchain

@@ -1,0 +1,40 @@
+"""gradchain: fast, exact simulation and diagnosis of vanishing and exploding gradients.
+
+A C++ core runs forward and backward passes through very deep chains and returns
+per-layer gradient norms that stay exact in log space where floats give 0 or inf.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "gradchain's compiled core (gradchain._core) could not be imported; "
+        "was the package built? Install it with `pip install .` from the source tree."
+    ) from exc
+
+from .clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+from .errors import NonFiniteError
+from .mlp import ACTIVATIONS, INITS, LOSSES, MLP
+from .report import BackwardReport
+
+try:
+    __version__ = version("gradchain")
+except PackageNotFoundError:  # pragma: no cover
+    __version__ = _core.__version__
+
+__all__ = [
+    "ACTIVATIONS",
+    "INITS",
+    "LOSSES",
+    "MLP",
+    "BackwardReport",
+    "NonFiniteError",
+    "__version__",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "get_total_norm",
+]

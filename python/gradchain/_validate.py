@@ -1,0 +1,81 @@
+"""Argument checking shared by the public classes: messages name the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def dtype(value: Any) -> np.dtype:
+    """Return float32/float64 for a dtype given by name or NumPy type."""
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise ValueError(f"dtype must be one of 'float32', 'float64'; got {value!r}")
+    return dt
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer; got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value}")
+    return int(value)
+
+
+def finite_float(name: str, value: Any, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {v}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {v}")
+    return v
+
+
+def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        listed = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {listed}; got {value!r}")
+    return value
+
+
+def seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"seed must be a non-negative integer below 2**64; got {value!r}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"seed must be a non-negative integer below 2**64; got {value}")
+    return int(value)
+
+
+def float_array(name: str, value: Any, dt: np.dtype, shape: tuple[int | None, ...]) -> np.ndarray:
+    """A C-contiguous array of dtype `dt` and the given shape (None: any), all finite."""
+    if isinstance(value, np.ndarray):
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array of real numbers; got {type(value).__name__}") from exc
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must hold real numbers (float or int); got dtype {arr.dtype}")
+    want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ")"
+    if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
+        raise ValueError(f"{name} must have shape {want}; got {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
+    out = np.ascontiguousarray(arr, dtype=dt)
+    if not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        where = "inf" if np.isinf(out[tuple(bad)]) else "NaN"
+        raise ValueError(f"{name} contains {where} at index {tuple(int(i) for i in bad)}; inputs must be finite")
+    return out

@@ -1,0 +1,255 @@
+"""Deep chains where float norms underflow or overflow: log10 norms against closed forms
+and against the renormalised NumPy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import oracles as O
+
+EPS64 = np.finfo(np.float64).eps
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def assert_log10_close(actual, expected, rtol=1e-12, atol=1e-13, what=""):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: {actual.shape} != {expected.shape}"
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite log10 values"
+    err = np.abs(actual - expected)
+    tol = rtol * np.abs(expected) + atol
+    bad = np.flatnonzero(err > tol)
+    assert bad.size == 0, (
+        f"{what}: {bad.size} entries off, first at {bad[0]}: {actual.flat[bad[0]]!r} vs "
+        f"{expected.flat[bad[0]]!r} (max err {err.max():.3e})"
+    )
+
+
+def check_against_renormalised(rep, ref, atol, what=""):
+    assert_log10_close(rep.log10_weight_grad_norms, ref.log10_weight, atol=atol, what=what + " W")
+    assert_log10_close(rep.log10_bias_grad_norms, ref.log10_bias, atol=atol, what=what + " b")
+    assert_log10_close(rep.log10_activation_grad_norms, ref.log10_act, atol=atol, what=what + " h")
+    assert_log10_close(rep.log10_total_norm, ref.log10_total, atol=atol, what=what + " total")
+    if not math.isnan(ref.log10_loss):
+        assert_log10_close(rep.log10_loss, ref.log10_loss, atol=atol, what=what + " loss")
+
+
+# --------------------------------------------------------------------------------------
+# scalar linear chain: everything is a power of w
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("depth", [5000, pytest.param(100_000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("w", [0.7, 1.3, -1.1])
+@pytest.mark.parametrize("loss", ["probe", "grad_output"])
+def test_scalar_linear_chain_closed_form(gc, depth, w, loss):
+    L = depth
+    x = np.array([[0.8], [-1.7], [2.3]])
+    g = np.array([[1.5], [0.25], [-0.6]])
+    net = gc.MLP.from_weights([np.array([[w]])] * L, None, activation="linear")
+    assert net.depth == L
+    rep = net.backward(x) if loss == "probe" else net.backward(x, grad_output=g)
+
+    lw = math.log10(abs(w))
+    l_idx = np.arange(1, L + 1)  # layers 1..L
+    h_idx = np.arange(0, L + 1)  # activations 0..L
+    nx = math.log10(np.linalg.norm(x))
+    if loss == "probe":
+        # h_l = w^l x; dL/dh_l = w^(2L-l) x; dW_l = w^(2L-1) |x|^2; db_l = w^(2L-l) sum x
+        act = (2 * L - h_idx) * lw + nx
+        wgt = np.full(L, (2 * L - 1) * lw + 2 * nx)
+        bia = (2 * L - l_idx) * lw + math.log10(abs(x.sum()))
+        log10_loss = math.log10(0.5) + 2 * L * lw + 2 * nx
+        assert_log10_close(rep.log10_loss, log10_loss, what="loss")
+    else:
+        # dL/dh_l = w^(L-l) g; dW_l = w^(L-1) g.x; db_l = w^(L-l) sum g
+        act = (L - h_idx) * lw + math.log10(np.linalg.norm(g))
+        wgt = np.full(L, (L - 1) * lw + math.log10(abs(float(g.ravel() @ x.ravel()))))
+        bia = (L - l_idx) * lw + math.log10(abs(g.sum()))
+        assert math.isnan(rep.loss)
+    assert_log10_close(rep.log10_activation_grad_norms, act, what="activation grads")
+    assert_log10_close(rep.log10_weight_grad_norms, wgt, what="weight grads")
+    assert_log10_close(rep.log10_bias_grad_norms, bia, what="bias grads")
+    total = O.log10_total_norm(np.concatenate([wgt, bia]), 2.0)
+    assert_log10_close(rep.log10_total_norm, total, what="total norm")
+
+    # output h_L = w^L x: 0 / inf with the right sign where it leaves the float range
+    with np.errstate(over="ignore", under="ignore"):
+        expected = np.sign(x) * np.sign(w) ** L * 10.0 ** (L * lw + np.log10(np.abs(x)))
+    assert np.all(np.isinf(expected) | (expected == 0)) == (abs(L * lw) > 400)
+    np.testing.assert_allclose(rep.output, expected, rtol=1e-10, atol=0)
+    # plain float norms are 0 / inf where their log10 is out of range
+    with np.errstate(over="ignore", under="ignore"):
+        np.testing.assert_allclose(rep.weight_grad_norms, 10.0**wgt, rtol=1e-9, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# orthogonal * gain linear chain: every layer scales every norm by exactly `gain`
+# --------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("gain", [1.1, 0.9])
+def test_orthogonal_linear_chain_closed_form(gc, gain):
+    L, n = 20_000, 8
+    net = gc.MLP(depth=L, width=n, activation="linear", init="orthogonal", gain=gain, seed=31)
+    assert net.log_scale_forward
+    x = np.random.default_rng(2).normal(size=(3, n))
+    rep = net.backward(x)
+    lg = math.log10(gain)
+    h_idx = np.arange(L + 1)
+    l_idx = np.arange(1, L + 1)
+    # dL/dh_L = h_L = x P^T, ||h_L|| = g^L ||x||; dL/dh_l = h_L W_L..W_{l+1}: g^(2L-l) ||x||
+    act = (2 * L - h_idx) * lg + math.log10(np.linalg.norm(x))
+    # dW_l = (dL/dh_l)^T h_{l-1}: norm g^(2L-1) ||x^T x||_F; db_l = 1^T dL/dh_l: g^(2L-l)|1^T x|
+    wgt = np.full(L, (2 * L - 1) * lg + math.log10(np.linalg.norm(x.T @ x)))
+    bia = (2 * L - l_idx) * lg + math.log10(np.linalg.norm(x.sum(axis=0)))
+    # weights are orthogonal only to rounding: allow a drift of L * eps in each norm
+    atol = 4 * L * EPS64
+    assert_log10_close(rep.log10_activation_grad_norms, act, atol=atol, what="act")
+    assert_log10_close(rep.log10_weight_grad_norms, wgt, atol=atol, what="W")
+    assert_log10_close(rep.log10_bias_grad_norms, bia, atol=atol, what="b")
+    assert_log10_close(
+        rep.log10_loss, math.log10(0.5) + 2 * L * lg + 2 * math.log10(np.linalg.norm(x)),
+        atol=atol, what="loss",
+    )
+    assert_log10_close(
+        rep.log10_total_norm, O.log10_total_norm(np.concatenate([wgt, bia])), atol=atol,
+        what="total",
+    )
+    if gain > 1:
+        assert np.all(np.isinf(rep.output))
+        assert np.all(np.isinf(rep.activation_grad_norms))
+    else:
+        np.testing.assert_array_equal(rep.output, 0.0)
+        assert np.all(rep.activation_grad_norms == 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# saturating chains: vanishing gradients vs the renormalised reference
+# --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigmoid_5000_layers(gc):
+    L = 5000
+    net = gc.MLP(depth=L, width=8, activation="sigmoid", init="xavier_normal", gain=1.0,
+                 bias_std=0.1, seed=3)
+    x = np.random.default_rng(3).normal(size=(2, 8))
+    rep = net.backward(x, return_grads=True)
+    ref = O.renormalised_log10_norms(net.weights, net.biases, x, "sigmoid")
+    # vanishes to far below the smallest subnormal at layer 1
+    assert ref.log10_weight[0] < -2500, ref.log10_weight[0]
+    check_against_renormalised(rep, ref, atol=4 * L * EPS64, what="sigmoid")
+    assert rep.weight_grad_norms[0] == 0.0 and rep.activation_grad_norms[0] == 0.0
+    assert np.isfinite(rep.log10_weight_grad_norms[0])
+    assert np.all(rep.weight_grads[0] == 0.0)
+    assert np.all(rep.activation_grads[0] == 0.0)
+    # near the output the float arrays are still ordinary numbers, and agree
+    ref_tail = O.numpy_backward(net.weights[-5:], net.biases[-5:],
+                                O.numpy_forward(net.weights[:-5], net.biases[:-5], x,
+                                                "sigmoid")[1][-1], "sigmoid")
+    np.testing.assert_allclose(rep.weight_grads[-1], ref_tail.dW[-1], rtol=1e-10, atol=0)
+
+
+@pytest.mark.slow
+def test_sigmoid_5000_layers_float32(gc):
+    """float32 arrays cannot hold 1e-3200 either (min subnormal 1e-45); log10 must."""
+    L = 5000
+    net = gc.MLP(depth=L, width=8, activation="sigmoid", init="xavier_normal", bias_std=0.1,
+                 dtype="float32", seed=3)
+    x = np.random.default_rng(3).normal(size=(2, 8)).astype(np.float32)
+    rep = net.backward(x)
+    ref = O.renormalised_log10_norms(net.weights, net.biases, x, "sigmoid")
+    assert ref.log10_weight[0] < -2500
+    # float32 rounding: a relative error of order eps32 per layer at worst
+    check_against_renormalised(rep, ref, atol=L * EPS32, what="sigmoid f32")
+    assert rep.weight_grad_norms[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "act,loss,init,gain",
+    [("tanh", "mse", "xavier_normal", 0.6), ("gelu", "cross_entropy", "he_normal", 0.8),
+     ("softplus", "grad_output", "lecun_normal", 0.8), ("silu", "probe", "orthogonal", 0.8)],
+)
+def test_deep_saturating_chain_losses(gc, act, loss, init, gain):
+    L, n, B = 1500, 6, 3
+    net = gc.MLP(depth=L, width=n, activation=act, init=init, gain=gain, bias_std=0.05,
+                 seed=77)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(B, n))
+    kw = {}
+    if loss == "mse":
+        kw = {"target": rng.normal(size=(B, n))}
+    elif loss == "cross_entropy":
+        kw = {"target": rng.integers(0, n, size=B)}
+    elif loss == "grad_output":
+        kw = {"grad_output": rng.normal(size=(B, n))}
+    rep = net.backward(x, **kw) if loss == "grad_output" else net.backward(x, loss=loss, **kw)
+    ref = O.renormalised_log10_norms(net.weights, net.biases, x, act, loss,
+                                     target=kw.get("target"), grad_output=kw.get("grad_output"))
+    assert ref.log10_weight[0] < -320  # the layer-1 float norm underflows
+    check_against_renormalised(rep, ref, atol=4 * L * EPS64, what=act)
+    assert rep.weight_grad_norms[0] == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# positively homogeneous chains with zero biases: log-scale forward
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "act,init,gain,loss,n",
+    [("relu", "he_normal", 30.0, "probe", 16), ("leaky_relu", "xavier_uniform", 1e-3, "probe", 7),
+     ("linear", "normal", 50.0, "grad_output", 7),
+     ("leaky_relu", "orthogonal", 40.0, "grad_output", 7)],
+)
+def test_homogeneous_chain_log_forward(gc, act, init, gain, loss, n):
+    """Forward values far beyond float range: no NonFiniteError, exact log10 norms.
+    (relu needs width 16 here: a relu layer kills all n units with probability 2^-n.)"""
+    L = 300
+    net = gc.MLP(depth=L, width=[5] + [n] * (L - 1) + [n // 2], activation=act, init=init,
+                 gain=gain, negative_slope=0.2, seed=12)
+    assert net.log_scale_forward
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 5))
+    kw = {"grad_output": rng.normal(size=(2, n // 2))} if loss == "grad_output" else {}
+    rep = net.backward(x, **kw)
+    ref = O.renormalised_log10_norms(net.weights, None, x, act, loss,
+                                     grad_output=kw.get("grad_output"), negative_slope=0.2)
+    assert np.isfinite(ref.log10_output), "chain died"
+    assert abs(ref.log10_weight[0]) > 400  # beyond float range
+    check_against_renormalised(rep, ref, atol=4 * L * EPS64, what=act)
+    if ref.log10_output > 310:  # the largest output entry overflows
+        assert not np.all(np.isfinite(rep.output))
+    elif ref.log10_output < -330:  # every entry underflows
+        np.testing.assert_array_equal(rep.output, 0.0)
+
+
+@pytest.mark.slow
+def test_relu_he_chain_depth_100000(gc):
+    # width 24: all units of a zero-bias relu layer die with probability 2^-24 per layer
+    L, n = 100_000, 24
+    net = gc.MLP(depth=L, width=n, activation="relu", init="he_normal", seed=2024)
+    assert net.log_scale_forward
+    x = np.random.default_rng(7).normal(size=(1, n))
+    rep = net.backward(x)
+    ref = O.renormalised_log10_norms(net.weights, None, x, "relu")
+    assert np.isfinite(ref.log10_output), "chain died: pick another seed"
+    check_against_renormalised(rep, ref, atol=4 * L * EPS64, what="relu 1e5")
+
+
+def test_relu_chain_that_dies(gc):
+    """Width 4: some layer outputs all zeros (probability 1/16 per layer); from then on
+    h = 0, so the probe loss and every gradient are exactly 0: log10 = -inf, no errors."""
+    L, n = 100_000, 4
+    net = gc.MLP(depth=L, width=n, activation="relu", init="he_normal", seed=5)
+    x = np.random.default_rng(8).normal(size=(2, n))
+    h = x
+    for k, w in enumerate(net.weights[:2000], start=1):
+        h = np.maximum(h @ w.T, 0.0)
+        if not np.any(h):
+            break
+    assert not np.any(h), "expected the chain to die within 2000 layers"
+    rep = net.backward(x)
+    np.testing.assert_array_equal(rep.output, 0.0)
+    assert rep.loss == 0.0 and rep.log10_loss == -math.inf
+    assert np.all(rep.log10_weight_grad_norms == -math.inf)
+    assert np.all(rep.log10_bias_grad_norms == -math.inf)
+    assert np.all(rep.log10_activation_grad_norms == -math.inf)
+    assert rep.log10_total_norm == -math.inf and rep.total_norm == 0.0
