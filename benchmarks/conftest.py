@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import peers
 import pytest
@@ -18,6 +19,13 @@ def torch_threads():
 
 
 # --------------------------------------------------------------------------- ratios
+
+_load_at_start = None
+
+
+def pytest_sessionstart(session):
+    global _load_at_start
+    _load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _entries(config):
@@ -79,6 +87,10 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     tr = terminalreporter
     tr.write_sep("-", "gradchain ratios (medians; speedup = peer / gradchain, floor ratio = gradchain / floor)")
+    if _load_at_start is not None:
+        busy = "  (machine busy or just used: check the timings)" if _load_at_start > 0.5 * peers.available_cores() else ""
+        tr.write_line(f"cores {peers.available_cores()}, 1-min load average at start "
+                      f"{_load_at_start:.2f}{busy}")
     tr.write_line(f"{'group':<26} {'vs':<11} {'peer ms':>10} {'gradchain ms':>12} "
                   f"{'ratio':>10} {'target':>8}  met")
     for r in rows:

@@ -40,18 +40,18 @@ CONFIGS = [
     Config(
         "d1000-w64-b32-tanh-f64", 1000, 64, 32, "float64",
         speedup_targets={"numpy": 5.0, "torch": 50.0},
-        peer_rounds={"numpy": None, "torch": 3},
+        peer_rounds={"numpy": None, "torch": None},
     ),
     Config(
         "d10000-w32-b16-tanh-f64", 10_000, 32, 16, "float64",
         speedup_targets={"numpy": 5.0, "torch": 100.0},
-        peer_rounds={"numpy": 3, "torch": 2},
+        peer_rounds={"numpy": 5, "torch": 3},
     ),
     Config(
         "d100-w1024-b128-tanh-f32", 100, 1024, 128, "float32",
         speedup_targets={"numpy": None, "torch": 1.0},
         floor_target=1.3,
-        peer_rounds={"numpy": 3, "torch": 3},
+        peer_rounds={"numpy": 5, "torch": 5},
     ),
 ]
 

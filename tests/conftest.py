@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # make `import oracles` work everywhere
 
-import oracles  # noqa: E402
+import oracles
 
 ACTIVATIONS = oracles.ACTIVATIONS
 INITS = oracles.INITS

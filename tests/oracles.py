@@ -154,8 +154,7 @@ def _zeros_biases(weights):
     return [np.zeros(np.shape(w)[0]) for w in weights]
 
 
-def numpy_forward(weights, biases, x, activation, negative_slope=0.01, alpha=1.0,
-                  dtype=np.float64):
+def numpy_forward(weights, biases, x, activation, negative_slope=0.01, alpha=1.0, dtype=np.float64):
     """Plain forward (float64 unless `dtype`: then the affine maps run in that precision
     and each activation output is rounded to it).  Returns (zs, hs) with hs[0] = x."""
     dt = np.dtype(dtype)
@@ -172,8 +171,9 @@ def numpy_forward(weights, biases, x, activation, negative_slope=0.01, alpha=1.0
     return zs, hs
 
 
-def first_nonfinite_layer(weights, biases, x, activation, negative_slope=0.01, alpha=1.0,
-                          dtype=np.float64):
+def first_nonfinite_layer(
+    weights, biases, x, activation, negative_slope=0.01, alpha=1.0, dtype=np.float64
+):
     """1-based index of the first layer whose output (plain forward in `dtype`) has a NaN
     or inf, or None."""
     _, hs = numpy_forward(weights, biases, x, activation, negative_slope, alpha, dtype)

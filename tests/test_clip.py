@@ -7,11 +7,10 @@ import math
 
 import numpy as np
 import pytest
-
 from gradchain.clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from gradchain.errors import NonFiniteError
 
-N_CASES = 150
+N_CASES = 120
 NORM_TYPES = [2.0, math.inf, 1.0, 0.5, 3.0, "random"]
 TINY32 = float(np.finfo(np.float32).tiny)
 TINY64 = float(np.finfo(np.float64).tiny)
@@ -203,9 +202,21 @@ def test_clip_grad_value_matches_torch(torch):
 
 
 def test_clip_coefficient_matches_torch(torch):
-    cases = [(4.0, 1.0), (0.5, 1.0), (0.0, 1.0), (0.0, 0.0), (3.0, 0.0), (1e-7, 1e-7),
-             (1e300, 1e-300), (math.inf, 1.0), (math.inf, math.inf), (math.nan, 1.0),
-             (2.5, math.inf), (0.999999, 1.0), (1.0, 1.0)]  # fmt: skip
+    cases = [
+        (4.0, 1.0),
+        (0.5, 1.0),
+        (0.0, 1.0),
+        (0.0, 0.0),
+        (3.0, 0.0),
+        (1e-7, 1e-7),
+        (1e300, 1e-300),
+        (math.inf, 1.0),
+        (math.inf, math.inf),
+        (math.nan, 1.0),
+        (2.5, math.inf),
+        (0.999999, 1.0),
+        (1.0, 1.0),
+    ]
     for total, max_norm in cases:
         t = torch.tensor(max_norm, dtype=torch.float64) / (
             torch.tensor(total, dtype=torch.float64) + 1e-6
@@ -248,6 +259,14 @@ def test_exact_norms_without_overflow_or_underflow(arrays, p, want):
     assert get_total_norm(arrays, p) == pytest.approx(want, rel=1e-14, abs=0)
 
 
+def test_small_p_keeps_the_contribution_of_tiny_entries():
+    # (1e-300)**0.01 = 1e-3 is not negligible next to (1e100)**0.01 = 10, although
+    # 1e-300 / 1e100 underflows to 0
+    want = (1e100**0.01 + 1e-300**0.01) ** 100
+    assert want > 1.005e100
+    assert get_total_norm(np.array([1e100, 1e-300]), 0.01) == pytest.approx(want, rel=1e-12)
+
+
 def test_clip_with_huge_entries_gives_finite_results():
     g = [np.full(3, 1e200), np.array([-1e200])]
     assert clip_grad_norm_(g, 1.0) == pytest.approx(2e200, rel=1e-15)
@@ -260,7 +279,7 @@ def test_clip_with_huge_entries_gives_finite_results():
 def test_large_arrays(p, dtype):
     # big enough for the blocked, multi-threaded reductions and elementwise loops
     rng = np.random.default_rng(6)
-    x = (rng.standard_normal(200_003) * 10.0 ** rng.uniform(-3, 3, 200_003)).astype(dtype)
+    x = (rng.standard_normal(100_003) * 10.0 ** rng.uniform(-3, 3, 100_003)).astype(dtype)
     y = rng.standard_normal((300, 301)).astype(dtype)
     want = np.linalg.norm(
         [np.linalg.norm(x.astype(np.float64), p), np.linalg.norm(y.astype(np.float64).ravel(), p)],
@@ -317,15 +336,25 @@ def test_norm_type_inf_string():
 
 @pytest.mark.parametrize(
     ("bad", "p", "order", "shown"),
-    [(np.nan, 2.0, "2.0", "nan"), (np.inf, 2.0, "2.0", "inf"), (-np.inf, math.inf, "inf", "inf"),
-     (np.nan, 0.5, "0.5", "nan"), (np.inf, 1.0, "1.0", "inf")],  # fmt: skip
+    [
+        (np.nan, 2.0, "2.0", "nan"),
+        (np.inf, 2.0, "2.0", "inf"),
+        (-np.inf, math.inf, "inf", "inf"),
+        (np.nan, 0.5, "0.5", "nan"),
+        (np.inf, 1.0, "1.0", "inf"),
+    ],
 )
 def test_error_if_nonfinite(bad, p, order, shown):
     g = [np.array([1.0, bad, 2.0]), np.array([3.0], dtype=np.float32)]
     before = [a.copy() for a in g]
-    pattern = rf"total norm of order {order} for gradients is non-finite \({shown}\).*error_if_nonfinite=False"
-    for f in (lambda: clip_grad_norm_(g, 1.0, p, error_if_nonfinite=True),
-              lambda: get_total_norm(g, p, error_if_nonfinite=True)):  # fmt: skip
+    pattern = (
+        rf"total norm of order {order} for gradients is non-finite \({shown}\)"
+        r".*error_if_nonfinite=False"
+    )
+    for f in (
+        lambda: clip_grad_norm_(g, 1.0, p, error_if_nonfinite=True),
+        lambda: get_total_norm(g, p, error_if_nonfinite=True),
+    ):
         with pytest.raises(NonFiniteError, match=pattern) as info:
             f()
         assert isinstance(info.value, FloatingPointError)
@@ -452,7 +481,9 @@ def test_bad_dtypes(func, dtype):
     np.testing.assert_array_equal(good, [1.0, 2.0])  # checked before anything is touched
 
 
-@pytest.mark.parametrize("norm_type", [0, 0.0, -1.0, -math.inf, math.nan, "two", "2", None, True, [2.0]])
+@pytest.mark.parametrize(
+    "norm_type", [0, 0.0, -1.0, -math.inf, math.nan, "two", "2", None, True, [2.0]]
+)
 def test_bad_norm_type(norm_type):
     g = np.array([3.0, 4.0])
     msg = r"norm_type must be a number p > 0 .* or inf"
@@ -465,8 +496,15 @@ def test_bad_norm_type(norm_type):
 
 @pytest.mark.parametrize(
     ("value", "exc"),
-    [(-1.0, ValueError), (-1e-300, ValueError), (-math.inf, ValueError), (math.nan, ValueError),
-     ("1", TypeError), (None, TypeError), (True, TypeError)],  # fmt: skip
+    [
+        (-1.0, ValueError),
+        (-1e-300, ValueError),
+        (-math.inf, ValueError),
+        (math.nan, ValueError),
+        ("1", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
 )
 def test_bad_max_norm_and_clip_value(value, exc):
     g = np.array([3.0, 4.0])

@@ -77,8 +77,15 @@ UNIFORM = ["xavier_uniform", "he_uniform"]
 def test_weight_variance_matches_documented_std(gc, init, shape, gain):
     fan_out, fan_in = shape
     sigma_w = 0.7
-    net = gc.MLP(depth=None, width=[fan_in, fan_out], init=init, gain=gain, sigma_w=sigma_w,
-                 activation="tanh", seed=1234)
+    net = gc.MLP(
+        depth=None,
+        width=[fan_in, fan_out],
+        init=init,
+        gain=gain,
+        sigma_w=sigma_w,
+        activation="tanh",
+        seed=1234,
+    )
     (w,) = net.weights
     assert w.shape == (fan_out, fan_in)
     std = documented_std(init, fan_out, fan_in, gain, sigma_w)
@@ -138,13 +145,22 @@ def test_zero_bias_std_gives_zero_biases(gc, init):
 # --------------------------------------------------------------------------------------
 # orthogonal
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96), (1, 7), (7, 1), (200, 200)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 64), (96, 32), (32, 96), (1, 7), (7, 1), (200, 200)],
+    ids=lambda s: f"{s[0]}x{s[1]}",
+)
 @pytest.mark.parametrize("gain", [1.0, 0.3, 4.0])
 def test_orthogonal_is_orthogonal(gc, shape, gain):
     fan_out, fan_in = shape
-    net = gc.MLP(depth=None, width=[fan_in, fan_out, fan_in], init="orthogonal", gain=gain,
-                 activation="linear", seed=17)
+    net = gc.MLP(
+        depth=None,
+        width=[fan_in, fan_out, fan_in],
+        init="orthogonal",
+        gain=gain,
+        activation="linear",
+        seed=17,
+    )
     w, w2 = net.weights
     assert w.shape == (fan_out, fan_in) and w2.shape == (fan_in, fan_out)
     for m in (w, w2):

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
-
 import oracles as O
+import pytest
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = float(np.finfo(np.float32).eps)
@@ -87,7 +86,6 @@ def test_scalar_linear_chain_closed_form(gc, depth, w, loss):
 # --------------------------------------------------------------------------------------
 # orthogonal * gain linear chain: every layer scales every norm by exactly `gain`
 # --------------------------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("gain", [1.1, 0.9])
 def test_orthogonal_linear_chain_closed_form(gc, gain):
     L, n = 20_000, 8
@@ -109,11 +107,15 @@ def test_orthogonal_linear_chain_closed_form(gc, gain):
     assert_log10_close(rep.log10_weight_grad_norms, wgt, atol=atol, what="W")
     assert_log10_close(rep.log10_bias_grad_norms, bia, atol=atol, what="b")
     assert_log10_close(
-        rep.log10_loss, math.log10(0.5) + 2 * L * lg + 2 * math.log10(np.linalg.norm(x)),
-        atol=atol, what="loss",
+        rep.log10_loss,
+        math.log10(0.5) + 2 * L * lg + 2 * math.log10(np.linalg.norm(x)),
+        atol=atol,
+        what="loss",
     )
     assert_log10_close(
-        rep.log10_total_norm, O.log10_total_norm(np.concatenate([wgt, bia])), atol=atol,
+        rep.log10_total_norm,
+        O.log10_total_norm(np.concatenate([wgt, bia])),
+        atol=atol,
         what="total",
     )
     if gain > 1:
@@ -127,11 +129,11 @@ def test_orthogonal_linear_chain_closed_form(gc, gain):
 # --------------------------------------------------------------------------------------
 # saturating chains: vanishing gradients vs the renormalised reference
 # --------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_sigmoid_5000_layers(gc):
     L = 5000
-    net = gc.MLP(depth=L, width=8, activation="sigmoid", init="xavier_normal", gain=1.0,
-                 bias_std=0.1, seed=3)
+    net = gc.MLP(
+        depth=L, width=8, activation="sigmoid", init="xavier_normal", gain=1.0, bias_std=0.1, seed=3
+    )
     x = np.random.default_rng(3).normal(size=(2, 8))
     rep = net.backward(x, return_grads=True)
     ref = O.renormalised_log10_norms(net.weights, net.biases, x, "sigmoid")
@@ -143,18 +145,27 @@ def test_sigmoid_5000_layers(gc):
     assert np.all(rep.weight_grads[0] == 0.0)
     assert np.all(rep.activation_grads[0] == 0.0)
     # near the output the float arrays are still ordinary numbers, and agree
-    ref_tail = O.numpy_backward(net.weights[-5:], net.biases[-5:],
-                                O.numpy_forward(net.weights[:-5], net.biases[:-5], x,
-                                                "sigmoid")[1][-1], "sigmoid")
+    ref_tail = O.numpy_backward(
+        net.weights[-5:],
+        net.biases[-5:],
+        O.numpy_forward(net.weights[:-5], net.biases[:-5], x, "sigmoid")[1][-1],
+        "sigmoid",
+    )
     np.testing.assert_allclose(rep.weight_grads[-1], ref_tail.dW[-1], rtol=1e-10, atol=0)
 
 
-@pytest.mark.slow
 def test_sigmoid_5000_layers_float32(gc):
     """float32 arrays cannot hold 1e-3200 either (min subnormal 1e-45); log10 must."""
     L = 5000
-    net = gc.MLP(depth=L, width=8, activation="sigmoid", init="xavier_normal", bias_std=0.1,
-                 dtype="float32", seed=3)
+    net = gc.MLP(
+        depth=L,
+        width=8,
+        activation="sigmoid",
+        init="xavier_normal",
+        bias_std=0.1,
+        dtype="float32",
+        seed=3,
+    )
     x = np.random.default_rng(3).normal(size=(2, 8)).astype(np.float32)
     rep = net.backward(x)
     ref = O.renormalised_log10_norms(net.weights, net.biases, x, "sigmoid")
@@ -166,13 +177,16 @@ def test_sigmoid_5000_layers_float32(gc):
 
 @pytest.mark.parametrize(
     "act,loss,init,gain",
-    [("tanh", "mse", "xavier_normal", 0.6), ("gelu", "cross_entropy", "he_normal", 0.8),
-     ("softplus", "grad_output", "lecun_normal", 0.8), ("silu", "probe", "orthogonal", 0.8)],
+    [
+        ("tanh", "mse", "xavier_normal", 0.6),
+        ("gelu", "cross_entropy", "he_normal", 0.8),
+        ("softplus", "grad_output", "lecun_normal", 0.8),
+        ("silu", "probe", "orthogonal", 0.8),
+    ],
 )
 def test_deep_saturating_chain_losses(gc, act, loss, init, gain):
     L, n, B = 1500, 6, 3
-    net = gc.MLP(depth=L, width=n, activation=act, init=init, gain=gain, bias_std=0.05,
-                 seed=77)
+    net = gc.MLP(depth=L, width=n, activation=act, init=init, gain=gain, bias_std=0.05, seed=77)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(B, n))
     kw = {}
@@ -183,8 +197,15 @@ def test_deep_saturating_chain_losses(gc, act, loss, init, gain):
     elif loss == "grad_output":
         kw = {"grad_output": rng.normal(size=(B, n))}
     rep = net.backward(x, **kw) if loss == "grad_output" else net.backward(x, loss=loss, **kw)
-    ref = O.renormalised_log10_norms(net.weights, net.biases, x, act, loss,
-                                     target=kw.get("target"), grad_output=kw.get("grad_output"))
+    ref = O.renormalised_log10_norms(
+        net.weights,
+        net.biases,
+        x,
+        act,
+        loss,
+        target=kw.get("target"),
+        grad_output=kw.get("grad_output"),
+    )
     assert ref.log10_weight[0] < -320  # the layer-1 float norm underflows
     check_against_renormalised(rep, ref, atol=4 * L * EPS64, what=act)
     assert rep.weight_grad_norms[0] == 0.0
@@ -195,23 +216,34 @@ def test_deep_saturating_chain_losses(gc, act, loss, init, gain):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "act,init,gain,loss,n",
-    [("relu", "he_normal", 30.0, "probe", 16), ("leaky_relu", "xavier_uniform", 1e-3, "probe", 7),
-     ("linear", "normal", 50.0, "grad_output", 7),
-     ("leaky_relu", "orthogonal", 40.0, "grad_output", 7)],
+    [
+        ("relu", "he_normal", 30.0, "probe", 16),
+        ("leaky_relu", "xavier_uniform", 1e-3, "probe", 7),
+        ("linear", "normal", 50.0, "grad_output", 7),
+        ("leaky_relu", "orthogonal", 40.0, "grad_output", 7),
+    ],
 )
 def test_homogeneous_chain_log_forward(gc, act, init, gain, loss, n):
     """Forward values far beyond float range: no NonFiniteError, exact log10 norms.
     (relu needs width 16 here: a relu layer kills all n units with probability 2^-n.)"""
     L = 300
-    net = gc.MLP(depth=L, width=[5] + [n] * (L - 1) + [n // 2], activation=act, init=init,
-                 gain=gain, negative_slope=0.2, seed=12)
+    net = gc.MLP(
+        depth=L,
+        width=[5] + [n] * (L - 1) + [n // 2],
+        activation=act,
+        init=init,
+        gain=gain,
+        negative_slope=0.2,
+        seed=12,
+    )
     assert net.log_scale_forward
     rng = np.random.default_rng(6)
     x = rng.normal(size=(2, 5))
     kw = {"grad_output": rng.normal(size=(2, n // 2))} if loss == "grad_output" else {}
     rep = net.backward(x, **kw)
-    ref = O.renormalised_log10_norms(net.weights, None, x, act, loss,
-                                     grad_output=kw.get("grad_output"), negative_slope=0.2)
+    ref = O.renormalised_log10_norms(
+        net.weights, None, x, act, loss, grad_output=kw.get("grad_output"), negative_slope=0.2
+    )
     assert np.isfinite(ref.log10_output), "chain died"
     assert abs(ref.log10_weight[0]) > 400  # beyond float range
     check_against_renormalised(rep, ref, atol=4 * L * EPS64, what=act)
@@ -241,7 +273,7 @@ def test_relu_chain_that_dies(gc):
     net = gc.MLP(depth=L, width=n, activation="relu", init="he_normal", seed=5)
     x = np.random.default_rng(8).normal(size=(2, n))
     h = x
-    for k, w in enumerate(net.weights[:2000], start=1):
+    for w in net.weights[:2000]:
         h = np.maximum(h @ w.T, 0.0)
         if not np.any(h):
             break

@@ -66,6 +66,11 @@ void check_no_overflow(const Scan& s, const T* z, std::size_t n, int l, int dept
 // Multiplies every entry by m * 2^e, where the product is formed by one rounding in T.
 template <class T>
 void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
+  if (coef == 1.0) {  // one rounding at most, and none for subnormal inputs scaled up
+    const int k = static_cast<int>(std::clamp<std::int64_t>(e, -100000, 100000));
+    for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
+    return;
+  }
   int ce = 0;
   const double cm = coef == 0.0 ? 0.0 : std::frexp(coef, &ce);
   const std::int64_t total = e + ce;
@@ -254,8 +259,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   T* DB = ws.db.get(maxn);
   auto h = [&](int l) { return H + hoff[static_cast<std::size_t>(l)]; };
   auto z = [&](int l) { return keep_z ? Z + hoff[static_cast<std::size_t>(l)] : nullptr; };
-  // h_l = h~_l * 2^e[l] (log-scale forward); shift[l] rescales h_l into [1, 2) for the
-  // weight-gradient GEMM of a plain forward pass, so that it cannot overflow.
+  // h_l = h~_l * 2^e[l] (log-scale forward); in a plain pass, 2^shift[l] brings h_l back
+  // into the safe band for the weight-gradient GEMM, so that it cannot overflow.
   std::vector<std::int64_t> e(static_cast<std::size_t>(L) + 1, 0);
   std::vector<int> shift(static_cast<std::size_t>(L) + 1, 0);
 
@@ -266,7 +271,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   std::copy(x, x + B * n(0), h(0));
   {
     const Scan s = scan(h(0), B * n(0));
-    const int k = exponent_of(s.maxabs);
+    const int k = rescale_exponent<T>(s.maxabs);
     if (homog) {
       scale_pow2(h(0), B * n(0), -k);
       e[0] = k;
@@ -294,7 +299,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     act_.forward(zl, h(l), m);
     const Scan s = scan(h(l), m);
     check_no_overflow(s, h(l), m, l, L, "the activation");
-    const int k = exponent_of(s.maxabs);
+    const int k = rescale_exponent<T>(s.maxabs);
     if (homog) {
       // phi(2^k u) = 2^k phi(u): move the scale into the exponent. The stored z keeps the
       // previous layer's scale; only its sign is used.
@@ -347,7 +352,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       const auto* labels = static_cast<const std::int64_t*>(req.target);
       const std::size_t C = n(L);
       const T invB = static_cast<T>(1.0 / double(B));
-      if (eL <= 900) {
+      if (eL <= 600) {
         const int ie = static_cast<int>(std::max<std::int64_t>(eL, -100000));
         double total = 0;
         std::vector<double> p(C);
@@ -366,7 +371,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
         const double loss = total / double(B);
         res.log10_loss = loss > 0 ? std::log10(loss) : kNegInf;
       } else {
-        // Logits beyond double range: softmax is one-hot on the maximum (shared on ties)
+        // Logits far beyond double range: softmax is one-hot on the maximum (shared on ties)
         // and the loss is 2^eL * mean(max - h~_y).
         double gap = 0, ties_log = 0;
         for (std::size_t r = 0; r < B; ++r) {
@@ -417,17 +422,17 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     return sp > 0 ? std::log10(sp) / req.norm_type + double(ex) * kLog10_2 : kNegInf;
   };
 
-  // Normalise G so that max|G| is in [1, 2); returns its scan before normalising.
+  // Rescales G when max|G| leaves the safe band; returns its norm's log10.
   auto normalise = [&](T* a, std::size_t cnt) {
     const Scan s = scan(a, cnt);
-    const int k = exponent_of(s.maxabs);
+    const double lg = log10_norm(s.sumsq, gamma);
+    const int k = rescale_exponent<T>(s.maxabs);
     scale_pow2(a, cnt, -k);
     gamma += k;
-    return s;
+    return lg;
   };
   {
-    const Scan s = normalise(g, mL);
-    res.log10_activation_grad_norms[static_cast<std::size_t>(L)] = log10_norm(s.sumsq, gamma - exponent_of(s.maxabs));
+    res.log10_activation_grad_norms[static_cast<std::size_t>(L)] = normalise(g, mL);
   }
   if (req.keep_activation_grads) {
     res.activation_grads[static_cast<std::size_t>(L)].assign(g, g + mL);
@@ -458,7 +463,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       lp_b[ul] = pnorm_log10(db, nl, s, dz_exp);
       b_exp[ul] = dz_exp;
     }
-    // dW = dz^T h_{l-1}, with h_{l-1} brought into [1, 2) by alpha = 2^shift.
+    // dW = dz^T h_{l-1}, with h_{l-1} brought into the band by alpha = 2^shift.
     T* dw = req.keep_weight_grads ? res.weight_grads[ul].data() : DW;
     const int sh = shift[ul];
     blas::gemm(Trans::T, Trans::N, inl, inp, batch, static_cast<T>(std::ldexp(1.0, sh)), dz, inl,
@@ -516,8 +521,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       blas::gemm(Trans::N, Trans::N, batch, inp, inl, T(1), dz, inl, weight(l), inp, T(0), g_next,
                  inp);
       std::swap(g, g_next);
-      const Scan s = normalise(g, B * np);
-      res.log10_activation_grad_norms[ul] = log10_norm(s.sumsq, gamma - exponent_of(s.maxabs));
+      res.log10_activation_grad_norms[ul] = normalise(g, B * np);
       if (req.keep_activation_grads) {
         res.activation_grads[ul].assign(g, g + B * np);
         a_exp[ul] = gamma;

@@ -23,11 +23,16 @@ def dtype(value: Any) -> np.dtype:
     return dt
 
 
-def positive_int(name: str, value: Any) -> int:
+INT32_MAX = 2**31 - 1  # BLAS dimensions are 32-bit
+
+
+def positive_int(name: str, value: Any, maximum: int = INT32_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer; got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer; got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}; got {value}")
     return int(value)
 
 

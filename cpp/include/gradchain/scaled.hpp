@@ -33,6 +33,17 @@ double sum_abs_pow(const T* x, std::size_t n, double p) {
 // The binary exponent k with 2^k <= m < 2^(k+1); 0 for m == 0.
 inline int exponent_of(double m) { return m > 0.0 ? std::ilogb(m) : 0; }
 
+// The exponent to rescale by when max|x| = m has left the band [2^-b, 2^b], b a fifth
+// of T's exponent range (0 inside it). Inside the band nothing is rescaled, so a pass that
+// stays in range computes exactly what a plain float pass computes, subnormals included;
+// products of two arrays inside the band, and their squares, cannot overflow.
+template <class T>
+int rescale_exponent(double m) {
+  constexpr int band = std::numeric_limits<T>::max_exponent / 5;
+  const int k = exponent_of(m);
+  return (k > band || k < -band) ? k : 0;
+}
+
 // x *= 2^k, exactly (barring subnormal results).
 template <class T>
 void scale_pow2(T* x, std::size_t n, int k) {

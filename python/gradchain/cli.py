@@ -1,0 +1,96 @@
+"""Command line: ``gradchain demo`` and ``gradchain run``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from .mlp import ACTIVATIONS, INITS, MLP
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((args.batch, args.width))
+    chains = {
+        "sigmoid / xavier_normal": MLP(args.depth, args.width, activation="sigmoid", init="xavier_normal", seed=args.seed),
+        "relu / he_normal": MLP(args.depth, args.width, activation="relu", init="he_normal", seed=args.seed),
+    }
+    reports = {name: net.backward(x) for name, net in chains.items()}
+    names = list(chains)
+    print(f"gradchain demo: depth {args.depth}, width {args.width}, batch {args.batch}, probe loss 0.5*||h_L||^2")
+    print("log10 of the Frobenius norm of dL/dW_l, layer 1 = nearest the input\n")
+    print(f"{'layer':>6}  {names[0]:>24}  {names[1]:>24}")
+    step = max(1, args.depth // args.rows)
+    for l in sorted(set(range(1, args.depth + 1, step)) | {args.depth}):
+        a, b = (reports[n].log10_weight_grad_norms[l - 1] for n in names)
+        print(f"{l:>6}  {a:>24.3f}  {b:>24.3f}")
+    print()
+    for n in names:
+        r = reports[n]
+        ratio = r.log10_weight_grad_norms[0] - r.log10_weight_grad_norms[-1]
+        print(f"{n}: |dL/dW_1| / |dL/dW_{args.depth}| = 10^{ratio:+.1f}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    net = MLP(
+        args.depth, args.width, activation=args.activation, init=args.init, gain=args.gain,
+        bias_std=args.bias_std, dtype=args.dtype, seed=args.seed,
+    )
+    x = np.random.default_rng(args.seed).standard_normal((args.batch, args.width))
+    rep = net.backward(x, max_norm=args.max_norm)
+    if args.json:
+        json.dump(rep.to_dict(), sys.stdout)
+        print()
+    else:
+        print(repr(net))
+        print(rep)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradchain", description="Vanishing and exploding gradients, measured exactly.")
+    sub = p.add_subparsers(dest="command")
+    d = sub.add_parser("demo", help="per-layer gradient norms of a sigmoid chain beside a ReLU/He chain")
+    d.add_argument("--depth", type=int, default=60)
+    d.add_argument("--width", type=int, default=64)
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--rows", type=int, default=12, help="about how many layers to print")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+    r = sub.add_parser("run", help="one chain, its per-layer norms as a table or JSON")
+    r.add_argument("--depth", type=int, default=100)
+    r.add_argument("--width", type=int, default=64)
+    r.add_argument("--batch", type=int, default=32)
+    r.add_argument("--activation", choices=ACTIVATIONS, default="tanh")
+    r.add_argument("--init", choices=INITS, default="xavier_normal")
+    r.add_argument("--gain", type=float, default=1.0)
+    r.add_argument("--bias-std", type=float, default=0.0)
+    r.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    r.add_argument("--max-norm", type=float, default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.set_defaults(func=_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradchain`` command (``demo`` when no command is given)."""
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        args = _parser().parse_args(["demo"])
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, MemoryError) as exc:
+        print(f"gradchain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
