@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -10,12 +11,17 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def torch_threads():
-    """Import torch (skip when it is missing) and limit its intra-op threads to the cores
-    this process may use (2 on the reference machine), so that it neither oversubscribes
-    the machine nor gets fewer cores than gradchain."""
-    pytest.importorskip("torch")
-    return peers.set_torch_threads()
+def torch_peer():
+    """A PyTorch worker process (peers.TorchProcess), shared by the torch benchmarks.
+
+    PyTorch is imported only in the worker (never next to gradchain, see TorchProcess),
+    with its intra-op threads set to the cores this process may use (2 on the reference
+    machine: torch.set_num_threads(2)). Skips when torch is not installed.
+    """
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+    with peers.TorchProcess() as worker:
+        yield worker
 
 
 # --------------------------------------------------------------------------- ratios
@@ -86,9 +92,12 @@ def pytest_terminal_summary(terminalreporter, config):
     if not rows:
         return
     tr = terminalreporter
-    tr.write_sep("-", "gradchain ratios (medians; speedup = peer / gradchain, floor ratio = gradchain / floor)")
+    tr.write_sep("-", "gradchain ratios (medians; speedup = peer / gradchain, "
+                      "floor ratio = gradchain / floor)")
     if _load_at_start is not None:
-        busy = "  (machine busy or just used: check the timings)" if _load_at_start > 0.5 * peers.available_cores() else ""
+        busy = ""
+        if _load_at_start > 0.5 * peers.available_cores():
+            busy = "  (machine busy or just used: check the timings)"
         tr.write_line(f"cores {peers.available_cores()}, 1-min load average at start "
                       f"{_load_at_start:.2f}{busy}")
     tr.write_line(f"{'group':<26} {'vs':<11} {'peer ms':>10} {'gradchain ms':>12} "

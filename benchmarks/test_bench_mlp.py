@@ -99,7 +99,8 @@ def check_norms(got, case: Case, who: str) -> None:
         a = np.asarray(getattr(got, f), dtype=np.float64)
         n = cfg.depth + 1 if f == "activation_grad_norms" else cfg.depth
         assert a.shape == (n,), f"{who}: {f} has shape {a.shape}"
-        np.testing.assert_allclose(a, case.ref[f], rtol=cfg.rtol, err_msg=f"{who} vs gradchain: {f}")
+        np.testing.assert_allclose(a, case.ref[f], rtol=cfg.rtol,
+                                   err_msg=f"{who} vs gradchain: {f}")
 
 
 def tag(benchmark, cfg: Config, impl: str, **extra) -> None:
@@ -124,7 +125,7 @@ def test_gradchain(benchmark, cfg):
     check_norms(rep, case, "gradchain (timed run)")
 
 
-# --------------------------------------------------------------------------- peers
+# --------------------------------------------------------------------------- NumPy
 
 
 @by_id(CONFIGS)
@@ -135,17 +136,6 @@ def test_numpy(benchmark, cfg):
     tag(benchmark, cfg, "numpy", target_speedup=cfg.speedup_targets.get("numpy"))
     got = run(benchmark, peer, case.x, cfg.peer_rounds.get("numpy"))
     check_norms(got, case, "numpy (timed run)")
-
-
-@by_id(CONFIGS)
-def test_torch(benchmark, cfg, torch_threads):
-    case = get_case(cfg)
-    peer = peers.TorchChain(case.weights, case.biases, cfg.activation)
-    check_norms(peer(case.x), case, "torch")  # validation (and warm-up), not timed
-    tag(benchmark, cfg, "torch", target_speedup=cfg.speedup_targets.get("torch"),
-        torch_threads=torch_threads)
-    got = run(benchmark, peer, case.x, cfg.peer_rounds.get("torch"))
-    check_norms(got, case, "torch (timed run)")
 
 
 # --------------------------------------------------------------------------- GEMM floor
@@ -175,3 +165,21 @@ def test_gemm_floor(benchmark, cfg):
     best = benchmark.stats.stats.min if benchmark.stats else math.nan
     benchmark.extra_info["gemm_gflops"] = gemm_flop / best / 1e9
     benchmark.extra_info["floor_s"] = 3 * cfg.depth * best
+
+
+# --------------------------------------------------------------------------- PyTorch
+# (last: its worker process starts with the first of these)
+
+
+@by_id(CONFIGS)
+def test_torch(benchmark, cfg, torch_peer):
+    case = get_case(cfg)
+    try:  # PyTorch runs in a worker process: see peers.TorchProcess
+        info = torch_peer.load(case.weights, case.biases, cfg.activation)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    check_norms(torch_peer(case.x), case, "torch")  # validation (and warm-up), not timed
+    tag(benchmark, cfg, "torch", target_speedup=cfg.speedup_targets.get("torch"),
+        torch_threads=info["threads"], torch_version=info["torch"])
+    got = run(benchmark, torch_peer, case.x, cfg.peer_rounds.get("torch"))
+    check_norms(got, case, "torch (timed run)")

@@ -285,3 +285,25 @@ def test_relu_chain_that_dies(gc):
     assert np.all(rep.log10_bias_grad_norms == -math.inf)
     assert np.all(rep.log10_activation_grad_norms == -math.inf)
     assert rep.log10_total_norm == -math.inf and rep.total_norm == 0.0
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "linear"])
+def test_batch_rows_of_very_different_scales(gc, act):
+    """Rows 2^600 apart in scale (each half of the batch may run on its own thread with
+    its own exponents, reconciled afterwards): norms still match the reference."""
+    L, n = 60, 12
+    net = gc.MLP(depth=L, width=n, activation=act, init="he_normal", negative_slope=0.2, seed=5)
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(4, n))
+    x[:2] *= 2.0**-300
+    x[2:] *= 2.0**300
+    rep = net.backward(x)
+    ref = O.renormalised_log10_norms(net.weights, None, x, act, negative_slope=0.2)
+    assert np.isfinite(ref.log10_output), "chain died"
+    check_against_renormalised(rep, ref, atol=4 * L * EPS64, what=act)
+    # The small rows' gradients are still there, 2^600 below the large ones.
+    full = net.backward(x, return_grads=True)
+    small = full.activation_grads[0][:2]
+    large = full.activation_grads[0][2:]
+    ratio = np.log2(np.linalg.norm(large)) - np.log2(np.linalg.norm(small))
+    assert 590 < ratio < 610

@@ -49,20 +49,6 @@ std::string layer_msg(int l, int depth) {
   return "layer " + std::to_string(l) + " of " + std::to_string(depth);
 }
 
-template <class T>
-void check_no_overflow(const Scan& s, const T* z, std::size_t n, int l, int depth,
-                       const char* what) {
-  if (s.finite) return;
-  bool nan = false;
-  for (std::size_t i = 0; i < n; ++i)
-    if (std::isnan(static_cast<double>(z[i]))) nan = true;
-  throw NonFiniteError(
-      "forward", l,
-      std::string("the forward pass ") + (nan ? "produced NaN" : "overflowed to inf") + " in " +
-          what + " at " + layer_msg(l, depth) +
-          (nan ? "" : "; lower the gain, the weights or the input scale"));
-}
-
 // Multiplies every entry by m * 2^e, where the product is formed by one rounding in T.
 template <class T>
 void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
@@ -268,47 +254,125 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   res.norm_type = req.norm_type;
 
   // ---- forward -------------------------------------------------------------------------
-  std::copy(x, x + B * n(0), h(0));
-  {
-    const Scan s = scan(h(0), B * n(0));
-    const int k = rescale_exponent<T>(s.maxabs);
-    if (homog) {
-      scale_pow2(h(0), B * n(0), -k);
-      e[0] = k;
-    } else {
-      shift[0] = -k;
+  // Examples do not interact in the forward pass, so with two threads each takes half
+  // the batch through the whole chain. Each half carries its own exponents (log-scale
+  // pass); they are reconciled afterwards.
+  bool two_threads = false;
+#ifdef _OPENMP
+  two_threads = !threaded_gemm && max_threads() > 1;
+#endif
+  struct Part {
+    std::size_t r0 = 0, r1 = 0;
+    std::vector<std::int64_t> e;
+    std::vector<double> hmax;
+    int bad = 0;  // first layer with a non-finite value, 0 if none
+    bool bad_nan = false;
+    const char* bad_what = "";
+    std::exception_ptr error;
+  };
+  std::atomic<bool> abort{false};
+  auto forward_rows = [&](Part& p, bool polls) {
+    const std::size_t R = p.r1 - p.r0;
+    p.e.assign(static_cast<std::size_t>(L) + 1, 0);
+    p.hmax.assign(static_cast<std::size_t>(L) + 1, 0.0);
+    T* h0 = h(0) + p.r0 * n(0);
+    std::copy(x + p.r0 * n(0), x + p.r1 * n(0), h0);
+    {
+      const Scan s = scan(h0, R * n(0));
+      const int k = homog ? rescale_exponent<T>(s.maxabs) : 0;
+      scale_pow2(h0, R * n(0), -k);
+      p.e[0] = k;
+      p.hmax[0] = s.maxabs;
     }
+    for (int l = 1; l <= L; ++l) {
+      const std::size_t ul = static_cast<std::size_t>(l), m = R * n(l);
+      T* zl = (keep_z ? z(l) : h(l)) + p.r0 * n(l);
+      T* hl = h(l) + p.r0 * n(l);
+      blas::gemm(Trans::N, Trans::T, static_cast<int>(R), widths_[ul], widths_[ul - 1], T(1),
+                 h(l - 1) + p.r0 * n(l - 1), widths_[ul - 1], weight(l), widths_[ul - 1], T(0),
+                 zl, widths_[ul]);
+      if (!homog) {
+        const T* bl = bias(l);
+        for (std::size_t r = 0; r < R; ++r) {
+          T* row = zl + r * n(l);
+          for (std::size_t j = 0; j < n(l); ++j) row[j] += bl[j];
+        }
+      }
+      auto flag = [&](const Scan& sc, const T* a, const char* what) {
+        if (sc.finite) return false;
+        p.bad = l;
+        p.bad_what = what;
+        for (std::size_t i = 0; i < m; ++i)
+          if (std::isnan(static_cast<double>(a[i]))) p.bad_nan = true;
+        return true;
+      };
+      if (flag(scan(zl, m), zl, "the pre-activation h W^T + b")) return;
+      act_.forward(zl, hl, m);
+      const Scan s = scan(hl, m);
+      if (flag(s, hl, "the activation")) return;
+      if (homog) {
+        // phi(2^k u) = 2^k phi(u): move the scale into the exponent. The stored z keeps
+        // the previous layer's scale; only its sign is used.
+        const int k = rescale_exponent<T>(s.maxabs);
+        scale_pow2(hl, m, -k);
+        p.e[ul] = p.e[ul - 1] + k;
+      }
+      p.hmax[ul] = s.maxabs;
+      if (abort.load(std::memory_order_relaxed)) return;
+      if (polls) cancel.poll();
+    }
+  };
+
+  std::vector<Part> parts(two_threads && B >= 2 ? 2 : 1);
+  for (std::size_t t = 0; t < parts.size(); ++t) {
+    parts[t].r0 = B * t / parts.size();
+    parts[t].r1 = B * (t + 1) / parts.size();
   }
-  for (int l = 1; l <= L; ++l) {
-    const std::size_t m = B * n(l);
-    T* zl = keep_z ? z(l) : h(l);
-    const T alpha = T(1);
-    blas::gemm(Trans::N, Trans::T, batch, widths_[static_cast<std::size_t>(l)],
-               widths_[static_cast<std::size_t>(l) - 1], alpha, h(l - 1),
-               widths_[static_cast<std::size_t>(l) - 1], weight(l),
-               widths_[static_cast<std::size_t>(l) - 1], T(0), zl,
-               widths_[static_cast<std::size_t>(l)]);
-    if (!homog) {
-      const T* bl = bias(l);
-      for (std::size_t r = 0; r < B; ++r) {
-        T* row = zl + r * n(l);
-        for (std::size_t j = 0; j < n(l); ++j) row[j] += bl[j];
+  if (parts.size() == 1) {
+    forward_rows(parts[0], true);
+  } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+    {
+      const auto t = static_cast<std::size_t>(omp_get_thread_num());
+      try {
+        forward_rows(parts[t], t == 0);
+      } catch (...) {
+        parts[t].error = std::current_exception();
+        abort.store(true);
       }
     }
-    check_no_overflow(scan(zl, m), zl, m, l, L, "the pre-activation h W^T + b");
-    act_.forward(zl, h(l), m);
-    const Scan s = scan(h(l), m);
-    check_no_overflow(s, h(l), m, l, L, "the activation");
-    const int k = rescale_exponent<T>(s.maxabs);
-    if (homog) {
-      // phi(2^k u) = 2^k phi(u): move the scale into the exponent. The stored z keeps the
-      // previous layer's scale; only its sign is used.
-      scale_pow2(h(l), m, -k);
-      e[static_cast<std::size_t>(l)] = e[static_cast<std::size_t>(l) - 1] + k;
-    } else {
-      shift[static_cast<std::size_t>(l)] = -k;
+#endif
+  }
+  for (const Part& p : parts)
+    if (p.error) std::rethrow_exception(p.error);
+  {
+    const Part* first = nullptr;
+    for (const Part& p : parts)
+      if (p.bad && (!first || p.bad < first->bad)) first = &p;
+    if (first)
+      throw NonFiniteError(
+          "forward", first->bad,
+          std::string("the forward pass ") +
+              (first->bad_nan ? "produced NaN" : "overflowed to inf") + " in " +
+              first->bad_what + " at " + layer_msg(first->bad, L) +
+              (first->bad_nan ? "" : "; lower the gain, the weights or the input scale"));
+  }
+  for (int l = 0; l <= L; ++l) {
+    const std::size_t ul = static_cast<std::size_t>(l);
+    std::int64_t el = parts[0].e[ul];
+    double hm = parts[0].hmax[ul];
+    for (const Part& p : parts) {
+      el = std::max(el, p.e[ul]);
+      hm = std::max(hm, p.hmax[ul]);
     }
-    cancel.poll();
+    e[ul] = el;
+    for (const Part& p : parts)
+      if (p.e[ul] != el) {
+        const std::int64_t d = std::max<std::int64_t>(p.e[ul] - el, -100000);
+        scale_pow2(h(l) + p.r0 * n(l), (p.r1 - p.r0) * n(l), static_cast<int>(d));
+      }
+    if (!homog) shift[ul] = -rescale_exponent<T>(hm);
   }
 
   // ---- loss and dL/dh_L ---------------------------------------------------------------
@@ -477,11 +541,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
 
   // Pipelining keeps every dz_l until the second thread has used it.
   const std::size_t dz_total = hoff.back() - B * n(0);
-  bool pipelined = false;
-#ifdef _OPENMP
-  pipelined = !threaded_gemm && max_threads() > 1 && L > 1 &&
-              bytes + double(dz_total) * sizeof(T) < 0.5 * double(physical_memory_bytes());
-#endif
+  bool pipelined = two_threads && L > 1 &&
+                   bytes + double(dz_total) * sizeof(T) < 0.5 * double(physical_memory_bytes());
   T* DZall = nullptr;
   if (pipelined) {
     try {
@@ -491,7 +552,6 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     }
   }
   std::atomic<int> ready{L + 1};  // dz_l is stored for every l >= ready
-  std::atomic<bool> abort{false};
   std::vector<std::int64_t> dz_exp(static_cast<std::size_t>(L) + 1, 0);
   std::exception_ptr error;
 
