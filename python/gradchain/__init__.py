@@ -6,15 +6,8 @@ per-layer gradient norms that stay exact in log space where floats give 0 or inf
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import PackageNotFoundError, version
 
-# OpenMP workers that spin between parallel regions take the cores from OpenBLAS's
-# threads (and from everything else on a small machine). libgomp reads its wait policy
-# once, when _core loads it; the user's own setting wins, and the environment is restored.
-_policy_set = "OMP_WAIT_POLICY" not in os.environ
-if _policy_set:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
     from . import _core
 except ImportError as exc:  # pragma: no cover - only without a build
@@ -22,9 +15,6 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "gradchain's compiled core (gradchain._core) could not be imported; "
         "was the package built? Install it with `pip install .` from the source tree."
     ) from exc
-finally:
-    if _policy_set:
-        del os.environ["OMP_WAIT_POLICY"]
 
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from .errors import NonFiniteError
