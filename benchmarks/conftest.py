@@ -83,7 +83,7 @@ def compute_ratios(config):
 
 
 def _fmt_ms(s):
-    return f"{1e3 * s:10.2f}" if s == s else f"{'-':>10}"
+    return f"{'-':>10}" if math.isnan(s) else f"{1e3 * s:10.2f}"
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables

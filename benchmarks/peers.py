@@ -21,8 +21,8 @@ import socket
 import subprocess
 import sys
 import traceback
-from multiprocessing.connection import Connection
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import numpy as np
 

@@ -116,6 +116,6 @@ def test_cli_run_json_and_errors():
     assert len(d["log10_weight_grad_norms"]) == 7
     bad = subprocess.run(
         [sys.executable, "-m", "gradchain", "run", "--depth", "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert bad.returncode == 2 and "depth must be a positive integer" in bad.stderr

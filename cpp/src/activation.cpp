@@ -4,6 +4,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "gradchain/common.hpp"
 #include "gradchain/parallel.hpp"
 #include "gradchain/vecmath.hpp"
 
@@ -19,12 +20,6 @@ namespace {
 const std::vector<std::string> kNames = {"linear",    "sigmoid", "tanh", "relu",
                                          "leaky_relu", "elu",     "gelu", "gelu_tanh",
                                          "silu",       "softplus"};
-
-std::string join(const std::vector<std::string>& v) {
-  std::string s;
-  for (const auto& x : v) s += (s.empty() ? "'" : ", '") + x + "'";
-  return s;
-}
 
 // Elementwise work runs in blocks of this many elements, so that temporaries stay in L1.
 constexpr std::size_t kBlock = 512;
@@ -177,11 +172,7 @@ const std::vector<std::string>& Activation::names() { return kNames; }
 
 Activation Activation::parse(const std::string& name, double negative_slope, double alpha) {
   Activation a;
-  auto it = std::find(kNames.begin(), kNames.end(), name);
-  if (it == kNames.end())
-    throw std::invalid_argument("activation must be one of " + join(kNames) + "; got '" +
-                                name + "'");
-  a.kind = static_cast<Act>(it - kNames.begin());
+  a.kind = static_cast<Act>(parse_name("activation", name, kNames));
   if (!std::isfinite(negative_slope))
     throw std::invalid_argument("negative_slope must be finite; got " +
                                 std::to_string(negative_slope));

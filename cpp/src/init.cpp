@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "gradchain/blas.hpp"
+#include "gradchain/common.hpp"
 
 namespace gradchain {
 
@@ -37,13 +38,7 @@ void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std:
 const std::vector<std::string>& InitSpec::names() { return kInitNames; }
 
 InitKind InitSpec::parse_kind(const std::string& name) {
-  auto it = std::find(kInitNames.begin(), kInitNames.end(), name);
-  if (it == kInitNames.end()) {
-    std::string all;
-    for (const auto& s : kInitNames) all += (all.empty() ? "'" : ", '") + s + "'";
-    throw std::invalid_argument("init must be one of " + all + "; got '" + name + "'");
-  }
-  return static_cast<InitKind>(it - kInitNames.begin());
+  return static_cast<InitKind>(parse_name("init", name, kInitNames));
 }
 
 void InitSpec::validate() const {

@@ -69,13 +69,7 @@ void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* d
 }  // namespace
 
 LossKind parse_loss(const std::string& name) {
-  auto it = std::find(kLossNames.begin(), kLossNames.end(), name);
-  if (it == kLossNames.end()) {
-    std::string all;
-    for (const auto& s : kLossNames) all += (all.empty() ? "'" : ", '") + s + "'";
-    throw std::invalid_argument("loss must be one of " + all + "; got '" + name + "'");
-  }
-  return static_cast<LossKind>(it - kLossNames.begin());
+  return static_cast<LossKind>(parse_name("loss", name, kLossNames));
 }
 
 const std::vector<std::string>& loss_names() { return kLossNames; }

@@ -17,6 +17,18 @@ def init_names() -> list[str]: ...
 def loss_names() -> list[str]: ...
 
 class _MLPChain:
+    def __init__(
+        self,
+        widths: list[int],
+        activation: str,
+        negative_slope: float,
+        alpha: float,
+        init: str,
+        gain: float,
+        sigma_w: float,
+        bias_std: float,
+        seed: int,
+    ) -> None: ...
     @property
     def widths(self) -> list[int]: ...
     @property
@@ -39,18 +51,6 @@ class _MLPChain:
     ) -> dict[str, Any]: ...
 
 class MLPChain64(_MLPChain):
-    def __init__(
-        self,
-        widths: list[int],
-        activation: str,
-        negative_slope: float,
-        alpha: float,
-        init: str,
-        gain: float,
-        sigma_w: float,
-        bias_std: float,
-        seed: int,
-    ) -> None: ...
     @staticmethod
     def from_arrays(
         widths: list[int],
@@ -62,18 +62,6 @@ class MLPChain64(_MLPChain):
     ) -> MLPChain64: ...
 
 class MLPChain32(_MLPChain):
-    def __init__(
-        self,
-        widths: list[int],
-        activation: str,
-        negative_slope: float,
-        alpha: float,
-        init: str,
-        gain: float,
-        sigma_w: float,
-        bias_std: float,
-        seed: int,
-    ) -> None: ...
     @staticmethod
     def from_arrays(
         widths: list[int],

@@ -84,3 +84,17 @@ def float_array(name: str, value: Any, dt: np.dtype, shape: tuple[int | None, ..
         where = "inf" if np.isinf(out[tuple(bad)]) else "NaN"
         raise ValueError(f"{name} contains {where} at index {tuple(int(i) for i in bad)}; inputs must be finite")
     return out
+
+
+ACCEPTED_NORM_TYPES = "a number p > 0 (e.g. 2.0, 1.0, 0.5) or inf (float('inf') or 'inf')"
+
+
+def norm_type(value: Any) -> float:
+    """The order of a norm: a real p > 0, or inf (also given as the string 'inf')."""
+    if isinstance(value, str) and value == "inf":
+        return math.inf
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        p = float(value)
+        if p > 0:
+            return p
+    raise ValueError(f"norm_type must be {ACCEPTED_NORM_TYPES}, got {value!r}")

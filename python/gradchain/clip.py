@@ -27,12 +27,11 @@ from typing import Union
 import numpy as np
 
 from . import _core
+from . import _validate as _v
 
 __all__ = ["clip_coefficient", "clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
 
 Grads = Union[np.ndarray, Iterable[np.ndarray]]
-
-_ACCEPTED_NORM_TYPES = "a number p > 0 (e.g. 2.0, 1.0, 0.5) or inf (float('inf') or 'inf')"
 
 
 def _arrays(grads: object, *, writable: bool) -> list[np.ndarray]:
@@ -92,16 +91,6 @@ def _non_negative(value: object, name: str) -> float:
     return v
 
 
-def _norm_type(norm_type: object) -> float:
-    if isinstance(norm_type, str) and norm_type == "inf":
-        return math.inf
-    if isinstance(norm_type, numbers.Real) and not isinstance(norm_type, bool):
-        p = float(norm_type)
-        if p > 0:
-            return p
-    raise ValueError(f"norm_type must be {_ACCEPTED_NORM_TYPES}, got {norm_type!r}")
-
-
 def get_total_norm(
     grads: Grads, norm_type: float | str = 2.0, error_if_nonfinite: bool = False
 ) -> float:
@@ -148,7 +137,7 @@ def get_total_norm(
     1.414213562373095e+200
     """
     arrays = _arrays(grads, writable=False)
-    p = _norm_type(norm_type)
+    p = _v.norm_type(norm_type)
     work, _ = _contiguous(arrays)  # copies of strided arrays are only read
     return _core.clip_total_norm(work, p, bool(error_if_nonfinite))
 
@@ -208,7 +197,7 @@ def clip_grad_norm_(
     """
     arrays = _arrays(grads, writable=True)
     mx = _non_negative(max_norm, "max_norm")
-    p = _norm_type(norm_type)
+    p = _v.norm_type(norm_type)
     work, copies = _contiguous(arrays)
     total = _core.clip_grad_norm(work, mx, p, bool(error_if_nonfinite))
     for dst, src in copies:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +20,7 @@ LOSSES: tuple[str, ...] = ("probe", "mse", "cross_entropy")
 
 
 def _widths(depth: Any, width: Any) -> list[int]:
-    if isinstance(width, (str, bytes)) or not (isinstance(width, numbers.Integral) or isinstance(width, Sequence)):
+    if isinstance(width, (str, bytes)) or not (isinstance(width, (numbers.Integral, Sequence))):
         raise TypeError(f"width must be a positive integer or a sequence of them; got {width!r}")
     if isinstance(width, Sequence):
         widths = [v.positive_int(f"width[{i}]", w) for i, w in enumerate(width)]
@@ -35,15 +34,6 @@ def _widths(depth: Any, width: Any) -> list[int]:
     d = v.positive_int("depth", depth)
     w = v.positive_int("width", width)
     return [w] * (d + 1)
-
-
-def _norm_type(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"norm_type must be a number > 0 or inf; got {value!r}")
-    p = float(value)
-    if math.isnan(p) or p <= 0:
-        raise ValueError(f"norm_type must be a number > 0 or inf; got {p}")
-    return p
 
 
 class MLP:
@@ -254,7 +244,7 @@ class MLP:
         grad_output: Any = None,
         return_grads: bool = False,
         max_norm: float | None = None,
-        norm_type: float = 2.0,
+        norm_type: float | str = 2.0,
     ) -> BackwardReport:
         """Forward and backward pass; per-layer gradient norms, exact in log space.
 
@@ -279,7 +269,7 @@ class MLP:
             Clip the chain's gradients as ``torch.nn.utils.clip_grad_norm_(max_norm,
             norm_type)`` would over ``[W_1, b_1, W_2, b_2, ...]``; the report carries the
             norms before and after.
-        norm_type : float
+        norm_type : float or 'inf'
             Order of the total norm: 2, ``inf`` or any p > 0.
 
         Returns
@@ -300,7 +290,7 @@ class MLP:
         x = v.float_array("x", x, dt, (None, self.widths[0]))
         batch = x.shape[0]
         out_shape = (batch, self.widths[-1])
-        p = _norm_type(norm_type)
+        p = v.norm_type(norm_type)
         if max_norm is None:
             mn = -1.0
         else:

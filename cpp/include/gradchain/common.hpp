@@ -6,6 +6,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace gradchain {
 
@@ -42,6 +43,11 @@ class Canceller {
   std::int64_t last_ns_ = 0;
   std::uint32_t counter_ = 0;
 };
+
+// The index of `name` in `names`; otherwise std::invalid_argument "<what> must be one of
+// 'a', 'b', ...; got 'x'".
+std::size_t parse_name(const char* what, const std::string& name,
+                       const std::vector<std::string>& names);
 
 enum class DType { float32, float64 };
 
