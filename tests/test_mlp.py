@@ -791,3 +791,18 @@ def test_activation_branches_vs_torch_float32(gc, act):
     np.testing.assert_allclose(
         rep.activation_grads[0], ref.dh[0], rtol=1e-5, atol=1e-6, err_msg="phi'"
     )
+
+
+def test_backward_memory_counts_stored_activations(gc):
+    widths = [7, 11, 5, 3]
+    tanh = gc.MLP(width=widths, activation="tanh", seed=0)
+    gelu = gc.MLP(width=widths, activation="gelu", seed=0)
+    b = 13
+    acts = b * sum(widths) * 8
+    # gelu also keeps the pre-activations of layers 1..L
+    assert gelu.backward_memory(b) - tanh.backward_memory(b) == b * sum(widths[1:]) * 8
+    assert tanh.backward_memory(b) >= acts
+    grads = sum(o * i + o for i, o in zip(widths[:-1], widths[1:])) * 8 + acts
+    assert tanh.backward_memory(b, return_grads=True) - tanh.backward_memory(b) == grads
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        tanh.backward_memory(0)

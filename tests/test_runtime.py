@@ -49,6 +49,26 @@ def test_ctrl_c_stops_a_long_backward_promptly():
     assert out[-2:] == ["after", "True"]
 
 
+def test_ctrl_c_stops_drawing_a_deep_chain():
+    code = """
+        import os, signal, threading, time
+        import gradchain as gc
+        t0 = time.perf_counter(); gc.MLP(depth=2000, width=128, seed=0)
+        per_layer = (time.perf_counter() - t0) / 2000
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        t0 = time.perf_counter()
+        try:
+            gc.MLP(depth=60_000, width=128, seed=0)
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted", time.perf_counter() - t0, 60_000 * per_layer)
+    """
+    out = _run_python(code).split()
+    assert out[0] == "interrupted", out
+    elapsed, full = float(out[1]), float(out[2])
+    assert elapsed < min(1.5, 0.5 * full), (elapsed, full)
+
+
 def test_backward_releases_the_gil(gc):
     net = gc.MLP(depth=3000, width=64, activation="tanh", seed=0)
     x = np.ones((32, 64))

@@ -99,8 +99,11 @@ void bind_chain(py::module_& m, const char* name) {
              spec.sigma_w = sigma_w;
              spec.bias_std = bias_std;
              const Activation act = Activation::parse(activation, negative_slope, alpha);
-             py::gil_scoped_release release;  // all arguments are C++ values by now
-             return std::make_unique<Chain>(std::move(widths), act, spec, seed);
+             // All arguments are C++ values by now.
+             return without_gil([&] {
+               Canceller cancel = signal_canceller();
+               return std::make_unique<Chain>(std::move(widths), act, spec, seed, &cancel);
+             });
            }),
            py::arg("widths"), py::arg("activation"), py::arg("negative_slope"), py::arg("alpha"),
            py::arg("init"), py::arg("gain"), py::arg("sigma_w"), py::arg("bias_std"),

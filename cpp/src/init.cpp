@@ -7,6 +7,7 @@
 
 #include "gradchain/blas.hpp"
 #include "gradchain/common.hpp"
+#include "gradchain/vecmath.hpp"
 
 namespace gradchain {
 
@@ -17,12 +18,28 @@ const std::vector<std::string> kInitNames = {"xavier_normal", "xavier_uniform", 
 }  // namespace
 
 void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n) {
-  double pair[2];
-  std::uint64_t i = 0;
-  for (; i + 2 <= n; i += 2) rng.normal2(stream, i / 2, out + i);
-  if (i < n) {
-    rng.normal2(stream, i / 2, pair);
-    out[i] = pair[0];
+  // Box-Muller over blocks of pairs, with vector log/sin/cos: element i depends only on
+  // (seed, stream, i), whatever the block boundaries.
+  constexpr std::size_t kPairs = 256;
+  double r[kPairs], t[kPairs], c[kPairs], s[kPairs];
+  const std::uint64_t pairs = (n + 1) / 2;
+  for (std::uint64_t p0 = 0; p0 < pairs; p0 += kPairs) {
+    const std::size_t m = static_cast<std::size_t>(std::min<std::uint64_t>(kPairs, pairs - p0));
+    for (std::size_t j = 0; j < m; ++j) {
+      double u[2];
+      rng.uniform2(stream, p0 + j, u);
+      r[j] = 1.0 - u[0];  // in (0, 1]
+      t[j] = 6.283185307179586476925 * u[1];
+    }
+    vm::log(r, r, m);
+    vm::cos(t, c, m);
+    vm::sin(t, s, m);
+    for (std::size_t j = 0; j < m; ++j) {
+      const double rad = std::sqrt(-2.0 * r[j]);
+      const std::uint64_t i = 2 * (p0 + j);
+      out[i] = rad * c[j];
+      if (i + 1 < n) out[i + 1] = rad * s[j];
+    }
   }
 }
 

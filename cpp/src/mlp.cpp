@@ -99,7 +99,7 @@ void MLPChain<T>::layout() {
 
 template <class T>
 MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& init,
-                      std::uint64_t seed)
+                      std::uint64_t seed, Canceller* cancel)
     : widths_(std::move(widths)), act_(act) {
   layout();
   init.validate();
@@ -111,7 +111,7 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
     maxw = std::max(maxw, wl);
   }
   check_memory((nw + nb) * sizeof(T) + 2.0 * maxw * sizeof(double) * max_threads(),
-               "the chain's weights");
+               "storing the chain's weights");
   try {
     weights_.resize(static_cast<std::size_t>(nw));
     biases_.resize(static_cast<std::size_t>(nb));
@@ -125,12 +125,20 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
   // LAPACK (orthogonal init) runs single-threaded inside the parallel loop.
   BlasThreads one(1);
   std::string error;
+  std::atomic<bool> interrupted{false};
 #pragma omp parallel
   {
     std::vector<double> wbuf, bbuf;
+#ifdef _OPENMP
+    const bool polls = omp_get_thread_num() == 0;
+#else
+    const bool polls = true;
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int l = 1; l <= depth; ++l) {
+      if (interrupted.load(std::memory_order_relaxed)) continue;
       try {
+        if (polls && cancel) cancel->poll();
         const int fo = widths_[static_cast<std::size_t>(l)];
         const int fi = widths_[static_cast<std::size_t>(l) - 1];
         wbuf.resize(static_cast<std::size_t>(fo) * static_cast<std::size_t>(fi));
@@ -141,20 +149,23 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
                        [](double v) { return static_cast<T>(v); });
         std::transform(bbuf.begin(), bbuf.end(), bias(l),
                        [](double v) { return static_cast<T>(v); });
+      } catch (const Interrupted&) {
+        interrupted.store(true);
       } catch (const std::exception& e) {
 #pragma omp critical
         error = e.what();
       }
     }
   }
+  if (interrupted.load()) throw Interrupted();
   if (!error.empty()) throw std::runtime_error(error);
 }
 
 template <class T>
 MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights,
                       std::vector<T> biases)
-    : widths_(std::move(widths)), act_(act), weights_(std::move(weights)),
-      biases_(std::move(biases)) {
+    : widths_(std::move(widths)), act_(act), weights_(weights.begin(), weights.end()),
+      biases_(biases.begin(), biases.end()) {
   layout();
   if (weights_.size() != woff_[0])
     throw std::invalid_argument("weights hold " + std::to_string(weights_.size()) +

@@ -22,6 +22,9 @@ GC_DECL(exp)
 GC_DECL(erf)
 GC_DECL(expm1)
 GC_DECL(log1p)
+GC_DECL(log)
+GC_DECL(sin)
+GC_DECL(cos)
 #undef GC_DECL
 }
 
@@ -70,6 +73,9 @@ GC_DEFINE(exp)
 GC_DEFINE(erf)
 GC_DEFINE(expm1)
 GC_DEFINE(log1p)
+GC_DEFINE(log)
+GC_DEFINE(sin)
+GC_DEFINE(cos)
 #undef GC_DEFINE
 
 // Double tanh(x) = expm1(2x) / (expm1(2x) + 2): about twice as fast as libmvec's tanh,
@@ -130,6 +136,9 @@ GC_DEFINE(exp)
 GC_DEFINE(erf)
 GC_DEFINE(expm1)
 GC_DEFINE(log1p)
+GC_DEFINE(log)
+GC_DEFINE(sin)
+GC_DEFINE(cos)
 #undef GC_DEFINE
 
 bool vectorized() { return false; }

@@ -331,6 +331,17 @@ class MLP:
             raise ValueError(f"target labels must lie in [0, {n}); got values in [{arr.min()}, {arr.max()}]")
         return np.ascontiguousarray(arr, dtype=np.int64)
 
+    def backward_memory(self, batch: int, return_grads: bool = False) -> int:
+        """Bytes a :meth:`backward` pass with this batch size allocates (besides the weights).
+
+        The forward pass keeps every layer's output (and its pre-activation for ``elu``,
+        ``gelu``, ``gelu_tanh``, ``silu``, ``softplus``): about ``batch * sum(widths)``
+        numbers. With two threads on small layers the pass also keeps every dL/dz_l
+        (as much again) when that fits in half the machine's memory.
+        """
+        b = v.positive_int("batch", batch)
+        return int(self._chain.backward_bytes(b, bool(return_grads)))
+
     def forward(self, x: Any) -> np.ndarray:
         """The output ``h_L`` for inputs `x` (0 or inf where a log-scale pass leaves the range)."""
         return self.backward(x).output

@@ -46,6 +46,30 @@ struct BackwardResult {
   std::vector<std::vector<T>> weight_grads, bias_grads, activation_grads;
 };
 
+// An allocator that leaves new elements uninitialised: a deep chain's weights are written
+// once by the initializer, and zero-filling gigabytes first would double the cost.
+template <class T>
+struct UninitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = UninitAllocator<U>;
+  };
+  UninitAllocator() = default;
+  template <class U>
+  UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+template <class T>
+using ParamVector = std::vector<T, UninitAllocator<T>>;
+
 // Scratch memory that a chain keeps between backward passes (uninitialised on growth).
 template <class T>
 class Buffer {
@@ -80,7 +104,9 @@ template <class T>
 class MLPChain {
  public:
   // Draws weights and biases from `seed`. widths = (in, hidden..., out), size depth + 1.
-  MLPChain(std::vector<int> widths, Activation act, const InitSpec& init, std::uint64_t seed);
+  // `cancel`, if given, is polled between layers (drawing a deep chain takes seconds).
+  MLPChain(std::vector<int> widths, Activation act, const InitSpec& init, std::uint64_t seed,
+           Canceller* cancel = nullptr);
   // Takes weights (row-major out x in per layer, concatenated) and biases as given.
   MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights,
            std::vector<T> biases);
@@ -107,7 +133,7 @@ class MLPChain {
 
   std::vector<int> widths_;
   Activation act_;
-  std::vector<T> weights_, biases_;
+  ParamVector<T> weights_, biases_;
   std::vector<std::size_t> woff_, boff_;
   // Reused by backward passes up to kKeptWorkspaceBytes; a concurrent pass on the same
   // chain gets its own.

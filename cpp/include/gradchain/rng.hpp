@@ -38,16 +38,6 @@ class Philox {
     out[1] = to_unit((std::uint64_t{b[3]} << 32) | b[2]);
   }
 
-  // Two independent standard normals (Box-Muller).
-  void normal2(std::uint64_t stream, std::uint64_t index, double out[2]) const {
-    double u[2];
-    uniform2(stream, index, u);
-    const double r = std::sqrt(-2.0 * std::log(1.0 - u[0]));  // 1 - u in (0, 1]
-    const double t = 6.283185307179586476925 * u[1];
-    out[0] = r * std::cos(t);
-    out[1] = r * std::sin(t);
-  }
-
  private:
   static double to_unit(std::uint64_t x) { return static_cast<double>(x >> 11) * 0x1.0p-53; }
   std::uint32_t k0_, k1_;

@@ -17,6 +17,12 @@ void expm1(const double* x, double* y, std::size_t n);
 void expm1(const float* x, float* y, std::size_t n);
 void log1p(const double* x, double* y, std::size_t n);
 void log1p(const float* x, float* y, std::size_t n);
+void log(const double* x, double* y, std::size_t n);
+void log(const float* x, float* y, std::size_t n);
+void sin(const double* x, double* y, std::size_t n);
+void sin(const float* x, float* y, std::size_t n);
+void cos(const double* x, double* y, std::size_t n);
+void cos(const float* x, float* y, std::size_t n);
 
 // Whether the vector library is in use (for diagnostics).
 bool vectorized();
