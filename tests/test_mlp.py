@@ -806,3 +806,19 @@ def test_backward_memory_counts_stored_activations(gc):
     assert tanh.backward_memory(b, return_grads=True) - tanh.backward_memory(b) == grads
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         tanh.backward_memory(0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5, 0.7])
+@pytest.mark.parametrize("act", ["tanh", "relu", "gelu"])
+def test_single_example_norms_in_every_norm_type(gc, act, norm_type):
+    """With batch 1 the weight gradient is an outer product and its norms are taken
+    without forming it: they must still equal the norms of the explicit matrices."""
+    widths = [9, 14, 6, 11, 5]
+    net = gc.MLP(width=widths, activation=act, init="he_normal", gain=0.8, bias_std=0.2, seed=4)
+    x = np.random.default_rng(1).normal(size=(1, widths[0]))
+    rep = net.backward(x, max_norm=0.05, norm_type=norm_type)
+    ref = O.numpy_backward(net.weights, net.biases, x, act)
+    np.testing.assert_allclose(rep.weight_grad_norms, O.frob_norms(ref.dW), rtol=1e-12)
+    total = O.pnorm(ref.dW + ref.db, norm_type)
+    assert rep.total_norm == pytest.approx(total, rel=1e-12)
+    assert rep.clip_coef == pytest.approx(min(1.0, 0.05 / (total + 1e-6)), rel=1e-12)

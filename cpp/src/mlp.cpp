@@ -219,8 +219,15 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
 
   double max_work = 0;
   for (int l = 1; l <= L; ++l) max_work = std::max(max_work, double(B) * double(n(l)) * double(n(l - 1)));
-  const bool threaded_gemm = max_work >= kThreadedGemmWork && max_threads() > 1;
-  BlasThreads threads(threaded_gemm ? max_threads() : 1);
+  // With OpenMP and a batch to split, two threads of gradchain's own beat OpenBLAS's
+  // threads at every size (see the README); otherwise large GEMMs get BLAS threads.
+  bool own_threads = false;
+#ifdef _OPENMP
+  own_threads = max_threads() > 1 && B >= 2;
+#endif
+  const int cores = std::max(max_threads(), blas_threads());
+  const bool threaded_gemm = !own_threads && max_work >= kThreadedGemmWork && cores > 1;
+  BlasThreads threads(threaded_gemm ? cores : 1);
   ElementwiseThreads elementwise(threaded_gemm ? 1 : 0);
 
   // ---- storage -----------------------------------------------------------------------
@@ -264,7 +271,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   // pass); they are reconciled afterwards.
   bool two_threads = false;
 #ifdef _OPENMP
-  two_threads = !threaded_gemm && max_threads() > 1;
+  two_threads = !threaded_gemm && max_threads() > 1;  // B == 1: the backward pipeline only
 #endif
   struct Part {
     std::size_t r0 = 0, r1 = 0;
@@ -531,6 +538,24 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       res.log10_bias_grad_norms[ul] = log10_norm(s.sumsq, dz_exp);
       lp_b[ul] = pnorm_log10(db, nl, s, dz_exp);
       b_exp[ul] = dz_exp;
+    }
+    if (B == 1 && !req.keep_weight_grads) {
+      // dW = dz^T h is an outer product: every entrywise norm of it factorises, and the
+      // n_l x n_{l-1} matrix never has to be written.
+      const Scan sd = scan(dz, nl), sx = scan(h(l - 1), np);
+      const std::int64_t ex = dz_exp + e[ul];
+      auto lg = [](double v) { return v > 0 ? std::log10(v) : kNegInf; };
+      res.log10_weight_grad_norms[ul] = log10_norm(sd.sumsq, dz_exp) + log10_norm(sx.sumsq, e[ul]);
+      if (p_two)
+        lp_w[ul] = res.log10_weight_grad_norms[ul];
+      else if (p_inf)
+        lp_w[ul] = lg(sd.maxabs) + lg(sx.maxabs) + double(ex) * kLog10_2;
+      else
+        lp_w[ul] = (lg(sum_abs_pow(dz, nl, req.norm_type)) +
+                    lg(sum_abs_pow(h(l - 1), np, req.norm_type))) / req.norm_type +
+                   double(ex) * kLog10_2;
+      w_exp[ul] = ex;
+      return;
     }
     // dW = dz^T h_{l-1}, with h_{l-1} brought into the band by alpha = 2^shift.
     T* dw = req.keep_weight_grads ? res.weight_grads[ul].data() : DW;
