@@ -94,7 +94,13 @@ def _gain_for(rng, activation, init):
     return float(rng.uniform(0.6, 1.0))
 
 
-def draw_configs(n: int = 52, seed: int = 20240611) -> list[ChainConfig]:
+def draw_configs(
+    n: int = 52,
+    seed: int = 20240611,
+    depths: tuple[int, int] = (1, 13),
+    widths_range: tuple[int, int] = (1, 21),
+    batches: tuple[int, int] = (1, 10),
+) -> list[ChainConfig]:
     """Seeded random configurations covering every activation x every loss (the first 40),
     every init several times, depth 1..12, widths 1..20, batch 1..9."""
     rng = np.random.default_rng(seed)
@@ -106,8 +112,8 @@ def draw_configs(n: int = 52, seed: int = 20240611) -> list[ChainConfig]:
     rng.shuffle(inits)
     out = []
     for k, ((act, loss), init) in enumerate(zip(pairs, inits)):
-        depth = int(rng.integers(1, 13))
-        widths = [int(v) for v in rng.integers(1, 21, size=depth + 1)]
+        depth = int(rng.integers(*depths))
+        widths = [int(v) for v in rng.integers(*widths_range, size=depth + 1)]
         if loss == "cross_entropy" and k % 5:
             widths[-1] = max(widths[-1], 2)  # a few single-class (zero-gradient) cases stay
         out.append(
@@ -115,7 +121,7 @@ def draw_configs(n: int = 52, seed: int = 20240611) -> list[ChainConfig]:
                 activation=act,
                 init=init,
                 widths=tuple(widths),
-                batch=int(rng.integers(1, 10)),
+                batch=int(rng.integers(*batches)),
                 loss=loss,
                 gain=_gain_for(rng, act, init),
                 bias_std=0.0 if rng.random() < 0.4 else float(rng.uniform(0.05, 0.6)),
@@ -130,6 +136,13 @@ def draw_configs(n: int = 52, seed: int = 20240611) -> list[ChainConfig]:
 
 
 CONFIGS = draw_configs()
+# Large enough (>= 2^16 multiply-adds a pass, batch >= 2) that the core splits the forward
+# pass across two threads and pipelines the backward pass.
+THREADED_CONFIGS = [
+    c
+    for c in draw_configs(n=40, seed=7_000_001, depths=(6, 13), widths_range=(30, 65), batches=(4, 17))
+    if sum(c.batch * a * b for a, b in zip(c.widths[:-1], c.widths[1:])) >= 2**16
+][:24]
 
 
 @pytest.fixture(scope="session")

@@ -291,7 +291,7 @@ def test_relu_chain_that_dies(gc):
 def test_batch_rows_of_very_different_scales(gc, act):
     """Rows 2^600 apart in scale (each half of the batch may run on its own thread with
     its own exponents, reconciled afterwards): norms still match the reference."""
-    L, n = 60, 12
+    L, n = 60, 24  # 2^17 multiply-adds: enough for the two-thread forward split
     net = gc.MLP(depth=L, width=n, activation=act, init="he_normal", negative_slope=0.2, seed=5)
     rng = np.random.default_rng(9)
     x = rng.normal(size=(4, n))

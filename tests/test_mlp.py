@@ -8,7 +8,7 @@ import math
 import numpy as np
 import oracles as O
 import pytest
-from conftest import ACTIVATIONS, CONFIGS, INITS, ChainConfig
+from conftest import ACTIVATIONS, CONFIGS, INITS, THREADED_CONFIGS, ChainConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -162,6 +162,18 @@ def test_parity_torch(gc, config):
     ]
     rep = _backward(net, config, x, kw, return_grads=True)
     ref = _oracle(O.torch_backward, net.weights, net.biases, config, x, kw)
+    check_report(rep, ref, RTOL)
+
+
+@pytest.mark.parametrize("cfg", THREADED_CONFIGS, ids=[c.id for c in THREADED_CONFIGS])
+def test_parity_torch_two_threads(gc, cfg):
+    """Chains big enough for the two-thread forward split and backward pipeline."""
+    work = sum(cfg.batch * a * b for a, b in zip(cfg.widths[:-1], cfg.widths[1:]))
+    assert work >= 2**16 and cfg.batch >= 2
+    net = cfg.make_net(gc)
+    x, kw = cfg.make_data()
+    rep = _backward(net, cfg, x, kw, return_grads=True)
+    ref = _oracle(O.torch_backward, net.weights, net.biases, cfg, x, kw)
     check_report(rep, ref, RTOL)
 
 

@@ -30,6 +30,10 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // Workspaces up to this size stay with the chain between passes (saves page faults).
 constexpr double kKeptWorkspaceBytes = 512.0 * 1024 * 1024;
 
+// Below this many multiply-adds in a whole pass, waking a second thread costs more than
+// it saves.
+constexpr double kOwnThreadsWork = 1 << 16;
+
 // Below this many multiply-adds per GEMM, OpenBLAS threads cost more than they save.
 constexpr double kThreadedGemmWork = 1 << 20;
 
@@ -217,13 +221,17 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
 
   check_memory(backward_bytes(batch, req), "this backward pass");
 
-  double max_work = 0;
-  for (int l = 1; l <= L; ++l) max_work = std::max(max_work, double(B) * double(n(l)) * double(n(l - 1)));
+  double max_work = 0, total_work = 0;
+  for (int l = 1; l <= L; ++l) {
+    const double w = double(B) * double(n(l)) * double(n(l - 1));
+    max_work = std::max(max_work, w);
+    total_work += w;
+  }
   // With OpenMP and a batch to split, two threads of gradchain's own beat OpenBLAS's
   // threads at every size (see the README); otherwise large GEMMs get BLAS threads.
   bool own_threads = false;
 #ifdef _OPENMP
-  own_threads = max_threads() > 1 && B >= 2;
+  own_threads = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
 #endif
   const int cores = std::max(max_threads(), blas_threads());
   const bool threaded_gemm = !own_threads && max_work >= kThreadedGemmWork && cores > 1;
@@ -271,7 +279,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   // pass); they are reconciled afterwards.
   bool two_threads = false;
 #ifdef _OPENMP
-  two_threads = !threaded_gemm && max_threads() > 1;  // B == 1: the backward pipeline only
+  two_threads = !threaded_gemm && max_threads() > 1 && total_work >= kOwnThreadsWork;
 #endif
   struct Part {
     std::size_t r0 = 0, r1 = 0;
