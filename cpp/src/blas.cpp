@@ -1,5 +1,7 @@
 #include "gradchain/blas.hpp"
 
+#include "gradchain/small_gemm.hpp"
+
 #include <cblas.h>
 #include <lapacke.h>
 
@@ -10,11 +12,13 @@ CBLAS_TRANSPOSE tr(Trans t) { return t == Trans::N ? CblasNoTrans : CblasTrans; 
 
 void gemm(Trans ta, Trans tb, int m, int n, int k, double alpha, const double* a, int lda,
           const double* b, int ldb, double beta, double* c, int ldc) {
+  if (beta == 0.0 && small::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc)) return;
   scipy_cblas_dgemm(CblasRowMajor, tr(ta), tr(tb), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void gemm(Trans ta, Trans tb, int m, int n, int k, float alpha, const float* a, int lda,
           const float* b, int ldb, float beta, float* c, int ldc) {
+  if (beta == 0.0f && small::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc)) return;
   scipy_cblas_sgemm(CblasRowMajor, tr(ta), tr(tb), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
