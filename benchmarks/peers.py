@@ -217,7 +217,7 @@ def _torch_worker(conn):
                 r = chain(msg[1])
                 conn.send(("ok", (r.weight_grad_norms, r.bias_grad_norms,
                                   r.activation_grad_norms)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - sent back to the parent process
             kind = "import" if isinstance(exc, ImportError) else "error"
             conn.send((kind, traceback.format_exc()))
     conn.close()
