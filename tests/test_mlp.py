@@ -853,3 +853,13 @@ def test_single_example_norms_in_every_norm_type(gc, act, norm_type):
     total = O.pnorm(ref.dW + ref.db, norm_type)
     assert rep.total_norm == pytest.approx(total, rel=1e-12)
     assert rep.clip_coef == pytest.approx(min(1.0, 0.05 / (total + 1e-6)), rel=1e-12)
+
+
+@needs_torch
+def test_from_weights_takes_torch_parameters_as_they_are(gc):
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(5, 7, dtype=torch.float64), torch.nn.Linear(7, 3, dtype=torch.float64)]
+    net = gc.MLP.from_weights([m.weight for m in lins], [m.bias for m in lins], activation="relu")
+    assert net.dtype == np.float64
+    for w, m in zip(net.weights, lins):
+        np.testing.assert_array_equal(w, m.weight.detach().numpy())

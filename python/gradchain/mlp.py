@@ -36,6 +36,14 @@ def _widths(depth: Any, width: Any) -> list[int]:
     return [w] * (d + 1)
 
 
+def _as_array(a: Any) -> np.ndarray:
+    """NumPy view of an array-like; tensors (anything with ``detach``) are detached first,
+    so ``layer.weight`` of a torch module can be passed as it is."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
 class MLP:
     """A deep fully connected chain ``h_l = phi(h_{l-1} W_l^T + b_l)``, ``l = 1..depth``.
 
@@ -132,8 +140,9 @@ class MLP:
         Parameters
         ----------
         weights : sequence of array_like
-            ``W_l`` with shape ``(out, in)`` as ``torch.nn.Linear.weight``; consecutive
-            layers must chain (``W_{l+1}.shape[1] == W_l.shape[0]``).
+            ``W_l`` with shape ``(out, in)`` as ``torch.nn.Linear.weight`` (torch tensors
+            are accepted as they are); consecutive layers must chain
+            (``W_{l+1}.shape[1] == W_l.shape[0]``).
         biases : sequence of array_like or None
             ``b_l`` with shape ``(out,)``; entries may be None (zero), or None for all zero.
         activation, negative_slope, alpha
@@ -143,7 +152,7 @@ class MLP:
         """
         if isinstance(weights, np.ndarray) or not isinstance(weights, Sequence) or len(weights) == 0:
             raise TypeError("weights must be a non-empty sequence of 2-D arrays (out, in)")
-        arrays = [np.asarray(w) for w in weights]
+        arrays = [_as_array(w) for w in weights]
         if dtype is None:
             dtype = np.float32 if all(a.dtype == np.float32 for a in arrays) else np.float64
         dt = v.dtype(dtype)
@@ -162,7 +171,9 @@ class MLP:
         if isinstance(biases, np.ndarray) or not isinstance(biases, Sequence) or len(biases) != len(ws):
             raise ValueError(f"biases must be None or a sequence of {len(ws)} arrays (one per layer)")
         bs = [
-            np.zeros(widths[i + 1], dt) if b is None else v.float_array(f"biases[{i}]", b, dt, (widths[i + 1],))
+            np.zeros(widths[i + 1], dt)
+            if b is None
+            else v.float_array(f"biases[{i}]", _as_array(b), dt, (widths[i + 1],))
             for i, b in enumerate(biases)
         ]
         v.choice("activation", activation, ACTIVATIONS)
