@@ -2,8 +2,8 @@
 
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
 
 __version__: str
 openmp: bool
@@ -39,6 +39,16 @@ class _MLPChain:
     def log_scale_forward(self) -> bool: ...
     def weight(self, layer: int) -> npt.NDArray[Any]: ...
     def bias(self, layer: int) -> npt.NDArray[Any]: ...
+    @classmethod
+    def from_arrays(
+        cls,
+        widths: list[int],
+        activation: str,
+        negative_slope: float,
+        alpha: float,
+        weights: npt.NDArray[Any],
+        biases: npt.NDArray[Any],
+    ) -> Self: ...
     def backward_bytes(self, batch: int, keep_grads: bool) -> float: ...
     def backward(
         self,
@@ -50,27 +60,8 @@ class _MLPChain:
         norm_type: float,
     ) -> dict[str, Any]: ...
 
-class MLPChain64(_MLPChain):
-    @staticmethod
-    def from_arrays(
-        widths: list[int],
-        activation: str,
-        negative_slope: float,
-        alpha: float,
-        weights: npt.NDArray[np.float64],
-        biases: npt.NDArray[np.float64],
-    ) -> MLPChain64: ...
-
-class MLPChain32(_MLPChain):
-    @staticmethod
-    def from_arrays(
-        widths: list[int],
-        activation: str,
-        negative_slope: float,
-        alpha: float,
-        weights: npt.NDArray[np.float32],
-        biases: npt.NDArray[np.float32],
-    ) -> MLPChain32: ...
+class MLPChain64(_MLPChain): ...
+class MLPChain32(_MLPChain): ...
 
 def clip_total_norm(arrays: list[npt.NDArray[Any]], norm_type: float, error_if_nonfinite: bool) -> float: ...
 def clip_grad_norm(

@@ -29,6 +29,7 @@ INT32_MAX = 2**31 - 1  # BLAS dimensions are 32-bit
 def positive_int(name: str, value: Any, maximum: int = INT32_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer; got {value!r}")
+    value = int(value)
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer; got {value}")
     if value > maximum:
@@ -57,6 +58,7 @@ def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 def seed(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"seed must be a non-negative integer below 2**64; got {value!r}")
+    value = int(value)
     if not 0 <= value < 2**64:
         raise ValueError(f"seed must be a non-negative integer below 2**64; got {value}")
     return int(value)

@@ -86,6 +86,9 @@ class MLP:
     (50,)
     """
 
+    _config: dict[str, Any]
+    _dtype: np.dtype
+
     def __init__(
         self,
         depth: int | None = None,

@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ["BackwardReport"]
 
 
-def _pow10(a: np.ndarray) -> np.ndarray:
+def _pow10(a: Any) -> Any:
     with np.errstate(over="ignore", under="ignore"):
         return np.power(10.0, a)
 
