@@ -863,3 +863,17 @@ def test_from_weights_takes_torch_parameters_as_they_are(gc):
     assert net.dtype == np.float64
     for w, m in zip(net.weights, lins):
         np.testing.assert_array_equal(w, m.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_pickle_round_trip(gc, dtype):
+    import pickle
+
+    net = gc.MLP(depth=6, width=[5, 8, 8, 7, 6, 4, 3], activation="elu", alpha=0.7,
+                 bias_std=0.3, dtype=dtype, seed=11)
+    clone = pickle.loads(pickle.dumps(net))
+    assert repr(clone) == repr(net) and clone.dtype == net.dtype
+    x = np.random.default_rng(2).normal(size=(4, 5))
+    a, b = net.backward(x), clone.backward(x)
+    np.testing.assert_array_equal(a.log10_weight_grad_norms, b.log10_weight_grad_norms)
+    np.testing.assert_array_equal(a.output, b.output)

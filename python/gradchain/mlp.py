@@ -248,6 +248,25 @@ class MLP:
         )
         return f"MLP({shape}, activation={self.activation!r}{extra}, dtype={self._dtype.name!r})"
 
+    # -- pickling (process pools, cluster executors) ----------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "config": dict(self._config),
+            "dtype": self._dtype.name,
+            "widths": list(self.widths),
+            "weights": np.concatenate([w.ravel() for w in self.weights]),
+            "biases": np.concatenate([b.ravel() for b in self.biases]),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._config = dict(state["config"])
+        self._dtype = v.dtype(state["dtype"])
+        core = _core.MLPChain64 if self._dtype == np.float64 else _core.MLPChain32
+        self._chain = core.from_arrays(
+            list(state["widths"]), self._config["activation"], self._config["negative_slope"],
+            self._config["alpha"], state["weights"], state["biases"],
+        )
+
     # -- computation ------------------------------------------------------------------
     def backward(
         self,
