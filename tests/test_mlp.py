@@ -877,3 +877,21 @@ def test_pickle_round_trip(gc, dtype):
     a, b = net.backward(x), clone.backward(x)
     np.testing.assert_array_equal(a.log10_weight_grad_norms, b.log10_weight_grad_norms)
     np.testing.assert_array_equal(a.output, b.output)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:8], ids=[c.id for c in CONFIGS[:8]])
+def test_forward_matches_numpy(gc, cfg):
+    net = cfg.make_net(gc)
+    x, _ = cfg.make_data()
+    _, hs = O.numpy_forward(net.weights, net.biases, x, cfg.activation, **cfg.act_kwargs())
+    out = net.forward(x)
+    np.testing.assert_allclose(out, hs[-1], rtol=RTOL, atol=1e-300)
+
+
+def test_forward_reports_overflow_and_bad_input(gc):
+    net = gc.MLP(depth=200, width=6, activation="linear", gain=1e3, bias_std=1.0, seed=1)
+    with pytest.raises(gc.NonFiniteError) as err:
+        net.forward(np.ones((2, 6)))
+    assert err.value.where == "forward" and 1 <= err.value.index <= 200
+    with pytest.raises(ValueError, match=r"x must have shape \(any, 6\)"):
+        net.forward(np.ones((2, 5)))

@@ -87,6 +87,24 @@ py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss,
 }
 
 template <class T>
+py::tuple forward(const MLPChain<T>& net, CArray<T> x) {
+  if (x.ndim() != 2 || x.shape(1) != net.widths()[0])
+    throw std::invalid_argument("x must have shape (batch, " + std::to_string(net.widths()[0]) +
+                                ")");
+  const int batch = static_cast<int>(x.shape(0));
+  BackwardRequest req;
+  req.forward_only = true;
+  const T* xp = x.data();
+  // x stays alive in this frame; the core reads only the pointer.
+  BackwardResult<T> r = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return net.backward(xp, batch, req, cancel);
+  });
+  const py::ssize_t out = net.widths().back();
+  return py::make_tuple(to_numpy(std::move(r.output), {batch, out}), r.output_log2_scale);
+}
+
+template <class T>
 void bind_chain(py::module_& m, const char* name) {
   using Chain = MLPChain<T>;
   py::class_<Chain>(m, name, "A deep fully connected chain (see gradchain.MLP).")
@@ -149,6 +167,8 @@ void bind_chain(py::module_& m, const char* name) {
              req.keep_weight_grads = req.keep_bias_grads = req.keep_activation_grads = keep_grads;
              return c.backward_bytes(batch, req);
            })
+      .def("forward", &forward<T>, py::arg("x"),
+           "The output h_L and the binary exponent the pass carried in log space.")
       .def("backward", &backward<T>, py::arg("x"), py::arg("loss"), py::arg("target"),
            py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"));
 }

@@ -2,13 +2,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <exception>
-#include <thread>
 #include <cmath>
-#include <cstring>
+#include <exception>
 #include <new>
-#include <numeric>
 #include <string>
+#include <thread>
 
 #include "gradchain/blas.hpp"
 #include "gradchain/parallel.hpp"
@@ -219,7 +217,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   const bool homog = log_scale_forward();
   const bool keep_z = act_.needs_input();
 
-  check_memory(backward_bytes(batch, req), "this backward pass");
+  const double bytes = backward_bytes(batch, req);
+  check_memory(bytes, "this backward pass");
 
   double max_work = 0, total_work = 0;
   for (int l = 1; l <= L; ++l) {
@@ -229,12 +228,12 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   }
   // With OpenMP and a batch to split, two threads of gradchain's own beat OpenBLAS's
   // threads at every size (see the README); otherwise large GEMMs get BLAS threads.
-  bool own_threads = false;
+  bool two_threads = false;
 #ifdef _OPENMP
-  own_threads = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
+  two_threads = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
 #endif
   const int cores = std::max(max_threads(), blas_threads());
-  const bool threaded_gemm = !own_threads && max_work >= kThreadedGemmWork && cores > 1;
+  const bool threaded_gemm = !two_threads && max_work >= kThreadedGemmWork && cores > 1;
   BlasThreads threads(threaded_gemm ? cores : 1);
   ElementwiseThreads elementwise(threaded_gemm ? 1 : 0);
 
@@ -247,7 +246,6 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
 
   std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
   Workspace<T> local;
-  const double bytes = backward_bytes(batch, req);
   Workspace<T>& ws = lock.owns_lock() && bytes <= kKeptWorkspaceBytes ? ws_ : local;
   if (lock.owns_lock() && bytes > kKeptWorkspaceBytes) ws_.release();
   T *H, *Z = nullptr, *DW = nullptr;
@@ -277,10 +275,6 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   // Examples do not interact in the forward pass, so with two threads each takes half
   // the batch through the whole chain. Each half carries its own exponents (log-scale
   // pass); they are reconciled afterwards.
-  bool two_threads = false;
-#ifdef _OPENMP
-  two_threads = !threaded_gemm && max_threads() > 1 && total_work >= kOwnThreadsWork;
-#endif
   struct Part {
     std::size_t r0 = 0, r1 = 0;
     std::vector<std::int64_t> e;
@@ -343,7 +337,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     }
   };
 
-  std::vector<Part> parts(two_threads && B >= 2 ? 2 : 1);
+  std::vector<Part> parts(two_threads ? 2 : 1);
   for (std::size_t t = 0; t < parts.size(); ++t) {
     parts[t].r0 = B * t / parts.size();
     parts[t].r1 = B * (t + 1) / parts.size();
@@ -402,6 +396,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   res.output.resize(mL);
   write_scaled(hL, mL, eL, 1.0, res.output.data());
   res.output_log2_scale = eL;
+  if (req.forward_only) return res;
 
   std::int64_t gamma = 0;  // dL/dh_l = G * 2^gamma
   T* g = G;

@@ -35,7 +35,9 @@ bool have_avx2() {
 }
 }  // namespace
 
-#define GC_DEFINE(name)                                                                    \
+// Kernels: name##_d4 / name##_f8 run the AVX2 variants over whole vectors and return how
+// far they got; the dispatchers add the SSE2 variants (CPUs without AVX2) and the tail.
+#define GC_KERNEL_D(name)                                                                  \
   namespace {                                                                              \
   __attribute__((target("avx2,fma"))) std::size_t name##_d4(const double* x, double* y,    \
                                                             std::size_t n) {              \
@@ -43,13 +45,17 @@ bool have_avx2() {
     for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, _ZGVdN4v_##name(_mm256_loadu_pd(x + i))); \
     return i;                                                                              \
   }                                                                                        \
+  }
+#define GC_KERNEL_F(name)                                                                  \
+  namespace {                                                                              \
   __attribute__((target("avx2,fma"))) std::size_t name##_f8(const float* x, float* y,      \
                                                             std::size_t n) {              \
     std::size_t i = 0;                                                                     \
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _ZGVdN8v_##name##f(_mm256_loadu_ps(x + i))); \
     return i;                                                                              \
   }                                                                                        \
-  }                                                                                        \
+  }
+#define GC_DISPATCH(name)                                                                  \
   void name(const double* x, double* y, std::size_t n) {                                   \
     std::size_t i = 0;                                                                     \
     if (have_avx2()) {                                                                     \
@@ -68,6 +74,7 @@ bool have_avx2() {
     }                                                                                      \
     for (; i < n; ++i) y[i] = std::name(x[i]);                                             \
   }
+#define GC_DEFINE(name) GC_KERNEL_D(name) GC_KERNEL_F(name) GC_DISPATCH(name)
 
 GC_DEFINE(exp)
 GC_DEFINE(erf)
@@ -76,7 +83,6 @@ GC_DEFINE(log1p)
 GC_DEFINE(log)
 GC_DEFINE(sin)
 GC_DEFINE(cos)
-#undef GC_DEFINE
 
 // Double tanh(x) = expm1(2x) / (expm1(2x) + 2): about twice as fast as libmvec's tanh,
 // within 4 ulp, and free of cancellation near 0. |x| is capped where tanh rounds to +-1 (so that
@@ -92,33 +98,14 @@ __attribute__((target("avx2,fma"))) std::size_t tanh_d4(const double* x, double*
   }
   return i;
 }
-__attribute__((target("avx2,fma"))) std::size_t tanhf_f8(const float* x, float* y, std::size_t n) {
-  std::size_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _ZGVdN8v_tanhf(_mm256_loadu_ps(x + i)));
-  return i;
-}
 }  // namespace
-
-void tanh(const double* x, double* y, std::size_t n) {
-  std::size_t i = 0;
-  if (have_avx2()) {
-    i = tanh_d4(x, y, n);
-  } else {
-    for (; i + 2 <= n; i += 2) _mm_storeu_pd(y + i, _ZGVbN2v_tanh(_mm_loadu_pd(x + i)));
-  }
-  for (; i < n; ++i) y[i] = std::tanh(x[i]);
-}
-
-void tanh(const float* x, float* y, std::size_t n) {
-  // libmvec's own tanhf: the expm1 form loses too much near +-1 in single precision.
-  std::size_t i = 0;
-  if (have_avx2()) {
-    i = tanhf_f8(x, y, n);
-  } else {
-    for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _ZGVbN4v_tanhf(_mm_loadu_ps(x + i)));
-  }
-  for (; i < n; ++i) y[i] = std::tanh(x[i]);
-}
+// Single precision keeps libmvec's own tanhf: the expm1 form loses too much near +-1 there.
+GC_KERNEL_F(tanh)
+GC_DISPATCH(tanh)
+#undef GC_DEFINE
+#undef GC_DISPATCH
+#undef GC_KERNEL_F
+#undef GC_KERNEL_D
 
 bool vectorized() { return true; }
 

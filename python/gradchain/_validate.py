@@ -38,14 +38,27 @@ def positive_int(name: str, value: Any, maximum: int = INT32_MAX) -> int:
 
 
 def finite_float(name: str, value: Any, *, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
-    v = float(value)
+    v = real(name, value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite; got {v}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {v}")
     return v
+
+
+def real(name: str, value: Any) -> float:
+    """Any real number (inf and NaN included); bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def non_negative(name: str, value: Any) -> float:
+    """A real number >= 0 (inf allowed, NaN not)."""
+    f = real(name, value)
+    if math.isnan(f) or f < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return f
 
 
 def choice(name: str, value: Any, allowed: Sequence[str]) -> str:

@@ -19,8 +19,6 @@ Differences from PyTorch, all deliberate:
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable
 from typing import Union
 
@@ -76,19 +74,6 @@ def _contiguous(arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple]
             work.append(c)
             copies.append((a, c))
     return work, copies
-
-
-def _real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def _non_negative(value: object, name: str) -> float:
-    v = _real(value, name)
-    if math.isnan(v) or v < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return v
 
 
 def get_total_norm(
@@ -196,7 +181,7 @@ def clip_grad_norm_(
     (array([0.59999988, 0.        ]), array([[0.79999984]]))
     """
     arrays = _arrays(grads, writable=True)
-    mx = _non_negative(max_norm, "max_norm")
+    mx = _v.non_negative("max_norm", max_norm)
     p = _v.norm_type(norm_type)
     work, copies = _contiguous(arrays)
     total = _core.clip_grad_norm(work, mx, p, bool(error_if_nonfinite))
@@ -236,7 +221,7 @@ def clip_grad_value_(grads: Grads, clip_value: float) -> None:
     array([-1. ,  0.5,  1. ,  nan])
     """
     arrays = _arrays(grads, writable=True)
-    v = _non_negative(clip_value, "clip_value")
+    v = _v.non_negative("clip_value", clip_value)
     work, copies = _contiguous(arrays)
     _core.clip_grad_value(work, v)
     for dst, src in copies:
@@ -276,7 +261,7 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
     >>> clip_coefficient(0.5, 1.0)
     1.0
     """
-    total = _real(total_norm, "total_norm")
+    total = _v.real("total_norm", total_norm)
     if total < 0:
         raise ValueError(f"total_norm must be non-negative (or inf, or NaN), got {total_norm!r}")
-    return _core.clip_coefficient(total, _non_negative(max_norm, "max_norm"))
+    return _core.clip_coefficient(total, _v.non_negative("max_norm", max_norm))

@@ -319,17 +319,11 @@ class MLP:
             When the forward pass overflows or produces NaN (with the first layer).
         """
         dt = self._dtype
-        batch = None
         x = v.float_array("x", x, dt, (None, self.widths[0]))
         batch = x.shape[0]
         out_shape = (batch, self.widths[-1])
         p = v.norm_type(norm_type)
-        if max_norm is None:
-            mn = -1.0
-        else:
-            mn = v.finite_float("max_norm", max_norm)
-            if mn < 0:
-                raise ValueError(f"max_norm must be >= 0; got {mn}")
+        mn = -1.0 if max_norm is None else v.non_negative("max_norm", max_norm)
         if not isinstance(return_grads, (bool, np.bool_)):
             raise TypeError(f"return_grads must be a bool; got {return_grads!r}")
 
@@ -376,5 +370,11 @@ class MLP:
         return int(self._chain.backward_bytes(b, bool(return_grads)))
 
     def forward(self, x: Any) -> np.ndarray:
-        """The output ``h_L`` for inputs `x` (0 or inf where a log-scale pass leaves the range)."""
-        return self.backward(x).output
+        """The output ``h_L`` for inputs `x` (0 or inf where a log-scale pass leaves the range).
+
+        Runs the forward pass only; raises :class:`NonFiniteError` where it overflows.
+        """
+        x = v.float_array("x", x, self._dtype, (None, self.widths[0]))
+        out, _ = self._chain.forward(x)
+        out.setflags(write=False)
+        return out

@@ -51,6 +51,4 @@ std::size_t parse_name(const char* what, const std::string& name,
 
 enum class DType { float32, float64 };
 
-inline const char* dtype_name(DType d) { return d == DType::float32 ? "float32" : "float64"; }
-
 }  // namespace gradchain

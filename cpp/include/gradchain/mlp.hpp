@@ -23,6 +23,7 @@ struct BackwardRequest {
   bool keep_activation_grads = false;
   double max_norm = -1.0;  // < 0: no clipping
   double norm_type = 2.0;  // for the total norm and clipping; inf allowed
+  bool forward_only = false;  // stop after the output (no loss, no gradients)
 };
 
 template <class T>

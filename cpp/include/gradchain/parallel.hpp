@@ -31,8 +31,9 @@ class ElementwiseThreads {
 template <class F>
 void parallel_chunks(std::size_t n, F&& f) {
 #ifdef _OPENMP
+  // Inside one of the core's own parallel regions a nested team would only add overhead.
   const int nt = elementwise_threads > 0 ? elementwise_threads : omp_get_max_threads();
-  if (n >= 2 * kParallelGrain && nt > 1) {
+  if (n >= 2 * kParallelGrain && nt > 1 && !omp_in_parallel()) {
 #pragma omp parallel num_threads(nt)
     {
       const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());

@@ -70,7 +70,4 @@ inline double log10_add(double a, double b) {
   return m + std::log10(1.0 + std::pow(10.0, d));
 }
 
-// 10^x as a double (0 or inf where out of range).
-inline double pow10_or_limit(double x) { return std::pow(10.0, x); }
-
 }  // namespace gradchain
