@@ -8,22 +8,6 @@
 namespace gradchain::bindings {
 namespace {
 
-// Hands a std::vector's buffer to NumPy without copying.
-template <class T>
-py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
-  auto* heap = new std::vector<T>(std::move(v));
-  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-  return py::array_t<T>(shape, heap->data(), owner);
-}
-
-py::array_t<double> to_numpy_d(std::vector<double>&& v) {
-  const auto n = static_cast<py::ssize_t>(v.size());
-  return to_numpy(std::move(v), {n});
-}
-
-template <class T>
-using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
 template <class T>
 py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss,
                   py::object target, bool keep_grads, double max_norm, double norm_type) {

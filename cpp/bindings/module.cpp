@@ -46,4 +46,5 @@ PYBIND11_MODULE(_core, m) {
 
   bindings::bind_clip(m);
   bindings::bind_mlp(m);
+  bindings::bind_rnn(m);
 }

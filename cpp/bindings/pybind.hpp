@@ -7,6 +7,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <utility>
+#include <vector>
+
 #include "gradchain/common.hpp"
 
 namespace py = pybind11;
@@ -15,6 +18,24 @@ namespace gradchain::bindings {
 
 void bind_clip(py::module_& m);
 void bind_mlp(py::module_& m);
+void bind_rnn(py::module_& m);
+
+// Hands a std::vector's buffer to NumPy without copying.
+template <class T>
+py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, heap->data(), owner);
+}
+
+inline py::array_t<double> to_numpy_d(std::vector<double>&& v) {
+  const auto n = static_cast<py::ssize_t>(v.size());
+  return to_numpy(std::move(v), {n});
+}
+
+template <class T>
+using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
 
 // A Canceller whose hook checks for pending signals (Ctrl-C). Safe to call with the GIL
 // released: the hook takes the GIL for the check only.

@@ -30,6 +30,10 @@ int orgqr(int m, int n, int k, double* a, int lda, const double* tau) {
   return scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, m, n, k, a, lda, tau);
 }
 
+int eigvals(int n, double* a, int lda, double* wr, double* wi) {
+  return scipy_LAPACKE_dgeev(LAPACK_ROW_MAJOR, 'N', 'N', n, a, lda, wr, wi, nullptr, 1, nullptr, 1);
+}
+
 void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
 int get_num_threads() { return scipy_openblas_get_num_threads(); }
 

@@ -35,37 +35,8 @@ constexpr double kOwnThreadsWork = 1 << 16;
 // Below this many multiply-adds per GEMM, OpenBLAS threads cost more than they save.
 constexpr double kThreadedGemmWork = 1 << 20;
 
-// Restores OpenBLAS's thread count when a run ends, however it ends.
-class BlasThreads {
- public:
-  explicit BlasThreads(int n) : old_(set_blas_threads(n)) {}
-  ~BlasThreads() { set_blas_threads(old_); }
-  BlasThreads(const BlasThreads&) = delete;
-  BlasThreads& operator=(const BlasThreads&) = delete;
-
- private:
-  int old_;
-};
-
 std::string layer_msg(int l, int depth) {
   return "layer " + std::to_string(l) + " of " + std::to_string(depth);
-}
-
-// Multiplies every entry by m * 2^e, where the product is formed by one rounding in T.
-template <class T>
-void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
-  if (coef == 1.0) {  // one rounding at most, and none for subnormal inputs scaled up
-    const int k = static_cast<int>(std::clamp<std::int64_t>(e, -100000, 100000));
-    for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
-    return;
-  }
-  int ce = 0;
-  const double cm = coef == 0.0 ? 0.0 : std::frexp(coef, &ce);
-  const std::int64_t total = e + ce;
-  const int k = static_cast<int>(std::clamp<std::int64_t>(total, -100000, 100000));
-  const T mt = static_cast<T>(cm);
-  for (std::size_t i = 0; i < n; ++i)
-    dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i] * mt), k));
 }
 
 }  // namespace
@@ -495,10 +466,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   std::vector<std::int64_t> a_exp(req.keep_activation_grads ? static_cast<std::size_t>(L) + 1 : 0);
 
   auto pnorm_log10 = [&](const T* a, std::size_t cnt, const Scan& s, std::int64_t ex) {
-    if (p_two) return log10_norm(s.sumsq, ex);
-    if (p_inf) return s.maxabs > 0 ? std::log10(s.maxabs) + double(ex) * kLog10_2 : kNegInf;
-    const double sp = sum_abs_pow(a, cnt, req.norm_type);
-    return sp > 0 ? std::log10(sp) / req.norm_type + double(ex) * kLog10_2 : kNegInf;
+    return log10_pnorm(a, cnt, s, ex, req.norm_type);
   };
 
   // Rescales G when max|G| leaves the safe band; returns its norm's log10.
@@ -655,29 +623,18 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   if (error) std::rethrow_exception(error);
 
   // ---- total norm and clipping (torch.nn.utils.clip_grad_norm_ over W1, b1, W2, ...) -----
-  double lt = kNegInf;
-  for (int l = 0; l < L; ++l) {
-    for (double v : {lp_w[static_cast<std::size_t>(l)], lp_b[static_cast<std::size_t>(l)]}) {
-      if (p_inf)
-        lt = std::max(lt, v);
-      else
-        lt = log10_add(lt, req.norm_type * v);
-    }
+  std::vector<double> lp;
+  lp.reserve(2 * static_cast<std::size_t>(L));
+  for (std::size_t l = 0; l < static_cast<std::size_t>(L); ++l) {
+    lp.push_back(lp_w[l]);
+    lp.push_back(lp_b[l]);
   }
-  res.log10_total_norm = p_inf ? lt : lt / req.norm_type;
-  double coef = 1.0;
-  if (req.max_norm >= 0.0) {
-    res.clipped = true;
-    res.max_norm = req.max_norm;
-    const double denom = log10_add(res.log10_total_norm, -6.0);
-    res.log10_clip_coef = std::min(0.0, (req.max_norm > 0 ? std::log10(req.max_norm) : kNegInf) - denom);
-    coef = std::pow(10.0, res.log10_clip_coef);
-    // The coefficient torch applies is max_norm / (total + 1e-6) rounded to the grads' dtype.
-    if (res.log10_clip_coef < 0.0) {
-      const double total = std::pow(10.0, res.log10_total_norm);
-      if (std::isfinite(total) && total > 0) coef = double(static_cast<T>(req.max_norm / (total + 1e-6)));
-    }
-  }
+  const LogClip lc = log_clip<T>(lp, req.norm_type, req.max_norm);
+  res.log10_total_norm = lc.log10_total;
+  res.clipped = lc.clipped;
+  res.max_norm = lc.clipped ? req.max_norm : 0.0;
+  res.log10_clip_coef = lc.log10_coef;
+  const double coef = lc.coef;
 
   // ---- full gradients: undo the scaling (and apply the clip coefficient) ---------------
   for (int l = 0; l < L; ++l) {

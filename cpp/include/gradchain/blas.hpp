@@ -20,6 +20,10 @@ int geqrf(int m, int n, double* a, int lda, double* tau);
 // Forms the first n columns of Q from geqrf's output (LAPACK orgqr), m >= n.
 int orgqr(int m, int n, int k, double* a, int lda, const double* tau);
 
+// Eigenvalues (real and imaginary parts) of a general row-major n x n matrix, which is
+// overwritten (LAPACK geev without vectors). Returns LAPACK's info.
+int eigvals(int n, double* a, int lda, double* wr, double* wi);
+
 void set_num_threads(int n);
 int get_num_threads();
 

@@ -3,10 +3,12 @@
 // exponent lives in an int64 and the log10 of a norm stays finite at any depth.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 namespace gradchain {
 
@@ -68,6 +70,63 @@ inline double log10_add(double a, double b) {
   if (b == -std::numeric_limits<double>::infinity()) return a;
   const double m = a > b ? a : b, d = -std::fabs(a - b);
   return m + std::log10(1.0 + std::pow(10.0, d));
+}
+
+// Multiplies every entry by m * 2^e, where the product is formed by one rounding in T.
+template <class T>
+void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
+  if (coef == 1.0) {  // one rounding at most, and none for subnormal inputs scaled up
+    const int k = static_cast<int>(std::clamp<std::int64_t>(e, -100000, 100000));
+    for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
+    return;
+  }
+  int ce = 0;
+  const double cm = coef == 0.0 ? 0.0 : std::frexp(coef, &ce);
+  const std::int64_t total = e + ce;
+  const int k = static_cast<int>(std::clamp<std::int64_t>(total, -100000, 100000));
+  const T mt = static_cast<T>(cm);
+  for (std::size_t i = 0; i < n; ++i)
+    dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i] * mt), k));
+}
+
+// log10 of the p-norm (p > 0 or inf) of x * 2^e, given x's scan.
+template <class T>
+double log10_pnorm(const T* x, std::size_t n, const Scan& s, std::int64_t e, double p) {
+  if (p == 2.0) return log10_norm(s.sumsq, e);
+  if (std::isinf(p))
+    return s.maxabs > 0 ? std::log10(s.maxabs) + double(e) * kLog10_2
+                        : -std::numeric_limits<double>::infinity();
+  const double sp = sum_abs_pow(x, n, p);
+  return sp > 0 ? std::log10(sp) / p + double(e) * kLog10_2 : -std::numeric_limits<double>::infinity();
+}
+
+// The total norm over parameters given each one's log10 p-norm (torch's get_total_norm),
+// and clip_grad_norm_'s coefficient min(1, max_norm / (total + 1e-6)) in log space.
+struct LogClip {
+  double log10_total = 0.0;
+  bool clipped = false;
+  double log10_coef = 0.0;
+  double coef = 1.0;  // as torch applies it: rounded to the gradients' dtype
+};
+
+template <class T>
+LogClip log_clip(const std::vector<double>& log10_norms, double p, double max_norm) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  const bool p_inf = std::isinf(p);
+  double lt = kNegInf;
+  for (double v : log10_norms) lt = p_inf ? std::max(lt, v) : log10_add(lt, p * v);
+  LogClip r;
+  r.log10_total = p_inf ? lt : lt / p;
+  if (max_norm < 0.0) return r;
+  r.clipped = true;
+  const double denom = log10_add(r.log10_total, -6.0);
+  r.log10_coef = std::min(0.0, (max_norm > 0 ? std::log10(max_norm) : kNegInf) - denom);
+  r.coef = std::pow(10.0, r.log10_coef);
+  if (r.log10_coef < 0.0) {
+    const double total = std::pow(10.0, r.log10_total);
+    if (std::isfinite(total) && total > 0) r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
+  }
+  return r;
 }
 
 }  // namespace gradchain

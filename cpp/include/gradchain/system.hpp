@@ -27,4 +27,16 @@ int max_threads();
 int set_blas_threads(int n);
 int blas_threads();
 
+// Restores OpenBLAS's thread count when a run ends, however it ends.
+class BlasThreads {
+ public:
+  explicit BlasThreads(int n) : old_(set_blas_threads(n)) {}
+  ~BlasThreads() { set_blas_threads(old_); }
+  BlasThreads(const BlasThreads&) = delete;
+  BlasThreads& operator=(const BlasThreads&) = delete;
+
+ private:
+  int old_;
+};
+
 }  // namespace gradchain

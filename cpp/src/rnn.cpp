@@ -1,0 +1,1219 @@
+#include "gradchain/rnn.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "gradchain/activation.hpp"
+#include "gradchain/blas.hpp"
+#include "gradchain/init.hpp"
+#include "gradchain/rng.hpp"
+#include "gradchain/scaled.hpp"
+#include "gradchain/system.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gradchain {
+
+namespace {
+const std::vector<std::string> kCellNames = {"tanh", "relu", "lstm", "gru"};
+const std::vector<std::string> kInitNames = {"default", "xavier_uniform", "xavier_normal",
+                                             "orthogonal", "normal"};
+using blas::Trans;
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+// The same thresholds as the MLP chain: below the first, a second thread costs more than
+// it saves; from the second on, a single product is worth OpenBLAS's threads.
+constexpr double kOwnThreadsWork = 1 << 16;
+constexpr double kThreadedGemmWork = 1 << 20;
+
+inline int I(std::size_t v) { return static_cast<int>(v); }
+inline int clamp_shift(std::int64_t d) { return static_cast<int>(std::clamp<std::int64_t>(d, -100000, 100000)); }
+
+template <class T>
+std::unique_ptr<T[]> alloc(std::size_t n) {
+  return std::unique_ptr<T[]>(new T[n == 0 ? 1 : n]);
+}
+
+// acc += x * 2^d for d <= 0 (exact unless the scaled terms fall below the float range,
+// where they are negligible next to acc's).
+template <class T>
+void add_pow2(T* acc, const T* x, std::size_t n, std::int64_t d) {
+  if (d == 0) {
+    for (std::size_t i = 0; i < n; ++i) acc[i] += x[i];
+    return;
+  }
+  const int k = clamp_shift(d);
+  if (k >= std::numeric_limits<T>::min_exponent) {
+    const T f = static_cast<T>(std::ldexp(1.0, k));
+    for (std::size_t i = 0; i < n; ++i) acc[i] += x[i] * f;
+  } else {
+    for (std::size_t i = 0; i < n; ++i) acc[i] += static_cast<T>(std::ldexp(static_cast<double>(x[i]), k));
+  }
+}
+
+// A scaled array a * 2^e (nz false: a is zero and its contents are undefined) gets
+// x * 2^ex added, keeping the larger exponent.
+template <class T>
+void accumulate(T* a, std::int64_t& e, char& nz, const T* x, std::int64_t ex, std::size_t n) {
+  if (!nz) {
+    std::copy(x, x + n, a);
+    e = ex;
+    nz = 1;
+  } else if (ex > e) {
+    scale_pow2(a, n, clamp_shift(e - ex));
+    e = ex;
+    add_pow2(a, x, n, 0);
+  } else {
+    add_pow2(a, x, n, ex - e);
+  }
+}
+
+// log10 of the squared norm of a * 2^e; -inf when zero.
+inline double log10_sq(double sumsq, std::int64_t e) {
+  return sumsq > 0 ? std::log10(sumsq) + 2.0 * double(e) * kLog10_2 : kNegInf;
+}
+
+// A run of columns of the stored per-step gradient that multiplies a block of rows of a
+// weight: LSTM and the vanilla cells use one run; GRU's input and hidden weights see
+// different gradients for the n gate.
+struct Block {
+  std::size_t row, col, width;
+};
+
+template <class T>
+struct Model {
+  CellKind cell;
+  std::size_t H = 0, L = 0, G = 0, GH = 0, GW = 0, O = 0;
+  std::vector<std::size_t> in;
+  std::vector<const T*> w_ih, w_hh, b_ih, b_hh;
+  std::vector<int> pi;  // per layer: index of weight_ih in the parameter list
+  bool bias = true;
+  const T* w_out = nullptr;
+  const T* b_out = nullptr;
+  int p_out = -1;
+  std::size_t n_params = 0;
+  std::vector<Block> ih, hh;
+};
+
+template <class T>
+struct Part {
+  std::size_t r0 = 0, R = 0;
+  std::unique_ptr<T[]> X;                      // (steps, R, in_0)
+  std::vector<std::unique_ptr<T[]>> Hs, Cs;    // per layer: (steps + 1, R, H)
+  std::vector<std::unique_ptr<T[]>> TC;        // LSTM: tanh(c_t), (steps, R, H)
+  std::vector<std::unique_ptr<T[]>> Gt;        // (steps, R, GW): gates, then dL/dgates
+  std::vector<std::vector<std::int64_t>> gexp;  // per layer, per step: exponent of Gt's rows
+  std::vector<std::vector<char>> gnz;
+  std::unique_ptr<T[]> U, V, Utop;  // upstream dL/dh_t of this layer / the one below / top
+  std::vector<std::int64_t> uexp, vexp, topexp;
+  std::vector<char> unz, vnz, topnz;
+  std::vector<double> ls, lc;  // log10 of squared norms, layers x (steps + 1)
+  std::vector<std::vector<T>> pg;  // parameter gradients
+  std::vector<std::int64_t> pexp;
+  std::vector<char> pnz;
+  double loss = 0.0;
+  std::unique_ptr<T[]> dh, dc, dhn, tmp, S;
+  // Window truncation: gradients accumulated over every source step.
+  std::vector<std::unique_ptr<T[]>> DGA, SA, CA;
+  std::vector<std::vector<std::int64_t>> dgaexp, saexp, caexp;
+  std::vector<std::vector<char>> dganz, sanz, canz;
+  std::unique_ptr<T[]> Wd, Wx;
+  std::vector<std::int64_t> wexp, wxexp;
+  std::vector<char> wnz, wxnz;
+  int bad_layer = -1;
+  std::int64_t bad_t = -1;
+};
+
+// Upstream gradient rows t in [first, last]: base + (t - first) * R * H at 2^exp[t - first].
+template <class T>
+struct Up {
+  const T* base;
+  const std::int64_t* exp;
+  const char* nz;
+  std::size_t first, last;
+};
+
+template <class T>
+class Pass {
+ public:
+  Pass(const Model<T>& m, const RecurrentRequest& req, std::size_t steps, std::size_t B,
+       RecurrentResult<T>& res, Canceller& cancel, std::atomic<bool>& abort)
+      : m_(m), req_(req), Tn_(steps), B_(B), res_(res), cancel_(cancel), abort_(abort) {}
+
+  void allocate(Part<T>& p, const T* x) const;
+  void forward(Part<T>& p, bool polls) const;
+  void loss(Part<T>& p) const;
+  void backward(Part<T>& p, bool polls) const;
+  void gather_window_norms(Part<T>& p) const;
+
+  static const Activation& act(CellKind c);
+
+ private:
+  void cell_forward(Part<T>& p, std::size_t l, std::size_t t) const;
+  void carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_lo, const Up<T>& up,
+             bool window, bool polls) const;
+  void param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<std::int64_t>& ex,
+                   const std::vector<char>& nz) const;
+  void vertical(Part<T>& p, std::size_t l, const T* dG, std::size_t rows, T* out) const;
+  void record_state(Part<T>& p, std::size_t l, std::size_t t, const T* dh, std::int64_t g,
+                    bool have, bool window) const;
+  void record_cell(Part<T>& p, std::size_t l, std::size_t t, const T* dc, std::int64_t g,
+                   bool have, bool window) const;
+
+  const Model<T>& m_;
+  const RecurrentRequest& req_;
+  std::size_t Tn_, B_;
+  RecurrentResult<T>& res_;
+  Canceller& cancel_;
+  std::atomic<bool>& abort_;
+};
+
+template <class T>
+const Activation& Pass<T>::act(CellKind c) {
+  static const Activation tanh_{Act::tanh}, relu_{Act::relu};
+  return c == CellKind::relu ? relu_ : tanh_;
+}
+
+const Activation kSigmoid{Act::sigmoid};
+const Activation kTanh{Act::tanh};
+
+template <class T>
+void Pass<T>::allocate(Part<T>& p, const T* x) const {
+  const std::size_t R = p.R, H = m_.H, L = m_.L, in0 = m_.in[0];
+  const bool lstm = m_.cell == CellKind::lstm;
+  p.X = alloc<T>(Tn_ * R * in0);
+  for (std::size_t t = 0; t < Tn_; ++t)
+    std::copy(x + (t * B_ + p.r0) * in0, x + (t * B_ + p.r0 + R) * in0, p.X.get() + t * R * in0);
+  p.Hs.resize(L);
+  p.Gt.resize(L);
+  if (lstm) {
+    p.Cs.resize(L);
+    p.TC.resize(L);
+  }
+  for (std::size_t l = 0; l < L; ++l) {
+    p.Hs[l] = alloc<T>((Tn_ + 1) * R * H);
+    p.Gt[l] = alloc<T>(Tn_ * R * m_.GW);
+    if (lstm) {
+      p.Cs[l] = alloc<T>((Tn_ + 1) * R * H);
+      p.TC[l] = alloc<T>(Tn_ * R * H);
+    }
+  }
+  p.S = alloc<T>(R * m_.GH);
+  if (req_.forward_only) return;
+  const std::size_t rows = (Tn_ + 1) * R * H;
+  p.U = alloc<T>(rows);
+  p.Utop = alloc<T>(rows);
+  if (L > 1) p.V = alloc<T>(rows);
+  p.uexp.assign(Tn_ + 1, 0);
+  p.vexp.assign(Tn_ + 1, 0);
+  p.unz.assign(Tn_ + 1, 0);
+  p.vnz.assign(Tn_ + 1, 0);
+  p.gexp.assign(L, std::vector<std::int64_t>(Tn_, 0));
+  p.gnz.assign(L, std::vector<char>(Tn_, 0));
+  p.ls.assign(L * (Tn_ + 1), kNegInf);
+  p.lc.assign(lstm ? L * (Tn_ + 1) : 0, kNegInf);
+  p.dh = alloc<T>(R * H);
+  p.dc = alloc<T>(R * H);
+  p.dhn = alloc<T>(R * H);
+  p.tmp = alloc<T>(R * H);
+  if (req_.truncation == Truncation::window) {
+    const std::size_t k = std::min<std::size_t>(static_cast<std::size_t>(req_.window), Tn_);
+    p.DGA.resize(L);
+    p.SA.resize(L);
+    if (lstm) p.CA.resize(L);
+    for (std::size_t l = 0; l < L; ++l) {
+      p.DGA[l] = alloc<T>(Tn_ * R * m_.GW);
+      p.SA[l] = alloc<T>((Tn_ + 1) * R * H);
+      if (lstm) p.CA[l] = alloc<T>((Tn_ + 1) * R * H);
+    }
+    p.dgaexp.assign(L, std::vector<std::int64_t>(Tn_, 0));
+    p.dganz.assign(L, std::vector<char>(Tn_, 0));
+    p.saexp.assign(L, std::vector<std::int64_t>(Tn_ + 1, 0));
+    p.sanz.assign(L, std::vector<char>(Tn_ + 1, 0));
+    p.caexp.assign(L, std::vector<std::int64_t>(Tn_ + 1, 0));
+    p.canz.assign(L, std::vector<char>(Tn_ + 1, 0));
+    p.Wd = alloc<T>(k * R * m_.GW);
+    p.Wx = alloc<T>(k * R * H);
+    p.wexp.assign(k, 0);
+    p.wnz.assign(k, 0);
+  }
+  p.pg.resize(m_.n_params);
+  p.pexp.assign(m_.n_params, 0);
+  p.pnz.assign(m_.n_params, 0);
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+template <class T>
+void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
+  const std::size_t R = p.R, H = m_.H, GW = m_.GW, GH = m_.GH, n = R * H;
+  const T* hp = p.Hs[l].get() + (t - 1) * n;
+  T* h = p.Hs[l].get() + t * n;
+  T* G = p.Gt[l].get() + (t - 1) * R * GW;  // holds the input projection on entry
+  T* S = p.S.get();
+  blas::gemm(Trans::N, Trans::T, I(R), I(GH), I(H), T(1), hp, I(H), m_.w_hh[l], I(H), T(0), S, I(GH));
+  switch (m_.cell) {
+    case CellKind::tanh:
+    case CellKind::relu: {
+      for (std::size_t i = 0; i < n; ++i) h[i] = G[i] + S[i];
+      act(m_.cell).forward(h, h, n);
+      break;
+    }
+    case CellKind::lstm: {
+      const T* cp = p.Cs[l].get() + (t - 1) * n;
+      T* c = p.Cs[l].get() + t * n;
+      T* tc = p.TC[l].get() + (t - 1) * n;
+      for (std::size_t r = 0; r < R; ++r) {
+        T* g = G + r * GW;
+        const T* s = S + r * GH;
+        for (std::size_t j = 0; j < GW; ++j) g[j] += s[j];
+        kSigmoid.forward(g, g, 2 * H);
+        kTanh.forward(g + 2 * H, g + 2 * H, H);
+        kSigmoid.forward(g + 3 * H, g + 3 * H, H);
+        for (std::size_t j = 0; j < H; ++j) c[r * H + j] = g[H + j] * cp[r * H + j] + g[j] * g[2 * H + j];
+      }
+      kTanh.forward(c, tc, n);
+      for (std::size_t r = 0; r < R; ++r)
+        for (std::size_t j = 0; j < H; ++j) h[r * H + j] = G[r * GW + 3 * H + j] * tc[r * H + j];
+      break;
+    }
+    case CellKind::gru: {
+      const T* bhn = m_.b_hh[l] + 2 * H;
+      for (std::size_t r = 0; r < R; ++r) {
+        T* g = G + r * GW;
+        const T* s = S + r * GH;
+        for (std::size_t j = 0; j < 2 * H; ++j) g[j] += s[j];
+        kSigmoid.forward(g, g, 2 * H);
+        for (std::size_t j = 0; j < H; ++j) {
+          const T ghn = s[2 * H + j] + bhn[j];
+          g[3 * H + j] = ghn;
+          g[2 * H + j] += g[j] * ghn;
+        }
+        kTanh.forward(g + 2 * H, g + 2 * H, H);
+        for (std::size_t j = 0; j < H; ++j) {
+          const T nn = g[2 * H + j];
+          h[r * H + j] = nn + g[H + j] * (hp[r * H + j] - nn);
+        }
+      }
+      break;
+    }
+  }
+}
+
+template <class T>
+void Pass<T>::forward(Part<T>& p, bool polls) const {
+  const std::size_t R = p.R, H = m_.H, n = R * H, GW = m_.GW, GH = m_.GH;
+  const std::size_t nih = m_.cell == CellKind::gru ? 3 * H : GH;
+  for (std::size_t l = 0; l < m_.L; ++l) {
+    T* hs = p.Hs[l].get();
+    if (req_.h0) {
+      const T* h0 = static_cast<const T*>(req_.h0) + (l * B_ + p.r0) * H;
+      std::copy(h0, h0 + n, hs);
+    } else {
+      std::fill(hs, hs + n, T(0));
+    }
+    if (m_.cell == CellKind::lstm) {
+      T* cs = p.Cs[l].get();
+      if (req_.c0) {
+        const T* c0 = static_cast<const T*>(req_.c0) + (l * B_ + p.r0) * H;
+        std::copy(c0, c0 + n, cs);
+      } else {
+        std::fill(cs, cs + n, T(0));
+      }
+    }
+    // Input projections of every step in one product, biases folded in (GRU keeps b_hn
+    // apart: the reset gate multiplies it).
+    const T* X = l == 0 ? p.X.get() : p.Hs[l - 1].get() + n;
+    T* G = p.Gt[l].get();
+    blas::gemm(Trans::N, Trans::T, I(Tn_ * R), I(nih), I(m_.in[l]), T(1), X, I(m_.in[l]), m_.w_ih[l],
+               I(m_.in[l]), T(0), G, I(GW));
+    std::vector<T> bsum(nih);
+    for (std::size_t j = 0; j < nih; ++j)
+      bsum[j] = m_.b_ih[l][j] + (m_.cell == CellKind::gru && j >= 2 * H ? T(0) : m_.b_hh[l][j]);
+    for (std::size_t r = 0; r < Tn_ * R; ++r) {
+      T* g = G + r * GW;
+      for (std::size_t j = 0; j < nih; ++j) g[j] += bsum[j];
+    }
+    for (std::size_t t = 1; t <= Tn_; ++t) {
+      cell_forward(p, l, t);
+      if (m_.cell == CellKind::relu && !scan(hs + t * n, n).finite) {
+        p.bad_layer = static_cast<int>(l);
+        p.bad_t = static_cast<std::int64_t>(t);
+        return;
+      }
+      if (abort_.load(std::memory_order_relaxed)) return;
+      if (polls) cancel_.poll();
+    }
+  }
+}
+
+// ---- loss ---------------------------------------------------------------------------------
+
+template <class T>
+void Pass<T>::loss(Part<T>& p) const {
+  const std::size_t R = p.R, H = m_.H, n = R * H, L = m_.L;
+  const T* top = p.Hs[L - 1].get();
+  T* U = p.Utop.get();
+  p.topexp.assign(Tn_ + 1, 0);
+  p.topnz.assign(Tn_ + 1, 0);
+  const bool every = req_.target_every_step && req_.loss != LossKind::probe;
+  const std::size_t t0 = every ? 1 : Tn_, nt = every ? Tn_ : 1;
+  for (std::size_t t = t0; t <= Tn_; ++t) p.topnz[t] = 1;
+  switch (req_.loss) {
+    case LossKind::probe: {
+      const T* hT = top + Tn_ * n;
+      std::copy(hT, hT + n, U + Tn_ * n);
+      p.loss = 0.5 * scan(hT, n).sumsq;
+      return;
+    }
+    case LossKind::grad_output: {
+      const T* go = static_cast<const T*>(req_.target);
+      for (std::size_t t = t0; t <= Tn_; ++t) {
+        const T* src = go + ((every ? t - 1 : 0) * B_ + p.r0) * H;
+        std::copy(src, src + n, U + t * n);
+      }
+      return;
+    }
+    default:
+      break;
+  }
+  // mse / cross_entropy on y_t = h_t (or the read-out of h_t) for the steps with a term.
+  const std::size_t O = m_.O > 0 ? m_.O : H;
+  const std::size_t rows = nt * R;
+  const T* hs = top + t0 * n;
+  std::vector<T> Y(rows * O), dY(rows * O);
+  if (m_.O > 0) {
+    blas::gemm(Trans::N, Trans::T, I(rows), I(O), I(H), T(1), hs, I(H), m_.w_out, I(H), T(0), Y.data(), I(O));
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t j = 0; j < O; ++j) Y[r * O + j] += m_.b_out[j];
+  } else {
+    std::copy(hs, hs + rows * O, Y.begin());
+  }
+  double total = 0.0;
+  auto target_row = [&](std::size_t i) {  // i-th row of this part's terms -> row of the target
+    const std::size_t t = i / R, r = i % R;
+    return (every ? t * B_ : 0) + p.r0 + r;
+  };
+  if (req_.loss == LossKind::mse) {
+    const T* y = static_cast<const T*>(req_.target);
+    const double count = double(nt) * double(B_) * double(O);
+    const T scale = static_cast<T>(2.0 / count);
+    for (std::size_t i = 0; i < rows; ++i) {
+      const T* yt = y + target_row(i) * O;
+      for (std::size_t j = 0; j < O; ++j) {
+        const T d = Y[i * O + j] - yt[j];
+        total += double(d) * double(d);
+        dY[i * O + j] = scale * d;
+      }
+    }
+    p.loss = total / count;
+  } else {  // cross_entropy
+    const auto* labels = static_cast<const std::int64_t*>(req_.target);
+    const double count = double(nt) * double(B_);
+    const T inv = static_cast<T>(1.0 / count);
+    std::vector<double> e(O);
+    for (std::size_t i = 0; i < rows; ++i) {
+      const T* row = Y.data() + i * O;
+      const std::size_t lab = static_cast<std::size_t>(labels[target_row(i)]);
+      double mx = kNegInf;
+      for (std::size_t j = 0; j < O; ++j) mx = std::max(mx, double(row[j]));
+      double sum = 0.0;
+      for (std::size_t j = 0; j < O; ++j) sum += (e[j] = std::exp(double(row[j]) - mx));
+      total += mx + std::log(sum) - double(row[lab]);
+      for (std::size_t j = 0; j < O; ++j)
+        dY[i * O + j] = (static_cast<T>(e[j] / sum) - (j == lab ? T(1) : T(0))) * inv;
+    }
+    p.loss = total / count;
+  }
+  T* Ut = U + t0 * n;
+  if (m_.O > 0) {
+    blas::gemm(Trans::N, Trans::N, I(rows), I(H), I(O), T(1), dY.data(), I(O), m_.w_out, I(H), T(0), Ut, I(H));
+    const std::size_t iw = static_cast<std::size_t>(m_.p_out);
+    p.pg[iw].assign(O * H, T(0));
+    blas::gemm(Trans::T, Trans::N, I(O), I(H), I(rows), T(1), dY.data(), I(O), hs, I(H), T(0), p.pg[iw].data(), I(H));
+    p.pnz[iw] = 1;
+    p.pg[iw + 1].assign(O, T(0));
+    std::vector<double> db(O, 0.0);
+    for (std::size_t i = 0; i < rows; ++i)
+      for (std::size_t j = 0; j < O; ++j) db[j] += double(dY[i * O + j]);
+    for (std::size_t j = 0; j < O; ++j) p.pg[iw + 1][j] = static_cast<T>(db[j]);
+    p.pnz[iw + 1] = 1;
+  } else {
+    std::copy(dY.begin(), dY.end(), Ut);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+template <class T>
+void Pass<T>::record_state(Part<T>& p, std::size_t l, std::size_t t, const T* dh, std::int64_t g,
+                           bool have, bool window) const {
+  const std::size_t n = p.R * m_.H;
+  if (window) {
+    if (have) accumulate(p.SA[l].get() + t * n, p.saexp[l][t], p.sanz[l][t], dh, g, n);
+    return;
+  }
+  p.ls[l * (Tn_ + 1) + t] = have ? log10_sq(scan(dh, n).sumsq, g) : kNegInf;
+  if (req_.keep_grads) {
+    T* dst = res_.state_grads.data() + ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
+    if (have)
+      write_scaled(dh, n, g, 1.0, dst);
+    else
+      std::fill(dst, dst + n, T(0));
+  }
+}
+
+template <class T>
+void Pass<T>::record_cell(Part<T>& p, std::size_t l, std::size_t t, const T* dc, std::int64_t g,
+                          bool have, bool window) const {
+  const std::size_t n = p.R * m_.H;
+  if (window) {
+    if (have) accumulate(p.CA[l].get() + t * n, p.caexp[l][t], p.canz[l][t], dc, g, n);
+    return;
+  }
+  p.lc[l * (Tn_ + 1) + t] = have ? log10_sq(scan(dc, n).sumsq, g) : kNegInf;
+  if (req_.keep_grads) {
+    T* dst = res_.cell_grads.data() + ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
+    if (have)
+      write_scaled(dc, n, g, 1.0, dst);
+    else
+      std::fill(dst, dst + n, T(0));
+  }
+}
+
+// Carries dL/dh (and dL/dc) of layer l from step t_hi down to t_lo. The gradient is held
+// as a mantissa array times 2^g and renormalised by powers of two whenever it leaves the
+// safe band, so it never under- or overflows. dL/dgates of step t is written to Gt's row
+// block t (in place of the gates) or, for window truncation, to the window buffer.
+template <class T>
+void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_lo, const Up<T>& up,
+                    bool window, bool polls) const {
+  const std::size_t R = p.R, H = m_.H, n = R * H, GW = m_.GW;
+  const bool lstm = m_.cell == CellKind::lstm, gru = m_.cell == CellKind::gru;
+  const bool detach = !window && req_.truncation == Truncation::detach;
+  const std::size_t k = static_cast<std::size_t>(std::max(req_.window, 1));
+  T* dh = p.dh.get();
+  T* dc = p.dc.get();
+  T* dhn = p.dhn.get();
+  T* tmp = p.tmp.get();
+  std::int64_t g = 0;
+  bool have = false;
+
+  auto up_row = [&](std::size_t t, const T*& row, std::int64_t& ex) {
+    if (t < up.first || t > up.last || !up.nz[t - up.first]) return false;
+    row = up.base + (t - up.first) * n;
+    ex = up.exp[t - up.first];
+    return true;
+  };
+  for (std::size_t t = t_hi; t > t_lo; --t) {
+    const T* u = nullptr;
+    std::int64_t ue = 0;
+    const bool has_up = up_row(t, u, ue);
+    if (has_up) {
+      if (!have) {
+        std::copy(u, u + n, dh);
+        if (lstm) std::fill(dc, dc + n, T(0));
+        g = ue;
+        have = true;
+      } else if (ue > g) {
+        scale_pow2(dh, n, clamp_shift(g - ue));
+        if (lstm) scale_pow2(dc, n, clamp_shift(g - ue));
+        g = ue;
+        add_pow2(dh, u, n, 0);
+      } else {
+        add_pow2(dh, u, n, ue - g);
+      }
+    }
+    record_state(p, l, t, dh, g, have, window);
+    const T* G = p.Gt[l].get() + (t - 1) * R * GW;
+    const T* tc = lstm ? p.TC[l].get() + (t - 1) * n : nullptr;
+    auto add_from_h = [&](T* c, const T* d) {  // c += d * o * (1 - tanh(c_t)^2)
+      for (std::size_t r = 0; r < R; ++r)
+        for (std::size_t j = 0; j < H; ++j) {
+          const std::size_t i = r * H + j;
+          c[i] += d[i] * G[r * GW + 3 * H + j] * (T(1) - tc[i] * tc[i]);
+        }
+    };
+    if (detach && t % k == 0 && t < Tn_) {
+      // Truncation boundary: what arrived from step t + 1 stops here; the loss and the
+      // layer above at t still send their gradient on. The cell's recorded gradient is
+      // that of c_t as used by h_t plus that of its detached copy.
+      if (lstm) {
+        const std::int64_t g_rec = g;
+        const bool had = have;
+        if (has_up) {
+          std::fill(tmp, tmp + n, T(0));
+          add_from_h(tmp, u);
+          std::copy(tmp, tmp + n, dhn);  // dL/dc_t through h_t alone, at 2^ue
+          if (had) {
+            std::int64_t e = ue;
+            char nz = 1;
+            accumulate(tmp, e, nz, dc, g_rec, n);
+            record_cell(p, l, t, tmp, e, true, false);
+          } else {
+            record_cell(p, l, t, tmp, ue, true, false);
+          }
+          std::copy(dhn, dhn + n, dc);
+        } else {
+          record_cell(p, l, t, dc, g_rec, had, false);
+        }
+      }
+      have = has_up;
+      if (have) {
+        std::copy(u, u + n, dh);
+        g = ue;
+      }
+    } else if (lstm && have) {
+      add_from_h(dc, dh);
+      record_cell(p, l, t, dc, g, true, window);
+    } else if (lstm) {
+      record_cell(p, l, t, dc, g, false, window);
+    }
+
+    T* dG = window ? p.Wd.get() + (t - t_lo - 1) * R * GW : p.Gt[l].get() + (t - 1) * R * GW;
+    std::int64_t* dge = window ? &p.wexp[t - t_lo - 1] : &p.gexp[l][t - 1];
+    char* dgnz = window ? &p.wnz[t - t_lo - 1] : &p.gnz[l][t - 1];
+    *dgnz = have ? 1 : 0;
+    *dge = g;
+    if (!have) {
+      std::fill(dG, dG + R * GW, T(0));
+      continue;
+    }
+    // dL/dgates of step t (same scale 2^g); G and dG may be the same array.
+    switch (m_.cell) {
+      case CellKind::tanh:
+      case CellKind::relu:
+        act(m_.cell).backward(static_cast<const T*>(nullptr), p.Hs[l].get() + t * n, dh, dG, n);
+        break;
+      case CellKind::lstm: {
+        const T* cp = p.Cs[l].get() + (t - 1) * n;
+        for (std::size_t r = 0; r < R; ++r) {
+          const T* gr = G + r * GW;
+          T* dr = dG + r * GW;
+          for (std::size_t j = 0; j < H; ++j) {
+            const std::size_t i = r * H + j;
+            const T gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
+            const T dct = dc[i];
+            dr[j] = dct * gg * gi * (T(1) - gi);
+            dr[H + j] = dct * cp[i] * gf * (T(1) - gf);
+            dr[2 * H + j] = dct * gi * (T(1) - gg * gg);
+            dr[3 * H + j] = dh[i] * tc[i] * go * (T(1) - go);
+            dc[i] = dct * gf;
+          }
+        }
+        break;
+      }
+      case CellKind::gru: {
+        const T* hp = p.Hs[l].get() + (t - 1) * n;
+        for (std::size_t r = 0; r < R; ++r) {
+          const T* gr = G + r * GW;
+          T* dr = dG + r * GW;
+          for (std::size_t j = 0; j < H; ++j) {
+            const std::size_t i = r * H + j;
+            const T rr = gr[j], z = gr[H + j], nn = gr[2 * H + j], ghn = gr[3 * H + j];
+            const T d = dh[i];
+            const T dzn = d * (T(1) - z) * (T(1) - nn * nn);
+            const T dzz = d * (hp[i] - nn) * z * (T(1) - z);
+            const T dzr = dzn * ghn * rr * (T(1) - rr);
+            dr[j] = dzr;
+            dr[H + j] = dzz;
+            dr[2 * H + j] = dzn * rr;  // through W_hn h + b_hn
+            dr[3 * H + j] = dzn;       // through W_in x + b_in
+            tmp[i] = d * z;
+          }
+        }
+        break;
+      }
+    }
+    // dL/dh_{t-1} = dL/dgates_hh W_hh (+ z * dL/dh_t for GRU).
+    blas::gemm(Trans::N, Trans::N, I(R), I(H), I(m_.GH), T(1), dG, I(GW), m_.w_hh[l], I(H), T(0), dhn, I(H));
+    if (gru)
+      for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
+    std::swap(dh, dhn);
+    double mx = scan(dh, n).maxabs;
+    if (lstm) mx = std::max(mx, scan(dc, n).maxabs);
+    const int kk = rescale_exponent<T>(mx);
+    if (kk != 0) {
+      scale_pow2(dh, n, -kk);
+      if (lstm) scale_pow2(dc, n, -kk);
+      g += kk;
+    }
+    if (abort_.load(std::memory_order_relaxed)) return;
+    if (polls) cancel_.poll();
+  }
+  record_state(p, l, t_lo, dh, g, have, window);
+  if (lstm) record_cell(p, l, t_lo, dc, g, have, window);
+}
+
+// rows x in_l gradient of the layer's input: dL/dgates_ih W_ih, row by row (each row keeps
+// the exponent of its step).
+template <class T>
+void Pass<T>::vertical(Part<T>& p, std::size_t l, const T* dG, std::size_t rows, T* out) const {
+  (void)p;
+  const std::size_t in = m_.in[l];
+  bool first = true;
+  for (const Block& b : m_.ih) {
+    blas::gemm(Trans::N, Trans::N, I(rows), I(in), I(b.width), T(1), dG + b.col, I(m_.GW),
+               m_.w_ih[l] + b.row * in, I(in), first ? T(0) : T(1), out, I(in));
+    first = false;
+  }
+}
+
+template <class T>
+void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<std::int64_t>& ex,
+                          const std::vector<char>& nz) const {
+  const std::size_t R = p.R, H = m_.H, GW = m_.GW, in = m_.in[l], rows = Tn_ * R;
+  const std::size_t iw = static_cast<std::size_t>(m_.pi[l]);
+  std::int64_t E = std::numeric_limits<std::int64_t>::min();
+  for (std::size_t t = 0; t < Tn_; ++t)
+    if (nz[t]) E = std::max(E, ex[t]);
+  const bool any = E != std::numeric_limits<std::int64_t>::min();
+  const std::size_t np = m_.bias ? 4 : 2;
+  for (std::size_t q = 0; q < np; ++q) p.pnz[iw + q] = any ? 1 : 0;
+  p.pg[iw].assign(m_.G * H * in, T(0));
+  p.pg[iw + 1].assign(m_.G * H * H, T(0));
+  if (m_.bias) {
+    p.pg[iw + 2].assign(m_.G * H, T(0));
+    p.pg[iw + 3].assign(m_.G * H, T(0));
+  }
+  if (!any) return;
+  // Every step's rows to the common exponent E (exact barring negligible underflow).
+  for (std::size_t t = 0; t < Tn_; ++t) {
+    T* rowp = dG + t * R * GW;
+    if (!nz[t])
+      std::fill(rowp, rowp + R * GW, T(0));
+    else if (ex[t] != E)
+      scale_pow2(rowp, R * GW, clamp_shift(ex[t] - E));
+  }
+  const std::size_t n = R * H;
+  const T* X = l == 0 ? p.X.get() : p.Hs[l - 1].get() + n;
+  const T* Hp = p.Hs[l].get();
+  // Inputs outside the safe band are brought into it by alpha = 2^shift, so that the
+  // products cannot overflow.
+  const int sx = -rescale_exponent<T>(scan(X, rows * in).maxabs);
+  const int sh = -rescale_exponent<T>(scan(Hp, rows * H).maxabs);
+  for (const Block& b : m_.ih)
+    blas::gemm(Trans::T, Trans::N, I(b.width), I(in), I(rows), static_cast<T>(std::ldexp(1.0, sx)),
+               dG + b.col, I(GW), X, I(in), T(0), p.pg[iw].data() + b.row * in, I(in));
+  for (const Block& b : m_.hh)
+    blas::gemm(Trans::T, Trans::N, I(b.width), I(H), I(rows), static_cast<T>(std::ldexp(1.0, sh)),
+               dG + b.col, I(GW), Hp, I(H), T(0), p.pg[iw + 1].data() + b.row * H, I(H));
+  p.pexp[iw] = E - sx;
+  p.pexp[iw + 1] = E - sh;
+  if (m_.bias) {
+    std::vector<double> sih(m_.G * H, 0.0), shh(m_.G * H, 0.0);
+    for (std::size_t r = 0; r < rows; ++r) {
+      const T* d = dG + r * GW;
+      for (const Block& b : m_.ih)
+        for (std::size_t j = 0; j < b.width; ++j) sih[b.row + j] += double(d[b.col + j]);
+      for (const Block& b : m_.hh)
+        for (std::size_t j = 0; j < b.width; ++j) shh[b.row + j] += double(d[b.col + j]);
+    }
+    for (std::size_t j = 0; j < m_.G * H; ++j) {
+      p.pg[iw + 2][j] = static_cast<T>(sih[j]);
+      p.pg[iw + 3][j] = static_cast<T>(shh[j]);
+    }
+    p.pexp[iw + 2] = E;
+    p.pexp[iw + 3] = E;
+  }
+}
+
+template <class T>
+void Pass<T>::backward(Part<T>& p, bool polls) const {
+  const std::size_t R = p.R, H = m_.H, n = R * H, L = m_.L;
+  if (req_.truncation != Truncation::window) {
+    std::copy(p.Utop.get(), p.Utop.get() + (Tn_ + 1) * n, p.U.get());
+    p.uexp = p.topexp;
+    p.unz = p.topnz;
+    for (std::size_t li = L; li-- > 0;) {
+      carry(p, li, Tn_, 0, Up<T>{p.U.get(), p.uexp.data(), p.unz.data(), 0, Tn_}, false, polls);
+      if (abort_.load(std::memory_order_relaxed)) return;
+      if (li > 0) {
+        vertical(p, li, p.Gt[li].get(), Tn_ * R, p.V.get() + n);
+        p.vnz.assign(Tn_ + 1, 0);
+        for (std::size_t t = 1; t <= Tn_; ++t) {
+          p.vexp[t] = p.gexp[li][t - 1];
+          p.vnz[t] = p.gnz[li][t - 1];
+        }
+        std::swap(p.U, p.V);
+        std::swap(p.uexp, p.vexp);
+        std::swap(p.unz, p.vnz);
+      }
+      param_grads(p, li, p.Gt[li].get(), p.gexp[li], p.gnz[li]);
+    }
+    return;
+  }
+  // Window truncation: each step's loss term is carried back through at most k steps,
+  // every layer, on its own; gates, states and parameter gradients are summed.
+  const std::size_t k = static_cast<std::size_t>(req_.window);
+  const std::size_t GW = m_.GW;
+  for (std::size_t s = Tn_; s >= 1; --s) {
+    if (!p.topnz[s]) continue;
+    const std::size_t s0 = s > k ? s - k : 0, w = s - s0;
+    Up<T> up{p.Utop.get() + s * n, &p.topexp[s], &p.topnz[s], s, s};
+    for (std::size_t li = L; li-- > 0;) {
+      carry(p, li, s, s0, up, true, polls);
+      if (abort_.load(std::memory_order_relaxed)) return;
+      for (std::size_t i = 0; i < w; ++i) {
+        if (!p.wnz[i]) continue;
+        const std::size_t t = s0 + 1 + i;
+        accumulate(p.DGA[li].get() + (t - 1) * R * GW, p.dgaexp[li][t - 1], p.dganz[li][t - 1],
+                   p.Wd.get() + i * R * GW, p.wexp[i], R * GW);
+      }
+      if (li > 0) {
+        vertical(p, li, p.Wd.get(), w * R, p.Wx.get());
+        p.wxexp.assign(p.wexp.begin(), p.wexp.begin() + static_cast<std::ptrdiff_t>(w));
+        p.wxnz.assign(p.wnz.begin(), p.wnz.begin() + static_cast<std::ptrdiff_t>(w));
+        up = Up<T>{p.Wx.get(), p.wxexp.data(), p.wxnz.data(), s0 + 1, s};
+      }
+    }
+  }
+  for (std::size_t li = 0; li < L; ++li) param_grads(p, li, p.DGA[li].get(), p.dgaexp[li], p.dganz[li]);
+  gather_window_norms(p);
+}
+
+template <class T>
+void Pass<T>::gather_window_norms(Part<T>& p) const {
+  const std::size_t n = p.R * m_.H;
+  const bool lstm = m_.cell == CellKind::lstm;
+  for (std::size_t l = 0; l < m_.L; ++l)
+    for (std::size_t t = 0; t <= Tn_; ++t) {
+      const T* a = p.SA[l].get() + t * n;
+      record_state(p, l, t, a, p.saexp[l][t], p.sanz[l][t] != 0, false);
+      if (lstm) record_cell(p, l, t, p.CA[l].get() + t * n, p.caexp[l][t], p.canz[l][t] != 0, false);
+    }
+}
+
+}  // namespace
+
+// ---- names, shapes, initialisation ----------------------------------------------------------
+
+CellKind parse_cell(const std::string& name) {
+  return static_cast<CellKind>(parse_name("cell", name, kCellNames));
+}
+const std::vector<std::string>& cell_names() { return kCellNames; }
+int gate_count(CellKind cell) {
+  switch (cell) {
+    case CellKind::lstm:
+      return 4;
+    case CellKind::gru:
+      return 3;
+    default:
+      return 1;
+  }
+}
+
+RecurrentInitKind RecurrentInit::parse_kind(const std::string& name) {
+  return static_cast<RecurrentInitKind>(parse_name("init", name, kInitNames));
+}
+const std::vector<std::string>& RecurrentInit::names() { return kInitNames; }
+
+void RecurrentShape::validate() const {
+  auto pos = [](const char* what, int v) {
+    if (v <= 0) throw std::invalid_argument(std::string(what) + " must be a positive integer; got " + std::to_string(v));
+  };
+  pos("input_size", input_size);
+  pos("hidden_size", hidden_size);
+  pos("num_layers", num_layers);
+  if (output_size < 0)
+    throw std::invalid_argument("output_size must be positive (or absent); got " + std::to_string(output_size));
+}
+
+std::vector<std::string> RecurrentShape::param_names() const {
+  std::vector<std::string> out;
+  for (int l = 0; l < num_layers; ++l) {
+    const std::string sfx = "_l" + std::to_string(l);
+    out.push_back("weight_ih" + sfx);
+    out.push_back("weight_hh" + sfx);
+    if (bias) {
+      out.push_back("bias_ih" + sfx);
+      out.push_back("bias_hh" + sfx);
+    }
+  }
+  if (output_size > 0) {
+    out.push_back("readout.weight");
+    out.push_back("readout.bias");
+  }
+  return out;
+}
+
+std::vector<std::vector<int>> RecurrentShape::param_shapes() const {
+  const int gh = gate_count(cell) * hidden_size;
+  std::vector<std::vector<int>> out;
+  for (int l = 0; l < num_layers; ++l) {
+    out.push_back({gh, l == 0 ? input_size : hidden_size});
+    out.push_back({gh, hidden_size});
+    if (bias) {
+      out.push_back({gh});
+      out.push_back({gh});
+    }
+  }
+  if (output_size > 0) {
+    out.push_back({output_size, hidden_size});
+    out.push_back({output_size});
+  }
+  return out;
+}
+
+template <class T>
+void RecurrentChain<T>::layout() {
+  shape_.validate();
+  const auto shapes = shape_.param_shapes();
+  if (params_.size() != shapes.size())
+    throw std::invalid_argument("expected " + std::to_string(shapes.size()) + " parameter arrays; got " +
+                                std::to_string(params_.size()));
+  const auto names = shape_.param_names();
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    std::size_t sz = 1;
+    for (int d : shapes[i]) sz *= static_cast<std::size_t>(d);
+    if (params_[i].size() != sz)
+      throw std::invalid_argument(names[i] + " must have " + std::to_string(sz) + " entries; got " +
+                                  std::to_string(params_[i].size()));
+  }
+  idx_.clear();
+  const int per = shape_.bias ? 4 : 2;
+  for (int l = 0; l < shape_.num_layers; ++l) {
+    idx_.push_back(l * per);
+    idx_.push_back(l * per + 1);
+    idx_.push_back(shape_.bias ? l * per + 2 : -1);
+    idx_.push_back(shape_.bias ? l * per + 3 : -1);
+  }
+  readout_ = shape_.output_size > 0 ? shape_.num_layers * per : -1;
+  zeros_.assign(static_cast<std::size_t>(gate_count(shape_.cell) * shape_.hidden_size), T(0));
+}
+
+template <class T>
+RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, std::vector<std::vector<T>> params)
+    : shape_(shape), params_(std::move(params)) {
+  layout();
+}
+
+template <class T>
+RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentInit& init,
+                                  std::uint64_t seed)
+    : shape_(shape) {
+  shape_.validate();
+  if (init.set_forget_bias && (shape.cell != CellKind::lstm || !shape.bias))
+    throw std::invalid_argument("forget_bias applies to an LSTM with biases only");
+  if (!(init.spectral_radius >= 0.0) || !std::isfinite(init.spectral_radius))
+    throw std::invalid_argument("spectral_radius must be a finite positive number");
+  const auto shapes = shape_.param_shapes();
+  const auto names = shape_.param_names();
+  params_.resize(shapes.size());
+  const Philox rng(seed);
+  const std::size_t H = static_cast<std::size_t>(shape.hidden_size);
+  const std::size_t G = static_cast<std::size_t>(gate_count(shape.cell));
+  const double k = 1.0 / std::sqrt(double(H));
+  std::size_t i = 0;
+  std::vector<double> buf;
+  // Streams: (layer, which parameter, gate block) never share random numbers.
+  auto stream_id = [](std::size_t layer, std::size_t which, std::size_t block) {
+    return static_cast<std::uint64_t>((layer * 4 + which) * 8 + block);
+  };
+  auto uniform = [&](std::size_t n, double a, std::uint64_t id) {
+    buf.resize(n);
+    fill_uniform_pm1(rng, weight_stream(id), buf.data(), n);
+    for (double& v : buf) v *= a;
+  };
+  for (std::size_t l = 0; l < static_cast<std::size_t>(shape.num_layers); ++l) {
+    for (std::size_t which = 0; which < (shape.bias ? 4u : 2u); ++which, ++i) {
+      const std::size_t fan_in = static_cast<std::size_t>(shapes[i].size() == 2 ? shapes[i][1] : 0);
+      const std::size_t n = which < 2 ? G * H * fan_in : G * H;
+      const double gain = which == 0 ? init.gain : which == 1 ? init.recurrent_gain : 1.0;
+      if (init.kind == RecurrentInitKind::uniform) {
+        uniform(n, k * gain, stream_id(l, which, 7));
+      } else if (which >= 2) {
+        buf.assign(n, 0.0);
+      } else {
+        buf.resize(n);
+        InitSpec spec;
+        spec.gain = gain;
+        switch (init.kind) {
+          case RecurrentInitKind::xavier_normal:
+            spec.kind = InitKind::xavier_normal;
+            break;
+          case RecurrentInitKind::orthogonal:
+            spec.kind = which == 1 ? InitKind::orthogonal : InitKind::xavier_uniform;
+            break;
+          case RecurrentInitKind::normal:
+            spec.kind = InitKind::normal;
+            spec.sigma_w = gain;
+            spec.gain = 1.0;
+            break;
+          default:
+            spec.kind = InitKind::xavier_uniform;
+            break;
+        }
+        for (std::size_t gb = 0; gb < G; ++gb)
+          init_weight(buf.data() + gb * H * fan_in, static_cast<int>(H), static_cast<int>(fan_in), spec,
+                      rng, stream_id(l, which, gb));
+      }
+      if (which == 1 && init.spectral_radius > 0.0) {
+        std::vector<double> a(H * H), wr(H), wi(H);
+        for (std::size_t gb = 0; gb < G; ++gb) {
+          double* blk = buf.data() + gb * H * H;
+          std::copy(blk, blk + H * H, a.begin());
+          if (blas::eigvals(static_cast<int>(H), a.data(), static_cast<int>(H), wr.data(), wi.data()) != 0)
+            throw std::runtime_error("LAPACK geev failed while setting the spectral radius");
+          double rho = 0.0;
+          for (std::size_t j = 0; j < H; ++j) rho = std::max(rho, std::hypot(wr[j], wi[j]));
+          if (!(rho > 0.0))
+            throw std::invalid_argument("spectral_radius: weight_hh has spectral radius 0 and cannot be rescaled");
+          for (std::size_t j = 0; j < H * H; ++j) blk[j] *= init.spectral_radius / rho;
+        }
+      }
+      if (init.set_forget_bias && which >= 2)
+        for (std::size_t j = H; j < 2 * H; ++j) buf[j] = which == 2 ? init.forget_bias : 0.0;
+      params_[i].assign(buf.begin(), buf.end());
+    }
+  }
+  if (shape.output_size > 0) {
+    const std::size_t O = static_cast<std::size_t>(shape.output_size);
+    const std::size_t Lr = static_cast<std::size_t>(shape.num_layers);
+    uniform(O * H, k, stream_id(Lr, 0, 0));
+    params_[i++].assign(buf.begin(), buf.end());
+    uniform(O, k, stream_id(Lr, 1, 0));
+    params_[i++].assign(buf.begin(), buf.end());
+  }
+  layout();
+}
+
+// ---- running ----------------------------------------------------------------------------------
+
+template <class T>
+double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest& req) const {
+  const double Tn = steps, B = batch, H = shape_.hidden_size, L = shape_.num_layers;
+  const bool lstm = shape_.cell == CellKind::lstm;
+  const double GW = shape_.cell == CellKind::gru || lstm ? 4 * H : H;
+  double e = Tn * B * shape_.input_size;                 // input copy
+  e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);            // states (and cells)
+  e += L * Tn * B * (GW + (lstm ? H : 0));               // gates (and tanh of the cells)
+  if (!req.forward_only) {
+    e += 3 * (Tn + 1) * B * H;  // upstream gradients
+    const double O = shape_.output_size > 0 ? shape_.output_size : H;
+    e += 2 * (req.target_every_step ? Tn : 1) * B * O;  // loss terms
+    if (req.truncation == Truncation::window) {
+      const double k = std::min<double>(req.window, Tn);
+      e += L * Tn * B * GW + L * (Tn + 1) * B * H * (lstm ? 2 : 1) + k * B * (GW + H);
+    }
+    if (req.keep_grads) e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);
+  } else {
+    e += Tn * B * H;
+  }
+  double params = 0;
+  for (const auto& p : params_) params += double(p.size());
+  e += params * 3;  // per-part gradients and the result
+  return e * sizeof(T);
+}
+
+template <class T>
+RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, const RecurrentRequest& req,
+                                          Canceller& cancel) const {
+  if (steps <= 0) throw std::invalid_argument("x must have at least one timestep; got " + std::to_string(steps));
+  if (batch <= 0) throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
+  if (req.truncation != Truncation::none && req.window <= 0)
+    throw std::invalid_argument("truncate must be a positive integer; got " + std::to_string(req.window));
+  const double bytes = run_bytes(steps, batch, req);
+  check_memory(bytes, "this run");
+
+  Model<T> m;
+  m.cell = shape_.cell;
+  m.H = static_cast<std::size_t>(shape_.hidden_size);
+  m.L = static_cast<std::size_t>(shape_.num_layers);
+  m.G = static_cast<std::size_t>(gate_count(shape_.cell));
+  m.GH = m.G * m.H;
+  m.GW = (shape_.cell == CellKind::lstm || shape_.cell == CellKind::gru) ? 4 * m.H : m.H;
+  m.O = static_cast<std::size_t>(std::max(shape_.output_size, 0));
+  m.bias = shape_.bias;
+  m.n_params = params_.size();
+  for (std::size_t l = 0; l < m.L; ++l) {
+    m.in.push_back(l == 0 ? static_cast<std::size_t>(shape_.input_size) : m.H);
+    const int* ix = idx_.data() + 4 * l;
+    m.pi.push_back(ix[0]);
+    m.w_ih.push_back(params_[static_cast<std::size_t>(ix[0])].data());
+    m.w_hh.push_back(params_[static_cast<std::size_t>(ix[1])].data());
+    m.b_ih.push_back(ix[2] >= 0 ? params_[static_cast<std::size_t>(ix[2])].data() : zeros_.data());
+    m.b_hh.push_back(ix[3] >= 0 ? params_[static_cast<std::size_t>(ix[3])].data() : zeros_.data());
+  }
+  if (readout_ >= 0) {
+    m.p_out = readout_;
+    m.w_out = params_[static_cast<std::size_t>(readout_)].data();
+    m.b_out = params_[static_cast<std::size_t>(readout_) + 1].data();
+  }
+  if (m.cell == CellKind::gru) {
+    m.ih = {{0, 0, 2 * m.H}, {2 * m.H, 3 * m.H, m.H}};
+    m.hh = {{0, 0, 3 * m.H}};
+  } else {
+    m.ih = {{0, 0, m.GH}};
+    m.hh = {{0, 0, m.GH}};
+  }
+
+  const std::size_t Tn = static_cast<std::size_t>(steps), B = static_cast<std::size_t>(batch);
+  const std::size_t H = m.H, L = m.L;
+  const bool lstm = m.cell == CellKind::lstm;
+  double step_work = double(B) * double(m.GH) * double(H);
+  double total_work = double(Tn) * double(L) * step_work;
+  bool two = false;
+#ifdef _OPENMP
+  two = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
+#endif
+  const int cores = std::max(max_threads(), blas_threads());
+  const bool threaded_gemm = !two && step_work >= kThreadedGemmWork && cores > 1;
+  BlasThreads threads(threaded_gemm ? cores : 1);
+
+  RecurrentResult<T> res;
+  res.norm_type = req.norm_type;
+  if (req.keep_grads && !req.forward_only) {
+    res.state_grads.assign(L * (Tn + 1) * B * H, T(0));
+    if (lstm) res.cell_grads.assign(L * (Tn + 1) * B * H, T(0));
+  }
+  std::vector<Part<T>> parts(two ? 2 : 1);
+  if (two) {
+    parts[0].r0 = 0;
+    parts[0].R = B / 2;
+    parts[1].r0 = B / 2;
+    parts[1].R = B - B / 2;
+  } else {
+    parts[0].R = B;
+  }
+  std::atomic<bool> abort{false};
+  Pass<T> pass(m, req, Tn, B, res, cancel, abort);
+  try {
+    for (Part<T>& p : parts) pass.allocate(p, x);
+  } catch (const std::bad_alloc&) {
+    throw MemoryRequestError("could not allocate " + std::to_string(bytes) + " bytes for this run");
+  }
+  std::exception_ptr error;
+  auto work = [&](Part<T>& p, bool polls) {
+    pass.forward(p, polls);
+    if (p.bad_layer >= 0 || req.forward_only || abort.load()) return;
+    pass.loss(p);
+    for (std::size_t t = 0; t <= Tn; ++t)
+      if (p.topnz[t] && !scan(p.Utop.get() + t * p.R * H, p.R * H).finite) {
+        p.bad_layer = static_cast<int>(L) - 1;
+        p.bad_t = -2;
+        return;
+      }
+    pass.backward(p, polls);
+  };
+  if (parts.size() == 1) {
+    work(parts[0], true);
+  } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+    {
+      const int tid = omp_get_thread_num();
+      try {
+        work(parts[static_cast<std::size_t>(tid)], tid == 0);
+      } catch (...) {
+        abort.store(true);
+#pragma omp critical(gradchain_rnn_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+#endif
+  }
+  if (error) std::rethrow_exception(error);
+
+  // ---- non-finite values: report the first place ---------------------------------------------
+  {
+    int bl = -1;
+    std::int64_t bt = 0;
+    for (const Part<T>& p : parts)
+      if (p.bad_layer >= 0 && (bl < 0 || p.bad_t < bt || (p.bad_t == bt && p.bad_layer < bl))) {
+        bl = p.bad_layer;
+        bt = p.bad_t;
+      }
+    if (bl >= 0 && bt == -2)
+      throw NonFiniteError("loss", -1, "the loss gradient is not finite (the outputs are too large)");
+    if (bl >= 0)
+      throw NonFiniteError("forward", bt,
+                           "the forward pass overflowed at timestep " + std::to_string(bt) + " of layer " +
+                               std::to_string(bl) + " (a relu recurrence whose states grew past the " +
+                               "float range); lower recurrent_gain or the inputs");
+  }
+
+  res.h_n.assign(L * B * H, T(0));
+  if (lstm) res.c_n.assign(L * B * H, T(0));
+  for (const Part<T>& p : parts)
+    for (std::size_t l = 0; l < L; ++l) {
+      const T* h = p.Hs[l].get() + Tn * p.R * H;
+      std::copy(h, h + p.R * H, res.h_n.data() + (l * B + p.r0) * H);
+      if (lstm) {
+        const T* c = p.Cs[l].get() + Tn * p.R * H;
+        std::copy(c, c + p.R * H, res.c_n.data() + (l * B + p.r0) * H);
+      }
+    }
+  if (req.forward_only) {
+    res.output.assign(Tn * B * H, T(0));
+    for (const Part<T>& p : parts)
+      for (std::size_t t = 1; t <= Tn; ++t) {
+        const T* h = p.Hs[L - 1].get() + t * p.R * H;
+        std::copy(h, h + p.R * H, res.output.data() + ((t - 1) * B + p.r0) * H);
+      }
+    return res;
+  }
+
+  // ---- loss, state norms ---------------------------------------------------------------------
+  double loss = 0.0;
+  for (const Part<T>& p : parts) loss += p.loss;
+  if (req.loss == LossKind::grad_output) {
+    res.loss = std::numeric_limits<double>::quiet_NaN();
+    res.log10_loss = res.loss;
+  } else {
+    res.loss = loss;
+    res.log10_loss = loss > 0 ? std::log10(loss) : kNegInf;
+  }
+  const std::size_t nn = L * (Tn + 1);
+  res.log10_state_grad_norms.assign(nn, kNegInf);
+  if (lstm) res.log10_cell_grad_norms.assign(nn, kNegInf);
+  for (std::size_t i = 0; i < nn; ++i) {
+    double s = kNegInf, c = kNegInf;
+    for (const Part<T>& p : parts) {
+      s = log10_add(s, p.ls[i]);
+      if (lstm) c = log10_add(c, p.lc[i]);
+    }
+    res.log10_state_grad_norms[i] = 0.5 * s;
+    if (lstm) res.log10_cell_grad_norms[i] = 0.5 * c;
+  }
+
+  // ---- parameter gradients: the parts' sums, norms, clipping ----------------------------------
+  const std::size_t np = params_.size();
+  std::vector<std::vector<T>> grads(np);
+  std::vector<std::int64_t> gexp(np, 0);
+  std::vector<double> lp(np, kNegInf);
+  res.log10_param_grad_norms.assign(np, kNegInf);
+  for (std::size_t i = 0; i < np; ++i) {
+    grads[i].assign(params_[i].size(), T(0));
+    char nz = 0;
+    for (const Part<T>& p : parts)
+      if (p.pnz[i]) accumulate(grads[i].data(), gexp[i], nz, p.pg[i].data(), p.pexp[i], grads[i].size());
+    if (!nz) continue;
+    const Scan s = scan(grads[i].data(), grads[i].size());
+    res.log10_param_grad_norms[i] = log10_norm(s.sumsq, gexp[i]);
+    lp[i] = log10_pnorm(grads[i].data(), grads[i].size(), s, gexp[i], req.norm_type);
+  }
+  const LogClip lc = log_clip<T>(lp, req.norm_type, req.max_norm);
+  res.log10_total_norm = lc.log10_total;
+  res.clipped = lc.clipped;
+  res.max_norm = lc.clipped ? req.max_norm : 0.0;
+  res.log10_clip_coef = lc.log10_coef;
+  if (req.keep_grads) {
+    for (std::size_t i = 0; i < np; ++i) write_scaled(grads[i].data(), grads[i].size(), gexp[i], lc.coef, grads[i].data());
+    res.param_grads = std::move(grads);
+  }
+  return res;
+}
+
+template class RecurrentChain<float>;
+template class RecurrentChain<double>;
+
+}  // namespace gradchain
