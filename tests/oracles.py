@@ -11,6 +11,10 @@ Nothing in here imports gradchain.  Three oracles:
   gradient (and, for positively homogeneous chains with zero biases, the forward
   activations) at every layer and accumulates the scale as a log10, for chains deep enough
   that float norms underflow or overflow.
+
+The same three for recurrent chains (torch's RNN/LSTM/GRU layout, full and truncated BPTT):
+:func:`numpy_rnn_backward`, :func:`torch_rnn_backward` (plus :func:`torch_module_backward`
+through torch's fused modules) and :func:`renormalised_rnn_log10_state_norms`.
 """
 
 from __future__ import annotations
@@ -450,3 +454,860 @@ def renormalised_log10_norms(
         log10_total=log10_total_norm(np.concatenate([lw, lb]), 2.0),
         log10_output=out_log,
     )
+
+
+# ======================================================================================
+# Recurrent chains (torch.nn.RNN / LSTM / GRU layout and equations)
+# ======================================================================================
+#
+# Notation: layers l = 0..L-1, states h^l_t for t = 0..T (h^l_0 the initial state), the
+# input of layer 0 at step t is x[t - 1], that of layer l > 0 is h^{l-1}_t.  The loss sees
+# the top layer through an optional readout y_t = h_t W_out^T + b_out.  "State gradient"
+# means the total gradient arriving at a state (see the definitions in the truncated
+# modes below).
+RNN_CELLS = ("tanh", "relu", "lstm", "gru")
+RNN_LOSSES = ("probe", "mse", "cross_entropy", "grad")
+TRUNCATE_MODES = ("detach", "window")
+RNN_GATES = {"tanh": 1, "relu": 1, "lstm": 4, "gru": 3}
+
+
+def _np64(a):
+    """float64 copy of an array-like or a torch tensor."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        a = a.detach().cpu().numpy()
+    return np.array(a, dtype=np.float64)
+
+
+def _rnn_params(cell, state_dict):
+    """The state dict as float64 arrays plus the sizes inferred from it."""
+    if cell not in RNN_CELLS:
+        raise ValueError(f"unknown cell {cell!r}")
+    sd = {k: _np64(v) for k, v in state_dict.items()}
+    num_layers = 0
+    while f"weight_ih_l{num_layers}" in sd:
+        num_layers += 1
+    if num_layers == 0:
+        raise ValueError("state_dict has no weight_ih_l0")
+    gates = RNN_GATES[cell]
+    hidden = sd["weight_hh_l0"].shape[1]
+    bias = "bias_ih_l0" in sd
+    layers = []
+    for l in range(num_layers):
+        w_ih, w_hh = sd[f"weight_ih_l{l}"], sd[f"weight_hh_l{l}"]
+        if w_ih.shape[0] != gates * hidden or w_hh.shape != (gates * hidden, hidden):
+            raise ValueError(f"layer {l}: shapes {w_ih.shape}, {w_hh.shape} do not fit {cell!r}")
+        zero = np.zeros(gates * hidden)
+        layers.append(
+            SimpleNamespace(
+                w_ih=w_ih,
+                w_hh=w_hh,
+                b_ih=sd.get(f"bias_ih_l{l}", zero),
+                b_hh=sd.get(f"bias_hh_l{l}", zero),
+            )
+        )
+    readout = None
+    if "readout.weight" in sd:
+        w = sd["readout.weight"]
+        readout = SimpleNamespace(w=w, b=sd.get("readout.bias", np.zeros(w.shape[0])))
+    return SimpleNamespace(
+        cell=cell,
+        num_layers=num_layers,
+        hidden=hidden,
+        input_size=sd["weight_ih_l0"].shape[1],
+        bias=bias,
+        layers=layers,
+        readout=readout,
+        names=list(sd),
+        shapes={k: v.shape for k, v in sd.items()},
+    )
+
+
+def _initial_states(P, x, h0, c0):
+    shape = (P.num_layers, x.shape[1], P.hidden)
+    h = np.zeros(shape) if h0 is None else _np64(h0).reshape(shape)
+    c = None
+    if P.cell == "lstm":
+        c = np.zeros(shape) if c0 is None else _np64(c0).reshape(shape)
+    return h, c
+
+
+def _check_truncate(truncate, truncate_mode):
+    if truncate_mode not in TRUNCATE_MODES:
+        raise ValueError(f"unknown truncate_mode {truncate_mode!r}")
+    if truncate is not None and (int(truncate) != truncate or truncate < 1):
+        raise ValueError(f"truncate must be None or an integer >= 1; got {truncate!r}")
+    return None if truncate is None else int(truncate)
+
+
+def _np_cell_forward(cell, p, xin, h, c):
+    """One step of one layer: (h', c' or None, cache for the backward step)."""
+    gi = xin @ p.w_ih.T + p.b_ih
+    gh = h @ p.w_hh.T + p.b_hh
+    if cell in ("tanh", "relu"):
+        z = gi + gh
+        hn = np.tanh(z) if cell == "tanh" else np.where(z > 0, z, 0.0)
+        return hn, None, (xin, h, z, hn)
+    if cell == "lstm":
+        a = gi + gh
+        ai, af, ag, ao = np.split(a, 4, axis=1)
+        i, f, g, o = _sigmoid(ai), _sigmoid(af), np.tanh(ag), _sigmoid(ao)
+        cn = f * c + i * g
+        tc = np.tanh(cn)
+        return o * tc, cn, (xin, h, c, i, f, g, o, tc)
+    # gru
+    gi_r, gi_z, gi_n = np.split(gi, 3, axis=1)
+    gh_r, gh_z, gh_n = np.split(gh, 3, axis=1)
+    r = _sigmoid(gi_r + gh_r)
+    z = _sigmoid(gi_z + gh_z)
+    n = np.tanh(gi_n + r * gh_n)
+    return (1.0 - z) * n + z * h, None, (xin, h, r, z, n, gh_n)
+
+
+def _np_cell_backward(cell, p, cache, dh, dc, acc):
+    """Backward of one step of one layer.
+
+    dh: gradient at h' to propagate; dc (LSTM): gradient at c' from the next step.
+    Adds the parameter gradients to `acc` (w_ih, w_hh, b_ih, b_hh) and returns
+    (d input, d h, d c (LSTM) or None, total gradient at c' (LSTM) or None).
+    """
+    if cell in ("tanh", "relu"):
+        xin, h, z, hn = cache
+        da = dh * (1.0 - hn * hn) if cell == "tanh" else np.where(z > 0, dh, 0.0)
+        dgi = dgh = da
+        dc_prev = dc_total = None
+        dh_direct = 0.0
+    elif cell == "lstm":
+        xin, h, c, i, f, g, o, tc = cache
+        dc_total = dc + dh * o * (1.0 - tc * tc)
+        do = dh * tc
+        di, dg, df = dc_total * g, dc_total * i, dc_total * c
+        dc_prev = dc_total * f
+        da = np.concatenate(
+            [di * i * (1.0 - i), df * f * (1.0 - f), dg * (1.0 - g * g), do * o * (1.0 - o)],
+            axis=1,
+        )
+        dgi = dgh = da
+        dh_direct = 0.0
+    else:  # gru
+        xin, h, r, z, n, gh_n = cache
+        dn = dh * (1.0 - z)
+        dz = dh * (h - n)
+        dh_direct = dh * z
+        dn_pre = dn * (1.0 - n * n)
+        dr_pre = dn_pre * gh_n * r * (1.0 - r)
+        dz_pre = dz * z * (1.0 - z)
+        dgi = np.concatenate([dr_pre, dz_pre, dn_pre], axis=1)
+        dgh = np.concatenate([dr_pre, dz_pre, dn_pre * r], axis=1)
+        dc_prev = dc_total = None
+    acc["w_ih"] += dgi.T @ xin
+    acc["w_hh"] += dgh.T @ h
+    acc["b_ih"] += dgi.sum(axis=0)
+    acc["b_hh"] += dgh.sum(axis=0)
+    return dgi @ p.w_ih, dh_direct + dgh @ p.w_hh, dc_prev, dc_total
+
+
+def _np_rnn_forward(P, x, h, c):
+    """Full forward from the initial states.  hs[l][t], cs[l][t] for t = 0..T; caches[t][l]
+    for t = 1..T (caches[0] is unused)."""
+    T = x.shape[0]
+    hs = [[h[l]] for l in range(P.num_layers)]
+    cs = [[c[l]] for l in range(P.num_layers)] if c is not None else None
+    caches = [None]
+    for t in range(1, T + 1):
+        inp = x[t - 1]
+        step = []
+        for l, p in enumerate(P.layers):
+            hn, cn, cache = _np_cell_forward(
+                P.cell, p, inp, hs[l][t - 1], cs[l][t - 1] if cs else None
+            )
+            hs[l].append(hn)
+            if cs is not None:
+                cs[l].append(cn)
+            step.append(cache)
+            inp = hn
+        caches.append(step)
+    return hs, cs, caches
+
+
+def _np_loss_terms(P, top, loss, target):
+    """Loss value, {t: d ell_t / d h_t at the top layer} and the readout gradients.
+
+    `top` lists the top layer's states h_0..h_T.  Since ell_t depends on h_t only, the
+    gradient of the full loss at h_t equals that of its term ell_t.
+    """
+    T = len(top) - 1
+    B = top[0].shape[0]
+    ro = P.readout
+    d_ro_w = None if ro is None else np.zeros_like(ro.w)
+    d_ro_b = None if ro is None else np.zeros_like(ro.b)
+
+    def y_of(h):
+        return h if ro is None else h @ ro.w.T + ro.b
+
+    def to_h(t, h, dy):
+        if ro is None:
+            return dy
+        d_ro_w[...] += dy.T @ h
+        d_ro_b[...] += dy.sum(axis=0)
+        return dy @ ro.w
+
+    inject = {}
+    if loss == "probe":
+        val = 0.5 * float(np.sum(top[T] * top[T]))
+        inject[T] = top[T].copy()
+    elif loss == "mse":
+        tgt = _np64(target)
+        steps = {T: tgt} if tgt.ndim == 2 else {t: tgt[t - 1] for t in range(1, T + 1)}
+        if tgt.ndim not in (2, 3) or (tgt.ndim == 3 and tgt.shape[0] != T):
+            raise ValueError(f"mse target must be (B, out) or (T, B, out); got {tgt.shape}")
+        total, val = tgt.size, 0.0
+        for t, tg in steps.items():
+            d = y_of(top[t]) - tg
+            val += float(np.sum(d * d))
+            inject[t] = to_h(t, top[t], 2.0 * d / total)
+        val /= total
+    elif loss == "cross_entropy":
+        labels = np.asarray(target)
+        if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[0] != T):
+            raise ValueError(f"cross_entropy target must be (B,) or (T, B); got {labels.shape}")
+        labels = labels.astype(np.int64)
+        steps = {T: labels} if labels.ndim == 1 else {t: labels[t - 1] for t in range(1, T + 1)}
+        total, val = labels.size, 0.0
+        for t, lab in steps.items():
+            y = y_of(top[t])
+            m = y.max(axis=1, keepdims=True)
+            e = np.exp(y - m)
+            s = e.sum(axis=1, keepdims=True)
+            lse = (m + np.log(s))[:, 0]
+            val += float(np.sum(lse - y[np.arange(B), lab]))
+            prob = e / s
+            prob[np.arange(B), lab] -= 1.0
+            inject[t] = to_h(t, top[t], prob / total)
+        val /= total
+    elif loss == "grad":
+        g = _np64(target)
+        if g.ndim == 2:
+            inject[T] = g
+        elif g.ndim == 3 and g.shape[0] == T:
+            inject.update({t: g[t - 1] for t in range(1, T + 1)})
+        else:
+            raise ValueError(f"grad target must be (B, H) or (T, B, H); got {g.shape}")
+        val = float("nan")
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    return val, inject, d_ro_w, d_ro_b
+
+
+def _np_backward_range(P, caches, lo, hi, inject, cut, acc):
+    """Backpropagate the top-layer injections {t: dh} over steps hi..lo+1.
+
+    At t in `cut` (lo < t < hi) the gradient coming from step t + 1 is reported as part
+    of the state gradient at t but not propagated further back (a detached state).
+    Returns the state and cell gradients at t = lo..hi, shape (L, hi - lo + 1, B, H).
+    """
+    L = P.num_layers
+    B = caches[hi][0][1].shape[0]
+    H = P.hidden
+    lstm = P.cell == "lstm"
+    sg = np.zeros((L, hi - lo + 1, B, H))
+    cg = np.zeros((L, hi - lo + 1, B, H)) if lstm else None
+    carry_h = [np.zeros((B, H)) for _ in range(L)]
+    carry_c = [np.zeros((B, H)) for _ in range(L)] if lstm else [None] * L
+    for t in range(hi, lo, -1):
+        from_above = None
+        for l in range(L - 1, -1, -1):
+            g = np.zeros((B, H))
+            if l == L - 1 and t in inject:
+                g = g + inject[t]
+            if from_above is not None:
+                g = g + from_above
+            if t in cut:
+                report = g + carry_h[l]
+                dh, dc = g, (np.zeros((B, H)) if lstm else None)
+                extra_c = carry_c[l]
+            else:
+                dh = g + carry_h[l]
+                report = dh
+                dc = carry_c[l]
+                extra_c = None
+            dx, dh_prev, dc_prev, dc_total = _np_cell_backward(
+                P.cell, P.layers[l], caches[t][l], dh, dc, acc[l]
+            )
+            sg[l, t - lo] = report
+            if lstm:
+                cg[l, t - lo] = dc_total if extra_c is None else dc_total + extra_c
+            carry_h[l], carry_c[l] = dh_prev, dc_prev
+            from_above = dx
+    for l in range(L):
+        sg[l, 0] = carry_h[l]
+        if lstm:
+            cg[l, 0] = carry_c[l]
+    return sg, cg
+
+
+def numpy_rnn_forward(cell, state_dict, x, *, h0=None, c0=None, loss=None, target=None):
+    """Reference forward pass in float64 NumPy (no backward).
+
+    Returns a dict with ``output`` (T, B, H) (the top layer's h_1..h_T, as
+    ``torch.nn.RNN``), ``h_n``, ``c_n`` (LSTM) or None, and ``loss`` (the loss value when
+    ``loss`` is given, else None; NaN for ``"grad"``).
+    """
+    P = _rnn_params(cell, state_dict)
+    x = _np64(x)
+    if x.ndim != 3 or x.shape[2] != P.input_size or x.shape[0] < 1:
+        raise ValueError(f"x must be (T >= 1, B, {P.input_size}); got {x.shape}")
+    T = x.shape[0]
+    h, c = _initial_states(P, x, h0, c0)
+    hs, cs, _ = _np_rnn_forward(P, x, h, c)
+    val = None if loss is None else _np_loss_terms(P, hs[-1], loss, target)[0]
+    return {
+        "loss": val,
+        "output": np.stack(hs[-1][1:]),
+        "h_n": np.stack([hs[l][T] for l in range(P.num_layers)]),
+        "c_n": np.stack([cs[l][T] for l in range(P.num_layers)]) if cs is not None else None,
+    }
+
+
+def numpy_rnn_backward(
+    cell,
+    state_dict,
+    x,
+    *,
+    h0=None,
+    c0=None,
+    loss="probe",
+    target=None,
+    truncate=None,
+    truncate_mode="detach",
+):
+    """Reference forward + backward of a recurrent chain in float64 NumPy.
+
+    ``cell`` is one of :data:`RNN_CELLS` and ``state_dict`` has torch's layout
+    (``weight_ih_l{k}``, ``weight_hh_l{k}``, optional ``bias_ih_l{k}``/``bias_hh_l{k}``,
+    optional ``readout.weight``/``readout.bias``).  Losses and truncation follow the
+    gradchain recurrent API:
+
+    * ``truncate_mode="detach"``: the carried states of every layer are detached after
+      steps k, 2k, ... < T; the state gradient reported at such a boundary is everything
+      arriving there (loss, layer above, and step t + 1 through the detached copy), of which
+      only the part not from step t + 1 travels further back.
+    * ``truncate_mode="window"``: every loss term ell_t is backpropagated alone through the
+      steps max(0, t - k) + 1..t, starting from the forward states at max(0, t - k) taken as
+      leaves; parameter and state gradients are summed over t.  (Implemented directly:
+      one backward pass per loss term.)
+
+    Returns a dict with ``loss`` (NaN for ``"grad"``), ``state_grads`` (L, T + 1, B, H),
+    ``cell_grads`` (LSTM, same shape) or None, ``grads`` (name -> array for every entry of
+    the state dict), ``h_n`` (L, B, H) and ``c_n`` (LSTM) or None.
+    """
+    P = _rnn_params(cell, state_dict)
+    k = _check_truncate(truncate, truncate_mode)
+    x = _np64(x)
+    if x.ndim != 3 or x.shape[2] != P.input_size or x.shape[0] < 1:
+        raise ValueError(f"x must be (T >= 1, B, {P.input_size}); got {x.shape}")
+    T, B = x.shape[:2]
+    h, c = _initial_states(P, x, h0, c0)
+    hs, cs, caches = _np_rnn_forward(P, x, h, c)
+    val, inject, d_ro_w, d_ro_b = _np_loss_terms(P, hs[-1], loss, target)
+
+    acc = [
+        {
+            "w_ih": np.zeros_like(p.w_ih),
+            "w_hh": np.zeros_like(p.w_hh),
+            "b_ih": np.zeros_like(p.b_ih),
+            "b_hh": np.zeros_like(p.b_hh),
+        }
+        for p in P.layers
+    ]
+    if k is None or truncate_mode == "detach":
+        cut = set() if k is None else set(range(k, T, k))  # empty when k >= T
+        sg, cg = _np_backward_range(P, caches, 0, T, inject, cut, acc)
+    else:  # window
+        sg = np.zeros((P.num_layers, T + 1, B, P.hidden))
+        cg = np.zeros_like(sg) if cell == "lstm" else None
+        for t in sorted(inject):
+            s0 = max(0, t - k)
+            s, cc = _np_backward_range(P, caches, s0, t, {t: inject[t]}, set(), acc)
+            sg[:, s0 : t + 1] += s
+            if cg is not None:
+                cg[:, s0 : t + 1] += cc
+    grads = {}
+    for l, a in enumerate(acc):
+        grads[f"weight_ih_l{l}"] = a["w_ih"]
+        grads[f"weight_hh_l{l}"] = a["w_hh"]
+        grads[f"bias_ih_l{l}"] = a["b_ih"]
+        grads[f"bias_hh_l{l}"] = a["b_hh"]
+    if P.readout is not None:
+        grads["readout.weight"] = d_ro_w
+        grads["readout.bias"] = d_ro_b
+    return {
+        "loss": val,
+        "state_grads": sg,
+        "cell_grads": cg,
+        "grads": {name: grads[name] for name in P.names},
+        "h_n": np.stack([hs[l][T] for l in range(P.num_layers)]),
+        "c_n": np.stack([cs[l][T] for l in range(P.num_layers)]) if cs is not None else None,
+    }
+
+
+def _torch_one_thread(fn):
+    """Run a torch oracle on one intra-op thread (restored afterwards): its tensors are
+    tiny, and an oversubscribed OpenMP pool makes them orders of magnitude slower."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+
+    return wrapper
+
+
+def _torch_cells(P):
+    """One torch.nn.{RNN,LSTM,GRU}Cell per layer (float64) holding the state dict's weights."""
+    import torch
+
+    cells = []
+    for l, p in enumerate(P.layers):
+        in_size = P.input_size if l == 0 else P.hidden
+        if P.cell in ("tanh", "relu"):
+            m = torch.nn.RNNCell(
+                in_size, P.hidden, bias=P.bias, nonlinearity=P.cell, dtype=torch.float64
+            )
+        elif P.cell == "lstm":
+            m = torch.nn.LSTMCell(in_size, P.hidden, bias=P.bias, dtype=torch.float64)
+        else:
+            m = torch.nn.GRUCell(in_size, P.hidden, bias=P.bias, dtype=torch.float64)
+        with torch.no_grad():
+            m.weight_ih.copy_(torch.from_numpy(p.w_ih))
+            m.weight_hh.copy_(torch.from_numpy(p.w_hh))
+            if P.bias:
+                m.bias_ih.copy_(torch.from_numpy(p.b_ih))
+                m.bias_hh.copy_(torch.from_numpy(p.b_hh))
+        cells.append(m)
+    return cells
+
+
+def _torch_readout(P):
+    import torch
+
+    if P.readout is None:
+        return None, None
+    w = torch.tensor(P.readout.w, dtype=torch.float64, requires_grad=True)
+    b = None
+    if "readout.bias" in P.names:
+        b = torch.tensor(P.readout.b, dtype=torch.float64, requires_grad=True)
+    return w, b
+
+
+def _torch_target(loss, target):
+    import torch
+
+    if loss == "cross_entropy":
+        return torch.as_tensor(np.asarray(target).astype(np.int64))
+    if loss in ("mse", "grad"):
+        return torch.as_tensor(_np64(target))
+    return None
+
+
+def _torch_full_loss(loss, tgt, top, ro_w, ro_b):
+    """The loss of the top-layer states h_1..h_T (list) by torch.nn.functional; None for
+    "grad"."""
+    import torch
+    import torch.nn.functional as F
+
+    def y_of(h):
+        return h if ro_w is None else F.linear(h, ro_w, ro_b)
+
+    if loss == "probe":
+        return 0.5 * top[-1].pow(2).sum()
+    if loss == "mse":
+        if tgt.dim() == 2:
+            return F.mse_loss(y_of(top[-1]), tgt)
+        return F.mse_loss(torch.stack([y_of(h) for h in top]), tgt)
+    if loss == "cross_entropy":
+        if tgt.dim() == 1:
+            return F.cross_entropy(y_of(top[-1]), tgt)
+        y = torch.stack([y_of(h) for h in top])
+        T, B = tgt.shape
+        return F.cross_entropy(y.reshape(T * B, -1), tgt.reshape(T * B))
+    if loss == "grad":
+        return None
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def _torch_loss_term(loss, tgt, t, T, h, ro_w, ro_b):
+    """ell_t, the term of the loss that depends on the top state h_t (None if none)."""
+    import torch.nn.functional as F
+
+    def y_of(h):
+        return h if ro_w is None else F.linear(h, ro_w, ro_b)
+
+    if loss == "probe":
+        return 0.5 * h.pow(2).sum() if t == T else None
+    if loss == "mse":
+        if tgt.dim() == 2:
+            return F.mse_loss(y_of(h), tgt) if t == T else None
+        return F.mse_loss(y_of(h), tgt[t - 1], reduction="sum") / tgt.numel()
+    if loss == "cross_entropy":
+        if tgt.dim() == 1:
+            return F.cross_entropy(y_of(h), tgt) if t == T else None
+        return F.cross_entropy(y_of(h), tgt[t - 1], reduction="sum") / tgt.numel()
+    if loss == "grad":
+        if tgt.dim() == 2:
+            return (h * tgt).sum() if t == T else None
+        return (h * tgt[t - 1]).sum()
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def _torch_step(cells, lstm, inp, h, c):
+    """One time step through all layers: lists of the new h (and c) per layer."""
+    hn, cn = [], []
+    for l, m in enumerate(cells):
+        if lstm:
+            a, b = m(inp, (h[l], c[l]))
+            cn.append(b)
+        else:
+            a = m(inp, h[l])
+        hn.append(a)
+        inp = a
+    return hn, (cn if lstm else None)
+
+
+def _grad_or_zero(t):
+    import torch
+
+    return torch.zeros_like(t) if t.grad is None else t.grad
+
+
+@_torch_one_thread
+def torch_rnn_backward(
+    cell,
+    state_dict,
+    x,
+    *,
+    h0=None,
+    c0=None,
+    loss="probe",
+    target=None,
+    truncate=None,
+    truncate_mode="detach",
+):
+    """:func:`numpy_rnn_backward` by PyTorch autograd in float64.
+
+    The chain is unrolled step by step with one ``torch.nn.RNNCell``/``LSTMCell``/
+    ``GRUCell`` per layer, ``retain_grad()`` on every state.  ``"detach"`` truncation
+    replaces the carried states by ``state.detach().requires_grad_()`` after every k steps
+    (the reported gradient at a boundary is the pre-detach state's plus the detached
+    copy's); ``"window"`` re-runs the chain from detached leaves at max(0, t - k) for every
+    loss term ell_t and backpropagates it alone.  Same return value.
+    """
+    import torch
+
+    P = _rnn_params(cell, state_dict)
+    k = _check_truncate(truncate, truncate_mode)
+    xn = _np64(x)
+    if xn.ndim != 3 or xn.shape[2] != P.input_size or xn.shape[0] < 1:
+        raise ValueError(f"x must be (T >= 1, B, {P.input_size}); got {xn.shape}")
+    T, B = xn.shape[:2]
+    L, H = P.num_layers, P.hidden
+    lstm = cell == "lstm"
+    h0n, c0n = _initial_states(P, xn, h0, c0)
+    xt = torch.from_numpy(xn)
+    cells = _torch_cells(P)
+    ro_w, ro_b = _torch_readout(P)
+    tgt = _torch_target(loss, target)
+
+    sg = np.zeros((L, T + 1, B, H))
+    cg = np.zeros_like(sg) if lstm else None
+
+    def leaves(hv, cv):
+        h = [torch.tensor(hv[l], requires_grad=True) for l in range(L)]
+        c = [torch.tensor(cv[l], requires_grad=True) for l in range(L)] if lstm else None
+        return h, c
+
+    if k is None or truncate_mode == "detach":
+        h, c = leaves(h0n, c0n)
+        hs = [[h[l]] for l in range(L)]
+        cs = [[c[l]] for l in range(L)] if lstm else None
+        detached = {}  # t -> (h copies, c copies) carried into step t + 1
+        for t in range(1, T + 1):
+            h, c = _torch_step(cells, lstm, xt[t - 1], h, c)
+            for l in range(L):
+                h[l].retain_grad()
+                hs[l].append(h[l])
+                if lstm:
+                    c[l].retain_grad()
+                    cs[l].append(c[l])
+            if k is not None and t % k == 0 and t < T:
+                h = [v.detach().requires_grad_() for v in h]
+                c = [v.detach().requires_grad_() for v in c] if lstm else None
+                detached[t] = (h, c)
+        top = hs[L - 1][1:]
+        lv = _torch_full_loss(loss, tgt, top, ro_w, ro_b)
+        if lv is None:  # "grad": upstream gradients at the top states
+            if tgt.dim() == 2:
+                torch.autograd.backward([top[-1]], [tgt])
+            else:
+                torch.autograd.backward(top, list(tgt.unbind(0)))
+            val = float("nan")
+        else:
+            lv.backward()
+            val = float(lv.detach())
+        for l in range(L):
+            for t in range(T + 1):
+                sg[l, t] = _grad_or_zero(hs[l][t]).numpy()
+                if lstm:
+                    cg[l, t] = _grad_or_zero(cs[l][t]).numpy()
+        for t, (hd, cd) in detached.items():
+            for l in range(L):
+                sg[l, t] += _grad_or_zero(hd[l]).numpy()
+                if lstm:
+                    cg[l, t] += _grad_or_zero(cd[l]).numpy()
+        h_n = np.stack([hs[l][T].detach().numpy() for l in range(L)])
+        c_n = np.stack([cs[l][T].detach().numpy() for l in range(L)]) if lstm else None
+    else:  # window
+        with torch.no_grad():
+            h = [torch.from_numpy(h0n[l]) for l in range(L)]
+            c = [torch.from_numpy(c0n[l]) for l in range(L)] if lstm else None
+            fh, fc = [h], [c]
+            for t in range(1, T + 1):
+                h, c = _torch_step(cells, lstm, xt[t - 1], h, c)
+                fh.append(h)
+                fc.append(c)
+            lv = _torch_full_loss(loss, tgt, [s[L - 1] for s in fh[1:]], ro_w, ro_b)
+            val = float("nan") if lv is None else float(lv)
+        for t in range(1, T + 1):
+            s0 = max(0, t - k)
+            h, c = leaves(
+                np.stack([v.numpy() for v in fh[s0]]),
+                np.stack([v.numpy() for v in fc[s0]]) if lstm else None,
+            )
+            run_h, run_c = [h], [c]
+            for s in range(s0 + 1, t + 1):
+                h, c = _torch_step(cells, lstm, xt[s - 1], h, c)
+                for v in h + (c if lstm else []):
+                    v.retain_grad()
+                run_h.append(h)
+                run_c.append(c)
+            term = _torch_loss_term(loss, tgt, t, T, h[L - 1], ro_w, ro_b)
+            if term is None:
+                continue
+            term.backward()
+            for j, s in enumerate(range(s0, t + 1)):
+                for l in range(L):
+                    sg[l, s] += _grad_or_zero(run_h[j][l]).numpy()
+                    if lstm:
+                        cg[l, s] += _grad_or_zero(run_c[j][l]).numpy()
+        h_n = np.stack([v.numpy() for v in fh[T]])
+        c_n = np.stack([v.numpy() for v in fc[T]]) if lstm else None
+
+    grads = {}
+    for l, m in enumerate(cells):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            p = getattr(m, name, None)
+            if p is not None:
+                grads[f"{name}_l{l}"] = _grad_or_zero(p).detach().numpy().copy()
+    if ro_w is not None:
+        grads["readout.weight"] = _grad_or_zero(ro_w).detach().numpy().copy()
+        if ro_b is not None:
+            grads["readout.bias"] = _grad_or_zero(ro_b).detach().numpy().copy()
+    return {
+        "loss": val,
+        "state_grads": sg,
+        "cell_grads": cg,
+        "grads": {name: grads[name] for name in P.names},
+        "h_n": h_n.copy(),
+        "c_n": None if c_n is None else c_n.copy(),
+    }
+
+
+@_torch_one_thread
+def torch_module_backward(cell, state_dict, x, h0=None, c0=None, loss="probe", target=None):
+    """Full BPTT through torch's fused ``torch.nn.RNN``/``LSTM``/``GRU`` module (float64).
+
+    Returns a dict with ``loss``, ``grads`` (name -> array, state dict order),
+    ``output_grads`` (the loss's gradient at the module's output, (T, B, H)),
+    ``h0_grad``/``c0_grad`` (gradient at the initial states; c0_grad None unless LSTM),
+    ``output``, ``h_n`` and ``c_n``.
+    """
+    import torch
+
+    P = _rnn_params(cell, state_dict)
+    xn = _np64(x)
+    lstm = cell == "lstm"
+    kw = {"bias": P.bias, "dtype": torch.float64}
+    if cell in ("tanh", "relu"):
+        mod = torch.nn.RNN(P.input_size, P.hidden, P.num_layers, nonlinearity=cell, **kw)
+    elif lstm:
+        mod = torch.nn.LSTM(P.input_size, P.hidden, P.num_layers, **kw)
+    else:
+        mod = torch.nn.GRU(P.input_size, P.hidden, P.num_layers, **kw)
+    rnn_keys = [n for n in P.names if not n.startswith("readout.")]
+    mod.load_state_dict({n: torch.from_numpy(_np64(state_dict[n])) for n in rnn_keys}, strict=True)
+    h0n, c0n = _initial_states(P, xn, h0, c0)
+    h0t = torch.tensor(h0n, requires_grad=True)
+    xt = torch.from_numpy(xn)
+    if lstm:
+        c0t = torch.tensor(c0n, requires_grad=True)
+        out, (h_n, c_n) = mod(xt, (h0t, c0t))
+    else:
+        c0t = c_n = None
+        out, h_n = mod(xt, h0t)
+    out.retain_grad()
+    ro_w, ro_b = _torch_readout(P)
+    tgt = _torch_target(loss, target)
+    lv = _torch_full_loss(loss, tgt, list(out.unbind(0)), ro_w, ro_b)
+    if lv is None:
+        g = torch.zeros_like(out)
+        if tgt.dim() == 2:
+            g[-1] = tgt
+        else:
+            g[...] = tgt
+        out.backward(g)
+        val = float("nan")
+    else:
+        lv.backward()
+        val = float(lv.detach())
+    grads = {n: _grad_or_zero(p).detach().numpy().copy() for n, p in mod.named_parameters()}
+    if ro_w is not None:
+        grads["readout.weight"] = _grad_or_zero(ro_w).detach().numpy().copy()
+        if ro_b is not None:
+            grads["readout.bias"] = _grad_or_zero(ro_b).detach().numpy().copy()
+    return {
+        "loss": val,
+        "grads": {n: grads[n] for n in P.names},
+        "output_grads": _grad_or_zero(out).detach().numpy().copy(),
+        "h0_grad": _grad_or_zero(h0t).numpy().copy(),
+        "c0_grad": None if c0t is None else _grad_or_zero(c0t).numpy().copy(),
+        "output": out.detach().numpy().copy(),
+        "h_n": h_n.detach().numpy().copy(),
+        "c_n": None if c_n is None else c_n.detach().numpy().copy(),
+    }
+
+
+def _renormalised_rnn(cell, state_dict, x, h0, c0, grad_output):
+    P = _rnn_params(cell, state_dict)
+    x = _np64(x)
+    T = x.shape[0]
+    h, c = _initial_states(P, x, h0, c0)
+    with np.errstate(over="raise", invalid="raise"):
+        hs, _, caches = _np_rnn_forward(P, x, h, c)
+    L = P.num_layers
+    lstm = cell == "lstm"
+    top = hs[L - 1][T]
+    if not np.all(np.isfinite(top)):
+        raise FloatingPointError("the forward pass is not finite")
+    log_h = np.full(T + 1, -math.inf)
+    log_c = np.full(T + 1, -math.inf) if lstm else None
+    # Carried gradients (all layers), all divided by 10**scale.
+    scale = 0.0
+    zeros = np.zeros_like(top)
+    carry_h = [zeros] * L
+    carry_c = [zeros] * L if lstm else [None] * L
+    # probe loss: dL/dh_T = h_T; otherwise the given upstream gradient at h_T
+    inject = top.copy() if grad_output is None else _np64(grad_output).reshape(top.shape)
+    acc = [
+        {
+            "w_ih": np.zeros_like(p.w_ih),
+            "w_hh": np.zeros_like(p.w_hh),
+            "b_ih": np.zeros_like(p.b_ih),
+            "b_hh": np.zeros_like(p.b_hh),
+        }
+        for p in P.layers
+    ]
+    for t in range(T, 0, -1):
+        from_above = None
+        for l in range(L - 1, -1, -1):
+            dh = carry_h[l]
+            if l == L - 1 and t == T:
+                dh = dh + inject
+            if from_above is not None:
+                dh = dh + from_above
+            dx, dh_prev, dc_prev, dc_total = _np_cell_backward(
+                cell, P.layers[l], caches[t][l], dh, carry_c[l], acc[l]
+            )
+            if l == L - 1:
+                log_h[t] = _log10(float(np.linalg.norm(dh))) + scale
+                if lstm:
+                    log_c[t] = _log10(float(np.linalg.norm(dc_total))) + scale
+            carry_h[l], carry_c[l] = dh_prev, dc_prev
+            from_above = dx
+        # Renormalise every carried gradient by one common factor (the backward pass is
+        # linear in them) so that they stay of order one.
+        n = math.sqrt(
+            sum(float(np.sum(v * v)) for v in carry_h)
+            + (sum(float(np.sum(v * v)) for v in carry_c) if lstm else 0.0)
+        )
+        if n == 0.0:
+            break  # everything earlier is exactly zero (-inf)
+        scale += math.log10(n)
+        carry_h = [v / n for v in carry_h]
+        if lstm:
+            carry_c = [v / n for v in carry_c]
+    else:
+        log_h[0] = _log10(float(np.linalg.norm(carry_h[L - 1]))) + scale
+        if lstm:
+            log_c[0] = _log10(float(np.linalg.norm(carry_c[L - 1]))) + scale
+    return log_h, log_c
+
+
+def renormalised_rnn_log10_state_norms(cell, state_dict, x, *, h0=None, c0=None, grad_output=None):
+    """log10 ||dL/dh_t|| of the top layer, t = 0..T, for the probe loss 0.5 ||h_T||^2
+    (or, with ``grad_output`` (B, H), for that upstream gradient at h_T: the "grad" loss
+    with a last-step target).
+
+    The forward pass is plain float64 (it must stay finite); the backward pass divides the
+    carried gradients by their common norm after every step and keeps the log10 of the
+    divisor, so the result is exact far outside float64's range (T in the thousands).
+    Exact zeros give -inf.
+    """
+    return _renormalised_rnn(cell, state_dict, x, h0, c0, grad_output)[0]
+
+
+def renormalised_rnn_log10_cell_norms(cell, state_dict, x, *, h0=None, c0=None, grad_output=None):
+    """As :func:`renormalised_rnn_log10_state_norms`, for ||dL/dc_t|| of an LSTM's top
+    layer."""
+    if cell != "lstm":
+        raise ValueError("cell gradients exist for 'lstm' only")
+    return _renormalised_rnn(cell, state_dict, x, h0, c0, grad_output)[1]
+
+
+def random_rnn_state_dict(
+    cell,
+    input_size,
+    hidden_size,
+    num_layers=1,
+    *,
+    output_size=None,
+    bias=True,
+    gain=1.0,
+    bias_std=0.3,
+    seed=0,
+):
+    """A random float64 state dict in torch's layout (weights N(0, gain^2 / fan_in),
+    biases N(0, bias_std^2)), with a readout when ``output_size`` is given."""
+    rng = np.random.default_rng(seed)
+    G = RNN_GATES[cell]
+    sd = {}
+    for l in range(num_layers):
+        fan_in = input_size if l == 0 else hidden_size
+        sd[f"weight_ih_l{l}"] = (
+            rng.normal(size=(G * hidden_size, fan_in)) * gain / math.sqrt(fan_in)
+        )
+        sd[f"weight_hh_l{l}"] = (
+            rng.normal(size=(G * hidden_size, hidden_size)) * gain / math.sqrt(hidden_size)
+        )
+        if bias:
+            sd[f"bias_ih_l{l}"] = rng.normal(size=G * hidden_size) * bias_std
+            sd[f"bias_hh_l{l}"] = rng.normal(size=G * hidden_size) * bias_std
+    if output_size is not None:
+        sd["readout.weight"] = rng.normal(size=(output_size, hidden_size)) / math.sqrt(hidden_size)
+        sd["readout.bias"] = rng.normal(size=output_size) * bias_std
+    return sd

@@ -16,10 +16,12 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "was the package built? Install it with `pip install .` from the source tree."
     ) from exc
 
+from . import tasks
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from .errors import NonFiniteError
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP
-from .report import BackwardReport
+from .report import BackwardReport, RecurrentReport
+from .rnn import CELLS, RNN, RNN_INITS, RNN_LOSSES, TRUNCATE_MODES
 
 try:
     __version__ = version("gradchain")
@@ -28,14 +30,21 @@ except PackageNotFoundError:  # pragma: no cover
 
 __all__ = [
     "ACTIVATIONS",
+    "CELLS",
     "INITS",
     "LOSSES",
     "MLP",
+    "RNN",
+    "RNN_INITS",
+    "RNN_LOSSES",
+    "TRUNCATE_MODES",
     "BackwardReport",
     "NonFiniteError",
+    "RecurrentReport",
     "__version__",
     "clip_coefficient",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
+    "tasks",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BackwardReport"]
+__all__ = ["BackwardReport", "RecurrentReport"]
 
 
 def _pow10(a: Any) -> Any:
@@ -193,4 +193,191 @@ class BackwardReport:
         return (
             f"BackwardReport(depth={self.depth}, loss={self.loss:.6g}, "
             f"log10_total_norm={self.log10_total_norm:.6g})\n{self.table()}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class RecurrentReport:
+    """Per-timestep gradient norms of one backward pass through an :class:`~gradchain.RNN`.
+
+    As in :class:`BackwardReport`, every norm has a ``log10_`` form that stays finite and
+    accurate over any number of steps (``-inf``: exactly zero) and a float form that is 0
+    or inf outside the float range. Norms of states are Frobenius norms over
+    ``(batch, hidden_size)``.
+
+    Attributes
+    ----------
+    cell : str
+        The chain's cell.
+    loss, log10_loss : float
+        The loss (NaN when the upstream gradient was given directly).
+    log10_layer_state_grad_norms : ndarray, shape (num_layers, steps + 1)
+        log10 ||dL/dh_t|| for every layer, t = 0 (the initial state) .. steps.
+    log10_layer_cell_grad_norms : ndarray or None
+        The same for the LSTM's cell states c_t (None for other cells).
+    log10_weight_grad_norms : dict of str to float
+        log10 of the norm of every parameter's gradient, by ``state_dict`` name
+        (Frobenius for matrices, Euclidean for vectors).
+    norm_type, log10_total_norm, max_norm, log10_clip_coef
+        Total norm over all parameters and clipping, as in :class:`BackwardReport`.
+    truncate : int or None
+        The truncation window, and ``truncate_mode`` ("none", "detach" or "window").
+    h_n, c_n : ndarray
+        Final states, shape (num_layers, batch, hidden_size); c_n is None except for LSTM.
+    grads : dict of str to ndarray, or None
+        Full parameter gradients (after clipping) with ``return_grads=True``.
+    state_grads, cell_grads : ndarray or None
+        Full state gradients, shape (num_layers, steps + 1, batch, hidden_size).
+    """
+
+    cell: str
+    loss: float
+    log10_loss: float
+    log10_layer_state_grad_norms: np.ndarray
+    log10_layer_cell_grad_norms: np.ndarray | None
+    log10_weight_grad_norms: dict[str, float]
+    norm_type: float
+    log10_total_norm: float
+    max_norm: float | None
+    log10_clip_coef: float
+    truncate: int | None
+    truncate_mode: str
+    h_n: np.ndarray = field(repr=False)
+    c_n: np.ndarray | None = field(default=None, repr=False)
+    grads: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    state_grads: np.ndarray | None = field(default=None, repr=False)
+    cell_grads: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def _from_core(
+        cls, d: dict[str, Any], cell: str, names: tuple[str, ...], truncate: int | None, mode: str
+    ) -> RecurrentReport:
+        for key in ("log10_state_grad_norms", "log10_cell_grad_norms", "h_n", "c_n"):
+            if key in d:
+                d[key].setflags(write=False)
+        lp = d["log10_param_grad_norms"]
+        grads = dict(zip(names, d["param_grads"])) if "param_grads" in d else None
+        return cls(
+            cell=cell,
+            loss=float(d["loss"]),
+            log10_loss=float(d["log10_loss"]),
+            log10_layer_state_grad_norms=d["log10_state_grad_norms"],
+            log10_layer_cell_grad_norms=d.get("log10_cell_grad_norms"),
+            log10_weight_grad_norms={n: float(x) for n, x in zip(names, lp)},
+            norm_type=float(d["norm_type"]),
+            log10_total_norm=float(d["log10_total_norm"]),
+            max_norm=float(d["max_norm"]) if d["clipped"] else None,
+            log10_clip_coef=float(d["log10_clip_coef"]),
+            truncate=None if mode == "none" else truncate,
+            truncate_mode=mode,
+            h_n=d["h_n"],
+            c_n=d.get("c_n"),
+            grads=grads,
+            state_grads=d.get("state_grads"),
+            cell_grads=d.get("cell_grads"),
+        )
+
+    # -- shapes ---------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of timesteps T."""
+        return int(self.log10_layer_state_grad_norms.shape[1]) - 1
+
+    @property
+    def num_layers(self) -> int:
+        """Number of stacked layers."""
+        return int(self.log10_layer_state_grad_norms.shape[0])
+
+    # -- the top layer, and floats --------------------------------------------------------
+    @property
+    def log10_state_grad_norms(self) -> np.ndarray:
+        """log10 ||dL/dh_t|| of the top layer, t = 0..steps, shape (steps + 1,)."""
+        return self.log10_layer_state_grad_norms[-1]
+
+    @property
+    def state_grad_norms(self) -> np.ndarray:
+        """||dL/dh_t|| of the top layer as floats, shape (steps + 1,)."""
+        return _pow10(self.log10_state_grad_norms)
+
+    @property
+    def layer_state_grad_norms(self) -> np.ndarray:
+        """||dL/dh_t|| of every layer as floats, shape (num_layers, steps + 1)."""
+        return _pow10(self.log10_layer_state_grad_norms)
+
+    @property
+    def log10_cell_grad_norms(self) -> np.ndarray | None:
+        """log10 ||dL/dc_t|| of the top layer (LSTM), shape (steps + 1,); else None."""
+        a = self.log10_layer_cell_grad_norms
+        return None if a is None else a[-1]
+
+    @property
+    def cell_grad_norms(self) -> np.ndarray | None:
+        """||dL/dc_t|| of the top layer as floats (LSTM); else None."""
+        a = self.log10_cell_grad_norms
+        return None if a is None else _pow10(a)
+
+    @property
+    def layer_cell_grad_norms(self) -> np.ndarray | None:
+        """||dL/dc_t|| of every layer as floats (LSTM); else None."""
+        a = self.log10_layer_cell_grad_norms
+        return None if a is None else _pow10(a)
+
+    @property
+    def weight_grad_norms(self) -> dict[str, float]:
+        """Every parameter's gradient norm as a float, by ``state_dict`` name."""
+        return {k: float(_pow10(np.float64(x))) for k, x in self.log10_weight_grad_norms.items()}
+
+    @property
+    def total_norm(self) -> float:
+        """Total norm of all parameter gradients before clipping, as a float."""
+        return float(_pow10(np.float64(self.log10_total_norm)))
+
+    @property
+    def clip_coef(self) -> float:
+        """The factor the gradients were multiplied by (1.0 without clipping)."""
+        return float(_pow10(np.float64(self.log10_clip_coef)))
+
+    @property
+    def log10_clipped_total_norm(self) -> float:
+        """log10 of the total norm after clipping."""
+        return self.log10_total_norm + self.log10_clip_coef
+
+    # -- presentation -----------------------------------------------------------------------
+    def to_dict(self, *, grads: bool = False) -> dict[str, Any]:
+        """A dictionary of plain Python values that ``json.dumps`` accepts.
+
+        Non-finite floats become ``"inf"``/``"-inf"`` (NaN becomes None); full gradient
+        arrays are included only with ``grads=True``.
+        """
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name.endswith("grads") and not grads:
+                continue
+            val = getattr(self, f.name)
+            if isinstance(val, dict):
+                val = {k: _jsonable(x) for k, x in val.items()}
+            out[f.name] = _jsonable(val)
+        for name in ("state_grad_norms", "cell_grad_norms", "weight_grad_norms", "total_norm", "clip_coef"):
+            val = getattr(self, name)
+            out[name] = {k: _jsonable(x) for k, x in val.items()} if isinstance(val, dict) else _jsonable(val)
+        return out
+
+    def table(self, every: int | None = None) -> str:
+        """A per-timestep text table of log10 gradient norms (every `every`-th step)."""
+        T = self.steps
+        step = every or max(1, T // 20)
+        cell = self.log10_cell_grad_norms
+        head = f"{'t':>8}  {'log10|dL/dh_t|':>15}" + (f"  {'log10|dL/dc_t|':>15}" if cell is not None else "")
+        rows = [head]
+        for t in sorted(set(range(0, T + 1, step)) | {T}):
+            row = f"{t:>8}  {self.log10_state_grad_norms[t]:>15.4f}"
+            if cell is not None:
+                row += f"  {cell[t]:>15.4f}"
+            rows.append(row)
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return (
+            f"RecurrentReport(cell={self.cell!r}, steps={self.steps}, layers={self.num_layers}, "
+            f"loss={self.loss:.6g}, log10_total_norm={self.log10_total_norm:.6g})\n{self.table()}"
         )
