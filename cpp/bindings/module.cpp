@@ -45,6 +45,7 @@ PYBIND11_MODULE(_core, m) {
 #endif
 
   bindings::bind_clip(m);
+  bindings::bind_jacobian(m);
   bindings::bind_mlp(m);
   bindings::bind_rnn(m);
 }

@@ -1,0 +1,2 @@
+// Jacobian-product tracking (placeholder; being written).
+#pragma once

@@ -1,0 +1,1 @@
+#include "gradchain/jacobian.hpp"
