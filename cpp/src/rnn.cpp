@@ -6,6 +6,7 @@
 #include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -37,26 +38,37 @@ constexpr double kThreadedGemmWork = 1 << 20;
 inline int I(std::size_t v) { return static_cast<int>(v); }
 inline int clamp_shift(std::int64_t d) { return static_cast<int>(std::clamp<std::int64_t>(d, -100000, 100000)); }
 
+// Hands out pieces of one buffer; with no buffer it only adds up the sizes, so that a
+// first pass can size the allocation.
 template <class T>
-std::unique_ptr<T[]> alloc(std::size_t n) {
-  return std::unique_ptr<T[]>(new T[n == 0 ? 1 : n]);
-}
+class Arena {
+ public:
+  explicit Arena(T* base = nullptr) : base_(base) {}
+  T* take(std::size_t n) {
+    T* p = base_ ? base_ + used_ : nullptr;
+    used_ += (n + 15) / 16 * 16;  // 64-byte steps for float, 128 for double
+    return p;
+  }
+  std::size_t used() const { return used_; }
+
+ private:
+  T* base_;
+  std::size_t used_ = 0;
+};
 
 // acc += x * 2^d for d <= 0 (exact unless the scaled terms fall below the float range,
 // where they are negligible next to acc's).
 template <class T>
 void add_pow2(T* acc, const T* x, std::size_t n, std::int64_t d) {
+  constexpr int emax = std::numeric_limits<T>::max_exponent;
   if (d == 0) {
     for (std::size_t i = 0; i < n; ++i) acc[i] += x[i];
     return;
   }
-  const int k = clamp_shift(d);
-  if (k >= std::numeric_limits<T>::min_exponent) {
-    const T f = static_cast<T>(std::ldexp(1.0, k));
-    for (std::size_t i = 0; i < n; ++i) acc[i] += x[i] * f;
-  } else {
-    for (std::size_t i = 0; i < n; ++i) acc[i] += static_cast<T>(std::ldexp(static_cast<double>(x[i]), k));
-  }
+  if (d < -(2 * emax + std::numeric_limits<T>::digits)) return;  // every term underflows
+  const int k = static_cast<int>(d), k1 = k / 2;
+  const T f1 = static_cast<T>(std::ldexp(1.0, k1)), f2 = static_cast<T>(std::ldexp(1.0, k - k1));
+  for (std::size_t i = 0; i < n; ++i) acc[i] += (x[i] * f1) * f2;
 }
 
 // A scaled array a * 2^e (nz false: a is zero and its contents are undefined) gets
@@ -106,13 +118,13 @@ struct Model {
 template <class T>
 struct Part {
   std::size_t r0 = 0, R = 0;
-  std::unique_ptr<T[]> X;                      // (steps, R, in_0)
-  std::vector<std::unique_ptr<T[]>> Hs, Cs;    // per layer: (steps + 1, R, H)
-  std::vector<std::unique_ptr<T[]>> TC;        // LSTM: tanh(c_t), (steps, R, H)
-  std::vector<std::unique_ptr<T[]>> Gt;        // (steps, R, GW): gates, then dL/dgates
+  T* X = nullptr;                      // (steps, R, in_0)
+  std::vector<T*> Hs, Cs;    // per layer: (steps + 1, R, H)
+  std::vector<T*> TC;        // LSTM: tanh(c_t), (steps, R, H)
+  std::vector<T*> Gt;        // (steps, R, GW): gates, then dL/dgates
   std::vector<std::vector<std::int64_t>> gexp;  // per layer, per step: exponent of Gt's rows
   std::vector<std::vector<char>> gnz;
-  std::unique_ptr<T[]> U, V, Utop;  // upstream dL/dh_t of this layer / the one below / top
+  T *U = nullptr, *V = nullptr, *Utop = nullptr;  // upstream dL/dh_t of this layer / the one below / top
   std::vector<std::int64_t> uexp, vexp, topexp;
   std::vector<char> unz, vnz, topnz;
   std::vector<double> ls, lc;  // log10 of squared norms, layers x (steps + 1)
@@ -120,12 +132,12 @@ struct Part {
   std::vector<std::int64_t> pexp;
   std::vector<char> pnz;
   double loss = 0.0;
-  std::unique_ptr<T[]> dh, dc, dhn, tmp, S;
+  T *dh = nullptr, *dc = nullptr, *dhn = nullptr, *tmp = nullptr, *S = nullptr;
   // Window truncation: gradients accumulated over every source step.
-  std::vector<std::unique_ptr<T[]>> DGA, SA, CA;
+  std::vector<T*> DGA, SA, CA;
   std::vector<std::vector<std::int64_t>> dgaexp, saexp, caexp;
   std::vector<std::vector<char>> dganz, sanz, canz;
-  std::unique_ptr<T[]> Wd, Wx;
+  T *Wd = nullptr, *Wx = nullptr;
   std::vector<std::int64_t> wexp, wxexp;
   std::vector<char> wnz, wxnz;
   int bad_layer = -1;
@@ -148,7 +160,7 @@ class Pass {
        RecurrentResult<T>& res, Canceller& cancel, std::atomic<bool>& abort)
       : m_(m), req_(req), Tn_(steps), B_(B), res_(res), cancel_(cancel), abort_(abort) {}
 
-  void allocate(Part<T>& p, const T* x) const;
+  void allocate(Part<T>& p, Arena<T>& a) const;
   void forward(Part<T>& p, bool polls) const;
   void loss(Part<T>& p) const;
   void backward(Part<T>& p, bool polls) const;
@@ -186,12 +198,10 @@ const Activation kSigmoid{Act::sigmoid};
 const Activation kTanh{Act::tanh};
 
 template <class T>
-void Pass<T>::allocate(Part<T>& p, const T* x) const {
+void Pass<T>::allocate(Part<T>& p, Arena<T>& a) const {
   const std::size_t R = p.R, H = m_.H, L = m_.L, in0 = m_.in[0];
   const bool lstm = m_.cell == CellKind::lstm;
-  p.X = alloc<T>(Tn_ * R * in0);
-  for (std::size_t t = 0; t < Tn_; ++t)
-    std::copy(x + (t * B_ + p.r0) * in0, x + (t * B_ + p.r0 + R) * in0, p.X.get() + t * R * in0);
+  p.X = a.take(Tn_ * R * in0);
   p.Hs.resize(L);
   p.Gt.resize(L);
   if (lstm) {
@@ -199,19 +209,19 @@ void Pass<T>::allocate(Part<T>& p, const T* x) const {
     p.TC.resize(L);
   }
   for (std::size_t l = 0; l < L; ++l) {
-    p.Hs[l] = alloc<T>((Tn_ + 1) * R * H);
-    p.Gt[l] = alloc<T>(Tn_ * R * m_.GW);
+    p.Hs[l] = a.take((Tn_ + 1) * R * H);
+    p.Gt[l] = a.take(Tn_ * R * m_.GW);
     if (lstm) {
-      p.Cs[l] = alloc<T>((Tn_ + 1) * R * H);
-      p.TC[l] = alloc<T>(Tn_ * R * H);
+      p.Cs[l] = a.take((Tn_ + 1) * R * H);
+      p.TC[l] = a.take(Tn_ * R * H);
     }
   }
-  p.S = alloc<T>(R * m_.GH);
+  p.S = a.take(R * m_.GH);
   if (req_.forward_only) return;
   const std::size_t rows = (Tn_ + 1) * R * H;
-  p.U = alloc<T>(rows);
-  p.Utop = alloc<T>(rows);
-  if (L > 1) p.V = alloc<T>(rows);
+  p.U = a.take(rows);
+  p.Utop = a.take(rows);
+  if (L > 1) p.V = a.take(rows);
   p.uexp.assign(Tn_ + 1, 0);
   p.vexp.assign(Tn_ + 1, 0);
   p.unz.assign(Tn_ + 1, 0);
@@ -220,19 +230,19 @@ void Pass<T>::allocate(Part<T>& p, const T* x) const {
   p.gnz.assign(L, std::vector<char>(Tn_, 0));
   p.ls.assign(L * (Tn_ + 1), kNegInf);
   p.lc.assign(lstm ? L * (Tn_ + 1) : 0, kNegInf);
-  p.dh = alloc<T>(R * H);
-  p.dc = alloc<T>(R * H);
-  p.dhn = alloc<T>(R * H);
-  p.tmp = alloc<T>(R * H);
+  p.dh = a.take(R * H);
+  p.dc = a.take(R * H);
+  p.dhn = a.take(R * H);
+  p.tmp = a.take(R * H);
   if (req_.truncation == Truncation::window) {
     const std::size_t k = std::min<std::size_t>(static_cast<std::size_t>(req_.window), Tn_);
     p.DGA.resize(L);
     p.SA.resize(L);
     if (lstm) p.CA.resize(L);
     for (std::size_t l = 0; l < L; ++l) {
-      p.DGA[l] = alloc<T>(Tn_ * R * m_.GW);
-      p.SA[l] = alloc<T>((Tn_ + 1) * R * H);
-      if (lstm) p.CA[l] = alloc<T>((Tn_ + 1) * R * H);
+      p.DGA[l] = a.take(Tn_ * R * m_.GW);
+      p.SA[l] = a.take((Tn_ + 1) * R * H);
+      if (lstm) p.CA[l] = a.take((Tn_ + 1) * R * H);
     }
     p.dgaexp.assign(L, std::vector<std::int64_t>(Tn_, 0));
     p.dganz.assign(L, std::vector<char>(Tn_, 0));
@@ -240,8 +250,8 @@ void Pass<T>::allocate(Part<T>& p, const T* x) const {
     p.sanz.assign(L, std::vector<char>(Tn_ + 1, 0));
     p.caexp.assign(L, std::vector<std::int64_t>(Tn_ + 1, 0));
     p.canz.assign(L, std::vector<char>(Tn_ + 1, 0));
-    p.Wd = alloc<T>(k * R * m_.GW);
-    p.Wx = alloc<T>(k * R * H);
+    p.Wd = a.take(k * R * m_.GW);
+    p.Wx = a.take(k * R * H);
     p.wexp.assign(k, 0);
     p.wnz.assign(k, 0);
   }
@@ -255,10 +265,10 @@ void Pass<T>::allocate(Part<T>& p, const T* x) const {
 template <class T>
 void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
   const std::size_t R = p.R, H = m_.H, GW = m_.GW, GH = m_.GH, n = R * H;
-  const T* hp = p.Hs[l].get() + (t - 1) * n;
-  T* h = p.Hs[l].get() + t * n;
-  T* G = p.Gt[l].get() + (t - 1) * R * GW;  // holds the input projection on entry
-  T* S = p.S.get();
+  const T* hp = p.Hs[l] + (t - 1) * n;
+  T* h = p.Hs[l] + t * n;
+  T* G = p.Gt[l] + (t - 1) * R * GW;  // holds the input projection on entry
+  T* S = p.S;
   blas::gemm(Trans::N, Trans::T, I(R), I(GH), I(H), T(1), hp, I(H), m_.w_hh[l], I(H), T(0), S, I(GH));
   switch (m_.cell) {
     case CellKind::tanh:
@@ -268,9 +278,9 @@ void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
       break;
     }
     case CellKind::lstm: {
-      const T* cp = p.Cs[l].get() + (t - 1) * n;
-      T* c = p.Cs[l].get() + t * n;
-      T* tc = p.TC[l].get() + (t - 1) * n;
+      const T* cp = p.Cs[l] + (t - 1) * n;
+      T* c = p.Cs[l] + t * n;
+      T* tc = p.TC[l] + (t - 1) * n;
       for (std::size_t r = 0; r < R; ++r) {
         T* g = G + r * GW;
         const T* s = S + r * GH;
@@ -313,7 +323,7 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
   const std::size_t R = p.R, H = m_.H, n = R * H, GW = m_.GW, GH = m_.GH;
   const std::size_t nih = m_.cell == CellKind::gru ? 3 * H : GH;
   for (std::size_t l = 0; l < m_.L; ++l) {
-    T* hs = p.Hs[l].get();
+    T* hs = p.Hs[l];
     if (req_.h0) {
       const T* h0 = static_cast<const T*>(req_.h0) + (l * B_ + p.r0) * H;
       std::copy(h0, h0 + n, hs);
@@ -321,7 +331,7 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
       std::fill(hs, hs + n, T(0));
     }
     if (m_.cell == CellKind::lstm) {
-      T* cs = p.Cs[l].get();
+      T* cs = p.Cs[l];
       if (req_.c0) {
         const T* c0 = static_cast<const T*>(req_.c0) + (l * B_ + p.r0) * H;
         std::copy(c0, c0 + n, cs);
@@ -331,8 +341,8 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     }
     // Input projections of every step in one product, biases folded in (GRU keeps b_hn
     // apart: the reset gate multiplies it).
-    const T* X = l == 0 ? p.X.get() : p.Hs[l - 1].get() + n;
-    T* G = p.Gt[l].get();
+    const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
+    T* G = p.Gt[l];
     blas::gemm(Trans::N, Trans::T, I(Tn_ * R), I(nih), I(m_.in[l]), T(1), X, I(m_.in[l]), m_.w_ih[l],
                I(m_.in[l]), T(0), G, I(GW));
     std::vector<T> bsum(nih);
@@ -360,8 +370,8 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
 template <class T>
 void Pass<T>::loss(Part<T>& p) const {
   const std::size_t R = p.R, H = m_.H, n = R * H, L = m_.L;
-  const T* top = p.Hs[L - 1].get();
-  T* U = p.Utop.get();
+  const T* top = p.Hs[L - 1];
+  T* U = p.Utop;
   p.topexp.assign(Tn_ + 1, 0);
   p.topnz.assign(Tn_ + 1, 0);
   const bool every = req_.target_every_step && req_.loss != LossKind::probe;
@@ -458,7 +468,7 @@ void Pass<T>::record_state(Part<T>& p, std::size_t l, std::size_t t, const T* dh
                            bool have, bool window) const {
   const std::size_t n = p.R * m_.H;
   if (window) {
-    if (have) accumulate(p.SA[l].get() + t * n, p.saexp[l][t], p.sanz[l][t], dh, g, n);
+    if (have) accumulate(p.SA[l] + t * n, p.saexp[l][t], p.sanz[l][t], dh, g, n);
     return;
   }
   p.ls[l * (Tn_ + 1) + t] = have ? log10_sq(scan(dh, n).sumsq, g) : kNegInf;
@@ -476,7 +486,7 @@ void Pass<T>::record_cell(Part<T>& p, std::size_t l, std::size_t t, const T* dc,
                           bool have, bool window) const {
   const std::size_t n = p.R * m_.H;
   if (window) {
-    if (have) accumulate(p.CA[l].get() + t * n, p.caexp[l][t], p.canz[l][t], dc, g, n);
+    if (have) accumulate(p.CA[l] + t * n, p.caexp[l][t], p.canz[l][t], dc, g, n);
     return;
   }
   p.lc[l * (Tn_ + 1) + t] = have ? log10_sq(scan(dc, n).sumsq, g) : kNegInf;
@@ -500,10 +510,10 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
   const bool lstm = m_.cell == CellKind::lstm, gru = m_.cell == CellKind::gru;
   const bool detach = !window && req_.truncation == Truncation::detach;
   const std::size_t k = static_cast<std::size_t>(std::max(req_.window, 1));
-  T* dh = p.dh.get();
-  T* dc = p.dc.get();
-  T* dhn = p.dhn.get();
-  T* tmp = p.tmp.get();
+  T* dh = p.dh;
+  T* dc = p.dc;
+  T* dhn = p.dhn;
+  T* tmp = p.tmp;
   std::int64_t g = 0;
   bool have = false;
 
@@ -533,8 +543,8 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
     }
     record_state(p, l, t, dh, g, have, window);
-    const T* G = p.Gt[l].get() + (t - 1) * R * GW;
-    const T* tc = lstm ? p.TC[l].get() + (t - 1) * n : nullptr;
+    const T* G = p.Gt[l] + (t - 1) * R * GW;
+    const T* tc = lstm ? p.TC[l] + (t - 1) * n : nullptr;
     auto add_from_h = [&](T* c, const T* d) {  // c += d * o * (1 - tanh(c_t)^2)
       for (std::size_t r = 0; r < R; ++r)
         for (std::size_t j = 0; j < H; ++j) {
@@ -578,7 +588,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       record_cell(p, l, t, dc, g, false, window);
     }
 
-    T* dG = window ? p.Wd.get() + (t - t_lo - 1) * R * GW : p.Gt[l].get() + (t - 1) * R * GW;
+    T* dG = window ? p.Wd + (t - t_lo - 1) * R * GW : p.Gt[l] + (t - 1) * R * GW;
     std::int64_t* dge = window ? &p.wexp[t - t_lo - 1] : &p.gexp[l][t - 1];
     char* dgnz = window ? &p.wnz[t - t_lo - 1] : &p.gnz[l][t - 1];
     *dgnz = have ? 1 : 0;
@@ -591,10 +601,10 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     switch (m_.cell) {
       case CellKind::tanh:
       case CellKind::relu:
-        act(m_.cell).backward(static_cast<const T*>(nullptr), p.Hs[l].get() + t * n, dh, dG, n);
+        act(m_.cell).backward(static_cast<const T*>(nullptr), p.Hs[l] + t * n, dh, dG, n);
         break;
       case CellKind::lstm: {
-        const T* cp = p.Cs[l].get() + (t - 1) * n;
+        const T* cp = p.Cs[l] + (t - 1) * n;
         for (std::size_t r = 0; r < R; ++r) {
           const T* gr = G + r * GW;
           T* dr = dG + r * GW;
@@ -612,7 +622,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
         break;
       }
       case CellKind::gru: {
-        const T* hp = p.Hs[l].get() + (t - 1) * n;
+        const T* hp = p.Hs[l] + (t - 1) * n;
         for (std::size_t r = 0; r < R; ++r) {
           const T* gr = G + r * GW;
           T* dr = dG + r * GW;
@@ -694,8 +704,8 @@ void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<st
       scale_pow2(rowp, R * GW, clamp_shift(ex[t] - E));
   }
   const std::size_t n = R * H;
-  const T* X = l == 0 ? p.X.get() : p.Hs[l - 1].get() + n;
-  const T* Hp = p.Hs[l].get();
+  const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
+  const T* Hp = p.Hs[l];
   // Inputs outside the safe band are brought into it by alpha = 2^shift, so that the
   // products cannot overflow.
   const int sx = -rescale_exponent<T>(scan(X, rows * in).maxabs);
@@ -730,14 +740,14 @@ template <class T>
 void Pass<T>::backward(Part<T>& p, bool polls) const {
   const std::size_t R = p.R, H = m_.H, n = R * H, L = m_.L;
   if (req_.truncation != Truncation::window) {
-    std::copy(p.Utop.get(), p.Utop.get() + (Tn_ + 1) * n, p.U.get());
+    std::copy(p.Utop, p.Utop + (Tn_ + 1) * n, p.U);
     p.uexp = p.topexp;
     p.unz = p.topnz;
     for (std::size_t li = L; li-- > 0;) {
-      carry(p, li, Tn_, 0, Up<T>{p.U.get(), p.uexp.data(), p.unz.data(), 0, Tn_}, false, polls);
+      carry(p, li, Tn_, 0, Up<T>{p.U, p.uexp.data(), p.unz.data(), 0, Tn_}, false, polls);
       if (abort_.load(std::memory_order_relaxed)) return;
       if (li > 0) {
-        vertical(p, li, p.Gt[li].get(), Tn_ * R, p.V.get() + n);
+        vertical(p, li, p.Gt[li], Tn_ * R, p.V + n);
         p.vnz.assign(Tn_ + 1, 0);
         for (std::size_t t = 1; t <= Tn_; ++t) {
           p.vexp[t] = p.gexp[li][t - 1];
@@ -747,7 +757,7 @@ void Pass<T>::backward(Part<T>& p, bool polls) const {
         std::swap(p.uexp, p.vexp);
         std::swap(p.unz, p.vnz);
       }
-      param_grads(p, li, p.Gt[li].get(), p.gexp[li], p.gnz[li]);
+      param_grads(p, li, p.Gt[li], p.gexp[li], p.gnz[li]);
     }
     return;
   }
@@ -758,25 +768,25 @@ void Pass<T>::backward(Part<T>& p, bool polls) const {
   for (std::size_t s = Tn_; s >= 1; --s) {
     if (!p.topnz[s]) continue;
     const std::size_t s0 = s > k ? s - k : 0, w = s - s0;
-    Up<T> up{p.Utop.get() + s * n, &p.topexp[s], &p.topnz[s], s, s};
+    Up<T> up{p.Utop + s * n, &p.topexp[s], &p.topnz[s], s, s};
     for (std::size_t li = L; li-- > 0;) {
       carry(p, li, s, s0, up, true, polls);
       if (abort_.load(std::memory_order_relaxed)) return;
       for (std::size_t i = 0; i < w; ++i) {
         if (!p.wnz[i]) continue;
         const std::size_t t = s0 + 1 + i;
-        accumulate(p.DGA[li].get() + (t - 1) * R * GW, p.dgaexp[li][t - 1], p.dganz[li][t - 1],
-                   p.Wd.get() + i * R * GW, p.wexp[i], R * GW);
+        accumulate(p.DGA[li] + (t - 1) * R * GW, p.dgaexp[li][t - 1], p.dganz[li][t - 1],
+                   p.Wd + i * R * GW, p.wexp[i], R * GW);
       }
       if (li > 0) {
-        vertical(p, li, p.Wd.get(), w * R, p.Wx.get());
+        vertical(p, li, p.Wd, w * R, p.Wx);
         p.wxexp.assign(p.wexp.begin(), p.wexp.begin() + static_cast<std::ptrdiff_t>(w));
         p.wxnz.assign(p.wnz.begin(), p.wnz.begin() + static_cast<std::ptrdiff_t>(w));
-        up = Up<T>{p.Wx.get(), p.wxexp.data(), p.wxnz.data(), s0 + 1, s};
+        up = Up<T>{p.Wx, p.wxexp.data(), p.wxnz.data(), s0 + 1, s};
       }
     }
   }
-  for (std::size_t li = 0; li < L; ++li) param_grads(p, li, p.DGA[li].get(), p.dgaexp[li], p.dganz[li]);
+  for (std::size_t li = 0; li < L; ++li) param_grads(p, li, p.DGA[li], p.dgaexp[li], p.dganz[li]);
   gather_window_norms(p);
 }
 
@@ -786,9 +796,9 @@ void Pass<T>::gather_window_norms(Part<T>& p) const {
   const bool lstm = m_.cell == CellKind::lstm;
   for (std::size_t l = 0; l < m_.L; ++l)
     for (std::size_t t = 0; t <= Tn_; ++t) {
-      const T* a = p.SA[l].get() + t * n;
+      const T* a = p.SA[l] + t * n;
       record_state(p, l, t, a, p.saexp[l][t], p.sanz[l][t] != 0, false);
-      if (lstm) record_cell(p, l, t, p.CA[l].get() + t * n, p.caexp[l][t], p.canz[l][t] != 0, false);
+      if (lstm) record_cell(p, l, t, p.CA[l] + t * n, p.caexp[l][t], p.canz[l][t] != 0, false);
     }
 }
 
@@ -1086,10 +1096,28 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
   }
   std::atomic<bool> abort{false};
   Pass<T> pass(m, req, Tn, B, res, cancel, abort);
+  Arena<T> sizing;
+  for (Part<T>& p : parts) pass.allocate(p, sizing);
+  // Buffers up to kKeptBytes stay with the chain between runs (saves page faults); a
+  // concurrent run on the same chain gets its own.
+  constexpr double kKeptBytes = 512.0 * 1024 * 1024;
+  const double ws_bytes = double(sizing.used()) * sizeof(T);
+  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
+  Buffer<T> local;
+  Buffer<T>& ws = lock.owns_lock() && ws_bytes <= kKeptBytes ? ws_ : local;
+  if (lock.owns_lock() && ws_bytes > kKeptBytes) ws_.release();
+  T* base = nullptr;
   try {
-    for (Part<T>& p : parts) pass.allocate(p, x);
+    base = ws.get(sizing.used());
   } catch (const std::bad_alloc&) {
     throw MemoryRequestError("could not allocate " + std::to_string(bytes) + " bytes for this run");
+  }
+  Arena<T> arena(base);
+  for (Part<T>& p : parts) {
+    pass.allocate(p, arena);
+    const std::size_t in0 = m.in[0];
+    for (std::size_t t = 0; t < Tn; ++t)
+      std::copy(x + (t * B + p.r0) * in0, x + (t * B + p.r0 + p.R) * in0, p.X + t * p.R * in0);
   }
   std::exception_ptr error;
   auto work = [&](Part<T>& p, bool polls) {
@@ -1097,7 +1125,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
     if (p.bad_layer >= 0 || req.forward_only || abort.load()) return;
     pass.loss(p);
     for (std::size_t t = 0; t <= Tn; ++t)
-      if (p.topnz[t] && !scan(p.Utop.get() + t * p.R * H, p.R * H).finite) {
+      if (p.topnz[t] && !scan(p.Utop + t * p.R * H, p.R * H).finite) {
         p.bad_layer = static_cast<int>(L) - 1;
         p.bad_t = -2;
         return;
@@ -1145,10 +1173,10 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
   if (lstm) res.c_n.assign(L * B * H, T(0));
   for (const Part<T>& p : parts)
     for (std::size_t l = 0; l < L; ++l) {
-      const T* h = p.Hs[l].get() + Tn * p.R * H;
+      const T* h = p.Hs[l] + Tn * p.R * H;
       std::copy(h, h + p.R * H, res.h_n.data() + (l * B + p.r0) * H);
       if (lstm) {
-        const T* c = p.Cs[l].get() + Tn * p.R * H;
+        const T* c = p.Cs[l] + Tn * p.R * H;
         std::copy(c, c + p.R * H, res.c_n.data() + (l * B + p.r0) * H);
       }
     }
@@ -1156,7 +1184,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
     res.output.assign(Tn * B * H, T(0));
     for (const Part<T>& p : parts)
       for (std::size_t t = 1; t <= Tn; ++t) {
-        const T* h = p.Hs[L - 1].get() + t * p.R * H;
+        const T* h = p.Hs[L - 1] + t * p.R * H;
         std::copy(h, h + p.R * H, res.output.data() + ((t - 1) * B + p.r0) * H);
       }
     return res;

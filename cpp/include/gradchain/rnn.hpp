@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -113,6 +114,8 @@ class RecurrentChain {
   // Per layer: indices of weight_ih, weight_hh, bias_ih, bias_hh in params_ (-1: none).
   std::vector<int> idx_;
   int readout_ = -1;  // index of readout.weight
+  mutable std::mutex ws_mutex_;
+  mutable Buffer<T> ws_;
 };
 
 extern template class RecurrentChain<float>;

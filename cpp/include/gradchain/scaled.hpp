@@ -46,15 +46,22 @@ int rescale_exponent(double m) {
   return (k > band || k < -band) ? k : 0;
 }
 
-// x *= 2^k, exactly (barring subnormal results).
+// x *= 2^k, exactly (barring subnormal results). Factors beyond T's exponent range are
+// applied in steps; a k so negative that every finite x underflows writes zeros.
 template <class T>
 void scale_pow2(T* x, std::size_t n, int k) {
+  constexpr int emax = std::numeric_limits<T>::max_exponent;
+  constexpr int step = emax - 2;
   if (k == 0) return;
-  const T f = static_cast<T>(std::ldexp(1.0, k));
-  if (std::isfinite(static_cast<double>(f)) && f != T(0)) {
+  if (k < -(2 * emax + std::numeric_limits<T>::digits)) {
+    for (std::size_t i = 0; i < n; ++i) x[i] = x[i] * T(0);  // keeps NaN and signs
+    return;
+  }
+  while (k != 0) {
+    const int s = k < -step ? -step : (k > step ? step : k);
+    const T f = static_cast<T>(std::ldexp(1.0, s));
     for (std::size_t i = 0; i < n; ++i) x[i] *= f;
-  } else {
-    for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(std::ldexp(static_cast<double>(x[i]), k));
+    k -= s;
   }
 }
 
