@@ -70,3 +70,60 @@ def clip_grad_norm(
 ) -> float: ...
 def clip_grad_value(arrays: list[npt.NDArray[Any]], clip_value: float) -> None: ...
 def clip_coefficient(total_norm: float, max_norm: float) -> float: ...
+
+def cell_names() -> list[str]: ...
+def recurrent_init_names() -> list[str]: ...
+
+class _RecurrentChain:
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        output_size: int,
+        bias: bool,
+        init: str,
+        gain: float,
+        recurrent_gain: float,
+        spectral_radius: float,
+        forget_bias: float | None,
+        seed: int,
+    ) -> None: ...
+    @classmethod
+    def from_params(
+        cls,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        output_size: int,
+        bias: bool,
+        params: list[npt.NDArray[Any]],
+    ) -> Self: ...
+    @property
+    def param_names(self) -> list[str]: ...
+    def param(self, index: int) -> npt.NDArray[Any]: ...
+    def run_bytes(
+        self, steps: int, batch: int, keep_grads: bool, truncation: str, window: int, every_step: bool, forward_only: bool
+    ) -> float: ...
+    def forward(
+        self, x: npt.NDArray[Any], h0: npt.NDArray[Any] | None, c0: npt.NDArray[Any] | None
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any] | None]: ...
+    def run(
+        self,
+        x: npt.NDArray[Any],
+        h0: npt.NDArray[Any] | None,
+        c0: npt.NDArray[Any] | None,
+        loss: str,
+        target: npt.NDArray[Any] | None,
+        every_step: bool,
+        truncation: str,
+        window: int,
+        max_norm: float,
+        norm_type: float,
+        keep_grads: bool,
+    ) -> dict[str, Any]: ...
+
+class RecurrentChain64(_RecurrentChain): ...
+class RecurrentChain32(_RecurrentChain): ...
