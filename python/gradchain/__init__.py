@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "was the package built? Install it with `pip install .` from the source tree."
     ) from exc
 
-from . import tasks
+from . import tasks, theory
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from .errors import NonFiniteError
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP
@@ -47,4 +47,5 @@ __all__ = [
     "clip_grad_value_",
     "get_total_norm",
     "tasks",
+    "theory",
 ]

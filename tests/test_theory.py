@@ -1,0 +1,631 @@
+"""gradchain.theory against closed forms, brute-force integration and simulation.
+
+Accuracy achieved (and asserted below): the quadrature of E[phi(sqrt(q) z)**2] and
+E[phi'(sqrt(q) z)**2] agrees with closed forms (relu, leaky_relu, elu, small-q Taylor series
+of tanh) and with a 400,001-point trapezoid rule to 1e-13 relative or better for q from 1e-4
+to 30, and with the large-q asymptotics of tanh at q = 1e8 to 1e-7 (the asymptotic
+series' own error). Fixed points q* and the order-to-chaos boundary agree with the
+trapezoid rule to 1e-12; the digamma and trigamma closed forms with their asymptotic series
+to 1e-13.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from gradchain import theory
+
+GAMMA = np.euler_gamma
+SMOOTH = ("sigmoid", "tanh", "gelu", "gelu_tanh", "silu", "softplus")
+
+
+# --- independent references ----------------------------------------------------------
+
+
+def reference_phi(name, x):
+    """phi and phi' written directly from their textbook formulas (math.erf for gelu)."""
+    if name == "tanh":
+        return np.tanh(x), 1 / np.cosh(x) ** 2
+    if name == "sigmoid":
+        s = 1 / (1 + np.exp(-x))
+        return s, s * (1 - s)
+    if name == "silu":
+        s = 1 / (1 + np.exp(-x))
+        return x * s, s + x * s * (1 - s)
+    if name == "softplus":
+        return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20)))), 1 / (1 + np.exp(-x))
+    if name == "gelu":
+        cdf = 0.5 * (1 + np.array([math.erf(t / math.sqrt(2)) for t in x]))
+        return x * cdf, cdf + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    if name == "gelu_tanh":
+        b, k = math.sqrt(2 / math.pi), 0.044715
+        t = np.tanh(b * (x + k * x**3))
+        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * b * (1 + 3 * k * x * x)
+    raise AssertionError(name)
+
+
+Z_GRID = np.linspace(-12.0, 12.0, 4801)
+Z_WEIGHT = np.exp(-(Z_GRID**2) / 2) / math.sqrt(2 * math.pi) * (24.0 / 4800)  # exact spacing
+
+
+def trapezoid_moments(name, q):
+    """E[phi**2], E[phi'**2] by the trapezoid rule with step 0.005: for integrands analytic
+    in a strip of half-width d around the real axis the error is about exp(-2 pi d / h),
+    far below rounding here (d >= 0.28 for tanh at q = 30)."""
+    p, d = reference_phi(name, math.sqrt(q) * Z_GRID)
+    return float(Z_WEIGHT @ (p * p)), float(Z_WEIGHT @ (d * d))
+
+
+def reference_chi_at_fixed_point(name, sw, sb, q):
+    """Checks that q is a fixed point of the trapezoid length map (the residual bounds the
+    error of q by residual / (1 - slope)); returns chi there."""
+    e2, d2 = trapezoid_moments(name, q)
+    assert sw * sw * e2 + sb * sb == pytest.approx(q, rel=1e-13)
+    return sw * sw * d2
+
+
+def Phi(x):
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def elu_moments(q, alpha):
+    """Closed forms via E[exp(a z); z < 0] = exp(a**2 / 2) Phi(-a)."""
+    r = math.sqrt(q)
+    neg = alpha**2 * (math.exp(2 * q) * Phi(-2 * r) - 2 * math.exp(q / 2) * Phi(-r) + 0.5)
+    return q / 2 + neg, 0.5 + alpha**2 * math.exp(2 * q) * Phi(-2 * r)
+
+
+def quadrature(name, q, **kw):
+    """The library's rule applied to any activation (also relu and linear, which the
+    public functions do in closed form)."""
+    act = theory._Act(name, **kw)
+    x, w = theory._rule(q)
+    p, d = act(x)
+    return float(w @ (p * p)), float(w @ (d * d))
+
+
+# --- quadrature ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [1e-4, 0.3, 1.0, 7.0, 1e4, 1e12])
+def test_quadrature_kinks_exact(q):
+    # relu and leaky_relu: the kink at 0 is a panel end, so their moments are exact.
+    e2, d2 = quadrature("relu", q)
+    assert e2 == pytest.approx(q / 2, rel=1e-14)
+    assert d2 == pytest.approx(0.5, rel=1e-14)
+    e2, d2 = quadrature("leaky_relu", q, negative_slope=-0.3)
+    assert e2 == pytest.approx(1.09 * q / 2, rel=1e-14)
+    assert d2 == pytest.approx(1.09 / 2, rel=1e-14)
+    assert quadrature("linear", q)[0] == pytest.approx(q, rel=1e-14)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6, 2.0])
+@pytest.mark.parametrize("q", [1e-4, 0.3, 1.0, 4.0, 25.0])
+def test_quadrature_elu_closed_form(q, alpha):
+    e2, d2 = quadrature("elu", q, alpha=alpha)
+    ref = elu_moments(q, alpha)
+    assert e2 == pytest.approx(ref[0], rel=1e-13)
+    assert d2 == pytest.approx(ref[1], rel=1e-13)
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("q", [1e-3, 1.0, 30.0])
+def test_quadrature_against_trapezoid(name, q):
+    ours = quadrature(name, q)
+    ref = trapezoid_moments(name, q)
+    assert ours[0] == pytest.approx(ref[0], rel=1e-13)
+    assert ours[1] == pytest.approx(ref[1], rel=1e-13)
+
+
+def test_quadrature_tanh_small_and_large_q():
+    # Taylor: tanh**2 = x**2 - 2x**4/3 + 17x**6/45, sech**4 = 1 - 2x**2 + 7x**4/3 - 94x**6/45
+    q = 1e-4
+    e2, d2 = quadrature("tanh", q)
+    assert e2 == pytest.approx(q - 2 * q**2 + 17 / 3 * q**3, rel=1e-12)
+    assert d2 == pytest.approx(1 - 2 * q + 7 * q**2 - 94 / 3 * q**3, rel=1e-13)
+    q = 1e8  # E[sech(sqrt(q) z)**k] ~ phi(0) * int sech**k / sqrt(q): 2 for k=2, 4/3 for k=4
+    e2, d2 = quadrature("tanh", q)
+    pdf0 = 1 / math.sqrt(2 * math.pi)
+    assert 1 - e2 == pytest.approx(2 * pdf0 / math.sqrt(q), rel=1e-7)
+    assert d2 == pytest.approx(4 / 3 * pdf0 / math.sqrt(q), rel=1e-7)
+
+
+def test_public_maps():
+    assert theory.length_map(2.0, "relu", 1.5, 0.3) == pytest.approx(
+        2.25 * 2.0 / 2 + 0.09, rel=1e-15
+    )
+    assert theory.chi(5.0, "relu", 1.5) == pytest.approx(2.25 / 2, rel=1e-15)
+    assert theory.chi(0.0, "relu", 1.0) == 0.5  # the limit q -> 0+, not relu'(0) = 0
+    assert theory.chi(0.0, "elu", 1.0, alpha=0.5) == pytest.approx((1 + 0.25) / 2)
+    assert theory.length_map(0.0, "sigmoid", 2.0) == pytest.approx(4 * 0.25)
+    assert theory.chi(0.7, "linear", 1.3) == pytest.approx(1.69)
+
+
+def test_correlation_pair_relu_arccos_kernel():
+    # E[relu(u1) relu(u2)] = q (sin t + (pi - t) c) / (2 pi), E[relu' relu'] = (pi - t) / (2 pi)
+    # with t = arccos c (Cho & Saul 2009): checks the kink handling of the 2-D quadrature.
+    act = theory._Act("relu")
+    for q in (0.3, 4.0):
+        for c in (-0.8, 0.0, 0.5, 0.99, 0.9999):
+            t = math.acos(c)
+            assert act.pair(q, c, False) == pytest.approx(
+                q * (math.sin(t) + (math.pi - t) * c) / (2 * math.pi), rel=1e-9
+            )
+            assert act.pair(q, c, True) == pytest.approx((math.pi - t) / (2 * math.pi), rel=1e-6)
+
+
+# --- mean field ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sw", [0.3, 0.9, 0.999])
+def test_tanh_without_bias_ordered(sw):
+    mf = theory.mean_field("tanh", sw, 0.0)
+    assert mf.q_star == 0.0
+    assert mf.chi_1 == pytest.approx(sw * sw, rel=1e-15)
+    assert mf.depth_scale == pytest.approx(-1 / math.log(sw * sw), rel=1e-12)
+    assert mf.phase == "ordered"
+
+
+def test_tanh_critical_point_without_bias():
+    mf = theory.mean_field("tanh", 1.0, 0.0)
+    assert mf.q_star < 1e-15  # the marginal fixed point 0, to rounding
+    assert mf.chi_1 == pytest.approx(1.0, abs=1e-15)
+    assert mf.phase == "critical"
+    assert abs(mf.depth_scale) > 1e14
+
+
+@pytest.mark.parametrize("sw, sb", [(1.5, 0.3), (1.1, 0.05), (3.0, 1.0), (1.2, 0.0)])
+def test_tanh_fixed_point_against_trapezoid(sw, sb):
+    mf = theory.mean_field("tanh", sw, sb)
+    assert mf.chi_1 == pytest.approx(
+        reference_chi_at_fixed_point("tanh", sw, sb, mf.q_star), rel=1e-13
+    )
+    assert mf.length_map_slope < 1  # the fixed point attracts
+    assert theory.length_map(mf.q_star, "tanh", sw, sb) == pytest.approx(mf.q_star, rel=1e-14)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "gelu", "silu", "softplus", "elu"])
+def test_other_fixed_points_against_trapezoid(name):
+    mf = theory.mean_field(name, 1.3, 0.3, correlation=False)
+    assert mf.length_map_slope < 0.9  # so the residual bounds the error of q* to ~1e-12
+    if name == "elu":
+        e2, d2 = elu_moments(mf.q_star, 1.0)
+        assert 1.69 * e2 + 0.09 == pytest.approx(mf.q_star, rel=1e-13)
+        assert mf.chi_1 == pytest.approx(1.69 * d2, rel=1e-13)
+    else:
+        assert mf.chi_1 == pytest.approx(
+            reference_chi_at_fixed_point(name, 1.3, 0.3, mf.q_star), rel=1e-13
+        )
+
+
+@pytest.mark.parametrize("sw", [0.5, 1.0, 1.3])
+@pytest.mark.parametrize("sb", [0.0, 0.4])
+def test_homogeneous_closed_forms(sw, sb):
+    relu = theory.mean_field("relu", sw, sb)
+    assert relu.chi_1 == pytest.approx(sw * sw / 2, rel=1e-15)
+    assert relu.q_star == pytest.approx(sb * sb / (1 - sw * sw / 2), rel=1e-14)
+    lin = theory.mean_field("linear", sw, sb)
+    assert lin.chi_1 == pytest.approx(sw * sw, rel=1e-15)
+    expected = sb * sb / (1 - sw * sw) if sw < 1 else (math.inf if sb or sw > 1 else 1.0)
+    assert lin.q_star == pytest.approx(expected, rel=1e-14)
+    leaky = theory.mean_field("leaky_relu", sw, sb, negative_slope=0.2)
+    assert leaky.chi_1 == pytest.approx(sw * sw * 1.04 / 2, rel=1e-15)
+
+
+def test_depth_scale_conventions():
+    assert theory.mean_field("linear", 1.0).depth_scale == math.inf
+    ordered = theory.mean_field("relu", 1.0)
+    assert ordered.depth_scale == pytest.approx(1 / math.log(2))
+    chaotic = theory.mean_field("relu", 2.0, 0.1)
+    assert chaotic.q_star == math.inf and chaotic.chi_1 == 2.0
+    assert chaotic.depth_scale == pytest.approx(-1 / math.log(2))  # negative: explosion
+    assert chaotic.lyapunov_exponent == pytest.approx(0.5 * math.log(2))
+    assert theory.mean_field("tanh", 0.0, 0.5).depth_scale == 0.0
+
+
+def test_unbounded_activations_diverge_like_relu():
+    for name in ("elu", "gelu", "silu", "softplus"):
+        mf = theory.mean_field(name, 1.6, 0.2)
+        assert mf.q_star == math.inf
+        assert mf.chi_1 == pytest.approx(1.6**2 / 2, rel=1e-12)
+
+
+def test_correlation_fixed_point():
+    ordered = theory.mean_field("tanh", 1.3, 0.3)
+    assert ordered.c_star == 1.0 and ordered.correlation_depth_scale == ordered.depth_scale
+    chaotic = theory.mean_field("tanh", 1.5, 0.3)
+    assert chaotic.phase == "chaotic"
+    assert 0 < chaotic.c_star < 1 and 0 < chaotic.chi_c < 1
+    assert theory.correlation_map(chaotic.c_star, "tanh", 1.5, 0.3) == pytest.approx(
+        chaotic.c_star, abs=1e-12
+    )
+    assert theory.correlation_map(1.0, "tanh", 1.5, 0.3) == pytest.approx(1.0, rel=1e-14)
+    # odd activation without bias: c* = 0
+    assert theory.mean_field("tanh", 1.5, 0.0).c_star == pytest.approx(0.0, abs=1e-12)
+    # relu's map is the normalised arc-cosine kernel at q* (ordered, finite q*)
+    q = theory.mean_field("relu", 1.2, 0.5).q_star
+    t = math.acos(0.3)
+    k = q * (math.sin(t) + (math.pi - t) * 0.3) / (2 * math.pi)
+    assert theory.correlation_map(0.3, "relu", 1.2, 0.5) == pytest.approx(
+        (1.44 * k + 0.25) / q, rel=1e-9
+    )
+
+
+# --- order-to-chaos boundary --------------------------------------------------------
+
+
+def test_boundary_closed_forms():
+    assert theory.critical_sigma_w("tanh", 0.0) == pytest.approx(1.0, abs=1e-10)
+    assert theory.critical_sigma_w("relu", 0.7) == math.sqrt(2)
+    assert theory.critical_sigma_w("leaky_relu", 0.0, negative_slope=0.5) == pytest.approx(
+        math.sqrt(2 / 1.25)
+    )
+    assert theory.critical_sigma_w("linear", 0.3) == 1.0
+    # softplus' = sigmoid < 1 ... chi_1 < sigma_w**2 / 2 at any finite q*: the boundary is
+    # the divergence of q* at sigma_w**2 = 2.
+    assert theory.critical_sigma_w("softplus", 0.3) == pytest.approx(math.sqrt(2), rel=1e-10)
+
+
+@pytest.mark.parametrize("sb", [0.1, 0.5, 1.0])
+def test_tanh_boundary_against_trapezoid(sb):
+    sw = theory.critical_sigma_w("tanh", sb)
+    q = theory.mean_field("tanh", sw, sb, correlation=False).q_star
+    assert reference_chi_at_fixed_point("tanh", sw, sb, q) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_boundary_curve():
+    b = theory.order_chaos_boundary("tanh", [0.0, 0.2, 0.5, 1.0])
+    assert b.sigma_w[0] == pytest.approx(1.0, abs=1e-9)
+    assert np.all(np.diff(b.sigma_w) > 0)
+    for sb, sw in zip(b.sigma_b, b.sigma_w):
+        assert theory.mean_field("tanh", sw, sb, correlation=False).chi_1 == pytest.approx(
+            1.0, abs=1e-9
+        )
+    np.testing.assert_allclose(b.sigma_w2, b.sigma_w**2)
+    json.dumps(b.to_dict())
+    assert "sigma_w^2" in b.table()
+    assert theory.order_chaos_boundary("tanh").sigma_b.shape == (11,)
+
+
+def test_boundary_jump_is_reported():
+    # gelu without bias: q_l decays to 0 (chi_1 = sigma_w**2/4) or grows without bound
+    # (chi_1 = sigma_w**2/2) depending on the input scale; chi_1 jumps across 1.
+    with pytest.raises(theory.ConvergenceError, match="jumps across 1"):
+        theory.critical_sigma_w("gelu", 0.0)
+    b = theory.order_chaos_boundary("gelu", [0.0, 0.5])
+    assert math.isnan(b.sigma_w[0]) and b.sigma_w[1] == pytest.approx(1.3998682164, rel=1e-8)
+
+
+# --- predicted gradient norms -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, factor", [("relu", 0.5), ("linear", 1.0), ("leaky_relu", 0.5 * 1.04)]
+)
+def test_predicted_norms_homogeneous(name, factor):
+    L, sw, sb = 1000, 1.3, 0.2
+    p = theory.predicted_grad_norms(L, name, sw, sb, q0=2.0, negative_slope=0.2)
+    chi_1 = sw * sw * factor
+    expected = (L - np.arange(L + 1)) * math.log10(chi_1) / 2  # norms: half the squared
+    np.testing.assert_allclose(p.log10_activation_grad_norms, expected, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(
+        p.log10_activation_grad_sq_norms, 2 * expected, rtol=1e-14, atol=1e-14
+    )
+    a = sw * sw * (1.04 / 2 if name == "leaky_relu" else factor)
+    q = [sw * sw * 2.0 + sb * sb]
+    for _ in range(L - 1):
+        q.append(a * q[-1] + sb * sb)
+    np.testing.assert_allclose(p.q, q, rtol=1e-12)
+
+
+def test_predicted_norms_relu_million_layers():
+    p = theory.predicted_grad_norms(10**6, "relu", 1.0)
+    assert p.log10_activation_grad_norms[0] == pytest.approx(10**6 * math.log10(0.5) / 2, rel=1e-14)
+    assert p.q[-1] == 0.0 and np.isfinite(p.log10_activation_grad_norms).all()
+
+
+def per_layer_loop(L, name, sw, sb, q0):
+    """The definition, layer by layer through the public maps."""
+    q, lc = sw * sw * q0 + sb * sb, []
+    for _ in range(L):
+        lc.append(math.log10(theory.chi(q, name, sw)))
+        q = theory.length_map(q, name, sw, sb)
+    return 0.5 * np.concatenate((np.cumsum(lc[::-1])[::-1], [0.0]))
+
+
+@pytest.mark.parametrize(
+    "name, sw, sb, q0",
+    [("tanh", 1.3, 0.2, 5.0), ("sigmoid", 3.0, 0.5, 0.1), ("elu", 1.2, 0.0, 1.0)],
+)
+def test_predicted_norms_match_definition(name, sw, sb, q0):
+    L = 600
+    p = theory.predicted_grad_norms(L, name, sw, sb, q0=q0)
+    assert p.iterated_layers < L  # the rest was filled in closed form
+    np.testing.assert_allclose(
+        p.log10_activation_grad_norms, per_layer_loop(L, name, sw, sb, q0), rtol=1e-12, atol=1e-11
+    )
+    assert p.log10_activation_grad_norms[-1] == 0.0
+
+
+def test_predicted_norms_deep_and_fast():
+    mf = theory.mean_field("tanh", 1.3, 0.2, correlation=False)
+    p = theory.predicted_grad_norms(
+        10**6, "tanh", 1.3, 0.2, q0=(mf.q_star - 0.04) / 1.69
+    )  # starts at q*
+    assert p.iterated_layers < 100
+    np.testing.assert_allclose(p.q[-1], mf.q_star, rtol=1e-13)
+    assert p.log10_activation_grad_norms[0] == pytest.approx(
+        10**6 * math.log10(mf.chi_1) / 2, rel=1e-11
+    )
+    np.testing.assert_allclose(
+        np.diff(p.log10_activation_grad_norms), -math.log10(mf.chi_1) / 2, rtol=1e-10
+    )
+
+
+def test_critical_tanh_gradients_decay_as_a_power():
+    # sigma_w = 1, sigma_b = 0: q_l ~ 1/(2l), chi(q_l) ~ 1 - 1/l, so squared norms fall as 1/L.
+    p = theory.predicted_grad_norms(4000, "tanh", 1.0, 0.0)
+    sq = p.log10_activation_grad_sq_norms
+    slope = ((sq[0] - sq[4000]) - (sq[0] - sq[1000])) / math.log10(4)
+    assert slope == pytest.approx(-1.0, abs=0.02)
+    np.testing.assert_allclose(p.q[999], 1 / 2000, rtol=0.02)
+
+
+@pytest.mark.parametrize("name, sw, sb, depth", [("sigmoid", 3.0, 0.5, 20), ("tanh", 0.9, 0.0, 60)])
+def test_predicted_norms_against_simulation(gc, name, sw, sb, depth):
+    """A width-512 chain: mean field holds to about 0.1 decades over 3 to 6 decades."""
+    p = theory.predicted_grad_norms(depth, name, sw, sb, q0=1.0)
+    assert p.log10_activation_grad_norms[0] < -3
+    net = gc.MLP(
+        depth=depth, width=512, activation=name, init="normal", sigma_w=sw, bias_std=sb, seed=3
+    )
+    rng = np.random.default_rng(3)
+    rep = net.backward(rng.standard_normal((8, 512)), grad_output=rng.standard_normal((8, 512)))
+    sim = rep.log10_activation_grad_norms - rep.log10_activation_grad_norms[-1]
+    np.testing.assert_allclose(sim, p.log10_activation_grad_norms, atol=0.3)
+
+
+def test_prediction_result_object():
+    p = theory.predicted_grad_norms(50, "tanh", 1.1, 0.1)
+    assert p.depth == 50 and p.q.shape == (50,) and p.log10_chi.shape == (50,)
+    assert p.log10_activation_grad_norms.shape == (51,)
+    np.testing.assert_allclose(p.activation_grad_norms, 10**p.log10_activation_grad_norms)
+    json.dumps(p.to_dict())
+    assert "layer" in p.table()
+    with pytest.raises(ValueError):
+        p.q[0] = 1.0  # read-only
+
+
+# --- recurrent nets -------------------------------------------------------------------
+
+
+def test_rnn_lyapunov_closed_form():
+    for sw in (0.5, 0.9):
+        assert theory.rnn_max_lyapunov_meanfield(sw) == pytest.approx(math.log(sw), rel=1e-14)
+    assert theory.rnn_max_lyapunov_meanfield(1.2) > 0
+    mf = theory.mean_field("tanh", 1.7, 0.2)
+    assert theory.rnn_max_lyapunov_meanfield(1.7, 0.2) == pytest.approx(0.5 * math.log(mf.chi_1))
+
+
+@pytest.mark.parametrize("sw, sb", [(2.0, 0.0), (1.5, 0.3)])
+def test_rnn_lyapunov_against_simulation(sw, sb):
+    n, steps, burn = 400, 600, 100
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((n, n)) * sw / math.sqrt(n)
+    b = rng.standard_normal(n) * sb
+    h, v = rng.standard_normal(n), rng.standard_normal(n)
+    total = 0.0
+    for t in range(steps):
+        h = np.tanh(W @ h + b)
+        v = (1 - h * h) * (W @ v)
+        nv = np.linalg.norm(v)
+        v /= nv
+        total += math.log(nv) if t >= burn else 0.0
+    assert total / (steps - burn) == pytest.approx(
+        theory.rnn_max_lyapunov_meanfield(sw, sb), abs=0.02
+    )
+
+
+# --- digamma / trigamma ---------------------------------------------------------------
+
+
+def digamma_asymptotic(x):
+    """psi(x) by upward recurrence to x + 30 and the asymptotic series there."""
+    shift = sum(1 / (x + j) for j in range(30))
+    y = x + 30
+    return math.log(y) - 1 / (2 * y) - 1 / (12 * y**2) + 1 / (120 * y**4) - 1 / (252 * y**6) - shift
+
+
+def test_digamma_closed_forms():
+    psi = theory._digamma_halves(400)  # psi(k/2), k = 1..400
+    assert psi[1] == pytest.approx(-GAMMA, abs=1e-16)  # psi(1)
+    assert psi[0] == pytest.approx(-GAMMA - 2 * math.log(2), abs=1e-15)  # psi(1/2)
+    for k in (1, 2, 3, 7, 50, 399, 400):
+        assert psi[k - 1] == pytest.approx(digamma_asymptotic(k / 2), rel=1e-13, abs=1e-14)
+    np.testing.assert_allclose(
+        psi[2:] - psi[:-2], 2 / np.arange(1, 399), rtol=1e-13
+    )  # psi(x+1) - psi(x) = 1/x
+
+
+def test_trigamma_closed_forms():
+    t = theory._trigamma_halves(300)
+    assert t[1] == pytest.approx(math.pi**2 / 6, rel=1e-15)
+    assert t[0] == pytest.approx(math.pi**2 / 2, rel=1e-15)
+    for m in (1, 2, 5, 20):
+        assert t[2 * m - 1] == pytest.approx(
+            math.pi**2 / 6 - sum(1 / j**2 for j in range(1, m)), rel=1e-14
+        )
+        assert t[2 * m] == pytest.approx(
+            math.pi**2 / 2 - 4 * sum(1 / (2 * j - 1) ** 2 for j in range(1, m + 1)), rel=1e-14
+        )
+    np.testing.assert_allclose(t[:-2] - t[2:], 4 / np.arange(1, 299) ** 2, rtol=1e-12)
+    assert t[-1] == pytest.approx(1 / 150 + 1 / (2 * 150**2) + 1 / (6 * 150**3), rel=1e-10)
+
+
+# --- random matrices ------------------------------------------------------------------
+
+
+def test_newman_spectrum_limits():
+    lam = theory.gaussian_lyapunov_spectrum(100_000)
+    assert lam[0] == pytest.approx(-1 / (2 * 100_000), rel=1e-3)  # lambda_1 -> 0 like -1/(2n)
+    assert np.all(np.diff(theory.gaussian_lyapunov_spectrum(50)) < 0)
+    np.testing.assert_allclose(
+        theory.gaussian_lyapunov_spectrum(20, 3.0),
+        theory.gaussian_lyapunov_spectrum(20) + math.log(3.0),
+        rtol=1e-15,
+    )
+    # n = 1: E ln|w| for w ~ N(0, 1) is -(gamma + ln 2) / 2
+    assert theory.gaussian_lyapunov_spectrum(1)[0] == pytest.approx(
+        -(GAMMA + math.log(2)) / 2, rel=1e-15
+    )
+
+
+def test_newman_sum_is_log_det():
+    rng = np.random.default_rng(5)
+    n, samples = 6, 40_000
+    _, logdet = np.linalg.slogdet(rng.standard_normal((samples, n, n)) / math.sqrt(n))
+    se = logdet.std() / math.sqrt(samples)
+    assert theory.gaussian_lyapunov_spectrum(n).sum() == pytest.approx(logdet.mean(), abs=4 * se)
+
+
+@pytest.mark.parametrize("n", [16, 32])
+def test_newman_spectrum_from_qr_simulation(n):
+    depth, sigma = 300, 1.3
+    rng = np.random.default_rng(n)
+    Q = np.eye(n)
+    logs = np.empty((depth, n))
+    for t in range(depth):
+        Q, R = np.linalg.qr(rng.standard_normal((n, n)) * (sigma / math.sqrt(n)) @ Q)
+        logs[t] = np.log(np.abs(np.diag(R)))
+    est = logs.mean(axis=0)
+    se = theory.gaussian_lyapunov_stderr(n, depth)
+    z = (est - theory.gaussian_lyapunov_spectrum(n, sigma)) / se
+    assert np.abs(z).max() < 4
+    assert np.mean(z * z) == pytest.approx(1.0, abs=0.5)  # the stderr is the right size
+    # per-step variance of 0.5 ln R_ii**2 is psi'((n-i+1)/2)/4
+    ratio = logs.var(axis=0, ddof=1) / (se**2 * depth)
+    assert ratio.mean() == pytest.approx(1.0, abs=0.1)
+
+
+def test_fuss_catalan_numbers():
+    np.testing.assert_array_equal(theory.fuss_catalan_moments(1, 4), [1, 2, 5, 14])  # Catalan
+    np.testing.assert_array_equal(theory.fuss_catalan_moments(2, 4), [1, 3, 12, 55])
+    for L in (1, 7, 10**6):
+        assert theory.fuss_catalan_moments(L)[1] == L + 1
+    assert theory.fuss_catalan_moments(10**6, 200)[-1] == math.inf
+
+
+def test_finite_width_second_moment_exact():
+    assert theory.gaussian_product_moments(1, 10)[1] == pytest.approx(
+        2 + 1 / 10, rel=1e-15
+    )  # Wishart
+    assert theory.gaussian_product_moments(5, 1)[1] == pytest.approx(
+        3.0**5, rel=1e-15
+    )  # E w**4 = 3
+    m = theory.gaussian_product_moments(3, 10**9)
+    assert m[0] == 1.0 and m[1] == pytest.approx(
+        4 + 12 / (2 * 10**9), rel=1e-15
+    )  # L + 1 + L(L+1)/(2n)
+    # Monte Carlo at n = 4, L = 3: many small products
+    rng = np.random.default_rng(11)
+    n, L, samples = 4, 3, 200_000
+    M = np.broadcast_to(np.eye(n), (samples, n, n))
+    for _ in range(L):
+        M = rng.standard_normal((samples, n, n)) / math.sqrt(n) @ M
+    A = M @ np.swapaxes(M, 1, 2)
+    m1 = np.trace(A, axis1=1, axis2=2) / n
+    m2 = np.einsum("sij,sji->s", A, A) / n
+    exact = theory.gaussian_product_moments(L, n)
+    assert m1.mean() == pytest.approx(exact[0], abs=5 * m1.std() / math.sqrt(samples))
+    assert m2.mean() == pytest.approx(exact[1], abs=5 * m2.std() / math.sqrt(samples))
+
+
+def test_fuss_catalan_from_simulation():
+    """Width 200: the second moment is L + 1 up to the finite-width term L (L+1) / (2n)."""
+    rng = np.random.default_rng(2)
+    n, L = 200, 3
+    vals = []
+    for _ in range(6):
+        M = np.eye(n)
+        for _ in range(L):
+            M = rng.standard_normal((n, n)) / math.sqrt(n) @ M
+        A = M @ M.T
+        vals.append(np.trace(A @ A) / n)
+    assert np.mean(vals) == pytest.approx(theory.fuss_catalan_moments(L)[1], rel=0.08)
+    se = np.std(vals, ddof=1) / math.sqrt(len(vals))
+    assert np.mean(vals) == pytest.approx(theory.gaussian_product_moments(L, n)[1], abs=4 * se)
+
+
+def test_scalar_chain():
+    s = theory.scalar_chain(0.9, 100)
+    assert s.log10_abs_gain == pytest.approx(100 * math.log10(0.9))
+    assert s.log10_abs_weight_grad == pytest.approx(99 * math.log10(0.9))
+    np.testing.assert_allclose(
+        s.log10_activation_grad_norms, (100 - np.arange(101)) * math.log10(0.9)
+    )
+    assert (
+        theory.scalar_chain(-2.0, 3).gain_sign == -1.0
+        and theory.scalar_chain(-2.0, 4).gain_sign == 1.0
+    )
+    z = theory.scalar_chain(0.0, 5)
+    assert z.log10_abs_gain == -math.inf and z.log10_activation_grad_norms[-1] == 0.0
+    json.dumps(z.to_dict())
+    assert theory.scalar_chain(10.0, 10**6).log10_abs_gain == 10**6
+
+
+# --- results and errors ---------------------------------------------------------------
+
+
+def test_mean_field_result_object():
+    mf = theory.mean_field("tanh", 1.5, 0.3)
+    d = mf.to_dict()
+    json.dumps(d)
+    assert d["phase"] == "chaotic" and d["activation"] == "tanh"
+    json.dumps(theory.mean_field("relu", 2.0, 0.1).to_dict())  # inf and NaN fields
+    assert "q_star" in str(mf)
+    with pytest.raises(AttributeError):
+        mf.chi_1 = 0.0  # frozen
+
+
+def test_activation_names_match_the_chains(gc):
+    assert theory.ACTIVATIONS == gc.ACTIVATIONS
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: theory.mean_field("swish", 1.0), "activation must be one of 'linear'"),
+        (lambda: theory.predicted_grad_norms(10, "Tanh", 1.0), "activation must be one of"),
+        (lambda: theory.mean_field("tanh", -1.0), "sigma_w must be >= 0"),
+        (lambda: theory.mean_field("tanh", math.inf), "sigma_w must be finite"),
+        (lambda: theory.mean_field("tanh", math.nan), "sigma_w must be finite"),
+        (lambda: theory.mean_field("tanh", 1.0, -0.1), "sigma_b must be >= 0"),
+        (lambda: theory.mean_field("tanh", 1.0, q0=-1.0), "q0 must be >= 0"),
+        (lambda: theory.mean_field("elu", 1.0, alpha=0.0), "alpha must be > 0"),
+        (lambda: theory.predicted_grad_norms(0, "tanh", 1.0), "depth must be a positive integer"),
+        (lambda: theory.gaussian_lyapunov_spectrum(0), "n must be a positive integer"),
+        (lambda: theory.gaussian_lyapunov_spectrum(4, sigma=0.0), "sigma must be > 0"),
+        (lambda: theory.gaussian_lyapunov_stderr(4, -3), "depth must be a positive integer"),
+        (lambda: theory.fuss_catalan_moments(3, 0), "k_max must be a positive integer"),
+        (lambda: theory.gaussian_product_moments(3, 0), "n must be a positive integer"),
+        (lambda: theory.scalar_chain(math.inf, 3), "w must be finite"),
+        (lambda: theory.correlation_map(1.5, "tanh", 1.0, 0.1), "c must lie in"),
+        (lambda: theory.order_chaos_boundary("tanh", [0.1, -0.2]), "sigma_b must be >= 0"),
+        (lambda: theory.critical_sigma_w("sigmoid", -1.0), "sigma_b must be >= 0"),
+    ],
+)
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_bad_argument_types():
+    with pytest.raises(TypeError, match="depth"):
+        theory.predicted_grad_norms(2.5, "tanh", 1.0)
+    with pytest.raises(TypeError, match="n must be a positive integer"):
+        theory.gaussian_lyapunov_spectrum(True)
+    with pytest.raises(TypeError, match="sigma_w"):
+        theory.mean_field("tanh", "1.0")
