@@ -695,29 +695,68 @@ void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<st
     p.pg[iw + 3].assign(m_.G * H, T(0));
   }
   if (!any) return;
-  // Every step's rows to the common exponent E (exact barring negligible underflow).
-  for (std::size_t t = 0; t < Tn_; ++t) {
-    T* rowp = dG + t * R * GW;
-    if (!nz[t])
-      std::fill(rowp, rowp + R * GW, T(0));
-    else if (ex[t] != E)
-      scale_pow2(rowp, R * GW, clamp_shift(ex[t] - E));
-  }
+  for (std::size_t t = 0; t < Tn_; ++t)  // steps no gradient reached hold no values yet
+    if (!nz[t]) std::fill(dG + t * R * GW, dG + (t + 1) * R * GW, T(0));
   const std::size_t n = R * H;
   const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
   const T* Hp = p.Hs[l];
-  // Inputs outside the safe band are brought into it by alpha = 2^shift, so that the
-  // products cannot overflow.
-  const int sx = -rescale_exponent<T>(scan(X, rows * in).maxabs);
-  const int sh = -rescale_exponent<T>(scan(Hp, rows * H).maxabs);
-  for (const Block& b : m_.ih)
-    blas::gemm(Trans::T, Trans::N, I(b.width), I(in), I(rows), static_cast<T>(std::ldexp(1.0, sx)),
-               dG + b.col, I(GW), X, I(in), T(0), p.pg[iw].data() + b.row * in, I(in));
-  for (const Block& b : m_.hh)
-    blas::gemm(Trans::T, Trans::N, I(b.width), I(H), I(rows), static_cast<T>(std::ldexp(1.0, sh)),
-               dG + b.col, I(GW), Hp, I(H), T(0), p.pg[iw + 1].data() + b.row * H, I(H));
-  p.pexp[iw] = E - sx;
-  p.pexp[iw + 1] = E - sh;
+  bool uniform = true;  // every step's gradient at the same exponent
+  for (std::size_t t = 0; t < Tn_; ++t) uniform = uniform && (!nz[t] || ex[t] == E);
+  const bool x_in_band = rescale_exponent<T>(scan(X, rows * in).maxabs) == 0;
+  const bool h_in_band = rescale_exponent<T>(scan(Hp, rows * H).maxabs) == 0;
+  // dW = sum_t dG_t^T M_t for M = inputs or previous states.
+  auto weight_grad = [&](const T* M, std::size_t width, bool in_band, const std::vector<Block>& blocks,
+                         std::size_t iq) {
+    T* out = p.pg[iq].data();
+    if (uniform && in_band) {  // the plain product: nothing can leave the range
+      for (const Block& b : blocks)
+        blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), dG + b.col, I(GW), M, I(width),
+                   T(0), out + b.row * width, I(width));
+      p.pexp[iq] = E;
+      return;
+    }
+    // Gradients that grew or shrank across steps, or states outside the safe band: each
+    // step's term dG_t^T M_t is brought to a common scale 2^P by scaling dG_t by
+    // 2^(e_t + m_t - P) and M_t by 2^-m_t (m_t: M_t's binary exponent), so that the
+    // largest terms keep full precision and none can overflow.
+    std::vector<T> Ms(rows * width), Gs(rows * GW);
+    std::vector<std::int64_t> me(Tn_, 0);
+    std::int64_t P = std::numeric_limits<std::int64_t>::min();
+    for (std::size_t t = 0; t < Tn_; ++t) {
+      const T* src = M + t * R * width;
+      T* dst = Ms.data() + t * R * width;
+      std::copy(src, src + R * width, dst);
+      const double mx = scan(dst, R * width).maxabs;
+      me[t] = mx > 0 ? exponent_of(mx) : 0;
+      scale_pow2(dst, R * width, clamp_shift(-me[t]));
+      if (nz[t] && mx > 0) P = std::max(P, ex[t] + me[t]);
+    }
+    if (P == std::numeric_limits<std::int64_t>::min()) {  // every term is zero
+      p.pexp[iq] = 0;
+      return;
+    }
+    for (std::size_t t = 0; t < Tn_; ++t) {
+      T* dst = Gs.data() + t * R * GW;
+      const T* src = dG + t * R * GW;
+      if (!nz[t]) {
+        std::fill(dst, dst + R * GW, T(0));
+        continue;
+      }
+      std::copy(src, src + R * GW, dst);
+      scale_pow2(dst, R * GW, clamp_shift(ex[t] + me[t] - P));
+    }
+    for (const Block& b : blocks)
+      blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), Gs.data() + b.col, I(GW), Ms.data(),
+                 I(width), T(0), out + b.row * width, I(width));
+    p.pexp[iq] = P;
+  };
+  weight_grad(X, in, x_in_band, m_.ih, iw);
+  weight_grad(Hp, H, h_in_band, m_.hh, iw + 1);
+  // For the biases every step's rows go to the common exponent E (exact barring
+  // negligible underflow).
+  for (std::size_t t = 0; t < Tn_; ++t) {
+    if (nz[t] && ex[t] != E) scale_pow2(dG + t * R * GW, R * GW, clamp_shift(ex[t] - E));
+  }
   if (m_.bias) {
     std::vector<double> sih(m_.G * H, 0.0), shh(m_.G * H, 0.0);
     for (std::size_t r = 0; r < rows; ++r) {
@@ -1225,6 +1264,11 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
     for (const Part<T>& p : parts)
       if (p.pnz[i]) accumulate(grads[i].data(), gexp[i], nz, p.pg[i].data(), p.pexp[i], grads[i].size());
     if (!nz) continue;
+    {  // into the band, so that the sum of squares can neither underflow nor overflow
+      const int k = exponent_of(scan(grads[i].data(), grads[i].size()).maxabs);
+      scale_pow2(grads[i].data(), grads[i].size(), -k);
+      gexp[i] += k;
+    }
     const Scan s = scan(grads[i].data(), grads[i].size());
     res.log10_param_grad_norms[i] = log10_norm(s.sumsq, gexp[i]);
     lp[i] = log10_pnorm(grads[i].data(), grads[i].size(), s, gexp[i], req.norm_type);

@@ -1,0 +1,1400 @@
+"""gradchain.RNN against the recurrent oracles (NumPy reference, torch autograd, torch's
+fused modules, log-space renormalisation) and closed forms far outside the float range."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import oracles as O
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+try:
+    import torch
+except ImportError:  # the NumPy-reference tests still run
+    torch = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason="PyTorch is the oracle here: pip install torch==2.13.0"
+)
+
+RTOL = 1e-10
+CELLS = ("tanh", "relu", "lstm", "gru")
+GATES = {"tanh": 1, "relu": 1, "lstm": 4, "gru": 3}
+LOSS_KINDS = ("probe", "mse_last", "mse_every", "ce_last", "ce_every", "grad_last", "grad_every")
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def _log10(x: float) -> float:
+    return math.log10(x) if x > 0 else -math.inf
+
+
+def slice_norms(a):
+    """Frobenius norms over (batch, hidden) of a (layers, steps + 1, batch, hidden) array."""
+    return np.sqrt(np.sum(np.asarray(a, dtype=np.float64) ** 2, axis=(2, 3)))
+
+
+def assert_close(actual, expected, rtol=RTOL, what=""):
+    """Normwise within rtol, and elementwise within rtol * max|expected|."""
+    assert actual is not None, f"{what}: None"
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    ne = np.linalg.norm(e)
+    assert np.linalg.norm(a - e) <= rtol * ne, (
+        f"{what}: |a - e| = {np.linalg.norm(a - e):.3e}, |e| = {ne:.3e}"
+    )
+    np.testing.assert_allclose(
+        a, e, rtol=rtol, atol=rtol * np.max(np.abs(e), initial=0), err_msg=what
+    )
+
+
+def assert_log10(actual, expected_norms, rtol=RTOL, what=""):
+    """log10 norms against the log10 of oracle norms: |d log10| <= rtol / ln 10 (+ the
+    rounding of the log10 itself); an exactly zero oracle norm must give -inf."""
+    with np.errstate(divide="ignore"):
+        exp = np.log10(np.asarray(expected_norms, dtype=np.float64))
+    act = np.asarray(actual, dtype=np.float64)
+    assert act.shape == exp.shape, f"{what}: shape {act.shape} != {exp.shape}"
+    assert np.array_equal(np.isneginf(act), np.isneginf(exp)), (
+        f"{what}: exact zeros differ: got -inf at {np.argwhere(np.isneginf(act)).tolist()}, "
+        f"expected at {np.argwhere(np.isneginf(exp)).tolist()}"
+    )
+    atol = rtol / math.log(10) + 4e-16 * np.max(np.abs(exp[np.isfinite(exp)]), initial=1.0)
+    np.testing.assert_allclose(act, exp, rtol=0, atol=atol, err_msg=what)
+
+
+def assert_scalar(actual, expected, rtol=RTOL, what=""):
+    if math.isnan(expected):
+        assert math.isnan(actual), f"{what}: {actual} should be nan"
+    else:
+        assert abs(actual - expected) <= rtol * abs(expected), f"{what}: {actual!r} vs {expected!r}"
+
+
+def _run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout, env=full_env, check=True,
+    )  # fmt: skip
+    return out.stdout
+
+
+# --------------------------------------------------------------------------------------
+# seeded random configurations
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RnnConfig:
+    cell: str
+    num_layers: int
+    input_size: int
+    hidden_size: int
+    steps: int
+    batch: int
+    bias: bool
+    output_size: int | None
+    loss: str  # one of LOSS_KINDS
+    h0: bool
+    c0: bool
+    truncate: int | None
+    truncate_mode: str  # "none", "detach" or "window"
+    max_norm: float | None
+    norm_type: float
+    source: str  # an RNN_INITS name, or "state_dict" (random arrays through from_state_dict)
+    seed: int
+
+    @property
+    def id(self) -> str:
+        ro = f"ro{self.output_size}" if self.output_size else "noro"
+        states = ("-h0" if self.h0 else "") + ("-c0" if self.c0 else "")
+        trunc = "full" if self.truncate is None else f"{self.truncate_mode}{self.truncate}"
+        clip = "" if self.max_norm is None else f"-clip{self.max_norm:g}@{self.norm_type:g}"
+        return (
+            f"{self.cell}-L{self.num_layers}-in{self.input_size}-H{self.hidden_size}"
+            f"-T{self.steps}-B{self.batch}-{'bias' if self.bias else 'nobias'}-{ro}"
+            f"-{self.loss}{states}-{trunc}{clip}-{self.source}-s{self.seed % 1000}"
+        )
+
+    @property
+    def n_out(self) -> int:
+        return self.output_size or self.hidden_size
+
+    def make_rnn(self, gc, dtype="float64"):
+        if self.source == "state_dict":
+            sd = O.random_rnn_state_dict(
+                self.cell, self.input_size, self.hidden_size, self.num_layers,
+                output_size=self.output_size, bias=self.bias,
+                gain=0.6 + 0.6 * (self.seed % 97) / 97, bias_std=0.3, seed=self.seed,
+            )  # fmt: skip
+            return gc.RNN.from_state_dict(sd, self.cell, dtype=dtype)
+        return gc.RNN(
+            self.cell, self.input_size, self.hidden_size, self.num_layers,
+            output_size=self.output_size, bias=self.bias, init=self.source, dtype=dtype,
+            seed=self.seed,
+        )  # fmt: skip
+
+    def make_data(self):
+        """x, the keyword arguments of RNN.backward and those of the oracles."""
+        rng = np.random.default_rng(50_000 + self.seed)
+        T, B, L, H = self.steps, self.batch, self.num_layers, self.hidden_size
+        x = rng.normal(size=(T, B, self.input_size))
+        gkw: dict = {}
+        okw: dict = {}
+        if self.h0:
+            gkw["h0"] = okw["h0"] = rng.normal(size=(L, B, H)) * 0.5
+        if self.c0:
+            gkw["c0"] = okw["c0"] = rng.normal(size=(L, B, H))
+        lead = (T,) if self.loss.endswith("every") else ()
+        if self.loss == "probe":
+            gkw["loss"] = okw["loss"] = "probe"
+        elif self.loss.startswith("mse"):
+            tgt = rng.normal(size=(*lead, B, self.n_out))
+            gkw.update(loss="mse", target=tgt)
+            okw.update(loss="mse", target=tgt)
+        elif self.loss.startswith("ce"):
+            tgt = rng.integers(0, self.n_out, size=(*lead, B)).astype(np.int64)
+            gkw.update(loss="cross_entropy", target=tgt)
+            okw.update(loss="cross_entropy", target=tgt)
+        else:  # upstream gradients: the oracles call that loss "grad"
+            g = rng.normal(size=(*lead, B, H))
+            gkw["grad_output"] = g
+            okw.update(loss="grad", target=g)
+        if self.truncate is not None:
+            gkw.update(truncate=self.truncate, truncate_mode=self.truncate_mode)
+            okw.update(truncate=self.truncate, truncate_mode=self.truncate_mode)
+        if self.max_norm is not None:
+            gkw.update(max_norm=self.max_norm, norm_type=self.norm_type)
+        return x, gkw, okw
+
+
+def draw_configs(n: int = 40, seed: int = 20250101) -> list[RnnConfig]:
+    """Every cell x every loss kind (the first 28), then random ones; all sizes small."""
+    rng = np.random.default_rng(seed)
+    pairs = [(c, lo) for c in CELLS for lo in LOSS_KINDS]
+    rng.shuffle(pairs)
+    while len(pairs) < n:
+        pairs.append((CELLS[rng.integers(4)], LOSS_KINDS[rng.integers(len(LOSS_KINDS))]))
+    modes = ["none", "detach", "window"] * (n // 3 + 1)
+    rng.shuffle(modes)
+    sources = (
+        ["state_dict"] * 5 + ["default", "xavier_uniform", "xavier_normal", "orthogonal", "normal"]
+    ) * (n // 10 + 1)
+    rng.shuffle(sources)
+    out = []
+    for k, (cell, loss) in enumerate(pairs):
+        T = int(rng.integers(1, 13))
+        H = int(rng.integers(1, 8))
+        if loss.startswith("ce") and k % 6:
+            # a few single-class (zero-gradient) cases stay
+            out_size = int(rng.integers(2, 6)) if rng.random() < 0.6 else None
+            H = max(H, 2) if out_size is None else H
+        elif loss.startswith("mse") or rng.random() < 0.3:
+            out_size = int(rng.integers(1, 6)) if rng.random() < 0.6 else None
+        else:
+            out_size = None
+        mode = modes[k]
+        clip = rng.random() < 0.4
+        out.append(
+            RnnConfig(
+                cell=cell,
+                num_layers=int(rng.integers(1, 4)),
+                input_size=int(rng.integers(1, 8)),
+                hidden_size=H,
+                steps=T,
+                batch=int(rng.integers(1, 5)),
+                bias=bool(rng.random() < 0.7),
+                output_size=out_size,
+                loss=loss,
+                h0=bool(rng.random() < 0.5),
+                c0=cell == "lstm" and bool(rng.random() < 0.5),
+                truncate=None if mode == "none" else int(rng.integers(1, T + 2)),
+                truncate_mode=mode,
+                max_norm=float(rng.choice([0.0, 0.01, 0.1, 1.0, 100.0])) if clip else None,
+                norm_type=float(rng.choice([2.0, math.inf, 1.5])) if clip else 2.0,
+                source=str(sources[k]),
+                seed=int(rng.integers(0, 2**31)),
+            )
+        )
+    return out
+
+
+CONFIGS = draw_configs()
+
+
+def _ids(configs):
+    return [c.id for c in configs]
+
+
+def check_report(rep, ref, rnn, cfg_max_norm=None, norm_type=2.0, clipped=None, total=None):
+    """`rep` (return_grads=True) against an oracle result with unclipped gradients.
+
+    `clipped` / `total`: the clipped gradients and total norm by torch's
+    clip_grad_norm_; computed here as min(1, max_norm / (total + 1e-6)) otherwise."""
+    names = list(rnn.param_names)
+    assert list(rep.grads) == names == list(ref["grads"])
+    assert list(rep.log10_weight_grad_norms) == names
+    raw = [ref["grads"][n] for n in names]
+    # norms are those before clipping
+    for n, g in zip(names, raw):
+        assert_log10(rep.log10_weight_grad_norms[n], np.linalg.norm(g), what=f"log10 |d {n}|")
+    if total is None:
+        total = O.pnorm(raw, norm_type)
+    assert rep.norm_type == norm_type
+    assert_log10(rep.log10_total_norm, total, what="log10_total_norm")
+    assert_scalar(rep.total_norm, total, what="total_norm")
+    if cfg_max_norm is None:
+        assert rep.max_norm is None and rep.log10_clip_coef == 0.0
+        expected = raw
+    else:
+        assert rep.max_norm == cfg_max_norm
+        coef = min(1.0, cfg_max_norm / (total + 1e-6))
+        assert_scalar(rep.clip_coef, coef, what="clip_coef")
+        expected = [coef * g for g in raw] if clipped is None else clipped
+    for n, a, e in zip(names, rep.grads.values(), expected):
+        assert_close(a, e, what=f"grads[{n!r}]")
+    # state and cell gradients, whole arrays and per-(layer, step) norms
+    assert_close(rep.state_grads, ref["state_grads"], what="state_grads")
+    assert_log10(
+        rep.log10_layer_state_grad_norms, slice_norms(ref["state_grads"]), what="log10 |dL/dh_t|"
+    )
+    if ref["cell_grads"] is None:
+        assert rep.cell_grads is None and rep.log10_layer_cell_grad_norms is None
+    else:
+        assert_close(rep.cell_grads, ref["cell_grads"], what="cell_grads")
+        assert_log10(
+            rep.log10_layer_cell_grad_norms, slice_norms(ref["cell_grads"]), what="log10 |dL/dc_t|"
+        )
+    assert_scalar(rep.loss, ref["loss"], what="loss")
+    if not math.isnan(ref["loss"]) and ref["loss"] > 0:
+        assert abs(rep.log10_loss - math.log10(ref["loss"])) <= RTOL, "log10_loss"
+    assert_close(rep.h_n, ref["h_n"], what="h_n")
+    if ref["c_n"] is None:
+        assert rep.c_n is None
+    else:
+        assert_close(rep.c_n, ref["c_n"], what="c_n")
+
+
+def test_configs_cover_everything():
+    seen = {(c.cell, c.loss) for c in CONFIGS}
+    assert seen == {(c, lo) for c in CELLS for lo in LOSS_KINDS}
+    for attr, values in (
+        ("num_layers", {1, 2, 3}),
+        ("bias", {True, False}),
+        ("h0", {True, False}),
+        ("truncate_mode", {"none", "detach", "window"}),
+    ):
+        assert {getattr(c, attr) for c in CONFIGS} == values, attr
+    assert {c.norm_type for c in CONFIGS if c.max_norm is not None} == {2.0, math.inf, 1.5}
+    assert any(c.c0 for c in CONFIGS)
+    assert any(c.output_size for c in CONFIGS) and any(not c.output_size for c in CONFIGS)
+    ks = [(c.truncate, c.steps) for c in CONFIGS if c.truncate is not None]
+    assert (
+        any(k == 1 for k, _ in ks) and any(k > t for k, t in ks) and any(1 < k < t for k, t in ks)
+    )
+    assert {c.source for c in CONFIGS} >= {"state_dict", "default", "orthogonal"}
+
+
+# --------------------------------------------------------------------------------------
+# 1. float64 parity on the random configurations
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_parity_numpy(gc, cfg):
+    rnn = cfg.make_rnn(gc)
+    x, gkw, okw = cfg.make_data()
+    rep = rnn.backward(x, return_grads=True, **gkw)
+    ref = O.numpy_rnn_backward(cfg.cell, rnn.state_dict(), x, **okw)
+    check_report(rep, ref, rnn, cfg.max_norm, cfg.norm_type)
+    T = cfg.steps
+    assert rep.log10_layer_state_grad_norms.shape == (cfg.num_layers, T + 1)
+    assert rep.state_grads.shape == (cfg.num_layers, T + 1, cfg.batch, cfg.hidden_size)
+    assert rep.truncate == cfg.truncate
+    assert rep.truncate_mode == cfg.truncate_mode
+
+
+@needs_torch
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_parity_torch(gc, cfg):
+    rnn = cfg.make_rnn(gc)
+    x, gkw, okw = cfg.make_data()
+    rep = rnn.backward(x, return_grads=True, **gkw)
+    ref = O.torch_rnn_backward(cfg.cell, rnn.state_dict(), x, **okw)
+    clipped = total = None
+    if cfg.max_norm is not None:
+        params = [torch.tensor(ref["grads"][n]) for n in rnn.param_names]
+        for p in params:
+            p.grad = p.detach().clone()
+        total = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, cfg.norm_type))
+        clipped = [p.grad.numpy() for p in params]
+    check_report(rep, ref, rnn, cfg.max_norm, cfg.norm_type, clipped=clipped, total=total)
+
+
+def test_without_return_grads_the_arrays_are_absent(gc):
+    cfg = CONFIGS[0]
+    rnn = cfg.make_rnn(gc)
+    x, gkw, _ = cfg.make_data()
+    a = rnn.backward(x, **gkw)
+    b = rnn.backward(x, return_grads=True, **gkw)
+    assert a.grads is None and a.state_grads is None and a.cell_grads is None
+    np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
+    assert a.log10_weight_grad_norms == b.log10_weight_grad_norms
+
+
+def test_default_loss_follows_the_target(gc, rng):
+    rnn = gc.RNN("gru", 3, 4, output_size=3, seed=1)
+    x = rng.normal(size=(5, 2, 3))
+    sd = rnn.state_dict()
+    a = rnn.backward(x)
+    assert_scalar(a.loss, O.numpy_rnn_forward("gru", sd, x, loss="probe")["loss"], what="probe")
+    tgt = rng.normal(size=(2, 3))
+    b = rnn.backward(x, tgt)
+    assert_scalar(b.loss, O.numpy_rnn_forward("gru", sd, x, loss="mse", target=tgt)["loss"])
+    lab = np.array([0, 2])
+    c = rnn.backward(x, lab)
+    assert_scalar(
+        c.loss, O.numpy_rnn_forward("gru", sd, x, loss="cross_entropy", target=lab)["loss"]
+    )
+    d = rnn.backward(x, grad_output=rng.normal(size=(2, 4)))
+    assert math.isnan(d.loss) and math.isnan(d.log10_loss)
+
+
+# --------------------------------------------------------------------------------------
+# 2. the two-thread path (batch split in two)
+# --------------------------------------------------------------------------------------
+THREADED = [(cell, trunc) for cell in CELLS for trunc in (None, ("window", 7), ("detach", 16))]
+
+
+@pytest.mark.parametrize(
+    "cell,trunc",
+    THREADED,
+    ids=[f"{c}-{'full' if t is None else f'{t[0]}{t[1]}'}" for c, t in THREADED],
+)
+def test_two_thread_path_numpy(gc, cell, trunc):
+    T, B, H, L, n_in, out = 200, 6, 16, 2, 5, 3
+    assert B >= 2 and T * B * GATES[cell] * H * H >= 65536
+    seed = zlib.crc32(f"threaded-{cell}-{trunc}".encode())
+    rng = np.random.default_rng(seed)
+    sd = O.random_rnn_state_dict(cell, n_in, H, L, output_size=out, gain=0.9, seed=seed)
+    rnn = gc.RNN.from_state_dict(sd, cell)
+    x = rng.normal(size=(T, B, n_in))
+    tgt = rng.normal(size=(T, B, out))
+    h0 = rng.normal(size=(L, B, H)) * 0.5
+    kw = {} if trunc is None else {"truncate": trunc[1], "truncate_mode": trunc[0]}
+    rep = rnn.backward(x, tgt, loss="mse", h0=h0, return_grads=True, **kw)
+    ref = O.numpy_rnn_backward(cell, sd, x, h0=h0, loss="mse", target=tgt, **kw)
+    check_report(rep, ref, rnn)
+
+
+# --------------------------------------------------------------------------------------
+# 3. torch.nn.RNN / LSTM / GRU modules
+# --------------------------------------------------------------------------------------
+def _torch_module(cell, n_in, H, L, bias=True, dtype=None):
+    kw = {"bias": bias, "dtype": dtype or torch.float64}
+    if cell in ("tanh", "relu"):
+        return torch.nn.RNN(n_in, H, L, nonlinearity=cell, **kw)
+    if cell == "lstm":
+        return torch.nn.LSTM(n_in, H, L, **kw)
+    return torch.nn.GRU(n_in, H, L, **kw)
+
+
+def _module_forward(mod, cell, x, h0, c0):
+    with torch.no_grad():
+        xt = torch.from_numpy(np.asarray(x))
+        if cell == "lstm":
+            out, (h_n, c_n) = mod(xt, (torch.from_numpy(h0), torch.from_numpy(c0)))
+            return out.numpy(), h_n.numpy(), c_n.numpy()
+        out, h_n = mod(xt, torch.from_numpy(h0))
+        return out.numpy(), h_n.numpy(), None
+
+
+@needs_torch
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradchain_parameters_in_torch_modules(gc, cell, bias, rng):
+    T, B, n_in, H, L, out = 7, 3, 4, 5, 2, 3
+    rnn = gc.RNN(cell, n_in, H, L, output_size=out, bias=bias, init="orthogonal", seed=5)
+    sd = rnn.state_dict()
+    mod = _torch_module(cell, n_in, H, L, bias)
+    mod.load_state_dict(
+        {k: torch.from_numpy(a) for k, a in sd.items() if not k.startswith("readout.")}, strict=True
+    )
+    x = rng.normal(size=(T, B, n_in))
+    h0 = rng.normal(size=(L, B, H)) * 0.5
+    c0 = rng.normal(size=(L, B, H)) if cell == "lstm" else None
+    kw = {"c0": c0} if cell == "lstm" else {}
+    # forward of the loaded module == gradchain's forward
+    o_t, h_t, c_t = _module_forward(mod, cell, x, h0, c0 if c0 is not None else None)
+    o_g, h_g, c_g = rnn.forward(x, h0=h0, **kw)
+    assert_close(o_g, o_t, what="output")
+    assert_close(h_g, h_t, what="h_n")
+    if cell == "lstm":
+        assert_close(c_g, c_t, what="c_n")
+    # full BPTT through the fused module: same parameter gradients, every-step mse
+    tgt = rng.normal(size=(T, B, out))
+    ref = O.torch_module_backward(cell, sd, x, h0=h0, loss="mse", target=tgt, **kw)
+    rep = rnn.backward(x, tgt, loss="mse", h0=h0, return_grads=True, **kw)
+    assert list(rep.grads) == list(ref["grads"])
+    for n in rep.grads:
+        assert_close(rep.grads[n], ref["grads"][n], what=n)
+        assert_log10(rep.log10_weight_grad_norms[n], np.linalg.norm(ref["grads"][n]), what=n)
+    assert_scalar(rep.loss, ref["loss"], what="loss")
+    assert_close(rep.state_grads[:, 0], ref["h0_grad"], what="dL/dh0")
+    if cell == "lstm":
+        assert_close(rep.cell_grads[:, 0], ref["c0_grad"], what="dL/dc0")
+
+
+@needs_torch
+@pytest.mark.parametrize("cell", CELLS)
+def test_from_torch_module_state_dict(gc, cell, rng):
+    T, B, n_in, H, L = 6, 2, 3, 4, 3
+    torch.manual_seed(zlib.crc32(cell.encode()))
+    mod = _torch_module(cell, n_in, H, L)
+    tsd = mod.state_dict()
+    rnn = gc.RNN.from_state_dict(tsd, cell)  # tensors as given
+    assert rnn.dtype == np.float64
+    assert (rnn.cell, rnn.input_size, rnn.hidden_size, rnn.num_layers) == (cell, n_in, H, L)
+    assert rnn.output_size is None and rnn.bias
+    assert list(rnn.param_names) == list(tsd)
+    for k, a in rnn.state_dict().items():
+        np.testing.assert_array_equal(a, tsd[k].numpy())
+    x = rng.normal(size=(T, B, n_in))
+    h0 = rng.normal(size=(L, B, H))
+    c0 = rng.normal(size=(L, B, H)) if cell == "lstm" else None
+    kw = {"c0": c0} if cell == "lstm" else {}
+    o_t, h_t, c_t = _module_forward(mod, cell, x, h0, c0)
+    o_g, h_g, c_g = rnn.forward(x, h0=h0, **kw)
+    assert_close(o_g, o_t, what="output")
+    assert_close(h_g, h_t, what="h_n")
+    if cell == "lstm":
+        assert_close(c_g, c_t, what="c_n")
+    else:
+        assert c_g is None
+    # backward's final states are the same as forward's
+    rep = rnn.backward(x, h0=h0, **kw)
+    assert_close(rep.h_n, h_t, what="backward h_n")
+    if cell == "lstm":
+        assert_close(rep.c_n, c_t, what="backward c_n")
+    # and the gradients through the fused module
+    ref = O.torch_module_backward(cell, tsd, x, h0=h0, loss="probe", **kw)
+    rep = rnn.backward(x, h0=h0, return_grads=True, **kw)
+    for n in rep.grads:
+        assert_close(rep.grads[n], ref["grads"][n], what=n)
+
+
+@needs_torch
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_torch_state_dict_gives_a_float32_rnn(gc, cell, rng):
+    torch.manual_seed(3)
+    mod = _torch_module(cell, 3, 5, 2, dtype=torch.float32)
+    rnn = gc.RNN.from_state_dict(mod.state_dict(), cell)
+    assert rnn.dtype == np.float32
+    sd = rnn.state_dict()
+    assert all(a.dtype == np.float32 for a in sd.values())
+    for k, a in sd.items():
+        np.testing.assert_array_equal(a, mod.state_dict()[k].numpy())
+    x = rng.normal(size=(4, 2, 3)).astype(np.float32)
+    h0 = rng.normal(size=(2, 2, 5)).astype(np.float32)
+    c0 = rng.normal(size=(2, 2, 5)).astype(np.float32) if cell == "lstm" else None
+    out, h_n, c_n = rnn.forward(x, h0=h0, c0=c0)
+    assert out.dtype == np.float32
+    o_t, h_t, c_t = _module_forward(mod, cell, x, h0, c0)
+    np.testing.assert_allclose(out, o_t, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_n, h_t, rtol=1e-5, atol=1e-6)
+    if cell == "lstm":
+        np.testing.assert_allclose(c_n, c_t, rtol=1e-5, atol=1e-6)
+    # an explicit dtype wins; a mixture is float64
+    assert gc.RNN.from_state_dict(mod.state_dict(), cell, dtype="float64").dtype == np.float64
+    mixed = {k: (v.double() if k == "weight_ih_l0" else v) for k, v in mod.state_dict().items()}
+    assert gc.RNN.from_state_dict(mixed, cell).dtype == np.float64
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_state_dict_round_trip(gc, cell, dtype):
+    rnn = gc.RNN(cell, 3, 4, 2, output_size=2, init="xavier_normal", dtype=dtype, seed=11)
+    sd = rnn.state_dict()
+    again = gc.RNN.from_state_dict(sd, cell)
+    assert again.dtype == rnn.dtype
+    sd2 = again.state_dict()
+    assert list(sd2) == list(sd) == list(rnn.param_names)
+    for k in sd:
+        assert sd2[k].dtype == sd[k].dtype and sd2[k].shape == sd[k].shape
+        np.testing.assert_array_equal(sd2[k], sd[k])
+    assert (again.input_size, again.hidden_size, again.num_layers, again.output_size) == (
+        3,
+        4,
+        2,
+        2,
+    )
+    # state_dict returns copies
+    sd["weight_hh_l0"][...] = 0
+    assert np.any(rnn.state_dict()["weight_hh_l0"] != 0)
+
+
+# --------------------------------------------------------------------------------------
+# 4. float32
+# --------------------------------------------------------------------------------------
+F32 = [
+    ("tanh", "probe"), ("relu", "mse"), ("lstm", "cross_entropy"), ("gru", "mse"),
+    ("lstm", "probe"), ("gru", "cross_entropy"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cell,loss", F32, ids=[f"{c}-{lo}" for c, lo in F32])
+def test_float32_against_float64_oracle(gc, cell, loss, rng):
+    T, B, n_in, H, L, out = 20, 3, 4, 8, 2, 4
+    rnn = gc.RNN(cell, n_in, H, L, output_size=out, init="orthogonal", dtype="float32", seed=2)
+    rnn64 = gc.RNN(cell, n_in, H, L, output_size=out, init="orthogonal", seed=2)
+    for k, a in rnn.state_dict().items():
+        np.testing.assert_array_equal(a, rnn64.state_dict()[k].astype(np.float32))
+    x = rng.normal(size=(T, B, n_in)).astype(np.float32)
+    kw = {}
+    if loss == "mse":
+        kw["target"] = rng.normal(size=(T, B, out)).astype(np.float32)
+    elif loss == "cross_entropy":
+        kw["target"] = rng.integers(0, out, size=(T, B))
+    rep = rnn.backward(x, loss=loss, return_grads=True, **kw)
+    ref = O.numpy_rnn_backward(cell, rnn.state_dict(), x, loss=loss, **kw)
+    assert rep.grads["weight_hh_l0"].dtype == np.float32
+    tol = 1e-4 / math.log(10)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(
+            rep.log10_layer_state_grad_norms, np.log10(slice_norms(ref["state_grads"])), atol=tol
+        )
+        if cell == "lstm":
+            np.testing.assert_allclose(
+                rep.log10_layer_cell_grad_norms, np.log10(slice_norms(ref["cell_grads"])), atol=tol
+            )
+    for n in rnn.param_names:
+        g = ref["grads"][n]
+        expected = _log10(float(np.linalg.norm(g)))
+        if expected == -math.inf:  # e.g. the read-out under the probe loss
+            assert rep.log10_weight_grad_norms[n] == -math.inf, n
+        else:
+            assert abs(rep.log10_weight_grad_norms[n] - expected) <= tol, n
+        assert np.linalg.norm(rep.grads[n] - g) <= 1e-4 * np.linalg.norm(g), n
+    assert abs(rep.log10_total_norm - math.log10(O.pnorm(list(ref["grads"].values())))) <= tol
+    assert abs(rep.loss - ref["loss"]) <= 1e-4 * abs(ref["loss"])
+
+
+# --------------------------------------------------------------------------------------
+# 5. log space: closed forms and the renormalised oracle far outside the float range
+# --------------------------------------------------------------------------------------
+def test_vanishing_closed_form_over_100k_steps(gc):
+    """relu, W_hh = c P (P a permutation), b_hh = 1: the states stay positive, so
+    dL/dh_{t-1} = c P^T dL/dh_t and ||dL/dh_t|| = ||h_T|| c^(T - t) exactly."""
+    H, T, c = 64, 100_000, 0.99
+    P = np.eye(H)[np.random.default_rng(0).permutation(H)]
+    sd = {
+        "weight_ih_l0": np.zeros((H, 1)),
+        "weight_hh_l0": c * P,
+        "bias_ih_l0": np.zeros(H),
+        "bias_hh_l0": np.ones(H),
+    }
+    rnn = gc.RNN.from_state_dict(sd, "relu")
+    rep = rnn.backward(np.zeros((T, 1, 1)))
+    h_T = rep.h_n[0]
+    assert np.all(h_T > 0)
+    log_hT = math.log10(float(np.linalg.norm(h_T)))
+    expected = log_hT + (T - np.arange(T + 1)) * math.log10(c)
+    got = rep.log10_state_grad_norms
+    assert got.shape == (T + 1,)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-8)
+    assert got[0] < -430 and math.isfinite(got[0])
+    assert rep.state_grad_norms[0] == 0.0
+    assert rep.state_grad_norms[-1] == pytest.approx(10**log_hT, rel=1e-12)
+    # dL/db_hh = sum_t dL/dh_t (relu' = 1) = h_T (1 - c^T) / (1 - c)
+    expect_b = log_hT + math.log10((1 - c**T) / (1 - c))
+    assert abs(rep.log10_weight_grad_norms["bias_hh_l0"] - expect_b) <= 1e-8
+    assert rep.log10_weight_grad_norms["weight_ih_l0"] == -math.inf  # x = 0: exactly zero
+
+
+def test_exploding_closed_form_beyond_float_range(gc, rng):
+    """relu, W_hh = 1.5 I, positive h0 = 1e-300 u, x = 0, no bias: h_T ~ 1e228 stays finite,
+    and ||dL/dh_t|| = ||g|| 1.5^(T - t) reaches ~1e528 at t = 0."""
+    H, T, B, a = 6, 3000, 2, 1.5
+    sd = {"weight_ih_l0": rng.normal(size=(H, 1)), "weight_hh_l0": a * np.eye(H)}
+    rnn = gc.RNN.from_state_dict(sd, "relu")
+    u = rng.uniform(0.5, 1.0, size=(1, B, H))
+    h0 = 1e-300 * u
+    g = rng.normal(size=(B, H))
+    rep = rnn.backward(np.zeros((T, B, 1)), grad_output=g, h0=h0)
+    assert np.all(np.isfinite(rep.h_n)) and rep.h_n.max() > 1e220
+    log_g = math.log10(float(np.linalg.norm(g)))
+    expected = log_g + (T - np.arange(T + 1)) * math.log10(a)
+    got = rep.log10_state_grad_norms
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-8)
+    assert got[0] > 520
+    assert rep.state_grad_norms[0] == math.inf
+    # dL/dW_hh = sum_t (1.5^(T-t) g)(1.5^(t-1) h0)^T = T 1.5^(T-1) g h0^T (summed over the batch)
+    M = sum(np.outer(g[b], u[0, b]) for b in range(B))
+    expect_w = math.log10(T) + (T - 1) * math.log10(a) - 300 + math.log10(np.linalg.norm(M))
+    assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - expect_w) <= 1e-8
+    assert rep.log10_weight_grad_norms["weight_ih_l0"] == -math.inf
+    assert abs(rep.log10_total_norm - expect_w) <= 1e-8  # the only nonzero gradient
+
+
+def _vanishing_chain(cell, L, T=3000, B=2, n_in=3, H=8):
+    seed = zlib.crc32(f"vanish-{cell}".encode())
+    rng = np.random.default_rng(seed)
+    sd = O.random_rnn_state_dict(cell, n_in, H, L, gain=0.5, bias_std=0.3, seed=seed)
+    if cell == "lstm":  # a small forget gate: the cell gradient decays quickly
+        sd[f"bias_ih_l{L - 1}"][H : 2 * H] = -2.0
+    x = rng.normal(size=(T, B, n_in))
+    h0 = rng.normal(size=(L, B, H)) * 0.5
+    c0 = rng.normal(size=(L, B, H)) if cell == "lstm" else None
+    return sd, x, h0, c0, rng.normal(size=(B, H))
+
+
+@pytest.mark.parametrize("cell", ["tanh", "lstm"])
+def test_vanishing_chain_against_renormalised_oracle(gc, cell):
+    sd, x, h0, c0, g = _vanishing_chain(cell, 1)
+    rnn = gc.RNN.from_state_dict(sd, cell)
+    rep = rnn.backward(x, h0=h0, c0=c0)
+    ref = O.renormalised_rnn_log10_state_norms(cell, sd, x, h0=h0, c0=c0)
+    got = rep.log10_state_grad_norms
+    assert ref[0] < -400 and math.isfinite(ref[0])  # far below float64's range
+    assert rep.state_grad_norms[0] == 0.0
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    if cell == "lstm":
+        ref_c = O.renormalised_rnn_log10_cell_norms(cell, sd, x, h0=h0, c0=c0)
+        assert ref_c[0] < -400
+        np.testing.assert_allclose(rep.log10_cell_grad_norms, ref_c, rtol=0, atol=1e-9)
+    # a last-step upstream gradient instead of the probe
+    rep = rnn.backward(x, h0=h0, c0=c0, grad_output=g)
+    ref = O.renormalised_rnn_log10_state_norms(cell, sd, x, h0=h0, c0=c0, grad_output=g)
+    np.testing.assert_allclose(rep.log10_state_grad_norms, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("cell", ["tanh", "lstm"])
+def test_vanishing_two_layer_chain_top_layer(gc, cell):
+    """With a last-step loss the top layer's state gradients do not depend on the layer
+    below: they equal those of a one-layer chain fed the bottom layer's outputs. (The
+    renormalised oracle shares one scale between the layers, so it cannot follow a top
+    layer that vanishes faster than the bottom one; this splits the chain instead.)"""
+    sd, x, h0, c0, _ = _vanishing_chain(cell, 2)
+    rep = gc.RNN.from_state_dict(sd, cell).backward(x, h0=h0, c0=c0)
+    top = {k.replace("_l1", "_l0"): v for k, v in sd.items() if k.endswith("_l1")}
+    bottom = {k: v for k, v in sd.items() if k.endswith("_l0")}
+    y, _, _ = gc.RNN.from_state_dict(bottom, cell).forward(
+        x, h0=h0[:1], c0=None if c0 is None else c0[:1]
+    )
+    kw = {"h0": h0[1:], "c0": None if c0 is None else c0[1:]}
+    one = gc.RNN.from_state_dict(top, cell).backward(y, **kw)
+    ref = O.renormalised_rnn_log10_state_norms(cell, top, y, **kw)
+    assert ref[0] < -400
+    np.testing.assert_allclose(one.log10_state_grad_norms, ref, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(rep.log10_state_grad_norms, ref, rtol=0, atol=1e-9)
+    assert np.all(np.isfinite(rep.log10_layer_state_grad_norms))
+    if cell == "lstm":
+        ref_c = O.renormalised_rnn_log10_cell_norms(cell, top, y, **kw)
+        np.testing.assert_allclose(rep.log10_cell_grad_norms, ref_c, rtol=0, atol=1e-9)
+
+
+def test_exploding_weight_hh_gradient_in_float32(gc):
+    """relu, W_hh = 1.5, W_ih = 1, x = 1e-20, T = 300: dL/dh_t reaches 1.5^299 ~ 1e53,
+    beyond float32 (h_T ~ 1e33 stays finite). dL/dW_hh ~ 2.7e35 is a float32."""
+    sd = {"weight_ih_l0": np.ones((1, 1)), "weight_hh_l0": np.array([[1.5]])}
+    T = 300
+    x = np.full((T, 1, 1), np.float32(1e-20))
+    g = np.ones((1, 1))
+    rnn = gc.RNN.from_state_dict(sd, "relu", dtype="float32")
+    rep = rnn.backward(x, grad_output=g, return_grads=True)
+    ref = O.numpy_rnn_backward("relu", rnn.state_dict(), x, loss="grad", target=g)
+    np.testing.assert_allclose(
+        rep.log10_state_grad_norms, np.log10(slice_norms(ref["state_grads"])[0]), atol=1e-5
+    )
+    for n in ("weight_ih_l0", "weight_hh_l0"):
+        e = ref["grads"][n]
+        assert abs(rep.log10_weight_grad_norms[n] - math.log10(np.linalg.norm(e))) <= 1e-5, (
+            n, rep.log10_weight_grad_norms[n], math.log10(np.linalg.norm(e)),
+        )  # fmt: skip
+        np.testing.assert_allclose(rep.grads[n], e, rtol=1e-4, err_msg=n)
+
+
+def test_clipping_in_the_exploding_regime(gc):
+    """relu, W_hh = 1.5, h0 = 1, x = 0, T = 1200: dL/dW_hh = T 1.5^(T-1) ~ 1.6e214 is a
+    float; clipping to max_norm = 1 must leave a gradient of norm ~1."""
+    sd = {"weight_ih_l0": np.zeros((1, 1)), "weight_hh_l0": np.array([[1.5]])}
+    T = 1200
+    rnn = gc.RNN.from_state_dict(sd, "relu")
+    kw = {"grad_output": np.ones((1, 1)), "h0": np.ones((1, 1, 1)), "return_grads": True}
+    expected = math.log10(T) + (T - 1) * math.log10(1.5)
+    rep = rnn.backward(np.zeros((T, 1, 1)), **kw)
+    assert rep.grads["weight_hh_l0"][0, 0] == pytest.approx(10**expected, rel=1e-10)
+    assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - expected) <= 1e-9
+    assert abs(rep.log10_total_norm - expected) <= 1e-9
+    rep = rnn.backward(np.zeros((T, 1, 1)), max_norm=1.0, **kw)
+    assert abs(rep.log10_clip_coef + expected) <= 1e-9
+    assert rep.grads["weight_hh_l0"][0, 0] == pytest.approx(1.0, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Pascanu, Mikolov & Bengio (2013): ||dL/dh_t|| <= ||dL/dh_T|| sigma_max(W_hh)^(T - t)
+# --------------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    H=st.integers(1, 12),
+    B=st.integers(1, 3),
+    T=st.integers(1, 2000),
+    gain=st.floats(0.5, 3.0),
+    x_scale=st.sampled_from([0.0, 0.3, 1.0, 5.0]),
+)
+@example(seed=1, H=8, B=2, T=2000, gain=0.5, x_scale=1.0)  # beyond float64's range
+@example(seed=2, H=5, B=1, T=2000, gain=3.0, x_scale=0.0)
+def test_pascanu_bound(gc, seed, H, B, T, gain, x_scale):
+    rng = np.random.default_rng(seed)
+    n_in = 3
+    W = rng.normal(size=(H, H)) * gain / math.sqrt(H)
+    sd = {
+        "weight_ih_l0": rng.normal(size=(H, n_in)),
+        "weight_hh_l0": W,
+        "bias_ih_l0": rng.normal(size=H) * 0.3,
+        "bias_hh_l0": rng.normal(size=H) * 0.3,
+    }
+    rnn = gc.RNN.from_state_dict(sd, "tanh")
+    x = rng.normal(size=(T, B, n_in)) * x_scale
+    g = rng.normal(size=(B, H))
+    rep = rnn.backward(x, grad_output=g)
+    log_dh = rep.log10_state_grad_norms
+    assert abs(log_dh[T] - math.log10(np.linalg.norm(g))) <= 1e-12
+    sigma = float(np.linalg.norm(W, 2))
+    bound = log_dh[T] + (T - np.arange(T + 1)) * math.log10(sigma) + 1e-9
+    bad = np.flatnonzero(log_dh > bound)
+    assert bad.size == 0, (bad[:5], log_dh[bad[:5]], bound[bad[:5]])
+    if seed == 1 and T == 2000:
+        assert log_dh[0] < -330
+
+
+# --------------------------------------------------------------------------------------
+# 7. bad input
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def small(gc):
+    return gc.RNN("tanh", 3, 4, 2, seed=1)
+
+
+X = np.zeros((5, 2, 3))
+
+
+def _raises(exc, fn, *words):
+    with pytest.raises(exc) as info:
+        fn()
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    return msg
+
+
+def test_bad_x(small):
+    _raises(ValueError, lambda: small.backward(np.zeros((5, 3))), "x must have shape", "(5, 3)")
+    _raises(ValueError, lambda: small.backward(np.zeros((5, 2, 3, 1))), "x must have shape")
+    _raises(ValueError, lambda: small.forward(np.zeros((5, 3))), "x must have shape")
+    _raises(ValueError, lambda: small.backward(np.zeros((5, 2, 4))), "x", "3", "(5, 2, 4)")
+    bad = X.copy()
+    bad[1, 1, 2] = np.nan
+    _raises(ValueError, lambda: small.backward(bad), "x", "NaN", "(1, 1, 2)")
+    bad[1, 1, 2] = np.inf
+    _raises(ValueError, lambda: small.backward(bad), "x", "inf")
+    _raises(TypeError, lambda: small.backward(np.zeros((5, 2, 3), dtype=bool)), "x")
+
+
+def test_bad_cell_and_constructor_arguments(gc):
+    _raises(ValueError, lambda: gc.RNN("lstmx", 3, 4), "cell", "'tanh'", "'gru'")
+    _raises(ValueError, lambda: gc.RNN.from_state_dict({}, "conv"), "cell", "'lstm'")
+    _raises(TypeError, lambda: gc.RNN("tanh", 3, 4.0), "hidden_size")
+    _raises(TypeError, lambda: gc.RNN("tanh", 3, 4.5), "hidden_size")
+    _raises(ValueError, lambda: gc.RNN("tanh", 3, 0), "hidden_size")
+    _raises(ValueError, lambda: gc.RNN("tanh", 0, 4), "input_size")
+    _raises(ValueError, lambda: gc.RNN("tanh", 3, 4, num_layers=0), "num_layers")
+    _raises(
+        ValueError, lambda: gc.RNN("tanh", 3, 4, dtype="float16"), "dtype", "float32", "float64"
+    )
+    _raises(ValueError, lambda: gc.RNN("tanh", 3, 4, dtype="int32"), "dtype")
+    _raises(ValueError, lambda: gc.RNN("tanh", 3, 4, init="he"), "init", "'orthogonal'")
+    _raises(
+        ValueError,
+        lambda: gc.RNN("tanh", 3, 4, spectral_radius=0.9, recurrent_gain=2.0),
+        "spectral_radius", "recurrent_gain",
+    )  # fmt: skip
+    _raises(ValueError, lambda: gc.RNN("tanh", 3, 4, spectral_radius=-1.0), "spectral_radius")
+    _raises(ValueError, lambda: gc.RNN("gru", 3, 4, forget_bias=1.0), "forget_bias", "lstm")
+    _raises(ValueError, lambda: gc.RNN("lstm", 3, 4, bias=False, forget_bias=1.0), "forget_bias")
+    _raises(TypeError, lambda: gc.RNN("tanh", 3, 4, bias=1), "bias")
+    _raises(ValueError, lambda: gc.RNN("tanh", 3, 4, gain=math.nan), "gain")
+    _raises(TypeError, lambda: gc.RNN("tanh", 3, 4, seed=1.5), "seed")
+
+
+@pytest.mark.parametrize("k", [0, -1, True, 1.5])
+def test_bad_truncate(small, k):
+    _raises(ValueError, lambda: small.backward(X, truncate=k), "truncate", repr(k))
+
+
+def test_bad_truncate_mode(small):
+    _raises(
+        ValueError, lambda: small.backward(X, truncate=2, truncate_mode="sliding"),
+        "truncate_mode", "'detach'", "'window'", "'sliding'",
+    )  # fmt: skip
+
+
+def test_bad_state_dict(gc, small):
+    sd = small.state_dict()
+    sd["weight_hh_l0"] = np.zeros((4, 5))
+    _raises(ValueError, lambda: gc.RNN.from_state_dict(sd, "tanh"), "weight_hh_l0", "(4, 4)")
+    sd = small.state_dict()
+    sd["bias_ih_l1"] = np.zeros(5)
+    _raises(ValueError, lambda: gc.RNN.from_state_dict(sd, "tanh"), "bias_ih_l1")
+    sd = small.state_dict()
+    del sd["bias_hh_l1"]
+    _raises(ValueError, lambda: gc.RNN.from_state_dict(sd, "tanh"), "missing", "bias_hh_l1")
+    sd = small.state_dict()
+    sd["foo"] = np.zeros(3)
+    _raises(ValueError, lambda: gc.RNN.from_state_dict(sd, "tanh"), "foo")
+    sd = small.state_dict()
+    sd["weight_ih_l0_reverse"] = sd["weight_ih_l0"]
+    _raises(
+        ValueError,
+        lambda: gc.RNN.from_state_dict(sd, "tanh"),
+        "weight_ih_l0_reverse",
+        "bidirectional",
+    )
+    sd = small.state_dict()
+    del sd["weight_ih_l0"], sd["weight_hh_l0"], sd["bias_ih_l0"], sd["bias_hh_l0"]
+    _raises(ValueError, lambda: gc.RNN.from_state_dict(sd, "tanh"), "weight_ih_l0")
+    sd = small.state_dict()
+    sd["weight_hh_l0"] = np.full((4, 4), np.nan)
+    _raises(ValueError, lambda: gc.RNN.from_state_dict(sd, "tanh"), "weight_hh_l0", "NaN")
+    # 4 rows are not a multiple of the GRU's 3 gates
+    _raises(
+        ValueError, lambda: gc.RNN.from_state_dict(small.state_dict(), "gru"), "weight_ih_l0", "3"
+    )
+    _raises(TypeError, lambda: gc.RNN.from_state_dict([1, 2], "tanh"), "state_dict")
+
+
+def test_bad_targets(small, gc):
+    _raises(ValueError, lambda: small.backward(X, np.zeros((2, 5)), loss="mse"), "target", "(2, 4)")
+    _raises(
+        ValueError,
+        lambda: small.backward(X, np.zeros((4, 2, 4)), loss="mse"),
+        "target",
+        "(5, 2, 4)",
+    )
+    _raises(ValueError, lambda: small.backward(X, np.array([0, 4])), "labels", "[0, 4)")
+    _raises(ValueError, lambda: small.backward(X, np.array([0, -1])), "labels", "[0, 4)")
+    _raises(
+        TypeError, lambda: small.backward(X, np.array([0.0, 1.0]), loss="cross_entropy"),
+        "cross_entropy", "integer",
+    )  # fmt: skip
+    _raises(ValueError, lambda: small.backward(X, np.array([0, 1, 2])), "target", "(2,)", "(5, 2)")
+    ro = gc.RNN("gru", 3, 4, output_size=2, seed=0)
+    _raises(ValueError, lambda: ro.backward(X, np.array([0, 2])), "[0, 2)")  # classes = output_size
+    _raises(ValueError, lambda: small.backward(X, loss="mse"), "target")
+    _raises(ValueError, lambda: small.backward(X, loss="hinge"), "loss", "'probe'", "'mse'")
+    _raises(
+        ValueError, lambda: small.backward(X, np.zeros((2, 4)), loss="probe"), "probe", "target"
+    )
+    t = np.zeros((2, 4))
+    t[0, 0] = np.nan
+    _raises(ValueError, lambda: small.backward(X, t, loss="mse"), "target", "NaN")
+
+
+def test_bad_grad_output(small):
+    g = np.zeros((2, 4))
+    _raises(ValueError, lambda: small.backward(X, grad_output=g, loss="mse"), "grad_output", "loss")
+    _raises(ValueError, lambda: small.backward(X, g, grad_output=g), "grad_output", "target")
+    _raises(
+        ValueError, lambda: small.backward(X, grad_output=np.zeros((2, 5))), "grad_output", "(2, 4)"
+    )
+    _raises(ValueError, lambda: small.backward(X, grad_output=np.zeros((4, 2, 4))), "grad_output")
+
+
+def test_bad_initial_states(small, gc):
+    _raises(ValueError, lambda: small.backward(X, c0=np.zeros((2, 2, 4))), "c0", "'tanh'")
+    _raises(ValueError, lambda: small.forward(X, c0=np.zeros((2, 2, 4))), "c0")
+    _raises(ValueError, lambda: small.backward(X, h0=np.zeros((1, 2, 4))), "h0", "(2, 2, 4)")
+    _raises(ValueError, lambda: small.forward(X, h0=np.zeros((2, 3, 4))), "h0", "(2, 2, 4)")
+    lstm = gc.RNN("lstm", 3, 4, seed=0)
+    _raises(ValueError, lambda: lstm.backward(X, c0=np.zeros((1, 2, 5))), "c0", "(1, 2, 4)")
+
+
+def test_bad_clipping_and_flags(small):
+    _raises(ValueError, lambda: small.backward(X, max_norm=-1.0), "max_norm")
+    _raises(ValueError, lambda: small.backward(X, max_norm=math.nan), "max_norm")
+    _raises(ValueError, lambda: small.backward(X, norm_type=0), "norm_type", "inf")
+    _raises(ValueError, lambda: small.backward(X, norm_type="two"), "norm_type")
+    _raises(TypeError, lambda: small.backward(X, return_grads=1), "return_grads")
+    _raises(ValueError, lambda: small.backward_memory(0, 1), "steps")
+    _raises(
+        ValueError,
+        lambda: small.backward_memory(3, 1, truncate=2, truncate_mode="x"),
+        "truncate_mode",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# 8. initialisers
+# --------------------------------------------------------------------------------------
+def _blocks(w, cell):
+    return np.split(w, GATES[cell], axis=0)
+
+
+def test_default_init_is_pytorchs_uniform(gc):
+    H = 256
+    rnn = gc.RNN("lstm", 64, H, 2, output_size=10, seed=4)
+    bound = 1 / math.sqrt(H)
+    for k, a in rnn.state_dict().items():
+        assert np.all(np.abs(a) <= bound), k  # readout: nn.Linear's, 1/sqrt(fan_in = H) too
+        if a.size < 10_000:
+            continue
+        n = a.size
+        std = bound / math.sqrt(3)
+        assert abs(a.mean()) < 5 * std / math.sqrt(n), k
+        assert abs(a.std() / std - 1) < 5 * math.sqrt(0.8 / n) + 1e-3, k  # var of U^2 is 0.8 var^2
+        assert np.abs(a).max() > 0.99 * bound, k
+    for k in ("bias_ih_l0", "bias_hh_l1"):
+        a = rnn.state_dict()[k]
+        assert np.abs(a).max() <= bound and a.std() > 0.8 * bound / math.sqrt(3)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("gain", [1.0, 0.7])
+def test_orthogonal_init(gc, cell, gain):
+    H, n_in = 16, 5
+    rnn = gc.RNN(cell, n_in, H, 2, init="orthogonal", recurrent_gain=gain, gain=1.3, seed=8)
+    sd = rnn.state_dict()
+    for layer in (0, 1):
+        blocks = _blocks(sd[f"weight_hh_l{layer}"], cell)
+        for b in blocks:
+            np.testing.assert_allclose(b @ b.T, gain**2 * np.eye(H), rtol=0, atol=1e-12)
+        if len(blocks) > 1:
+            assert not np.allclose(blocks[0], blocks[1])
+        fan_in = n_in if layer == 0 else H
+        bound = 1.3 * math.sqrt(6 / (fan_in + H))
+        assert np.all(np.abs(sd[f"weight_ih_l{layer}"]) <= bound)
+        np.testing.assert_array_equal(sd[f"bias_ih_l{layer}"], 0)
+        np.testing.assert_array_equal(sd[f"bias_hh_l{layer}"], 0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("init", ["default", "normal", "orthogonal", "xavier_uniform"])
+def test_spectral_radius(gc, cell, init):
+    rnn = gc.RNN(cell, 3, 12, 2, init=init, spectral_radius=0.85, seed=21)
+    sd = rnn.state_dict()
+    for layer in (0, 1):
+        for b in _blocks(sd[f"weight_hh_l{layer}"], cell):
+            rho = float(np.max(np.abs(np.linalg.eigvals(b))))
+            assert abs(rho - 0.85) <= 1e-10 * 0.85, rho
+
+
+def test_forget_bias(gc):
+    H = 6
+    plain = gc.RNN("lstm", 3, H, 2, seed=3).state_dict()
+    sd = gc.RNN("lstm", 3, H, 2, forget_bias=1.5, seed=3).state_dict()
+    for layer in (0, 1):
+        bih, bhh = sd[f"bias_ih_l{layer}"], sd[f"bias_hh_l{layer}"]
+        np.testing.assert_array_equal(bih[H : 2 * H], 1.5)
+        np.testing.assert_array_equal(bhh[H : 2 * H], 0.0)
+        for lo, hi in ((0, H), (2 * H, 4 * H)):  # the other gates keep their draw
+            np.testing.assert_array_equal(bih[lo:hi], plain[f"bias_ih_l{layer}"][lo:hi])
+            np.testing.assert_array_equal(bhh[lo:hi], plain[f"bias_hh_l{layer}"][lo:hi])
+    ortho = gc.RNN("lstm", 3, H, init="orthogonal", forget_bias=-1.0, seed=3).state_dict()
+    expected = np.zeros(4 * H)
+    expected[H : 2 * H] = -1.0
+    np.testing.assert_array_equal(ortho["bias_ih_l0"], expected)
+    np.testing.assert_array_equal(ortho["bias_hh_l0"], 0.0)
+
+
+def test_normal_init(gc):
+    H, n_in = 256, 64
+    rnn = gc.RNN("gru", n_in, H, init="normal", gain=0.8, recurrent_gain=1.7, seed=6)
+    sd = rnn.state_dict()
+    whh, wih = sd["weight_hh_l0"], sd["weight_ih_l0"]
+    assert abs(whh.std() / (1.7 / math.sqrt(H)) - 1) < 0.01
+    assert abs(wih.std() / (0.8 / math.sqrt(n_in)) - 1) < 0.01
+    assert abs(whh.mean()) < 5 * whh.std() / math.sqrt(whh.size)
+    np.testing.assert_array_equal(sd["bias_ih_l0"], 0)
+    np.testing.assert_array_equal(sd["bias_hh_l0"], 0)
+
+
+@pytest.mark.parametrize("cell", ["tanh", "lstm"])
+def test_xavier_inits_are_per_gate_block(gc, cell):
+    H, n_in, g, rg = 40, 10, 1.2, 0.9
+    u = gc.RNN(
+        cell, n_in, H, 2, init="xavier_uniform", gain=g, recurrent_gain=rg, seed=1
+    ).state_dict()
+    n = gc.RNN(
+        cell, n_in, H, 2, init="xavier_normal", gain=g, recurrent_gain=rg, seed=1
+    ).state_dict()
+    for layer in (0, 1):
+        fan_in = n_in if layer == 0 else H
+        for name, scale, fan in (("weight_ih", g, fan_in), ("weight_hh", rg, H)):
+            bound = scale * math.sqrt(6 / (fan + H))
+            std = scale * math.sqrt(2 / (fan + H))
+            for b in _blocks(u[f"{name}_l{layer}"], cell):
+                assert np.all(np.abs(b) <= bound) and np.abs(b).max() > 0.85 * bound, name
+            blocks = _blocks(n[f"{name}_l{layer}"], cell)
+            s = np.concatenate([b.ravel() for b in blocks]).std()
+            assert abs(s / std - 1) < 0.1, (name, s, std)
+        np.testing.assert_array_equal(u[f"bias_ih_l{layer}"], 0)
+        np.testing.assert_array_equal(n[f"bias_hh_l{layer}"], 0)
+
+
+@pytest.mark.parametrize(
+    "init", ["default", "xavier_uniform", "xavier_normal", "orthogonal", "normal"]
+)
+def test_seeds_and_float32(gc, init):
+    kw = {"output_size": 3, "init": init}
+    a = gc.RNN("lstm", 4, 7, 2, seed=12, **kw).state_dict()
+    b = gc.RNN("lstm", 4, 7, 2, seed=12, **kw).state_dict()
+    c = gc.RNN("lstm", 4, 7, 2, seed=13, **kw).state_dict()
+    f = gc.RNN("lstm", 4, 7, 2, seed=12, dtype="float32", **kw).state_dict()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+        assert f[k].dtype == np.float32
+        np.testing.assert_array_equal(f[k], a[k].astype(np.float32))
+        if np.any(a[k]):
+            assert not np.array_equal(a[k], c[k]), k
+    assert np.any(a["weight_hh_l0"] != c["weight_hh_l0"])
+
+
+# --------------------------------------------------------------------------------------
+# 9. forward()
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_numpy(gc, cell, rng):
+    T, B, n_in, H, L = 9, 3, 4, 5, 3
+    rnn = gc.RNN(cell, n_in, H, L, output_size=2, seed=9)
+    x = rng.normal(size=(T, B, n_in))
+    h0 = rng.normal(size=(L, B, H))
+    c0 = rng.normal(size=(L, B, H)) if cell == "lstm" else None
+    out, h_n, c_n = rnn.forward(x, h0=h0, c0=c0)
+    ref = O.numpy_rnn_forward(cell, rnn.state_dict(), x, h0=h0, c0=c0)
+    assert out.shape == (T, B, H) and h_n.shape == (L, B, H)
+    assert_close(out, ref["output"], what="output")
+    assert_close(h_n, ref["h_n"], what="h_n")
+    if cell == "lstm":
+        assert_close(c_n, ref["c_n"], what="c_n")
+    else:
+        assert c_n is None
+    # zero initial states by default
+    out0, _, _ = rnn.forward(x)
+    assert_close(out0, O.numpy_rnn_forward(cell, rnn.state_dict(), x)["output"], what="h0 = 0")
+
+
+@needs_torch
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_torch(gc, cell, rng):
+    T, B, n_in, H, L = 8, 2, 3, 6, 2
+    rnn = gc.RNN(cell, n_in, H, L, init="xavier_uniform", seed=10)
+    mod = _torch_module(cell, n_in, H, L)
+    mod.load_state_dict({k: torch.from_numpy(a) for k, a in rnn.state_dict().items()})
+    x = rng.normal(size=(T, B, n_in))
+    h0 = rng.normal(size=(L, B, H))
+    c0 = rng.normal(size=(L, B, H)) if cell == "lstm" else None
+    o_t, h_t, c_t = _module_forward(mod, cell, x, h0, c0)
+    o, h, c = rnn.forward(x, h0, c0)
+    assert_close(o, o_t, what="output")
+    assert_close(h, h_t, what="h_n")
+    if cell == "lstm":
+        assert_close(c, c_t, what="c_n")
+
+
+# --------------------------------------------------------------------------------------
+# 10. the report
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", CELLS)
+def test_report(gc, cell, rng):
+    T, B, L = 30, 2, 2
+    rnn = gc.RNN(cell, 3, 4, L, output_size=2, seed=0)
+    x = rng.normal(size=(T, B, 3))
+    tgt = rng.normal(size=(T, B, 2))
+    for kw in (
+        {},
+        {"return_grads": True, "max_norm": 0.01, "truncate": 5, "truncate_mode": "window"},
+    ):
+        rep = rnn.backward(x, tgt, **kw)
+        assert isinstance(rep, gc.RecurrentReport)
+        assert rep.cell == cell and rep.steps == T and rep.num_layers == L
+        d = rep.to_dict()
+        json.dumps(d)
+        assert "grads" not in d and "state_grads" not in d
+        full = rep.to_dict(grads=True)
+        assert json.loads(json.dumps(full))["cell"] == cell
+        if kw:
+            assert set(full["grads"]) == set(rnn.param_names)
+            assert np.array_equal(np.asarray(full["state_grads"]), rep.state_grads)
+        assert isinstance(str(rep), str) and "log10|dL/dh_t|" in str(rep)
+        table = rep.table(every=7)
+        assert "log10|dL/dh_t|" in table
+        assert ("log10|dL/dc_t|" in table) == (cell == "lstm")
+        assert len(table.splitlines()) == 1 + len(set(range(0, T + 1, 7)) | {T})
+        assert list(rep.weight_grad_norms) == list(rnn.state_dict()) == list(rnn.param_names)
+        assert list(rep.log10_weight_grad_norms) == list(rnn.param_names)
+        for k, v in rep.weight_grad_norms.items():
+            assert v == pytest.approx(10 ** rep.log10_weight_grad_norms[k], rel=1e-14)
+        assert rep.state_grad_norms.shape == (T + 1,)
+        assert rep.log10_state_grad_norms.shape == (T + 1,)
+        assert rep.log10_layer_state_grad_norms.shape == (L, T + 1)
+        assert rep.layer_state_grad_norms.shape == (L, T + 1)
+        np.testing.assert_array_equal(
+            rep.log10_state_grad_norms, rep.log10_layer_state_grad_norms[-1]
+        )
+        np.testing.assert_allclose(
+            rep.layer_state_grad_norms, 10.0**rep.log10_layer_state_grad_norms, rtol=1e-14
+        )
+        assert rep.total_norm == pytest.approx(10**rep.log10_total_norm, rel=1e-14)
+        if cell == "lstm":
+            assert rep.log10_layer_cell_grad_norms.shape == (L, T + 1)
+            assert rep.cell_grad_norms.shape == (T + 1,)
+            assert rep.layer_cell_grad_norms.shape == (L, T + 1)
+            assert rep.c_n.shape == (L, B, 4)
+        else:
+            assert rep.log10_layer_cell_grad_norms is None and rep.log10_cell_grad_norms is None
+            assert rep.cell_grad_norms is None and rep.layer_cell_grad_norms is None
+            assert rep.c_n is None
+        assert rep.h_n.shape == (L, B, 4)
+        with pytest.raises(ValueError):
+            rep.log10_layer_state_grad_norms[0, 0] = 1.0  # read-only
+    assert rep.max_norm == 0.01 and rep.log10_clip_coef < 0
+    assert rep.log10_clipped_total_norm == pytest.approx(rep.log10_total_norm + rep.log10_clip_coef)
+    assert rep.truncate == 5 and rep.truncate_mode == "window"
+
+
+def test_report_floats_outside_the_range(gc):
+    """state_grad_norms is 10**log10: 0 below the float range, inf above; -inf exact zeros."""
+    H = 4
+    sd = {"weight_ih_l0": np.zeros((H, 1)), "weight_hh_l0": 0.5 * np.eye(H)}
+    rnn = gc.RNN.from_state_dict(sd, "relu")
+    rep = rnn.backward(
+        np.zeros((2000, 1, 1)), h0=np.ones((1, 1, H)) * 1e300, grad_output=np.ones((1, H))
+    )
+    lg = rep.log10_state_grad_norms
+    assert lg[0] < -400 and math.isfinite(lg[0])
+    f = rep.state_grad_norms
+    assert np.all(f[lg < -400] == 0.0)
+    ok = lg > -300
+    np.testing.assert_allclose(f[ok], 10.0 ** lg[ok], rtol=1e-14)
+    d = rep.to_dict()
+    json.dumps(d)
+    assert d["log10_weight_grad_norms"]["weight_ih_l0"] == "-inf"
+    assert d["weight_grad_norms"]["weight_ih_l0"] == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# 11. pickling and memory
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_pickle_round_trip(gc, dtype, rng):
+    rnn = gc.RNN("lstm", 3, 5, 2, output_size=2, init="orthogonal", dtype=dtype, seed=4)
+    again = pickle.loads(pickle.dumps(rnn))
+    assert repr(again) == repr(rnn) and again.dtype == rnn.dtype
+    for k, a in rnn.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[k], a)
+    x = rng.normal(size=(11, 3, 3))
+    tgt = rng.integers(0, 2, size=(11, 3))
+    a = rnn.backward(x, tgt, return_grads=True, truncate=3)
+    b = again.backward(x, tgt, return_grads=True, truncate=3)
+    np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
+    np.testing.assert_array_equal(a.state_grads, b.state_grads)
+    for k in a.grads:
+        np.testing.assert_array_equal(a.grads[k], b.grads[k])
+    assert a.loss == b.loss
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_memory_is_linear_in_steps(gc, cell):
+    rnn = gc.RNN(cell, 3, 16, 2, output_size=4, seed=0)
+    for kw in (
+        {},
+        {"return_grads": True},
+        {"truncate": 8, "truncate_mode": "window", "every_step": True},
+    ):
+        m = [rnn.backward_memory(t, 5, **kw) for t in (100, 200, 300, 400)]
+        assert all(isinstance(v, int) and v > 0 for v in m)
+        assert m[1] - m[0] == m[2] - m[1] == m[3] - m[2] > 0, m
+    # about num_layers * steps * batch * hidden numbers, times 2 / 7 / 5
+    per = {"tanh": 2, "relu": 2, "lstm": 7, "gru": 5}[cell]
+    slope = (rnn.backward_memory(2000, 5) - rnn.backward_memory(1000, 5)) / 1000
+    assert 0.5 * per * 2 * 5 * 16 * 8 <= slope <= 3 * per * 2 * 5 * 16 * 8
+    assert rnn.backward_memory(100, 5, return_grads=True) > rnn.backward_memory(100, 5)
+
+
+def test_memory_too_big(gc):
+    rnn = gc.RNN("lstm", 1, 1024, seed=0)
+    phys = gc._core.physical_memory_bytes()
+    big = rnn.backward_memory(10**9, 10**3)
+    assert big > max(phys, 2**40)
+    # a request above physical memory with a small input: (steps, batch, 1)
+    per = rnn.backward_memory(2000, 1) - rnn.backward_memory(1000, 1)
+    steps = int(1.5 * phys * 1000 / per) + 1
+    assert rnn.backward_memory(steps, 1) > phys
+    x = np.zeros((steps, 1, 1))
+    with pytest.raises(MemoryError) as info:
+        rnn.backward(x)
+    assert "bytes" in str(info.value)
+    with pytest.raises(MemoryError):
+        rnn.backward(x, return_grads=True)
+
+
+# --------------------------------------------------------------------------------------
+# 12. run time: the GIL, Ctrl-C, thread count
+# --------------------------------------------------------------------------------------
+def test_backward_releases_the_gil(gc):
+    rnn = gc.RNN("tanh", 8, 64, seed=0)
+    x = np.ones((4000, 32, 8))
+    ticks = []
+    done = threading.Event()
+
+    def work():
+        rnn.backward(x)
+        rnn.backward(x, truncate=50, truncate_mode="detach")
+        done.set()
+
+    t = threading.Thread(target=work)
+    t0 = time.perf_counter()
+    t.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter() - t0)
+        time.sleep(0.002)
+    t.join()
+    assert len(ticks) >= 10, len(ticks)
+
+
+def test_ctrl_c_stops_a_long_recurrent_backward_promptly():
+    code = """
+        import os, signal, threading, time
+        import numpy as np, gradchain as gc
+        rnn = gc.RNN("lstm", 8, 256, seed=0)
+        x = np.ones((4000, 4, 8))
+        t0 = time.perf_counter(); rnn.backward(x[:250]); short = time.perf_counter() - t0
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        t0 = time.perf_counter()
+        try:
+            rnn.backward(x)
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted", time.perf_counter() - t0, short * 16)
+        print("after", np.isfinite(rnn.backward(x[:5]).log10_total_norm))
+    """
+    out = _run_python(code).split()
+    assert out[0] == "interrupted", out
+    elapsed, full = float(out[1]), float(out[2])
+    assert elapsed < min(0.3 + 1.0, 0.5 * full), (elapsed, full)
+    assert out[-2:] == ["after", "True"]
+
+
+_THREAD_CODE = """
+    import sys
+    import numpy as np, gradchain as gc
+    rng = np.random.default_rng(0)
+    out = {}
+    for cell, T, B, H, mode in (("lstm", 200, 6, 16, "none"), ("gru", 150, 5, 16, "window"),
+                                ("tanh", 4, 1, 1024, "none"), ("lstm", 6, 1, 512, "detach")):
+        rnn = gc.RNN(cell, 5, H, 2, output_size=3, seed=1)
+        x = rng.normal(size=(T, B, 5))
+        tgt = rng.normal(size=(T, B, 3))
+        kw = {} if mode == "none" else {"truncate": 9, "truncate_mode": mode}
+        rep = rnn.backward(x, tgt, return_grads=True, **kw)
+        out[f"{cell}{H}-sg"] = rep.state_grads
+        out[f"{cell}{H}-norms"] = rep.log10_layer_state_grad_norms
+        out[f"{cell}{H}-total"] = np.array([rep.log10_total_norm, rep.loss])
+        for k, g in rep.grads.items():
+            out[f"{cell}{H}-{k}"] = g
+    out["threads"] = np.array([gc._core.max_threads()])
+    np.savez(sys.argv[1], **out)
+"""
+
+
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+    code = textwrap.dedent(_THREAD_CODE)
+    files = {}
+    for name, env in (("one", {"OMP_NUM_THREADS": "1"}), ("default", None)):
+        full_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        full_env.update(env or {})
+        path = tmp_path / f"{name}.npz"
+        subprocess.run(
+            [sys.executable, "-c", code, str(path)], env=full_env, check=True, timeout=120
+        )
+        files[name] = np.load(path)
+    one, two = files["one"], files["default"]
+    assert sorted(one.files) == sorted(two.files)
+    assert one["threads"][0] == 1
+    if (os.cpu_count() or 1) > 1:
+        assert two["threads"][0] > 1
+    for k in one.files:
+        if k == "threads":
+            continue
+        a, b = one[k], two[k]
+        if k.endswith("-norms"):
+            assert np.array_equal(np.isneginf(a), np.isneginf(b)), k
+            fin = np.isfinite(b)
+            np.testing.assert_allclose(
+                a[fin], b[fin], rtol=0, atol=1e-12 / math.log(10) + 1e-15, err_msg=k
+            )
+        elif k.endswith("-total"):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13, err_msg=k)
+        else:
+            assert_close(a, b, rtol=1e-12, what=k)
+
+
+# --------------------------------------------------------------------------------------
+# 13. the tasks
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", CELLS)
+def test_adding_problem(gc, cell):
+    task = gc.tasks.adding_problem(T=60, batch=4, seed=cell.__len__())
+    rnn = gc.RNN(cell, task.input_size, 12, output_size=task.output_size, seed=0)
+    rep = rnn.backward(task.x, loss=task.loss, target=task.target, return_grads=True)
+    assert rep.state_grad_norms.shape == (task.T + 1,)
+    assert np.all(np.isfinite(rep.log10_state_grad_norms))
+    assert all(math.isfinite(v) for v in rep.log10_weight_grad_norms.values())
+    assert math.isfinite(rep.loss) and rep.loss > 0
+    ref = O.numpy_rnn_backward(cell, rnn.state_dict(), task.x, loss=task.loss, target=task.target)
+    check_report(rep, ref, rnn)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_copy_task(gc, cell):
+    task = gc.tasks.copy_task(T=15, batch=3, n_symbols=4, length=3, seed=2)
+    rnn = gc.RNN(cell, task.input_size, 10, 2, output_size=task.output_size, seed=1)
+    rep = rnn.backward(task.x, loss=task.loss, target=task.target, return_grads=True)
+    assert rep.log10_layer_state_grad_norms.shape == (2, task.T + 1)
+    assert np.all(np.isfinite(rep.log10_state_grad_norms))
+    assert math.isfinite(rep.loss) and rep.loss > 0
+    ref = O.numpy_rnn_backward(cell, rnn.state_dict(), task.x, loss=task.loss, target=task.target)
+    check_report(rep, ref, rnn)
+
+
+def test_float32_task(gc):
+    task = gc.tasks.adding_problem(T=40, batch=3, seed=0, dtype="float32")
+    rnn = gc.RNN("lstm", task.input_size, 8, output_size=1, dtype="float32", seed=0)
+    rep = rnn.backward(
+        task.x, loss=task.loss, target=task.target, truncate=10, truncate_mode="window"
+    )
+    assert rep.state_grad_norms.shape == (41,)
+    ref = O.numpy_rnn_backward(
+        "lstm",
+        rnn.state_dict(),
+        task.x,
+        loss="mse",
+        target=task.target,
+        truncate=10,
+        truncate_mode="window",
+    )
+    with np.errstate(divide="ignore"):
+        exp = np.log10(slice_norms(ref["state_grads"]))
+    np.testing.assert_allclose(rep.log10_layer_state_grad_norms, exp, atol=1e-4)
