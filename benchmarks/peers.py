@@ -198,25 +198,26 @@ class TorchChain:
 
 
 def _torch_worker(conn):
-    """Child process: builds TorchChains and runs them on request."""
-    chain = None
+    """Child process: builds a peer on request (any callable class, named by module and
+    attribute, e.g. ``peers.TorchChain``) and runs it; results go back pickled."""
+    peer = None
     while True:
         msg = conn.recv()
         try:
             if msg[0] == "stop":
                 break
             if msg[0] == "init":
-                _, weights, biases, activation, threads = msg
+                _, module, name, args, kwargs, threads = msg
+                import importlib
+
                 import torch
 
-                chain = None
+                peer = None
                 n = set_torch_threads(threads)
-                chain = TorchChain(weights, biases, activation)
+                peer = getattr(importlib.import_module(module), name)(*args, **kwargs)
                 conn.send(("ok", {"torch": torch.__version__, "threads": n}))
             else:
-                r = chain(msg[1])
-                conn.send(("ok", (r.weight_grad_norms, r.bias_grad_norms,
-                                  r.activation_grad_norms)))
+                conn.send(("ok", peer(msg[1])))
         except Exception as exc:  # noqa: BLE001 - sent back to the parent process
             kind = "import" if isinstance(exc, ImportError) else "error"
             conn.send((kind, traceback.format_exc()))
@@ -228,16 +229,18 @@ def _serve(fd):
 
 
 class TorchProcess:
-    """A :class:`TorchChain` in a child process; calls send ``x`` and get the norms back.
+    """A PyTorch peer in a child process; calls send ``x`` and get the norms back.
 
     The child is a fresh interpreter that imports this file and PyTorch, never gradchain. The
     two share the OpenMP runtime's soname (libgomp.so.1): in one process, whichever library
     loads it first fixes its settings for both (gradchain loads it with
     OMP_WAIT_POLICY=PASSIVE, which slows PyTorch's small ops about 2x; the other way round
     gradchain loses ~20%). A separate process gives each its own runtime. The pipe adds well
-    under a millisecond per call (x out, three norm vectors back).
+    under a millisecond per call (x out, the norm vectors back).
 
-    ``load`` replaces the chain, so one process serves several configurations.
+    ``load`` builds a :class:`TorchChain`; ``build`` any peer class importable in the child
+    (a module next to this file, e.g. ``rnn_peers.TorchCellLoop``).  Either replaces the
+    previous peer, so one process serves several configurations and benchmark files.
     """
 
     def __init__(self):
@@ -259,13 +262,24 @@ class TorchProcess:
             raise RuntimeError(f"torch worker failed:\n{payload}")
         return payload
 
-    def load(self, weights, biases, activation="tanh", threads=None):
-        """Build the chain in the child; returns {"torch": version, "threads": n}."""
-        self.info = self._call("init", list(weights), list(biases), activation, threads)
+    def build(self, module, name, *args, threads=None, **kwargs):
+        """Build ``module.name(*args, **kwargs)`` in the child, with PyTorch's intra-op
+        threads set to ``threads`` (default: the cores available); returns
+        {"torch": version, "threads": n}."""
+        self.info = self._call("init", module, name, args, kwargs, threads)
         return self.info
 
+    def run(self, x):
+        """Call the peer on ``x``; returns what the peer returns."""
+        return self._call("run", np.ascontiguousarray(x))
+
+    def load(self, weights, biases, activation="tanh", threads=None):
+        """Build a :class:`TorchChain` in the child."""
+        return self.build("peers", "TorchChain", list(weights), list(biases), activation,
+                          threads=threads)
+
     def __call__(self, x):
-        return Norms(*self._call("run", np.ascontiguousarray(x)))
+        return self.run(x)
 
     def close(self):
         if self._proc.poll() is None:

@@ -34,6 +34,12 @@ int eigvals(int n, double* a, int lda, double* wr, double* wi) {
   return scipy_LAPACKE_dgeev(LAPACK_ROW_MAJOR, 'N', 'N', n, a, lda, wr, wi, nullptr, 1, nullptr, 1);
 }
 
+int singular_values(int m, int n, double* a, int lda, double* s) {
+  // A row-major m x n matrix is its transpose in column-major order, with the same
+  // singular values: no copy needed.
+  return scipy_LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', n, m, a, lda, s, nullptr, 1, nullptr, 1);
+}
+
 void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
 int get_num_threads() { return scipy_openblas_get_num_threads(); }
 

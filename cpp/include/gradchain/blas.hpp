@@ -24,6 +24,10 @@ int orgqr(int m, int n, int k, double* a, int lda, const double* tau);
 // overwritten (LAPACK geev without vectors). Returns LAPACK's info.
 int eigvals(int n, double* a, int lda, double* wr, double* wi);
 
+// Singular values (descending, min(m,n) of them) of a row-major m x n matrix, which is
+// overwritten (LAPACK gesdd without vectors). Returns LAPACK's info.
+int singular_values(int m, int n, double* a, int lda, double* s);
+
 void set_num_threads(int n);
 int get_num_threads();
 

@@ -1,2 +1,173 @@
-// Jacobian-product tracking (placeholder; being written).
+// Jacobians of a chain's steps, J_l = dh_l / dh_{l-1}, and their products: per-layer
+// Frobenius and spectral norms, and the QR spectrum of J_l ... J_1 (Benettin et al. 1980).
 #pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gradchain/activation.hpp"
+#include "gradchain/common.hpp"
+
+namespace gradchain {
+
+template <class T>
+class MLPChain;
+
+// Householder reflectors H_j = I - tau_j v_j v_j^T, j = 0..k-1, on R^m, each stored in
+// full: v[j * ldv + r], r < ldv, is 0 for r < j, 1 at r = j, and 0 for r >= m (ldv >= m
+// is a multiple of 4, so that kernels run over whole vectors with no head or tail).
+// Q = H_0 H_1 ... H_{k-1} [I_k; 0] is m x k.
+struct Reflectors {
+  const double* v = nullptr;
+  std::size_t ldv = 0;
+  const double* tau = nullptr;
+  int m = 0;
+  int k = 0;  // 0: Q is the first columns of the identity
+};
+
+// ldv for vectors of length m.
+inline std::size_t padded(int m) { return (static_cast<std::size_t>(m) + 3) & ~std::size_t{3}; }
+
+// The Jacobians of a chain of length() steps for one input. Blocks of k vectors are stored
+// one vector after another (k x dim row-major): the layout in which the Householder kernels
+// and the scaling by phi' run along contiguous memory.
+class JacobianChain {
+ public:
+  virtual ~JacobianChain() = default;
+  virtual int length() const = 0;
+  // dim(0) is the input size, dim(l) the output size of step l (l = 1..length()).
+  virtual int dim(int l) const = 0;
+  // out = J_l v for k vectors: v is k x dim(l-1), out is k x dim(l).
+  virtual void apply(int l, const double* v, int k, double* out) const = 0;
+  // out = J_l^T u for k vectors: u is k x dim(l), out is k x dim(l-1).
+  virtual void apply_transpose(int l, const double* u, int k, double* out) const = 0;
+  // J_l, dim(l) x dim(l-1) row-major. Default: J_l applied to the identity.
+  virtual void dense(int l, double* J) const;
+  // log10 ||J_l||_F (-inf when J_l = 0). Default: from dense().
+  virtual double log10_frobenius(int l) const;
+  // The k columns of J_l Q, Q = H_0 ... H_{q.k-1} [I_k; 0] on R^dim(l-1), as vectors
+  // out + c * ldo (ldo >= padded(dim(l))), zero from dim(l) to ldo. Default: forms Q and
+  // calls apply().
+  virtual void apply_householder(int l, const Reflectors& q, int k, double* out,
+                                 std::size_t ldo) const;
+};
+
+// An MLPChain's weights in double (a copy for float chains), and what every example's
+// Jacobians share: the Euclidean norm of every row of every W_l.
+class MLPLayers {
+ public:
+  template <class T>
+  explicit MLPLayers(const MLPChain<T>& chain);
+
+  int depth() const { return static_cast<int>(widths_.size()) - 1; }
+  const std::vector<int>& widths() const { return widths_; }
+  const Activation& activation() const { return act_; }
+  bool log_scale_forward() const { return homog_; }
+  const double* weight(int l) const { return w_[static_cast<std::size_t>(l)]; }
+  const double* bias(int l) const { return b_[static_cast<std::size_t>(l)]; }
+  const double* row_norms(int l) const { return rownorm_.data() + roff_[static_cast<std::size_t>(l)]; }
+
+ private:
+  std::vector<int> widths_;
+  Activation act_;
+  bool homog_ = false;
+  std::vector<double> own_w_, own_b_;
+  std::vector<const double*> w_, b_;
+  std::vector<double> rownorm_;
+  std::vector<std::size_t> roff_;
+};
+
+// J_l = diag(phi'(z_l)) W_l for one example. The forward pass runs in the constructor, in
+// double; only phi'(z_l) is kept. With a positively homogeneous activation and zero biases
+// h_l is renormalised by a power of two every layer (phi' depends on the sign of z only),
+// so that pass never overflows; otherwise a NaN or inf in z_l or h_l throws NonFiniteError.
+// Not safe for concurrent calls on one object (scratch memory).
+class MLPJacobians final : public JacobianChain {
+ public:
+  MLPJacobians(const MLPLayers& layers, const double* x);
+
+  int length() const override { return layers_.depth(); }
+  int dim(int l) const override { return layers_.widths()[static_cast<std::size_t>(l)]; }
+  void apply(int l, const double* v, int k, double* out) const override;
+  void apply_transpose(int l, const double* u, int k, double* out) const override;
+  void dense(int l, double* J) const override;
+  double log10_frobenius(int l) const override;
+  void apply_householder(int l, const Reflectors& q, int k, double* out,
+                         std::size_t ldo) const override;
+
+  // phi'(z_l), dim(l) entries.
+  const double* derivative(int l) const { return d_.data() + off_[static_cast<std::size_t>(l)]; }
+
+ private:
+  const MLPLayers& layers_;
+  std::vector<double> d_;
+  std::vector<std::size_t> off_;
+  mutable std::vector<double> scratch_;
+};
+
+// ---- per-layer norms ------------------------------------------------------------------
+
+struct NormsOptions {
+  bool spectral = true;
+  double tol = 1e-10;        // power iteration: stop when the estimate moves less than this
+  int max_iter = 1000;       // power iteration: at most this many products with J^T J
+  int exact_max_dim = 256;   // exact SVD when max(dim(l-1), dim(l)) <= this
+  void validate() const;
+};
+
+struct LayerNorms {
+  double log10_frobenius = 0.0;
+  double log10_spectral = 0.0;  // NaN when not asked for
+  int iterations = 0;           // power iterations (0: exact SVD)
+  bool converged = true;
+};
+
+// Norms of every J_l, l = 1..length(); out has length() entries.
+void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNorms* out,
+                    Canceller* cancel = nullptr);
+
+// ---- QR spectrum of the cumulative product ---------------------------------------------
+
+enum class SpectrumStart { identity, random };
+
+struct SpectrumOptions {
+  int k = 0;         // directions, 1 <= k <= min_l dim(l)
+  int interval = 1;  // re-orthonormalise every `interval` steps (and at the last)
+  SpectrumStart start = SpectrumStart::identity;
+  std::uint64_t seed = 0;  // for start = random
+  void validate(const std::vector<int>& dims) const;
+  static SpectrumStart parse_start(const std::string& name);
+};
+
+// The steps after which a QR factorisation happens: interval, 2 interval, ... and length.
+std::vector<int> spectrum_depths(int length, int interval);
+
+// For every depth l in spectrum_depths(), S[i] = log|R_ii|, i < k, of the thin QR
+// factorisation M_l Q_0 = Q R of the product M_l = J_l ... J_1 applied to the start frame
+// Q_0 (the first k columns of the identity, or a seeded random orthonormal frame), computed
+// as sums of log|R_ii| of one Householder QR per re-orthonormalisation, so no product is
+// ever formed. Written to S (n_depths x k row-major); -inf where R_ii = 0.
+void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double* S,
+                 Canceller* cancel = nullptr);
+
+// ---- batches through an MLPChain (x: batch x widths[0], float64) -----------------------
+
+struct BatchNorms {
+  // batch x depth, row-major.
+  std::vector<double> log10_frobenius, log10_spectral;
+  std::vector<std::int32_t> iterations;
+  std::vector<std::uint8_t> converged;
+};
+
+template <class T>
+BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
+                              const NormsOptions& opt, Canceller& cancel);
+
+// batch x n_depths x k, row-major.
+template <class T>
+std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, int batch,
+                                    const SpectrumOptions& opt, Canceller& cancel);
+
+}  // namespace gradchain
