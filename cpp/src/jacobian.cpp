@@ -5,6 +5,8 @@
 #include <cmath>
 #include <exception>
 #include <limits>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -41,19 +43,28 @@ std::size_t sz(int n) { return static_cast<std::size_t>(n); }
 // one store per element and reflector), and never form Q: J_{l+1} Q_l is W_{l+1}'s rows
 // with the reflectors applied, which costs what the GEMM by an explicit Q would.
 
-// x_c <- H_{j1-1} ... H_{j0} x_c for the NV vectors x[c], of length m.
+// n doubles in buf starting on a cache line: vectors padded to a multiple of four entries
+// then never straddle lines in the kernels. New entries are zero.
+double* aligned_in(std::vector<double>& buf, std::size_t n) {
+  if (buf.size() < n + 8) buf.resize(n + 8, 0.0);
+  const auto p = reinterpret_cast<std::uintptr_t>(buf.data());
+  return buf.data() + ((64 - (p & 63u)) & 63u) / sizeof(double);
+}
+
+// x_c <- H_{j1-1} ... H_{j0} x_c for the NV vectors x[c] of padded length mp (Reflectors
+// layout; the padding of x is zero, or at least finite). Each pass over a vector applies
+// H_j and accumulates the dot product with v_{j+1} on the way.
 template <int NV>
 void apply_block_scalar(const double* v, std::size_t ldv, const double* tau, int j0, int j1,
-                        int m, double* const* x) {
+                        int mp, double* const* x) {
   for (int j = j0; j < j1; ++j) {
     const double* vj = v + sz(j) * ldv;
     for (int c = 0; c < NV; ++c) {
       double* xc = x[c];
-      double s = xc[j];
-      for (int r = j + 1; r < m; ++r) s += vj[r] * xc[r];
+      double s = 0.0;
+      for (int r = j; r < mp; ++r) s += vj[r] * xc[r];
       const double t = tau[j] * s;
-      xc[j] -= t;
-      for (int r = j + 1; r < m; ++r) xc[r] -= t * vj[r];
+      for (int r = j; r < mp; ++r) xc[r] -= t * vj[r];
     }
   }
 }
@@ -68,65 +79,43 @@ GC_AVX2_FN inline double hsum(__m256d v) {
 
 template <int NV>
 GC_AVX2_FN void apply_block_avx2(const double* v, std::size_t ldv, const double* tau, int j0,
-                                 int j1, int m, double* const* x) {
-  double s[NV];
-  {  // s = v_{j0} . x_c
+                                 int j1, int mp, double* const* xs) {
+  double* x[NV];
+  for (int c = 0; c < NV; ++c) x[c] = xs[c];
+  __m256d acc[NV];
+  for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_pd();
+  {
     const double* w = v + sz(j0) * ldv;
-    __m256d acc[NV];
-    for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_pd();
-    int r = j0 + 1;
-    for (; r + 4 <= m; r += 4) {
-      const __m256d wv = _mm256_loadu_pd(w + r);
-      for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_pd(wv, _mm256_loadu_pd(x[c] + r), acc[c]);
-    }
-    for (int c = 0; c < NV; ++c) {
-      s[c] = x[c][j0] + hsum(acc[c]);
-      for (int q = r; q < m; ++q) s[c] += w[q] * x[c][q];
+    for (int r = j0 & ~3; r < mp; r += 4) {
+      const __m256d wv = _mm256_load_pd(w + r);
+      for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_pd(wv, _mm256_load_pd(x[c] + r), acc[c]);
     }
   }
   for (int j = j0; j < j1; ++j) {
     const double* vj = v + sz(j) * ldv;
-    double t[NV];
     __m256d tb[NV];
     for (int c = 0; c < NV; ++c) {
-      t[c] = tau[j] * s[c];
-      tb[c] = _mm256_set1_pd(t[c]);
-      x[c][j] -= t[c];
+      tb[c] = _mm256_set1_pd(tau[j] * hsum(acc[c]));
+      acc[c] = _mm256_setzero_pd();
     }
+    // v_j is zero below entry j and v_{j+1} below j + 1: the passes start at the aligned
+    // entry at or before j.
     if (j + 1 < j1) {
-      // x_c -= t_c v_j, and the next dot product v_{j+1} . x_c on the way.
-      const double* w = v + sz(j + 1) * ldv;
-      for (int c = 0; c < NV; ++c) {
-        x[c][j + 1] -= t[c] * vj[j + 1];
-        s[c] = x[c][j + 1];
-      }
-      __m256d acc[NV];
-      for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_pd();
-      int r = j + 2;
-      for (; r + 4 <= m; r += 4) {
-        const __m256d vv = _mm256_loadu_pd(vj + r), wv = _mm256_loadu_pd(w + r);
+      const double* w = vj + ldv;
+      for (int r = j & ~3; r < mp; r += 4) {
+        const __m256d vv = _mm256_load_pd(vj + r), wv = _mm256_load_pd(w + r);
         for (int c = 0; c < NV; ++c) {
-          const __m256d xv = _mm256_fnmadd_pd(tb[c], vv, _mm256_loadu_pd(x[c] + r));
-          _mm256_storeu_pd(x[c] + r, xv);
+          const __m256d xv = _mm256_fnmadd_pd(tb[c], vv, _mm256_load_pd(x[c] + r));
+          _mm256_store_pd(x[c] + r, xv);
           acc[c] = _mm256_fmadd_pd(wv, xv, acc[c]);
         }
       }
-      for (int c = 0; c < NV; ++c) {
-        s[c] += hsum(acc[c]);
-        for (int q = r; q < m; ++q) {
-          x[c][q] -= t[c] * vj[q];
-          s[c] += w[q] * x[c][q];
-        }
-      }
     } else {
-      int r = j + 1;
-      for (; r + 4 <= m; r += 4) {
-        const __m256d vv = _mm256_loadu_pd(vj + r);
+      for (int r = j & ~3; r < mp; r += 4) {
+        const __m256d vv = _mm256_load_pd(vj + r);
         for (int c = 0; c < NV; ++c)
-          _mm256_storeu_pd(x[c] + r, _mm256_fnmadd_pd(tb[c], vv, _mm256_loadu_pd(x[c] + r)));
+          _mm256_store_pd(x[c] + r, _mm256_fnmadd_pd(tb[c], vv, _mm256_load_pd(x[c] + r)));
       }
-      for (int c = 0; c < NV; ++c)
-        for (int q = r; q < m; ++q) x[c][q] -= t[c] * vj[q];
     }
   }
 }
@@ -141,100 +130,122 @@ bool have_avx2() {
 #endif
 }
 
+bool aligned32(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 31u) == 0; }
+
 template <int NV>
-void apply_block(const double* v, std::size_t ldv, const double* tau, int j0, int j1, int m,
+void apply_block(const double* v, std::size_t ldv, const double* tau, int j0, int j1, int mp,
                  double* const* x) {
 #ifdef GC_HH_AVX2
-  if (have_avx2()) return apply_block_avx2<NV>(v, ldv, tau, j0, j1, m, x);
+  bool fast = have_avx2() && aligned32(v) && ldv % 4 == 0;
+  for (int c = 0; c < NV; ++c) fast = fast && aligned32(x[c]);
+  if (fast) return apply_block_avx2<NV>(v, ldv, tau, j0, j1, mp, x);
 #endif
-  apply_block_scalar<NV>(v, ldv, tau, j0, j1, m, x);
+  apply_block_scalar<NV>(v, ldv, tau, j0, j1, mp, x);
 }
 
-// x_c <- H_{j1-1} ... H_{j0} x_c for the n vectors x_c = x + c ldx of length m.
-void apply_reflectors(const double* v, std::size_t ldv, const double* tau, int j0, int j1, int m,
+// x_c <- H_{j1-1} ... H_{j0} x_c for the n vectors x_c = x + c ldx of padded length mp.
+void apply_reflectors(const double* v, std::size_t ldv, const double* tau, int j0, int j1, int mp,
                       double* x, std::size_t ldx, int n) {
   if (j0 >= j1 || n <= 0) return;
   int c = 0;
   for (; c + 4 <= n; c += 4) {
     double* p[4] = {x + sz(c) * ldx, x + sz(c + 1) * ldx, x + sz(c + 2) * ldx, x + sz(c + 3) * ldx};
-    apply_block<4>(v, ldv, tau, j0, j1, m, p);
+    apply_block<4>(v, ldv, tau, j0, j1, mp, p);
   }
   double* p[3] = {x + sz(c) * ldx, x + sz(c + 1) * ldx, x + sz(c + 2) * ldx};
   switch (n - c) {
-    case 3: apply_block<3>(v, ldv, tau, j0, j1, m, p); break;
-    case 2: apply_block<2>(v, ldv, tau, j0, j1, m, p); break;
-    case 1: apply_block<1>(v, ldv, tau, j0, j1, m, p); break;
+    case 3: apply_block<3>(v, ldv, tau, j0, j1, mp, p); break;
+    case 2: apply_block<2>(v, ldv, tau, j0, j1, mp, p); break;
+    case 1: apply_block<1>(v, ldv, tau, j0, j1, mp, p); break;
     default: break;
   }
 }
 
-// LAPACK's dlarfg on x[0..len): on return x[0] = beta, x[1..) = v below the unit entry, and
-// H = I - tau v v^T maps x to (beta, 0, ...). Returns log|beta| (-inf for a zero vector, NaN
-// for a non-finite one), exact at any scale: vectors outside [2^-500, 2^500] are brought
-// into range by a power of two first.
-double make_reflector(double* x, int len, double& tau) {
-  const double alpha0 = x[0];
+// LAPACK's dlarfg on x[0..len): returns beta with H x = (beta, 0, ...), writes tau and
+// v[1..len) (v[0] = 1), and log|beta| to logabs (-inf for a zero vector, NaN for a
+// non-finite one), exact at any scale: vectors outside [2^-500, 2^500] are brought into
+// range by a power of two first. x is left unchanged.
+double make_reflector(const double* x, int len, double* v, double& tau, double& logabs) {
   double mx = 0.0, ss = 0.0;
   for (int r = 1; r < len; ++r) {
     const double a = std::fabs(x[r]);
     mx = a > mx ? a : mx;
     ss += x[r] * x[r];
   }
-  if (!std::isfinite(mx) || !std::isfinite(alpha0) || std::isnan(ss)) {
+  v[0] = 1.0;
+  if (!std::isfinite(mx) || !std::isfinite(x[0]) || std::isnan(ss)) {
     tau = 0.0;
-    return std::numeric_limits<double>::quiet_NaN();
+    logabs = std::numeric_limits<double>::quiet_NaN();
+    for (int r = 1; r < len; ++r) v[r] = 0.0;
+    return logabs;
   }
   if (mx == 0.0) {  // nothing below the diagonal: H = I
     tau = 0.0;
-    return alpha0 == 0.0 ? kNegInf : std::log(std::fabs(alpha0));
+    logabs = x[0] == 0.0 ? kNegInf : std::log(std::fabs(x[0]));
+    for (int r = 1; r < len; ++r) v[r] = 0.0;
+    return x[0];
   }
-  const double amax = std::max(mx, std::fabs(alpha0));
+  const double amax = std::max(mx, std::fabs(x[0]));
   int e = 0;
   if (amax > 0x1p500 || amax < 0x1p-500 || !std::isfinite(ss)) {
     e = std::ilogb(amax);
-    for (int r = 0; r < len; ++r) x[r] = std::ldexp(x[r], -e);
     ss = 0.0;
-    for (int r = 1; r < len; ++r) ss += x[r] * x[r];
+    for (int r = 1; r < len; ++r) {
+      const double y = std::ldexp(x[r], -e);
+      ss += y * y;
+    }
   }
-  const double alpha = x[0];
+  const double alpha = std::ldexp(x[0], -e);
   const double beta = -std::copysign(std::hypot(alpha, std::sqrt(ss)), alpha);
   tau = (beta - alpha) / beta;
   const double inv = 1.0 / (alpha - beta);
-  for (int r = 1; r < len; ++r) x[r] *= inv;
-  x[0] = std::ldexp(beta, e);
-  return std::log(std::fabs(beta)) + double(e) * kLn2;
+  if (e == 0) {
+    for (int r = 1; r < len; ++r) v[r] = x[r] * inv;
+  } else {
+    for (int r = 1; r < len; ++r) v[r] = std::ldexp(x[r], -e) * inv;
+  }
+  logabs = std::log(std::fabs(beta)) + double(e) * kLn2;
+  return std::ldexp(beta, e);
 }
 
-// Householder QR of the m x k matrix whose columns are the k rows of a (k x m, row stride
-// lda), k <= m, left-looking in panels of four columns. Leaves the reflectors in a and tau
-// (Reflectors layout) and log|R_jj| in logabs.
-void householder_qr(double* a, std::size_t lda, int m, int k, double* tau, double* logabs) {
+// Householder QR of the m x k matrix whose columns are the vectors a + c lda (k <= m,
+// lda = padded(m) or more, zero padding), left-looking in panels of four columns. The
+// reflectors go to v (k rows of ldv >= padded(m), Reflectors layout) and tau, log|R_jj|
+// to logabs; a is left holding H_{j} ... H_0 applied to its columns.
+void householder_qr(double* a, std::size_t lda, int m, int k, double* v, std::size_t ldv,
+                    double* tau, double* logabs) {
   constexpr int kPanel = 4;
+  const int mp = static_cast<int>(padded(m));
   for (int p0 = 0; p0 < k; p0 += kPanel) {
     const int p1 = std::min(k, p0 + kPanel);
-    apply_reflectors(a, lda, tau, 0, p0, m, a + sz(p0) * lda, lda, p1 - p0);
+    apply_reflectors(v, ldv, tau, 0, p0, mp, a + sz(p0) * lda, lda, p1 - p0);
     for (int c = p0; c < p1; ++c) {
       double* col = a + sz(c) * lda;
-      logabs[c] = make_reflector(col + c, m - c, tau[c]);
-      apply_reflectors(a, lda, tau, c, c + 1, m, a + sz(c + 1) * lda, lda, p1 - c - 1);
+      double* vc = v + sz(c) * ldv;
+      std::fill(vc, vc + c, 0.0);
+      std::fill(vc + m, vc + ldv, 0.0);
+      make_reflector(col + c, m - c, vc + c, tau[c], logabs[c]);
+      apply_reflectors(v, ldv, tau, c, c + 1, mp, a + sz(c + 1) * lda, lda, p1 - c - 1);
     }
   }
 }
 
-// out[c * n + i] = d[i] * x[i * ldx + c], c < k, i < n (a scaled transpose, in tiles).
+// out[c * ldo + i] = d[i] * x[i * ldx + c] for c < k, i < n (a scaled transpose, in
+// tiles), and zero for n <= i < ldo.
 void transpose_scaled(const double* x, std::size_t ldx, const double* d, int n, int k,
-                      double* out) {
+                      double* out, std::size_t ldo) {
   constexpr int kTile = 16;
   for (int i0 = 0; i0 < n; i0 += kTile) {
     const int i1 = std::min(n, i0 + kTile);
     for (int c0 = 0; c0 < k; c0 += kTile) {
       const int c1 = std::min(k, c0 + kTile);
       for (int c = c0; c < c1; ++c) {
-        double* o = out + sz(c) * sz(n);
+        double* o = out + sz(c) * ldo;
         for (int i = i0; i < i1; ++i) o[i] = d[i] * x[sz(i) * ldx + sz(c)];
       }
     }
   }
+  for (int c = 0; c < k; ++c) std::fill(out + sz(c) * ldo + sz(n), out + sz(c + 1) * ldo, 0.0);
 }
 
 // Euclidean norm without overflow or underflow of the squares.
@@ -280,23 +291,28 @@ double JacobianChain::log10_frobenius(int l) const {
   return nrm > 0.0 ? std::log10(nrm) : kNegInf;
 }
 
-void JacobianChain::apply_householder(int l, const Reflectors& q, int k, double* out) const {
-  const int m = dim(l - 1);
+void JacobianChain::apply_householder(int l, const Reflectors& q, int k, double* out,
+                                      std::size_t ldo) const {
+  const int m = dim(l - 1), n = dim(l);
   // Column c of Q is H_0 ... H_{q.k-1} e_c: the reflectors applied last to first.
-  std::vector<double> Q(sz(k) * sz(m), 0.0);
+  std::vector<double> Q(sz(k) * sz(m), 0.0), out1(sz(k) * sz(n));
   for (int c = 0; c < k; ++c) {
     double* x = Q.data() + sz(c) * sz(m);
     x[c] = 1.0;
     for (int j = q.k - 1; j >= 0; --j) {
       const double* v = q.v + sz(j) * q.ldv;
-      double s = x[j];
-      for (int r = j + 1; r < m; ++r) s += v[r] * x[r];
+      double s = 0.0;
+      for (int r = j; r < m; ++r) s += v[r] * x[r];
       const double t = q.tau[j] * s;
-      x[j] -= t;
-      for (int r = j + 1; r < m; ++r) x[r] -= t * v[r];
+      for (int r = j; r < m; ++r) x[r] -= t * v[r];
     }
   }
-  apply(l, Q.data(), k, out);
+  apply(l, Q.data(), k, out1.data());
+  for (int c = 0; c < k; ++c) {
+    std::copy(out1.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(n)),
+              out1.begin() + static_cast<std::ptrdiff_t>(sz(c + 1) * sz(n)), out + sz(c) * ldo);
+    std::fill(out + sz(c) * ldo + sz(n), out + sz(c + 1) * ldo, 0.0);
+  }
 }
 
 // ---- MLP layers ----------------------------------------------------------------------------
@@ -438,18 +454,25 @@ double MLPJacobians::log10_frobenius(int l) const {
   return std::log10(mx) + 0.5 * std::log10(ss);
 }
 
-void MLPJacobians::apply_householder(int l, const Reflectors& q, int k, double* out) const {
+void MLPJacobians::apply_householder(int l, const Reflectors& q, int k, double* out,
+                                     std::size_t ldo) const {
   const int n = dim(l), m = dim(l - 1);
   const double* W = layers_.weight(l);
   const double* d = derivative(l);
   if (q.k == 0) {  // Q = [I_k; 0]: the first k columns of W
-    transpose_scaled(W, sz(m), d, n, k, out);
+    transpose_scaled(W, sz(m), d, n, k, out, ldo);
     return;
   }
-  // Row i of W Q is (H_{q.k-1} ... H_0 W[i, :]^T)^T restricted to its first k entries.
-  scratch_.assign(W, W + sz(n) * sz(m));
-  apply_reflectors(q.v, q.ldv, q.tau, 0, q.k, m, scratch_.data(), sz(m), n);
-  transpose_scaled(scratch_.data(), sz(m), d, n, k, out);
+  // Row i of W Q is (H_{q.k-1} ... H_0 W[i, :]^T)^T restricted to its first k entries: the
+  // reflectors go to W's rows (copied to padded, aligned rows) and Q is never formed.
+  const std::size_t mp = padded(m);
+  double* X = aligned_in(scratch_, sz(n) * mp);
+  for (int i = 0; i < n; ++i) {
+    std::copy(W + sz(i) * sz(m), W + sz(i + 1) * sz(m), X + sz(i) * mp);
+    std::fill(X + sz(i) * mp + sz(m), X + sz(i + 1) * mp, 0.0);
+  }
+  apply_reflectors(q.v, q.ldv, q.tau, 0, q.k, static_cast<int>(mp), X, mp, n);
+  transpose_scaled(X, mp, d, n, k, out, ldo);
 }
 
 // ---- norms ---------------------------------------------------------------------------------
@@ -561,31 +584,49 @@ void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double*
   for (int l = 0; l <= L; ++l) dims[sz(l)] = chain.dim(l);
   opt.validate(dims);
   const int k = opt.k;
-  const int maxd = *std::max_element(dims.begin(), dims.end());
-  std::vector<double> a(sz(k) * sz(maxd)), b(sz(k) * sz(maxd)), tau(sz(k)), logabs(sz(k));
-  std::vector<double> acc(sz(k), 0.0), start, tau0;
+  const std::size_t ld = padded(*std::max_element(dims.begin(), dims.end()));
+  // a: the k vectors of the current layer; v: reflectors of the last QR (vp: of the start
+  // frame); compact: a without padding, for apply() between re-orthonormalisations.
+  std::vector<double> abuf, bbuf, vbuf, v0buf, compact, compact2;
+  double* a = aligned_in(abuf, sz(k) * ld);
+  double* b = aligned_in(bbuf, sz(k) * ld);
+  double* v = aligned_in(vbuf, sz(k) * ld);
+  std::vector<double> tau(sz(k)), tau0(sz(k)), logabs(sz(k)), acc(sz(k), 0.0);
   std::vector<std::int64_t> colexp(sz(k), 0);
 
-  Reflectors q;  // the current frame Q_l; q.k = 0: identity columns
+  Reflectors q;  // the current frame; q.k = 0: the first k columns of the identity
   q.m = dims[0];
   if (opt.start == SpectrumStart::random) {
-    start.resize(sz(k) * sz(dims[0]));
-    tau0.resize(sz(k));
-    fill_normal(Philox(opt.seed), 0, start.data(), start.size());
-    householder_qr(start.data(), sz(dims[0]), dims[0], k, tau0.data(), logabs.data());
-    q = Reflectors{start.data(), sz(dims[0]), tau0.data(), dims[0], k};
+    const std::size_t ld0 = padded(dims[0]);
+    double* g = aligned_in(compact, sz(k) * ld0);
+    double* v0 = aligned_in(v0buf, sz(k) * ld0);
+    for (int c = 0; c < k; ++c)
+      fill_normal(Philox(opt.seed), static_cast<std::uint64_t>(c), g + sz(c) * ld0,
+                  static_cast<std::uint64_t>(dims[0]));
+    householder_qr(g, ld0, dims[0], k, v0, ld0, tau0.data(), logabs.data());
+    q = Reflectors{v0, ld0, tau0.data(), dims[0], k};
   }
   bool explicit_frame = false;  // a holds J_l ... J_{l'} Q_{l'-1}, not re-orthonormalised
   std::size_t row = 0;
   for (int l = 1; l <= L; ++l) {
-    const int n = dims[sz(l)];
-    if (explicit_frame)
-      chain.apply(l, a.data(), k, b.data());
-    else
-      chain.apply_householder(l, q, k, b.data());
-    std::swap(a, b);
+    const int n = dims[sz(l)], m = dims[sz(l) - 1];
+    if (explicit_frame) {
+      compact.resize(sz(k) * sz(m));
+      compact2.resize(sz(k) * sz(n));
+      for (int c = 0; c < k; ++c)
+        std::copy(a + sz(c) * ld, a + sz(c) * ld + sz(m), compact.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(m)));
+      chain.apply(l, compact.data(), k, compact2.data());
+      for (int c = 0; c < k; ++c) {
+        std::copy(compact2.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(n)),
+                  compact2.begin() + static_cast<std::ptrdiff_t>(sz(c + 1) * sz(n)), a + sz(c) * ld);
+        std::fill(a + sz(c) * ld + sz(n), a + sz(c + 1) * ld, 0.0);
+      }
+    } else {
+      chain.apply_householder(l, q, k, b, ld);
+      std::swap(a, b);
+    }
     if (l % opt.interval == 0 || l == L) {
-      householder_qr(a.data(), sz(n), n, k, tau.data(), logabs.data());
+      householder_qr(a, ld, n, k, v, ld, tau.data(), logabs.data());
       for (int c = 0; c < k; ++c) {
         const double g = logabs[sz(c)];
         if (std::isnan(g) || g == std::numeric_limits<double>::infinity())
@@ -597,13 +638,13 @@ void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double*
       }
       std::copy(acc.begin(), acc.end(), S + row * sz(k));
       ++row;
-      q = Reflectors{a.data(), sz(n), tau.data(), n, k};
+      q = Reflectors{v, ld, tau.data(), n, k};
       explicit_frame = false;
     } else {
       // Between factorisations each vector is renormalised by a power of two: scaling a
       // column of M Q_0 scales R_cc alone (QR of A D is Q (R D)), exactly.
       for (int c = 0; c < k; ++c) {
-        double* col = a.data() + sz(c) * sz(n);
+        double* col = a + sz(c) * ld;
         double mx = 0.0;
         for (int i = 0; i < n; ++i) mx = std::max(mx, std::fabs(col[i]));
         if (!std::isfinite(mx))

@@ -700,40 +700,57 @@ void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<st
   const std::size_t n = R * H;
   const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
   const T* Hp = p.Hs[l];
-  bool uniform = true;  // every step's gradient at the same exponent
-  for (std::size_t t = 0; t < Tn_; ++t) uniform = uniform && (!nz[t] || ex[t] == E);
-  const bool x_in_band = rescale_exponent<T>(scan(X, rows * in).maxabs) == 0;
-  const bool h_in_band = rescale_exponent<T>(scan(Hp, rows * H).maxabs) == 0;
-  // dW = sum_t dG_t^T M_t for M = inputs or previous states.
-  auto weight_grad = [&](const T* M, std::size_t width, bool in_band, const std::vector<Block>& blocks,
-                         std::size_t iq) {
+  // dW = sum_t dG_t^T M_t for M = inputs or previous states. When every step's M_t lies
+  // in the safe band, the steps' gradients are brought to the common exponent E and
+  // multiplied as they are (terms that underflow there are negligible next to the
+  // largest). Otherwise (states that grew or shrank out of the band) each step's term is
+  // brought to a common scale 2^P by scaling dG_t by 2^(e_t + m_t - P) and M_t by 2^-m_t
+  // (m_t: M_t's binary exponent), so that the largest terms keep full precision and none
+  // can overflow.
+  std::vector<std::int64_t> ex_now(ex);  // the exponents of dG's rows as they are now
+  struct Operand {
+    const T* M;
+    std::size_t width;
+    const std::vector<Block>* blocks;
+    std::size_t iq;
+    std::vector<std::int64_t> me;
+    bool in_band = true;
+  };
+  Operand ops[2] = {{X, in, &m_.ih, iw, {}, true}, {Hp, H, &m_.hh, iw + 1, {}, true}};
+  for (Operand& o : ops) {
+    o.me.assign(Tn_, 0);
+    for (std::size_t t = 0; t < Tn_; ++t) {
+      const double mx = scan(o.M + t * R * o.width, R * o.width).maxabs;
+      o.me[t] = mx > 0 ? exponent_of(mx) : 0;
+      o.in_band = o.in_band && (mx == 0 || rescale_exponent<T>(mx) == 0);
+    }
+  }
+  auto weight_grad = [&](const Operand& o) {
+    const T* M = o.M;
+    const std::size_t width = o.width, iq = o.iq;
+    const std::vector<Block>& blocks = *o.blocks;
+    const std::vector<std::int64_t>& me = o.me;
     T* out = p.pg[iq].data();
-    if (uniform && in_band) {  // the plain product: nothing can leave the range
+    if (o.in_band) {
+      for (std::size_t t = 0; t < Tn_; ++t)
+        if (nz[t] && ex[t] != E) {
+          scale_pow2(dG + t * R * GW, R * GW, clamp_shift(ex[t] - E));
+          ex_now[t] = E;
+        }
       for (const Block& b : blocks)
         blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), dG + b.col, I(GW), M, I(width),
                    T(0), out + b.row * width, I(width));
       p.pexp[iq] = E;
       return;
     }
-    // Gradients that grew or shrank across steps, or states outside the safe band: each
-    // step's term dG_t^T M_t is brought to a common scale 2^P by scaling dG_t by
-    // 2^(e_t + m_t - P) and M_t by 2^-m_t (m_t: M_t's binary exponent), so that the
-    // largest terms keep full precision and none can overflow.
     std::vector<T> Ms(rows * width), Gs(rows * GW);
-    std::vector<std::int64_t> me(Tn_, 0);
     std::int64_t P = std::numeric_limits<std::int64_t>::min();
     for (std::size_t t = 0; t < Tn_; ++t) {
       const T* src = M + t * R * width;
       T* dst = Ms.data() + t * R * width;
       std::copy(src, src + R * width, dst);
-      const double mx = scan(dst, R * width).maxabs;
-      me[t] = mx > 0 ? exponent_of(mx) : 0;
       scale_pow2(dst, R * width, clamp_shift(-me[t]));
-      if (nz[t] && mx > 0) P = std::max(P, ex[t] + me[t]);
-    }
-    if (P == std::numeric_limits<std::int64_t>::min()) {  // every term is zero
-      p.pexp[iq] = 0;
-      return;
+      if (nz[t]) P = std::max(P, ex_now[t] + me[t]);
     }
     for (std::size_t t = 0; t < Tn_; ++t) {
       T* dst = Gs.data() + t * R * GW;
@@ -743,19 +760,22 @@ void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<st
         continue;
       }
       std::copy(src, src + R * GW, dst);
-      scale_pow2(dst, R * GW, clamp_shift(ex[t] + me[t] - P));
+      scale_pow2(dst, R * GW, clamp_shift(ex_now[t] + me[t] - P));
     }
     for (const Block& b : blocks)
       blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), Gs.data() + b.col, I(GW), Ms.data(),
                  I(width), T(0), out + b.row * width, I(width));
     p.pexp[iq] = P;
   };
-  weight_grad(X, in, x_in_band, m_.ih, iw);
-  weight_grad(Hp, H, h_in_band, m_.hh, iw + 1);
+  // Out-of-band operands first: they read dG before any row is moved to E.
+  for (const Operand& o : ops)
+    if (!o.in_band) weight_grad(o);
+  for (const Operand& o : ops)
+    if (o.in_band) weight_grad(o);
   // For the biases every step's rows go to the common exponent E (exact barring
   // negligible underflow).
   for (std::size_t t = 0; t < Tn_; ++t) {
-    if (nz[t] && ex[t] != E) scale_pow2(dG + t * R * GW, R * GW, clamp_shift(ex[t] - E));
+    if (nz[t] && ex_now[t] != E) scale_pow2(dG + t * R * GW, R * GW, clamp_shift(ex_now[t] - E));
   }
   if (m_.bias) {
     std::vector<double> sih(m_.G * H, 0.0), shh(m_.G * H, 0.0);
