@@ -8,17 +8,9 @@ import math
 import numpy as np
 import oracles as O
 import pytest
-from conftest import ACTIVATIONS, CONFIGS, INITS, THREADED_CONFIGS, ChainConfig
+from conftest import ACTIVATIONS, CONFIGS, INITS, THREADED_CONFIGS, ChainConfig, needs_torch, torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-try:
-    import torch
-except ImportError:  # the NumPy-reference tests still run
-    torch = None
-needs_torch = pytest.mark.skipif(
-    torch is None, reason="PyTorch is the oracle here: pip install torch==2.13.0"
-)
 
 RTOL = 1e-10
 

@@ -18,16 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import oracles as O
 import pytest
+from conftest import needs_torch, torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-try:
-    import torch
-except ImportError:  # the NumPy-reference tests still run
-    torch = None
-needs_torch = pytest.mark.skipif(
-    torch is None, reason="PyTorch is the oracle here: pip install torch==2.13.0"
-)
 
 RTOL = 1e-10
 CELLS = ("tanh", "relu", "lstm", "gru")

@@ -14,14 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import oracles as O
 import pytest
-
-try:
-    import torch
-except ImportError:  # the NumPy-only tests still run
-    torch = None
-needs_torch = pytest.mark.skipif(
-    torch is None, reason="PyTorch is the oracle here: pip install torch==2.13.0"
-)
+from conftest import needs_torch
 
 RTOL = 1e-12
 
