@@ -2,13 +2,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <exception>
 #include <limits>
-#include <memory>
-#include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 
 #include "gradchain/blas.hpp"
@@ -32,39 +32,88 @@ namespace {
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr std::uint64_t kPowerSeed = 0x6a61636f62690000ull;  // start vectors of power iteration
+constexpr double kPipelineFlops = 1 << 20;  // per layer, for two threads on one example
 
 std::size_t sz(int n) { return static_cast<std::size_t>(n); }
 
 // ---- Householder kernels ----------------------------------------------------------------
-// A QR factorisation per layer is the whole cost of the spectrum. LAPACK's dgeqrf and
-// dorgqr from OpenBLAS reach about 5 GFLOP/s at n = 128 (unblocked panels, a library call
-// per column), so the reflectors are applied here by kernels that keep four vectors in
-// flight, fuse the update by one reflector with the dot product of the next (one load and
-// one store per element and reflector), and never form Q: J_{l+1} Q_l is W_{l+1}'s rows
-// with the reflectors applied, which costs what the GEMM by an explicit Q would.
+// One Householder QR per layer is the whole cost of the spectrum. OpenBLAS's dgeqrf and
+// dorgqr reach about 5 GFLOP/s at n = 128 (unblocked panels, a library call per column),
+// which alone would be slower than a PyTorch loop; here reflectors are applied four at a
+// time in compact WY form (I - V T V^T, Schreiber & Van Loan 1989) by register-blocked
+// kernels over cache-resident vectors, and Q is never formed: J_{l+1} Q_l is the rows of
+// W_{l+1} with the reflectors applied, which costs what the product by an explicit Q would.
+//
+// Vectors are padded to a multiple of four entries with zeros (padded()), start on a cache
+// line (aligned_in()), and reflectors are stored in full: row j of v is 0 before entry j,
+// 1 at j, and 0 in the padding. The kernels then run over whole vectors.
 
-// n doubles in buf starting on a cache line: vectors padded to a multiple of four entries
-// then never straddle lines in the kernels. New entries are zero.
+std::size_t padded(int m) { return (sz(m) + 3) & ~std::size_t{3}; }
+
+// n doubles in buf starting on a cache line. New entries are zero.
 double* aligned_in(std::vector<double>& buf, std::size_t n) {
   if (buf.size() < n + 8) buf.resize(n + 8, 0.0);
   const auto p = reinterpret_cast<std::uintptr_t>(buf.data());
   return buf.data() + ((64 - (p & 63u)) & 63u) / sizeof(double);
 }
 
-// x_c <- H_{j1-1} ... H_{j0} x_c for the NV vectors x[c] of padded length mp (Reflectors
-// layout; the padding of x is zero, or at least finite). Each pass over a vector applies
-// H_j and accumulates the dot product with v_{j+1} on the way.
-template <int NV>
-void apply_block_scalar(const double* v, std::size_t ldv, const double* tau, int j0, int j1,
-                        int mp, double* const* x) {
-  for (int j = j0; j < j1; ++j) {
-    const double* vj = v + sz(j) * ldv;
-    for (int c = 0; c < NV; ++c) {
-      double* xc = x[c];
+// The reflectors H_j = I - tau_j v_j v_j^T, j < k, of one QR factorisation on R^m, and for
+// every block of four (the last may be shorter) the upper triangular T with
+// H_{4b} ... H_{4b+3} = I - V T V^T (16 doubles per block, row-major).
+struct Frame {
+  const double* v = nullptr;
+  std::size_t ldv = 0;
+  const double* tau = nullptr;
+  const double* t = nullptr;
+  int m = 0;
+  int k = 0;  // 0: the frame is the first columns of the identity
+};
+
+constexpr int kBlock = 4;
+
+double dot(const double* a, const double* b, int n);
+
+// T of the block of B reflectors starting at j (LAPACK's dlarft, forward, columnwise).
+void block_t(const double* v, std::size_t ldv, const double* tau, int j, int B, int mp,
+             double* T) {
+  std::fill(T, T + kBlock * kBlock, 0.0);
+  for (int i = 0; i < B; ++i) {
+    const double* vi = v + sz(j + i) * ldv;
+    double z[kBlock];
+    for (int p = 0; p < i; ++p) {
+      const double* vp = v + sz(j + p) * ldv;
+      z[p] = -tau[j + i] * dot(vp + j + i, vi + j + i, mp - j - i);
+    }
+    for (int p = 0; p < i; ++p) {
       double s = 0.0;
-      for (int r = j; r < mp; ++r) s += vj[r] * xc[r];
-      const double t = tau[j] * s;
-      for (int r = j; r < mp; ++r) xc[r] -= t * vj[r];
+      for (int q = p; q < i; ++q) s += T[p * kBlock + q] * z[q];
+      T[p * kBlock + i] = s;
+    }
+    T[i * kBlock + i] = tau[j + i];
+  }
+}
+
+// x_c <- (I - V T V^T)^T x_c = H_{j+B-1} ... H_j x_c for the NV vectors x[c] (length mp),
+// V the B reflectors from j. One pass forms V^T x, one subtracts V (T^T V^T x).
+template <int B, int NV>
+void block_scalar(const double* v, std::size_t ldv, const double* T, int j, int mp,
+                  double* const* x) {
+  for (int c = 0; c < NV; ++c) {
+    double w[B], u[B];
+    for (int i = 0; i < B; ++i) {
+      const double* vi = v + sz(j + i) * ldv;
+      double s = 0.0;
+      for (int r = j; r < mp; ++r) s += vi[r] * x[c][r];
+      w[i] = s;
+    }
+    for (int i = 0; i < B; ++i) {
+      double s = 0.0;
+      for (int p = 0; p <= i; ++p) s += T[p * kBlock + i] * w[p];
+      u[i] = s;
+    }
+    for (int i = 0; i < B; ++i) {
+      const double* vi = v + sz(j + i) * ldv;
+      for (int r = j; r < mp; ++r) x[c][r] -= u[i] * vi[r];
     }
   }
 }
@@ -77,45 +126,45 @@ GC_AVX2_FN inline double hsum(__m256d v) {
   return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-template <int NV>
-GC_AVX2_FN void apply_block_avx2(const double* v, std::size_t ldv, const double* tau, int j0,
-                                 int j1, int mp, double* const* xs) {
+// As block_scalar. With B = 4 and NV = 2 or 3 both passes are bound by the FMA units (per
+// four entries and vector: four FMAs against two to three loads, and one store), and
+// they fit the 16 vector registers.
+template <int B, int NV>
+GC_AVX2_FN void block_avx2(const double* v, std::size_t ldv, const double* T, int j, int mp,
+                           double* const* xs) {
   double* x[NV];
   for (int c = 0; c < NV; ++c) x[c] = xs[c];
-  __m256d acc[NV];
-  for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_pd();
-  {
-    const double* w = v + sz(j0) * ldv;
-    for (int r = j0 & ~3; r < mp; r += 4) {
-      const __m256d wv = _mm256_load_pd(w + r);
-      for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_pd(wv, _mm256_load_pd(x[c] + r), acc[c]);
+  const double* vi[B];
+  for (int i = 0; i < B; ++i) vi[i] = v + sz(j + i) * ldv;
+  const int r0 = j & ~3;
+  __m256d acc[B][NV];
+  for (int i = 0; i < B; ++i)
+    for (int c = 0; c < NV; ++c) acc[i][c] = _mm256_setzero_pd();
+  for (int r = r0; r < mp; r += 4) {
+    __m256d xv[NV];
+    for (int c = 0; c < NV; ++c) xv[c] = _mm256_load_pd(x[c] + r);
+    for (int i = 0; i < B; ++i) {
+      const __m256d vv = _mm256_load_pd(vi[i] + r);
+      for (int c = 0; c < NV; ++c) acc[i][c] = _mm256_fmadd_pd(vv, xv[c], acc[i][c]);
     }
   }
-  for (int j = j0; j < j1; ++j) {
-    const double* vj = v + sz(j) * ldv;
-    __m256d tb[NV];
-    for (int c = 0; c < NV; ++c) {
-      tb[c] = _mm256_set1_pd(tau[j] * hsum(acc[c]));
-      acc[c] = _mm256_setzero_pd();
+  __m256d u[B][NV];
+  for (int c = 0; c < NV; ++c) {
+    double w[B];
+    for (int i = 0; i < B; ++i) w[i] = hsum(acc[i][c]);
+    for (int i = 0; i < B; ++i) {
+      double s = 0.0;
+      for (int p = 0; p <= i; ++p) s += T[p * kBlock + i] * w[p];
+      u[i][c] = _mm256_set1_pd(s);
     }
-    // v_j is zero below entry j and v_{j+1} below j + 1: the passes start at the aligned
-    // entry at or before j.
-    if (j + 1 < j1) {
-      const double* w = vj + ldv;
-      for (int r = j & ~3; r < mp; r += 4) {
-        const __m256d vv = _mm256_load_pd(vj + r), wv = _mm256_load_pd(w + r);
-        for (int c = 0; c < NV; ++c) {
-          const __m256d xv = _mm256_fnmadd_pd(tb[c], vv, _mm256_load_pd(x[c] + r));
-          _mm256_store_pd(x[c] + r, xv);
-          acc[c] = _mm256_fmadd_pd(wv, xv, acc[c]);
-        }
-      }
-    } else {
-      for (int r = j & ~3; r < mp; r += 4) {
-        const __m256d vv = _mm256_load_pd(vj + r);
-        for (int c = 0; c < NV; ++c)
-          _mm256_store_pd(x[c] + r, _mm256_fnmadd_pd(tb[c], vv, _mm256_load_pd(x[c] + r)));
-      }
+  }
+  for (int r = r0; r < mp; r += 4) {
+    __m256d vv[B];
+    for (int i = 0; i < B; ++i) vv[i] = _mm256_load_pd(vi[i] + r);
+    for (int c = 0; c < NV; ++c) {
+      __m256d xv = _mm256_load_pd(x[c] + r);
+      for (int i = 0; i < B; ++i) xv = _mm256_fnmadd_pd(u[i][c], vv[i], xv);
+      _mm256_store_pd(x[c] + r, xv);
     }
   }
 }
@@ -130,69 +179,175 @@ bool have_avx2() {
 #endif
 }
 
-bool aligned32(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 31u) == 0; }
+#ifdef GC_HH_AVX2
+GC_AVX2_FN double dot_avx2(const double* a, const double* b, int n) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    s0 = _mm256_fmadd_pd(_mm256_loadu_pd(a + i), _mm256_loadu_pd(b + i), s0);
+    s1 = _mm256_fmadd_pd(_mm256_loadu_pd(a + i + 4), _mm256_loadu_pd(b + i + 4), s1);
+  }
+  double s = hsum(_mm256_add_pd(s0, s1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
 
-template <int NV>
-void apply_block(const double* v, std::size_t ldv, const double* tau, int j0, int j1, int mp,
+// z[i] = W[i, :] . h, four rows at a time.
+GC_AVX2_FN void gemv_avx2(const double* W, int n, int m, const double* h, double* z) {
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const double* w0 = W + sz(i) * sz(m);
+    const double* w1 = w0 + m;
+    const double* w2 = w1 + m;
+    const double* w3 = w2 + m;
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    int r = 0;
+    for (; r + 4 <= m; r += 4) {
+      const __m256d hv = _mm256_loadu_pd(h + r);
+      a0 = _mm256_fmadd_pd(_mm256_loadu_pd(w0 + r), hv, a0);
+      a1 = _mm256_fmadd_pd(_mm256_loadu_pd(w1 + r), hv, a1);
+      a2 = _mm256_fmadd_pd(_mm256_loadu_pd(w2 + r), hv, a2);
+      a3 = _mm256_fmadd_pd(_mm256_loadu_pd(w3 + r), hv, a3);
+    }
+    double s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (; r < m; ++r) {
+      s[0] += w0[r] * h[r];
+      s[1] += w1[r] * h[r];
+      s[2] += w2[r] * h[r];
+      s[3] += w3[r] * h[r];
+    }
+    for (int c = 0; c < 4; ++c) z[i + c] = s[c];
+  }
+  for (; i < n; ++i) z[i] = dot_avx2(W + sz(i) * sz(m), h, m);
+}
+
+// out[c * ldo + i] = d[i] x[i * ldx + c] (d = nullptr: ones) on the 4 x 4 block at (i, c).
+GC_AVX2_FN void transpose4_avx2(const double* x, std::size_t ldx, const double* d, int i, int c,
+                                double* out, std::size_t ldo) {
+  const double* p = x + sz(i) * ldx + sz(c);
+  const __m256d r0 = _mm256_loadu_pd(p), r1 = _mm256_loadu_pd(p + ldx);
+  const __m256d r2 = _mm256_loadu_pd(p + 2 * ldx), r3 = _mm256_loadu_pd(p + 3 * ldx);
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+  const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+  __m256d col[4] = {_mm256_permute2f128_pd(t0, t2, 0x20), _mm256_permute2f128_pd(t1, t3, 0x20),
+                    _mm256_permute2f128_pd(t0, t2, 0x31), _mm256_permute2f128_pd(t1, t3, 0x31)};
+  if (d) {
+    const __m256d dv = _mm256_loadu_pd(d + i);
+    for (__m256d& v : col) v = _mm256_mul_pd(v, dv);
+  }
+  for (int q = 0; q < 4; ++q) _mm256_storeu_pd(out + sz(c + q) * ldo + sz(i), col[q]);
+}
+#endif
+
+double dot(const double* a, const double* b, int n) {
+#ifdef GC_HH_AVX2
+  if (have_avx2()) return dot_avx2(a, b, n);
+#endif
+  double s = 0.0;
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// z = W h for the n x m row-major W.
+void gemv(const double* W, int n, int m, const double* h, double* z) {
+#ifdef GC_HH_AVX2
+  if (have_avx2()) return gemv_avx2(W, n, m, h, z);
+#endif
+  for (int i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (int r = 0; r < m; ++r) s += W[sz(i) * sz(m) + sz(r)] * h[r];
+    z[i] = s;
+  }
+}
+
+template <int B, int NV>
+void block_apply(const double* v, std::size_t ldv, const double* T, int j, int mp,
                  double* const* x) {
 #ifdef GC_HH_AVX2
-  bool fast = have_avx2() && aligned32(v) && ldv % 4 == 0;
-  for (int c = 0; c < NV; ++c) fast = fast && aligned32(x[c]);
-  if (fast) return apply_block_avx2<NV>(v, ldv, tau, j0, j1, mp, x);
+  if (have_avx2()) return block_avx2<B, NV>(v, ldv, T, j, mp, x);
 #endif
-  apply_block_scalar<NV>(v, ldv, tau, j0, j1, mp, x);
+  block_scalar<B, NV>(v, ldv, T, j, mp, x);
 }
 
-// x_c <- H_{j1-1} ... H_{j0} x_c for the n vectors x_c = x + c ldx of padded length mp.
-void apply_reflectors(const double* v, std::size_t ldv, const double* tau, int j0, int j1, int mp,
-                      double* x, std::size_t ldx, int n) {
-  if (j0 >= j1 || n <= 0) return;
+template <int NV>
+void block_apply_n(int B, const double* v, std::size_t ldv, const double* T, int j, int mp,
+                   double* const* x) {
+  switch (B) {
+    case 4: block_apply<4, NV>(v, ldv, T, j, mp, x); break;
+    case 3: block_apply<3, NV>(v, ldv, T, j, mp, x); break;
+    case 2: block_apply<2, NV>(v, ldv, T, j, mp, x); break;
+    default: block_apply<1, NV>(v, ldv, T, j, mp, x); break;
+  }
+}
+
+// The B <= 4 reflectors from j, with their T, applied to the n vectors x + c ldx: in
+// threes (fewer loads of v per FMA), except a QR panel's four columns, in pairs.
+void apply_block(const double* v, std::size_t ldv, const double* T, int j, int B, int mp,
+                 double* x, std::size_t ldx, int n) {
   int c = 0;
-  for (; c + 4 <= n; c += 4) {
-    double* p[4] = {x + sz(c) * ldx, x + sz(c + 1) * ldx, x + sz(c + 2) * ldx, x + sz(c + 3) * ldx};
-    apply_block<4>(v, ldv, tau, j0, j1, mp, p);
+  if (n != 4) {
+    for (; c + 3 <= n; c += 3) {
+      double* p[3] = {x + sz(c) * ldx, x + sz(c + 1) * ldx, x + sz(c + 2) * ldx};
+      block_apply_n<3>(B, v, ldv, T, j, mp, p);
+    }
   }
-  double* p[3] = {x + sz(c) * ldx, x + sz(c + 1) * ldx, x + sz(c + 2) * ldx};
-  switch (n - c) {
-    case 3: apply_block<3>(v, ldv, tau, j0, j1, mp, p); break;
-    case 2: apply_block<2>(v, ldv, tau, j0, j1, mp, p); break;
-    case 1: apply_block<1>(v, ldv, tau, j0, j1, mp, p); break;
-    default: break;
+  for (; c + 2 <= n; c += 2) {
+    double* p[2] = {x + sz(c) * ldx, x + sz(c + 1) * ldx};
+    block_apply_n<2>(B, v, ldv, T, j, mp, p);
+  }
+  if (c < n) {
+    double* p[1] = {x + sz(c) * ldx};
+    block_apply_n<1>(B, v, ldv, T, j, mp, p);
   }
 }
 
-// LAPACK's dlarfg on x[0..len): returns beta with H x = (beta, 0, ...), writes tau and
-// v[1..len) (v[0] = 1), and log|beta| to logabs (-inf for a zero vector, NaN for a
-// non-finite one), exact at any scale: vectors outside [2^-500, 2^500] are brought into
-// range by a power of two first. x is left unchanged.
-double make_reflector(const double* x, int len, double* v, double& tau, double& logabs) {
-  double mx = 0.0, ss = 0.0;
-  for (int r = 1; r < len; ++r) {
-    const double a = std::fabs(x[r]);
-    mx = a > mx ? a : mx;
-    ss += x[r] * x[r];
+// x_c <- H_{j1-1} ... H_{j0} x_c for the n vectors x_c = x + c ldx of padded length, j0
+// and j1 on block boundaries (or j1 = f.k). Vectors go in groups of 15, which stay in the
+// L1 cache while every block of reflectors passes over them.
+void apply_frame(const Frame& f, int j0, int j1, double* x, std::size_t ldx, int n) {
+  const int mp = static_cast<int>(padded(f.m));
+  constexpr int kGroup = 15;  // five threes
+  for (int c0 = 0; c0 < n; c0 += kGroup) {
+    const int nc = std::min(kGroup, n - c0);
+    for (int j = j0; j < j1; j += kBlock)
+      apply_block(f.v, f.ldv, f.t + sz(j / kBlock) * kBlock * kBlock, j, std::min(kBlock, j1 - j),
+                  mp, x + sz(c0) * ldx, ldx, nc);
   }
+}
+
+// LAPACK's dlarfg on x[0..len): writes v[0..len) (v[0] = 1) and tau such that
+// (I - tau v v^T) x = (beta, 0, ...), and log|beta| to logabs (-inf for a zero vector, NaN
+// for a non-finite one), exact at any scale: vectors outside [2^-500, 2^500] are brought
+// into range by a power of two first.
+void make_reflector(const double* x, int len, double* v, double& tau, double& logabs) {
   v[0] = 1.0;
-  if (!std::isfinite(mx) || !std::isfinite(x[0]) || std::isnan(ss)) {
-    tau = 0.0;
-    logabs = std::numeric_limits<double>::quiet_NaN();
-    for (int r = 1; r < len; ++r) v[r] = 0.0;
-    return logabs;
-  }
-  if (mx == 0.0) {  // nothing below the diagonal: H = I
-    tau = 0.0;
-    logabs = x[0] == 0.0 ? kNegInf : std::log(std::fabs(x[0]));
-    for (int r = 1; r < len; ++r) v[r] = 0.0;
-    return x[0];
-  }
-  const double amax = std::max(mx, std::fabs(x[0]));
+  tau = 0.0;
+  double ss = dot(x + 1, x + 1, len - 1);
+  const double a0 = std::fabs(x[0]);
   int e = 0;
-  if (amax > 0x1p500 || amax < 0x1p-500 || !std::isfinite(ss)) {
-    e = std::ilogb(amax);
-    ss = 0.0;
-    for (int r = 1; r < len; ++r) {
-      const double y = std::ldexp(x[r], -e);
-      ss += y * y;
+  // Squares in range and a moderate head (the usual case): no scaling. Otherwise look at
+  // the entries themselves.
+  if (!(ss >= 0x1p-900 && ss <= 0x1p900 && a0 <= 0x1p500)) {
+    double mx = 0.0;
+    for (int r = 1; r < len; ++r) mx = std::max(mx, std::fabs(x[r]));
+    if (!std::isfinite(mx) || !std::isfinite(a0) || std::isnan(ss)) {
+      logabs = std::numeric_limits<double>::quiet_NaN();
+      std::fill(v + 1, v + len, 0.0);
+      return;
+    }
+    if (mx == 0.0) {  // nothing below the diagonal: H = I
+      logabs = a0 == 0.0 ? kNegInf : std::log(a0);
+      std::fill(v + 1, v + len, 0.0);
+      return;
+    }
+    const double amax = std::max(mx, a0);
+    if (amax > 0x1p500 || amax < 0x1p-500 || !std::isfinite(ss)) {
+      e = std::ilogb(amax);
+      ss = 0.0;
+      for (int r = 1; r < len; ++r) {
+        const double y = std::ldexp(x[r], -e);
+        ss += y * y;
+      }
     }
   }
   const double alpha = std::ldexp(x[0], -e);
@@ -205,46 +360,55 @@ double make_reflector(const double* x, int len, double* v, double& tau, double& 
     for (int r = 1; r < len; ++r) v[r] = std::ldexp(x[r], -e) * inv;
   }
   logabs = std::log(std::fabs(beta)) + double(e) * kLn2;
-  return std::ldexp(beta, e);
 }
 
 // Householder QR of the m x k matrix whose columns are the vectors a + c lda (k <= m,
-// lda = padded(m) or more, zero padding), left-looking in panels of four columns. The
-// reflectors go to v (k rows of ldv >= padded(m), Reflectors layout) and tau, log|R_jj|
-// to logabs; a is left holding H_{j} ... H_0 applied to its columns.
+// lda >= padded(m), zero padding), left-looking in panels of four columns: each panel
+// receives the earlier blocks of reflectors, then is factored column by column. Fills the
+// frame's storage (v: k rows of ldv >= padded(m); tau; t: one T per block) and logabs with
+// log|R_jj|. `published`, if given, is set to base + the number of finished reflectors
+// after each panel (for a thread applying them meanwhile).
 void householder_qr(double* a, std::size_t lda, int m, int k, double* v, std::size_t ldv,
-                    double* tau, double* logabs) {
-  constexpr int kPanel = 4;
+                    double* tau, double* t, double* logabs,
+                    std::atomic<long long>* published = nullptr, long long base = 0) {
   const int mp = static_cast<int>(padded(m));
-  for (int p0 = 0; p0 < k; p0 += kPanel) {
-    const int p1 = std::min(k, p0 + kPanel);
-    apply_reflectors(v, ldv, tau, 0, p0, mp, a + sz(p0) * lda, lda, p1 - p0);
+  const Frame f{v, ldv, tau, t, m, k};
+  for (int p0 = 0; p0 < k; p0 += kBlock) {
+    const int p1 = std::min(k, p0 + kBlock);
+    apply_frame(f, 0, p0, a + sz(p0) * lda, lda, p1 - p0);
     for (int c = p0; c < p1; ++c) {
-      double* col = a + sz(c) * lda;
       double* vc = v + sz(c) * ldv;
       std::fill(vc, vc + c, 0.0);
       std::fill(vc + m, vc + ldv, 0.0);
-      make_reflector(col + c, m - c, vc + c, tau[c], logabs[c]);
-      apply_reflectors(v, ldv, tau, c, c + 1, mp, a + sz(c + 1) * lda, lda, p1 - c - 1);
+      make_reflector(a + sz(c) * lda + sz(c), m - c, vc + c, tau[c], logabs[c]);
+      const double tc[kBlock * kBlock] = {tau[c]};
+      apply_block(v, ldv, tc, c, 1, mp, a + sz(c + 1) * lda, lda, p1 - c - 1);
     }
+    block_t(v, ldv, tau, p0, p1 - p0, mp, t + sz(p0 / kBlock) * kBlock * kBlock);
+    if (published) published->store(base + p1, std::memory_order_release);
   }
 }
 
-// out[c * ldo + i] = d[i] * x[i * ldx + c] for c < k, i < n (a scaled transpose, in
-// tiles), and zero for n <= i < ldo.
-void transpose_scaled(const double* x, std::size_t ldx, const double* d, int n, int k,
-                      double* out, std::size_t ldo) {
-  constexpr int kTile = 16;
-  for (int i0 = 0; i0 < n; i0 += kTile) {
-    const int i1 = std::min(n, i0 + kTile);
-    for (int c0 = 0; c0 < k; c0 += kTile) {
-      const int c1 = std::min(k, c0 + kTile);
-      for (int c = c0; c < c1; ++c) {
-        double* o = out + sz(c) * ldo;
-        for (int i = i0; i < i1; ++i) o[i] = d[i] * x[sz(i) * ldx + sz(c)];
-      }
+// out[c * ldo + i] = d[i] x[i * ldx + c] for c < k and i0 <= i < i1 (a scaled transpose,
+// in 4 x 4 blocks; d = nullptr: ones).
+void transpose_rows(const double* x, std::size_t ldx, const double* d, int i0, int i1, int k,
+                    double* out, std::size_t ldo) {
+  int i = i0;
+#ifdef GC_HH_AVX2
+  if (have_avx2()) {
+    for (; i + 4 <= i1; i += 4) {
+      int c = 0;
+      for (; c + 4 <= k; c += 4) transpose4_avx2(x, ldx, d, i, c, out, ldo);
+      for (; c < k; ++c)
+        for (int q = i; q < i + 4; ++q) out[sz(c) * ldo + sz(q)] = (d ? d[q] : 1.0) * x[sz(q) * ldx + sz(c)];
     }
   }
+#endif
+  for (; i < i1; ++i)
+    for (int c = 0; c < k; ++c) out[sz(c) * ldo + sz(i)] = (d ? d[i] : 1.0) * x[sz(i) * ldx + sz(c)];
+}
+
+void zero_padding(double* out, std::size_t ldo, int n, int k) {
   for (int c = 0; c < k; ++c) std::fill(out + sz(c) * ldo + sz(n), out + sz(c + 1) * ldo, 0.0);
 }
 
@@ -264,6 +428,16 @@ double safe_norm(const double* x, std::size_t n) {
     ss += y * y;
   }
   return std::ldexp(std::sqrt(ss), e);
+}
+
+// x *= 2^-e with 2^e <= max|x| < 2^(e+1): exact, and keeps every sign.
+void rescale_pow2(double* x, int n) {
+  double mx = 0.0;
+  for (int i = 0; i < n; ++i) mx = std::max(mx, std::fabs(x[i]));
+  if (mx > 0.0) {
+    const int e = std::ilogb(mx);
+    for (int i = 0; i < n; ++i) x[i] = std::ldexp(x[i], -e);
+  }
 }
 
 std::string layer_msg(int l, int depth) {
@@ -291,34 +465,18 @@ double JacobianChain::log10_frobenius(int l) const {
   return nrm > 0.0 ? std::log10(nrm) : kNegInf;
 }
 
-void JacobianChain::apply_householder(int l, const Reflectors& q, int k, double* out,
-                                      std::size_t ldo) const {
-  const int m = dim(l - 1), n = dim(l);
-  // Column c of Q is H_0 ... H_{q.k-1} e_c: the reflectors applied last to first.
-  std::vector<double> Q(sz(k) * sz(m), 0.0), out1(sz(k) * sz(n));
-  for (int c = 0; c < k; ++c) {
-    double* x = Q.data() + sz(c) * sz(m);
-    x[c] = 1.0;
-    for (int j = q.k - 1; j >= 0; --j) {
-      const double* v = q.v + sz(j) * q.ldv;
-      double s = 0.0;
-      for (int r = j; r < m; ++r) s += v[r] * x[r];
-      const double t = q.tau[j] * s;
-      for (int r = j; r < m; ++r) x[r] -= t * v[r];
-    }
-  }
-  apply(l, Q.data(), k, out1.data());
-  for (int c = 0; c < k; ++c) {
-    std::copy(out1.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(n)),
-              out1.begin() + static_cast<std::ptrdiff_t>(sz(c + 1) * sz(n)), out + sz(c) * ldo);
-    std::fill(out + sz(c) * ldo + sz(n), out + sz(c + 1) * ldo, 0.0);
-  }
+const double* JacobianChain::row_form(int l, const double** d,
+                                      std::vector<double>& storage) const {
+  storage.resize(sz(dim(l)) * sz(dim(l - 1)));
+  dense(l, storage.data());
+  *d = nullptr;
+  return storage.data();
 }
 
 // ---- MLP layers ----------------------------------------------------------------------------
 
 template <class T>
-MLPLayers::MLPLayers(const MLPChain<T>& chain)
+MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
     : widths_(chain.widths()), act_(chain.activation()), homog_(chain.log_scale_forward()) {
   const int L = depth();
   w_.assign(sz(L) + 1, nullptr);
@@ -350,6 +508,7 @@ MLPLayers::MLPLayers(const MLPChain<T>& chain)
       bo += n;
     }
   }
+  if (!row_norms) return;
   rownorm_.resize(roff_.back());
 #pragma omp parallel for schedule(static) if (nw > 1000000)
   for (int l = 1; l <= L; ++l) {
@@ -359,35 +518,36 @@ MLPLayers::MLPLayers(const MLPChain<T>& chain)
   }
 }
 
-template MLPLayers::MLPLayers(const MLPChain<float>&);
-template MLPLayers::MLPLayers(const MLPChain<double>&);
+template MLPLayers::MLPLayers(const MLPChain<float>&, bool);
+template MLPLayers::MLPLayers(const MLPChain<double>&, bool);
 
-MLPJacobians::MLPJacobians(const MLPLayers& layers, const double* x) : layers_(layers) {
+MLPJacobians::MLPJacobians(const MLPLayers& layers, const double* x, bool lazy)
+    : layers_(layers) {
   const int L = layers.depth();
   const auto& w = layers.widths();
   off_.assign(sz(L) + 2, 0);
   for (int l = 1; l <= L; ++l) off_[sz(l) + 1] = off_[sz(l)] + sz(w[sz(l)]);
   d_.resize(off_.back());
   const int maxw = *std::max_element(w.begin(), w.end());
-  std::vector<double> h(sz(maxw)), z(sz(maxw)), hn(sz(maxw));
-  std::copy(x, x + w[0], h.begin());
-  const Activation& act = layers.activation();
-  const bool homog = layers.log_scale_forward();
-  auto rescale = [&](std::vector<double>& v, int n) {
-    double mx = 0.0;
-    for (int i = 0; i < n; ++i) mx = std::max(mx, std::fabs(v[sz(i)]));
-    if (mx > 0.0) {
-      const int e = std::ilogb(mx);
-      for (int i = 0; i < n; ++i) v[sz(i)] = std::ldexp(v[sz(i)], -e);
-    }
-  };
-  if (homog) rescale(h, w[0]);
-  for (int l = 1; l <= L; ++l) {
+  h_.assign(sz(maxw), 0.0);
+  z_.resize(sz(maxw));
+  hn_.resize(sz(maxw));
+  std::copy(x, x + w[0], h_.begin());
+  if (layers.log_scale_forward()) rescale_pow2(h_.data(), w[0]);
+  if (!lazy) forward_to(L);
+}
+
+void MLPJacobians::forward_to(int last) const {
+  const int L = layers_.depth();
+  const auto& w = layers_.widths();
+  const Activation& act = layers_.activation();
+  const bool homog = layers_.log_scale_forward();
+  for (int l = done_ + 1; l <= last; ++l) {
     const int n = w[sz(l)], m = w[sz(l) - 1];
-    const double* W = layers.weight(l);
-    const double* b = layers.bias(l);
-    blas::gemm(blas::Trans::N, blas::Trans::N, n, 1, m, 1.0, W, m, h.data(), 1, 0.0, z.data(), 1);
-    for (int i = 0; i < n; ++i) z[sz(i)] += b[i];
+    const double* W = layers_.weight(l);
+    const double* b = layers_.bias(l);
+    gemv(W, n, m, h_.data(), z_.data());
+    for (int i = 0; i < n; ++i) z_[sz(i)] += b[i];
     auto check = [&](const std::vector<double>& a, const char* what) {
       for (int i = 0; i < n; ++i)
         if (!std::isfinite(a[sz(i)])) {
@@ -399,14 +559,15 @@ MLPJacobians::MLPJacobians(const MLPLayers& layers, const double* x) : layers_(l
                   (nan ? "" : "; lower the gain, the weights or the input scale"));
         }
     };
-    check(z, "the pre-activation W h + b");
-    act.forward(z.data(), hn.data(), sz(n));
-    check(hn, "the activation");
+    check(z_, "the pre-activation W h + b");
+    act.forward(z_.data(), hn_.data(), sz(n));
+    check(hn_, "the activation");
     double* d = d_.data() + off_[sz(l)];
     std::fill(d, d + n, 1.0);
-    act.backward(z.data(), hn.data(), d, d, sz(n));
-    if (homog) rescale(hn, n);
-    std::swap(h, hn);
+    act.backward(z_.data(), hn_.data(), d, d, sz(n));
+    if (homog) rescale_pow2(hn_.data(), n);
+    std::swap(h_, hn_);
+    done_ = l;
   }
 }
 
@@ -423,10 +584,10 @@ void MLPJacobians::apply(int l, const double* v, int k, double* out) const {
 void MLPJacobians::apply_transpose(int l, const double* u, int k, double* out) const {
   const int n = dim(l), m = dim(l - 1);
   const double* d = derivative(l);
-  scratch_.resize(sz(k) * sz(n));
+  std::vector<double> du(sz(k) * sz(n));
   for (int c = 0; c < k; ++c)
-    for (int i = 0; i < n; ++i) scratch_[sz(c) * sz(n) + sz(i)] = u[sz(c) * sz(n) + sz(i)] * d[i];
-  blas::gemm(blas::Trans::N, blas::Trans::N, k, m, n, 1.0, scratch_.data(), n, layers_.weight(l), m,
+    for (int i = 0; i < n; ++i) du[sz(c) * sz(n) + sz(i)] = u[sz(c) * sz(n) + sz(i)] * d[i];
+  blas::gemm(blas::Trans::N, blas::Trans::N, k, m, n, 1.0, du.data(), n, layers_.weight(l), m,
              0.0, out, m);
 }
 
@@ -454,25 +615,9 @@ double MLPJacobians::log10_frobenius(int l) const {
   return std::log10(mx) + 0.5 * std::log10(ss);
 }
 
-void MLPJacobians::apply_householder(int l, const Reflectors& q, int k, double* out,
-                                     std::size_t ldo) const {
-  const int n = dim(l), m = dim(l - 1);
-  const double* W = layers_.weight(l);
-  const double* d = derivative(l);
-  if (q.k == 0) {  // Q = [I_k; 0]: the first k columns of W
-    transpose_scaled(W, sz(m), d, n, k, out, ldo);
-    return;
-  }
-  // Row i of W Q is (H_{q.k-1} ... H_0 W[i, :]^T)^T restricted to its first k entries: the
-  // reflectors go to W's rows (copied to padded, aligned rows) and Q is never formed.
-  const std::size_t mp = padded(m);
-  double* X = aligned_in(scratch_, sz(n) * mp);
-  for (int i = 0; i < n; ++i) {
-    std::copy(W + sz(i) * sz(m), W + sz(i + 1) * sz(m), X + sz(i) * mp);
-    std::fill(X + sz(i) * mp + sz(m), X + sz(i + 1) * mp, 0.0);
-  }
-  apply_reflectors(q.v, q.ldv, q.tau, 0, q.k, static_cast<int>(mp), X, mp, n);
-  transpose_scaled(X, mp, d, n, k, out, ldo);
+const double* MLPJacobians::row_form(int l, const double** d, std::vector<double>&) const {
+  *d = derivative(l);
+  return layers_.weight(l);
 }
 
 // ---- norms ---------------------------------------------------------------------------------
@@ -526,31 +671,51 @@ void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt,
 }  // namespace
 
 void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNorms* out,
-                    Canceller* cancel) {
+                    Canceller* cancel, int threads) {
   const int L = chain.length();
-  std::vector<double> J, s;
-  for (int l = 1; l <= L; ++l) {
-    LayerNorms& r = out[l - 1];
-    r = LayerNorms{};
-    r.log10_frobenius = chain.log10_frobenius(l);
-    r.log10_spectral = std::numeric_limits<double>::quiet_NaN();
-    if (opt.spectral) {
-      const int n = chain.dim(l), m = chain.dim(l - 1);
-      if (std::max(n, m) <= opt.exact_max_dim) {
-        J.resize(sz(n) * sz(m));
-        s.resize(sz(std::min(n, m)));
-        chain.dense(l, J.data());
-        const int info = blas::singular_values(n, m, J.data(), m, s.data());
-        if (info != 0)
-          throw std::runtime_error("LAPACK gesdd failed (info " + std::to_string(info) + ") at " +
-                                   layer_msg(l, L));
-        r.log10_spectral = s[0] > 0.0 ? std::log10(s[0]) : kNegInf;
-      } else {
-        power_iteration(chain, l, opt, r);
+  std::exception_ptr error;
+  std::atomic<bool> stop{false};
+  // Layers are independent: with threads > 1 they are shared out (thread 0 polls).
+#pragma omp parallel num_threads(threads) if (threads > 1 && L > 1)
+  {
+    std::vector<double> J, s;
+#ifdef _OPENMP
+    const bool polls = omp_get_thread_num() == 0;
+#else
+    const bool polls = true;
+#endif
+#pragma omp for schedule(dynamic, 1)
+    for (int l = 1; l <= L; ++l) {
+      if (stop.load(std::memory_order_relaxed)) continue;
+      try {
+        LayerNorms& r = out[l - 1];
+        r = LayerNorms{};
+        r.log10_frobenius = chain.log10_frobenius(l);
+        r.log10_spectral = std::numeric_limits<double>::quiet_NaN();
+        if (opt.spectral) {
+          const int n = chain.dim(l), m = chain.dim(l - 1);
+          if (std::max(n, m) <= opt.exact_max_dim) {
+            J.resize(sz(n) * sz(m));
+            s.resize(sz(std::min(n, m)));
+            chain.dense(l, J.data());
+            const int info = blas::singular_values(n, m, J.data(), m, s.data());
+            if (info != 0)
+              throw std::runtime_error("LAPACK gesdd failed (info " + std::to_string(info) +
+                                       ") at " + layer_msg(l, L));
+            r.log10_spectral = s[0] > 0.0 ? std::log10(s[0]) : kNegInf;
+          } else {
+            power_iteration(chain, l, opt, r);
+          }
+        }
+        if (cancel && polls) cancel->poll();
+      } catch (...) {
+#pragma omp critical(gradchain_norms_error)
+        if (!error) error = std::current_exception();
+        stop.store(true);
       }
     }
-    if (cancel) cancel->poll();
   }
+  if (error) std::rethrow_exception(error);
 }
 
 // ---- QR spectrum ---------------------------------------------------------------------------
@@ -577,90 +742,328 @@ std::vector<int> spectrum_depths(int length, int interval) {
   return out;
 }
 
-void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double* S,
-                 Canceller* cancel) {
-  const int L = chain.length();
-  std::vector<int> dims(sz(L) + 1);
-  for (int l = 0; l <= L; ++l) dims[sz(l)] = chain.dim(l);
-  opt.validate(dims);
-  const int k = opt.k;
-  const std::size_t ld = padded(*std::max_element(dims.begin(), dims.end()));
-  // a: the k vectors of the current layer; v: reflectors of the last QR (vp: of the start
-  // frame); compact: a without padding, for apply() between re-orthonormalisations.
-  std::vector<double> abuf, bbuf, vbuf, v0buf, compact, compact2;
-  double* a = aligned_in(abuf, sz(k) * ld);
-  double* b = aligned_in(bbuf, sz(k) * ld);
-  double* v = aligned_in(vbuf, sz(k) * ld);
-  std::vector<double> tau(sz(k)), tau0(sz(k)), logabs(sz(k)), acc(sz(k), 0.0);
-  std::vector<std::int64_t> colexp(sz(k), 0);
+namespace {
 
-  Reflectors q;  // the current frame; q.k = 0: the first k columns of the identity
-  q.m = dims[0];
-  if (opt.start == SpectrumStart::random) {
-    const std::size_t ld0 = padded(dims[0]);
-    double* g = aligned_in(compact, sz(k) * ld0);
-    double* v0 = aligned_in(v0buf, sz(k) * ld0);
-    for (int c = 0; c < k; ++c)
-      fill_normal(Philox(opt.seed), static_cast<std::uint64_t>(c), g + sz(c) * ld0,
-                  static_cast<std::uint64_t>(dims[0]));
-    householder_qr(g, ld0, dims[0], k, v0, ld0, tau0.data(), logabs.data());
-    q = Reflectors{v0, ld0, tau0.data(), dims[0], k};
-  }
-  bool explicit_frame = false;  // a holds J_l ... J_{l'} Q_{l'-1}, not re-orthonormalised
-  std::size_t row = 0;
-  for (int l = 1; l <= L; ++l) {
-    const int n = dims[sz(l)], m = dims[sz(l) - 1];
-    if (explicit_frame) {
-      compact.resize(sz(k) * sz(m));
-      compact2.resize(sz(k) * sz(n));
-      for (int c = 0; c < k; ++c)
-        std::copy(a + sz(c) * ld, a + sz(c) * ld + sz(m), compact.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(m)));
-      chain.apply(l, compact.data(), k, compact2.data());
-      for (int c = 0; c < k; ++c) {
-        std::copy(compact2.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(n)),
-                  compact2.begin() + static_cast<std::ptrdiff_t>(sz(c + 1) * sz(n)), a + sz(c) * ld);
-        std::fill(a + sz(c) * ld + sz(n), a + sz(c + 1) * ld, 0.0);
-      }
-    } else {
-      chain.apply_householder(l, q, k, b, ld);
-      std::swap(a, b);
+// One example's QR spectrum: buffers and the steps of a layer.
+class QRRun {
+ public:
+  QRRun(const JacobianChain& chain, const SpectrumOptions& opt, double* S)
+      : chain_(chain), opt_(opt), S_(S), L_(chain.length()), k_(opt.k) {
+    dims_.resize(sz(L_) + 1);
+    for (int l = 0; l <= L_; ++l) dims_[sz(l)] = chain.dim(l);
+    opt.validate(dims_);
+    ld_ = padded(*std::max_element(dims_.begin(), dims_.end()));
+    const std::size_t nt = sz((k_ + kBlock - 1) / kBlock) * kBlock * kBlock;
+    a_ = aligned_in(abuf_, sz(k_) * ld_);
+    next_ = aligned_in(nextbuf_, sz(k_) * ld_);
+    rows_ = aligned_in(rowbuf_, ld_ * ld_);
+    v_ = aligned_in(vbuf_, sz(k_) * ld_);
+    tau_.resize(sz(k_));
+    t_.resize(nt);
+    logabs_.resize(sz(k_));
+    acc_.assign(sz(k_), 0.0);
+    colexp_.assign(sz(k_), 0);
+    frame_.m = dims_[0];
+    if (opt.start == SpectrumStart::random) {
+      const std::size_t ld0 = padded(dims_[0]);
+      double* g = aligned_in(compact_, sz(k_) * ld0);
+      double* v0 = aligned_in(v0buf_, sz(k_) * ld0);
+      tau0_.resize(sz(k_));
+      t0_.resize(nt);
+      for (int c = 0; c < k_; ++c)
+        fill_normal(Philox(opt.seed), static_cast<std::uint64_t>(c), g + sz(c) * ld0,
+                    static_cast<std::uint64_t>(dims_[0]));
+      householder_qr(g, ld0, dims_[0], k_, v0, ld0, tau0_.data(), t0_.data(), logabs_.data());
+      frame_ = Frame{v0, ld0, tau0_.data(), t0_.data(), dims_[0], k_};
     }
-    if (l % opt.interval == 0 || l == L) {
-      householder_qr(a, ld, n, k, v, ld, tau.data(), logabs.data());
-      for (int c = 0; c < k; ++c) {
-        const double g = logabs[sz(c)];
-        if (std::isnan(g) || g == std::numeric_limits<double>::infinity())
-          throw NonFiniteError("jacobian", l,
-                               "the product of Jacobians became non-finite at " + layer_msg(l, L) +
-                                   (opt.interval > 1 ? "; lower interval" : ""));
-        acc[sz(c)] += g + double(colexp[sz(c)]) * kLn2;
-        colexp[sz(c)] = 0;
+  }
+
+  // Layers from..L, one thread; with `built`, a_ already holds layer from's vectors.
+  void run_sequential(Canceller* cancel, int from = 1, bool built = false) {
+    bool explicit_frame = false;  // a holds J_l ... J_{l'} Q_{l'-1}, not re-orthonormalised
+    for (int l = from; l <= L_; ++l) {
+      if (built && l == from) {
+        // vectors of this layer were made by run_pipelined
+      } else if (explicit_frame) {
+        multiply(l);
+      } else {
+        rotate(l, row_form(l, 0), 0, dims_[sz(l)], a_);
       }
-      std::copy(acc.begin(), acc.end(), S + row * sz(k));
-      ++row;
-      q = Reflectors{v, ld, tau.data(), n, k};
-      explicit_frame = false;
-    } else {
-      // Between factorisations each vector is renormalised by a power of two: scaling a
-      // column of M Q_0 scales R_cc alone (QR of A D is Q (R D)), exactly.
-      for (int c = 0; c < k; ++c) {
-        double* col = a + sz(c) * ld;
-        double mx = 0.0;
-        for (int i = 0; i < n; ++i) mx = std::max(mx, std::fabs(col[i]));
-        if (!std::isfinite(mx))
-          throw NonFiniteError("jacobian", l,
-                               "the product of Jacobians became non-finite at " + layer_msg(l, L) +
-                                   "; lower interval");
-        if (mx > 0.0) {
-          const int e = std::ilogb(mx);
-          for (int i = 0; i < n; ++i) col[i] = std::ldexp(col[i], -e);
-          colexp[sz(c)] += e;
+      if (l % opt_.interval == 0 || l == L_) {
+        factor(l, a_, nullptr, 0);
+        explicit_frame = false;
+      } else {
+        renormalise(l);
+        explicit_frame = true;
+      }
+      if (cancel) cancel->poll();
+    }
+  }
+
+  // Two threads, re-orthonormalising at every layer: while thread 0 factors layer l,
+  // thread 1 applies each finished block of its reflectors to most rows of B_{l+1}; thread 0
+  // then does the remaining rows, and they meet. The split starts from the flop counts
+  // and follows the measured finishing times (the factorisation runs at a lower
+  // rate than the row updates, and other processes may take either core for a while).
+  // When meeting keeps costing more than the work (another process holding one of the
+  // cores makes each meeting wait for a time slice), the rest runs on one thread.
+  void run_pipelined(Canceller* cancel) {
+#ifdef _OPENMP
+    double* bufs[2] = {a_, next_};
+    rotate(1, row_form(1, 0), 0, dims_[1], bufs[1]);
+    // Reflectors finished so far, counted over all layers: layer l's j-th is (l-1) k + j.
+    std::atomic<long long> published{0};
+    std::atomic<bool> abort{false};
+    std::exception_ptr error;
+    RowForm next, upcoming;        // B_{l+1} and B_{l+2} during layer l
+    int split = 0, stop_at = 0;    // stop_at: first layer left to run_sequential (0: none)
+    double busy[2] = {0.0, 0.0};   // each thread's time from the layer's start to the barrier
+    double row_time = 0.0;
+    unsigned slow = 0;             // one bit per layer, the last layer lowest
+    Clock::time_point start = Clock::now();
+    if (L_ >= 2) {
+      next = row_form(2, 0);
+      split = next_split(1, -1, busy, row_time);
+    }
+#pragma omp parallel num_threads(2)
+    {
+      const int me = omp_get_thread_num();
+      for (int l = 1; l <= L_; ++l) {
+        if (abort.load() || stop_at > 0) break;
+        double* cur = bufs[l % 2];
+        double* nxt = bufs[(l + 1) % 2];
+        const int n1 = l < L_ ? dims_[sz(l) + 1] : 0;
+        const long long base = static_cast<long long>(l - 1) * k_;
+        try {
+          if (me == 0) {
+            try {
+              factor(l, cur, &published, base);
+            } catch (...) {
+              published.store(base + k_, std::memory_order_release);  // releases thread 1
+              throw;
+            }
+            if (l < L_) {
+              const Clock::time_point t = Clock::now();
+              rotate(l + 1, next, 0, split, nxt);
+              if (split > 0) row_time = seconds(t, Clock::now()) / split;
+            }
+            // The layer after next (its forward step, for MLPJacobians): counted in
+            // thread 0's time, so that the split makes room for it.
+            if (l + 1 < L_) upcoming = row_form(l + 2, l % 2);
+            if (cancel) cancel->poll();
+          } else if (l < L_ && split < n1) {
+            const int m = dims_[sz(l)];
+            const std::size_t mp = padded(m);
+            load_rows(next, m, split, n1);
+            const Frame f{v_, ld_, tau_.data(), t_.data(), m, k_};
+            for (int j = 0; j < k_ && !abort.load(std::memory_order_relaxed);) {
+              long long r;
+              for (int spins = 0; (r = published.load(std::memory_order_acquire)) <= base + j; ++spins)
+                spin(spins);
+              const int j1 = static_cast<int>(r - base);
+              apply_frame(f, j, j1, rows_ + sz(split) * mp, mp, n1 - split);
+              j = j1;
+            }
+            transpose_rows(rows_, mp, next.d, split, n1, k_, nxt, ld_);
+          }
+        } catch (...) {
+#pragma omp critical(gradchain_qr_error)
+          if (!error) error = std::current_exception();
+          abort.store(true);
         }
+        busy[me] = seconds(start, Clock::now());
+#pragma omp barrier
+#pragma omp master
+        {
+          // A layer is slow when meeting took more than half its time; most of the last
+          // 16 being slow means a core is taken (one slow layer is a passing hiccup).
+          const Clock::time_point now = Clock::now();
+          const double w = seconds(start, now);
+          slow = (slow << 1) | (w - std::max(busy[0], busy[1]) > 0.5 * w ? 1u : 0u);
+          int recent = 0;
+          for (unsigned bits = slow & 0xffffu; bits; bits &= bits - 1) ++recent;
+          if (row_time <= 0.0 && l < L_ && dims_[sz(l) + 1] > split)
+            row_time = busy[1] / (dims_[sz(l) + 1] - split);  // thread 1's, waits included
+          if (l >= 16 && l < L_ && recent > 8) stop_at = l + 1;
+          if (l + 1 < L_) {
+            next = upcoming;
+            split = next_split(l + 1, split, busy, row_time);
+          }
+          start = Clock::now();
+        }
+#pragma omp barrier
       }
-      explicit_frame = true;
     }
-    if (cancel) cancel->poll();
+    if (error) std::rethrow_exception(error);
+    if (stop_at > 0) {
+      a_ = bufs[stop_at % 2];  // holds layer stop_at's vectors
+      next_ = bufs[(stop_at + 1) % 2];
+      run_sequential(cancel, stop_at, true);
+    }
+#else
+    run_sequential(cancel);
+#endif
   }
+
+ private:
+  struct RowForm {
+    const double* B = nullptr;
+    const double* d = nullptr;
+  };
+
+  RowForm row_form(int l, int which) {
+    RowForm r;
+    r.B = chain_.row_form(l, &r.d, storage_[which]);
+    return r;
+  }
+
+  // Busy-waits a few microseconds, then gives the core away (another process may hold
+  // the core that thread 0 needs).
+  static void spin(int spins) {
+    if (spins > 2000) {
+      std::this_thread::yield();
+      return;
+    }
+#ifdef GC_HH_AVX2
+    _mm_pause();
+#endif
+  }
+
+  using Clock = std::chrono::steady_clock;
+  static double seconds(Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+  }
+
+  // Rows of B_{l+1} that thread 0 takes after factoring layer l. First (or when the shapes
+  // change) from the multiply-adds, (n' w - W_qr) / (2 w) with w per row; then moved by
+  // half the gap between the two threads' finishing times of the last layer, in rows.
+  int next_split(int l, int last, const double* done, double row_time) const {
+    const double n = dims_[sz(l)], n1 = dims_[sz(l) + 1], k = k_;
+    const bool same_shape = l >= 2 && dims_[sz(l) - 1] == dims_[sz(l)] && dims_[sz(l) + 1] == dims_[sz(l)];
+    double r;
+    if (last >= 0 && same_shape && row_time > 0.0) {
+      const double step = std::clamp((done[1] - done[0]) / (2.0 * row_time), -4.0, 4.0);
+      r = last + std::round(step);
+    } else {
+      const double wqr = 2.0 * n * k * k - 2.0 / 3.0 * k * k * k;
+      const double wrow = 4.0 * k * n - 2.0 * k * k;
+      r = std::round((n1 * wrow - wqr) / (2.0 * wrow));
+    }
+    return static_cast<int>(std::clamp(r, 0.0, n1));
+  }
+
+  // Rows [i0, i1) of B (m columns) into rows_, padded.
+  void load_rows(const RowForm& rf, int m, int i0, int i1) {
+    const std::size_t mp = padded(m);
+    for (int i = i0; i < i1; ++i) {
+      std::copy(rf.B + sz(i) * sz(m), rf.B + sz(i + 1) * sz(m), rows_ + sz(i) * mp);
+      std::fill(rows_ + sz(i) * mp + sz(m), rows_ + sz(i + 1) * mp, 0.0);
+    }
+  }
+
+  // Rows [i0, i1) of J_l Q_{l-1} into out (as entries i0..i1 of its k vectors): row i of
+  // B Q is (H_{k-1} ... H_0 B[i, :]^T)^T, of which the first k entries are wanted.
+  void rotate(int l, const RowForm& rf, int i0, int i1, double* out) {
+    const int n = dims_[sz(l)], m = dims_[sz(l) - 1];
+    if (frame_.k == 0) {
+      transpose_rows(rf.B, sz(m), rf.d, i0, i1, k_, out, ld_);
+    } else {
+      load_rows(rf, m, i0, i1);
+      const std::size_t mp = padded(m);
+      apply_frame(frame_, 0, k_, rows_ + sz(i0) * mp, mp, i1 - i0);
+      transpose_rows(rows_, mp, rf.d, i0, i1, k_, out, ld_);
+    }
+    if (i1 == n || i0 == 0) zero_padding(out, ld_, n, k_);
+  }
+
+  // a <- J_l a through apply(), between re-orthonormalisations.
+  void multiply(int l) {
+    const int n = dims_[sz(l)], m = dims_[sz(l) - 1];
+    compact_.resize(sz(k_) * sz(m));
+    compact2_.resize(sz(k_) * sz(n));
+    for (int c = 0; c < k_; ++c)
+      std::copy(a_ + sz(c) * ld_, a_ + sz(c) * ld_ + sz(m),
+                compact_.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(m)));
+    chain_.apply(l, compact_.data(), k_, compact2_.data());
+    for (int c = 0; c < k_; ++c)
+      std::copy(compact2_.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(n)),
+                compact2_.begin() + static_cast<std::ptrdiff_t>(sz(c + 1) * sz(n)), a_ + sz(c) * ld_);
+    zero_padding(a_, ld_, n, k_);
+  }
+
+  // Each vector is renormalised by a power of two: scaling a column of M Q_0 scales R_cc
+  // alone (the QR factorisation of A D is Q (R D)), exactly.
+  void renormalise(int l) {
+    const int n = dims_[sz(l)];
+    for (int c = 0; c < k_; ++c) {
+      double* col = a_ + sz(c) * ld_;
+      double mx = 0.0;
+      for (int i = 0; i < n; ++i) mx = std::max(mx, std::fabs(col[i]));
+      if (!std::isfinite(mx))
+        throw NonFiniteError("jacobian", l,
+                             "the product of Jacobians became non-finite at " + layer_msg(l, L_) +
+                                 "; lower interval");
+      if (mx > 0.0) {
+        const int e = std::ilogb(mx);
+        for (int i = 0; i < n; ++i) col[i] = std::ldexp(col[i], -e);
+        colexp_[sz(c)] += e;
+      }
+    }
+  }
+
+  // QR of the k vectors in a; the log|R_ii| go to the running sums and S's next row.
+  void factor(int l, double* a, std::atomic<long long>* published, long long base) {
+    const int n = dims_[sz(l)];
+    householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published,
+                   base);
+    for (int c = 0; c < k_; ++c) {
+      const double g = logabs_[sz(c)];
+      if (std::isnan(g) || g == std::numeric_limits<double>::infinity())
+        throw NonFiniteError("jacobian", l,
+                             "the product of Jacobians became non-finite at " + layer_msg(l, L_) +
+                                 (opt_.interval > 1 ? "; lower interval" : ""));
+      acc_[sz(c)] += g + double(colexp_[sz(c)]) * kLn2;
+      colexp_[sz(c)] = 0;
+    }
+    std::copy(acc_.begin(), acc_.end(), S_ + row_ * sz(k_));
+    ++row_;
+    frame_ = Frame{v_, ld_, tau_.data(), t_.data(), n, k_};
+  }
+
+  const JacobianChain& chain_;
+  const SpectrumOptions& opt_;
+  double* S_;
+  int L_, k_;
+  std::vector<int> dims_;
+  std::size_t ld_ = 0, row_ = 0;
+  // a: the k vectors of the current layer (next: of the following one, pipelined); rows:
+  // B_l's rows with reflectors applied; v, tau, t: the last factorisation (v0...: the
+  // random start's).
+  std::vector<double> abuf_, nextbuf_, rowbuf_, vbuf_, v0buf_, compact_, compact2_;
+  std::vector<double> storage_[2];
+  double *a_ = nullptr, *next_ = nullptr, *rows_ = nullptr, *v_ = nullptr;
+  std::vector<double> tau_, t_, tau0_, t0_, logabs_, acc_;
+  std::vector<std::int64_t> colexp_;
+  Frame frame_;
+};
+
+}  // namespace
+
+void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double* S,
+                 Canceller* cancel, int threads) {
+  QRRun run(chain, opt, S);
+  // Two threads meet twice per layer; below about a million flops per layer (some 40 us)
+  // that costs more than it saves, and far more when other processes take the cores.
+  const int L = chain.length();
+  double flops = 0.0;
+  for (int l = 1; l <= L; ++l) {
+    const double n = chain.dim(l), m = chain.dim(l - 1), k = opt.k;
+    flops += 4.0 * n * m * k + 2.0 * n * k * k;
+  }
+  if (threads >= 2 && opt.interval == 1 && L >= 2 && flops >= kPipelineFlops * L)
+    run.run_pipelined(cancel);
+  else
+    run.run_sequential(cancel);
 }
 
 // ---- batches -------------------------------------------------------------------------------
@@ -712,17 +1115,19 @@ BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int bat
   const int L = chain.depth();
   const std::size_t cells = sz(batch) * sz(L);
   check_memory(double(cells) * 21.0, "the per-layer Jacobian norms");
-  const MLPLayers layers(chain);
+  const MLPLayers layers(chain, true);
   BatchNorms out;
   out.log10_frobenius.resize(cells);
   out.log10_spectral.resize(cells);
   out.iterations.resize(cells);
   out.converged.resize(cells);
   const int n0 = chain.widths()[0];
+  // A batch smaller than the thread count shares out each example's layers instead.
+  const int per_example = batch < max_threads() ? max_threads() : 1;
   for_each_example(batch, cancel, [&](int e, Canceller* c) {
     const MLPJacobians jac(layers, x + sz(e) * sz(n0));
     std::vector<LayerNorms> r(sz(L));
-    jacobian_norms(jac, opt, r.data(), c);
+    jacobian_norms(jac, opt, r.data(), c, per_example);
     for (int l = 0; l < L; ++l) {
       const std::size_t i = sz(e) * sz(L) + sz(l);
       out.log10_frobenius[i] = r[sz(l)].log10_frobenius;
@@ -743,11 +1148,18 @@ std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, i
   const std::size_t nd = spectrum_depths(L, opt.interval).size();
   const std::size_t per = nd * sz(opt.k);
   check_memory(double(sz(batch) * per) * sizeof(double), "the QR spectrum");
-  const MLPLayers layers(chain);
+  const MLPLayers layers(chain, false);
   std::vector<double> S(sz(batch) * per);
   const int n0 = chain.widths()[0];
+  if (batch == 1 && max_threads() >= 2) {
+    // One example: its two threads share each layer (run_pipelined).
+    BlasThreads one(1);
+    const MLPJacobians jac(layers, x, true);
+    qr_spectrum(jac, opt, S.data(), &cancel, 2);
+    return S;
+  }
   for_each_example(batch, cancel, [&](int e, Canceller* c) {
-    const MLPJacobians jac(layers, x + sz(e) * sz(n0));
+    const MLPJacobians jac(layers, x + sz(e) * sz(n0), true);
     qr_spectrum(jac, opt, S.data() + sz(e) * per, c);
   });
   return S;

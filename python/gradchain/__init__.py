@@ -19,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from . import tasks, theory
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from .errors import NonFiniteError
+from .jacobian import JacobianNorms, JacobianSpectrum, jacobian_norms, jacobian_spectrum
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP
 from .report import BackwardReport, RecurrentReport
 from .rnn import CELLS, RNN, RNN_INITS, RNN_LOSSES, TRUNCATE_MODES
@@ -31,6 +32,8 @@ except PackageNotFoundError:  # pragma: no cover
 __all__ = [
     "ACTIVATIONS",
     "CELLS",
+    "JacobianNorms",
+    "JacobianSpectrum",
     "INITS",
     "LOSSES",
     "MLP",
@@ -46,6 +49,8 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
+    "jacobian_norms",
+    "jacobian_spectrum",
     "tasks",
     "theory",
 ]

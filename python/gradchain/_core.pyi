@@ -127,3 +127,15 @@ class _RecurrentChain:
 
 class RecurrentChain64(_RecurrentChain): ...
 class RecurrentChain32(_RecurrentChain): ...
+
+def jacobian_norms(
+    chain: _MLPChain,
+    x: npt.NDArray[Any],
+    spectral: bool,
+    tol: float,
+    max_iter: int,
+    exact_max_dim: int,
+) -> dict[str, npt.NDArray[Any]]: ...
+def jacobian_spectrum(
+    chain: _MLPChain, x: npt.NDArray[Any], k: int, interval: int, start: str, seed: int
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...

@@ -15,21 +15,6 @@ namespace gradchain {
 template <class T>
 class MLPChain;
 
-// Householder reflectors H_j = I - tau_j v_j v_j^T, j = 0..k-1, on R^m, each stored in
-// full: v[j * ldv + r], r < ldv, is 0 for r < j, 1 at r = j, and 0 for r >= m (ldv >= m
-// is a multiple of 4, so that kernels run over whole vectors with no head or tail).
-// Q = H_0 H_1 ... H_{k-1} [I_k; 0] is m x k.
-struct Reflectors {
-  const double* v = nullptr;
-  std::size_t ldv = 0;
-  const double* tau = nullptr;
-  int m = 0;
-  int k = 0;  // 0: Q is the first columns of the identity
-};
-
-// ldv for vectors of length m.
-inline std::size_t padded(int m) { return (static_cast<std::size_t>(m) + 3) & ~std::size_t{3}; }
-
 // The Jacobians of a chain of length() steps for one input. Blocks of k vectors are stored
 // one vector after another (k x dim row-major): the layout in which the Householder kernels
 // and the scaling by phi' run along contiguous memory.
@@ -47,19 +32,19 @@ class JacobianChain {
   virtual void dense(int l, double* J) const;
   // log10 ||J_l||_F (-inf when J_l = 0). Default: from dense().
   virtual double log10_frobenius(int l) const;
-  // The k columns of J_l Q, Q = H_0 ... H_{q.k-1} [I_k; 0] on R^dim(l-1), as vectors
-  // out + c * ldo (ldo >= padded(dim(l))), zero from dim(l) to ldo. Default: forms Q and
-  // calls apply().
-  virtual void apply_householder(int l, const Reflectors& q, int k, double* out,
-                                 std::size_t ldo) const;
+  // J_l = diag(d) B with B dim(l) x dim(l-1) row-major: returns B and sets d (nullptr for
+  // d = 1). The QR spectrum applies its reflectors to B's rows, so that the orthonormal
+  // frame is never formed. Default: B = dense(l) in `storage`, d = nullptr.
+  virtual const double* row_form(int l, const double** d, std::vector<double>& storage) const;
 };
 
 // An MLPChain's weights in double (a copy for float chains), and what every example's
-// Jacobians share: the Euclidean norm of every row of every W_l.
+// Jacobians share: the Euclidean norm of every row of every W_l (with row_norms; they are
+// what log10_frobenius() needs).
 class MLPLayers {
  public:
   template <class T>
-  explicit MLPLayers(const MLPChain<T>& chain);
+  MLPLayers(const MLPChain<T>& chain, bool row_norms);
 
   int depth() const { return static_cast<int>(widths_.size()) - 1; }
   const std::vector<int>& widths() const { return widths_; }
@@ -79,14 +64,17 @@ class MLPLayers {
   std::vector<std::size_t> roff_;
 };
 
-// J_l = diag(phi'(z_l)) W_l for one example. The forward pass runs in the constructor, in
-// double; only phi'(z_l) is kept. With a positively homogeneous activation and zero biases
-// h_l is renormalised by a power of two every layer (phi' depends on the sign of z only),
-// so that pass never overflows; otherwise a NaN or inf in z_l or h_l throws NonFiniteError.
-// Not safe for concurrent calls on one object (scratch memory).
+// J_l = diag(phi'(z_l)) W_l for one example. The forward pass runs in double and keeps only
+// phi'(z_l). With a positively homogeneous activation and zero biases h_l is renormalised
+// by a power of two every layer (phi' depends on the sign of z only), so that pass never
+// overflows; otherwise a NaN or inf in z_l or h_l throws NonFiniteError.
+// Eager: the whole pass runs in the constructor, and const methods are safe to call from
+// several threads. Lazy: layers are computed when first asked for, in order, right before
+// their weights are used again (a chain larger than the caches is read from memory once);
+// then only one thread may call in at a time.
 class MLPJacobians final : public JacobianChain {
  public:
-  MLPJacobians(const MLPLayers& layers, const double* x);
+  MLPJacobians(const MLPLayers& layers, const double* x, bool lazy = false);
 
   int length() const override { return layers_.depth(); }
   int dim(int l) const override { return layers_.widths()[static_cast<std::size_t>(l)]; }
@@ -94,17 +82,21 @@ class MLPJacobians final : public JacobianChain {
   void apply_transpose(int l, const double* u, int k, double* out) const override;
   void dense(int l, double* J) const override;
   double log10_frobenius(int l) const override;
-  void apply_householder(int l, const Reflectors& q, int k, double* out,
-                         std::size_t ldo) const override;
+  const double* row_form(int l, const double** d, std::vector<double>& storage) const override;
 
   // phi'(z_l), dim(l) entries.
-  const double* derivative(int l) const { return d_.data() + off_[static_cast<std::size_t>(l)]; }
+  const double* derivative(int l) const {
+    if (l > done_) forward_to(l);
+    return d_.data() + off_[static_cast<std::size_t>(l)];
+  }
 
  private:
+  void forward_to(int l) const;
+
   const MLPLayers& layers_;
-  std::vector<double> d_;
+  mutable std::vector<double> d_, h_, z_, hn_;
   std::vector<std::size_t> off_;
-  mutable std::vector<double> scratch_;
+  mutable int done_ = 0;  // layers whose phi' is in d_
 };
 
 // ---- per-layer norms ------------------------------------------------------------------
@@ -124,9 +116,10 @@ struct LayerNorms {
   bool converged = true;
 };
 
-// Norms of every J_l, l = 1..length(); out has length() entries.
+// Norms of every J_l, l = 1..length(); out has length() entries. With threads > 1 the
+// layers are shared out (the chain's const methods must then be thread-safe).
 void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNorms* out,
-                    Canceller* cancel = nullptr);
+                    Canceller* cancel = nullptr, int threads = 1);
 
 // ---- QR spectrum of the cumulative product ---------------------------------------------
 
@@ -148,9 +141,11 @@ std::vector<int> spectrum_depths(int length, int interval);
 // factorisation M_l Q_0 = Q R of the product M_l = J_l ... J_1 applied to the start frame
 // Q_0 (the first k columns of the identity, or a seeded random orthonormal frame), computed
 // as sums of log|R_ii| of one Householder QR per re-orthonormalisation, so no product is
-// ever formed. Written to S (n_depths x k row-major); -inf where R_ii = 0.
+// ever formed. Written to S (n_depths x k row-major); -inf where R_ii = 0. With threads >= 2,
+// interval 1 and layers of about 10^6 flops or more, two threads share every layer (the
+// chain's row_form() is then called from one thread at a time, in order of l).
 void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double* S,
-                 Canceller* cancel = nullptr);
+                 Canceller* cancel = nullptr, int threads = 1);
 
 // ---- batches through an MLPChain (x: batch x widths[0], float64) -----------------------
 
