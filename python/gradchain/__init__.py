@@ -32,8 +32,6 @@ except PackageNotFoundError:  # pragma: no cover
 __all__ = [
     "ACTIVATIONS",
     "CELLS",
-    "JacobianNorms",
-    "JacobianSpectrum",
     "INITS",
     "LOSSES",
     "MLP",
@@ -42,6 +40,8 @@ __all__ = [
     "RNN_LOSSES",
     "TRUNCATE_MODES",
     "BackwardReport",
+    "JacobianNorms",
+    "JacobianSpectrum",
     "NonFiniteError",
     "RecurrentReport",
     "__version__",
