@@ -20,15 +20,8 @@ py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss,
   req.keep_weight_grads = req.keep_bias_grads = req.keep_activation_grads = keep_grads;
   req.max_norm = max_norm;
   req.norm_type = norm_type;
-  CArray<T> tgt;
-  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> labels;
-  if (req.loss == LossKind::cross_entropy) {
-    labels = target.cast<decltype(labels)>();
-    req.target = labels.data();
-  } else if (req.loss != LossKind::probe) {
-    tgt = target.cast<CArray<T>>();
-    req.target = tgt.data();
-  }
+  TargetArrays<T> tgt;
+  req.target = target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
   const T* xp = x.data();
   // Everything the core reads is now a C++ pointer into arrays this frame keeps alive,
   // so the GIL can go.

@@ -52,17 +52,11 @@ py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::objec
   req.max_norm = max_norm;
   req.norm_type = norm_type;
   req.keep_grads = keep_grads;
-  CArray<T> h0a, c0a, tgt;
-  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> labels;
+  CArray<T> h0a, c0a;
+  TargetArrays<T> tgt;
   req.h0 = state_ptr(h0, s, batch, h0a, "h0");
   req.c0 = state_ptr(c0, s, batch, c0a, "c0");
-  if (req.loss == LossKind::cross_entropy) {
-    labels = target.cast<decltype(labels)>();
-    req.target = labels.data();
-  } else if (req.loss != LossKind::probe) {
-    tgt = target.cast<CArray<T>>();
-    req.target = tgt.data();
-  }
+  req.target = target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
   const T* xp = x.data();
   // Every array the core reads is held by this frame; the GIL can go.
   RecurrentResult<T> r = without_gil([&] {

@@ -38,6 +38,28 @@ template <class T>
 using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
 
+// The loss target as the core reads it: int64 labels for cross-entropy, T values for mse
+// and upstream gradients, nothing for the probe. `keep` holds the converted arrays.
+// (In an unnamed namespace: pybind11's types have hidden visibility, and a struct that
+// holds them must not be more visible than they are.)
+namespace {
+template <class T>
+struct TargetArrays {
+  CArray<T> values;
+  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> labels;
+};
+template <class T>
+const void* target_ptr(bool labels, bool none, py::object target, TargetArrays<T>& keep) {
+  if (none) return nullptr;
+  if (labels) {
+    keep.labels = target.cast<decltype(keep.labels)>();
+    return keep.labels.data();
+  }
+  keep.values = target.cast<CArray<T>>();
+  return keep.values.data();
+}
+}  // namespace
+
 // A Canceller whose hook checks for pending signals (Ctrl-C). Safe to call with the GIL
 // released: the hook takes the GIL for the check only.
 Canceller signal_canceller();

@@ -28,8 +28,35 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+class _TotalNorm:
+    """Float views of the total norm and clipping, shared by the reports."""
+
+    log10_total_norm: float
+    log10_clip_coef: float
+
+    @property
+    def total_norm(self) -> float:
+        """Total norm of all parameter gradients before clipping, as a float."""
+        return float(_pow10(np.float64(self.log10_total_norm)))
+
+    @property
+    def clip_coef(self) -> float:
+        """The factor the gradients were multiplied by (1.0 without clipping)."""
+        return float(_pow10(np.float64(self.log10_clip_coef)))
+
+    @property
+    def log10_clipped_total_norm(self) -> float:
+        """log10 of the total norm after clipping."""
+        return self.log10_total_norm + self.log10_clip_coef
+
+    @property
+    def clipped_total_norm(self) -> float:
+        """Total norm after clipping, as a float."""
+        return float(_pow10(np.float64(self.log10_clipped_total_norm)))
+
+
 @dataclass(frozen=True, eq=False)
-class BackwardReport:
+class BackwardReport(_TotalNorm):
     """Per-layer gradient norms of one backward pass through an :class:`~gradchain.MLP`.
 
     Every norm comes in two forms: the plain float (which is 0 or inf where the true
@@ -120,26 +147,6 @@ class BackwardReport:
         return _pow10(self.log10_activation_grad_norms)
 
     @property
-    def total_norm(self) -> float:
-        """Total norm of all parameter gradients before clipping, as a float."""
-        return float(_pow10(np.float64(self.log10_total_norm)))
-
-    @property
-    def clip_coef(self) -> float:
-        """The factor the gradients were multiplied by (1.0 without clipping)."""
-        return float(_pow10(np.float64(self.log10_clip_coef)))
-
-    @property
-    def log10_clipped_total_norm(self) -> float:
-        """log10 of the total norm after clipping."""
-        return self.log10_total_norm + self.log10_clip_coef
-
-    @property
-    def clipped_total_norm(self) -> float:
-        """Total norm after clipping, as a float."""
-        return float(_pow10(np.float64(self.log10_clipped_total_norm)))
-
-    @property
     def log10_clipped_weight_grad_norms(self) -> np.ndarray:
         """log10 of ||dL/dW_l|| after clipping."""
         return self.log10_weight_grad_norms + self.log10_clip_coef
@@ -197,7 +204,7 @@ class BackwardReport:
 
 
 @dataclass(frozen=True, eq=False)
-class RecurrentReport:
+class RecurrentReport(_TotalNorm):
     """Per-timestep gradient norms of one backward pass through an :class:`~gradchain.RNN`.
 
     As in :class:`BackwardReport`, every norm has a ``log10_`` form that stays finite and
@@ -326,21 +333,6 @@ class RecurrentReport:
     def weight_grad_norms(self) -> dict[str, float]:
         """Every parameter's gradient norm as a float, by ``state_dict`` name."""
         return {k: float(_pow10(np.float64(x))) for k, x in self.log10_weight_grad_norms.items()}
-
-    @property
-    def total_norm(self) -> float:
-        """Total norm of all parameter gradients before clipping, as a float."""
-        return float(_pow10(np.float64(self.log10_total_norm)))
-
-    @property
-    def clip_coef(self) -> float:
-        """The factor the gradients were multiplied by (1.0 without clipping)."""
-        return float(_pow10(np.float64(self.log10_clip_coef)))
-
-    @property
-    def log10_clipped_total_norm(self) -> float:
-        """log10 of the total norm after clipping."""
-        return self.log10_total_norm + self.log10_clip_coef
 
     # -- presentation -----------------------------------------------------------------------
     def to_dict(self, *, grads: bool = False) -> dict[str, Any]:
