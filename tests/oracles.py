@@ -1311,3 +1311,104 @@ def random_rnn_state_dict(
         sd["readout.weight"] = rng.normal(size=(output_size, hidden_size)) / math.sqrt(hidden_size)
         sd["readout.bias"] = rng.normal(size=output_size) * bias_std
     return sd
+
+
+# --------------------------------------------------------------------------------------
+# Recurrent state Jacobians J_t = ds_t / ds_{t-1}, s_t = [h^0_t, (c^0_t,) h^1_t, ...]
+# --------------------------------------------------------------------------------------
+def _cplx_sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def _cplx_step(P, x_t, s):
+    """One time step of the stacked state in complex arithmetic (for the complex step)."""
+    H, lstm = P.hidden, P.cell == "lstm"
+    S = 2 * H if lstm else H
+    out, inp = [], x_t
+    for l, p in enumerate(P.layers):
+        h = s[l * S : l * S + H]
+        gi = p.w_ih @ inp + p.b_ih
+        gh = p.w_hh @ h + p.b_hh
+        if P.cell in ("tanh", "relu"):
+            z = gi + gh
+            hn = np.tanh(z) if P.cell == "tanh" else np.where(z.real > 0, z, 0.0)
+            out.append(hn)
+        elif lstm:
+            a = gi + gh
+            i, f = _cplx_sigmoid(a[:H]), _cplx_sigmoid(a[H : 2 * H])
+            g, o = np.tanh(a[2 * H : 3 * H]), _cplx_sigmoid(a[3 * H :])
+            c = f * s[l * S + H : l * S + 2 * H] + i * g
+            hn = o * np.tanh(c)
+            out += [hn, c]
+        else:
+            r = _cplx_sigmoid(gi[:H] + gh[:H])
+            z = _cplx_sigmoid(gi[H : 2 * H] + gh[H : 2 * H])
+            n = np.tanh(gi[2 * H :] + r * gh[2 * H :])
+            hn = (1.0 - z) * n + z * h
+            out.append(hn)
+        inp = hn
+    return np.concatenate(out)
+
+
+def initial_stacked_state(P, h0, c0, batch):
+    """s_0 per sequence, (batch, n), from (num_layers, batch, hidden) h0 / c0 or zeros."""
+    H, L = P.hidden, P.num_layers
+    h = np.zeros((L, batch, H)) if h0 is None else _np64(h0)
+    parts = [h]
+    if P.cell == "lstm":
+        parts.append(np.zeros((L, batch, H)) if c0 is None else _np64(c0))
+    # (L, parts, batch, H) -> (batch, L, parts, H)
+    return np.stack(parts, axis=1).transpose(2, 0, 1, 3).reshape(batch, -1)
+
+
+def numpy_rnn_state_jacobians(cell, state_dict, x, *, h0=None, c0=None, step=1e-30):
+    """J_t for every sequence and step, (batch, steps, n, n), by complex-step
+    differentiation of a NumPy cell (Squire & Trapp 1998): exact to rounding, with no
+    derivative formula in common with the core's."""
+    P = _rnn_params(cell, state_dict)
+    x = _np64(x)
+    T, B = x.shape[:2]
+    s0 = initial_stacked_state(P, h0, c0, B)
+    n = s0.shape[1]
+    out = np.empty((B, T, n, n))
+    for b in range(B):
+        s = s0[b]
+        for t in range(T):
+            for j in range(n):
+                sc = s.astype(complex)
+                sc[j] += 1j * step
+                out[b, t, :, j] = _cplx_step(P, x[t, b], sc).imag / step
+            s = _cplx_step(P, x[t, b], s.astype(complex)).real
+    return out
+
+
+@_torch_one_thread
+def torch_rnn_state_jacobians(cell, state_dict, x, *, h0=None, c0=None):
+    """J_t for every sequence and step, (batch, steps, n, n), by
+    torch.autograd.functional.jacobian of one step through torch's cells."""
+    import torch
+
+    P = _rnn_params(cell, state_dict)
+    cells = _torch_cells(P)
+    x = _np64(x)
+    T, B = x.shape[:2]
+    H, lstm = P.hidden, P.cell == "lstm"
+    S = 2 * H if lstm else H
+    s0 = initial_stacked_state(P, h0, c0, B)
+
+    def step(s, xt):
+        h = [s[l * S : l * S + H][None] for l in range(P.num_layers)]
+        c = [s[l * S + H : l * S + 2 * H][None] for l in range(P.num_layers)] if lstm else None
+        hn, cn = _torch_step(cells, lstm, xt[None], h, c)
+        parts = [torch.cat([hn[l][0], cn[l][0]]) if lstm else hn[l][0] for l in range(P.num_layers)]
+        return torch.cat(parts)
+
+    out = np.empty((B, T, s0.shape[1], s0.shape[1]))
+    for b in range(B):
+        s = torch.from_numpy(s0[b])
+        for t in range(T):
+            xt = torch.from_numpy(x[t, b])
+            out[b, t] = torch.autograd.functional.jacobian(lambda s_, xt=xt: step(s_, xt), s).numpy()
+            with torch.no_grad():
+                s = step(s, xt)
+    return out

@@ -3,6 +3,7 @@
 
 #include "gradchain/jacobian.hpp"
 #include "gradchain/mlp.hpp"
+#include "gradchain/rnn_jacobian.hpp"
 #include "pybind.hpp"
 
 namespace gradchain::bindings {
@@ -16,24 +17,37 @@ int checked_batch(const CArray<double>& x, int n0) {
   return static_cast<int>(x.shape(0));
 }
 
-template <class T>
-py::dict norms(const MLPChain<T>& net, CArray<double> x, bool spectral, double tol, int max_iter,
-               int exact_max_dim) {
-  const int batch = checked_batch(x, net.widths()[0]);
+// (steps, batch) of a (steps, batch, input_size) sequence batch.
+std::pair<int, int> checked_sequences(const CArray<double>& x, int input_size) {
+  if (x.ndim() != 3 || x.shape(2) != input_size)
+    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(input_size) + ")");
+  constexpr auto most = std::numeric_limits<int>::max();
+  if (x.shape(0) < 1 || x.shape(0) > most || x.shape(1) < 1 || x.shape(1) > most)
+    throw std::invalid_argument("x must hold between 1 and 2**31 - 1 steps and sequences");
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1))};
+}
+
+NormsOptions norms_options(bool spectral, double tol, int max_iter, int exact_max_dim) {
   NormsOptions opt;
   opt.spectral = spectral;
   opt.tol = tol;
   opt.max_iter = max_iter;
   opt.exact_max_dim = exact_max_dim;
   opt.validate();
-  const double* xp = x.data();
-  // The core reads only x's buffer, which this frame keeps alive, and the chain, which the
-  // caller's reference keeps alive.
-  BatchNorms r = without_gil([&] {
-    Canceller cancel = signal_canceller();
-    return mlp_jacobian_norms(net, xp, batch, opt, cancel);
-  });
-  const py::ssize_t L = net.depth();
+  return opt;
+}
+
+SpectrumOptions spectrum_options(int k, int interval, const std::string& start, std::uint64_t seed) {
+  SpectrumOptions opt;
+  opt.k = k;
+  opt.interval = interval;
+  opt.start = SpectrumOptions::parse_start(start);
+  opt.seed = seed;
+  return opt;
+}
+
+py::dict norms_dict(BatchNorms r, int batch, int length) {
+  const py::ssize_t L = length;
   py::dict d;
   d["log10_frobenius"] = to_numpy(std::move(r.log10_frobenius), {batch, L});
   d["log10_spectral"] = to_numpy(std::move(r.log10_spectral), {batch, L});
@@ -44,26 +58,77 @@ py::dict norms(const MLPChain<T>& net, CArray<double> x, bool spectral, double t
   return d;
 }
 
+py::tuple spectrum_tuple(std::vector<double> S, int batch, int length, int k, int interval) {
+  std::vector<int> depths = spectrum_depths(length, interval);
+  const auto nd = static_cast<py::ssize_t>(depths.size());
+  return py::make_tuple(to_numpy(std::move(depths), {nd}), to_numpy(std::move(S), {batch, nd, k}));
+}
+
+// In every function below only C++ values and buffers kept alive by this frame (x, h0, c0)
+// or by the caller's reference (the chain) cross into the core, so the GIL can be released.
+
+template <class T>
+py::dict norms(const MLPChain<T>& net, CArray<double> x, bool spectral, double tol, int max_iter,
+               int exact_max_dim) {
+  const int batch = checked_batch(x, net.widths()[0]);
+  const NormsOptions opt = norms_options(spectral, tol, max_iter, exact_max_dim);
+  const double* xp = x.data();
+  BatchNorms r = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return mlp_jacobian_norms(net, xp, batch, opt, cancel);
+  });
+  return norms_dict(std::move(r), batch, net.depth());
+}
+
 template <class T>
 py::tuple spectrum(const MLPChain<T>& net, CArray<double> x, int k, int interval,
                    const std::string& start, std::uint64_t seed) {
   const int batch = checked_batch(x, net.widths()[0]);
-  SpectrumOptions opt;
-  opt.k = k;
-  opt.interval = interval;
-  opt.start = SpectrumOptions::parse_start(start);
-  opt.seed = seed;
+  const SpectrumOptions opt = spectrum_options(k, interval, start, seed);
   opt.validate(net.widths());
   const double* xp = x.data();
-  // As in norms(): only C++ values and kept-alive buffers cross into the core.
   std::vector<double> S = without_gil([&] {
     Canceller cancel = signal_canceller();
     return mlp_qr_spectrum(net, xp, batch, opt, cancel);
   });
-  std::vector<int> depths = spectrum_depths(net.depth(), interval);
-  const auto nd = static_cast<py::ssize_t>(depths.size());
-  return py::make_tuple(to_numpy(std::move(depths), {nd}),
-                        to_numpy(std::move(S), {batch, nd, k}));
+  return spectrum_tuple(std::move(S), batch, net.depth(), k, interval);
+}
+
+template <class T>
+py::dict rnn_norms(const RecurrentChain<T>& net, CArray<double> x, py::object h0, py::object c0,
+                   bool spectral, double tol, int max_iter, int exact_max_dim) {
+  const RecurrentShape& s = net.shape();
+  const auto [steps, batch] = checked_sequences(x, s.input_size);
+  const NormsOptions opt = norms_options(spectral, tol, max_iter, exact_max_dim);
+  const py::ssize_t state = static_cast<py::ssize_t>(s.num_layers) * batch * s.hidden_size;
+  CArray<double> h0a, c0a;
+  const double* h0p = state_ptr(h0, state, h0a, "h0");
+  const double* c0p = state_ptr(c0, state, c0a, "c0");
+  const double* xp = x.data();
+  BatchNorms r = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return recurrent_jacobian_norms(net, xp, steps, batch, h0p, c0p, opt, cancel);
+  });
+  return norms_dict(std::move(r), batch, steps);
+}
+
+template <class T>
+py::tuple rnn_spectrum(const RecurrentChain<T>& net, CArray<double> x, py::object h0,
+                       py::object c0, int k, int interval, const std::string& start,
+                       std::uint64_t seed) {
+  const RecurrentShape& s = net.shape();
+  const auto [steps, batch] = checked_sequences(x, s.input_size);
+  const SpectrumOptions opt = spectrum_options(k, interval, start, seed);
+  const py::ssize_t state = static_cast<py::ssize_t>(s.num_layers) * batch * s.hidden_size;
+  CArray<double> h0a, c0a;
+  const double* h0p = state_ptr(h0, state, h0a, "h0");
+  const double* c0p = state_ptr(c0, state, c0a, "c0");
+  const double* xp = x.data();
+  std::vector<double> S = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return recurrent_qr_spectrum(net, xp, steps, batch, h0p, c0p, opt, cancel);
+  });
+  return spectrum_tuple(std::move(S), batch, steps, k, interval);
 }
 
 template <class T>
@@ -80,6 +145,19 @@ log10_spectral (NaN unless spectral), iterations (0: exact SVD), converged.)doc"
 
 Returns (depths, S): depths (n_depths,) int32, the layers after which a QR happened;
 S (batch, n_depths, k) float64, natural log.)doc");
+  m.def("jacobian_norms", &rnn_norms<T>, py::arg("chain"), py::arg("x"), py::arg("h0"),
+        py::arg("c0"), py::arg("spectral"), py::arg("tol"), py::arg("max_iter"),
+        py::arg("exact_max_dim"),
+        R"doc(Per-sequence, per-step log10 norms of J_t = ds_t / ds_{t-1} of a recurrent chain.
+
+x is float64 (steps, batch, input_size); h0, c0 float64 (num_layers, batch, hidden_size) or
+None. The state s_t stacks every layer's h_t (and the LSTM's c_t after it). Returns a dict of
+(batch, steps) arrays as for an MLP chain.)doc");
+  m.def("jacobian_spectrum", &rnn_spectrum<T>, py::arg("chain"), py::arg("x"), py::arg("h0"),
+        py::arg("c0"), py::arg("k"), py::arg("interval"), py::arg("start"), py::arg("seed"),
+        R"doc(Cumulative sums of log|R_ii| of the QR factorisation of J_t ... J_1 Q_0 = ds_t/ds_0 Q_0.
+
+Returns (depths, S) as for an MLP chain, with depths the time steps.)doc");
 }
 
 }  // namespace

@@ -25,15 +25,8 @@ RecurrentShape make_shape(const std::string& cell, int input_size, int hidden_si
   return s;
 }
 
-// Shapes and dtypes are checked by the Python layer; these checks guard the core.
-template <class T>
-const T* state_ptr(const py::object& a, const RecurrentShape& s, int batch, CArray<T>& keep,
-                   const char* what) {
-  if (a.is_none()) return nullptr;
-  keep = a.cast<CArray<T>>();
-  if (keep.size() != static_cast<py::ssize_t>(s.num_layers) * batch * s.hidden_size)
-    throw std::invalid_argument(std::string(what) + " must have shape (num_layers, batch, hidden_size)");
-  return keep.data();
+py::ssize_t state_size(const RecurrentShape& s, int batch) {
+  return static_cast<py::ssize_t>(s.num_layers) * batch * s.hidden_size;
 }
 
 template <class T>
@@ -54,8 +47,8 @@ py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::objec
   req.keep_grads = keep_grads;
   CArray<T> h0a, c0a;
   TargetArrays<T> tgt;
-  req.h0 = state_ptr(h0, s, batch, h0a, "h0");
-  req.c0 = state_ptr(c0, s, batch, c0a, "c0");
+  req.h0 = state_ptr(h0, state_size(s, batch), h0a, "h0");
+  req.c0 = state_ptr(c0, state_size(s, batch), c0a, "c0");
   req.target = target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
   const T* xp = x.data();
   // Every array the core reads is held by this frame; the GIL can go.
@@ -101,8 +94,8 @@ py::tuple forward(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::
   RecurrentRequest req;
   req.forward_only = true;
   CArray<T> h0a, c0a;
-  req.h0 = state_ptr(h0, s, batch, h0a, "h0");
-  req.c0 = state_ptr(c0, s, batch, c0a, "c0");
+  req.h0 = state_ptr(h0, state_size(s, batch), h0a, "h0");
+  req.c0 = state_ptr(c0, state_size(s, batch), c0a, "c0");
   const T* xp = x.data();
   RecurrentResult<T> r = without_gil([&] {
     Canceller cancel = signal_canceller();

@@ -58,6 +58,17 @@ const void* target_ptr(bool labels, bool none, py::object target, TargetArrays<T
   keep.values = target.cast<CArray<T>>();
   return keep.values.data();
 }
+
+// An optional initial state (None: nullptr) of `size` entries, converted into `keep`.
+// Shapes are checked by the Python layer; this guards the core.
+template <class T>
+const T* state_ptr(const py::object& a, py::ssize_t size, CArray<T>& keep, const char* what) {
+  if (a.is_none()) return nullptr;
+  keep = a.cast<CArray<T>>();
+  if (keep.size() != size)
+    throw std::invalid_argument(std::string(what) + " must have shape (num_layers, batch, hidden_size)");
+  return keep.data();
+}
 }  // namespace
 
 // A Canceller whose hook checks for pending signals (Ctrl-C). Safe to call with the GIL

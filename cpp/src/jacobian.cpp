@@ -1107,29 +1107,25 @@ void for_each_example(int batch, Canceller& cancel, F&& body) {
 
 }  // namespace
 
-template <class T>
-BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
-                              const NormsOptions& opt, Canceller& cancel) {
+BatchNorms batch_jacobian_norms(int batch, int length, const JacobianFactory& make,
+                                const NormsOptions& opt, Canceller& cancel) {
   if (batch <= 0) throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
   opt.validate();
-  const int L = chain.depth();
-  const std::size_t cells = sz(batch) * sz(L);
+  const std::size_t cells = sz(batch) * sz(length);
   check_memory(double(cells) * 21.0, "the per-layer Jacobian norms");
-  const MLPLayers layers(chain, true);
   BatchNorms out;
   out.log10_frobenius.resize(cells);
   out.log10_spectral.resize(cells);
   out.iterations.resize(cells);
   out.converged.resize(cells);
-  const int n0 = chain.widths()[0];
   // A batch smaller than the thread count shares out each example's layers instead.
   const int per_example = batch < max_threads() ? max_threads() : 1;
   for_each_example(batch, cancel, [&](int e, Canceller* c) {
-    const MLPJacobians jac(layers, x + sz(e) * sz(n0));
-    std::vector<LayerNorms> r(sz(L));
-    jacobian_norms(jac, opt, r.data(), c, per_example);
-    for (int l = 0; l < L; ++l) {
-      const std::size_t i = sz(e) * sz(L) + sz(l);
+    const std::unique_ptr<JacobianChain> jac = make(e, false);
+    std::vector<LayerNorms> r(sz(length));
+    jacobian_norms(*jac, opt, r.data(), c, per_example);
+    for (int l = 0; l < length; ++l) {
+      const std::size_t i = sz(e) * sz(length) + sz(l);
       out.log10_frobenius[i] = r[sz(l)].log10_frobenius;
       out.log10_spectral[i] = r[sz(l)].log10_spectral;
       out.iterations[i] = r[sz(l)].iterations;
@@ -1139,30 +1135,55 @@ BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int bat
   return out;
 }
 
-template <class T>
-std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, int batch,
-                                    const SpectrumOptions& opt, Canceller& cancel) {
+std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
+                                      const JacobianFactory& make, const SpectrumOptions& opt,
+                                      Canceller& cancel) {
   if (batch <= 0) throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
-  opt.validate(chain.widths());
-  const int L = chain.depth();
+  opt.validate(dims);
+  const int L = static_cast<int>(dims.size()) - 1;
   const std::size_t nd = spectrum_depths(L, opt.interval).size();
   const std::size_t per = nd * sz(opt.k);
   check_memory(double(sz(batch) * per) * sizeof(double), "the QR spectrum");
-  const MLPLayers layers(chain, false);
   std::vector<double> S(sz(batch) * per);
-  const int n0 = chain.widths()[0];
   if (batch == 1 && max_threads() >= 2) {
     // One example: its two threads share each layer (run_pipelined).
     BlasThreads one(1);
-    const MLPJacobians jac(layers, x, true);
-    qr_spectrum(jac, opt, S.data(), &cancel, 2);
+    const std::unique_ptr<JacobianChain> jac = make(0, true);
+    qr_spectrum(*jac, opt, S.data(), &cancel, 2);
     return S;
   }
   for_each_example(batch, cancel, [&](int e, Canceller* c) {
-    const MLPJacobians jac(layers, x + sz(e) * sz(n0), true);
-    qr_spectrum(jac, opt, S.data() + sz(e) * per, c);
+    const std::unique_ptr<JacobianChain> jac = make(e, true);
+    qr_spectrum(*jac, opt, S.data() + sz(e) * per, c);
   });
   return S;
+}
+
+template <class T>
+BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
+                              const NormsOptions& opt, Canceller& cancel) {
+  const MLPLayers layers(chain, true);
+  const int n0 = chain.widths()[0];
+  return batch_jacobian_norms(
+      batch, chain.depth(),
+      [&](int e, bool lazy) -> std::unique_ptr<JacobianChain> {
+        return std::make_unique<MLPJacobians>(layers, x + sz(e) * sz(n0), lazy);
+      },
+      opt, cancel);
+}
+
+template <class T>
+std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, int batch,
+                                    const SpectrumOptions& opt, Canceller& cancel) {
+  opt.validate(chain.widths());
+  const MLPLayers layers(chain, false);
+  const int n0 = chain.widths()[0];
+  return batch_qr_spectrum(
+      batch, chain.widths(),
+      [&](int e, bool lazy) -> std::unique_ptr<JacobianChain> {
+        return std::make_unique<MLPJacobians>(layers, x + sz(e) * sz(n0), lazy);
+      },
+      opt, cancel);
 }
 
 template BatchNorms mlp_jacobian_norms(const MLPChain<float>&, const double*, int,

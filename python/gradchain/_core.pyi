@@ -1,6 +1,6 @@
 """Type stubs for gradchain's private compiled core."""
 
-from typing import Any
+from typing import Any, overload
 
 import numpy.typing as npt
 from typing_extensions import Self
@@ -128,6 +128,7 @@ class _RecurrentChain:
 class RecurrentChain64(_RecurrentChain): ...
 class RecurrentChain32(_RecurrentChain): ...
 
+@overload
 def jacobian_norms(
     chain: _MLPChain,
     x: npt.NDArray[Any],
@@ -136,6 +137,29 @@ def jacobian_norms(
     max_iter: int,
     exact_max_dim: int,
 ) -> dict[str, npt.NDArray[Any]]: ...
+@overload
+def jacobian_norms(
+    chain: _RecurrentChain,
+    x: npt.NDArray[Any],
+    h0: npt.NDArray[Any] | None,
+    c0: npt.NDArray[Any] | None,
+    spectral: bool,
+    tol: float,
+    max_iter: int,
+    exact_max_dim: int,
+) -> dict[str, npt.NDArray[Any]]: ...
+@overload
 def jacobian_spectrum(
     chain: _MLPChain, x: npt.NDArray[Any], k: int, interval: int, start: str, seed: int
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+@overload
+def jacobian_spectrum(
+    chain: _RecurrentChain,
+    x: npt.NDArray[Any],
+    h0: npt.NDArray[Any] | None,
+    c0: npt.NDArray[Any] | None,
+    k: int,
+    interval: int,
+    start: str,
+    seed: int,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...

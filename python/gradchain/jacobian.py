@@ -2,7 +2,8 @@
 
 The gradient that reaches layer ``l`` is the upstream gradient times a product of
 Jacobians ``J_l = dh_l / dh_{l-1}``. For an :class:`~gradchain.MLP`,
-``J_l = diag(phi'(z_l)) W_l`` with ``z_l = W_l h_{l-1} + b_l``, one matrix per example.
+``J_l = diag(phi'(z_l)) W_l`` with ``z_l = W_l h_{l-1} + b_l``, one matrix per example;
+for an :class:`~gradchain.RNN`, ``J_t = ds_t / ds_{t-1}`` per time step and sequence.
 :func:`jacobian_norms` reports how each ``J_l`` stretches (Frobenius and spectral norms);
 :func:`jacobian_spectrum` how the directions of the cumulative product ``J_l ... J_1``
 spread with depth, by QR re-orthonormalisation (Benettin et al. 1980): finite-depth
@@ -35,6 +36,7 @@ from . import _core
 from . import _validate as v
 from .mlp import MLP
 from .report import _jsonable, _pow10
+from .rnn import RNN
 
 __all__ = ["STARTS", "JacobianNorms", "JacobianSpectrum", "jacobian_norms", "jacobian_spectrum"]
 
@@ -46,7 +48,7 @@ STARTS: tuple[str, ...] = ("identity", "random")
 
 def _chain_and_x(net: Any, x: Any) -> tuple[Any, np.ndarray]:
     if not isinstance(net, MLP):
-        raise TypeError(f"net must be a gradchain.MLP; got {type(net).__name__}")
+        raise TypeError(f"net must be a gradchain.MLP or gradchain.RNN; got {type(net).__name__}")
     n0 = net.widths[0]
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.ndim == 1:
@@ -58,6 +60,30 @@ def _chain_and_x(net: Any, x: Any) -> tuple[Any, np.ndarray]:
     # Rounded to the chain's dtype first, as MLP.backward does; float64 for the core.
     x64 = v.float_array("x", arr, net.dtype, (None, n0)).astype(np.float64, copy=False)
     return net._chain, np.ascontiguousarray(x64)
+
+
+def _sequences(net: RNN, x: Any, h0: Any, c0: Any) -> tuple[Any, ...]:
+    """The core's arguments for a recurrent chain: x (steps, batch, input_size) and the
+    initial states, rounded to the chain's dtype as RNN.backward does, then float64."""
+    xs = net._x(x)
+    batch = xs.shape[1]
+    h = net._state("h0", h0, batch)
+    c = net._state("c0", c0, batch)
+
+    def f64(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
+
+    return net._chain, f64(xs), f64(h), f64(c)
+
+
+def _no_states(h0: Any, c0: Any) -> None:
+    for name, value in (("h0", h0), ("c0", c0)):
+        if value is not None:
+            raise ValueError(f"{name} is the initial state of a gradchain.RNN; an MLP has none")
+
+
+def _state_dim(net: RNN) -> int:
+    return net.num_layers * net.hidden_size * (2 if net.cell == "lstm" else 1)
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int | None, accepted: str) -> int:
@@ -207,22 +233,34 @@ class JacobianNorms:
 
 
 def jacobian_norms(
-    net: MLP,
+    net: MLP | RNN,
     x: Any,
     *,
+    h0: Any = None,
+    c0: Any = None,
     spectral: bool = True,
     tol: float = 1e-10,
     max_iter: int = 1000,
     exact_max_dim: int = 256,
 ) -> JacobianNorms:
-    """Frobenius and spectral norms of every layer's Jacobian at every example.
+    """Frobenius and spectral norms of every layer's (or time step's) Jacobian at every
+    example.
 
     Parameters
     ----------
-    net : MLP
-        The chain.
-    x : array_like, shape (batch, widths[0]) or (widths[0],)
-        Inputs (finite); a single example is a batch of one.
+    net : MLP or RNN
+        The chain. For an :class:`~gradchain.RNN` the steps are time steps and
+        ``J_t = ds_t / ds_{t-1}``, where the state ``s_t`` stacks every layer's ``h_t``,
+        each followed by the LSTM's ``c_t``: ``[h^0_t, c^0_t, h^1_t, c^1_t, ...]``, so
+        ``J_t`` is ``num_layers * hidden_size`` wide (twice that for the LSTM). Layer
+        ``l > 0`` reads ``h^{l-1}_t`` of the same step, so its rows include the chain rule
+        through the layers below. The read-out plays no part.
+    x : array_like
+        Inputs (finite). MLP: shape (batch, widths[0]) or (widths[0],), a single example
+        being a batch of one. RNN: shape (steps, batch, input_size), as for
+        :meth:`RNN.backward`.
+    h0, c0 : array_like, optional
+        RNN only: initial states, shape (num_layers, batch, hidden_size); zeros by default.
     spectral : bool
         Also compute spectral norms (the Frobenius norm costs O(width) per layer and
         example; the spectral norm O(width**3) exactly or O(width**2) per power iteration).
@@ -253,14 +291,19 @@ def jacobian_norms(
     >>> r.log10_spectral.shape
     (4, 20)
     """
-    chain, x64 = _chain_and_x(net, x)
     spec = _bool("spectral", spectral)
     t = v.finite_float("tol", tol)
     if t <= 0:
         raise ValueError(f"tol must be a positive finite number; got {t}")
     mi = _int_in("max_iter", max_iter, 1, v.INT32_MAX, "a positive integer")
     emd = _int_in("exact_max_dim", exact_max_dim, 0, v.INT32_MAX, "a non-negative integer")
-    d = _core.jacobian_norms(chain, x64, spec, t, mi, emd)
+    if isinstance(net, RNN):
+        chain, xs, h, c = _sequences(net, x, h0, c0)
+        d = _core.jacobian_norms(chain, xs, h, c, spec, t, mi, emd)
+    else:
+        _no_states(h0, c0)
+        chain, x64 = _chain_and_x(net, x)
+        d = _core.jacobian_norms(chain, x64, spec, t, mi, emd)
     lf = d["log10_frobenius"]
     ls: np.ndarray | None = d["log10_spectral"] if spec else None
     its: np.ndarray | None = d["iterations"] if spec else None
@@ -418,9 +461,11 @@ class JacobianSpectrum:
 
 
 def jacobian_spectrum(
-    net: MLP,
+    net: MLP | RNN,
     x: Any,
     *,
+    h0: Any = None,
+    c0: Any = None,
     k: int | None = None,
     interval: int = 1,
     start: str = "identity",
@@ -437,12 +482,18 @@ def jacobian_spectrum(
 
     Parameters
     ----------
-    net : MLP
-        The chain.
-    x : array_like, shape (batch, widths[0]) or (widths[0],)
-        Inputs (finite); a single example is a batch of one.
+    net : MLP or RNN
+        The chain. For an :class:`~gradchain.RNN` the depths are time steps and the
+        product is ``ds_t / ds_0 = J_t ... J_1``, with the stacked state ``s_t`` described
+        in :func:`jacobian_norms`; the exponents are then per time step.
+    x : array_like
+        Inputs (finite). MLP: shape (batch, widths[0]) or (widths[0],). RNN: shape
+        (steps, batch, input_size).
+    h0, c0 : array_like, optional
+        RNN only: initial states, shape (num_layers, batch, hidden_size); zeros by default.
     k : int, optional
-        Number of directions, 1..min(widths); default all of them (min(widths)).
+        Number of directions, 1..min(widths) (for an RNN 1..the state size); default all
+        of them.
     interval : int
         Re-orthonormalise every `interval` layers (and after the last). Between
         factorisations the k vectors are multiplied on (each rescaled by a power of two, so
@@ -476,14 +527,25 @@ def jacobian_spectrum(
     >>> bool(np.abs(s.log_singular_values).max() < 1e-12)
     True
     """
-    chain, x64 = _chain_and_x(net, x)
-    kmax = min(net.widths)
-    accepted = f"None or an integer between 1 and the smallest width, {kmax}"
+    if isinstance(net, RNN):
+        kmax = _state_dim(net)
+        accepted = f"None or an integer between 1 and the state size, {kmax}"
+    elif isinstance(net, MLP):
+        kmax = min(net.widths)
+        accepted = f"None or an integer between 1 and the smallest width, {kmax}"
+    else:
+        raise TypeError(f"net must be a gradchain.MLP or gradchain.RNN; got {type(net).__name__}")
     kk = kmax if k is None else _int_in("k", k, 1, kmax, accepted)
     iv = _int_in("interval", interval, 1, v.INT32_MAX, "a positive integer")
     st = v.choice("start", start, STARTS)
     sd = v.seed(seed)
-    depths, S = _core.jacobian_spectrum(chain, x64, kk, iv, st, sd)
+    if isinstance(net, RNN):
+        chain, xs, h, c = _sequences(net, x, h0, c0)
+        depths, S = _core.jacobian_spectrum(chain, xs, h, c, kk, iv, st, sd)
+    else:
+        _no_states(h0, c0)
+        chain, x64 = _chain_and_x(net, x)
+        depths, S = _core.jacobian_spectrum(chain, x64, kk, iv, st, sd)
     _readonly(depths, S)
     return JacobianSpectrum(
         depths=depths, log_singular_values=S, k=kk, interval=iv, start=st, seed=sd

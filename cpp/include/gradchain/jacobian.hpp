@@ -4,6 +4,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -147,7 +149,7 @@ std::vector<int> spectrum_depths(int length, int interval);
 void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double* S,
                  Canceller* cancel = nullptr, int threads = 1);
 
-// ---- batches through an MLPChain (x: batch x widths[0], float64) -----------------------
+// ---- batches ---------------------------------------------------------------------------
 
 struct BatchNorms {
   // batch x depth, row-major.
@@ -156,6 +158,22 @@ struct BatchNorms {
   std::vector<std::uint8_t> converged;
 };
 
+// One example's Jacobians (lazy: as MLPJacobians' lazy mode, for the QR spectrum, which
+// asks for the steps in order from one thread at a time).
+using JacobianFactory = std::function<std::unique_ptr<JacobianChain>(int example, bool lazy)>;
+
+// jacobian_norms() for every example of a batch of chains with `length` steps each;
+// examples are shared out over the core's threads, with one BLAS thread each.
+BatchNorms batch_jacobian_norms(int batch, int length, const JacobianFactory& make,
+                                const NormsOptions& opt, Canceller& cancel);
+
+// qr_spectrum() for every example; dims are the chains' dim(0..length). Returns
+// batch x n_depths x k, row-major.
+std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
+                                      const JacobianFactory& make, const SpectrumOptions& opt,
+                                      Canceller& cancel);
+
+// Through an MLPChain (x: batch x widths[0], float64).
 template <class T>
 BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
                               const NormsOptions& opt, Canceller& cancel);
