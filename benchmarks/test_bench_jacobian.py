@@ -236,3 +236,64 @@ def test_torch(benchmark, torch_peer):
     got = benchmark.pedantic(torch_peer.run, args=(case.x,), rounds=5, iterations=1,
                              warmup_rounds=0)
     check(got, case, "torch (timed run)")
+
+
+# --------------------------------------------------------------------------- recurrent
+# The same loop over the time steps of a tanh RNN, ``gc.RNN("tanh", input_size=16,
+# hidden_size=128, init="orthogonal", seed=0)`` driven by 500 standard normal inputs
+# (seed 2): J_t = diag(1 - h_t**2) W_hh, the spectrum of dh_t / dh_0.
+
+STEPS, HIDDEN, RNN_INPUT = 500, 128, 16
+RNN_GROUP = f"qr-rnn-tanh-T{STEPS}-h{HIDDEN}-k{HIDDEN}-f64"
+
+
+def get_rnn_case() -> Case:
+    if "rnn" not in _case:
+        gc = pytest.importorskip("gradchain")
+        from gradchain.jacobian import jacobian_spectrum
+
+        net = gc.RNN("tanh", input_size=RNN_INPUT, hidden_size=HIDDEN, init="orthogonal", seed=0)
+        x = np.random.default_rng(2).standard_normal((STEPS, 1, RNN_INPUT))
+        ref = jacobian_spectrum(net, x).log_singular_values[0]
+        assert ref.shape == (STEPS, HIDDEN) and np.isfinite(ref).all()
+        out, _, _ = net.forward(x)
+        W = np.asarray(net.state_dict()["weight_hh_l0"], dtype=np.float64)
+        jac = [(1.0 - h * h)[:, None] * W for h in out[:, 0, :]]
+        _case["rnn"] = Case(net, x, jac, ref)
+    return _case["rnn"]
+
+
+def check_rnn(got, case: Case, who: str) -> None:
+    got = np.asarray(got)
+    assert got.shape == (STEPS, HIDDEN), f"{who}: shape {got.shape}"
+    np.testing.assert_allclose(got, case.ref, rtol=1e-9, atol=1e-9, err_msg=f"{who} vs gradchain")
+
+
+def test_rnn_gradchain(benchmark):
+    case = get_rnn_case()
+    from gradchain.jacobian import jacobian_spectrum
+
+    tag(benchmark, "gradchain", group=RNN_GROUP)
+    s = benchmark(jacobian_spectrum, case.net, case.x)
+    check_rnn(s.log_singular_values[0], case, "gradchain (timed run)")
+
+
+def test_rnn_numpy(benchmark):
+    case = get_rnn_case()
+    peer = NumpyQRLoop(case.jacobians)
+    check_rnn(peer(), case, "numpy")
+    tag(benchmark, "numpy", group=RNN_GROUP)
+    got = benchmark.pedantic(peer, rounds=5, iterations=1, warmup_rounds=0)
+    check_rnn(got, case, "numpy (timed run)")
+
+
+def test_rnn_torch(benchmark, torch_peer):
+    case = get_rnn_case()
+    try:
+        info = torch_peer.build("test_bench_jacobian", "TorchQRLoop", case.jacobians)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    check_rnn(torch_peer.run(case.x), case, "torch")
+    tag(benchmark, "torch", group=RNN_GROUP, torch_threads=info["threads"], torch_version=info["torch"])
+    got = benchmark.pedantic(torch_peer.run, args=(case.x,), rounds=5, iterations=1, warmup_rounds=0)
+    check_rnn(got, case, "torch (timed run)")
