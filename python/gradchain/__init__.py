@@ -18,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from . import tasks, theory
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
+from .compare import TheoryComparison, compare_theory
 from .errors import NonFiniteError
 from .jacobian import JacobianNorms, JacobianSpectrum, jacobian_norms, jacobian_spectrum
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP
@@ -44,10 +45,12 @@ __all__ = [
     "JacobianSpectrum",
     "NonFiniteError",
     "RecurrentReport",
+    "TheoryComparison",
     "__version__",
     "clip_coefficient",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "compare_theory",
     "get_total_norm",
     "jacobian_norms",
     "jacobian_spectrum",

@@ -37,6 +37,23 @@ def positive_int(name: str, value: Any, maximum: int = INT32_MAX) -> int:
     return int(value)
 
 
+def int_in(name: str, value: Any, lo: int, hi: int | None, accepted: str) -> int:
+    """An integer in [lo, hi] (hi None: no upper bound); `accepted` completes "name must be"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {accepted}; got {value!r}")
+    i = int(value)
+    if i < lo or (hi is not None and i > hi):
+        raise ValueError(f"{name} must be {accepted}; got {i}")
+    return i
+
+
+def readonly(*arrays: np.ndarray | None) -> None:
+    """Marks result arrays read-only (None entries are skipped)."""
+    for a in arrays:
+        if a is not None:
+            a.setflags(write=False)
+
+
 def finite_float(name: str, value: Any, *, minimum: float | None = None) -> float:
     v = real(name, value)
     if not math.isfinite(v):

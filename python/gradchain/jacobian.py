@@ -26,7 +26,6 @@ References
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -86,25 +85,10 @@ def _state_dim(net: RNN) -> int:
     return net.num_layers * net.hidden_size * (2 if net.cell == "lstm" else 1)
 
 
-def _int_in(name: str, value: Any, lo: int, hi: int | None, accepted: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {accepted}; got {value!r}")
-    i = int(value)
-    if i < lo or (hi is not None and i > hi):
-        raise ValueError(f"{name} must be {accepted}; got {i}")
-    return i
-
-
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool; got {value!r}")
     return bool(value)
-
-
-def _readonly(*arrays: np.ndarray | None) -> None:
-    for a in arrays:
-        if a is not None:
-            a.setflags(write=False)
 
 
 def _mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -295,8 +279,8 @@ def jacobian_norms(
     t = v.finite_float("tol", tol)
     if t <= 0:
         raise ValueError(f"tol must be a positive finite number; got {t}")
-    mi = _int_in("max_iter", max_iter, 1, v.INT32_MAX, "a positive integer")
-    emd = _int_in("exact_max_dim", exact_max_dim, 0, v.INT32_MAX, "a non-negative integer")
+    mi = v.int_in("max_iter", max_iter, 1, v.INT32_MAX, "a positive integer")
+    emd = v.int_in("exact_max_dim", exact_max_dim, 0, v.INT32_MAX, "a non-negative integer")
     if isinstance(net, RNN):
         chain, xs, h, c = _sequences(net, x, h0, c0)
         d = _core.jacobian_norms(chain, xs, h, c, spec, t, mi, emd)
@@ -308,7 +292,7 @@ def jacobian_norms(
     ls: np.ndarray | None = d["log10_spectral"] if spec else None
     its: np.ndarray | None = d["iterations"] if spec else None
     conv: np.ndarray | None = d["converged"] if spec else None
-    _readonly(lf, ls, its, conv)
+    v.readonly(lf, ls, its, conv)
     return JacobianNorms(
         log10_frobenius=lf,
         log10_spectral=ls,
@@ -409,7 +393,7 @@ class JacobianSpectrum:
 
     def exponents_at(self, depth: int) -> np.ndarray:
         """Exponent estimates ``log|R_ii| / depth`` at one of :attr:`depths`, shape (batch, k)."""
-        d = _int_in("depth", depth, 1, None, "one of the depths where a QR happened")
+        d = v.int_in("depth", depth, 1, None, "one of the depths where a QR happened")
         hits = np.flatnonzero(self.depths == d)
         if hits.size == 0:
             shown = ", ".join(str(int(x)) for x in self.depths[:8]) + (
@@ -535,8 +519,8 @@ def jacobian_spectrum(
         accepted = f"None or an integer between 1 and the smallest width, {kmax}"
     else:
         raise TypeError(f"net must be a gradchain.MLP or gradchain.RNN; got {type(net).__name__}")
-    kk = kmax if k is None else _int_in("k", k, 1, kmax, accepted)
-    iv = _int_in("interval", interval, 1, v.INT32_MAX, "a positive integer")
+    kk = kmax if k is None else v.int_in("k", k, 1, kmax, accepted)
+    iv = v.int_in("interval", interval, 1, v.INT32_MAX, "a positive integer")
     st = v.choice("start", start, STARTS)
     sd = v.seed(seed)
     if isinstance(net, RNN):
@@ -546,7 +530,7 @@ def jacobian_spectrum(
         _no_states(h0, c0)
         chain, x64 = _chain_and_x(net, x)
         depths, S = _core.jacobian_spectrum(chain, x64, kk, iv, st, sd)
-    _readonly(depths, S)
+    v.readonly(depths, S)
     return JacobianSpectrum(
         depths=depths, log_singular_values=S, k=kk, interval=iv, start=st, seed=sd
     )
