@@ -139,3 +139,25 @@ def test_cli_run_json_and_errors():
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert bad.returncode == 2 and "depth must be a positive integer" in bad.stderr
+
+
+def test_cli_theory_table_json_and_errors():
+    out = subprocess.run(
+        [sys.executable, "-m", "gradchain", "theory", "--depth", "12", "--width", "64",
+         "--activation", "relu", "--sigma-w", "1.3", "--json"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    d = json.loads(out)
+    assert d["sigma_w"] == 1.3 and len(d["measured"]) == 13
+    # relu: chi_1 = sigma_w^2 / 2 exactly
+    assert abs(d["chi_1"] - 1.3**2 / 2) < 1e-12
+    text = subprocess.run(
+        [sys.executable, "-m", "gradchain", "theory", "--depth", "12", "--width", "64", "--no-spectrum"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    assert "predicted" in text and "chi_1" in text
+    bad = subprocess.run(
+        [sys.executable, "-m", "gradchain", "theory", "--sigma-w", "-1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert bad.returncode == 2 and "sigma_w" in bad.stderr

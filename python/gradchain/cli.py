@@ -1,4 +1,4 @@
-"""Command line: ``gradchain demo`` and ``gradchain run``."""
+"""Command line: ``gradchain demo``, ``gradchain run`` and ``gradchain theory``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .compare import compare_theory
 from .mlp import ACTIVATIONS, INITS, MLP
 
 __all__ = ["main"]
@@ -54,6 +55,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _theory(args: argparse.Namespace) -> int:
+    net = MLP(
+        args.depth, args.width, activation=args.activation, init="normal", sigma_w=args.sigma_w,
+        bias_std=args.bias_std, seed=args.seed,
+    )
+    cmp = compare_theory(net, batch=args.batch, seed=args.seed, spectrum=not args.no_spectrum)
+    if args.json:
+        json.dump(cmp.to_dict(), sys.stdout)
+        print()
+    else:
+        print(cmp)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradchain", description="Vanishing and exploding gradients, measured exactly.")
     sub = p.add_subparsers(dest="command")
@@ -77,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.set_defaults(func=_run)
+    t = sub.add_parser(
+        "theory", help="measured per-layer gradient norms beside the mean-field prediction"
+    )
+    t.add_argument("--depth", type=int, default=50)
+    t.add_argument("--width", type=int, default=256)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--activation", choices=ACTIVATIONS, default="tanh")
+    t.add_argument("--sigma-w", type=float, default=1.0, help="weights N(0, sigma_w^2 / fan_in)")
+    t.add_argument("--bias-std", type=float, default=0.0, help="biases N(0, bias_std^2)")
+    t.add_argument("--no-spectrum", action="store_true", help="skip the QR spectrum")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    t.set_defaults(func=_theory)
     return p
 
 
