@@ -1,23 +1,67 @@
-"""The README's Python examples run as written (those that need PyTorch are left out)."""
+"""The README's Python examples run as written (those that need PyTorch are left out), and
+where a ```text block follows one, the example prints what it shows."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import pathlib
 import re
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+FENCE = re.compile(r"```(\w*)\n(.*?)```", flags=re.DOTALL)
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str, bool]]:
+    """(language, body, follows_directly) for every fenced block; follows_directly when
+    only whitespace separates it from the block before."""
+    out, end = [], None
+    for m in FENCE.finditer(text):
+        direct = end is not None and not text[end : m.start()].strip()
+        out.append((m.group(1), m.group(2), direct))
+        end = m.end()
+    return out
+
+
+def assert_same_output(printed: str, shown: str, where: str) -> None:
+    """The words must match exactly; each number to within one unit of the last digit the
+    README shows (so that a rounding flip or a last-bit BLAS difference does not fail)."""
+    words = [NUMBER.sub("#", t).strip("[](),") for t in shown.split()]
+    assert [NUMBER.sub("#", t).strip("[](),") for t in printed.split()] == words, (
+        f"{where}: printed\n{printed}\nREADME shows\n{shown}"
+    )
+    got, want = NUMBER.findall(printed), NUMBER.findall(shown)
+    assert len(got) == len(want), f"{where}: printed\n{printed}\nREADME shows\n{shown}"
+    for g, w in zip(got, want):
+        mantissa, _, exp = w.lower().partition("e")
+        decimals = len(mantissa.partition(".")[2])
+        tol = 10.0 ** (int(exp or 0) - decimals) * 1.01
+        assert abs(float(g) - float(w)) <= tol, f"{where}: printed {g}, README shows {w}"
 
 
 def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    runnable = [b for b in blocks if "model" not in b]  # that one needs a torch model
-    assert len(runnable) >= 3
+    blocks = fenced_blocks(README.read_text())
+    runnable = [b for lang, b, _ in blocks if lang == "python" and "model" not in b]
+    assert len(runnable) >= 3  # the excluded one needs a torch model
     namespace: dict = {}
-    clipped = 0
-    for block in runnable:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
+    clipped = compared = 0
+    printed = None
+    for i, (lang, block, direct) in enumerate(blocks):
+        if lang == "text" and direct and printed is not None:
+            assert_same_output(printed, block, f"README block {i}")
+            compared += 1
+        printed = None
+        if lang != "python" or "model" in block:
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
+        printed = out.getvalue()
         if "net.backward(x, max_norm=1.0" in block:  # the block that clips a chain's gradients
             rep = namespace["rep"]
             assert rep.max_norm == 1.0 and rep.clipped_total_norm <= 1.0 + 1e-12
             clipped += 1
     assert clipped == 1
+    # the Jacobian norms, the QR spectrum and gc.theory show their output
+    assert compared >= 3
