@@ -539,7 +539,7 @@ def _rnn_sigmas(
 
 def _rnn_spectrum(
     net: RNN, x: np.ndarray, h0: np.ndarray | None, k: int, predicted: np.ndarray
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     spec = jacobian_spectrum(net, x, h0=h0, k=k)
     T = x.shape[0]
     depths = np.asarray(spec.depths)
@@ -825,12 +825,10 @@ def _compare_rnn(
     p_slope, _ = _slope(predicted, fs)
     spec: dict[str, Any] = {}
     if spectrum:
-        got = _rnn_spectrum(
+        spec = _rnn_spectrum(
             net, xa[:, :sbatch], None if h0a is None else h0a[:, :sbatch], kk, predicted
         )
-        if got is not None:
-            spec = got
-            spec["spectrum_batch"] = min(sbatch, b)
+        spec["spectrum_batch"] = min(sbatch, b)
     index = np.arange(T + 1)
     v.readonly(index, measured, predicted, *(a for a in spec.values() if isinstance(a, np.ndarray)))
     return TheoryComparison(
