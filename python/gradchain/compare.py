@@ -438,49 +438,87 @@ def _mlp_sigmas(net: MLP, sigma_w: Any, sigma_b: Any) -> tuple[float, float, str
     return sw, sb, src_w, src_b
 
 
-def _mlp_spectrum(
-    net: MLP,
-    x: np.ndarray,
-    k: int,
-    sw: float,
-    predicted: np.ndarray,
+def _spectrum_fields(
+    spec: Any, predicted: np.ndarray, exact: tuple[np.ndarray, np.ndarray, str] | None = None
 ) -> dict[str, Any]:
-    spec = jacobian_spectrum(net, x, k=k)
-    L = net.depth
+    """The spectrum fields of a TheoryComparison from a JacobianSpectrum: measured growth
+    of the top direction and exponents (batch mean and spread) beside the prediction, which
+    is the mean-field top exponent unless `exact` gives a whole predicted spectrum
+    (exponents, standard errors, name)."""
     depths = np.asarray(spec.depths)
+    depth, k = spec.depth, spec.k
     S = spec.log_singular_values
     with np.errstate(invalid="ignore"):
         growth = S[:, :, 0].mean(axis=0)
-        exps = S[:, -1, :] / L
+        exps = S[:, -1, :] / depth
         m_exp, s_exp = exps.mean(axis=0), exps.std(axis=0)
+    # 0.5 sum_{k <= l} ln chi(q_k): the other end of the predicted gradient-norm curve.
     pred_growth = _LN10 * (predicted[0] - predicted[depths])
-    widths = net.widths
-    square = len(set(widths)) == 1
-    init = net._config.get("init")
-    if net.activation == "linear" and square and init in _GAUSSIAN_INITS and sw > 0:
-        n = widths[0]
-        p_exp = theory.gaussian_lyapunov_spectrum(n, sw)[:k].copy()
-        p_se = theory.gaussian_lyapunov_stderr(n, L)[:k].copy()
-        which = "newman"
-    elif net.activation == "linear" and square and init == "orthogonal" and sw > 0:
-        p_exp = np.full(k, math.log(sw))
-        p_se = np.zeros(k)
-        which = "orthogonal"
-    else:
+    if exact is None:
         p_exp = np.full(k, math.nan)
-        p_exp[0] = pred_growth[-1] / L
-        p_se = np.full(k, math.nan)
-        which = "mean_field_top"
+        p_exp[0] = pred_growth[-1] / depth
+        exact = (p_exp, np.full(k, math.nan), "mean_field_top")
     return {
+        "spectrum_batch": spec.batch,
         "spectrum_depths": depths,
         "measured_log_growth": growth,
         "predicted_log_growth": pred_growth,
         "measured_exponents": m_exp,
         "measured_exponents_std": s_exp,
-        "predicted_exponents": p_exp,
-        "predicted_exponents_stderr": p_se,
-        "exponent_theory": which,
+        "predicted_exponents": exact[0],
+        "predicted_exponents_stderr": exact[1],
+        "exponent_theory": exact[2],
     }
+
+
+def _mlp_spectrum(net: MLP, x: np.ndarray, k: int, sw: float, predicted: np.ndarray) -> dict[str, Any]:
+    widths = net.widths
+    square = len(set(widths)) == 1
+    init = net._config.get("init")
+    exact = None
+    if net.activation == "linear" and square and sw > 0:
+        n = widths[0]
+        if init in _GAUSSIAN_INITS:
+            exact = (
+                theory.gaussian_lyapunov_spectrum(n, sw)[:k].copy(),
+                theory.gaussian_lyapunov_stderr(n, net.depth)[:k].copy(),
+                "newman",
+            )
+        elif init == "orthogonal":
+            exact = (np.full(k, math.log(sw)), np.zeros(k), "orthogonal")
+    return _spectrum_fields(jacobian_spectrum(net, x, k=k), predicted, exact)
+
+
+def _result(
+    *,
+    measured: np.ndarray,
+    predicted: np.ndarray,
+    mf: Any,
+    fit_start: int,
+    spec: dict[str, Any],
+    **fields: Any,
+) -> TheoryComparison:
+    """Slopes over the fit window, read-only arrays and the result, for both chain kinds."""
+    m_slope, m_se = _slope(measured, fit_start)
+    p_slope, _ = _slope(predicted, fit_start)
+    index = np.arange(measured.size)
+    v.readonly(index, measured, predicted, *(a for a in spec.values() if isinstance(a, np.ndarray)))
+    return TheoryComparison(
+        index=index,
+        measured=measured,
+        predicted=predicted,
+        q_star=mf.q_star,
+        chi_1=mf.chi_1,
+        depth_scale=mf.depth_scale,
+        phase=mf.phase,
+        lyapunov_exponent=mf.lyapunov_exponent,
+        fit_start=fit_start,
+        measured_slope=m_slope,
+        measured_slope_stderr=m_se,
+        predicted_slope=p_slope,
+        **spec,
+        **fields,
+    )
 
 
 # --------------------------------------------------------------------------- RNN
@@ -535,32 +573,6 @@ def _rnn_sigmas(
         total = p["bias_ih_l0"].astype(np.float64) + p["bias_hh_l0"]
         sb, src_b = math.sqrt(float(np.mean(np.square(total)))), "estimated"
     return sw, sb, sih2, src_w, src_b
-
-
-def _rnn_spectrum(
-    net: RNN, x: np.ndarray, h0: np.ndarray | None, k: int, predicted: np.ndarray
-) -> dict[str, Any]:
-    spec = jacobian_spectrum(net, x, h0=h0, k=k)
-    T = x.shape[0]
-    depths = np.asarray(spec.depths)
-    S = spec.log_singular_values
-    with np.errstate(invalid="ignore"):
-        growth = S[:, :, 0].mean(axis=0)
-        exps = S[:, -1, :] / T
-        m_exp, s_exp = exps.mean(axis=0), exps.std(axis=0)
-    pred_growth = _LN10 * (predicted[0] - predicted[depths])
-    p_exp = np.full(k, math.nan)
-    p_exp[0] = pred_growth[-1] / T
-    return {
-        "spectrum_depths": depths,
-        "measured_log_growth": growth,
-        "predicted_log_growth": pred_growth,
-        "measured_exponents": m_exp,
-        "measured_exponents_std": s_exp,
-        "predicted_exponents": p_exp,
-        "predicted_exponents_stderr": np.full(k, math.nan),
-        "exponent_theory": "mean_field_top",
-    }
 
 
 # --------------------------------------------------------------------------- entry point
@@ -732,15 +744,13 @@ def _compare_mlp(
     predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
     mf = theory.mean_field(net.activation, sw, sb, q0=q0, correlation=False, **act_kw)
 
-    m_slope, m_se = _slope(measured, fs)
-    p_slope, _ = _slope(predicted, fs)
-    spec: dict[str, Any] = {}
-    if spectrum:
-        spec = _mlp_spectrum(net, xa[:sbatch], kk, sw, predicted)
-        spec["spectrum_batch"] = min(sbatch, b)
-    index = np.arange(L + 1)
-    v.readonly(index, measured, predicted, *(a for a in spec.values() if isinstance(a, np.ndarray)))
-    return TheoryComparison(
+    spec = _mlp_spectrum(net, xa[:sbatch], kk, sw, predicted) if spectrum else {}
+    return _result(
+        measured=measured,
+        predicted=predicted,
+        mf=mf,
+        fit_start=fs,
+        spec=spec,
         kind="mlp",
         activation=net.activation,
         net=repr(net),
@@ -753,19 +763,6 @@ def _compare_mlp(
         sigma_b_source=src_b,
         input_variance=0.0,
         q0=q0,
-        index=index,
-        measured=measured,
-        predicted=predicted,
-        q_star=mf.q_star,
-        chi_1=mf.chi_1,
-        depth_scale=mf.depth_scale,
-        phase=mf.phase,
-        lyapunov_exponent=mf.lyapunov_exponent,
-        fit_start=fs,
-        measured_slope=m_slope,
-        measured_slope_stderr=m_se,
-        predicted_slope=p_slope,
-        **spec,
     )
 
 
@@ -814,24 +811,23 @@ def _compare_rnn(
     lg = np.asarray(rep.log10_state_grad_norms, dtype=np.float64)
     measured = lg - lg[-1]
 
-    lam = theory.rnn_max_lyapunov_meanfield(sw, sb_eff, activation=net.cell, q0=q0)
+    # mf.lyapunov_exponent is theory.rnn_max_lyapunov_meanfield(sw, sb_eff, ...).
     mf = theory.mean_field(net.cell, sw, sb_eff, q0=q0, correlation=False)
     # The same length map as a deep chain: q_1 = sigma_w**2 q0 + sigma_b_eff**2, and
     # 0.5 log10 chi(q_t) per step back, i.e. lambda / ln 10 once q_t has settled.
     pred = theory.predicted_grad_norms(T, net.cell, sw, sb_eff, q0=q0)
     predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
 
-    m_slope, m_se = _slope(measured, fs)
-    p_slope, _ = _slope(predicted, fs)
     spec: dict[str, Any] = {}
     if spectrum:
-        spec = _rnn_spectrum(
-            net, xa[:, :sbatch], None if h0a is None else h0a[:, :sbatch], kk, predicted
-        )
-        spec["spectrum_batch"] = min(sbatch, b)
-    index = np.arange(T + 1)
-    v.readonly(index, measured, predicted, *(a for a in spec.values() if isinstance(a, np.ndarray)))
-    return TheoryComparison(
+        h0s = None if h0a is None else h0a[:, :sbatch]
+        spec = _spectrum_fields(jacobian_spectrum(net, xa[:, :sbatch], h0=h0s, k=kk), predicted)
+    return _result(
+        measured=measured,
+        predicted=predicted,
+        mf=mf,
+        fit_start=fs,
+        spec=spec,
         kind="rnn",
         activation=net.cell,
         net=repr(net),
@@ -844,17 +840,4 @@ def _compare_rnn(
         sigma_b_source=src_b,
         input_variance=drive,
         q0=q0,
-        index=index,
-        measured=measured,
-        predicted=predicted,
-        q_star=mf.q_star,
-        chi_1=mf.chi_1,
-        depth_scale=mf.depth_scale,
-        phase=mf.phase,
-        lyapunov_exponent=lam,
-        fit_start=fs,
-        measured_slope=m_slope,
-        measured_slope_stderr=m_se,
-        predicted_slope=p_slope,
-        **spec,
     )
