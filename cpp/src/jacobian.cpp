@@ -13,6 +13,7 @@
 
 #include "gradchain/blas.hpp"
 #include "gradchain/mlp.hpp"
+#include "gradchain/parallel.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/system.hpp"
 
@@ -673,49 +674,32 @@ void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt,
 void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNorms* out,
                     Canceller* cancel, int threads) {
   const int L = chain.length();
-  std::exception_ptr error;
-  std::atomic<bool> stop{false};
-  // Layers are independent: with threads > 1 they are shared out (thread 0 polls).
-#pragma omp parallel num_threads(threads) if (threads > 1 && L > 1)
-  {
+  struct Scratch {
     std::vector<double> J, s;
-#ifdef _OPENMP
-    const bool polls = omp_get_thread_num() == 0;
-#else
-    const bool polls = true;
-#endif
-#pragma omp for schedule(dynamic, 1)
-    for (int l = 1; l <= L; ++l) {
-      if (stop.load(std::memory_order_relaxed)) continue;
-      try {
-        LayerNorms& r = out[l - 1];
-        r = LayerNorms{};
-        r.log10_frobenius = chain.log10_frobenius(l);
-        r.log10_spectral = std::numeric_limits<double>::quiet_NaN();
-        if (opt.spectral) {
-          const int n = chain.dim(l), m = chain.dim(l - 1);
-          if (std::max(n, m) <= opt.exact_max_dim) {
-            J.resize(sz(n) * sz(m));
-            s.resize(sz(std::min(n, m)));
-            chain.dense(l, J.data());
-            const int info = blas::singular_values(n, m, J.data(), m, s.data());
-            if (info != 0)
-              throw std::runtime_error("LAPACK gesdd failed (info " + std::to_string(info) +
-                                       ") at " + layer_msg(l, L));
-            r.log10_spectral = s[0] > 0.0 ? std::log10(s[0]) : kNegInf;
-          } else {
-            power_iteration(chain, l, opt, r);
-          }
-        }
-        if (cancel && polls) cancel->poll();
-      } catch (...) {
-#pragma omp critical(gradchain_norms_error)
-        if (!error) error = std::current_exception();
-        stop.store(true);
+  };
+  // Layers are independent: with threads > 1 they are shared out.
+  parallel_indices<Scratch>(1, L + 1, threads, [&](int l, Scratch& w, bool polls) {
+    LayerNorms& r = out[l - 1];
+    r = LayerNorms{};
+    r.log10_frobenius = chain.log10_frobenius(l);
+    r.log10_spectral = std::numeric_limits<double>::quiet_NaN();
+    if (opt.spectral) {
+      const int n = chain.dim(l), m = chain.dim(l - 1);
+      if (std::max(n, m) <= opt.exact_max_dim) {
+        w.J.resize(sz(n) * sz(m));
+        w.s.resize(sz(std::min(n, m)));
+        chain.dense(l, w.J.data());
+        const int info = blas::singular_values(n, m, w.J.data(), m, w.s.data());
+        if (info != 0)
+          throw std::runtime_error("LAPACK gesdd failed (info " + std::to_string(info) + ") at " +
+                                   layer_msg(l, L));
+        r.log10_spectral = w.s[0] > 0.0 ? std::log10(w.s[0]) : kNegInf;
+      } else {
+        power_iteration(chain, l, opt, r);
       }
     }
-  }
-  if (error) std::rethrow_exception(error);
+    if (cancel && polls) cancel->poll();
+  });
 }
 
 // ---- QR spectrum ---------------------------------------------------------------------------
@@ -1076,33 +1060,15 @@ namespace {
 template <class F>
 void for_each_example(int batch, Canceller& cancel, F&& body) {
   BlasThreads one(1);
-  std::vector<std::exception_ptr> errors(sz(batch));
-  std::atomic<bool> stop{false};
-  const int threads = std::min(batch, max_threads());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-  for (int e = 0; e < batch; ++e) {
-    if (stop.load(std::memory_order_relaxed)) continue;
-#ifdef _OPENMP
-    const bool polls = omp_get_thread_num() == 0;
-#else
-    const bool polls = true;
-#endif
+  struct None {};
+  parallel_indices<None>(0, batch, std::min(batch, max_threads()), [&](int e, None&, bool polls) {
     try {
       body(e, polls ? &cancel : nullptr);
-    } catch (...) {
-      errors[sz(e)] = std::current_exception();
-      stop.store(true);
-    }
-  }
-  for (int e = 0; e < batch; ++e) {
-    if (!errors[sz(e)]) continue;
-    try {
-      std::rethrow_exception(errors[sz(e)]);
     } catch (const NonFiniteError& err) {
       throw NonFiniteError(err.where(), err.index(),
                            std::string(err.what()) + " (example " + std::to_string(e) + ")");
     }
-  }
+  });
 }
 
 }  // namespace

@@ -97,41 +97,20 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
   // Each layer draws from its own stream, so the split across threads changes nothing.
   // LAPACK (orthogonal init) runs single-threaded inside the parallel loop.
   BlasThreads one(1);
-  std::string error;
-  std::atomic<bool> interrupted{false};
-#pragma omp parallel
-  {
-    std::vector<double> wbuf, bbuf;
-#ifdef _OPENMP
-    const bool polls = omp_get_thread_num() == 0;
-#else
-    const bool polls = true;
-#endif
-#pragma omp for schedule(dynamic, 1)
-    for (int l = 1; l <= depth; ++l) {
-      if (interrupted.load(std::memory_order_relaxed)) continue;
-      try {
-        if (polls && cancel) cancel->poll();
-        const int fo = widths_[static_cast<std::size_t>(l)];
-        const int fi = widths_[static_cast<std::size_t>(l) - 1];
-        wbuf.resize(static_cast<std::size_t>(fo) * static_cast<std::size_t>(fi));
-        bbuf.resize(static_cast<std::size_t>(fo));
-        init_weight(wbuf.data(), fo, fi, init, rng, static_cast<std::uint64_t>(l - 1));
-        init_bias(bbuf.data(), fo, init, rng, static_cast<std::uint64_t>(l - 1));
-        std::transform(wbuf.begin(), wbuf.end(), weight(l),
-                       [](double v) { return static_cast<T>(v); });
-        std::transform(bbuf.begin(), bbuf.end(), bias(l),
-                       [](double v) { return static_cast<T>(v); });
-      } catch (const Interrupted&) {
-        interrupted.store(true);
-      } catch (const std::exception& e) {
-#pragma omp critical
-        error = e.what();
-      }
-    }
-  }
-  if (interrupted.load()) throw Interrupted();
-  if (!error.empty()) throw std::runtime_error(error);
+  struct Scratch {
+    std::vector<double> w, b;
+  };
+  parallel_indices<Scratch>(1, depth + 1, max_threads(), [&](int l, Scratch& buf, bool polls) {
+    if (polls && cancel) cancel->poll();
+    const int fo = widths_[static_cast<std::size_t>(l)];
+    const int fi = widths_[static_cast<std::size_t>(l) - 1];
+    buf.w.resize(static_cast<std::size_t>(fo) * static_cast<std::size_t>(fi));
+    buf.b.resize(static_cast<std::size_t>(fo));
+    init_weight(buf.w.data(), fo, fi, init, rng, static_cast<std::uint64_t>(l - 1));
+    init_bias(buf.b.data(), fo, init, rng, static_cast<std::uint64_t>(l - 1));
+    std::transform(buf.w.begin(), buf.w.end(), weight(l), [](double v) { return static_cast<T>(v); });
+    std::transform(buf.b.begin(), buf.b.end(), bias(l), [](double v) { return static_cast<T>(v); });
+  });
 }
 
 template <class T>

@@ -1,8 +1,10 @@
-// Chunked parallel loops for elementwise work. Small arrays run inline: a parallel
-// region costs more than the work below a few tens of thousands of elements.
+// Parallel loops: chunked ones for elementwise work, and one index at a time for
+// independent pieces of work (layers, examples) that may fail or be cancelled.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
+#include <exception>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -47,6 +49,42 @@ void parallel_chunks(std::size_t n, F&& f) {
   }
 #endif
   f(std::size_t{0}, n);
+}
+
+// Runs body(i, scratch, polls) for i = begin .. end - 1 on up to `threads` OpenMP threads,
+// one index at a time (dynamic schedule). Each thread default-constructs one Scratch (its
+// buffers); `polls` is true on one thread only, the one that should poll a Canceller. After
+// a failure the indices not yet started are skipped, and the exception of the lowest failing
+// index is rethrown.
+template <class Scratch, class F>
+void parallel_indices(int begin, int end, int threads, F&& body) {
+  std::exception_ptr error;
+  int failed = end;
+  std::atomic<bool> stop{false};
+#pragma omp parallel num_threads(threads) if (threads > 1 && end - begin > 1)
+  {
+    Scratch scratch{};
+#ifdef _OPENMP
+    const bool polls = omp_get_thread_num() == 0;
+#else
+    const bool polls = true;
+#endif
+#pragma omp for schedule(dynamic, 1)
+    for (int i = begin; i < end; ++i) {
+      if (stop.load(std::memory_order_relaxed)) continue;
+      try {
+        body(i, scratch, polls);
+      } catch (...) {
+#pragma omp critical(gradchain_parallel_indices)
+        if (i < failed) {
+          failed = i;
+          error = std::current_exception();
+        }
+        stop.store(true);
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace gradchain
