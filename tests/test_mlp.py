@@ -8,6 +8,7 @@ import math
 import numpy as np
 import oracles as O
 import pytest
+from checks import assert_arrays, assert_log10, assert_scalar
 from conftest import ACTIVATIONS, CONFIGS, INITS, THREADED_CONFIGS, ChainConfig, needs_torch, torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -43,40 +44,6 @@ def assert_norms(actual, expected, rtol, what):
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0, err_msg=what)
-
-
-def assert_log10(actual, expected_norms, rtol, what):
-    """log10 norms against log10 of oracle norms: |d log10| <= rtol / ln 10 (+ rounding of
-    the log10 itself); exact zeros must be -inf."""
-    with np.errstate(divide="ignore"):
-        exp = np.log10(np.asarray(expected_norms, dtype=np.float64))
-    actual = np.asarray(actual, dtype=np.float64)
-    assert actual.shape == exp.shape, f"{what}: shape {actual.shape} != {exp.shape}"
-    atol = rtol / math.log(10) + 4e-16 * np.max(np.abs(exp[np.isfinite(exp)]), initial=1.0)
-    np.testing.assert_allclose(actual, exp, rtol=0, atol=atol, err_msg=what)
-
-
-def assert_arrays(actual, expected, rtol, what):
-    """Each array normwise within rtol of the oracle, and elementwise within rtol * max."""
-    assert actual is not None, f"{what}: None"
-    assert len(actual) == len(expected), f"{what}: {len(actual)} arrays != {len(expected)}"
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        a = np.asarray(a)
-        e = np.asarray(e, dtype=np.float64)
-        assert a.shape == e.shape, f"{what}[{i}]: shape {a.shape} != {e.shape}"
-        a = a.astype(np.float64)
-        ne = np.linalg.norm(e)
-        assert np.linalg.norm(a - e) <= rtol * ne, (
-            f"{what}[{i}]: |a - e| = {np.linalg.norm(a - e):.3e}, |e| = {ne:.3e}"
-        )
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e), initial=0))
-
-
-def assert_scalar(actual, expected, rtol, what):
-    if math.isnan(expected):
-        assert math.isnan(actual), f"{what}: {actual} should be nan"
-    else:
-        assert abs(actual - expected) <= rtol * abs(expected), f"{what}: {actual!r} vs {expected!r}"
 
 
 def check_report(rep, ref, rtol, grads=True, p=2.0):

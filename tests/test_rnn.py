@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import oracles as O
 import pytest
+from checks import assert_close, assert_log10, assert_scalar
 from conftest import needs_torch, torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -38,43 +39,6 @@ def _log10(x: float) -> float:
 def slice_norms(a):
     """Frobenius norms over (batch, hidden) of a (layers, steps + 1, batch, hidden) array."""
     return np.sqrt(np.sum(np.asarray(a, dtype=np.float64) ** 2, axis=(2, 3)))
-
-
-def assert_close(actual, expected, rtol=RTOL, what=""):
-    """Normwise within rtol, and elementwise within rtol * max|expected|."""
-    assert actual is not None, f"{what}: None"
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
-    ne = np.linalg.norm(e)
-    assert np.linalg.norm(a - e) <= rtol * ne, (
-        f"{what}: |a - e| = {np.linalg.norm(a - e):.3e}, |e| = {ne:.3e}"
-    )
-    np.testing.assert_allclose(
-        a, e, rtol=rtol, atol=rtol * np.max(np.abs(e), initial=0), err_msg=what
-    )
-
-
-def assert_log10(actual, expected_norms, rtol=RTOL, what=""):
-    """log10 norms against the log10 of oracle norms: |d log10| <= rtol / ln 10 (+ the
-    rounding of the log10 itself); an exactly zero oracle norm must give -inf."""
-    with np.errstate(divide="ignore"):
-        exp = np.log10(np.asarray(expected_norms, dtype=np.float64))
-    act = np.asarray(actual, dtype=np.float64)
-    assert act.shape == exp.shape, f"{what}: shape {act.shape} != {exp.shape}"
-    assert np.array_equal(np.isneginf(act), np.isneginf(exp)), (
-        f"{what}: exact zeros differ: got -inf at {np.argwhere(np.isneginf(act)).tolist()}, "
-        f"expected at {np.argwhere(np.isneginf(exp)).tolist()}"
-    )
-    atol = rtol / math.log(10) + 4e-16 * np.max(np.abs(exp[np.isfinite(exp)]), initial=1.0)
-    np.testing.assert_allclose(act, exp, rtol=0, atol=atol, err_msg=what)
-
-
-def assert_scalar(actual, expected, rtol=RTOL, what=""):
-    if math.isnan(expected):
-        assert math.isnan(actual), f"{what}: {actual} should be nan"
-    else:
-        assert abs(actual - expected) <= rtol * abs(expected), f"{what}: {actual!r} vs {expected!r}"
 
 
 def _run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import oracles as O
 import pytest
+from checks import assert_close
 from conftest import needs_torch
 
 RTOL = 1e-12
@@ -22,20 +23,6 @@ RTOL = 1e-12
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-def assert_close(actual, expected, rtol=RTOL, what=""):
-    """Normwise within rtol, and elementwise within rtol * max|expected|."""
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
-    ne = np.linalg.norm(e)
-    assert np.linalg.norm(a - e) <= rtol * ne, (
-        f"{what}: |a - e| = {np.linalg.norm(a - e):.3e}, |e| = {ne:.3e}"
-    )
-    np.testing.assert_allclose(
-        a, e, rtol=rtol, atol=rtol * np.max(np.abs(e), initial=0), err_msg=what
-    )
-
-
 def assert_results_close(a, b, rtol=RTOL):
     assert list(a["grads"]) == list(b["grads"])
     for name in a["grads"]:

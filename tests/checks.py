@@ -1,0 +1,55 @@
+"""Assertions shared by the parity tests: arrays, log10 norms and scalars against an
+oracle, each with a message naming what was compared."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+RTOL = 1e-10  # the project's parity tolerance in float64
+
+
+def assert_close(actual, expected, rtol=RTOL, what=""):
+    """Normwise within rtol, and elementwise within rtol * max|expected|."""
+    assert actual is not None, f"{what}: None"
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    ne = np.linalg.norm(e)
+    assert np.linalg.norm(a - e) <= rtol * ne, (
+        f"{what}: |a - e| = {np.linalg.norm(a - e):.3e}, |e| = {ne:.3e}"
+    )
+    np.testing.assert_allclose(
+        a, e, rtol=rtol, atol=rtol * np.max(np.abs(e), initial=0), err_msg=what
+    )
+
+
+def assert_arrays(actual, expected, rtol=RTOL, what=""):
+    """assert_close for each array of two equally long sequences."""
+    assert actual is not None, f"{what}: None"
+    assert len(actual) == len(expected), f"{what}: {len(actual)} arrays != {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, rtol, f"{what}[{i}]")
+
+
+def assert_log10(actual, expected_norms, rtol=RTOL, what=""):
+    """log10 norms against the log10 of oracle norms: |d log10| <= rtol / ln 10 (+ the
+    rounding of the log10 itself); an exactly zero oracle norm must give -inf."""
+    with np.errstate(divide="ignore"):
+        exp = np.log10(np.asarray(expected_norms, dtype=np.float64))
+    act = np.asarray(actual, dtype=np.float64)
+    assert act.shape == exp.shape, f"{what}: shape {act.shape} != {exp.shape}"
+    assert np.array_equal(np.isneginf(act), np.isneginf(exp)), (
+        f"{what}: exact zeros differ: got -inf at {np.argwhere(np.isneginf(act)).tolist()}, "
+        f"expected at {np.argwhere(np.isneginf(exp)).tolist()}"
+    )
+    atol = rtol / math.log(10) + 4e-16 * np.max(np.abs(exp[np.isfinite(exp)]), initial=1.0)
+    np.testing.assert_allclose(act, exp, rtol=0, atol=atol, err_msg=what)
+
+
+def assert_scalar(actual, expected, rtol=RTOL, what=""):
+    if math.isnan(expected):
+        assert math.isnan(actual), f"{what}: {actual} should be nan"
+    else:
+        assert abs(actual - expected) <= rtol * abs(expected), f"{what}: {actual!r} vs {expected!r}"
