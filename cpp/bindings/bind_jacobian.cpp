@@ -1,5 +1,6 @@
 #include <limits>
 #include <string>
+#include <tuple>
 
 #include "gradchain/jacobian.hpp"
 #include "gradchain/mlp.hpp"
@@ -94,41 +95,46 @@ py::tuple spectrum(const MLPChain<T>& net, CArray<double> x, int k, int interval
   return spectrum_tuple(std::move(S), batch, net.depth(), k, interval);
 }
 
+// A batch of sequences as the core reads it: x (steps, batch, input_size) and the optional
+// initial states, converted and kept alive here.
+struct Sequences {
+  int steps = 0, batch = 0;
+  CArray<double> x, h0, c0;
+  const double *xp = nullptr, *h0p = nullptr, *c0p = nullptr;
+
+  Sequences(const RecurrentShape& s, CArray<double> xs, const py::object& h, const py::object& c)
+      : x(std::move(xs)) {
+    std::tie(steps, batch) = checked_sequences(x, s.input_size);
+    const py::ssize_t state = static_cast<py::ssize_t>(s.num_layers) * batch * s.hidden_size;
+    xp = x.data();
+    h0p = state_ptr(h, state, h0, "h0");
+    c0p = state_ptr(c, state, c0, "c0");
+  }
+};
+
 template <class T>
 py::dict rnn_norms(const RecurrentChain<T>& net, CArray<double> x, py::object h0, py::object c0,
                    bool spectral, double tol, int max_iter, int exact_max_dim) {
-  const RecurrentShape& s = net.shape();
-  const auto [steps, batch] = checked_sequences(x, s.input_size);
+  const Sequences q(net.shape(), std::move(x), h0, c0);
   const NormsOptions opt = norms_options(spectral, tol, max_iter, exact_max_dim);
-  const py::ssize_t state = static_cast<py::ssize_t>(s.num_layers) * batch * s.hidden_size;
-  CArray<double> h0a, c0a;
-  const double* h0p = state_ptr(h0, state, h0a, "h0");
-  const double* c0p = state_ptr(c0, state, c0a, "c0");
-  const double* xp = x.data();
   BatchNorms r = without_gil([&] {
     Canceller cancel = signal_canceller();
-    return recurrent_jacobian_norms(net, xp, steps, batch, h0p, c0p, opt, cancel);
+    return recurrent_jacobian_norms(net, q.xp, q.steps, q.batch, q.h0p, q.c0p, opt, cancel);
   });
-  return norms_dict(std::move(r), batch, steps);
+  return norms_dict(std::move(r), q.batch, q.steps);
 }
 
 template <class T>
 py::tuple rnn_spectrum(const RecurrentChain<T>& net, CArray<double> x, py::object h0,
                        py::object c0, int k, int interval, const std::string& start,
                        std::uint64_t seed) {
-  const RecurrentShape& s = net.shape();
-  const auto [steps, batch] = checked_sequences(x, s.input_size);
+  const Sequences q(net.shape(), std::move(x), h0, c0);
   const SpectrumOptions opt = spectrum_options(k, interval, start, seed);
-  const py::ssize_t state = static_cast<py::ssize_t>(s.num_layers) * batch * s.hidden_size;
-  CArray<double> h0a, c0a;
-  const double* h0p = state_ptr(h0, state, h0a, "h0");
-  const double* c0p = state_ptr(c0, state, c0a, "c0");
-  const double* xp = x.data();
   std::vector<double> S = without_gil([&] {
     Canceller cancel = signal_canceller();
-    return recurrent_qr_spectrum(net, xp, steps, batch, h0p, c0p, opt, cancel);
+    return recurrent_qr_spectrum(net, q.xp, q.steps, q.batch, q.h0p, q.c0p, opt, cancel);
   });
-  return spectrum_tuple(std::move(S), batch, steps, k, interval);
+  return spectrum_tuple(std::move(S), q.batch, q.steps, k, interval);
 }
 
 template <class T>

@@ -33,16 +33,10 @@ py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss,
   const int L = net.depth();
   const auto& w = net.widths();
   py::dict d;
-  d["loss"] = r.loss;
-  d["log10_loss"] = r.log10_loss;
   d["log10_weight_grad_norms"] = to_numpy_d(std::move(r.log10_weight_grad_norms));
   d["log10_bias_grad_norms"] = to_numpy_d(std::move(r.log10_bias_grad_norms));
   d["log10_activation_grad_norms"] = to_numpy_d(std::move(r.log10_activation_grad_norms));
-  d["norm_type"] = r.norm_type;
-  d["log10_total_norm"] = r.log10_total_norm;
-  d["clipped"] = r.clipped;
-  d["max_norm"] = r.max_norm;
-  d["log10_clip_coef"] = r.log10_clip_coef;
+  put_loss_and_clip(d, r);
   d["output"] = to_numpy(std::move(r.output), {batch, w[static_cast<std::size_t>(L)]});
   d["output_log2_scale"] = r.output_log2_scale;
   if (keep_grads) {

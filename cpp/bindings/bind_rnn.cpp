@@ -58,17 +58,11 @@ py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::objec
   });
   const py::ssize_t L = s.num_layers, H = s.hidden_size, B = batch, T1 = steps + 1;
   py::dict d;
-  d["loss"] = r.loss;
-  d["log10_loss"] = r.log10_loss;
   d["log10_state_grad_norms"] = to_numpy(std::move(r.log10_state_grad_norms), {L, T1});
   if (s.cell == CellKind::lstm)
     d["log10_cell_grad_norms"] = to_numpy(std::move(r.log10_cell_grad_norms), {L, T1});
   d["log10_param_grad_norms"] = to_numpy_d(std::move(r.log10_param_grad_norms));
-  d["norm_type"] = r.norm_type;
-  d["log10_total_norm"] = r.log10_total_norm;
-  d["clipped"] = r.clipped;
-  d["max_norm"] = r.max_norm;
-  d["log10_clip_coef"] = r.log10_clip_coef;
+  put_loss_and_clip(d, r);
   d["h_n"] = to_numpy(std::move(r.h_n), {L, B, H});
   if (s.cell == CellKind::lstm) d["c_n"] = to_numpy(std::move(r.c_n), {L, B, H});
   if (keep_grads) {

@@ -71,6 +71,18 @@ const T* state_ptr(const py::object& a, py::ssize_t size, CArray<T>& keep, const
 }
 }  // namespace
 
+// The loss and the total-norm / clipping fields that every backward result has.
+template <class R>
+void put_loss_and_clip(py::dict& d, const R& r) {
+  d["loss"] = r.loss;
+  d["log10_loss"] = r.log10_loss;
+  d["norm_type"] = r.norm_type;
+  d["log10_total_norm"] = r.log10_total_norm;
+  d["clipped"] = r.clipped;
+  d["max_norm"] = r.max_norm;
+  d["log10_clip_coef"] = r.log10_clip_coef;
+}
+
 // A Canceller whose hook checks for pending signals (Ctrl-C). Safe to call with the GIL
 // released: the hook takes the GIL for the check only.
 Canceller signal_canceller();
