@@ -34,7 +34,6 @@ NormsOptions norms_options(bool spectral, double tol, int max_iter, int exact_ma
   opt.tol = tol;
   opt.max_iter = max_iter;
   opt.exact_max_dim = exact_max_dim;
-  opt.validate();
   return opt;
 }
 
@@ -65,7 +64,7 @@ py::tuple spectrum_tuple(std::vector<double> S, int batch, int length, int k, in
   return py::make_tuple(to_numpy(std::move(depths), {nd}), to_numpy(std::move(S), {batch, nd, k}));
 }
 
-// In every function below only C++ values and buffers kept alive by this frame (x, h0, c0)
+// The core checks the options. In every function below only C++ values and buffers kept alive by this frame (x, h0, c0)
 // or by the caller's reference (the chain) cross into the core, so the GIL can be released.
 
 template <class T>
@@ -86,7 +85,6 @@ py::tuple spectrum(const MLPChain<T>& net, CArray<double> x, int k, int interval
                    const std::string& start, std::uint64_t seed) {
   const int batch = checked_batch(x, net.widths()[0]);
   const SpectrumOptions opt = spectrum_options(k, interval, start, seed);
-  opt.validate(net.widths());
   const double* xp = x.data();
   std::vector<double> S = without_gil([&] {
     Canceller cancel = signal_canceller();

@@ -1125,31 +1125,30 @@ std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
   return S;
 }
 
+namespace {
+
+// Example e of a batch of inputs x (batch x widths[0]) through the chain's layers.
+JacobianFactory mlp_examples(const MLPLayers& layers, const double* x) {
+  const std::size_t n0 = sz(layers.widths()[0]);
+  return [&layers, x, n0](int e, bool lazy) -> std::unique_ptr<JacobianChain> {
+    return std::make_unique<MLPJacobians>(layers, x + sz(e) * n0, lazy);
+  };
+}
+
+}  // namespace
+
 template <class T>
 BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
                               const NormsOptions& opt, Canceller& cancel) {
   const MLPLayers layers(chain, true);
-  const int n0 = chain.widths()[0];
-  return batch_jacobian_norms(
-      batch, chain.depth(),
-      [&](int e, bool lazy) -> std::unique_ptr<JacobianChain> {
-        return std::make_unique<MLPJacobians>(layers, x + sz(e) * sz(n0), lazy);
-      },
-      opt, cancel);
+  return batch_jacobian_norms(batch, chain.depth(), mlp_examples(layers, x), opt, cancel);
 }
 
 template <class T>
 std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, int batch,
                                     const SpectrumOptions& opt, Canceller& cancel) {
-  opt.validate(chain.widths());
   const MLPLayers layers(chain, false);
-  const int n0 = chain.widths()[0];
-  return batch_qr_spectrum(
-      batch, chain.widths(),
-      [&](int e, bool lazy) -> std::unique_ptr<JacobianChain> {
-        return std::make_unique<MLPJacobians>(layers, x + sz(e) * sz(n0), lazy);
-      },
-      opt, cancel);
+  return batch_qr_spectrum(batch, chain.widths(), mlp_examples(layers, x), opt, cancel);
 }
 
 template BatchNorms mlp_jacobian_norms(const MLPChain<float>&, const double*, int,

@@ -273,7 +273,6 @@ BatchNorms recurrent_jacobian_norms(const RecurrentChain<T>& chain, const double
                                     int batch, const double* h0, const double* c0,
                                     const NormsOptions& opt, Canceller& cancel) {
   check_sequence(steps, batch);
-  opt.validate();
   const RecurrentLayers layers(chain);
   return batch_jacobian_norms(batch, steps, sequences(layers, x, steps, batch, h0, c0), opt, cancel);
 }
@@ -286,7 +285,6 @@ std::vector<double> recurrent_qr_spectrum(const RecurrentChain<T>& chain, const 
   check_sequence(steps, batch);
   const RecurrentLayers layers(chain);
   const std::vector<int> dims(sz(steps + 1), layers.state_dim());
-  opt.validate(dims);
   return batch_qr_spectrum(batch, dims, sequences(layers, x, steps, batch, h0, c0), opt, cancel);
 }
 
