@@ -64,8 +64,9 @@ py::tuple spectrum_tuple(std::vector<double> S, int batch, int length, int k, in
   return py::make_tuple(to_numpy(std::move(depths), {nd}), to_numpy(std::move(S), {batch, nd, k}));
 }
 
-// The core checks the options. In every function below only C++ values and buffers kept alive by this frame (x, h0, c0)
-// or by the caller's reference (the chain) cross into the core, so the GIL can be released.
+// The core checks the options. In every function below only C++ values and buffers kept
+// alive by this frame (x, h0, c0) or by the caller's reference (the chain) cross into the
+// core, so the GIL can be released.
 
 template <class T>
 py::dict norms(const MLPChain<T>& net, CArray<double> x, bool spectral, double tol, int max_iter,
