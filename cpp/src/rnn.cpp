@@ -175,10 +175,11 @@ class Pass {
   void param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<std::int64_t>& ex,
                    const std::vector<char>& nz) const;
   void vertical(Part<T>& p, std::size_t l, const T* dG, std::size_t rows, T* out) const;
-  void record_state(Part<T>& p, std::size_t l, std::size_t t, const T* dh, std::int64_t g,
-                    bool have, bool window) const;
-  void record_cell(Part<T>& p, std::size_t l, std::size_t t, const T* dc, std::int64_t g,
-                   bool have, bool window) const;
+  // dL/dh_t (state) or dL/dc_t (cell) of layer l, d * 2^g (have = false: zero): into the
+  // window accumulator, or into the log10 norms and the kept gradients.
+  enum class Grad { state, cell };
+  void record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const T* d, std::int64_t g,
+              bool have, bool window) const;
 
   const Model<T>& m_;
   const RecurrentRequest& req_;
@@ -464,36 +465,21 @@ void Pass<T>::loss(Part<T>& p) const {
 // ---- backward -----------------------------------------------------------------------------
 
 template <class T>
-void Pass<T>::record_state(Part<T>& p, std::size_t l, std::size_t t, const T* dh, std::int64_t g,
-                           bool have, bool window) const {
+void Pass<T>::record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const T* d,
+                     std::int64_t g, bool have, bool window) const {
+  const bool cell = which == Grad::cell;
   const std::size_t n = p.R * m_.H;
   if (window) {
-    if (have) accumulate(p.SA[l] + t * n, p.saexp[l][t], p.sanz[l][t], dh, g, n);
+    if (have)
+      accumulate((cell ? p.CA : p.SA)[l] + t * n, (cell ? p.caexp : p.saexp)[l][t],
+                 (cell ? p.canz : p.sanz)[l][t], d, g, n);
     return;
   }
-  p.ls[l * (Tn_ + 1) + t] = have ? log10_sq(scan(dh, n).sumsq, g) : kNegInf;
+  (cell ? p.lc : p.ls)[l * (Tn_ + 1) + t] = have ? log10_sq(scan(d, n).sumsq, g) : kNegInf;
   if (req_.keep_grads) {
-    T* dst = res_.state_grads.data() + ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
+    T* dst = (cell ? res_.cell_grads : res_.state_grads).data() + ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
     if (have)
-      write_scaled(dh, n, g, 1.0, dst);
-    else
-      std::fill(dst, dst + n, T(0));
-  }
-}
-
-template <class T>
-void Pass<T>::record_cell(Part<T>& p, std::size_t l, std::size_t t, const T* dc, std::int64_t g,
-                          bool have, bool window) const {
-  const std::size_t n = p.R * m_.H;
-  if (window) {
-    if (have) accumulate(p.CA[l] + t * n, p.caexp[l][t], p.canz[l][t], dc, g, n);
-    return;
-  }
-  p.lc[l * (Tn_ + 1) + t] = have ? log10_sq(scan(dc, n).sumsq, g) : kNegInf;
-  if (req_.keep_grads) {
-    T* dst = res_.cell_grads.data() + ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
-    if (have)
-      write_scaled(dc, n, g, 1.0, dst);
+      write_scaled(d, n, g, 1.0, dst);
     else
       std::fill(dst, dst + n, T(0));
   }
@@ -542,7 +528,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
         add_pow2(dh, u, n, ue - g);
       }
     }
-    record_state(p, l, t, dh, g, have, window);
+    record(Grad::state, p, l, t, dh, g, have, window);
     const T* G = p.Gt[l] + (t - 1) * R * GW;
     const T* tc = lstm ? p.TC[l] + (t - 1) * n : nullptr;
     auto add_from_h = [&](T* c, const T* d) {  // c += d * o * (1 - tanh(c_t)^2)
@@ -567,13 +553,13 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
             std::int64_t e = ue;
             char nz = 1;
             accumulate(tmp, e, nz, dc, g_rec, n);
-            record_cell(p, l, t, tmp, e, true, false);
+            record(Grad::cell, p, l, t, tmp, e, true, false);
           } else {
-            record_cell(p, l, t, tmp, ue, true, false);
+            record(Grad::cell, p, l, t, tmp, ue, true, false);
           }
           std::copy(dhn, dhn + n, dc);
         } else {
-          record_cell(p, l, t, dc, g_rec, had, false);
+          record(Grad::cell, p, l, t, dc, g_rec, had, false);
         }
       }
       have = has_up;
@@ -583,9 +569,9 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
     } else if (lstm && have) {
       add_from_h(dc, dh);
-      record_cell(p, l, t, dc, g, true, window);
+      record(Grad::cell, p, l, t, dc, g, true, window);
     } else if (lstm) {
-      record_cell(p, l, t, dc, g, false, window);
+      record(Grad::cell, p, l, t, dc, g, false, window);
     }
 
     T* dG = window ? p.Wd + (t - t_lo - 1) * R * GW : p.Gt[l] + (t - 1) * R * GW;
@@ -659,8 +645,8 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     if (abort_.load(std::memory_order_relaxed)) return;
     if (polls) cancel_.poll();
   }
-  record_state(p, l, t_lo, dh, g, have, window);
-  if (lstm) record_cell(p, l, t_lo, dc, g, have, window);
+  record(Grad::state, p, l, t_lo, dh, g, have, window);
+  if (lstm) record(Grad::cell, p, l, t_lo, dc, g, have, window);
 }
 
 // rows x in_l gradient of the layer's input: dL/dgates_ih W_ih, row by row (each row keeps
@@ -856,8 +842,8 @@ void Pass<T>::gather_window_norms(Part<T>& p) const {
   for (std::size_t l = 0; l < m_.L; ++l)
     for (std::size_t t = 0; t <= Tn_; ++t) {
       const T* a = p.SA[l] + t * n;
-      record_state(p, l, t, a, p.saexp[l][t], p.sanz[l][t] != 0, false);
-      if (lstm) record_cell(p, l, t, p.CA[l] + t * n, p.caexp[l][t], p.canz[l][t] != 0, false);
+      record(Grad::state, p, l, t, a, p.saexp[l][t], p.sanz[l][t] != 0, false);
+      if (lstm) record(Grad::cell, p, l, t, p.CA[l] + t * n, p.caexp[l][t], p.canz[l][t] != 0, false);
     }
 }
 
