@@ -671,9 +671,33 @@ void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt,
 
 }  // namespace
 
+namespace {
+
+// Step l of a chain as its dense n x m matrix, for power iteration on chains whose apply()
+// would form that matrix anew on every call.
+class DenseStep final : public JacobianChain {
+ public:
+  DenseStep(const double* J, int l, int n, int m) : J_(J), l_(l), n_(n), m_(m) {}
+  int length() const override { return l_; }
+  int dim(int j) const override { return j == l_ ? n_ : m_; }
+  void apply(int, const double* v, int k, double* out) const override {
+    blas::gemm(blas::Trans::N, blas::Trans::T, k, n_, m_, 1.0, v, m_, J_, m_, 0.0, out, n_);
+  }
+  void apply_transpose(int, const double* u, int k, double* out) const override {
+    blas::gemm(blas::Trans::N, blas::Trans::N, k, m_, n_, 1.0, u, n_, J_, m_, 0.0, out, m_);
+  }
+
+ private:
+  const double* J_;
+  int l_, n_, m_;
+};
+
+}  // namespace
+
 void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNorms* out,
                     Canceller* cancel, int threads) {
   const int L = chain.length();
+  const bool native = chain.dense_native();
   struct Scratch {
     std::vector<double> J, s;
   };
@@ -681,22 +705,32 @@ void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNo
   parallel_indices<Scratch>(1, L + 1, threads, [&](int l, Scratch& w, bool polls) {
     LayerNorms& r = out[l - 1];
     r = LayerNorms{};
-    r.log10_frobenius = chain.log10_frobenius(l);
+    const int n = chain.dim(l), m = chain.dim(l - 1);
+    const bool exact = opt.spectral && std::max(n, m) <= opt.exact_max_dim;
+    // A chain whose own norms and products go through dense() has it formed once here.
+    if (native || exact) {
+      w.J.resize(sz(n) * sz(m));
+      chain.dense(l, w.J.data());
+    }
+    if (native) {
+      const double nrm = safe_norm(w.J.data(), w.J.size());
+      r.log10_frobenius = nrm > 0.0 ? std::log10(nrm) : kNegInf;
+    } else {
+      r.log10_frobenius = chain.log10_frobenius(l);
+    }
     r.log10_spectral = std::numeric_limits<double>::quiet_NaN();
-    if (opt.spectral) {
-      const int n = chain.dim(l), m = chain.dim(l - 1);
-      if (std::max(n, m) <= opt.exact_max_dim) {
-        w.J.resize(sz(n) * sz(m));
-        w.s.resize(sz(std::min(n, m)));
-        chain.dense(l, w.J.data());
-        const int info = blas::singular_values(n, m, w.J.data(), m, w.s.data());
-        if (info != 0)
-          throw std::runtime_error("LAPACK gesdd failed (info " + std::to_string(info) + ") at " +
-                                   layer_msg(l, L));
-        r.log10_spectral = w.s[0] > 0.0 ? std::log10(w.s[0]) : kNegInf;
-      } else {
+    if (exact) {
+      w.s.resize(sz(std::min(n, m)));
+      const int info = blas::singular_values(n, m, w.J.data(), m, w.s.data());
+      if (info != 0)
+        throw std::runtime_error("LAPACK gesdd failed (info " + std::to_string(info) + ") at " +
+                                 layer_msg(l, L));
+      r.log10_spectral = w.s[0] > 0.0 ? std::log10(w.s[0]) : kNegInf;
+    } else if (opt.spectral) {
+      if (native)
+        power_iteration(DenseStep(w.J.data(), l, n, m), l, opt, r);
+      else
         power_iteration(chain, l, opt, r);
-      }
     }
     if (cancel && polls) cancel->poll();
   });

@@ -38,6 +38,9 @@ class JacobianChain {
   // d = 1). The QR spectrum applies its reflectors to B's rows, so that the orthonormal
   // frame is never formed. Default: B = dense(l) in `storage`, d = nullptr.
   virtual const double* row_form(int l, const double** d, std::vector<double>& storage) const;
+  // True when apply() and log10_frobenius() form dense(l) on every call: jacobian_norms()
+  // then forms it once per step and works on that.
+  virtual bool dense_native() const { return false; }
 };
 
 // An MLPChain's weights in double (a copy for float chains), and what every example's

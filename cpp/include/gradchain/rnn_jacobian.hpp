@@ -54,6 +54,7 @@ class RecurrentJacobians final : public JacobianChain {
   void apply(int t, const double* v, int k, double* out) const override;
   void apply_transpose(int t, const double* u, int k, double* out) const override;
   void dense(int t, double* J) const override;
+  bool dense_native() const override { return true; }
 
   // s_t, t = 0..steps.
   const double* state(int t) const { return s_.data() + static_cast<std::size_t>(t) * static_cast<std::size_t>(n_); }
