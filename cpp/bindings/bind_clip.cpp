@@ -58,12 +58,10 @@ void bind_clip(py::module_& m) {
       [](const py::list& arrays, double max_norm, double norm_type, bool error_if_nonfinite) {
         std::vector<py::array> keep;
         const auto grads = grads_from(arrays, keep, true);
-        return without_gil([&] {
-          return clip::clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite);
-        });
+        return without_gil(
+            [&] { return clip::clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite); });
       },
-      py::arg("arrays"), py::arg("max_norm"), py::arg("norm_type"),
-      py::arg("error_if_nonfinite"),
+      py::arg("arrays"), py::arg("max_norm"), py::arg("norm_type"), py::arg("error_if_nonfinite"),
       "Scales C-contiguous float32/float64 arrays in place; returns the total norm.");
   m.def(
       "clip_grad_value",

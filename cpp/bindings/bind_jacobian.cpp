@@ -21,7 +21,8 @@ int checked_batch(const CArray<double>& x, int n0) {
 // (steps, batch) of a (steps, batch, input_size) sequence batch.
 std::pair<int, int> checked_sequences(const CArray<double>& x, int input_size) {
   if (x.ndim() != 3 || x.shape(2) != input_size)
-    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(input_size) + ")");
+    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(input_size) +
+                                ")");
   constexpr auto most = std::numeric_limits<int>::max();
   if (x.shape(0) < 1 || x.shape(0) > most || x.shape(1) < 1 || x.shape(1) > most)
     throw std::invalid_argument("x must hold between 1 and 2**31 - 1 steps and sequences");
@@ -37,7 +38,8 @@ NormsOptions norms_options(bool spectral, double tol, int max_iter, int exact_ma
   return opt;
 }
 
-SpectrumOptions spectrum_options(int k, int interval, const std::string& start, std::uint64_t seed) {
+SpectrumOptions spectrum_options(int k, int interval, const std::string& start,
+                                 std::uint64_t seed) {
   SpectrumOptions opt;
   opt.k = k;
   opt.interval = interval;
@@ -124,9 +126,8 @@ py::dict rnn_norms(const RecurrentChain<T>& net, CArray<double> x, py::object h0
 }
 
 template <class T>
-py::tuple rnn_spectrum(const RecurrentChain<T>& net, CArray<double> x, py::object h0,
-                       py::object c0, int k, int interval, const std::string& start,
-                       std::uint64_t seed) {
+py::tuple rnn_spectrum(const RecurrentChain<T>& net, CArray<double> x, py::object h0, py::object c0,
+                       int k, int interval, const std::string& start, std::uint64_t seed) {
   const Sequences q(net.shape(), std::move(x), h0, c0);
   const SpectrumOptions opt = spectrum_options(k, interval, start, seed);
   std::vector<double> S = without_gil([&] {
@@ -138,9 +139,10 @@ py::tuple rnn_spectrum(const RecurrentChain<T>& net, CArray<double> x, py::objec
 
 template <class T>
 void bind_for(py::module_& m) {
-  m.def("jacobian_norms", &norms<T>, py::arg("chain"), py::arg("x"), py::arg("spectral"),
-        py::arg("tol"), py::arg("max_iter"), py::arg("exact_max_dim"),
-        R"doc(Per-example, per-layer log10 Frobenius and spectral norms of J_l = diag(phi'(z_l)) W_l.
+  m.def(
+      "jacobian_norms", &norms<T>, py::arg("chain"), py::arg("x"), py::arg("spectral"),
+      py::arg("tol"), py::arg("max_iter"), py::arg("exact_max_dim"),
+      R"doc(Per-example, per-layer log10 Frobenius and spectral norms of J_l = diag(phi'(z_l)) W_l.
 
 x is float64 (batch, widths[0]). Returns a dict of (batch, depth) arrays: log10_frobenius,
 log10_spectral (NaN unless spectral), iterations (0: exact SVD), converged.)doc");
@@ -158,9 +160,10 @@ S (batch, n_depths, k) float64, natural log.)doc");
 x is float64 (steps, batch, input_size); h0, c0 float64 (num_layers, batch, hidden_size) or
 None. The state s_t stacks every layer's h_t (and the LSTM's c_t after it). Returns a dict of
 (batch, steps) arrays as for an MLP chain.)doc");
-  m.def("jacobian_spectrum", &rnn_spectrum<T>, py::arg("chain"), py::arg("x"), py::arg("h0"),
-        py::arg("c0"), py::arg("k"), py::arg("interval"), py::arg("start"), py::arg("seed"),
-        R"doc(Cumulative sums of log|R_ii| of the QR factorisation of J_t ... J_1 Q_0 = ds_t/ds_0 Q_0.
+  m.def(
+      "jacobian_spectrum", &rnn_spectrum<T>, py::arg("chain"), py::arg("x"), py::arg("h0"),
+      py::arg("c0"), py::arg("k"), py::arg("interval"), py::arg("start"), py::arg("seed"),
+      R"doc(Cumulative sums of log|R_ii| of the QR factorisation of J_t ... J_1 Q_0 = ds_t/ds_0 Q_0.
 
 Returns (depths, S) as for an MLP chain, with depths the time steps.)doc");
 }

@@ -9,8 +9,8 @@ namespace gradchain::bindings {
 namespace {
 
 template <class T>
-py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss,
-                  py::object target, bool keep_grads, double max_norm, double norm_type) {
+py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss, py::object target,
+                  bool keep_grads, double max_norm, double norm_type) {
   if (x.ndim() != 2 || x.shape(1) != net.widths()[0])
     throw std::invalid_argument("x must have shape (batch, " + std::to_string(net.widths()[0]) +
                                 ")");
@@ -21,7 +21,8 @@ py::dict backward(const MLPChain<T>& net, CArray<T> x, const std::string& loss,
   req.max_norm = max_norm;
   req.norm_type = norm_type;
   TargetArrays<T> tgt;
-  req.target = target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
+  req.target =
+      target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
   const T* xp = x.data();
   // Everything the core reads is now a C++ pointer into arrays this frame keeps alive,
   // so the GIL can go.
@@ -80,8 +81,8 @@ void bind_chain(py::module_& m, const char* name) {
   using Chain = MLPChain<T>;
   py::class_<Chain>(m, name, "A deep fully connected chain (see gradchain.MLP).")
       .def(py::init([](std::vector<int> widths, const std::string& activation,
-                       double negative_slope, double alpha, const std::string& init,
-                       double gain, double sigma_w, double bias_std, std::uint64_t seed) {
+                       double negative_slope, double alpha, const std::string& init, double gain,
+                       double sigma_w, double bias_std, std::uint64_t seed) {
              InitSpec spec;
              spec.kind = InitSpec::parse_kind(init);
              spec.gain = gain;

@@ -31,11 +31,13 @@ py::ssize_t state_size(const RecurrentShape& s, int batch) {
 
 template <class T>
 py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::object c0,
-             const std::string& loss, py::object target, bool every_step, const std::string& truncation,
-             int window, double max_norm, double norm_type, bool keep_grads) {
+             const std::string& loss, py::object target, bool every_step,
+             const std::string& truncation, int window, double max_norm, double norm_type,
+             bool keep_grads) {
   const RecurrentShape& s = net.shape();
   if (x.ndim() != 3 || x.shape(2) != s.input_size)
-    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(s.input_size) + ")");
+    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(s.input_size) +
+                                ")");
   const int steps = static_cast<int>(x.shape(0)), batch = static_cast<int>(x.shape(1));
   RecurrentRequest req;
   req.loss = parse_loss(loss);
@@ -49,7 +51,8 @@ py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::objec
   TargetArrays<T> tgt;
   req.h0 = state_ptr(h0, state_size(s, batch), h0a, "h0");
   req.c0 = state_ptr(c0, state_size(s, batch), c0a, "c0");
-  req.target = target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
+  req.target =
+      target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
   const T* xp = x.data();
   // Every array the core reads is held by this frame; the GIL can go.
   RecurrentResult<T> r = without_gil([&] {
@@ -74,7 +77,8 @@ py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::objec
     }
     d["param_grads"] = g;
     d["state_grads"] = to_numpy(std::move(r.state_grads), {L, T1, B, H});
-    if (s.cell == CellKind::lstm) d["cell_grads"] = to_numpy(std::move(r.cell_grads), {L, T1, B, H});
+    if (s.cell == CellKind::lstm)
+      d["cell_grads"] = to_numpy(std::move(r.cell_grads), {L, T1, B, H});
   }
   return d;
 }
@@ -83,7 +87,8 @@ template <class T>
 py::tuple forward(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::object c0) {
   const RecurrentShape& s = net.shape();
   if (x.ndim() != 3 || x.shape(2) != s.input_size)
-    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(s.input_size) + ")");
+    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(s.input_size) +
+                                ")");
   const int steps = static_cast<int>(x.shape(0)), batch = static_cast<int>(x.shape(1));
   RecurrentRequest req;
   req.forward_only = true;
@@ -119,19 +124,22 @@ void bind_chain(py::module_& m, const char* name) {
                spec.set_forget_bias = true;
                spec.forget_bias = forget_bias.cast<double>();
              }
-             const RecurrentShape shape = make_shape(cell, input_size, hidden_size, num_layers, output_size, bias);
+             const RecurrentShape shape =
+                 make_shape(cell, input_size, hidden_size, num_layers, output_size, bias);
              return without_gil([&] { return std::make_unique<Chain>(shape, spec, seed); });
            }),
            py::arg("cell"), py::arg("input_size"), py::arg("hidden_size"), py::arg("num_layers"),
            py::arg("output_size"), py::arg("bias"), py::arg("init"), py::arg("gain"),
-           py::arg("recurrent_gain"), py::arg("spectral_radius"), py::arg("forget_bias"), py::arg("seed"))
+           py::arg("recurrent_gain"), py::arg("spectral_radius"), py::arg("forget_bias"),
+           py::arg("seed"))
       .def_static(
           "from_params",
-          [](const std::string& cell, int input_size, int hidden_size, int num_layers, int output_size,
-             bool bias, std::vector<CArray<T>> arrays) {
+          [](const std::string& cell, int input_size, int hidden_size, int num_layers,
+             int output_size, bool bias, std::vector<CArray<T>> arrays) {
             std::vector<std::vector<T>> params;
             for (auto& a : arrays) params.emplace_back(a.data(), a.data() + a.size());
-            const RecurrentShape shape = make_shape(cell, input_size, hidden_size, num_layers, output_size, bias);
+            const RecurrentShape shape =
+                make_shape(cell, input_size, hidden_size, num_layers, output_size, bias);
             return std::make_unique<Chain>(shape, std::move(params));
           },
           py::arg("cell"), py::arg("input_size"), py::arg("hidden_size"), py::arg("num_layers"),
@@ -160,9 +168,9 @@ void bind_chain(py::module_& m, const char* name) {
              return c.run_bytes(steps, batch, req);
            })
       .def("forward", &forward<T>, py::arg("x"), py::arg("h0"), py::arg("c0"))
-      .def("run", &run<T>, py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("loss"), py::arg("target"),
-           py::arg("every_step"), py::arg("truncation"), py::arg("window"), py::arg("max_norm"),
-           py::arg("norm_type"), py::arg("keep_grads"));
+      .def("run", &run<T>, py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("loss"),
+           py::arg("target"), py::arg("every_step"), py::arg("truncation"), py::arg("window"),
+           py::arg("max_norm"), py::arg("norm_type"), py::arg("keep_grads"));
 }
 
 }  // namespace

@@ -36,8 +36,7 @@ PYBIND11_MODULE(_core, m) {
         "Physical memory of this machine in bytes.");
   m.def("max_threads", &max_threads, "Threads the core's own parallel loops use.");
   m.def("blas_threads", &blas_threads, "Threads OpenBLAS uses now.");
-  m.def("vectorized_math", &vm::vectorized,
-        "Whether activations use glibc's vector math library.");
+  m.def("vectorized_math", &vm::vectorized, "Whether activations use glibc's vector math library.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

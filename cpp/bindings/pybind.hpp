@@ -37,7 +37,6 @@ inline py::array_t<double> to_numpy_d(std::vector<double>&& v) {
 template <class T>
 using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-
 // The loss target as the core reads it: int64 labels for cross-entropy, T values for mse
 // and upstream gradients, nothing for the probe. `keep` holds the converted arrays.
 // (In an unnamed namespace: pybind11's types have hidden visibility, and a struct that
@@ -66,7 +65,8 @@ const T* state_ptr(const py::object& a, py::ssize_t size, CArray<T>& keep, const
   if (a.is_none()) return nullptr;
   keep = a.cast<CArray<T>>();
   if (keep.size() != size)
-    throw std::invalid_argument(std::string(what) + " must have shape (num_layers, batch, hidden_size)");
+    throw std::invalid_argument(std::string(what) +
+                                " must have shape (num_layers, batch, hidden_size)");
   return keep.data();
 }
 }  // namespace

@@ -17,9 +17,8 @@
 namespace gradchain {
 
 namespace {
-const std::vector<std::string> kNames = {"linear",    "sigmoid", "tanh", "relu",
-                                         "leaky_relu", "elu",     "gelu", "gelu_tanh",
-                                         "silu",       "softplus"};
+const std::vector<std::string> kNames = {"linear", "sigmoid", "tanh",      "relu", "leaky_relu",
+                                         "elu",    "gelu",    "gelu_tanh", "silu", "softplus"};
 
 // Elementwise work runs in blocks of this many elements, so that temporaries stay in L1.
 constexpr std::size_t kBlock = 512;
@@ -161,14 +160,15 @@ void backward_block(const Activation& a, const T* z, const T* h, const T* g, T* 
     case Act::softplus:
       vm::exp(z, tmp, n);
       for (std::size_t i = 0; i < n; ++i)
-        out[i] = z[i] > static_cast<T>(kSoftplusThreshold) ? g[i]
-                                                            : g[i] * tmp[i] / (tmp[i] + T(1));
+        out[i] = z[i] > static_cast<T>(kSoftplusThreshold) ? g[i] : g[i] * tmp[i] / (tmp[i] + T(1));
       break;
   }
 }
 }  // namespace
 
-const std::vector<std::string>& Activation::names() { return kNames; }
+const std::vector<std::string>& Activation::names() {
+  return kNames;
+}
 
 Activation Activation::parse(const std::string& name, double negative_slope, double alpha) {
   Activation a;
@@ -184,7 +184,9 @@ Activation Activation::parse(const std::string& name, double negative_slope, dou
   return a;
 }
 
-std::string Activation::name() const { return kNames[static_cast<std::size_t>(kind)]; }
+std::string Activation::name() const {
+  return kNames[static_cast<std::size_t>(kind)];
+}
 
 bool Activation::positively_homogeneous() const {
   return kind == Act::linear || kind == Act::relu || kind == Act::leaky_relu;
@@ -227,7 +229,7 @@ template void Activation::forward<float>(const float*, float*, std::size_t) cons
 template void Activation::forward<double>(const double*, double*, std::size_t) const;
 template void Activation::backward<float>(const float*, const float*, const float*, float*,
                                           std::size_t) const;
-template void Activation::backward<double>(const double*, const double*, const double*,
-                                           double*, std::size_t) const;
+template void Activation::backward<double>(const double*, const double*, const double*, double*,
+                                           std::size_t) const;
 
 }  // namespace gradchain

@@ -7,7 +7,9 @@
 
 namespace gradchain::blas {
 namespace {
-CBLAS_TRANSPOSE tr(Trans t) { return t == Trans::N ? CblasNoTrans : CblasTrans; }
+CBLAS_TRANSPOSE tr(Trans t) {
+  return t == Trans::N ? CblasNoTrans : CblasTrans;
+}
 }  // namespace
 
 void gemm(Trans ta, Trans tb, int m, int n, int k, double alpha, const double* a, int lda,
@@ -40,7 +42,11 @@ int singular_values(int m, int n, double* a, int lda, double* s) {
   return scipy_LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', n, m, a, lda, s, nullptr, 1, nullptr, 1);
 }
 
-void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
-int get_num_threads() { return scipy_openblas_get_num_threads(); }
+void set_num_threads(int n) {
+  scipy_openblas_set_num_threads(n);
+}
+int get_num_threads() {
+  return scipy_openblas_get_num_threads();
+}
 
 }  // namespace gradchain::blas

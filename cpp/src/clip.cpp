@@ -107,9 +107,8 @@ double norm_2(const T* x, std::size_t n) {
     }
     return Acc{s0 + s1, m};
   };
-  const Acc acc = reduce_blocks(n, Acc{}, block, [](Acc a, Acc b) {
-    return Acc{a.ss + b.ss, std::max(a.max, b.max)};
-  });
+  const Acc acc = reduce_blocks(
+      n, Acc{}, block, [](Acc a, Acc b) { return Acc{a.ss + b.ss, std::max(a.max, b.max)}; });
   // A sum of squares is NaN only if an input is (inf + inf stays inf).
   if (std::isnan(acc.ss)) return kNaN;
   if (std::isinf(acc.max)) return kInf;
@@ -205,8 +204,12 @@ void check_norm_type(double p) {
                                 format_double(p));
 }
 
-double array_norm(const float* x, std::size_t n, double p) { return array_norm_impl(x, n, p); }
-double array_norm(const double* x, std::size_t n, double p) { return array_norm_impl(x, n, p); }
+double array_norm(const float* x, std::size_t n, double p) {
+  return array_norm_impl(x, n, p);
+}
+double array_norm(const double* x, std::size_t n, double p) {
+  return array_norm_impl(x, n, p);
+}
 
 double combine_norms(const std::vector<double>& norms, double p) {
   return array_norm(norms.data(), norms.size(), p);
@@ -220,10 +223,18 @@ double clip_coef(double total, double max_norm) {
   return std::isnan(coef) ? coef : std::min(coef, 1.0);
 }
 
-void scale(float* x, std::size_t n, double coef) { scale_impl(x, n, coef); }
-void scale(double* x, std::size_t n, double coef) { scale_impl(x, n, coef); }
-void clamp(float* x, std::size_t n, double v) { clamp_impl(x, n, v); }
-void clamp(double* x, std::size_t n, double v) { clamp_impl(x, n, v); }
+void scale(float* x, std::size_t n, double coef) {
+  scale_impl(x, n, coef);
+}
+void scale(double* x, std::size_t n, double coef) {
+  scale_impl(x, n, coef);
+}
+void clamp(float* x, std::size_t n, double v) {
+  clamp_impl(x, n, v);
+}
+void clamp(double* x, std::size_t n, double v) {
+  clamp_impl(x, n, v);
+}
 
 double total_norm(const std::vector<Grad>& grads, double p, bool error_if_nonfinite) {
   check_norm_type(p);

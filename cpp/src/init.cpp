@@ -52,7 +52,9 @@ void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std:
   }
 }
 
-const std::vector<std::string>& InitSpec::names() { return kInitNames; }
+const std::vector<std::string>& InitSpec::names() {
+  return kInitNames;
+}
 
 InitKind InitSpec::parse_kind(const std::string& name) {
   return static_cast<InitKind>(parse_name("init", name, kInitNames));

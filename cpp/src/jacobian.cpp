@@ -35,7 +35,9 @@ constexpr double kLn2 = 0.69314718055994530942;
 constexpr std::uint64_t kPowerSeed = 0x6a61636f62690000ull;  // start vectors of power iteration
 constexpr double kPipelineFlops = 1 << 20;  // per layer, for two threads on one example
 
-std::size_t sz(int n) { return static_cast<std::size_t>(n); }
+std::size_t sz(int n) {
+  return static_cast<std::size_t>(n);
+}
 
 // ---- Householder kernels ----------------------------------------------------------------
 // One Householder QR per layer is the whole cost of the spectrum. OpenBLAS's dgeqrf and
@@ -49,7 +51,9 @@ std::size_t sz(int n) { return static_cast<std::size_t>(n); }
 // line (aligned_in()), and reflectors are stored in full: row j of v is 0 before entry j,
 // 1 at j, and 0 in the padding. The kernels then run over whole vectors.
 
-std::size_t padded(int m) { return (sz(m) + 3) & ~std::size_t{3}; }
+std::size_t padded(int m) {
+  return (sz(m) + 3) & ~std::size_t{3};
+}
 
 // n doubles in buf starting on a cache line. New entries are zero.
 double* aligned_in(std::vector<double>& buf, std::size_t n) {
@@ -75,8 +79,7 @@ constexpr int kBlock = 4;
 double dot(const double* a, const double* b, int n);
 
 // T of the block of B reflectors starting at j (LAPACK's dlarft, forward, columnwise).
-void block_t(const double* v, std::size_t ldv, const double* tau, int j, int B, int mp,
-             double* T) {
+void block_t(const double* v, std::size_t ldv, const double* tau, int j, int B, int mp, double* T) {
   std::fill(T, T + kBlock * kBlock, 0.0);
   for (int i = 0; i < B; ++i) {
     const double* vi = v + sz(j + i) * ldv;
@@ -274,17 +277,25 @@ template <int NV>
 void block_apply_n(int B, const double* v, std::size_t ldv, const double* T, int j, int mp,
                    double* const* x) {
   switch (B) {
-    case 4: block_apply<4, NV>(v, ldv, T, j, mp, x); break;
-    case 3: block_apply<3, NV>(v, ldv, T, j, mp, x); break;
-    case 2: block_apply<2, NV>(v, ldv, T, j, mp, x); break;
-    default: block_apply<1, NV>(v, ldv, T, j, mp, x); break;
+    case 4:
+      block_apply<4, NV>(v, ldv, T, j, mp, x);
+      break;
+    case 3:
+      block_apply<3, NV>(v, ldv, T, j, mp, x);
+      break;
+    case 2:
+      block_apply<2, NV>(v, ldv, T, j, mp, x);
+      break;
+    default:
+      block_apply<1, NV>(v, ldv, T, j, mp, x);
+      break;
   }
 }
 
 // The B <= 4 reflectors from j, with their T, applied to the n vectors x + c ldx: in
 // threes (fewer loads of v per FMA), except a QR panel's four columns, in pairs.
-void apply_block(const double* v, std::size_t ldv, const double* T, int j, int B, int mp,
-                 double* x, std::size_t ldx, int n) {
+void apply_block(const double* v, std::size_t ldv, const double* T, int j, int B, int mp, double* x,
+                 std::size_t ldx, int n) {
   int c = 0;
   if (n != 4) {
     for (; c + 3 <= n; c += 3) {
@@ -401,12 +412,14 @@ void transpose_rows(const double* x, std::size_t ldx, const double* d, int i0, i
       int c = 0;
       for (; c + 4 <= k; c += 4) transpose4_avx2(x, ldx, d, i, c, out, ldo);
       for (; c < k; ++c)
-        for (int q = i; q < i + 4; ++q) out[sz(c) * ldo + sz(q)] = (d ? d[q] : 1.0) * x[sz(q) * ldx + sz(c)];
+        for (int q = i; q < i + 4; ++q)
+          out[sz(c) * ldo + sz(q)] = (d ? d[q] : 1.0) * x[sz(q) * ldx + sz(c)];
     }
   }
 #endif
   for (; i < i1; ++i)
-    for (int c = 0; c < k; ++c) out[sz(c) * ldo + sz(i)] = (d ? d[i] : 1.0) * x[sz(i) * ldx + sz(c)];
+    for (int c = 0; c < k; ++c)
+      out[sz(c) * ldo + sz(i)] = (d ? d[i] : 1.0) * x[sz(i) * ldx + sz(c)];
 }
 
 void zero_padding(double* out, std::size_t ldo, int n, int k) {
@@ -466,8 +479,7 @@ double JacobianChain::log10_frobenius(int l) const {
   return nrm > 0.0 ? std::log10(nrm) : kNegInf;
 }
 
-const double* JacobianChain::row_form(int l, const double** d,
-                                      std::vector<double>& storage) const {
+const double* JacobianChain::row_form(int l, const double** d, std::vector<double>& storage) const {
   storage.resize(sz(dim(l)) * sz(dim(l - 1)));
   dense(l, storage.data());
   *d = nullptr;
@@ -501,7 +513,8 @@ MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
     std::size_t wo = 0, bo = 0;
     for (int l = 1; l <= L; ++l) {
       const std::size_t n = sz(widths_[sz(l)]), mm = n * sz(widths_[sz(l) - 1]);
-      std::copy(chain.weight(l), chain.weight(l) + mm, own_w_.begin() + static_cast<std::ptrdiff_t>(wo));
+      std::copy(chain.weight(l), chain.weight(l) + mm,
+                own_w_.begin() + static_cast<std::ptrdiff_t>(wo));
       std::copy(chain.bias(l), chain.bias(l) + n, own_b_.begin() + static_cast<std::ptrdiff_t>(bo));
       w_[sz(l)] = own_w_.data() + wo;
       b_[sz(l)] = own_b_.data() + bo;
@@ -522,8 +535,7 @@ MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
 template MLPLayers::MLPLayers(const MLPChain<float>&, bool);
 template MLPLayers::MLPLayers(const MLPChain<double>&, bool);
 
-MLPJacobians::MLPJacobians(const MLPLayers& layers, const double* x, bool lazy)
-    : layers_(layers) {
+MLPJacobians::MLPJacobians(const MLPLayers& layers, const double* x, bool lazy) : layers_(layers) {
   const int L = layers.depth();
   const auto& w = layers.widths();
   off_.assign(sz(L) + 2, 0);
@@ -553,11 +565,11 @@ void MLPJacobians::forward_to(int last) const {
       for (int i = 0; i < n; ++i)
         if (!std::isfinite(a[sz(i)])) {
           const bool nan = std::isnan(a[sz(i)]);
-          throw NonFiniteError(
-              "forward", l,
-              std::string("the forward pass ") + (nan ? "produced NaN" : "overflowed to inf") +
-                  " in " + what + " at " + layer_msg(l, L) +
-                  (nan ? "" : "; lower the gain, the weights or the input scale"));
+          throw NonFiniteError("forward", l,
+                               std::string("the forward pass ") +
+                                   (nan ? "produced NaN" : "overflowed to inf") + " in " + what +
+                                   " at " + layer_msg(l, L) +
+                                   (nan ? "" : "; lower the gain, the weights or the input scale"));
         }
     };
     check(z_, "the pre-activation W h + b");
@@ -588,8 +600,8 @@ void MLPJacobians::apply_transpose(int l, const double* u, int k, double* out) c
   std::vector<double> du(sz(k) * sz(n));
   for (int c = 0; c < k; ++c)
     for (int i = 0; i < n; ++i) du[sz(c) * sz(n) + sz(i)] = u[sz(c) * sz(n) + sz(i)] * d[i];
-  blas::gemm(blas::Trans::N, blas::Trans::N, k, m, n, 1.0, du.data(), n, layers_.weight(l), m,
-             0.0, out, m);
+  blas::gemm(blas::Trans::N, blas::Trans::N, k, m, n, 1.0, du.data(), n, layers_.weight(l), m, 0.0,
+             out, m);
 }
 
 void MLPJacobians::dense(int l, double* J) const {
@@ -641,7 +653,8 @@ namespace {
 void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt, LayerNorms& out) {
   const int n = chain.dim(l), m = chain.dim(l - 1);
   std::vector<double> v(sz(m)), u(sz(n));
-  fill_normal(Philox(kPowerSeed), static_cast<std::uint64_t>(l), v.data(), static_cast<std::uint64_t>(m));
+  fill_normal(Philox(kPowerSeed), static_cast<std::uint64_t>(l), v.data(),
+              static_cast<std::uint64_t>(m));
   double nv = safe_norm(v.data(), sz(m));
   for (double& a : v) a /= nv;
   double est = 0.0;
@@ -750,7 +763,8 @@ void SpectrumOptions::validate(const std::vector<int>& dims) const {
     throw std::invalid_argument("k must be between 1 and the smallest width, " +
                                 std::to_string(kmax) + "; got " + std::to_string(k));
   if (interval < 1)
-    throw std::invalid_argument("interval must be a positive integer; got " + std::to_string(interval));
+    throw std::invalid_argument("interval must be a positive integer; got " +
+                                std::to_string(interval));
 }
 
 std::vector<int> spectrum_depths(int length, int interval) {
@@ -833,11 +847,11 @@ class QRRun {
     std::atomic<long long> published{0};
     std::atomic<bool> abort{false};
     std::exception_ptr error;
-    RowForm next, upcoming;        // B_{l+1} and B_{l+2} during layer l
-    int split = 0, stop_at = 0;    // stop_at: first layer left to run_sequential (0: none)
-    double busy[2] = {0.0, 0.0};   // each thread's time from the layer's start to the barrier
+    RowForm next, upcoming;       // B_{l+1} and B_{l+2} during layer l
+    int split = 0, stop_at = 0;   // stop_at: first layer left to run_sequential (0: none)
+    double busy[2] = {0.0, 0.0};  // each thread's time from the layer's start to the barrier
     double row_time = 0.0;
-    unsigned slow = 0;             // one bit per layer, the last layer lowest
+    unsigned slow = 0;  // one bit per layer, the last layer lowest
     Clock::time_point start = Clock::now();
     if (L_ >= 2) {
       next = row_form(2, 0);
@@ -876,7 +890,8 @@ class QRRun {
             const Frame f{v_, ld_, tau_.data(), t_.data(), m, k_};
             for (int j = 0; j < k_ && !abort.load(std::memory_order_relaxed);) {
               long long r;
-              for (int spins = 0; (r = published.load(std::memory_order_acquire)) <= base + j; ++spins)
+              for (int spins = 0; (r = published.load(std::memory_order_acquire)) <= base + j;
+                   ++spins)
                 spin(spins);
               const int j1 = static_cast<int>(r - base);
               apply_frame(f, j, j1, rows_ + sz(split) * mp, mp, n1 - split);
@@ -957,7 +972,8 @@ class QRRun {
   // half the gap between the two threads' finishing times of the last layer, in rows.
   int next_split(int l, int last, const double* done, double row_time) const {
     const double n = dims_[sz(l)], n1 = dims_[sz(l) + 1], k = k_;
-    const bool same_shape = l >= 2 && dims_[sz(l) - 1] == dims_[sz(l)] && dims_[sz(l) + 1] == dims_[sz(l)];
+    const bool same_shape =
+        l >= 2 && dims_[sz(l) - 1] == dims_[sz(l)] && dims_[sz(l) + 1] == dims_[sz(l)];
     double r;
     if (last >= 0 && same_shape && row_time > 0.0) {
       const double step = std::clamp((done[1] - done[0]) / (2.0 * row_time), -4.0, 4.0);
@@ -1005,7 +1021,8 @@ class QRRun {
     chain_.apply(l, compact_.data(), k_, compact2_.data());
     for (int c = 0; c < k_; ++c)
       std::copy(compact2_.begin() + static_cast<std::ptrdiff_t>(sz(c) * sz(n)),
-                compact2_.begin() + static_cast<std::ptrdiff_t>(sz(c + 1) * sz(n)), a_ + sz(c) * ld_);
+                compact2_.begin() + static_cast<std::ptrdiff_t>(sz(c + 1) * sz(n)),
+                a_ + sz(c) * ld_);
     zero_padding(a_, ld_, n, k_);
   }
 
@@ -1032,8 +1049,7 @@ class QRRun {
   // QR of the k vectors in a; the log|R_ii| go to the running sums and S's next row.
   void factor(int l, double* a, std::atomic<long long>* published, long long base) {
     const int n = dims_[sz(l)];
-    householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published,
-                   base);
+    householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published, base);
     for (int c = 0; c < k_; ++c) {
       const double g = logabs_[sz(c)];
       if (std::isnan(g) || g == std::numeric_limits<double>::infinity())
@@ -1109,7 +1125,8 @@ void for_each_example(int batch, Canceller& cancel, F&& body) {
 
 BatchNorms batch_jacobian_norms(int batch, int length, const JacobianFactory& make,
                                 const NormsOptions& opt, Canceller& cancel) {
-  if (batch <= 0) throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
+  if (batch <= 0)
+    throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
   opt.validate();
   const std::size_t cells = sz(batch) * sz(length);
   check_memory(double(cells) * 21.0, "the per-layer Jacobian norms");
@@ -1138,7 +1155,8 @@ BatchNorms batch_jacobian_norms(int batch, int length, const JacobianFactory& ma
 std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
                                       const JacobianFactory& make, const SpectrumOptions& opt,
                                       Canceller& cancel) {
-  if (batch <= 0) throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
+  if (batch <= 0)
+    throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
   opt.validate(dims);
   const int L = static_cast<int>(dims.size()) - 1;
   const std::size_t nd = spectrum_depths(L, opt.interval).size();

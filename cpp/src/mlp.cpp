@@ -45,7 +45,9 @@ LossKind parse_loss(const std::string& name) {
   return static_cast<LossKind>(parse_name("loss", name, kLossNames));
 }
 
-const std::vector<std::string>& loss_names() { return kLossNames; }
+const std::vector<std::string>& loss_names() {
+  return kLossNames;
+}
 
 // ---------------------------------------------------------------------------------------
 
@@ -55,8 +57,8 @@ void MLPChain<T>::layout() {
     throw std::invalid_argument("widths must list at least an input and an output width");
   for (std::size_t i = 0; i < widths_.size(); ++i)
     if (widths_[i] <= 0)
-      throw std::invalid_argument("width must be positive; widths[" + std::to_string(i) +
-                                  "] is " + std::to_string(widths_[i]));
+      throw std::invalid_argument("width must be positive; widths[" + std::to_string(i) + "] is " +
+                                  std::to_string(widths_[i]));
   woff_.assign(widths_.size(), 0);
   boff_.assign(widths_.size(), 0);
   std::size_t w = 0, b = 0;
@@ -108,7 +110,8 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
     buf.b.resize(static_cast<std::size_t>(fo));
     init_weight(buf.w.data(), fo, fi, init, rng, static_cast<std::uint64_t>(l - 1));
     init_bias(buf.b.data(), fo, init, rng, static_cast<std::uint64_t>(l - 1));
-    std::transform(buf.w.begin(), buf.w.end(), weight(l), [](double v) { return static_cast<T>(v); });
+    std::transform(buf.w.begin(), buf.w.end(), weight(l),
+                   [](double v) { return static_cast<T>(v); });
     std::transform(buf.b.begin(), buf.b.end(), bias(l), [](double v) { return static_cast<T>(v); });
   });
 }
@@ -116,7 +119,9 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
 template <class T>
 MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights,
                       std::vector<T> biases)
-    : widths_(std::move(widths)), act_(act), weights_(weights.begin(), weights.end()),
+    : widths_(std::move(widths)),
+      act_(act),
+      weights_(weights.begin(), weights.end()),
       biases_(biases.begin(), biases.end()) {
   layout();
   if (weights_.size() != woff_[0])
@@ -147,9 +152,9 @@ double MLPChain<T>::backward_bytes(int batch, const BackwardRequest& req) const 
       nb += widths_[l];
     }
   }
-  double elems = B * acts;                                           // stored h_l
-  if (act_.needs_input()) elems += B * (acts - widths_[0]);          // stored z_l
-  elems += 3 * B * maxn + maxw;                                      // scratch
+  double elems = B * acts;                                   // stored h_l
+  if (act_.needs_input()) elems += B * (acts - widths_[0]);  // stored z_l
+  elems += 3 * B * maxn + maxw;                              // scratch
   if (req.keep_weight_grads) elems += nw;
   if (req.keep_bias_grads) elems += nb;
   if (req.keep_activation_grads) elems += B * acts;
@@ -163,7 +168,9 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
   const int L = depth();
   const std::size_t B = static_cast<std::size_t>(batch);
-  const auto n = [&](int l) { return static_cast<std::size_t>(widths_[static_cast<std::size_t>(l)]); };
+  const auto n = [&](int l) {
+    return static_cast<std::size_t>(widths_[static_cast<std::size_t>(l)]);
+  };
   const bool homog = log_scale_forward();
   const bool keep_z = act_.needs_input();
 
@@ -189,7 +196,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
 
   // ---- storage -----------------------------------------------------------------------
   std::vector<std::size_t> hoff(static_cast<std::size_t>(L) + 2, 0);
-  for (int l = 0; l <= L; ++l) hoff[static_cast<std::size_t>(l) + 1] = hoff[static_cast<std::size_t>(l)] + B * n(l);
+  for (int l = 0; l <= L; ++l)
+    hoff[static_cast<std::size_t>(l) + 1] = hoff[static_cast<std::size_t>(l)] + B * n(l);
   std::size_t maxn = 0, maxw = 0;
   for (int l = 0; l <= L; ++l) maxn = std::max(maxn, n(l));
   for (int l = 1; l <= L; ++l) maxw = std::max(maxw, n(l) * n(l - 1));
@@ -253,8 +261,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       T* zl = (keep_z ? z(l) : h(l)) + p.r0 * n(l);
       T* hl = h(l) + p.r0 * n(l);
       blas::gemm(Trans::N, Trans::T, static_cast<int>(R), widths_[ul], widths_[ul - 1], T(1),
-                 h(l - 1) + p.r0 * n(l - 1), widths_[ul - 1], weight(l), widths_[ul - 1], T(0),
-                 zl, widths_[ul]);
+                 h(l - 1) + p.r0 * n(l - 1), widths_[ul - 1], weight(l), widths_[ul - 1], T(0), zl,
+                 widths_[ul]);
       if (!homog) {
         const T* bl = bias(l);
         for (std::size_t r = 0; r < R; ++r) {
@@ -318,8 +326,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       throw NonFiniteError(
           "forward", first->bad,
           std::string("the forward pass ") +
-              (first->bad_nan ? "produced NaN" : "overflowed to inf") + " in " +
-              first->bad_what + " at " + layer_msg(first->bad, L) +
+              (first->bad_nan ? "produced NaN" : "overflowed to inf") + " in " + first->bad_what +
+              " at " + layer_msg(first->bad, L) +
               (first->bad_nan ? "" : "; lower the gain, the weights or the input scale"));
   }
   for (int l = 0; l <= L; ++l) {
@@ -355,21 +363,24 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       std::copy(hL, hL + mL, g);
       gamma = eL;
       const Scan s = scan(hL, mL);
-      res.log10_loss = s.sumsq > 0 ? std::log10(0.5 * s.sumsq) + 2.0 * double(eL) * kLog10_2 : kNegInf;
+      res.log10_loss =
+          s.sumsq > 0 ? std::log10(0.5 * s.sumsq) + 2.0 * double(eL) * kLog10_2 : kNegInf;
       break;
     }
     case LossKind::mse: {
       const T* y = static_cast<const T*>(req.target);
       const Scan sy = scan(y, mL);
       // (h - y) computed at a common power-of-two scale c: exact where h and y overlap.
-      const std::int64_t ey = sy.maxabs > 0 ? exponent_of(sy.maxabs) : std::numeric_limits<int>::min() / 2;
+      const std::int64_t ey =
+          sy.maxabs > 0 ? exponent_of(sy.maxabs) : std::numeric_limits<int>::min() / 2;
       const std::int64_t c = std::max(eL, ey);
       const int sh = static_cast<int>(std::max<std::int64_t>(eL - c, -100000));
       const int sy_ = static_cast<int>(std::max<std::int64_t>(-c, -100000));
       const T norm = static_cast<T>(2.0 / double(mL));
       double ss = 0;
       for (std::size_t i = 0; i < mL; ++i) {
-        const T u = static_cast<T>(std::ldexp(double(hL[i]), sh)) - static_cast<T>(std::ldexp(double(y[i]), sy_));
+        const T u = static_cast<T>(std::ldexp(double(hL[i]), sh)) -
+                    static_cast<T>(std::ldexp(double(y[i]), sy_));
         ss += double(u) * double(u);
         g[i] = norm * u;
       }
@@ -390,7 +401,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
           double mx = kNegInf;
           for (std::size_t j = 0; j < C; ++j) mx = std::max(mx, std::ldexp(double(row[j]), ie));
           double sum = 0;
-          for (std::size_t j = 0; j < C; ++j) sum += (p[j] = std::exp(std::ldexp(double(row[j]), ie) - mx));
+          for (std::size_t j = 0; j < C; ++j)
+            sum += (p[j] = std::exp(std::ldexp(double(row[j]), ie) - mx));
           const double lse = mx + std::log(sum);
           const std::size_t y = static_cast<std::size_t>(labels[r]);
           total += lse - std::ldexp(double(row[y]), ie);
@@ -412,7 +424,9 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
           gap += double(mx) - double(row[y]);
           ties_log += std::log(double(ties));
           for (std::size_t j = 0; j < C; ++j)
-            g[r * C + j] = ((row[j] == mx ? T(1) / static_cast<T>(ties) : T(0)) - (j == y ? T(1) : T(0))) * invB;
+            g[r * C + j] =
+                ((row[j] == mx ? T(1) / static_cast<T>(ties) : T(0)) - (j == y ? T(1) : T(0))) *
+                invB;
         }
         res.log10_loss = gap > 0 ? std::log10(gap / double(B)) + double(eL) * kLog10_2
                                  : (ties_log > 0 ? std::log10(ties_log / double(B)) : kNegInf);
@@ -437,7 +451,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   const bool p_two = req.norm_type == 2.0;
   const bool p_inf = std::isinf(req.norm_type);
   // Per-parameter log10 norms in norm_type, for the total norm (torch's order: W1, b1, ...).
-  std::vector<double> lp_w(static_cast<std::size_t>(L), kNegInf), lp_b(static_cast<std::size_t>(L), kNegInf);
+  std::vector<double> lp_w(static_cast<std::size_t>(L), kNegInf),
+      lp_b(static_cast<std::size_t>(L), kNegInf);
   std::vector<std::int64_t> w_exp(static_cast<std::size_t>(L)), b_exp(static_cast<std::size_t>(L));
   if (req.keep_weight_grads) res.weight_grads.resize(static_cast<std::size_t>(L));
   if (req.keep_bias_grads) res.bias_grads.resize(static_cast<std::size_t>(L));
@@ -466,7 +481,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   }
 
   if (req.keep_weight_grads)
-    for (int l = 1; l <= L; ++l) res.weight_grads[static_cast<std::size_t>(l) - 1].resize(n(l) * n(l - 1));
+    for (int l = 1; l <= L; ++l)
+      res.weight_grads[static_cast<std::size_t>(l) - 1].resize(n(l) * n(l - 1));
   if (req.keep_bias_grads)
     for (int l = 1; l <= L; ++l) res.bias_grads[static_cast<std::size_t>(l) - 1].resize(n(l));
 
@@ -502,7 +518,8 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
         lp_w[ul] = lg(sd.maxabs) + lg(sx.maxabs) + double(ex) * kLog10_2;
       else
         lp_w[ul] = (lg(sum_abs_pow(dz, nl, req.norm_type)) +
-                    lg(sum_abs_pow(h(l - 1), np, req.norm_type))) / req.norm_type +
+                    lg(sum_abs_pow(h(l - 1), np, req.norm_type))) /
+                       req.norm_type +
                    double(ex) * kLog10_2;
       w_exp[ul] = ex;
       return;

@@ -35,8 +35,12 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr double kOwnThreadsWork = 1 << 16;
 constexpr double kThreadedGemmWork = 1 << 20;
 
-inline int I(std::size_t v) { return static_cast<int>(v); }
-inline int clamp_shift(std::int64_t d) { return static_cast<int>(std::clamp<std::int64_t>(d, -100000, 100000)); }
+inline int I(std::size_t v) {
+  return static_cast<int>(v);
+}
+inline int clamp_shift(std::int64_t d) {
+  return static_cast<int>(std::clamp<std::int64_t>(d, -100000, 100000));
+}
 
 // Hands out pieces of one buffer; with no buffer it only adds up the sizes, so that a
 // first pass can size the allocation.
@@ -118,16 +122,17 @@ struct Model {
 template <class T>
 struct Part {
   std::size_t r0 = 0, R = 0;
-  T* X = nullptr;                      // (steps, R, in_0)
-  std::vector<T*> Hs, Cs;    // per layer: (steps + 1, R, H)
-  std::vector<T*> TC;        // LSTM: tanh(c_t), (steps, R, H)
-  std::vector<T*> Gt;        // (steps, R, GW): gates, then dL/dgates
+  T* X = nullptr;                               // (steps, R, in_0)
+  std::vector<T*> Hs, Cs;                       // per layer: (steps + 1, R, H)
+  std::vector<T*> TC;                           // LSTM: tanh(c_t), (steps, R, H)
+  std::vector<T*> Gt;                           // (steps, R, GW): gates, then dL/dgates
   std::vector<std::vector<std::int64_t>> gexp;  // per layer, per step: exponent of Gt's rows
   std::vector<std::vector<char>> gnz;
-  T *U = nullptr, *V = nullptr, *Utop = nullptr;  // upstream dL/dh_t of this layer / the one below / top
+  T *U = nullptr, *V = nullptr,
+    *Utop = nullptr;  // upstream dL/dh_t of this layer / the one below / top
   std::vector<std::int64_t> uexp, vexp, topexp;
   std::vector<char> unz, vnz, topnz;
-  std::vector<double> ls, lc;  // log10 of squared norms, layers x (steps + 1)
+  std::vector<double> ls, lc;      // log10 of squared norms, layers x (steps + 1)
   std::vector<std::vector<T>> pg;  // parameter gradients
   std::vector<std::int64_t> pexp;
   std::vector<char> pnz;
@@ -270,7 +275,8 @@ void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
   T* h = p.Hs[l] + t * n;
   T* G = p.Gt[l] + (t - 1) * R * GW;  // holds the input projection on entry
   T* S = p.S;
-  blas::gemm(Trans::N, Trans::T, I(R), I(GH), I(H), T(1), hp, I(H), m_.w_hh[l], I(H), T(0), S, I(GH));
+  blas::gemm(Trans::N, Trans::T, I(R), I(GH), I(H), T(1), hp, I(H), m_.w_hh[l], I(H), T(0), S,
+             I(GH));
   switch (m_.cell) {
     case CellKind::tanh:
     case CellKind::relu: {
@@ -289,7 +295,8 @@ void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
         kSigmoid.forward(g, g, 2 * H);
         kTanh.forward(g + 2 * H, g + 2 * H, H);
         kSigmoid.forward(g + 3 * H, g + 3 * H, H);
-        for (std::size_t j = 0; j < H; ++j) c[r * H + j] = g[H + j] * cp[r * H + j] + g[j] * g[2 * H + j];
+        for (std::size_t j = 0; j < H; ++j)
+          c[r * H + j] = g[H + j] * cp[r * H + j] + g[j] * g[2 * H + j];
       }
       kTanh.forward(c, tc, n);
       for (std::size_t r = 0; r < R; ++r)
@@ -344,8 +351,8 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     // apart: the reset gate multiplies it).
     const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
     T* G = p.Gt[l];
-    blas::gemm(Trans::N, Trans::T, I(Tn_ * R), I(nih), I(m_.in[l]), T(1), X, I(m_.in[l]), m_.w_ih[l],
-               I(m_.in[l]), T(0), G, I(GW));
+    blas::gemm(Trans::N, Trans::T, I(Tn_ * R), I(nih), I(m_.in[l]), T(1), X, I(m_.in[l]),
+               m_.w_ih[l], I(m_.in[l]), T(0), G, I(GW));
     std::vector<T> bsum(nih);
     for (std::size_t j = 0; j < nih; ++j)
       bsum[j] = m_.b_ih[l][j] + (m_.cell == CellKind::gru && j >= 2 * H ? T(0) : m_.b_hh[l][j]);
@@ -402,7 +409,8 @@ void Pass<T>::loss(Part<T>& p) const {
   const T* hs = top + t0 * n;
   std::vector<T> Y(rows * O), dY(rows * O);
   if (m_.O > 0) {
-    blas::gemm(Trans::N, Trans::T, I(rows), I(O), I(H), T(1), hs, I(H), m_.w_out, I(H), T(0), Y.data(), I(O));
+    blas::gemm(Trans::N, Trans::T, I(rows), I(O), I(H), T(1), hs, I(H), m_.w_out, I(H), T(0),
+               Y.data(), I(O));
     for (std::size_t r = 0; r < rows; ++r)
       for (std::size_t j = 0; j < O; ++j) Y[r * O + j] += m_.b_out[j];
   } else {
@@ -446,10 +454,12 @@ void Pass<T>::loss(Part<T>& p) const {
   }
   T* Ut = U + t0 * n;
   if (m_.O > 0) {
-    blas::gemm(Trans::N, Trans::N, I(rows), I(H), I(O), T(1), dY.data(), I(O), m_.w_out, I(H), T(0), Ut, I(H));
+    blas::gemm(Trans::N, Trans::N, I(rows), I(H), I(O), T(1), dY.data(), I(O), m_.w_out, I(H), T(0),
+               Ut, I(H));
     const std::size_t iw = static_cast<std::size_t>(m_.p_out);
     p.pg[iw].assign(O * H, T(0));
-    blas::gemm(Trans::T, Trans::N, I(O), I(H), I(rows), T(1), dY.data(), I(O), hs, I(H), T(0), p.pg[iw].data(), I(H));
+    blas::gemm(Trans::T, Trans::N, I(O), I(H), I(rows), T(1), dY.data(), I(O), hs, I(H), T(0),
+               p.pg[iw].data(), I(H));
     p.pnz[iw] = 1;
     p.pg[iw + 1].assign(O, T(0));
     std::vector<double> db(O, 0.0);
@@ -477,7 +487,8 @@ void Pass<T>::record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const
   }
   (cell ? p.lc : p.ls)[l * (Tn_ + 1) + t] = have ? log10_sq(scan(d, n).sumsq, g) : kNegInf;
   if (req_.keep_grads) {
-    T* dst = (cell ? res_.cell_grads : res_.state_grads).data() + ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
+    T* dst = (cell ? res_.cell_grads : res_.state_grads).data() +
+             ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
     if (have)
       write_scaled(d, n, g, 1.0, dst);
     else
@@ -630,7 +641,8 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
     }
     // dL/dh_{t-1} = dL/dgates_hh W_hh (+ z * dL/dh_t for GRU).
-    blas::gemm(Trans::N, Trans::N, I(R), I(H), I(m_.GH), T(1), dG, I(GW), m_.w_hh[l], I(H), T(0), dhn, I(H));
+    blas::gemm(Trans::N, Trans::N, I(R), I(H), I(m_.GH), T(1), dG, I(GW), m_.w_hh[l], I(H), T(0),
+               dhn, I(H));
     if (gru)
       for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
     std::swap(dh, dhn);
@@ -724,8 +736,8 @@ void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<st
           ex_now[t] = E;
         }
       for (const Block& b : blocks)
-        blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), dG + b.col, I(GW), M, I(width),
-                   T(0), out + b.row * width, I(width));
+        blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), dG + b.col, I(GW), M,
+                   I(width), T(0), out + b.row * width, I(width));
       p.pexp[iq] = E;
       return;
     }
@@ -749,8 +761,8 @@ void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<st
       scale_pow2(dst, R * GW, clamp_shift(ex_now[t] + me[t] - P));
     }
     for (const Block& b : blocks)
-      blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), Gs.data() + b.col, I(GW), Ms.data(),
-                 I(width), T(0), out + b.row * width, I(width));
+      blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), Gs.data() + b.col, I(GW),
+                 Ms.data(), I(width), T(0), out + b.row * width, I(width));
     p.pexp[iq] = P;
   };
   // Out-of-band operands first: they read dG before any row is moved to E.
@@ -843,7 +855,8 @@ void Pass<T>::gather_window_norms(Part<T>& p) const {
     for (std::size_t t = 0; t <= Tn_; ++t) {
       const T* a = p.SA[l] + t * n;
       record(Grad::state, p, l, t, a, p.saexp[l][t], p.sanz[l][t] != 0, false);
-      if (lstm) record(Grad::cell, p, l, t, p.CA[l] + t * n, p.caexp[l][t], p.canz[l][t] != 0, false);
+      if (lstm)
+        record(Grad::cell, p, l, t, p.CA[l] + t * n, p.caexp[l][t], p.canz[l][t] != 0, false);
     }
 }
 
@@ -854,7 +867,9 @@ void Pass<T>::gather_window_norms(Part<T>& p) const {
 CellKind parse_cell(const std::string& name) {
   return static_cast<CellKind>(parse_name("cell", name, kCellNames));
 }
-const std::vector<std::string>& cell_names() { return kCellNames; }
+const std::vector<std::string>& cell_names() {
+  return kCellNames;
+}
 int gate_count(CellKind cell) {
   switch (cell) {
     case CellKind::lstm:
@@ -869,17 +884,22 @@ int gate_count(CellKind cell) {
 RecurrentInitKind RecurrentInit::parse_kind(const std::string& name) {
   return static_cast<RecurrentInitKind>(parse_name("init", name, kInitNames));
 }
-const std::vector<std::string>& RecurrentInit::names() { return kInitNames; }
+const std::vector<std::string>& RecurrentInit::names() {
+  return kInitNames;
+}
 
 void RecurrentShape::validate() const {
   auto pos = [](const char* what, int v) {
-    if (v <= 0) throw std::invalid_argument(std::string(what) + " must be a positive integer; got " + std::to_string(v));
+    if (v <= 0)
+      throw std::invalid_argument(std::string(what) + " must be a positive integer; got " +
+                                  std::to_string(v));
   };
   pos("input_size", input_size);
   pos("hidden_size", hidden_size);
   pos("num_layers", num_layers);
   if (output_size < 0)
-    throw std::invalid_argument("output_size must be positive (or absent); got " + std::to_string(output_size));
+    throw std::invalid_argument("output_size must be positive (or absent); got " +
+                                std::to_string(output_size));
 }
 
 std::vector<std::string> RecurrentShape::param_names() const {
@@ -923,8 +943,8 @@ void RecurrentChain<T>::layout() {
   shape_.validate();
   const auto shapes = shape_.param_shapes();
   if (params_.size() != shapes.size())
-    throw std::invalid_argument("expected " + std::to_string(shapes.size()) + " parameter arrays; got " +
-                                std::to_string(params_.size()));
+    throw std::invalid_argument("expected " + std::to_string(shapes.size()) +
+                                " parameter arrays; got " + std::to_string(params_.size()));
   const auto names = shape_.param_names();
   for (std::size_t i = 0; i < shapes.size(); ++i) {
     std::size_t sz = 1;
@@ -1008,20 +1028,22 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
             break;
         }
         for (std::size_t gb = 0; gb < G; ++gb)
-          init_weight(buf.data() + gb * H * fan_in, static_cast<int>(H), static_cast<int>(fan_in), spec,
-                      rng, stream_id(l, which, gb));
+          init_weight(buf.data() + gb * H * fan_in, static_cast<int>(H), static_cast<int>(fan_in),
+                      spec, rng, stream_id(l, which, gb));
       }
       if (which == 1 && init.spectral_radius > 0.0) {
         std::vector<double> a(H * H), wr(H), wi(H);
         for (std::size_t gb = 0; gb < G; ++gb) {
           double* blk = buf.data() + gb * H * H;
           std::copy(blk, blk + H * H, a.begin());
-          if (blas::eigvals(static_cast<int>(H), a.data(), static_cast<int>(H), wr.data(), wi.data()) != 0)
+          if (blas::eigvals(static_cast<int>(H), a.data(), static_cast<int>(H), wr.data(),
+                            wi.data()) != 0)
             throw std::runtime_error("LAPACK geev failed while setting the spectral radius");
           double rho = 0.0;
           for (std::size_t j = 0; j < H; ++j) rho = std::max(rho, std::hypot(wr[j], wi[j]));
           if (!(rho > 0.0))
-            throw std::invalid_argument("spectral_radius: weight_hh has spectral radius 0 and cannot be rescaled");
+            throw std::invalid_argument(
+                "spectral_radius: weight_hh has spectral radius 0 and cannot be rescaled");
           for (std::size_t j = 0; j < H * H; ++j) blk[j] *= init.spectral_radius / rho;
         }
       }
@@ -1048,9 +1070,9 @@ double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest
   const double Tn = steps, B = batch, H = shape_.hidden_size, L = shape_.num_layers;
   const bool lstm = shape_.cell == CellKind::lstm;
   const double GW = shape_.cell == CellKind::gru || lstm ? 4 * H : H;
-  double e = Tn * B * shape_.input_size;                 // input copy
-  e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);            // states (and cells)
-  e += L * Tn * B * (GW + (lstm ? H : 0));               // gates (and tanh of the cells)
+  double e = Tn * B * shape_.input_size;       // input copy
+  e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);  // states (and cells)
+  e += L * Tn * B * (GW + (lstm ? H : 0));     // gates (and tanh of the cells)
   if (!req.forward_only) {
     e += 3 * (Tn + 1) * B * H;  // upstream gradients
     const double O = shape_.output_size > 0 ? shape_.output_size : H;
@@ -1070,12 +1092,15 @@ double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest
 }
 
 template <class T>
-RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, const RecurrentRequest& req,
-                                          Canceller& cancel) const {
-  if (steps <= 0) throw std::invalid_argument("x must have at least one timestep; got " + std::to_string(steps));
-  if (batch <= 0) throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
+RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
+                                          const RecurrentRequest& req, Canceller& cancel) const {
+  if (steps <= 0)
+    throw std::invalid_argument("x must have at least one timestep; got " + std::to_string(steps));
+  if (batch <= 0)
+    throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
   if (req.truncation != Truncation::none && req.window <= 0)
-    throw std::invalid_argument("truncate must be a positive integer; got " + std::to_string(req.window));
+    throw std::invalid_argument("truncate must be a positive integer; got " +
+                                std::to_string(req.window));
   const double bytes = run_bytes(steps, batch, req);
   check_memory(bytes, "this run");
 
@@ -1206,11 +1231,13 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
         bt = p.bad_t;
       }
     if (bl >= 0 && bt == -2)
-      throw NonFiniteError("loss", -1, "the loss gradient is not finite (the outputs are too large)");
+      throw NonFiniteError("loss", -1,
+                           "the loss gradient is not finite (the outputs are too large)");
     if (bl >= 0)
       throw NonFiniteError("forward", bt,
-                           "the forward pass overflowed at timestep " + std::to_string(bt) + " of layer " +
-                               std::to_string(bl) + " (a relu recurrence whose states grew past the " +
+                           "the forward pass overflowed at timestep " + std::to_string(bt) +
+                               " of layer " + std::to_string(bl) +
+                               " (a relu recurrence whose states grew past the " +
                                "float range); lower recurrent_gain or the inputs");
   }
 
@@ -1268,7 +1295,8 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
     grads[i].assign(params_[i].size(), T(0));
     char nz = 0;
     for (const Part<T>& p : parts)
-      if (p.pnz[i]) accumulate(grads[i].data(), gexp[i], nz, p.pg[i].data(), p.pexp[i], grads[i].size());
+      if (p.pnz[i])
+        accumulate(grads[i].data(), gexp[i], nz, p.pg[i].data(), p.pexp[i], grads[i].size());
     if (!nz) continue;
     {  // into the band, so that the sum of squares can neither underflow nor overflow
       const int k = exponent_of(scan(grads[i].data(), grads[i].size()).maxabs);
@@ -1285,7 +1313,8 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch, cons
   res.max_norm = lc.clipped ? req.max_norm : 0.0;
   res.log10_clip_coef = lc.log10_coef;
   if (req.keep_grads) {
-    for (std::size_t i = 0; i < np; ++i) write_scaled(grads[i].data(), grads[i].size(), gexp[i], lc.coef, grads[i].data());
+    for (std::size_t i = 0; i < np; ++i)
+      write_scaled(grads[i].data(), grads[i].size(), gexp[i], lc.coef, grads[i].data());
     res.param_grads = std::move(grads);
   }
   return res;

@@ -13,9 +13,13 @@ namespace gradchain {
 
 namespace {
 
-std::size_t sz(int n) { return static_cast<std::size_t>(n); }
+std::size_t sz(int n) {
+  return static_cast<std::size_t>(n);
+}
 
-double sigmoid(double a) { return 1.0 / (1.0 + std::exp(-a)); }
+double sigmoid(double a) {
+  return 1.0 / (1.0 + std::exp(-a));
+}
 
 // z = W u + b for a row-major rows x m matrix W.
 void affine(const double* W, const double* b, int rows, int m, const double* u, double* z) {
@@ -30,8 +34,8 @@ void affine(const double* W, const double* b, int rows, int m, const double* u, 
 // diagonal. out = 0 is h, out = 1 the LSTM's c.
 struct StepCoefs {
   int H = 0, G = 0;
-  std::vector<double> in, hh;  // [out][gate][H]
-  std::vector<double> h_hp;    // d h / d h_prev diagonal (GRU's z), else empty
+  std::vector<double> in, hh;      // [out][gate][H]
+  std::vector<double> h_hp;        // d h / d h_prev diagonal (GRU's z), else empty
   std::vector<double> h_cp, c_cp;  // LSTM: d h / d c_prev and d c / d c_prev diagonals
 
   void resize(CellKind cell, int hidden, int gates) {
@@ -51,8 +55,8 @@ struct StepCoefs {
 // One step of layer l: u its input, hp/cp the previous state; writes h (and c); ai and ah
 // are scratch of gates * hidden. Forward and Jacobian use this one routine, so dense(t)
 // sees exactly the states the forward pass stored.
-void cell_step(const RecurrentLayers& L, int l, const double* u, const double* hp,
-               const double* cp, double* h, double* c, double* ai, double* ah, StepCoefs* co) {
+void cell_step(const RecurrentLayers& L, int l, const double* u, const double* hp, const double* cp,
+               double* h, double* c, double* ai, double* ah, StepCoefs* co) {
   const int H = L.hidden(), G = L.gates();
   affine(L.w_ih(l), L.b_ih(l), G * H, L.in_dim(l), u, ai);
   affine(L.w_hh(l), L.b_hh(l), G * H, H, hp, ah);
@@ -64,7 +68,8 @@ void cell_step(const RecurrentLayers& L, int l, const double* u, const double* h
         const double a = ai[j] + ah[j];
         const double v = is_tanh ? std::tanh(a) : (a > 0.0 ? a : 0.0);
         h[j] = v;
-        if (co) co->in_at(0, 0)[j] = co->hh_at(0, 0)[j] = is_tanh ? 1.0 - v * v : (a > 0.0 ? 1.0 : 0.0);
+        if (co)
+          co->in_at(0, 0)[j] = co->hh_at(0, 0)[j] = is_tanh ? 1.0 - v * v : (a > 0.0 ? 1.0 : 0.0);
       }
       break;
     }
@@ -158,7 +163,8 @@ template RecurrentLayers::RecurrentLayers(const RecurrentChain<double>&);
 RecurrentJacobians::RecurrentJacobians(const RecurrentLayers& layers, const double* x, int steps,
                                        std::size_t x_stride, const double* s0)
     : layers_(layers), x_(x), steps_(steps), n_(layers.state_dim()), stride_(x_stride) {
-  if (steps < 1) throw std::invalid_argument("steps must be positive; got " + std::to_string(steps));
+  if (steps < 1)
+    throw std::invalid_argument("steps must be positive; got " + std::to_string(steps));
   s_.assign(sz(steps + 1) * sz(n_), 0.0);
   if (s0) std::copy(s0, s0 + n_, s_.begin());
   const int H = layers.hidden(), S = layers.layer_state();
@@ -201,8 +207,8 @@ void RecurrentJacobians::dense(int t, double* J) const {
     if (l > 0) {
       // Through h^{l-1}_t, whose rows of J_t are complete.
       combine(co.in.data(), L.w_ih(l), outs, G, H, H, M.data());
-      blas::gemm(blas::Trans::N, blas::Trans::N, S, n, H, 1.0, M.data(), H,
-                 J + sz(o - S) * sz(n), n, 0.0, rows, n);
+      blas::gemm(blas::Trans::N, blas::Trans::N, S, n, H, 1.0, M.data(), H, J + sz(o - S) * sz(n),
+                 n, 0.0, rows, n);
     }
     combine(co.hh.data(), L.w_hh(l), outs, G, H, H, M.data());
     for (int r = 0; r < S; ++r) {
@@ -237,8 +243,10 @@ void RecurrentJacobians::apply_transpose(int t, const double* u, int k, double* 
 namespace {
 
 void check_sequence(int steps, int batch) {
-  if (steps < 1) throw std::invalid_argument("x must have at least one step; got " + std::to_string(steps));
-  if (batch < 1) throw std::invalid_argument("x must hold at least one sequence; got " + std::to_string(batch));
+  if (steps < 1)
+    throw std::invalid_argument("x must have at least one step; got " + std::to_string(steps));
+  if (batch < 1)
+    throw std::invalid_argument("x must hold at least one sequence; got " + std::to_string(batch));
 }
 
 // Example e's initial state from layers x batch x hidden arrays.
@@ -249,7 +257,8 @@ std::vector<double> initial_state(const RecurrentLayers& L, const double* h0, co
   for (int l = 0; l < L.layers(); ++l) {
     const std::size_t src = (sz(l) * sz(batch) + sz(e)) * sz(H);
     if (h0) std::copy(h0 + src, h0 + src + sz(H), s.begin() + l * S);
-    if (c0 && L.cell() == CellKind::lstm) std::copy(c0 + src, c0 + src + sz(H), s.begin() + l * S + H);
+    if (c0 && L.cell() == CellKind::lstm)
+      std::copy(c0 + src, c0 + src + sz(H), s.begin() + l * S + H);
   }
   return s;
 }
@@ -274,26 +283,26 @@ BatchNorms recurrent_jacobian_norms(const RecurrentChain<T>& chain, const double
                                     const NormsOptions& opt, Canceller& cancel) {
   check_sequence(steps, batch);
   const RecurrentLayers layers(chain);
-  return batch_jacobian_norms(batch, steps, sequences(layers, x, steps, batch, h0, c0), opt, cancel);
+  return batch_jacobian_norms(batch, steps, sequences(layers, x, steps, batch, h0, c0), opt,
+                              cancel);
 }
 
 template <class T>
 std::vector<double> recurrent_qr_spectrum(const RecurrentChain<T>& chain, const double* x,
-                                          int steps, int batch, const double* h0,
-                                          const double* c0, const SpectrumOptions& opt,
-                                          Canceller& cancel) {
+                                          int steps, int batch, const double* h0, const double* c0,
+                                          const SpectrumOptions& opt, Canceller& cancel) {
   check_sequence(steps, batch);
   const RecurrentLayers layers(chain);
   const std::vector<int> dims(sz(steps + 1), layers.state_dim());
   return batch_qr_spectrum(batch, dims, sequences(layers, x, steps, batch, h0, c0), opt, cancel);
 }
 
-#define GC_INSTANTIATE(T)                                                                         \
-  template BatchNorms recurrent_jacobian_norms(const RecurrentChain<T>&, const double*, int, int, \
+#define GC_INSTANTIATE(T)                                                                          \
+  template BatchNorms recurrent_jacobian_norms(const RecurrentChain<T>&, const double*, int, int,  \
                                                const double*, const double*, const NormsOptions&,  \
                                                Canceller&);                                        \
   template std::vector<double> recurrent_qr_spectrum(const RecurrentChain<T>&, const double*, int, \
-                                                     int, const double*, const double*,           \
+                                                     int, const double*, const double*,            \
                                                      const SpectrumOptions&, Canceller&);
 GC_INSTANTIATE(float)
 GC_INSTANTIATE(double)

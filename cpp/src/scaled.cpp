@@ -33,7 +33,11 @@ __attribute__((always_inline)) inline Scan scan_impl(const T* x, std::size_t n) 
 }
 }  // namespace
 
-GC_CLONES Scan scan(const double* x, std::size_t n) { return scan_impl(x, n); }
-GC_CLONES Scan scan(const float* x, std::size_t n) { return scan_impl(x, n); }
+GC_CLONES Scan scan(const double* x, std::size_t n) {
+  return scan_impl(x, n);
+}
+GC_CLONES Scan scan(const float* x, std::size_t n) {
+  return scan_impl(x, n);
+}
 
 }  // namespace gradchain

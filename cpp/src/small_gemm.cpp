@@ -68,9 +68,9 @@ struct VF {
 // C[MR x 2W] tile of C = alpha * A B: A(i, p) = a[i * sai + p * sak], B row-major. Each step
 // broadcasts one A entry per row against two vectors of a B row.
 template <class S, int MR, bool FULL>
-GC_AVX2 void broadcast_tile(int k, const typename S::T* a, std::ptrdiff_t sai,
-                            std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                            typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, int nr) {
+GC_AVX2 void broadcast_tile(int k, const typename S::T* a, std::ptrdiff_t sai, std::ptrdiff_t sak,
+                            const typename S::T* b, std::ptrdiff_t ldb, typename S::T* c,
+                            std::ptrdiff_t ldc, typename S::T alpha, int nr) {
   using V = typename S::V;
   V c0[MR], c1[MR];
   for (int r = 0; r < MR; ++r) c0[r] = c1[r] = S::zero();
@@ -108,7 +108,8 @@ GC_AVX2 void broadcast_rows(int n, int k, const typename S::T* a, std::ptrdiff_t
                             typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha) {
   constexpr int NR = 2 * S::W;
   int j = 0;
-  for (; j + NR <= n; j += NR) broadcast_tile<S, MR, true>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, NR);
+  for (; j + NR <= n; j += NR)
+    broadcast_tile<S, MR, true>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, NR);
   if (j < n) broadcast_tile<S, MR, false>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, n - j);
 }
 
@@ -117,19 +118,28 @@ GC_AVX2_FN void broadcast_gemm(int m, int n, int k, const typename S::T* a, std:
                                std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
                                typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha) {
   int i = 0;
-  for (; i + 4 <= m; i += 4) broadcast_rows<S, 4>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha);
+  for (; i + 4 <= m; i += 4)
+    broadcast_rows<S, 4>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha);
   switch (m - i) {
-    case 3: broadcast_rows<S, 3>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha); break;
-    case 2: broadcast_rows<S, 2>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha); break;
-    case 1: broadcast_rows<S, 1>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha); break;
-    default: break;
+    case 3:
+      broadcast_rows<S, 3>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha);
+      break;
+    case 2:
+      broadcast_rows<S, 2>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha);
+      break;
+    case 1:
+      broadcast_rows<S, 1>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha);
+      break;
+    default:
+      break;
   }
 }
 
 // C[MR x NR] tile of C = alpha * A B^T with A, B row-major: MR x NR dot products over k.
 template <class S, int MR, int NR>
 GC_AVX2 void dot_tile(int k, const typename S::T* a, std::ptrdiff_t lda, const typename S::T* b,
-                      std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha) {
+                      std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc,
+                      typename S::T alpha) {
   using V = typename S::V;
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
@@ -163,10 +173,17 @@ GC_AVX2 void dot_rows(int n, int k, const typename S::T* a, std::ptrdiff_t lda,
   int j = 0;
   for (; j + 4 <= n; j += 4) dot_tile<S, MR, 4>(k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
   switch (n - j) {
-    case 3: dot_tile<S, MR, 3>(k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha); break;
-    case 2: dot_tile<S, MR, 2>(k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha); break;
-    case 1: dot_tile<S, MR, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha); break;
-    default: break;
+    case 3:
+      dot_tile<S, MR, 3>(k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
+      break;
+    case 2:
+      dot_tile<S, MR, 2>(k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
+      break;
+    case 1:
+      dot_tile<S, MR, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
+      break;
+    default:
+      break;
   }
 }
 
@@ -175,11 +192,17 @@ GC_AVX2_FN void dot_gemm(int m, int n, int k, const typename S::T* a, std::ptrdi
                          const typename S::T* b, std::ptrdiff_t ldb, typename S::T* c,
                          std::ptrdiff_t ldc, typename S::T alpha) {
   int i = 0;
-  for (; i + 3 <= m; i += 3) dot_rows<S, 3>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
+  for (; i + 3 <= m; i += 3)
+    dot_rows<S, 3>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
   switch (m - i) {
-    case 2: dot_rows<S, 2>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha); break;
-    case 1: dot_rows<S, 1>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha); break;
-    default: break;
+    case 2:
+      dot_rows<S, 2>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
+      break;
+    case 1:
+      dot_rows<S, 1>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
+      break;
+    default:
+      break;
   }
 }
 
@@ -212,15 +235,15 @@ bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, double alpha, con
   return run<VD>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
 }
 
-bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, float alpha, const float* a,
-          int lda, const float* b, int ldb, float* c, int ldc) {
+bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float* c, int ldc) {
   return run<VF>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
 }
 
 #else
 
-bool gemm(blas::Trans, blas::Trans, int, int, int, double, const double*, int, const double*,
-          int, double*, int) {
+bool gemm(blas::Trans, blas::Trans, int, int, int, double, const double*, int, const double*, int,
+          double*, int) {
   return false;
 }
 bool gemm(blas::Trans, blas::Trans, int, int, int, float, const float*, int, const float*, int,

@@ -59,6 +59,8 @@ int set_blas_threads(int n) {
   return old;
 }
 
-int blas_threads() { return blas::get_num_threads(); }
+int blas_threads() {
+  return blas::get_num_threads();
+}
 
 }  // namespace gradchain

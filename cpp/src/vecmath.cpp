@@ -12,10 +12,10 @@ namespace gradchain::vm {
 #ifdef GC_MVEC
 // glibc libmvec's vector ABI: _ZGV<isa>N<lanes>v_<name>; b = SSE2, d = AVX2.
 extern "C" {
-#define GC_DECL(name)                                   \
-  __m128d _ZGVbN2v_##name(__m128d);                     \
-  __m256d _ZGVdN4v_##name(__m256d);                     \
-  __m128 _ZGVbN4v_##name##f(__m128);                    \
+#define GC_DECL(name)                \
+  __m128d _ZGVbN2v_##name(__m128d);  \
+  __m256d _ZGVdN4v_##name(__m256d);  \
+  __m128 _ZGVbN4v_##name##f(__m128); \
   __m256 _ZGVdN8v_##name##f(__m256);
 GC_DECL(tanh)
 GC_DECL(exp)
@@ -37,42 +37,43 @@ bool have_avx2() {
 
 // Kernels: name##_d4 / name##_f8 run the AVX2 variants over whole vectors and return how
 // far they got; the dispatchers add the SSE2 variants (CPUs without AVX2) and the tail.
-#define GC_KERNEL_D(name)                                                                  \
-  namespace {                                                                              \
-  __attribute__((target("avx2,fma"))) std::size_t name##_d4(const double* x, double* y,    \
-                                                            std::size_t n) {              \
-    std::size_t i = 0;                                                                     \
+#define GC_KERNEL_D(name)                                                                        \
+  namespace {                                                                                    \
+  __attribute__((target("avx2,fma"))) std::size_t name##_d4(const double* x, double* y,          \
+                                                            std::size_t n) {                     \
+    std::size_t i = 0;                                                                           \
     for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, _ZGVdN4v_##name(_mm256_loadu_pd(x + i))); \
-    return i;                                                                              \
-  }                                                                                        \
+    return i;                                                                                    \
+  }                                                                                              \
   }
-#define GC_KERNEL_F(name)                                                                  \
-  namespace {                                                                              \
-  __attribute__((target("avx2,fma"))) std::size_t name##_f8(const float* x, float* y,      \
-                                                            std::size_t n) {              \
-    std::size_t i = 0;                                                                     \
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _ZGVdN8v_##name##f(_mm256_loadu_ps(x + i))); \
-    return i;                                                                              \
-  }                                                                                        \
+#define GC_KERNEL_F(name)                                                             \
+  namespace {                                                                         \
+  __attribute__((target("avx2,fma"))) std::size_t name##_f8(const float* x, float* y, \
+                                                            std::size_t n) {          \
+    std::size_t i = 0;                                                                \
+    for (; i + 8 <= n; i += 8)                                                        \
+      _mm256_storeu_ps(y + i, _ZGVdN8v_##name##f(_mm256_loadu_ps(x + i)));            \
+    return i;                                                                         \
+  }                                                                                   \
   }
-#define GC_DISPATCH(name)                                                                  \
-  void name(const double* x, double* y, std::size_t n) {                                   \
-    std::size_t i = 0;                                                                     \
-    if (have_avx2()) {                                                                     \
-      i = name##_d4(x, y, n);                                                              \
-    } else {                                                                               \
-      for (; i + 2 <= n; i += 2) _mm_storeu_pd(y + i, _ZGVbN2v_##name(_mm_loadu_pd(x + i))); \
-    }                                                                                      \
-    for (; i < n; ++i) y[i] = std::name(x[i]);                                             \
-  }                                                                                        \
-  void name(const float* x, float* y, std::size_t n) {                                     \
-    std::size_t i = 0;                                                                     \
-    if (have_avx2()) {                                                                     \
-      i = name##_f8(x, y, n);                                                              \
-    } else {                                                                               \
+#define GC_DISPATCH(name)                                                                       \
+  void name(const double* x, double* y, std::size_t n) {                                        \
+    std::size_t i = 0;                                                                          \
+    if (have_avx2()) {                                                                          \
+      i = name##_d4(x, y, n);                                                                   \
+    } else {                                                                                    \
+      for (; i + 2 <= n; i += 2) _mm_storeu_pd(y + i, _ZGVbN2v_##name(_mm_loadu_pd(x + i)));    \
+    }                                                                                           \
+    for (; i < n; ++i) y[i] = std::name(x[i]);                                                  \
+  }                                                                                             \
+  void name(const float* x, float* y, std::size_t n) {                                          \
+    std::size_t i = 0;                                                                          \
+    if (have_avx2()) {                                                                          \
+      i = name##_f8(x, y, n);                                                                   \
+    } else {                                                                                    \
       for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _ZGVbN4v_##name##f(_mm_loadu_ps(x + i))); \
-    }                                                                                      \
-    for (; i < n; ++i) y[i] = std::name(x[i]);                                             \
+    }                                                                                           \
+    for (; i < n; ++i) y[i] = std::name(x[i]);                                                  \
   }
 #define GC_DEFINE(name) GC_KERNEL_D(name) GC_KERNEL_F(name) GC_DISPATCH(name)
 
@@ -107,16 +108,18 @@ GC_DISPATCH(tanh)
 #undef GC_KERNEL_F
 #undef GC_KERNEL_D
 
-bool vectorized() { return true; }
+bool vectorized() {
+  return true;
+}
 
 #else
 
-#define GC_DEFINE(name)                                                                      \
-  void name(const double* x, double* y, std::size_t n) {                                     \
-    for (std::size_t i = 0; i < n; ++i) y[i] = std::name(x[i]);                              \
-  }                                                                                          \
-  void name(const float* x, float* y, std::size_t n) {                                       \
-    for (std::size_t i = 0; i < n; ++i) y[i] = std::name(x[i]);                              \
+#define GC_DEFINE(name)                                         \
+  void name(const double* x, double* y, std::size_t n) {        \
+    for (std::size_t i = 0; i < n; ++i) y[i] = std::name(x[i]); \
+  }                                                             \
+  void name(const float* x, float* y, std::size_t n) {          \
+    for (std::size_t i = 0; i < n; ++i) y[i] = std::name(x[i]); \
   }
 GC_DEFINE(tanh)
 GC_DEFINE(exp)
@@ -128,7 +131,9 @@ GC_DEFINE(sin)
 GC_DEFINE(cos)
 #undef GC_DEFINE
 
-bool vectorized() { return false; }
+bool vectorized() {
+  return false;
+}
 #endif
 
 }  // namespace gradchain::vm

@@ -10,8 +10,15 @@
 
 namespace gradchain {
 
-enum class InitKind { xavier_normal, xavier_uniform, he_normal, he_uniform, lecun_normal,
-                      orthogonal, normal };
+enum class InitKind {
+  xavier_normal,
+  xavier_uniform,
+  he_normal,
+  he_uniform,
+  lecun_normal,
+  orthogonal,
+  normal
+};
 
 struct InitSpec {
   InitKind kind = InitKind::xavier_normal;
@@ -28,8 +35,12 @@ struct InitSpec {
 };
 
 // Streams of the generator: layer l's weights and biases never share random numbers.
-inline std::uint64_t weight_stream(std::uint64_t layer) { return layer * 2; }
-inline std::uint64_t bias_stream(std::uint64_t layer) { return layer * 2 + 1; }
+inline std::uint64_t weight_stream(std::uint64_t layer) {
+  return layer * 2;
+}
+inline std::uint64_t bias_stream(std::uint64_t layer) {
+  return layer * 2 + 1;
+}
 
 // Writes the row-major fan_out x fan_in weight of layer `layer` (0-based).
 void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const Philox& rng,

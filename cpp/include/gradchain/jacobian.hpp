@@ -57,7 +57,9 @@ class MLPLayers {
   bool log_scale_forward() const { return homog_; }
   const double* weight(int l) const { return w_[static_cast<std::size_t>(l)]; }
   const double* bias(int l) const { return b_[static_cast<std::size_t>(l)]; }
-  const double* row_norms(int l) const { return rownorm_.data() + roff_[static_cast<std::size_t>(l)]; }
+  const double* row_norms(int l) const {
+    return rownorm_.data() + roff_[static_cast<std::size_t>(l)];
+  }
 
  private:
   std::vector<int> widths_;
@@ -108,9 +110,9 @@ class MLPJacobians final : public JacobianChain {
 
 struct NormsOptions {
   bool spectral = true;
-  double tol = 1e-10;        // power iteration: stop when the estimate moves less than this
-  int max_iter = 1000;       // power iteration: at most this many products with J^T J
-  int exact_max_dim = 256;   // exact SVD when max(dim(l-1), dim(l)) <= this
+  double tol = 1e-10;       // power iteration: stop when the estimate moves less than this
+  int max_iter = 1000;      // power iteration: at most this many products with J^T J
+  int exact_max_dim = 256;  // exact SVD when max(dim(l-1), dim(l)) <= this
   void validate() const;
 };
 

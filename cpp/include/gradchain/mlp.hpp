@@ -21,8 +21,8 @@ struct BackwardRequest {
   bool keep_weight_grads = false;
   bool keep_bias_grads = false;
   bool keep_activation_grads = false;
-  double max_norm = -1.0;  // < 0: no clipping
-  double norm_type = 2.0;  // for the total norm and clipping; inf allowed
+  double max_norm = -1.0;     // < 0: no clipping
+  double norm_type = 2.0;     // for the total norm and clipping; inf allowed
   bool forward_only = false;  // stop after the output (no loss, no gradients)
 };
 
@@ -109,8 +109,7 @@ class MLPChain {
   MLPChain(std::vector<int> widths, Activation act, const InitSpec& init, std::uint64_t seed,
            Canceller* cancel = nullptr);
   // Takes weights (row-major out x in per layer, concatenated) and biases as given.
-  MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights,
-           std::vector<T> biases);
+  MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights, std::vector<T> biases);
 
   int depth() const { return static_cast<int>(widths_.size()) - 1; }
   const std::vector<int>& widths() const { return widths_; }

@@ -57,7 +57,9 @@ class RecurrentJacobians final : public JacobianChain {
   bool dense_native() const override { return true; }
 
   // s_t, t = 0..steps.
-  const double* state(int t) const { return s_.data() + static_cast<std::size_t>(t) * static_cast<std::size_t>(n_); }
+  const double* state(int t) const {
+    return s_.data() + static_cast<std::size_t>(t) * static_cast<std::size_t>(n_);
+  }
 
  private:
   const double* input(int t) const { return x_ + static_cast<std::size_t>(t - 1) * stride_; }
@@ -79,8 +81,7 @@ BatchNorms recurrent_jacobian_norms(const RecurrentChain<T>& chain, const double
 
 template <class T>
 std::vector<double> recurrent_qr_spectrum(const RecurrentChain<T>& chain, const double* x,
-                                          int steps, int batch, const double* h0,
-                                          const double* c0, const SpectrumOptions& opt,
-                                          Canceller& cancel);
+                                          int steps, int batch, const double* h0, const double* c0,
+                                          const SpectrumOptions& opt, Canceller& cancel);
 
 }  // namespace gradchain

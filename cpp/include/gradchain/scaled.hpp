@@ -33,7 +33,9 @@ double sum_abs_pow(const T* x, std::size_t n, double p) {
 }
 
 // The binary exponent k with 2^k <= m < 2^(k+1); 0 for m == 0.
-inline int exponent_of(double m) { return m > 0.0 ? std::ilogb(m) : 0; }
+inline int exponent_of(double m) {
+  return m > 0.0 ? std::ilogb(m) : 0;
+}
 
 // The exponent to rescale by when max|x| = m has left the band [2^-b, 2^b], b a fifth
 // of T's exponent range (0 inside it). Inside the band nothing is rescaled, so a pass that
@@ -84,7 +86,8 @@ template <class T>
 void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
   if (coef == 1.0) {  // one rounding at most, and none for subnormal inputs scaled up
     const int k = static_cast<int>(std::clamp<std::int64_t>(e, -100000, 100000));
-    for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
+    for (std::size_t i = 0; i < n; ++i)
+      dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
     return;
   }
   int ce = 0;
@@ -104,7 +107,8 @@ double log10_pnorm(const T* x, std::size_t n, const Scan& s, std::int64_t e, dou
     return s.maxabs > 0 ? std::log10(s.maxabs) + double(e) * kLog10_2
                         : -std::numeric_limits<double>::infinity();
   const double sp = sum_abs_pow(x, n, p);
-  return sp > 0 ? std::log10(sp) / p + double(e) * kLog10_2 : -std::numeric_limits<double>::infinity();
+  return sp > 0 ? std::log10(sp) / p + double(e) * kLog10_2
+                : -std::numeric_limits<double>::infinity();
 }
 
 // The total norm over parameters given each one's log10 p-norm (torch's get_total_norm),
@@ -131,7 +135,8 @@ LogClip log_clip(const std::vector<double>& log10_norms, double p, double max_no
   r.coef = std::pow(10.0, r.log10_coef);
   if (r.log10_coef < 0.0) {
     const double total = std::pow(10.0, r.log10_total);
-    if (std::isfinite(total) && total > 0) r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
+    if (std::isfinite(total) && total > 0)
+      r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
   }
   return r;
 }

@@ -12,7 +12,7 @@ namespace gradchain::small {
 // AVX2/FMA: the caller then uses BLAS.
 bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, double alpha, const double* a,
           int lda, const double* b, int ldb, double* c, int ldc);
-bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, float alpha, const float* a,
-          int lda, const float* b, int ldb, float* c, int ldc);
+bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float* c, int ldc);
 
 }  // namespace gradchain::small
