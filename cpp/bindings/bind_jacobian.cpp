@@ -18,17 +18,6 @@ int checked_batch(const CArray<double>& x, int n0) {
   return static_cast<int>(x.shape(0));
 }
 
-// (steps, batch) of a (steps, batch, input_size) sequence batch.
-std::pair<int, int> checked_sequences(const CArray<double>& x, int input_size) {
-  if (x.ndim() != 3 || x.shape(2) != input_size)
-    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(input_size) +
-                                ")");
-  constexpr auto most = std::numeric_limits<int>::max();
-  if (x.shape(0) < 1 || x.shape(0) > most || x.shape(1) < 1 || x.shape(1) > most)
-    throw std::invalid_argument("x must hold between 1 and 2**31 - 1 steps and sequences");
-  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1))};
-}
-
 NormsOptions norms_options(bool spectral, double tol, int max_iter, int exact_max_dim) {
   NormsOptions opt;
   opt.spectral = spectral;

@@ -1,5 +1,6 @@
 #include <memory>
 #include <string>
+#include <tuple>
 
 #include "gradchain/rnn.hpp"
 #include "pybind.hpp"
@@ -35,10 +36,8 @@ py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::objec
              const std::string& truncation, int window, double max_norm, double norm_type,
              bool keep_grads) {
   const RecurrentShape& s = net.shape();
-  if (x.ndim() != 3 || x.shape(2) != s.input_size)
-    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(s.input_size) +
-                                ")");
-  const int steps = static_cast<int>(x.shape(0)), batch = static_cast<int>(x.shape(1));
+  int steps = 0, batch = 0;  // captured below, which C++17 forbids for structured bindings
+  std::tie(steps, batch) = checked_sequences(x, s.input_size);
   RecurrentRequest req;
   req.loss = parse_loss(loss);
   req.target_every_step = every_step;
@@ -86,10 +85,8 @@ py::dict run(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::objec
 template <class T>
 py::tuple forward(const RecurrentChain<T>& net, CArray<T> x, py::object h0, py::object c0) {
   const RecurrentShape& s = net.shape();
-  if (x.ndim() != 3 || x.shape(2) != s.input_size)
-    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(s.input_size) +
-                                ")");
-  const int steps = static_cast<int>(x.shape(0)), batch = static_cast<int>(x.shape(1));
+  int steps = 0, batch = 0;  // captured below, which C++17 forbids for structured bindings
+  std::tie(steps, batch) = checked_sequences(x, s.input_size);
   RecurrentRequest req;
   req.forward_only = true;
   CArray<T> h0a, c0a;

@@ -7,6 +7,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -70,6 +73,18 @@ const T* state_ptr(const py::object& a, py::ssize_t size, CArray<T>& keep, const
   return keep.data();
 }
 }  // namespace
+
+// (steps, batch) of a (steps, batch, input_size) batch of sequences.
+template <class T>
+std::pair<int, int> checked_sequences(const CArray<T>& x, int input_size) {
+  if (x.ndim() != 3 || x.shape(2) != input_size)
+    throw std::invalid_argument("x must have shape (steps, batch, " + std::to_string(input_size) +
+                                ")");
+  constexpr auto most = std::numeric_limits<int>::max();
+  if (x.shape(0) < 1 || x.shape(0) > most || x.shape(1) < 1 || x.shape(1) > most)
+    throw std::invalid_argument("x must hold between 1 and 2**31 - 1 steps and sequences");
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1))};
+}
 
 // The loss and the total-norm / clipping fields that every backward result has.
 template <class R>
