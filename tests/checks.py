@@ -4,6 +4,8 @@ oracle, each with a message naming what was compared."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import numpy as np
 
@@ -53,3 +55,29 @@ def assert_scalar(actual, expected, rtol=RTOL, what=""):
         assert math.isnan(actual), f"{what}: {actual} should be nan"
     else:
         assert abs(actual - expected) <= rtol * abs(expected), f"{what}: {actual!r} vs {expected!r}"
+
+
+def ticks_while(work):
+    """How often the main thread ticks (every 2 ms) while `work()` runs in another thread:
+    with the GIL held for the whole call it cannot tick in between."""
+    ticks = 0
+    done = threading.Event()
+    failure = []
+
+    def run():
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    while not done.is_set():
+        ticks += 1
+        time.sleep(0.002)
+    t.join()
+    if failure:
+        raise failure[0]
+    return ticks

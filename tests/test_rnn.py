@@ -10,15 +10,13 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import oracles as O
 import pytest
-from checks import assert_close, assert_log10, assert_scalar
+from checks import assert_close, assert_log10, assert_scalar, ticks_while
 from conftest import needs_torch, torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -1213,22 +1211,13 @@ def test_memory_too_big(gc):
 def test_backward_releases_the_gil(gc):
     rnn = gc.RNN("tanh", 8, 64, seed=0)
     x = np.ones((4000, 32, 8))
-    ticks = []
-    done = threading.Event()
 
     def work():
         rnn.backward(x)
         rnn.backward(x, truncate=50, truncate_mode="detach")
-        done.set()
 
-    t = threading.Thread(target=work)
-    t0 = time.perf_counter()
-    t.start()
-    while not done.is_set():
-        ticks.append(time.perf_counter() - t0)
-        time.sleep(0.002)
-    t.join()
-    assert len(ticks) >= 10, len(ticks)
+    n = ticks_while(work)
+    assert n >= 10, n
 
 
 def test_ctrl_c_stops_a_long_recurrent_backward_promptly():

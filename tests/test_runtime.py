@@ -8,12 +8,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from checks import ticks_while
 
 
 def _run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:
@@ -75,23 +74,28 @@ def test_ctrl_c_stops_drawing_a_deep_chain():
 def test_backward_releases_the_gil(gc):
     net = gc.MLP(depth=3000, width=64, activation="tanh", seed=0)
     x = np.ones((32, 64))
-    ticks = []
-    done = threading.Event()
 
     def work():
         for _ in range(3):
             net.backward(x)
-        done.set()
 
-    t = threading.Thread(target=work)
-    t0 = time.perf_counter()
-    t.start()
-    while not done.is_set():
-        ticks.append(time.perf_counter() - t0)
-        time.sleep(0.002)
-    t.join()
     # With the GIL held for the whole pass the main thread could not tick in between.
-    assert len(ticks) >= 10
+    n = ticks_while(work)
+    assert n >= 10, n
+
+
+def test_jacobian_tools_release_the_gil(gc):
+    net = gc.MLP(depth=400, width=128, activation="tanh", seed=0)
+    rnn = gc.RNN("lstm", 4, 64, seed=0)
+    xs = np.ones((300, 2, 4))
+
+    def work():
+        gc.jacobian_spectrum(net, np.ones(128))
+        gc.jacobian_spectrum(rnn, xs)
+        gc.jacobian_norms(rnn, xs)
+
+    n = ticks_while(work)
+    assert n >= 10, n
 
 
 def test_results_do_not_depend_on_the_thread_count():
