@@ -29,6 +29,10 @@ DEPTH, WIDTH = 500, 128
 # Speedup targets: peer median / gradchain median.
 TARGETS = {"torch": 3.0, "numpy": 3.0}
 GROUP = f"qr-d{DEPTH}-w{WIDTH}-k{WIDTH}-f64"
+# The recurrent case: a tanh RNN driven by standard normal inputs (seed 2), the spectrum of
+# dh_t / dh_0; its peers get J_t = diag(1 - h_t**2) W_hh. No target.
+STEPS, HIDDEN, RNN_INPUT = 500, 128, 16
+RNN_GROUP = f"qr-rnn-tanh-T{STEPS}-h{HIDDEN}-k{HIDDEN}-f64"
 
 
 # --------------------------------------------------------------------------- peers
@@ -83,6 +87,8 @@ class Case:
     x: np.ndarray
     jacobians: list
     ref: np.ndarray  # gradchain's (depth, k) spectrum, computed once
+    group: str
+    targets: dict  # peer -> speedup target (absent: none)
 
 
 _case: dict[str, Case] = {}
@@ -98,23 +104,36 @@ def jacobians_of(net, x):
     return out
 
 
-def get_case() -> Case:
-    if "case" not in _case:
+def recurrent_jacobians_of(net, x):
+    """J_t = diag(1 - h_t**2) W_hh along one sequence of a tanh RNN, in NumPy."""
+    out, _, _ = net.forward(x)
+    W = np.asarray(net.state_dict()["weight_hh_l0"], dtype=np.float64)
+    return [(1.0 - h * h)[:, None] * W for h in out[:, 0, :]]
+
+
+def get_case(name: str = "mlp") -> Case:
+    if name not in _case:
         gc = pytest.importorskip("gradchain")
         from gradchain.jacobian import jacobian_spectrum
 
-        net = gc.MLP(depth=DEPTH, width=WIDTH, activation="tanh", init="xavier_normal", seed=0)
-        x = np.random.default_rng(1).standard_normal(WIDTH)
+        if name == "mlp":
+            net = gc.MLP(depth=DEPTH, width=WIDTH, activation="tanh", init="xavier_normal", seed=0)
+            x = np.random.default_rng(1).standard_normal(WIDTH)
+            jac, group, targets = jacobians_of(net, x), GROUP, TARGETS
+        else:
+            net = gc.RNN("tanh", input_size=RNN_INPUT, hidden_size=HIDDEN, init="orthogonal", seed=0)
+            x = np.random.default_rng(2).standard_normal((STEPS, 1, RNN_INPUT))
+            jac, group, targets = recurrent_jacobians_of(net, x), RNN_GROUP, {}
         ref = jacobian_spectrum(net, x).log_singular_values[0]
-        assert ref.shape == (DEPTH, WIDTH) and np.isfinite(ref).all()
-        _case["case"] = Case(net, x, jacobians_of(net, x), ref)
-    return _case["case"]
+        assert ref.shape == (len(jac), jac[0].shape[0]) and np.isfinite(ref).all()
+        _case[name] = Case(net, x, jac, ref, group, targets)
+    return _case[name]
 
 
 def check(got, case: Case, who: str) -> None:
-    """The cumulative log|R_ii| at every layer, against gradchain's first run."""
+    """The cumulative log|R_ii| at every layer (step), against gradchain's first run."""
     got = np.asarray(got)
-    assert got.shape == (DEPTH, WIDTH), f"{who}: shape {got.shape}"
+    assert got.shape == case.ref.shape, f"{who}: shape {got.shape}"
     np.testing.assert_allclose(got, case.ref, rtol=1e-9, atol=1e-9, err_msg=f"{who} vs gradchain")
 
 
@@ -123,23 +142,34 @@ def tag(benchmark, impl: str, group: str = GROUP, **extra) -> None:
     benchmark.extra_info.update(impl=impl, config=group, **extra)
 
 
+def peer_tag(benchmark, case: Case, impl: str, **extra) -> None:
+    if impl in case.targets:
+        extra["target_speedup"] = case.targets[impl]
+    tag(benchmark, impl, group=case.group, **extra)
+
+
+CHAINS = ("mlp", "rnn")
+
+
 # --------------------------------------------------------------------------- headline
 
 
-def test_gradchain(benchmark):
-    case = get_case()
+@pytest.mark.parametrize("chain", CHAINS)
+def test_gradchain(benchmark, chain):
+    case = get_case(chain)
     from gradchain.jacobian import jacobian_spectrum
 
-    tag(benchmark, "gradchain")
+    tag(benchmark, "gradchain", group=case.group)
     s = benchmark(jacobian_spectrum, case.net, case.x)
     check(s.log_singular_values[0], case, "gradchain (timed run)")
 
 
-def test_numpy(benchmark):
-    case = get_case()
+@pytest.mark.parametrize("chain", CHAINS)
+def test_numpy(benchmark, chain):
+    case = get_case(chain)
     peer = NumpyQRLoop(case.jacobians)
     check(peer(), case, "numpy")  # validation (and warm-up), not timed
-    tag(benchmark, "numpy", target_speedup=TARGETS["numpy"])
+    peer_tag(benchmark, case, "numpy")
     got = benchmark.pedantic(peer, rounds=5, iterations=1, warmup_rounds=0)
     check(got, case, "numpy (timed run)")
 
@@ -224,76 +254,15 @@ def test_topk_exponents(capsys):
 # (in the worker process of conftest.torch_peer; conftest runs these after the others)
 
 
-def test_torch(benchmark, torch_peer):
-    case = get_case()
+@pytest.mark.parametrize("chain", CHAINS)
+def test_torch(benchmark, torch_peer, chain):
+    case = get_case(chain)
     try:
         info = torch_peer.build("test_bench_jacobian", "TorchQRLoop", case.jacobians)
     except ImportError as exc:
         pytest.skip(str(exc))
     check(torch_peer.run(case.x), case, "torch")  # validation (and warm-up), not timed
-    tag(benchmark, "torch", target_speedup=TARGETS["torch"], torch_threads=info["threads"],
-        torch_version=info["torch"])
+    peer_tag(benchmark, case, "torch", torch_threads=info["threads"], torch_version=info["torch"])
     got = benchmark.pedantic(torch_peer.run, args=(case.x,), rounds=5, iterations=1,
                              warmup_rounds=0)
     check(got, case, "torch (timed run)")
-
-
-# --------------------------------------------------------------------------- recurrent
-# The same loop over the time steps of a tanh RNN, ``gc.RNN("tanh", input_size=16,
-# hidden_size=128, init="orthogonal", seed=0)`` driven by 500 standard normal inputs
-# (seed 2): J_t = diag(1 - h_t**2) W_hh, the spectrum of dh_t / dh_0.
-
-STEPS, HIDDEN, RNN_INPUT = 500, 128, 16
-RNN_GROUP = f"qr-rnn-tanh-T{STEPS}-h{HIDDEN}-k{HIDDEN}-f64"
-
-
-def get_rnn_case() -> Case:
-    if "rnn" not in _case:
-        gc = pytest.importorskip("gradchain")
-        from gradchain.jacobian import jacobian_spectrum
-
-        net = gc.RNN("tanh", input_size=RNN_INPUT, hidden_size=HIDDEN, init="orthogonal", seed=0)
-        x = np.random.default_rng(2).standard_normal((STEPS, 1, RNN_INPUT))
-        ref = jacobian_spectrum(net, x).log_singular_values[0]
-        assert ref.shape == (STEPS, HIDDEN) and np.isfinite(ref).all()
-        out, _, _ = net.forward(x)
-        W = np.asarray(net.state_dict()["weight_hh_l0"], dtype=np.float64)
-        jac = [(1.0 - h * h)[:, None] * W for h in out[:, 0, :]]
-        _case["rnn"] = Case(net, x, jac, ref)
-    return _case["rnn"]
-
-
-def check_rnn(got, case: Case, who: str) -> None:
-    got = np.asarray(got)
-    assert got.shape == (STEPS, HIDDEN), f"{who}: shape {got.shape}"
-    np.testing.assert_allclose(got, case.ref, rtol=1e-9, atol=1e-9, err_msg=f"{who} vs gradchain")
-
-
-def test_rnn_gradchain(benchmark):
-    case = get_rnn_case()
-    from gradchain.jacobian import jacobian_spectrum
-
-    tag(benchmark, "gradchain", group=RNN_GROUP)
-    s = benchmark(jacobian_spectrum, case.net, case.x)
-    check_rnn(s.log_singular_values[0], case, "gradchain (timed run)")
-
-
-def test_rnn_numpy(benchmark):
-    case = get_rnn_case()
-    peer = NumpyQRLoop(case.jacobians)
-    check_rnn(peer(), case, "numpy")
-    tag(benchmark, "numpy", group=RNN_GROUP)
-    got = benchmark.pedantic(peer, rounds=5, iterations=1, warmup_rounds=0)
-    check_rnn(got, case, "numpy (timed run)")
-
-
-def test_rnn_torch(benchmark, torch_peer):
-    case = get_rnn_case()
-    try:
-        info = torch_peer.build("test_bench_jacobian", "TorchQRLoop", case.jacobians)
-    except ImportError as exc:
-        pytest.skip(str(exc))
-    check_rnn(torch_peer.run(case.x), case, "torch")
-    tag(benchmark, "torch", group=RNN_GROUP, torch_threads=info["threads"], torch_version=info["torch"])
-    got = benchmark.pedantic(torch_peer.run, args=(case.x,), rounds=5, iterations=1, warmup_rounds=0)
-    check_rnn(got, case, "torch (timed run)")
