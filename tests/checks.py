@@ -4,6 +4,10 @@ oracle, each with a message naming what was compared."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -81,3 +85,14 @@ def ticks_while(work):
     if failure:
         raise failure[0]
     return ticks
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:
+    """Runs `code` (dedented) in a fresh interpreter with `env` added; returns its stdout."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout, env=full_env, check=True,
+    )  # fmt: skip
+    return out.stdout

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import oracles as O
 import pytest
-from checks import assert_close, assert_log10, assert_scalar, ticks_while
+from checks import assert_close, assert_log10, assert_scalar, run_python, ticks_while
 from conftest import needs_torch, torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -37,16 +37,6 @@ def _log10(x: float) -> float:
 def slice_norms(a):
     """Frobenius norms over (batch, hidden) of a (layers, steps + 1, batch, hidden) array."""
     return np.sqrt(np.sum(np.asarray(a, dtype=np.float64) ** 2, axis=(2, 3)))
-
-
-def _run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, check=True,
-    )  # fmt: skip
-    return out.stdout
 
 
 # --------------------------------------------------------------------------------------
@@ -1236,7 +1226,7 @@ def test_ctrl_c_stops_a_long_recurrent_backward_promptly():
             print("interrupted", time.perf_counter() - t0, short * 16)
         print("after", np.isfinite(rnn.backward(x[:5]).log10_total_norm))
     """
-    out = _run_python(code).split()
+    out = run_python(code).split()
     assert out[0] == "interrupted", out
     elapsed, full = float(out[1]), float(out[2])
     assert elapsed < min(0.3 + 1.5, 0.6 * full), (elapsed, full)

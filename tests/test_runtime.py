@@ -7,22 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from checks import ticks_while
-
-
-def _run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, check=True,
-    )
-    return out.stdout
+from checks import run_python, ticks_while
 
 
 def test_ctrl_c_stops_a_long_backward_promptly():
@@ -43,7 +32,7 @@ def test_ctrl_c_stops_a_long_backward_promptly():
             print("interrupted", time.perf_counter() - t0, one)
         print("after", np.isfinite(net.backward(x[:2]).log10_total_norm))
     """
-    out = _run_python(code).split()
+    out = run_python(code).split()
     assert out[0] == "interrupted", out
     elapsed, one_pass = float(out[1]), float(out[2])
     # Stopped within the pass that was running when the signal came (plus slack).
@@ -65,7 +54,7 @@ def test_ctrl_c_stops_drawing_a_deep_chain():
         except KeyboardInterrupt:
             print("interrupted", time.perf_counter() - t0, 60_000 * per_layer)
     """
-    out = _run_python(code).split()
+    out = run_python(code).split()
     assert out[0] == "interrupted", out
     elapsed, full = float(out[1]), float(out[2])
     assert elapsed < min(1.5, 0.5 * full), (elapsed, full)
@@ -108,8 +97,8 @@ def test_results_do_not_depend_on_the_thread_count():
             print(repr(float(w.sum())), repr(float(np.abs(w).max())), repr(rep.log10_total_norm),
                   repr(float(rep.log10_weight_grad_norms.sum())))
     """
-    one = _run_python(code, env={"OMP_NUM_THREADS": "1"})
-    two = _run_python(code, env={"OMP_NUM_THREADS": "2"})
+    one = run_python(code, env={"OMP_NUM_THREADS": "1"})
+    two = run_python(code, env={"OMP_NUM_THREADS": "2"})
     lines1, lines2 = one.splitlines(), two.splitlines()
     # Weights are drawn per layer from a counter-based generator: bit-identical.
     for a, b in zip(lines1, lines2):
