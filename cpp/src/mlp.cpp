@@ -363,8 +363,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       std::copy(hL, hL + mL, g);
       gamma = eL;
       const Scan s = scan(hL, mL);
-      res.log10_loss =
-          s.sumsq > 0 ? std::log10(0.5 * s.sumsq) + 2.0 * double(eL) * kLog10_2 : kNegInf;
+      res.log10_loss = std::log10(0.5) + 2.0 * log10_norm(s, eL);
       break;
     }
     case LossKind::mse: {
@@ -449,7 +448,6 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   res.log10_bias_grad_norms.assign(static_cast<std::size_t>(L), kNegInf);
   res.log10_activation_grad_norms.assign(static_cast<std::size_t>(L) + 1, kNegInf);
   const bool p_two = req.norm_type == 2.0;
-  const bool p_inf = std::isinf(req.norm_type);
   // Per-parameter log10 norms in norm_type, for the total norm (torch's order: W1, b1, ...).
   std::vector<double> lp_w(static_cast<std::size_t>(L), kNegInf),
       lp_b(static_cast<std::size_t>(L), kNegInf);
@@ -466,7 +464,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   // Rescales G when max|G| leaves the safe band; returns its norm's log10.
   auto normalise = [&](T* a, std::size_t cnt) {
     const Scan s = scan(a, cnt);
-    const double lg = log10_norm(s.sumsq, gamma);
+    const double lg = log10_norm(s, gamma);
     const int k = rescale_exponent<T>(s.maxabs);
     scale_pow2(a, cnt, -k);
     gamma += k;
@@ -501,7 +499,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     }
     {
       const Scan s = scan(db, nl);
-      res.log10_bias_grad_norms[ul] = log10_norm(s.sumsq, dz_exp);
+      res.log10_bias_grad_norms[ul] = log10_norm(s, dz_exp);
       lp_b[ul] = pnorm_log10(db, nl, s, dz_exp);
       b_exp[ul] = dz_exp;
     }
@@ -509,18 +507,12 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       // dW = dz^T h is an outer product: every entrywise norm of it factorises, and the
       // n_l x n_{l-1} matrix never has to be written.
       const Scan sd = scan(dz, nl), sx = scan(h(l - 1), np);
+      // Entrywise p-norms of an outer product factorise: ||a b^T||_p = ||a||_p ||b||_p.
+      res.log10_weight_grad_norms[ul] = log10_norm(sd, dz_exp) + log10_norm(sx, e[ul]);
+      lp_w[ul] = p_two ? res.log10_weight_grad_norms[ul]
+                       : log10_pnorm(dz, nl, sd, dz_exp, req.norm_type) +
+                             log10_pnorm(h(l - 1), np, sx, e[ul], req.norm_type);
       const std::int64_t ex = dz_exp + e[ul];
-      auto lg = [](double v) { return v > 0 ? std::log10(v) : kNegInf; };
-      res.log10_weight_grad_norms[ul] = log10_norm(sd.sumsq, dz_exp) + log10_norm(sx.sumsq, e[ul]);
-      if (p_two)
-        lp_w[ul] = res.log10_weight_grad_norms[ul];
-      else if (p_inf)
-        lp_w[ul] = lg(sd.maxabs) + lg(sx.maxabs) + double(ex) * kLog10_2;
-      else
-        lp_w[ul] = (lg(sum_abs_pow(dz, nl, req.norm_type)) +
-                    lg(sum_abs_pow(h(l - 1), np, req.norm_type))) /
-                       req.norm_type +
-                   double(ex) * kLog10_2;
       w_exp[ul] = ex;
       return;
     }
@@ -531,7 +523,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
                h(l - 1), inp, T(0), dw, inp);
     const std::int64_t ex = dz_exp + e[ul] - sh;
     const Scan s = scan(dw, nl * np);
-    res.log10_weight_grad_norms[ul] = log10_norm(s.sumsq, ex);
+    res.log10_weight_grad_norms[ul] = log10_norm(s, ex);
     lp_w[ul] = pnorm_log10(dw, nl * np, s, ex);
     w_exp[ul] = ex;
   };

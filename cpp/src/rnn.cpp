@@ -92,11 +92,6 @@ void accumulate(T* a, std::int64_t& e, char& nz, const T* x, std::int64_t ex, st
   }
 }
 
-// log10 of the squared norm of a * 2^e; -inf when zero.
-inline double log10_sq(double sumsq, std::int64_t e) {
-  return sumsq > 0 ? std::log10(sumsq) + 2.0 * double(e) * kLog10_2 : kNegInf;
-}
-
 // A run of columns of the stored per-step gradient that multiplies a block of rows of a
 // weight: LSTM and the vanilla cells use one run; GRU's input and hidden weights see
 // different gradients for the n gate.
@@ -389,7 +384,8 @@ void Pass<T>::loss(Part<T>& p) const {
     case LossKind::probe: {
       const T* hT = top + Tn_ * n;
       std::copy(hT, hT + n, U + Tn_ * n);
-      p.loss = 0.5 * scan(hT, n).sumsq;
+      const Scan s = scan(hT, n);
+      p.loss = 0.5 * std::ldexp(s.sumsq, 2 * s.sq_shift);
       return;
     }
     case LossKind::grad_output: {
@@ -485,7 +481,7 @@ void Pass<T>::record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const
                  (cell ? p.canz : p.sanz)[l][t], d, g, n);
     return;
   }
-  (cell ? p.lc : p.ls)[l * (Tn_ + 1) + t] = have ? log10_sq(scan(d, n).sumsq, g) : kNegInf;
+  (cell ? p.lc : p.ls)[l * (Tn_ + 1) + t] = have ? 2.0 * log10_norm(scan(d, n), g) : kNegInf;
   if (req_.keep_grads) {
     T* dst = (cell ? res_.cell_grads : res_.state_grads).data() +
              ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
@@ -1304,7 +1300,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
       gexp[i] += k;
     }
     const Scan s = scan(grads[i].data(), grads[i].size());
-    res.log10_param_grad_norms[i] = log10_norm(s.sumsq, gexp[i]);
+    res.log10_param_grad_norms[i] = log10_norm(s, gexp[i]);
     lp[i] = log10_pnorm(grads[i].data(), grads[i].size(), s, gexp[i], req.norm_type);
   }
   const LogClip lc = log_clip<T>(lp, req.norm_type, req.max_norm);

@@ -29,6 +29,19 @@ __attribute__((always_inline)) inline Scan scan_impl(const T* x, std::size_t n) 
   r.maxabs = mx;
   r.sumsq = ss;
   r.finite = (bad == 0.0);
+  if (r.finite && mx > 0 && (mx > 0x1p400 || mx < 0x1p-400)) {
+    // Squares of the entries that matter would overflow or underflow: sum them at a
+    // power-of-two scale (exact) that puts the largest near 1.
+    const int k = std::ilogb(mx);
+    double s2 = 0.0;
+#pragma omp simd reduction(+ : s2)
+    for (std::size_t i = 0; i < n; ++i) {
+      const double a = std::ldexp(static_cast<double>(x[i]), -k);
+      s2 += a * a;
+    }
+    r.sumsq = s2;
+    r.sq_shift = k;
+  }
   return r;
 }
 }  // namespace

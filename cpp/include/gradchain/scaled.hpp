@@ -14,23 +14,19 @@ namespace gradchain {
 
 inline constexpr double kLog10_2 = 0.30102999566398119521;
 
+// One pass over an array: its largest |x|, whether every entry is finite, and its sum of
+// squares, kept as sumsq * 4^sq_shift so that it neither overflows nor underflows whatever
+// the entries' magnitude (a second, power-of-two-scaled pass runs only when max|x| lies
+// outside [2^-400, 2^400], which float data never does).
 struct Scan {
   double maxabs = 0.0;
   double sumsq = 0.0;
+  int sq_shift = 0;
   bool finite = true;
 };
 
-// Largest |x|, sum of squares (accumulated in double) and whether all entries are finite.
 Scan scan(const double* x, std::size_t n);
 Scan scan(const float* x, std::size_t n);
-
-// sum |x_i|^p in double.
-template <class T>
-double sum_abs_pow(const T* x, std::size_t n, double p) {
-  double s = 0;
-  for (std::size_t i = 0; i < n; ++i) s += std::pow(std::fabs(static_cast<double>(x[i])), p);
-  return s;
-}
 
 // The binary exponent k with 2^k <= m < 2^(k+1); 0 for m == 0.
 inline int exponent_of(double m) {
@@ -67,10 +63,10 @@ void scale_pow2(T* x, std::size_t n, int k) {
   }
 }
 
-// log10 of sqrt(sumsq) * 2^e; -inf for a zero norm.
-inline double log10_norm(double sumsq, std::int64_t e) {
-  if (sumsq == 0.0) return -std::numeric_limits<double>::infinity();
-  return 0.5 * std::log10(sumsq) + static_cast<double>(e) * kLog10_2;
+// log10 of the 2-norm of x * 2^e given x's scan; -inf for a zero norm.
+inline double log10_norm(const Scan& s, std::int64_t e) {
+  if (s.sumsq == 0.0) return -std::numeric_limits<double>::infinity();
+  return 0.5 * std::log10(s.sumsq) + (static_cast<double>(e) + s.sq_shift) * kLog10_2;
 }
 
 // log10(10^a + 10^b), stable.
@@ -99,16 +95,29 @@ void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* d
     dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i] * mt), k));
 }
 
-// log10 of the p-norm (p > 0 or inf) of x * 2^e, given x's scan.
+// log10 of the p-norm (p > 0 or inf) of x * 2^e, given x's scan. The terms are taken at
+// a power-of-two scale that puts max|x| near 1, so no p (0.5 or 1000) overflows or
+// underflows a term that matters; below p = 1 tiny entries still count (|x|^p with small p
+// is not negligible), so each term is formed in log2 there.
 template <class T>
 double log10_pnorm(const T* x, std::size_t n, const Scan& s, std::int64_t e, double p) {
-  if (p == 2.0) return log10_norm(s.sumsq, e);
-  if (std::isinf(p))
-    return s.maxabs > 0 ? std::log10(s.maxabs) + double(e) * kLog10_2
-                        : -std::numeric_limits<double>::infinity();
-  const double sp = sum_abs_pow(x, n, p);
-  return sp > 0 ? std::log10(sp) / p + double(e) * kLog10_2
-                : -std::numeric_limits<double>::infinity();
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  if (p == 2.0) return log10_norm(s, e);
+  if (!(s.maxabs > 0)) return s.maxabs == 0 ? kNegInf : s.maxabs;  // NaN stays NaN
+  if (std::isinf(s.maxabs)) return s.maxabs;
+  if (std::isinf(p)) return std::log10(s.maxabs) + double(e) * kLog10_2;
+  const int k = exponent_of(s.maxabs);
+  double sp = 0;
+  if (p >= 1.0) {
+    for (std::size_t i = 0; i < n; ++i)
+      sp += std::pow(std::ldexp(std::fabs(static_cast<double>(x[i])), -k), p);
+  } else {
+    for (std::size_t i = 0; i < n; ++i) {
+      const double a = std::fabs(static_cast<double>(x[i]));
+      if (a > 0) sp += std::exp2(p * (std::log2(a) - k));
+    }
+  }
+  return std::log10(sp) / p + (double(e) + k) * kLog10_2;
 }
 
 // The total norm over parameters given each one's log10 p-norm (torch's get_total_norm),
