@@ -456,6 +456,111 @@ def renormalised_log10_norms(
     )
 
 
+# --------------------------------------------------------------------------------------
+# Extended precision: x87 long double has 15 exponent bits (down to 1e-4951), so chains
+# whose float64 values underflow or overflow are computed plainly, with no rescaling.
+# --------------------------------------------------------------------------------------
+LD = np.longdouble
+HAVE_LONGDOUBLE = np.finfo(LD).maxexp >= 16384
+
+
+def _ld_erf(z):
+    # math.erf is double; below 1e-300 erf(u) = 2u/sqrt(pi) to every bit that matters here.
+    flat = [
+        LD(math.erf(float(v))) if abs(v) > 1e-300 else LD(2.0 / math.sqrt(math.pi)) * v
+        for v in np.ravel(z)
+    ]
+    return np.array(flat, dtype=LD).reshape(np.shape(z))
+
+
+def _ld_sigmoid(z):
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _ld_act(name, z, negative_slope, alpha, derivative):
+    one = LD(1)
+    if name == "tanh":
+        t = np.tanh(z)
+        return one - t * t if derivative else t
+    if name == "silu":
+        s = _ld_sigmoid(z)
+        return s * (one + z * (one - s)) if derivative else z * s
+    if name == "sigmoid":
+        s = _ld_sigmoid(z)
+        return s * (one - s) if derivative else s
+    if name == "elu":
+        a = LD(alpha)
+        if derivative:
+            return np.where(z > 0, one, a * np.exp(np.minimum(z, 0)))
+        return np.where(z > 0, z, a * np.expm1(np.minimum(z, 0)))
+    if name == "gelu":
+        cdf = (one + _ld_erf(z / np.sqrt(LD(2)))) / 2
+        if derivative:
+            return cdf + z * np.exp(-z * z / 2) / np.sqrt(2 * LD(math.pi))
+        return z * cdf
+    if name == "gelu_tanh":
+        b, k = np.sqrt(2 / LD(math.pi)), LD(_GELU_KAPPA)
+        t = np.tanh(b * (z + k * z**3))
+        if derivative:
+            return (one + t) / 2 + z / 2 * (one - t * t) * b * (one + 3 * k * z * z)
+        return z / 2 * (one + t)
+    if name in ("linear", "relu", "leaky_relu"):
+        s = LD(0 if name == "relu" else (1 if name == "linear" else negative_slope))
+        if derivative:
+            return np.where(z > 0, one, s)
+        return np.where(z > 0, z, s * z)
+    raise ValueError(f"no long-double form for {name!r}")
+
+
+def longdouble_backward(
+    weights, biases, x, activation, loss="probe", grad_output=None, negative_slope=0.01, alpha=1.0
+):
+    """log10 of the per-layer gradient norms of an MLP computed plainly in long double
+    (probe or grad_output loss). Returns a namespace like renormalised_log10_norms."""
+    if not HAVE_LONGDOUBLE:
+        raise RuntimeError("numpy's long double is not the x87 80-bit format here")
+    W = [np.asarray(w, dtype=np.float64).astype(LD) for w in weights]
+    if biases is None:
+        biases = _zeros_biases(weights)
+    b_ = [np.asarray(b, dtype=np.float64).astype(LD) for b in biases]
+    h = np.asarray(x, dtype=np.float64).astype(LD)
+    hs, zs = [h], []
+    for w, b in zip(W, b_):
+        z = h @ w.T + b
+        h = _ld_act(activation, z, negative_slope, alpha, False)
+        zs.append(z)
+        hs.append(h)
+
+    def lg(a):
+        n = np.sqrt(np.sum(a * a))
+        return float(np.log10(n)) if n > 0 else -math.inf
+
+    if loss == "probe":
+        g = hs[-1].copy()
+        log10_loss = float(np.log10(np.sum(g * g) / 2)) if np.any(g) else -math.inf
+    else:
+        g = np.asarray(grad_output, dtype=np.float64).astype(LD)
+        log10_loss = math.nan
+    depth = len(W)
+    lw, lb, la = np.empty(depth), np.empty(depth), np.empty(depth + 1)
+    la[depth] = lg(g)
+    for l in range(depth - 1, -1, -1):
+        dz = g * _ld_act(activation, zs[l], negative_slope, alpha, True)
+        lw[l] = lg(dz.T @ hs[l])
+        lb[l] = lg(dz.sum(axis=0))
+        g = dz @ W[l]
+        la[l] = lg(g)
+    return SimpleNamespace(
+        log10_weight=lw,
+        log10_bias=lb,
+        log10_act=la,
+        log10_loss=log10_loss,
+        log10_total=log10_total_norm(np.concatenate([lw, lb]), 2.0),
+        log10_output=lg(hs[-1]),
+    )
+
+
 # ======================================================================================
 # Recurrent chains (torch.nn.RNN / LSTM / GRU layout and equations)
 # ======================================================================================
@@ -1408,7 +1513,9 @@ def torch_rnn_state_jacobians(cell, state_dict, x, *, h0=None, c0=None):
         s = torch.from_numpy(s0[b])
         for t in range(T):
             xt = torch.from_numpy(x[t, b])
-            out[b, t] = torch.autograd.functional.jacobian(lambda s_, xt=xt: step(s_, xt), s).numpy()
+            out[b, t] = torch.autograd.functional.jacobian(
+                lambda s_, xt=xt: step(s_, xt), s
+            ).numpy()
             with torch.no_grad():
                 s = step(s, xt)
     return out

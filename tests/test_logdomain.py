@@ -307,3 +307,153 @@ def test_batch_rows_of_very_different_scales(gc, act):
     large = full.activation_grads[0][2:]
     ratio = np.log2(np.linalg.norm(large)) - np.log2(np.linalg.norm(small))
     assert 590 < ratio < 610
+
+
+# --------------------------------------------------------------------------------------
+# the edges of the float range: signals that decay below it, operands beyond it
+# --------------------------------------------------------------------------------------
+needs_ld = pytest.mark.skipif(not O.HAVE_LONGDOUBLE, reason="needs x87 long double")
+
+
+@needs_ld
+@pytest.mark.parametrize("act", ["tanh", "silu", "elu", "gelu", "gelu_tanh"])
+def test_small_signal_carried_below_the_float_range(gc, act):
+    """A zero-bias chain whose activation is linear near 0 decays to 1e-1975: the forward
+    pass carries the small signal's scale, and every norm matches a plain long-double
+    computation (which needs no rescaling down to 1e-4951)."""
+    L, n = 3000, 8
+    gain = 0.5 if act in ("tanh", "elu") else 1.0  # the others have slope 1/2 at 0
+    net = gc.MLP(depth=L, width=n, activation=act, gain=gain, seed=1)
+    x = np.random.default_rng(0).standard_normal((3, n))
+    rep = net.backward(x)
+    ref = O.longdouble_backward(net.weights, None, x, act)
+    assert ref.log10_output < -900  # float64 says 0 here
+    # Long double itself runs out near 1e-4930 (the early layers' bias gradients).
+    for name, want in (
+        ("log10_weight_grad_norms", ref.log10_weight),
+        ("log10_bias_grad_norms", ref.log10_bias),
+        ("log10_activation_grad_norms", ref.log10_act),
+    ):
+        got = getattr(rep, name)
+        assert np.all(np.isfinite(got)), name
+        ok = want > -4900
+        assert ok.sum() > L // 4
+        assert_log10_close(got[ok], want[ok], atol=1e-11, what=f"{act} {name}")
+    assert_log10_close(rep.log10_loss, ref.log10_loss, atol=1e-11)
+    np.testing.assert_array_equal(rep.output, 0.0)
+
+
+@needs_ld
+@pytest.mark.slow
+def test_tanh_30000_layers_is_not_silently_zero(gc):
+    """Every activation of this near-default chain underflows float64 past layer 2000 or
+    so; the log10 norms match long double (float64 used to say -inf everywhere)."""
+    net = gc.MLP(depth=30_000, width=16, activation="tanh", seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 16))
+    rep = net.backward(x)
+    ref = O.longdouble_backward(net.weights, None, x, "tanh")
+    assert ref.log10_output < -400
+    check_against_renormalised(rep, ref, atol=1e-10, what="tanh 30000")
+
+
+@needs_ld
+def test_subnormal_float32_silu_chain(gc):
+    """Near-default use: float32 activations pass 1e-38 around layer 130. No NaN; every
+    norm within float32 rounding of the long-double truth."""
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    net = gc.MLP(depth=200, width=4, activation="silu", dtype="float32", seed=5)
+    rep = net.backward(x)
+    w64 = [w.astype(np.float64) for w in net.weights]
+    ref = O.longdouble_backward(w64, None, x, "silu")
+    assert ref.log10_output < -40
+    check_against_renormalised(rep, ref, atol=1e-5, what="silu f32")
+
+
+@needs_ld
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_subnormal_input(gc, dtype):
+    tiny = 1e-320 if dtype == "float64" else 1e-44
+    net = gc.MLP(depth=3, width=2, seed=0, dtype=dtype)
+    x = np.full((2, 2), tiny, dtype=dtype)
+    rep = net.backward(x)
+    ref = O.longdouble_backward([w.astype(np.float64) for w in net.weights], None, x, "tanh")
+    check_against_renormalised(rep, ref, atol=1e-11 if dtype == "float64" else 1e-6)
+
+
+@needs_ld
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+def test_norms_of_huge_gradients(gc, batch, norm_type):
+    """Squares of 1e200 overflow and of 1e-200 underflow: the batch-1 outer-product norms,
+    the activation-gradient norms and the loss stay exact."""
+    net = gc.MLP(depth=1, width=4, activation="linear", gain=1e200, seed=3)
+    x = np.random.default_rng(1).standard_normal((batch, 4))
+    ref = O.longdouble_backward(net.weights, None, x, "linear")
+    check_against_renormalised(net.backward(x), ref, atol=1e-12)
+    rep = net.backward(x, max_norm=1.0, norm_type=norm_type, return_grads=True)
+    grads = [rep.weight_grads[0], rep.bias_grads[0]]
+    assert all(np.all(np.isfinite(g)) for g in grads)  # clipped to max_norm 1
+    assert_log10_close(math.log10(gc.get_total_norm(grads, norm_type=norm_type)), 0.0, atol=1e-9)
+    assert rep.log10_total_norm > 199
+
+    g = np.full((batch, 4), 1e-200)
+    rep = net.backward(x, grad_output=g)
+    ref = O.longdouble_backward(net.weights, None, x, "linear", "grad_output", grad_output=g)
+    check_against_renormalised(rep, ref, atol=1e-12)
+
+
+def test_weight_gradient_product_beyond_the_float_range(gc):
+    """dW_2 = g^T h_1 with h_1 = 1e300 and g = 1e10: 2e310, beyond float64."""
+    net = gc.MLP.from_weights([[[1e300]], [[1.0]]], [[1.0], [0.0]], activation="linear")
+    rep = net.backward(np.ones((2, 1)), grad_output=np.full((2, 1), 1e10))
+    assert_log10_close(rep.log10_weight_grad_norms, [math.log10(2e10), 10 + 300 + math.log10(2)])
+    h = 10 + 0.5 * math.log10(2)
+    assert_log10_close(rep.log10_activation_grad_norms, [300 + h, h, h], atol=1e-12)
+    assert np.isinf(rep.activation_grad_norms[0])
+
+
+@pytest.mark.parametrize("norm_type", [1000.0, 0.5, 7.0])
+def test_in_chain_clipping_with_large_and_small_norm_types(gc, norm_type):
+    """|g|^1000 overflows for |g| > 2.03: the total still matches get_total_norm, and the
+    gradients are clipped."""
+    net = gc.MLP(depth=3, width=3, activation="linear", gain=3.0, seed=0)
+    x = np.ones((2, 3))
+    plain = net.backward(x, return_grads=True)
+    grads = [a.copy() for pair in zip(plain.weight_grads, plain.bias_grads) for a in pair]
+    total = gc.get_total_norm(grads, norm_type=norm_type)
+    assert np.max(np.abs(np.concatenate([g.ravel() for g in grads]))) > 2.1
+    rep = net.backward(x, max_norm=0.5, norm_type=norm_type, return_grads=True)
+    assert math.isclose(rep.total_norm, total, rel_tol=1e-12)
+    clipped = [a for pair in zip(rep.weight_grads, rep.bias_grads) for a in pair]
+    assert math.isclose(gc.get_total_norm(clipped, norm_type=norm_type), 0.5, rel_tol=1e-6)
+    assert math.isclose(rep.clipped_total_norm, 0.5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "softplus"])
+def test_forward_underflow_is_an_error_not_minus_inf(gc, act):
+    """sigmoid(-800) is 1e-348: below float64, and sigmoid is not linear near 0, so the
+    scale cannot be carried; the pass raises, naming the layer."""
+    w = [np.full((2, 2), 1.0), np.full((2, 2), -1000.0), np.full((2, 2), 1.0)]
+    net = gc.MLP.from_weights(w, [np.zeros(2), np.zeros(2), np.zeros(2)], activation=act)
+    with pytest.raises(gc.NonFiniteError, match=r"underflowed.*layer 2 of 3") as err:
+        net.backward(np.ones((1, 2)))
+    assert err.value.index == 2
+
+
+@needs_ld
+@pytest.mark.parametrize(
+    "act,bias",
+    [("linear", False), ("relu", False), ("tanh", False), ("gelu", False), ("linear", True)],
+)
+def test_weights_near_the_ends_of_the_float_range(gc, act, bias):
+    """Layers scaled by 1e280 and 1e-280 in turn: every product h W and dz W leaves the
+    float range unless the weights' scale is carried apart from them."""
+    rng = np.random.default_rng(3)
+    n, L = 5, 6
+    ws = [rng.standard_normal((n, n)) * (1e280 if l % 2 == 0 else 1e-280) for l in range(L)]
+    bs = [rng.standard_normal(n) * 1e-3 for _ in range(L)] if bias else None
+    x = rng.standard_normal((2, n)) * 1e-290
+    net = gc.MLP.from_weights(ws, bs, activation=act)
+    rep = net.backward(x)
+    ref = O.longdouble_backward(ws, bs, x, act)
+    check_against_renormalised(rep, ref, atol=1e-12, what=act)

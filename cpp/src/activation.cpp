@@ -192,6 +192,32 @@ bool Activation::positively_homogeneous() const {
   return kind == Act::linear || kind == Act::relu || kind == Act::leaky_relu;
 }
 
+bool Activation::linear_near_zero() const {
+  switch (kind) {
+    case Act::tanh:
+    case Act::elu:
+    case Act::gelu:
+    case Act::gelu_tanh:
+    case Act::silu:
+      return true;
+    default:
+      return false;
+  }
+}
+
+double Activation::slope_at_zero(bool negative) const {
+  switch (kind) {
+    case Act::elu:
+      return negative ? alpha : 1.0;
+    case Act::gelu:
+    case Act::gelu_tanh:
+    case Act::silu:
+      return 0.5;
+    default:
+      return 1.0;
+  }
+}
+
 bool Activation::needs_input() const {
   switch (kind) {
     case Act::elu:

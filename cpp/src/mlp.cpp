@@ -35,6 +35,30 @@ constexpr double kOwnThreadsWork = 1 << 16;
 // Below this many multiply-adds per GEMM, OpenBLAS threads cost more than they save.
 constexpr double kThreadedGemmWork = 1 << 20;
 
+// h~ = phi(z~ 2^s) 2^-s for s < 0, without underflow: phi at the true scale where that is
+// a normal float (bit for bit what a plain pass computes), and its slope at 0 below that,
+// where phi(t) = slope * t to the last bit.
+template <class T>
+void forward_small(const Activation& act, const T* z, T* h, std::size_t m, int s, T* tmp) {
+  constexpr int lo = std::numeric_limits<T>::min_exponent + std::numeric_limits<T>::digits;
+  const double sn = act.slope_at_zero(true), sp = act.slope_at_zero(false);
+  const double tn = std::ldexp(1.0, lo) / std::min(1.0, sn);
+  const double tp = std::ldexp(1.0, lo) / std::min(1.0, sp);
+  for (std::size_t i = 0; i < m; ++i) tmp[i] = std::ldexp(z[i], s);
+  act.forward(tmp, tmp, m);
+  for (std::size_t i = 0; i < m; ++i) {
+    const double zi = static_cast<double>(z[i]);
+    const bool neg = zi < 0;
+    h[i] = std::fabs(std::ldexp(zi, s)) >= (neg ? tn : tp)
+               ? static_cast<T>(std::ldexp(static_cast<double>(tmp[i]), -s))
+               : static_cast<T>(zi * (neg ? sn : sp));
+  }
+}
+
+int clamp_exp(std::int64_t k) {
+  return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
+}
+
 std::string layer_msg(int l, int depth) {
   return "layer " + std::to_string(l) + " of " + std::to_string(depth);
 }
@@ -114,6 +138,7 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
                    [](double v) { return static_cast<T>(v); });
     std::transform(buf.b.begin(), buf.b.end(), bias(l), [](double v) { return static_cast<T>(v); });
   });
+  scale_weights();
 }
 
 template <class T>
@@ -130,12 +155,39 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, std::vector<T> we
   if (biases_.size() != boff_[0])
     throw std::invalid_argument("biases hold " + std::to_string(biases_.size()) +
                                 " numbers; the widths need " + std::to_string(boff_[0]));
+  scale_weights();
+}
+
+template <class T>
+void MLPChain<T>::scale_weights() {
+  const int L = depth();
+  wexp_.assign(static_cast<std::size_t>(L) + 1, 0);
+  wscaled_.assign(static_cast<std::size_t>(L) + 1, {});
+  for (int l = 1; l <= L; ++l) {
+    const std::size_t cnt = static_cast<std::size_t>(widths_[static_cast<std::size_t>(l)]) *
+                            static_cast<std::size_t>(widths_[static_cast<std::size_t>(l) - 1]);
+    const Scan s = scan(weight(l), cnt);
+    if (!s.finite)
+      throw std::invalid_argument("weights of layer " + std::to_string(l) +
+                                  " must be finite; got NaN or inf");
+    const int k = rescale_exponent<T>(s.maxabs);
+    if (k == 0) continue;
+    auto& c = wscaled_[static_cast<std::size_t>(l)];
+    c.assign(weight(l), weight(l) + cnt);
+    scale_pow2(c.data(), cnt, -k);
+    wexp_[static_cast<std::size_t>(l)] = k;
+  }
+  zero_biases_ = std::all_of(biases_.begin(), biases_.end(), [](T b) { return b == T(0); });
 }
 
 template <class T>
 bool MLPChain<T>::log_scale_forward() const {
-  if (!act_.positively_homogeneous()) return false;
-  return std::all_of(biases_.begin(), biases_.end(), [](T b) { return b == T(0); });
+  return act_.positively_homogeneous() && zero_biases_;
+}
+
+template <class T>
+bool MLPChain<T>::carries_small_scale() const {
+  return act_.linear_near_zero() && zero_biases_;
 }
 
 template <class T>
@@ -154,7 +206,8 @@ double MLPChain<T>::backward_bytes(int batch, const BackwardRequest& req) const 
   }
   double elems = B * acts;                                   // stored h_l
   if (act_.needs_input()) elems += B * (acts - widths_[0]);  // stored z_l
-  elems += 3 * B * maxn + maxw;                              // scratch
+  elems += 4 * B * maxn + maxw;                              // scratch
+  if (carries_small_scale()) elems += 2 * B * maxn;
   if (req.keep_weight_grads) elems += nw;
   if (req.keep_bias_grads) elems += nb;
   if (req.keep_activation_grads) elems += B * acts;
@@ -172,6 +225,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     return static_cast<std::size_t>(widths_[static_cast<std::size_t>(l)]);
   };
   const bool homog = log_scale_forward();
+  const bool small = carries_small_scale();
   const bool keep_z = act_.needs_input();
 
   const double bytes = backward_bytes(batch, req);
@@ -219,11 +273,20 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   T* G2 = ws.g2.get(B * maxn);
   T* DZ = ws.dz.get(B * maxn);
   T* DB = ws.db.get(maxn);
+  T* HS = ws.hs.get(B * maxn);
+  T *TZ = nullptr, *TH = nullptr;
+  if (small) {
+    TZ = ws.tz.get(B * maxn);
+    TH = ws.th.get(B * maxn);
+  }
   auto h = [&](int l) { return H + hoff[static_cast<std::size_t>(l)]; };
   auto z = [&](int l) { return keep_z ? Z + hoff[static_cast<std::size_t>(l)] : nullptr; };
-  // h_l = h~_l * 2^e[l] (log-scale forward); in a plain pass, 2^shift[l] brings h_l back
-  // into the safe band for the weight-gradient GEMM, so that it cannot overflow.
+  // h_l = h~_l * 2^e[l], and the stored pre-activation z_l = z~_l * 2^zexp[l]. The
+  // exponents are nonzero only where the chain carries its scale in log space: always for
+  // a homogeneous chain, and for a chain linear near 0 once its signal decays below the
+  // band. 2^shift[l] brings h~_l into the band for the weight-gradient GEMM.
   std::vector<std::int64_t> e(static_cast<std::size_t>(L) + 1, 0);
+  std::vector<std::int64_t> zexp(static_cast<std::size_t>(L) + 1, 0);
   std::vector<int> shift(static_cast<std::size_t>(L) + 1, 0);
 
   BackwardResult<T> res;
@@ -231,39 +294,53 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
 
   // ---- forward -------------------------------------------------------------------------
   // Examples do not interact in the forward pass, so with two threads each takes half
-  // the batch through the whole chain. Each half carries its own exponents (log-scale
-  // pass); they are reconciled afterwards.
+  // the batch through the whole chain. Each half carries its own exponents; they are
+  // reconciled afterwards.
   struct Part {
     std::size_t r0 = 0, r1 = 0;
-    std::vector<std::int64_t> e;
-    std::vector<double> hmax;
-    int bad = 0;  // first layer with a non-finite value, 0 if none
-    bool bad_nan = false;
+    std::vector<std::int64_t> e, zs;
+    std::vector<double> hmax;  // of the stored h~
+    std::vector<T> tmp;
+    int bad = 0;  // first layer with a non-finite or underflowed value, 0 if none
+    bool bad_nan = false, bad_underflow = false;
+    double bad_value = 0;
     const char* bad_what = "";
     std::exception_ptr error;
   };
   std::atomic<bool> abort{false};
+  const bool can_zero =
+      act_.kind == Act::relu || (act_.kind == Act::leaky_relu && act_.negative_slope == 0.0);
   auto forward_rows = [&](Part& p, bool polls) {
     const std::size_t R = p.r1 - p.r0;
     p.e.assign(static_cast<std::size_t>(L) + 1, 0);
+    p.zs.assign(static_cast<std::size_t>(L) + 1, 0);
     p.hmax.assign(static_cast<std::size_t>(L) + 1, 0.0);
     T* h0 = h(0) + p.r0 * n(0);
     std::copy(x + p.r0 * n(0), x + p.r1 * n(0), h0);
     {
       const Scan s = scan(h0, R * n(0));
-      const int k = homog ? rescale_exponent<T>(s.maxabs) : 0;
+      int k = homog || small ? rescale_exponent<T>(s.maxabs) : 0;
+      if (small && k > 0) k = 0;  // only a small signal is carried
       scale_pow2(h0, R * n(0), -k);
       p.e[0] = k;
-      p.hmax[0] = s.maxabs;
+      p.hmax[0] = std::ldexp(s.maxabs, -k);
     }
     for (int l = 1; l <= L; ++l) {
       const std::size_t ul = static_cast<std::size_t>(l), m = R * n(l);
       T* zl = (keep_z ? z(l) : h(l)) + p.r0 * n(l);
       T* hl = h(l) + p.r0 * n(l);
       blas::gemm(Trans::N, Trans::T, static_cast<int>(R), widths_[ul], widths_[ul - 1], T(1),
-                 h(l - 1) + p.r0 * n(l - 1), widths_[ul - 1], weight(l), widths_[ul - 1], T(0), zl,
-                 widths_[ul]);
-      if (!homog) {
+                 h(l - 1) + p.r0 * n(l - 1), widths_[ul - 1], gemm_weight(l), widths_[ul - 1], T(0),
+                 zl, widths_[ul]);
+      // z~ is at scale 2^sz; a plain pass and a small signal back in range take it to 1.
+      std::int64_t sz = p.e[ul - 1] + wexp_[ul];
+      if (!homog && sz > 0) {
+        scale_pow2(zl, m, static_cast<int>(std::min<std::int64_t>(sz, 100000)));
+        sz = 0;
+      }
+      if (!homog && !small) {
+        if (sz < 0) scale_pow2(zl, m, static_cast<int>(std::max<std::int64_t>(sz, -100000)));
+        sz = 0;
         const T* bl = bias(l);
         for (std::size_t r = 0; r < R; ++r) {
           T* row = zl + r * n(l);
@@ -278,18 +355,46 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
           if (std::isnan(static_cast<double>(a[i]))) p.bad_nan = true;
         return true;
       };
-      if (flag(scan(zl, m), zl, "the pre-activation h W^T + b")) return;
-      act_.forward(zl, hl, m);
+      auto underflow = [&](double mx, const char* what) {
+        p.bad = l;
+        p.bad_what = what;
+        p.bad_underflow = true;
+        p.bad_value = mx;
+      };
+      const Scan sz_scan = scan(zl, m);
+      if (flag(sz_scan, zl, "the pre-activation h W^T + b")) return;
+      if (sz_scan.maxabs > 0 && sz_scan.maxabs < std::numeric_limits<T>::min()) {
+        underflow(sz_scan.maxabs, "the pre-activation h W^T + b");
+        return;
+      }
+      if (small && sz < 0) {
+        if (p.tmp.size() < m) p.tmp.resize(m);
+        forward_small(act_, zl, hl, m, static_cast<int>(std::max<std::int64_t>(sz, -100000)),
+                      p.tmp.data());
+      } else {
+        act_.forward(zl, hl, m);
+      }
       const Scan s = scan(hl, m);
       if (flag(s, hl, "the activation")) return;
+      if ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
+          (s.maxabs == 0 && sz_scan.maxabs > 0 && !can_zero)) {
+        underflow(s.maxabs, "the activation");
+        return;
+      }
+      p.zs[ul] = sz;
+      int k = 0;
       if (homog) {
         // phi(2^k u) = 2^k phi(u): move the scale into the exponent. The stored z keeps
         // the previous layer's scale; only its sign is used.
-        const int k = rescale_exponent<T>(s.maxabs);
-        scale_pow2(hl, m, -k);
-        p.e[ul] = p.e[ul - 1] + k;
+        k = rescale_exponent<T>(s.maxabs);
+      } else if (small) {
+        // A small signal is carried until it is back in the band at scale 1.
+        k = rescale_exponent<T>(s.maxabs);
+        if (sz + k > 0) k = static_cast<int>(-sz);
       }
-      p.hmax[ul] = s.maxabs;
+      scale_pow2(hl, m, -k);
+      p.e[ul] = sz + k;
+      p.hmax[ul] = std::ldexp(s.maxabs, -k);
       if (abort.load(std::memory_order_relaxed)) return;
       if (polls) cancel.poll();
     }
@@ -322,6 +427,18 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     const Part* first = nullptr;
     for (const Part& p : parts)
       if (p.bad && (!first || p.bad < first->bad)) first = &p;
+    if (first && first->bad_underflow) {
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "%.3g", first->bad_value);
+      throw NonFiniteError(
+          "forward", first->bad,
+          std::string("the forward pass underflowed in ") + first->bad_what + " at " +
+              layer_msg(first->bad, L) + ": its largest value is " + buf +
+              ", below the smallest normal " + (sizeof(T) == 4 ? "float32" : "float64") +
+              ", so the signal has lost its precision. A vanishing signal is carried in log "
+              "space when every bias is zero and the activation is homogeneous (linear, relu, "
+              "leaky_relu) or linear near 0 (tanh, gelu, gelu_tanh, silu, elu)");
+    }
     if (first)
       throw NonFiniteError(
           "forward", first->bad,
@@ -332,19 +449,28 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   }
   for (int l = 0; l <= L; ++l) {
     const std::size_t ul = static_cast<std::size_t>(l);
-    std::int64_t el = parts[0].e[ul];
-    double hm = parts[0].hmax[ul];
+    std::int64_t el = parts[0].e[ul], zl = parts[0].zs[ul];
     for (const Part& p : parts) {
       el = std::max(el, p.e[ul]);
-      hm = std::max(hm, p.hmax[ul]);
+      zl = std::max(zl, p.zs[ul]);
     }
     e[ul] = el;
-    for (const Part& p : parts)
+    zexp[ul] = zl;
+    double hm = 0;
+    for (const Part& p : parts) {
+      hm = std::max(
+          hm,
+          std::ldexp(p.hmax[ul], static_cast<int>(std::max<std::int64_t>(p.e[ul] - el, -100000))));
       if (p.e[ul] != el) {
         const std::int64_t d = std::max<std::int64_t>(p.e[ul] - el, -100000);
         scale_pow2(h(l) + p.r0 * n(l), (p.r1 - p.r0) * n(l), static_cast<int>(d));
       }
-    if (!homog) shift[ul] = -rescale_exponent<T>(hm);
+      if (small && keep_z && l > 0 && p.zs[ul] != zl) {
+        const std::int64_t d = std::max<std::int64_t>(p.zs[ul] - zl, -100000);
+        scale_pow2(z(l) + p.r0 * n(l), (p.r1 - p.r0) * n(l), static_cast<int>(d));
+      }
+    }
+    shift[ul] = -rescale_exponent<T>(hm);
   }
 
   // ---- loss and dL/dh_L ---------------------------------------------------------------
@@ -372,7 +498,12 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       // (h - y) computed at a common power-of-two scale c: exact where h and y overlap.
       const std::int64_t ey =
           sy.maxabs > 0 ? exponent_of(sy.maxabs) : std::numeric_limits<int>::min() / 2;
-      const std::int64_t c = std::max(eL, ey);
+      // The common scale is the larger of h's and y's, so that h - y can neither
+      // overflow nor square to inf.
+      const Scan sh_scan = scan(hL, mL);
+      const std::int64_t eh = sh_scan.maxabs > 0 ? eL + exponent_of(sh_scan.maxabs)
+                                                 : std::numeric_limits<int>::min() / 2;
+      const std::int64_t c = std::max(eh, ey);
       const int sh = static_cast<int>(std::max<std::int64_t>(eL - c, -100000));
       const int sy_ = static_cast<int>(std::max<std::int64_t>(-c, -100000));
       const T norm = static_cast<T>(2.0 / double(mL));
@@ -516,11 +647,18 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
       w_exp[ul] = ex;
       return;
     }
-    // dW = dz^T h_{l-1}, with h_{l-1} brought into the band by alpha = 2^shift.
+    // dW = dz^T h_{l-1}, with h_{l-1} brought into the band by 2^shift first: both factors
+    // in the band, no product can overflow or underflow before its scale is applied.
     T* dw = req.keep_weight_grads ? res.weight_grads[ul].data() : DW;
     const int sh = shift[ul];
-    blas::gemm(Trans::T, Trans::N, inl, inp, batch, static_cast<T>(std::ldexp(1.0, sh)), dz, inl,
-               h(l - 1), inp, T(0), dw, inp);
+    const T* hp = h(l - 1);
+    if (sh != 0) {
+      T* hs = HS;
+      std::copy(hp, hp + B * np, hs);
+      scale_pow2(hs, B * np, sh);
+      hp = hs;
+    }
+    blas::gemm(Trans::T, Trans::N, inl, inp, batch, T(1), dz, inl, hp, inp, T(0), dw, inp);
     const std::int64_t ex = dz_exp + e[ul] - sh;
     const Scan s = scan(dw, nl * np);
     res.log10_weight_grad_norms[ul] = log10_norm(s, ex);
@@ -557,6 +695,18 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
           std::copy(g, g + m, dz);
         else
           dz = g;
+      } else if (small &&
+                 (e[static_cast<std::size_t>(l)] != 0 || zexp[static_cast<std::size_t>(l)] != 0)) {
+        // phi' at the true scale of a carried small signal: where it underflows, phi'(0).
+        const T* zt = nullptr;
+        if (keep_z) {
+          std::copy(z(l), z(l) + m, TZ);
+          scale_pow2(TZ, m, clamp_exp(zexp[static_cast<std::size_t>(l)]));
+          zt = TZ;
+        }
+        std::copy(h(l), h(l) + m, TH);
+        scale_pow2(TH, m, clamp_exp(e[static_cast<std::size_t>(l)]));
+        act_.backward(zt, TH, g, dz, m);
       } else {
         act_.backward(z(l), h(l), g, dz, m);
       }
@@ -567,8 +717,9 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
         param_grads(l, dz, gamma);
       }
       // dL/dh_{l-1} = dz W_l, renormalised.
-      blas::gemm(Trans::N, Trans::N, batch, inp, inl, T(1), dz, inl, weight(l), inp, T(0), g_next,
-                 inp);
+      blas::gemm(Trans::N, Trans::N, batch, inp, inl, T(1), dz, inl, gemm_weight(l), inp, T(0),
+                 g_next, inp);
+      gamma += wexp_[static_cast<std::size_t>(l)];
       std::swap(g, g_next);
       res.log10_activation_grad_norms[ul] = normalise(g, B * np);
       if (req.keep_activation_grads) {

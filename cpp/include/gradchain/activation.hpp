@@ -22,6 +22,11 @@ struct Activation {
   // phi(c z) = c phi(z) for every c > 0: the forward pass can then carry its scale in
   // log space (with zero biases).
   bool positively_homogeneous() const;
+  // phi(0) = 0 and phi(z) = s z (1 + O(z)) near 0 with s > 0 on each side: a chain whose
+  // signal decays below the float range can carry its scale in log space (zero biases).
+  bool linear_near_zero() const;
+  // That slope s on the side of z's sign.
+  double slope_at_zero(bool negative) const;
   // The derivative needs the pre-activation z, not only the output h.
   bool needs_input() const;
 

@@ -95,9 +95,9 @@ class Buffer {
 
 template <class T>
 struct Workspace {
-  Buffer<T> h, z, g, g2, dz, dw, db, dzall;
+  Buffer<T> h, z, g, g2, dz, dw, db, dzall, hs, tz, th;
   void release() {
-    for (Buffer<T>* b : {&h, &z, &g, &g2, &dz, &dw, &db, &dzall}) b->release();
+    for (Buffer<T>* b : {&h, &z, &g, &g2, &dz, &dw, &db, &dzall, &hs, &tz, &th}) b->release();
   }
 };
 
@@ -121,6 +121,9 @@ class MLPChain {
   // True when phi is positively homogeneous and every bias is zero: the forward pass
   // then rescales by powers of two and never overflows.
   bool log_scale_forward() const;
+  // True when phi is linear near 0 (tanh, gelu, silu, elu) and every bias is zero: a
+  // signal that decays below the float range is then carried in log space.
+  bool carries_small_scale() const;
 
   // Bytes a backward pass with this batch would allocate.
   double backward_bytes(int batch, const BackwardRequest& req) const;
@@ -130,11 +133,23 @@ class MLPChain {
 
  private:
   void layout();
+  void scale_weights();
+  // W_l = W~_l * 2^wexp_[l], W~_l in the safe band: the weight the GEMMs use.
+  const T* gemm_weight(int l) const {
+    const auto& c = wscaled_[static_cast<std::size_t>(l)];
+    return c.empty() ? weight(l) : c.data();
+  }
 
   std::vector<int> widths_;
   Activation act_;
   ParamVector<T> weights_, biases_;
   std::vector<std::size_t> woff_, boff_;
+  // Layers whose largest weight lies outside the safe band keep a power-of-two scaled copy
+  // (rare: weights near 1e300 or 1e-300), so that no product overflows or underflows
+  // before its scale is applied.
+  std::vector<int> wexp_;
+  std::vector<std::vector<T>> wscaled_;
+  bool zero_biases_ = false;
   // Reused by backward passes up to kKeptWorkspaceBytes; a concurrent pass on the same
   // chain gets its own.
   mutable std::mutex ws_mutex_;
