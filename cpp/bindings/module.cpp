@@ -43,6 +43,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("openmp") = false;
 #endif
 
+  bindings::bind_chain(m);
   bindings::bind_clip(m);
   bindings::bind_jacobian(m);
   bindings::bind_mlp(m);

@@ -19,6 +19,7 @@ namespace py = pybind11;
 
 namespace gradchain::bindings {
 
+void bind_chain(py::module_& m);
 void bind_clip(py::module_& m);
 void bind_jacobian(py::module_& m);
 void bind_mlp(py::module_& m);

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "gradchain/common.hpp"
 #include "gradchain/parallel.hpp"
+#include "gradchain/scaled.hpp"
 #include "gradchain/vecmath.hpp"
 
 // The scratch blocks are filled by the vector-math calls before any read; GCC cannot see
@@ -251,11 +253,132 @@ void Activation::backward(const T* z, const T* h, const T* g, T* out, std::size_
   });
 }
 
+template <class T>
+void Activation::forward_scaled(const T* z, T* h, std::size_t n, int s, T* tmp) const {
+  constexpr int lo = std::numeric_limits<T>::min_exponent + std::numeric_limits<T>::digits;
+  const double sn = slope_at_zero(true), sp = slope_at_zero(false);
+  const double tn = std::ldexp(1.0, lo) / std::min(1.0, sn);
+  const double tp = std::ldexp(1.0, lo) / std::min(1.0, sp);
+  for (std::size_t i = 0; i < n; ++i) tmp[i] = std::ldexp(z[i], s);
+  forward(tmp, tmp, n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double zi = static_cast<double>(z[i]);
+    const bool neg = zi < 0;
+    h[i] = std::fabs(std::ldexp(zi, s)) >= (neg ? tn : tp)
+               ? static_cast<T>(std::ldexp(static_cast<double>(tmp[i]), -s))
+               : static_cast<T>(zi * (neg ? sn : sp));
+  }
+}
+
+template void Activation::forward_scaled<float>(const float*, float*, std::size_t, int,
+                                                float*) const;
+template void Activation::forward_scaled<double>(const double*, double*, std::size_t, int,
+                                                 double*) const;
 template void Activation::forward<float>(const float*, float*, std::size_t) const;
 template void Activation::forward<double>(const double*, double*, std::size_t) const;
 template void Activation::backward<float>(const float*, const float*, const float*, float*,
                                           std::size_t) const;
 template void Activation::backward<double>(const double*, const double*, const double*, double*,
                                            std::size_t) const;
+
+// ---- the block ---------------------------------------------------------------------
+
+namespace {
+int clamp_exp(std::int64_t k) {
+  return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
+}
+}  // namespace
+
+template <class T>
+std::string ActivationBlock<T>::describe() const {
+  return "Activation('" + act_.name() + "')";
+}
+
+template <class T>
+bool ActivationBlock<T>::can_zero() const {
+  return act_.kind == Act::relu || (act_.kind == Act::leaky_relu && act_.negative_slope == 0.0);
+}
+
+template <class T>
+std::int64_t ActivationBlock<T>::forward(const ForwardArgs<T>& a) const {
+  const std::size_t m = a.rows * static_cast<std::size_t>(this->in_);
+  if (act_.positively_homogeneous()) {  // phi(2^k u) = 2^k phi(u)
+    act_.forward(a.x, a.y, m);
+    return a.ex;
+  }
+  if (a.ex < 0 && act_.linear_near_zero()) {
+    act_.forward_scaled(a.x, a.y, m, clamp_exp(a.ex), a.scratch);
+    return a.ex;
+  }
+  if (a.ex == 0) {
+    act_.forward(a.x, a.y, m);
+    return 0;
+  }
+  if (a.y != a.x) std::copy(a.x, a.x + m, a.y);
+  scale_pow2(a.y, m, clamp_exp(a.ex));
+  act_.forward(a.y, a.y, m);
+  return 0;
+}
+
+template <class T>
+std::int64_t ActivationBlock<T>::backward_input(const BackwardArgs<T>& a) const {
+  const std::size_t m = a.rows * static_cast<std::size_t>(this->in_);
+  if (act_.kind == Act::linear) {
+    if (a.dx != a.dy) std::copy(a.dy, a.dy + m, a.dx);
+    return a.gy;
+  }
+  const T* z = a.x;
+  const T* h = a.y;
+  if (!act_.positively_homogeneous()) {
+    // phi' at the true scale (where a carried small value underflows there, phi'(0)).
+    if (z && a.ex != 0) {
+      std::copy(z, z + m, a.scratch);
+      scale_pow2(a.scratch, m, clamp_exp(a.ex));
+      z = a.scratch;
+    }
+    if (h && a.ey != 0) {
+      std::copy(h, h + m, a.scratch);
+      scale_pow2(a.scratch, m, clamp_exp(a.ey));
+      h = a.scratch;
+    }
+  }
+  act_.backward(z, h, a.dy, a.dx, m);
+  return a.gy;
+}
+
+template <class T>
+std::unique_ptr<Block<double>> ActivationBlock<T>::to_double() const {
+  auto d = std::make_unique<ActivationBlock<double>>(this->in_, act_);
+  d->set_name(this->name_);
+  return d;
+}
+
+template <class T>
+void ActivationBlock<T>::derivative(const JacobianArgs<T>& a, T* d) const {
+  const std::size_t m = a.rows * static_cast<std::size_t>(this->in_);
+  std::vector<T> ones(m, T(1));
+  BackwardArgs<T> b = a;
+  b.dy = ones.data();
+  b.gy = 0;
+  b.dx = d;
+  backward_input(b);
+}
+
+template <class T>
+void ActivationBlock<T>::jvp(const JacobianArgs<T>& a, const T* v, int k, T* out) const {
+  const std::size_t m = a.rows * static_cast<std::size_t>(this->in_);
+  std::vector<T> d(m);
+  derivative(a, d.data());
+  for (std::size_t j = 0; j < static_cast<std::size_t>(k); ++j)
+    for (std::size_t i = 0; i < m; ++i) out[j * m + i] = d[i] * v[j * m + i];
+}
+
+template <class T>
+void ActivationBlock<T>::vjp(const JacobianArgs<T>& a, const T* u, int k, T* out) const {
+  jvp(a, u, k, out);  // diagonal
+}
+
+template class ActivationBlock<float>;
+template class ActivationBlock<double>;
 
 }  // namespace gradchain

@@ -20,7 +20,6 @@
 namespace gradchain {
 
 namespace {
-const std::vector<std::string> kLossNames = {"probe", "mse", "cross_entropy", "grad_output"};
 
 using blas::Trans;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
@@ -64,14 +63,6 @@ std::string layer_msg(int l, int depth) {
 }
 
 }  // namespace
-
-LossKind parse_loss(const std::string& name) {
-  return static_cast<LossKind>(parse_name("loss", name, kLossNames));
-}
-
-const std::vector<std::string>& loss_names() {
-  return kLossNames;
-}
 
 // ---------------------------------------------------------------------------------------
 

@@ -2,8 +2,12 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "gradchain/block.hpp"
 
 namespace gradchain {
 
@@ -36,6 +40,46 @@ struct Activation {
   // out = g * phi'(z), given z (if needs_input()) and h = phi(z); out may alias g.
   template <class T>
   void backward(const T* z, const T* h, const T* g, T* out, std::size_t n) const;
+  // h~ = phi(z~ 2^s) 2^-s for s < 0 and linear_near_zero(), without underflow: phi at the
+  // true scale where its value is a normal float (bit for bit what a plain pass computes),
+  // and its slope at 0 below that, where phi(t) = slope * t to the last bit. tmp holds n.
+  template <class T>
+  void forward_scaled(const T* z, T* h, std::size_t n, int s, T* tmp) const;
 };
+
+// The activation as a block of a chain (torch.nn.Tanh, ReLU, ...). A value carried at a
+// power-of-two scale passes through a homogeneous phi, and a small one through a phi that
+// is linear near 0; otherwise phi is applied at the true scale.
+template <class T>
+class ActivationBlock final : public Block<T> {
+ public:
+  ActivationBlock(int width, Activation act) : Block<T>(width, width), act_(act) {}
+  std::unique_ptr<Block<T>> clone() const override {
+    return std::make_unique<ActivationBlock>(*this);
+  }
+  std::unique_ptr<Block<double>> to_double() const override;
+  BlockKind kind() const override { return BlockKind::activation; }
+  std::string describe() const override;
+  const Activation& activation() const { return act_; }
+
+  bool saves_input() const override { return act_.needs_input(); }
+  bool saves_output() const override { return !act_.needs_input(); }
+  bool in_place() const override { return true; }
+  bool can_zero() const override;
+
+  std::int64_t forward(const ForwardArgs<T>& a) const override;
+  std::int64_t backward_input(const BackwardArgs<T>& a) const override;
+  void jvp(const JacobianArgs<T>& a, const T* v, int k, T* out) const override;
+  void vjp(const JacobianArgs<T>& a, const T* u, int k, T* out) const override;
+
+ private:
+  // phi'(x) at the point, rows x width, into d (d must not be a.scratch).
+  void derivative(const JacobianArgs<T>& a, T* d) const;
+
+  Activation act_;
+};
+
+extern template class ActivationBlock<float>;
+extern template class ActivationBlock<double>;
 
 }  // namespace gradchain

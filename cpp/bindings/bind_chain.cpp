@@ -1,0 +1,220 @@
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "gradchain/activation.hpp"
+#include "gradchain/chain.hpp"
+#include "gradchain/linear.hpp"
+#include "gradchain/residual.hpp"
+#include "gradchain/scale.hpp"
+#include "pybind.hpp"
+
+namespace gradchain::bindings {
+namespace {
+
+// A block from its spec (a dict with "kind" and the block's arguments, as gradchain's
+// Python block classes write it). Adding a block kind is one entry here.
+template <class T>
+std::unique_ptr<Block<T>> make_block(const py::dict& d);
+
+template <class T>
+std::vector<std::unique_ptr<Block<T>>> make_blocks(const py::list& specs) {
+  std::vector<std::unique_ptr<Block<T>>> out;
+  for (const py::handle& h : specs) out.push_back(make_block<T>(h.cast<py::dict>()));
+  return out;
+}
+
+template <class T>
+using Factory = std::function<std::unique_ptr<Block<T>>(const py::dict&)>;
+
+template <class T>
+const std::map<std::string, Factory<T>>& factories() {
+  static const std::map<std::string, Factory<T>> table = {
+      {"linear",
+       [](const py::dict& d) {
+         return std::make_unique<Linear<T>>(d["in_features"].cast<int>(),
+                                            d["out_features"].cast<int>(), d["bias"].cast<bool>());
+       }},
+      {"activation",
+       [](const py::dict& d) {
+         return std::make_unique<ActivationBlock<T>>(
+             d["width"].cast<int>(),
+             Activation::parse(d["name"].cast<std::string>(), d["negative_slope"].cast<double>(),
+                               d["alpha"].cast<double>()));
+       }},
+      {"scale",
+       [](const py::dict& d) {
+         return std::make_unique<Scale<T>>(d["width"].cast<int>(), d["value"].cast<double>());
+       }},
+      {"residual",
+       [](const py::dict& d) {
+         std::unique_ptr<Block<T>> shortcut;
+         if (!d["shortcut"].is_none()) shortcut = make_block<T>(d["shortcut"].cast<py::dict>());
+         return std::make_unique<Residual<T>>(make_blocks<T>(d["body"].cast<py::list>()),
+                                              d["scale"].cast<double>(), std::move(shortcut));
+       }},
+  };
+  return table;
+}
+
+template <class T>
+std::unique_ptr<Block<T>> make_block(const py::dict& d) {
+  const auto kind = d["kind"].cast<std::string>();
+  const auto& table = factories<T>();
+  const auto it = table.find(kind);
+  if (it == table.end()) {
+    std::string names;
+    for (const auto& [k, f] : table) names += (names.empty() ? "'" : ", '") + k + "'";
+    throw std::invalid_argument("block kind must be one of " + names + "; got '" + kind + "'");
+  }
+  std::unique_ptr<Block<T>> b = it->second(d);
+  if (d.contains("name") && !d["name"].is_none()) b->set_name(d["name"].cast<std::string>());
+  return b;
+}
+
+template <class T>
+py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::object target,
+                  bool keep_grads, double max_norm, double norm_type, bool train) {
+  if (x.ndim() != 2 || x.shape(1) != net.in_width())
+    throw std::invalid_argument("x must have shape (batch, " + std::to_string(net.in_width()) +
+                                ")");
+  const int batch = static_cast<int>(x.shape(0));
+  ChainRequest req;
+  req.loss = parse_loss(loss);
+  req.keep_param_grads = req.keep_boundary_grads = keep_grads;
+  req.max_norm = max_norm;
+  req.norm_type = norm_type;
+  req.train = train;
+  TargetArrays<T> tgt;
+  req.target =
+      target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
+  const T* xp = x.data();
+  // Everything the core reads is now a C++ pointer into arrays this frame keeps alive,
+  // so the GIL can go.
+  ChainResult<T> r = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return net.backward(xp, batch, req, cancel);
+  });
+  py::dict d;
+  d["log10_param_grad_norms"] = to_numpy_d(std::move(r.log10_param_grad_norms));
+  d["log10_boundary_grad_norms"] = to_numpy_d(std::move(r.log10_boundary_grad_norms));
+  put_loss_and_clip(d, r);
+  d["output"] = to_numpy(std::move(r.output), {batch, net.out_width()});
+  d["output_log2_scale"] = r.output_log2_scale;
+  if (keep_grads) {
+    py::list pg, bg;
+    const auto& ps = net.parameters();
+    for (std::size_t i = 0; i < net.num_params(); ++i) {
+      std::vector<py::ssize_t> shape(ps[i].shape.begin(), ps[i].shape.end());
+      pg.append(to_numpy(std::move(r.param_grads[i]), shape));
+    }
+    for (auto& g : r.boundary_grads) {
+      const auto n = static_cast<py::ssize_t>(g.size()) / batch;
+      bg.append(to_numpy(std::move(g), {batch, n}));
+    }
+    d["param_grads"] = pg;
+    d["boundary_grads"] = bg;
+  }
+  return d;
+}
+
+template <class T>
+void bind(py::module_& m, const char* name) {
+  using C = Chain<T>;
+  py::class_<C>(m, name, "A chain of blocks (see gradchain.Chain).")
+      .def(py::init(
+               [](const py::list& specs) { return std::make_unique<C>(make_blocks<T>(specs)); }),
+           py::arg("specs"))
+      .def(
+          "init",
+          [](C& c, const std::string& init, double gain, double sigma_w, double bias_std,
+             std::uint64_t seed) {
+            InitSpec spec;
+            spec.kind = InitSpec::parse_kind(init);
+            spec.gain = gain;
+            spec.sigma_w = sigma_w;
+            spec.bias_std = bias_std;
+            // All arguments are C++ values by now.
+            without_gil([&] {
+              Canceller cancel = signal_canceller();
+              c.init(spec, seed, &cancel);
+              return 0;
+            });
+          },
+          py::arg("init"), py::arg("gain"), py::arg("sigma_w"), py::arg("bias_std"),
+          py::arg("seed"))
+      .def_property_readonly("in_width", &C::in_width)
+      .def_property_readonly("out_width", &C::out_width)
+      .def_property_readonly("num_params", &C::num_params)
+      .def_property_readonly(
+          "parameters",
+          [](const C& c) {
+            py::list out;
+            for (const auto& p : c.parameters())
+              out.append(py::make_tuple(p.name, py::tuple(py::cast(p.shape)), p.buffer));
+            return out;
+          })
+      .def(
+          "param",
+          [](py::object self, std::size_t i) {
+            C& c = self.cast<C&>();
+            if (i >= c.parameters().size()) throw py::index_error("parameter index out of range");
+            const auto& p = c.parameters()[i];
+            std::vector<py::ssize_t> shape(p.shape.begin(), p.shape.end());
+            return py::array_t<T>(shape, p.data(), self);
+          },
+          py::arg("index"), "A view of parameter `index` (write through set_param).")
+      .def(
+          "set_param",
+          [](C& c, std::size_t i, CArray<T> a) {
+            if (i >= c.parameters().size()) throw py::index_error("parameter index out of range");
+            const auto& p = c.parameters()[i];
+            if (static_cast<std::size_t>(a.size()) != p.size)
+              throw std::invalid_argument(p.name + " needs " + std::to_string(p.size) +
+                                          " values; got " + std::to_string(a.size()));
+            std::copy(a.data(), a.data() + a.size(), p.data());
+            c.params_changed();
+          },
+          py::arg("index"), py::arg("values"))
+      .def("couples_batch", &C::couples_batch, py::arg("train"))
+      .def(
+          "backward_bytes",
+          [](const C& c, int batch, bool keep_grads) {
+            ChainRequest req;
+            req.keep_param_grads = req.keep_boundary_grads = keep_grads;
+            return c.backward_bytes(batch, req);
+          },
+          py::arg("batch"), py::arg("keep_grads"))
+      .def(
+          "forward",
+          [](C& c, CArray<T> x, bool train) {
+            if (x.ndim() != 2 || x.shape(1) != c.in_width())
+              throw std::invalid_argument("x must have shape (batch, " +
+                                          std::to_string(c.in_width()) + ")");
+            const int batch = static_cast<int>(x.shape(0));
+            ChainRequest req;
+            req.forward_only = true;
+            req.train = train;
+            const T* xp = x.data();
+            // x stays alive in this frame; the core reads only the pointer.
+            ChainResult<T> r = without_gil([&] {
+              Canceller cancel = signal_canceller();
+              return c.backward(xp, batch, req, cancel);
+            });
+            return py::make_tuple(to_numpy(std::move(r.output), {batch, c.out_width()}),
+                                  r.output_log2_scale);
+          },
+          py::arg("x"), py::arg("train"))
+      .def("backward", &backward<T>, py::arg("x"), py::arg("loss"), py::arg("target"),
+           py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"), py::arg("train"));
+}
+
+}  // namespace
+
+void bind_chain(py::module_& m) {
+  bind<double>(m, "Chain64");
+  bind<float>(m, "Chain32");
+}
+
+}  // namespace gradchain::bindings

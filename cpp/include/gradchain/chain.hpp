@@ -1,0 +1,115 @@
+// A chain of blocks and the one driver that runs any chain: the forward pass, the loss,
+// the backward pass with every boundary and parameter gradient norm exact in log space,
+// clipping, threads, memory and cancellation.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "gradchain/block.hpp"
+#include "gradchain/common.hpp"
+#include "gradchain/init.hpp"
+#include "gradchain/loss.hpp"
+
+namespace gradchain {
+
+struct ChainRequest {
+  LossKind loss = LossKind::probe;
+  const void* target = nullptr;  // T[B*out] (mse, grad_output) or int64[B] (cross_entropy)
+  bool keep_param_grads = false;
+  bool keep_boundary_grads = false;
+  double max_norm = -1.0;  // < 0: no clipping
+  double norm_type = 2.0;  // for the total norm and clipping; inf allowed
+  bool forward_only = false;
+  bool train = true;  // BatchNorm: batch statistics (and running-stat updates) or running ones
+};
+
+template <class T>
+struct ChainResult {
+  // log10 of the Frobenius norm of every parameter's gradient (parameters(), buffers
+  // excluded); -inf where a gradient is exactly zero.
+  std::vector<double> log10_param_grad_norms;
+  // log10 ||dL/dh|| at every top-level boundary: the input, then each top-level block's
+  // output.
+  std::vector<double> log10_boundary_grad_norms;
+  double loss = 0.0;
+  double log10_loss = 0.0;
+  double norm_type = 2.0;
+  double log10_total_norm = 0.0;  // over all parameter gradients, in norm_type
+  bool clipped = false;
+  double max_norm = 0.0;
+  double log10_clip_coef = 0.0;
+  std::vector<T> output;  // the last boundary as floats
+  std::int64_t output_log2_scale = 0;
+  std::vector<std::vector<T>> param_grads, boundary_grads;  // on request (clipped)
+};
+
+// One parameter or buffer of the chain, with its torch name ("3.block.1.weight").
+template <class T>
+struct ParamRef {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  Block<T>* block = nullptr;
+  std::size_t index = 0;  // in block->params()
+  std::size_t size = 0;
+  bool buffer = false;
+  T* data() const { return block->param_data(index); }
+};
+
+template <class T>
+class Chain {
+ public:
+  // Takes the top-level blocks; names them torch-style ("i", "i.block.j", "i.shortcut")
+  // where a block has no name yet.
+  explicit Chain(std::vector<std::unique_ptr<Block<T>>> blocks);
+  Chain(const Chain& o);
+  Chain& operator=(const Chain&) = delete;
+
+  int in_width() const { return blocks_.front()->in_width(); }
+  int out_width() const { return blocks_.back()->out_width(); }
+  std::size_t size() const { return blocks_.size(); }
+  const Block<T>& block(std::size_t i) const { return *blocks_[i]; }
+  const std::vector<std::unique_ptr<Block<T>>>& blocks() const { return blocks_; }
+
+  // Every parameter and buffer, parameters of a block before its buffers, blocks in order
+  // (a residual's body, then its shortcut).
+  const std::vector<ParamRef<T>>& parameters() const { return params_; }
+  std::size_t num_params() const { return n_trainable_; }
+  // Draws every Linear's weights: the k-th Linear in order uses stream k, so an MLP's
+  // layer l has the same weights as ever. `cancel` is polled between layers.
+  void init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel = nullptr);
+  // After parameters were written from outside.
+  void params_changed();
+  // Some block mixes the examples of a batch in this mode.
+  bool couples_batch(bool train) const;
+
+  // Bytes a pass with this batch would allocate.
+  double backward_bytes(int batch, const ChainRequest& req) const;
+  // Forward, loss, backward. Updates BatchNorm running statistics in train mode, so two
+  // passes on one chain do not run at the same time (the second waits).
+  ChainResult<T> backward(const T* x, int batch, const ChainRequest& req, Canceller& cancel);
+
+  struct Step;
+  struct Plan;
+  struct Workspace;
+
+ private:
+  void compile();
+
+  std::vector<std::unique_ptr<Block<T>>> blocks_;
+  std::vector<ParamRef<T>> params_;
+  std::size_t n_trainable_ = 0;
+  std::shared_ptr<const Plan> plan_;
+  std::mutex run_mutex_;
+  // Reused by passes up to a size (saves page faults); a concurrent pass gets its own.
+  std::mutex ws_mutex_;
+  std::shared_ptr<Workspace> ws_;
+};
+
+extern template class Chain<float>;
+extern template class Chain<double>;
+
+}  // namespace gradchain

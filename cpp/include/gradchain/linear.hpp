@@ -1,0 +1,64 @@
+// Linear: y = x W^T + b (torch.nn.Linear), W out x in.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gradchain/block.hpp"
+#include "gradchain/init.hpp"
+
+namespace gradchain {
+
+template <class T>
+class Linear final : public Block<T> {
+ public:
+  Linear(int in_features, int out_features, bool bias);
+  std::unique_ptr<Block<T>> clone() const override { return std::make_unique<Linear>(*this); }
+  std::unique_ptr<Block<double>> to_double() const override;
+  BlockKind kind() const override { return BlockKind::linear; }
+  std::string describe() const override;
+
+  bool has_bias() const { return has_bias_; }
+  // Draws W (and b) as layer `stream` of the counter-based generator, in double.
+  void init(const InitSpec& spec, const Philox& rng, std::uint64_t stream);
+  T* weight() { return w_.data(); }
+  T* bias() { return has_bias_ ? b_.data() : nullptr; }
+  const T* weight() const { return w_.data(); }
+  const T* bias() const { return has_bias_ ? b_.data() : nullptr; }
+  // log_2 of the power-of-two factor kept apart from out-of-band weights.
+  int weight_exponent() const { return wexp_; }
+  // W~ = W * 2^-weight_exponent(), the matrix the products use.
+  const T* gemm_weight() const { return wscaled_.empty() ? w_.data() : wscaled_.data(); }
+  bool zero_bias() const { return zero_bias_; }
+
+  bool saves_input() const override { return true; }
+  bool saves_output() const override { return false; }
+
+  std::vector<ParamInfo> params() const override;
+  T* param_data(std::size_t i) override { return i == 0 ? w_.data() : b_.data(); }
+  void params_changed() override;
+
+  std::int64_t forward(const ForwardArgs<T>& a) const override;
+  std::int64_t backward_input(const BackwardArgs<T>& a) const override;
+  void backward_params(const BackwardArgs<T>& a, const ParamGradArgs& opt, T* const* grads,
+                       ParamGrad* out) const override;
+  void jvp(const JacobianArgs<T>& a, const T* v, int k, T* out) const override;
+  void vjp(const JacobianArgs<T>& a, const T* u, int k, T* out) const override;
+
+ private:
+  bool has_bias_;
+  std::vector<T> w_, b_;
+  // Weights whose largest entry lies outside the safe band (near 1e300 or 1e-300) are used
+  // as a power-of-two scaled copy, so that no product overflows or underflows before its
+  // scale is applied.
+  int wexp_ = 0;
+  std::vector<T> wscaled_;
+  bool zero_bias_ = true;
+};
+
+extern template class Linear<float>;
+extern template class Linear<double>;
+
+}  // namespace gradchain

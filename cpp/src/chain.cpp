@@ -1,0 +1,849 @@
+#include "gradchain/chain.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <exception>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "gradchain/linear.hpp"
+#include "gradchain/parallel.hpp"
+#include "gradchain/residual.hpp"
+#include "gradchain/rng.hpp"
+#include "gradchain/scaled.hpp"
+#include "gradchain/system.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gradchain {
+
+namespace {
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Workspaces up to this size stay with the chain between passes (saves page faults).
+constexpr double kKeptWorkspaceBytes = 512.0 * 1024 * 1024;
+// Below this many multiply-adds in a whole pass, waking a second thread costs more than
+// it saves.
+constexpr double kOwnThreadsWork = 1 << 16;
+// Below this many multiply-adds per GEMM, OpenBLAS threads cost more than they save.
+constexpr double kThreadedGemmWork = 1 << 20;
+
+int clamp_exp(std::int64_t k) {
+  return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
+}
+
+// Scratch memory that a chain keeps between passes (uninitialised on growth).
+template <class T>
+class Buffer {
+ public:
+  T* get(std::size_t n) {
+    if (n > cap_) {
+      p_.reset();
+      p_.reset(new T[n]);
+      cap_ = n;
+    }
+    return p_.get();
+  }
+
+ private:
+  std::unique_ptr<T[]> p_;
+  std::size_t cap_ = 0;
+};
+
+}  // namespace
+
+template <class T>
+struct Chain<T>::Workspace {
+  Buffer<T> h, s, g, dy, pg, pg2;
+};
+
+// ---- the plan: the block tree as a flat list of steps over numbered boundaries ----------
+
+template <class T>
+struct Chain<T>::Step {
+  enum class Kind { leaf, join } kind = Kind::leaf;
+  Block<T>* block = nullptr;  // leaf: the block; join: its Residual
+  int in = 0;                 // leaf: input boundary; join: the body's output
+  int skip = -1;              // join: the residual input (or its shortcut's output)
+  int out = 0;
+  int rin = -1;    // join: the residual's input
+  int param0 = 0;  // index of its first parameter gradient (trainable parameters only)
+  int nparams = 0;
+  int top_block = 0;  // the top-level block (0-based) this step belongs to
+  std::string where;  // for messages: "block 3 (Linear(64, 256), '3')"
+};
+
+template <class T>
+struct Chain<T>::Plan {
+  std::vector<Step> steps;
+  std::vector<int> width;           // per boundary
+  std::vector<char> stored;         // per boundary: kept for the backward pass (or the loss)
+  std::vector<int> top;             // per boundary: its top-level index, or -1
+  std::vector<std::size_t> offset;  // per stored boundary: offset per example
+  std::size_t stored_per_row = 0;
+  int maxw = 0;
+  std::size_t max_param = 0;  // largest parameter (entries)
+  int last = 0;               // the output boundary
+  bool any_params = false;
+};
+
+namespace {
+
+template <class T>
+struct Compiler {
+  using Step = typename Chain<T>::Step;
+  std::vector<Step>& steps;
+  std::vector<int>& width;
+  int param_index = 0;
+  int top_block = 0;
+
+  int boundary(int w) {
+    width.push_back(w);
+    return static_cast<int>(width.size()) - 1;
+  }
+
+  int trainable(const Block<T>& b) {
+    int n = 0;
+    for (const ParamInfo& p : b.params()) n += p.buffer ? 0 : 1;
+    return n;
+  }
+
+  int leaf(Block<T>* b, int in, const std::string& where) {
+    Step s;
+    s.block = b;
+    s.in = in;
+    s.out = boundary(b->out_width());
+    s.param0 = param_index;
+    s.nparams = trainable(*b);
+    param_index += s.nparams;
+    s.top_block = top_block;
+    s.where = where;
+    steps.push_back(s);
+    return s.out;
+  }
+
+  int block(Block<T>* b, int in, const std::string& where) {
+    auto* r = dynamic_cast<Residual<T>*>(b);
+    if (!r) return leaf(b, in, where);
+    int skip = in;
+    // The shortcut runs first: its output must live through the body anyway.
+    if (r->shortcut()) skip = leaf(r->shortcut(), in, where + " shortcut");
+    int cur = in;
+    for (std::size_t j = 0; j < r->body().size(); ++j)
+      cur = block(r->body()[j].get(), cur, where + " body block " + std::to_string(j));
+    Step s;
+    s.kind = Step::Kind::join;
+    s.block = b;
+    s.in = cur;
+    s.skip = skip;
+    s.rin = in;
+    s.out = boundary(b->out_width());
+    s.param0 = param_index;
+    s.top_block = top_block;
+    s.where = where;
+    steps.push_back(s);
+    return s.out;
+  }
+};
+
+template <class T>
+void name_tree(Block<T>& b, const std::string& name, std::vector<ParamRef<T>>& params) {
+  if (b.name().empty()) b.set_name(name);
+  if (auto* r = dynamic_cast<Residual<T>*>(&b)) {
+    for (std::size_t j = 0; j < r->body().size(); ++j)
+      name_tree(*r->body()[j], b.name() + ".block." + std::to_string(j), params);
+    if (r->shortcut()) name_tree(*r->shortcut(), b.name() + ".shortcut", params);
+    return;
+  }
+  const auto infos = b.params();
+  for (std::size_t i = 0; i < infos.size(); ++i) {
+    ParamRef<T> p;
+    p.name = b.name() + "." + infos[i].name;
+    p.shape = infos[i].shape;
+    p.block = &b;
+    p.index = i;
+    p.buffer = infos[i].buffer;
+    p.size = 1;
+    for (std::int64_t d : p.shape) p.size *= static_cast<std::size_t>(d);
+    params.push_back(p);
+  }
+}
+
+}  // namespace
+
+template <class T>
+Chain<T>::Chain(std::vector<std::unique_ptr<Block<T>>> blocks) : blocks_(std::move(blocks)) {
+  compile();
+}
+
+template <class T>
+Chain<T>::Chain(const Chain& o) {
+  for (const auto& b : o.blocks_) blocks_.push_back(b->clone());
+  compile();
+}
+
+template <class T>
+void Chain<T>::compile() {
+  if (blocks_.empty()) throw std::invalid_argument("blocks must hold at least one block");
+  for (std::size_t i = 1; i < blocks_.size(); ++i)
+    if (blocks_[i - 1]->out_width() != blocks_[i]->in_width())
+      throw std::invalid_argument(
+          "block " + std::to_string(i - 1) + " (" + blocks_[i - 1]->describe() + ") gives width " +
+          std::to_string(blocks_[i - 1]->out_width()) + " but block " + std::to_string(i) + " (" +
+          blocks_[i]->describe() + ") takes " + std::to_string(blocks_[i]->in_width()));
+  params_.clear();
+  for (std::size_t i = 0; i < blocks_.size(); ++i)
+    name_tree(*blocks_[i], std::to_string(i), params_);
+  // Parameters before buffers, so that parameter i of the chain is gradient i.
+  std::stable_partition(params_.begin(), params_.end(),
+                        [](const ParamRef<T>& p) { return !p.buffer; });
+  n_trainable_ = static_cast<std::size_t>(std::count_if(
+      params_.begin(), params_.end(), [](const ParamRef<T>& p) { return !p.buffer; }));
+
+  auto plan = std::make_shared<Plan>();
+  Compiler<T> c{plan->steps, plan->width};
+  int cur = c.boundary(blocks_.front()->in_width());
+  plan->top.push_back(0);
+  std::vector<int> top_of_boundary{0};
+  for (std::size_t i = 0; i < blocks_.size(); ++i) {
+    c.top_block = static_cast<int>(i);
+    cur = c.block(blocks_[i].get(), cur,
+                  "block " + std::to_string(i) + " (" + blocks_[i]->describe() + ", '" +
+                      blocks_[i]->name() + "')");
+    top_of_boundary.push_back(cur);
+  }
+  const std::size_t nb = plan->width.size();
+  plan->last = cur;
+  plan->top.assign(nb, -1);
+  for (std::size_t t = 0; t < top_of_boundary.size(); ++t)
+    plan->top[static_cast<std::size_t>(top_of_boundary[t])] = static_cast<int>(t);
+  plan->stored.assign(nb, 0);
+  plan->stored[0] = 1;
+  plan->stored[static_cast<std::size_t>(cur)] = 1;
+  for (const Step& s : plan->steps) {
+    if (s.kind == Step::Kind::join) {
+      plan->stored[static_cast<std::size_t>(s.skip)] = 1;
+      plan->stored[static_cast<std::size_t>(s.rin)] = 1;
+      continue;
+    }
+    if (s.block->saves_input()) plan->stored[static_cast<std::size_t>(s.in)] = 1;
+    if (s.block->saves_output()) plan->stored[static_cast<std::size_t>(s.out)] = 1;
+  }
+  plan->offset.assign(nb, 0);
+  std::size_t off = 0;
+  for (std::size_t b = 0; b < nb; ++b) {
+    plan->maxw = std::max(plan->maxw, plan->width[b]);
+    if (!plan->stored[b]) continue;
+    plan->offset[b] = off;
+    off += static_cast<std::size_t>(plan->width[b]);
+  }
+  plan->stored_per_row = off;
+  for (const ParamRef<T>& p : params_) plan->max_param = std::max(plan->max_param, p.size);
+  plan->any_params = n_trainable_ > 0;
+  plan_ = std::move(plan);
+}
+
+template <class T>
+void Chain<T>::init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel) {
+  spec.validate();
+  std::vector<Linear<T>*> linears;
+  for (const Step& s : plan_->steps)
+    if (s.kind == Step::Kind::leaf && s.block->kind() == BlockKind::linear)
+      linears.push_back(static_cast<Linear<T>*>(s.block));
+  const Philox rng(seed);
+  // Each layer draws from its own stream, so the split across threads changes nothing.
+  // LAPACK (orthogonal init) runs single-threaded inside the parallel loop.
+  BlasThreads one(1);
+  struct Scratch {};
+  parallel_indices<Scratch>(
+      0, static_cast<int>(linears.size()), max_threads(), [&](int k, Scratch&, bool polls) {
+        if (polls && cancel) cancel->poll();
+        linears[static_cast<std::size_t>(k)]->init(spec, rng, static_cast<std::uint64_t>(k));
+      });
+}
+
+template <class T>
+void Chain<T>::params_changed() {
+  for (const Step& s : plan_->steps)
+    if (s.kind == Step::Kind::leaf) s.block->params_changed();
+}
+
+template <class T>
+bool Chain<T>::couples_batch(bool train) const {
+  for (const Step& s : plan_->steps)
+    if (s.kind == Step::Kind::leaf && s.block->couples_batch(train)) return true;
+  return false;
+}
+
+// ---- the driver --------------------------------------------------------------------------
+
+namespace {
+
+struct Threading {
+  bool two_threads = false;  // own threads: forward split, backward pipelined
+  bool split_forward = false;
+  bool threaded_gemm = false;
+  int cores = 1;
+};
+
+template <class T, class Steps>
+Threading decide_threads(const Steps& steps, std::size_t B, bool coupled) {
+  double max_work = 0, total_work = 0;
+  for (const auto& s : steps) {
+    if (s.block->kind() != BlockKind::linear) continue;
+    const double w = double(B) * s.block->in_width() * s.block->out_width();
+    max_work = std::max(max_work, w);
+    total_work += w;
+  }
+  Threading t;
+#ifdef _OPENMP
+  t.two_threads = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
+#endif
+  t.split_forward = t.two_threads && !coupled;
+  t.cores = std::max(max_threads(), blas_threads());
+  // With OpenMP and a batch to split, two threads of gradchain's own beat OpenBLAS's
+  // threads at every size (see the README); otherwise large GEMMs get BLAS threads.
+  t.threaded_gemm = !t.split_forward && max_work >= kThreadedGemmWork && t.cores > 1;
+  return t;
+}
+
+}  // namespace
+
+template <class T>
+double Chain<T>::backward_bytes(int batch, const ChainRequest& req) const {
+  const Plan& p = *plan_;
+  const double B = batch, W = p.maxw;
+  double elems = B * double(p.stored_per_row);  // stored boundaries
+  elems += 2 * 3 * B * W;                       // per part: two scratch values + block scratch
+  elems += 6 * B * W;                           // gradient buffers
+  elems += 2.0 * double(p.max_param) * 2;       // parameter-gradient scratch, two threads
+  if (req.keep_param_grads)
+    for (const ParamRef<T>& r : params_) elems += r.buffer ? 0 : double(r.size);
+  if (req.keep_boundary_grads)
+    for (std::size_t b = 0; b < p.width.size(); ++b)
+      if (p.top[b] >= 0) elems += B * p.width[b];
+  return elems * sizeof(T) + 8.0 * 8.0 * double(p.width.size() + p.steps.size());
+}
+
+template <class T>
+ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req,
+                                  Canceller& cancel) {
+  if (batch <= 0)
+    throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
+  const Plan& P = *plan_;
+  const std::size_t B = static_cast<std::size_t>(batch);
+  const std::size_t NB = P.width.size();
+  const auto w = [&](int b) {
+    return static_cast<std::size_t>(P.width[static_cast<std::size_t>(b)]);
+  };
+  const bool coupled = couples_batch(req.train);
+  for (const Step& s : P.steps)
+    if (s.kind == Step::Kind::leaf && req.train && s.block->couples_batch(true) && B < 2)
+      throw std::invalid_argument(s.where +
+                                  ": Expected more than 1 value per channel when training "
+                                  "(a train-mode BatchNorm needs a batch of 2 or more)");
+
+  const double bytes = backward_bytes(batch, req);
+  check_memory(bytes, "this backward pass");
+  std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
+  if (coupled && req.train) run_lock.lock();  // running statistics are written
+
+  const Threading th = decide_threads<T>(P.steps, B, coupled);
+  BlasThreads blas_threads_guard(th.threaded_gemm ? th.cores : 1);
+  ElementwiseThreads elementwise(th.threaded_gemm ? 1 : 0);
+
+  // ---- storage ---------------------------------------------------------------------------
+  std::unique_lock<std::mutex> ws_lock(ws_mutex_, std::try_to_lock);
+  Workspace local_ws;
+  if (ws_lock.owns_lock() && !ws_) ws_ = std::make_shared<Workspace>();
+  const bool keep_ws = ws_lock.owns_lock() && bytes <= kKeptWorkspaceBytes;
+  if (ws_lock.owns_lock() && !keep_ws) ws_ = std::make_shared<Workspace>();
+  Workspace& ws = keep_ws ? *ws_ : local_ws;
+  auto& Hbuf = ws.h;
+  auto& Sbuf = ws.s;
+  auto& Gbuf = ws.g;
+  auto& DYbuf = ws.dy;
+  auto& PGbuf = ws.pg;
+  auto& PG2 = ws.pg2;
+  T* H;
+  try {
+    H = Hbuf.get(std::max<std::size_t>(1, B * P.stored_per_row));
+  } catch (const std::bad_alloc&) {
+    throw MemoryRequestError("could not allocate " + std::to_string(bytes) +
+                             " bytes for this backward pass");
+  }
+  const std::size_t W = static_cast<std::size_t>(P.maxw);
+  auto stored = [&](int b) { return H + B * P.offset[static_cast<std::size_t>(b)]; };
+  // Boundary exponents (after the forward pass: one per boundary) and each boundary's
+  // largest entry (for underflow checks).
+  std::vector<std::int64_t> e(NB, 0);
+  std::vector<std::vector<double>> locals(P.steps.size());
+
+  ChainResult<T> res;
+  res.norm_type = req.norm_type;
+
+  // ---- forward -----------------------------------------------------------------------------
+  // Examples do not interact unless a train-mode BatchNorm couples them, so with two
+  // threads each takes half the batch through the whole chain with its own exponents;
+  // they are reconciled afterwards.
+  struct Part {
+    std::size_t r0 = 0, r1 = 0;
+    std::vector<std::int64_t> e;
+    std::vector<double> mx;
+    T* scratch = nullptr;  // 3 x rows x W: two transient values and the block's scratch
+    int bad_step = -1;
+    bool bad_nan = false, bad_underflow = false;
+    double bad_value = 0;
+    std::exception_ptr error;
+  };
+  std::vector<Part> parts(th.split_forward ? 2 : 1);
+  T* S = Sbuf.get(3 * B * W * 1 + 1);
+  for (std::size_t t = 0; t < parts.size(); ++t) {
+    Part& p = parts[t];
+    p.r0 = B * t / parts.size();
+    p.r1 = B * (t + 1) / parts.size();
+    p.scratch = S + 3 * p.r0 * W;
+  }
+  std::atomic<bool> abort{false};
+
+  auto forward_rows = [&](Part& p, bool polls) {
+    const std::size_t R = p.r1 - p.r0;
+    p.e.assign(NB, 0);
+    p.mx.assign(NB, 0.0);
+    T* tr[2] = {p.scratch, p.scratch + R * W};
+    T* bscratch = p.scratch + 2 * R * W;
+    // Where boundary b's rows of this part live.
+    std::vector<T*> at(NB, nullptr);
+    auto place = [&](int b, int avoid_slot) -> T* {
+      if (P.stored[static_cast<std::size_t>(b)]) return stored(b) + p.r0 * w(b);
+      return tr[avoid_slot == 0 ? 1 : 0];
+    };
+    auto slot_of = [&](const T* ptr) { return ptr == tr[0] ? 0 : (ptr == tr[1] ? 1 : -1); };
+    // Finite and underflow checks, then into the band.
+    auto settle = [&](int si, int b, std::int64_t eb, double in_max, bool can_zero) {
+      T* y = at[static_cast<std::size_t>(b)];
+      const std::size_t m = R * w(b);
+      const Scan s = scan(y, m);
+      if (!s.finite) {
+        p.bad_step = si;
+        for (std::size_t i = 0; i < m; ++i)
+          if (std::isnan(static_cast<double>(y[i]))) p.bad_nan = true;
+        return false;
+      }
+      if ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
+          (s.maxabs == 0 && in_max > 0 && !can_zero)) {
+        p.bad_step = si;
+        p.bad_underflow = true;
+        p.bad_value = s.maxabs;
+        return false;
+      }
+      const int k = rescale_exponent<T>(s.maxabs);
+      scale_pow2(y, m, -k);
+      p.e[static_cast<std::size_t>(b)] = eb + k;
+      p.mx[static_cast<std::size_t>(b)] = std::ldexp(s.maxabs, -k);
+      return true;
+    };
+    at[0] = stored(0) + p.r0 * w(0);
+    std::copy(x + p.r0 * w(0), x + p.r1 * w(0), at[0]);
+    if (!settle(-1, 0, 0, 1.0, true)) return;
+    for (std::size_t si = 0; si < P.steps.size(); ++si) {
+      const Step& s = P.steps[si];
+      const int in_slot = slot_of(at[static_cast<std::size_t>(s.in)]);
+      T* y = place(s.out, in_slot);
+      at[static_cast<std::size_t>(s.out)] = y;
+      std::int64_t ey;
+      bool can_zero = true;
+      if (s.kind == Step::Kind::join) {
+        const auto* r = static_cast<const Residual<T>*>(s.block);
+        ey = r->join(R, at[static_cast<std::size_t>(s.skip)], p.e[static_cast<std::size_t>(s.skip)],
+                     at[static_cast<std::size_t>(s.in)], p.e[static_cast<std::size_t>(s.in)], y);
+      } else {
+        ForwardArgs<T> a;
+        a.rows = R;
+        a.x = at[static_cast<std::size_t>(s.in)];
+        a.ex = p.e[static_cast<std::size_t>(s.in)];
+        a.y = y;
+        a.scratch = bscratch;
+        a.train = req.train;
+        a.local = &locals[si];
+        ey = s.block->forward(a);
+        can_zero = s.block->can_zero();
+      }
+      if (!settle(static_cast<int>(si), s.out, ey, p.mx[static_cast<std::size_t>(s.in)], can_zero))
+        return;
+      if (abort.load(std::memory_order_relaxed)) return;
+      if (polls) cancel.poll();
+    }
+  };
+
+  if (parts.size() == 1) {
+    forward_rows(parts[0], true);
+  } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+    {
+      const auto t = static_cast<std::size_t>(omp_get_thread_num());
+      try {
+        forward_rows(parts[t], t == 0);
+      } catch (...) {
+        parts[t].error = std::current_exception();
+        abort.store(true);
+      }
+    }
+#endif
+  }
+  for (const Part& p : parts)
+    if (p.error) std::rethrow_exception(p.error);
+  {
+    const Part* first = nullptr;
+    for (const Part& p : parts)
+      if (p.bad_step != -1 && (!first || p.bad_step < first->bad_step)) first = &p;
+    if (first) {
+      const int si = first->bad_step;
+      const std::string where =
+          si < 0 ? std::string("the input") : P.steps[static_cast<std::size_t>(si)].where;
+      // The top-level block (1-based) it happened in; 0 for the input.
+      const std::int64_t index = si < 0 ? 0 : P.steps[static_cast<std::size_t>(si)].top_block + 1;
+      if (first->bad_underflow) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%.3g", first->bad_value);
+        throw NonFiniteError(
+            "forward", index,
+            "the forward pass underflowed in " + where + ": its largest value is " + buf +
+                ", below the smallest normal " + (sizeof(T) == 4 ? "float32" : "float64") +
+                ", so the signal has lost its precision. A vanishing signal is carried in log "
+                "space through Linear layers without bias (or with zero bias), homogeneous "
+                "activations (linear, relu, leaky_relu), activations linear near 0 (tanh, "
+                "gelu, gelu_tanh, silu, elu), normalisation layers and residual blocks");
+      }
+      throw NonFiniteError(
+          "forward", index,
+          std::string("the forward pass ") +
+              (first->bad_nan ? "produced NaN" : "overflowed to inf") + " in " + where +
+              (first->bad_nan ? "" : "; lower the gain, the weights or the input scale"));
+    }
+  }
+  // Reconcile the parts: one exponent per stored boundary.
+  for (std::size_t b = 0; b < NB; ++b) {
+    std::int64_t eb = parts[0].e[b];
+    for (const Part& p : parts) eb = std::max(eb, p.e[b]);
+    e[b] = eb;
+    if (!P.stored[b]) continue;
+    for (const Part& p : parts)
+      if (p.e[b] != eb)
+        scale_pow2(stored(static_cast<int>(b)) + p.r0 * w(static_cast<int>(b)),
+                   (p.r1 - p.r0) * w(static_cast<int>(b)), clamp_exp(p.e[b] - eb));
+  }
+  if (req.train)
+    for (std::size_t si = 0; si < P.steps.size(); ++si)
+      if (!locals[si].empty()) P.steps[si].block->after_forward(locals[si], B);
+
+  // ---- loss and dL/dh ----------------------------------------------------------------------
+  const std::size_t mL = B * w(P.last);
+  const T* hL = stored(P.last);
+  const std::int64_t eL = e[static_cast<std::size_t>(P.last)];
+  res.output.resize(mL);
+  write_scaled(hL, mL, eL, 1.0, res.output.data());
+  res.output_log2_scale = eL;
+  if (req.forward_only) return res;
+
+  // Gradient buffers: a pool of B x W arrays, and with pipelining one slot per step with
+  // parameters that keeps dL/dy until the second thread has used it.
+  const std::size_t nsteps = P.steps.size();
+  int depth_of_nesting = 0;
+  for (const Step& s : P.steps) depth_of_nesting += s.kind == Step::Kind::join ? 1 : 0;
+  const std::size_t pool_n = 4 + static_cast<std::size_t>(std::min(depth_of_nesting, 64)) * 2;
+  T* G = Gbuf.get(pool_n * B * W + B * W);
+  std::vector<T*> pool;
+  for (std::size_t i = 0; i < pool_n; ++i) pool.push_back(G + i * B * W);
+  T* bwd_scratch = G + pool_n * B * W;
+  auto pool_get = [&] {
+    if (pool.empty()) throw std::logic_error("gradchain: gradient buffer pool exhausted");
+    T* p = pool.back();
+    pool.pop_back();
+    return p;
+  };
+
+  std::size_t dy_total = 0;
+  std::vector<std::size_t> dy_off(nsteps, 0);
+  for (std::size_t si = 0; si < nsteps; ++si)
+    if (P.steps[si].nparams > 0) {
+      dy_off[si] = dy_total;
+      dy_total += B * w(P.steps[si].out);
+    }
+  bool pipelined = th.two_threads && P.any_params && dy_total > 0 &&
+                   bytes + double(dy_total) * sizeof(T) < 0.5 * double(physical_memory_bytes());
+  T* DY = nullptr;
+  if (pipelined) {
+    try {
+      DY = DYbuf.get(dy_total);
+    } catch (const std::bad_alloc&) {
+      pipelined = false;
+    }
+  }
+  // Which step produces each boundary.
+  std::vector<int> producer(NB, -1);
+  for (std::size_t si = 0; si < nsteps; ++si)
+    producer[static_cast<std::size_t>(P.steps[si].out)] = int(si);
+  auto is_dy_slot = [&](const T* ptr) { return pipelined && ptr >= DY && ptr < DY + dy_total; };
+  auto dest_for = [&](int b) -> T* {
+    const int pr = producer[static_cast<std::size_t>(b)];
+    if (pipelined && pr >= 0 && P.steps[static_cast<std::size_t>(pr)].nparams > 0)
+      return DY + dy_off[static_cast<std::size_t>(pr)];
+    return pool_get();
+  };
+  auto release = [&](T* ptr) {
+    if (!is_dy_slot(ptr)) pool.push_back(ptr);
+  };
+
+  struct Live {
+    T* buf = nullptr;
+    std::int64_t e = 0;
+    bool zero = true;  // every entry exactly 0 (its exponent then means nothing)
+  };
+  std::vector<Live> live(NB);
+  // live[b] += v * 2^ev (v: a buffer of B x w(b) that this call takes over).
+  auto add_to = [&](int b, T* v, std::int64_t ev) {
+    Live& L = live[static_cast<std::size_t>(b)];
+    const std::size_t m = B * w(b);
+    if (!L.buf) {
+      L.buf = v;
+      L.e = ev;
+      L.zero = false;
+      return;
+    }
+    const bool vz = scan(v, m).maxabs == 0;
+    const bool lz = scan(L.buf, m).maxabs == 0;
+    if (!vz) {
+      const std::int64_t E = lz ? ev : std::max(L.e, ev);
+      const int dl = clamp_exp(L.e - E), dv = clamp_exp(ev - E);
+      if (lz) {
+        std::copy(v, v + m, L.buf);
+        scale_pow2(L.buf, m, dv);
+      } else {
+        scale_pow2(L.buf, m, dl);
+        if (dv == 0) {
+          for (std::size_t i = 0; i < m; ++i) L.buf[i] += v[i];
+        } else {
+          const T f = static_cast<T>(std::ldexp(1.0, std::max(dv, -1100)));
+          for (std::size_t i = 0; i < m; ++i) L.buf[i] += v[i] * f;
+        }
+      }
+      L.e = E;
+    }
+    release(v);
+  };
+
+  res.log10_param_grad_norms.assign(n_trainable_, kNegInf);
+  std::vector<double> lp(n_trainable_, kNegInf);  // norm_type norms, for the total
+  std::vector<std::int64_t> gexp(n_trainable_, 0);
+  const std::size_t ntop =
+      static_cast<std::size_t>(*std::max_element(P.top.begin(), P.top.end())) + 1;
+  res.log10_boundary_grad_norms.assign(ntop, kNegInf);
+  std::vector<std::int64_t> bexp(ntop, 0);
+  if (req.keep_param_grads) {
+    res.param_grads.resize(n_trainable_);
+    for (std::size_t i = 0; i < n_trainable_; ++i) res.param_grads[i].resize(params_[i].size);
+  }
+  if (req.keep_boundary_grads) res.boundary_grads.resize(ntop);
+
+  // The gradient of boundary b is complete: into the band, its norm recorded.
+  auto take = [&](int b) -> Live {
+    Live L = live[static_cast<std::size_t>(b)];
+    live[static_cast<std::size_t>(b)] = Live{};
+    const std::size_t m = B * w(b);
+    if (!L.buf) {  // nothing flows back here (a zero gradient)
+      L.buf = dest_for(b);
+      std::fill(L.buf, L.buf + m, T(0));
+      L.e = 0;
+    }
+    const Scan s = scan(L.buf, m);
+    const int k = rescale_exponent<T>(s.maxabs);
+    scale_pow2(L.buf, m, -k);
+    L.e += k;
+    const int t = P.top[static_cast<std::size_t>(b)];
+    if (t >= 0) {
+      res.log10_boundary_grad_norms[static_cast<std::size_t>(t)] = log10_norm(s, L.e - k);
+      if (req.keep_boundary_grads) {
+        res.boundary_grads[static_cast<std::size_t>(t)].assign(L.buf, L.buf + m);
+        bexp[static_cast<std::size_t>(t)] = L.e;
+      }
+    }
+    return L;
+  };
+
+  {
+    T* g = dest_for(P.last);
+    std::int64_t gamma = 0;
+    res.log10_loss = loss_and_grad(req.loss, hL, eL, B, w(P.last), req.target, g, gamma);
+    res.loss = req.loss == LossKind::grad_output ? res.log10_loss : std::pow(10.0, res.log10_loss);
+    add_to(P.last, g, gamma);
+  }
+
+  // Parameter gradients of step si from its dL/dy (in the band): nothing downstream needs
+  // them, so with two threads a second thread computes them while the first carries dL/dx
+  // on down the chain.
+  const bool need_values = req.keep_param_grads;
+  auto param_grads = [&](std::size_t si, const T* dy, std::int64_t gy, T* pg) {
+    const Step& s = P.steps[si];
+    const std::size_t n0 = static_cast<std::size_t>(s.param0);
+    const std::size_t np = static_cast<std::size_t>(s.nparams);
+    constexpr std::size_t kMaxParams = 8;  // a block has a weight and a bias at most today
+    if (np > kMaxParams) throw std::logic_error("gradchain: a block with more than 8 parameters");
+    T* bufs[kMaxParams];
+    std::size_t off = 0;
+    for (std::size_t i = 0; i < np; ++i) {
+      if (req.keep_param_grads) {
+        bufs[i] = res.param_grads[n0 + i].data();
+      } else {
+        bufs[i] = pg + off;
+        off += params_[n0 + i].size;
+      }
+    }
+    ParamGrad out[kMaxParams];
+    BackwardArgs<T> a;
+    a.rows = B;
+    a.x = P.stored[static_cast<std::size_t>(s.in)] ? stored(s.in) : nullptr;
+    a.ex = e[static_cast<std::size_t>(s.in)];
+    a.y = P.stored[static_cast<std::size_t>(s.out)] ? stored(s.out) : nullptr;
+    a.ey = e[static_cast<std::size_t>(s.out)];
+    a.dy = dy;
+    a.gy = gy;
+    a.train = req.train;
+    a.local = &locals[si];
+    ParamGradArgs opt;
+    opt.norm_type = req.norm_type;
+    opt.need_values = need_values;
+    s.block->backward_params(a, opt, bufs, out);
+    for (std::size_t i = 0; i < np; ++i) {
+      const std::size_t k = n0 + i;
+      gexp[k] = out[i].exp;
+      if (out[i].has_norms) {
+        res.log10_param_grad_norms[k] = out[i].log10_norm;
+        lp[k] = out[i].log10_pnorm;
+        continue;
+      }
+      const Scan sc = scan(bufs[i], params_[k].size);
+      res.log10_param_grad_norms[k] = log10_norm(sc, out[i].exp);
+      lp[k] = log10_pnorm(bufs[i], params_[k].size, sc, out[i].exp, req.norm_type);
+    }
+  };
+
+  std::atomic<int> ready{static_cast<int>(nsteps)};  // dL/dy of steps >= ready is in DY
+  std::vector<std::int64_t> dy_exp(nsteps, 0);
+  std::exception_ptr error;
+  const std::size_t pg_size = std::max<std::size_t>(1, P.max_param * 2);
+
+  auto chain = [&] {
+    T* pg = PGbuf.get(pg_size);
+    for (std::size_t k = nsteps; k-- > 0;) {
+      const Step& s = P.steps[k];
+      Live dy = take(s.out);
+      if (s.kind == Step::Kind::join) {
+        const auto* r = static_cast<const Residual<T>*>(s.block);
+        T* skip = dest_for(s.skip);
+        std::copy(dy.buf, dy.buf + B * w(s.out), skip);
+        add_to(s.skip, skip, dy.e);
+        T* df = dest_for(s.in);
+        const std::int64_t ef = r->join_backward(B, dy.buf, dy.e, df);
+        add_to(s.in, df, ef);
+        release(dy.buf);
+      } else {
+        if (s.nparams > 0) {
+          if (pipelined) {
+            T* slot = DY + dy_off[k];
+            if (dy.buf != slot) {  // a residual join summed it elsewhere
+              std::copy(dy.buf, dy.buf + B * w(s.out), slot);
+              release(dy.buf);
+              dy.buf = slot;
+            }
+            dy_exp[k] = dy.e;
+            ready.store(static_cast<int>(k), std::memory_order_release);
+          } else {
+            param_grads(k, dy.buf, dy.e, pg);
+          }
+        }
+        BackwardArgs<T> a;
+        a.rows = B;
+        a.x = P.stored[static_cast<std::size_t>(s.in)] ? stored(s.in) : nullptr;
+        a.ex = e[static_cast<std::size_t>(s.in)];
+        a.y = P.stored[static_cast<std::size_t>(s.out)] ? stored(s.out) : nullptr;
+        a.ey = e[static_cast<std::size_t>(s.out)];
+        a.dy = dy.buf;
+        a.gy = dy.e;
+        a.dx = dest_for(s.in);
+        a.scratch = bwd_scratch;
+        a.train = req.train;
+        a.local = &locals[k];
+        const std::int64_t gx = s.block->backward_input(a);
+        add_to(s.in, a.dx, gx);
+        release(dy.buf);
+      }
+      if (abort.load(std::memory_order_relaxed)) return;
+      cancel.poll();
+    }
+    Live d0 = take(0);
+    release(d0.buf);
+  };
+
+  if (!pipelined) {
+    chain();
+  } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+    {
+      try {
+        if (omp_get_thread_num() == 0) {
+          chain();
+        } else {
+          T* pg = PG2.get(pg_size);
+          for (std::size_t k = nsteps; k-- > 0;) {
+            if (P.steps[k].nparams == 0) continue;
+            while (ready.load(std::memory_order_acquire) > static_cast<int>(k)) {
+              if (abort.load(std::memory_order_relaxed)) break;
+              std::this_thread::yield();
+            }
+            if (abort.load(std::memory_order_relaxed)) break;
+            param_grads(k, DY + dy_off[k], dy_exp[k], pg);
+          }
+        }
+      } catch (...) {
+        abort.store(true);
+#pragma omp critical(gradchain_chain_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+#endif
+  }
+  if (error) std::rethrow_exception(error);
+
+  // ---- total norm and clipping (torch.nn.utils.clip_grad_norm_ over parameters()) ------------
+  const LogClip lc = log_clip<T>(lp, req.norm_type, req.max_norm);
+  res.log10_total_norm = lc.log10_total;
+  res.clipped = lc.clipped;
+  res.max_norm = lc.clipped ? req.max_norm : 0.0;
+  res.log10_clip_coef = lc.log10_coef;
+  if (req.keep_param_grads)
+    for (std::size_t i = 0; i < n_trainable_; ++i) {
+      auto& v = res.param_grads[i];
+      write_scaled(v.data(), v.size(), gexp[i], lc.coef, v.data());
+    }
+  if (req.keep_boundary_grads)
+    for (std::size_t t = 0; t < ntop; ++t) {
+      auto& v = res.boundary_grads[t];
+      write_scaled(v.data(), v.size(), bexp[t], 1.0, v.data());
+    }
+  return res;
+}
+
+template class Chain<float>;
+template class Chain<double>;
+
+}  // namespace gradchain
