@@ -40,8 +40,8 @@ const std::map<std::string, Factory<T>>& factories() {
        [](const py::dict& d) {
          return std::make_unique<ActivationBlock<T>>(
              d["width"].cast<int>(),
-             Activation::parse(d["name"].cast<std::string>(), d["negative_slope"].cast<double>(),
-                               d["alpha"].cast<double>()));
+             Activation::parse(d["activation"].cast<std::string>(),
+                               d["negative_slope"].cast<double>(), d["alpha"].cast<double>()));
        }},
       {"scale",
        [](const py::dict& d) {
