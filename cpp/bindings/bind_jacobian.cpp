@@ -2,6 +2,7 @@
 #include <string>
 #include <tuple>
 
+#include "gradchain/chain.hpp"
 #include "gradchain/jacobian.hpp"
 #include "gradchain/mlp.hpp"
 #include "gradchain/rnn_jacobian.hpp"
@@ -85,6 +86,36 @@ py::tuple spectrum(const MLPChain<T>& net, CArray<double> x, int k, int interval
   return spectrum_tuple(std::move(S), batch, net.depth(), k, interval);
 }
 
+template <class T>
+py::dict chain_norms(const Chain<T>& net, CArray<double> x, bool train, bool layers, bool spectral,
+                     double tol, int max_iter, int exact_max_dim) {
+  const int batch = checked_batch(x, net.in_width());
+  const NormsOptions opt = norms_options(spectral, tol, max_iter, exact_max_dim);
+  const double* xp = x.data();
+  const auto dims = chain_jacobian_dims(net, batch, train, layers);
+  const int examples = !layers && net.couples_batch(train) ? 1 : batch;
+  BatchNorms r = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return chain_jacobian_norms(net, xp, batch, train, layers, opt, cancel);
+  });
+  return norms_dict(std::move(r), examples, static_cast<int>(dims.size()) - 1);
+}
+
+template <class T>
+py::tuple chain_spectrum(const Chain<T>& net, CArray<double> x, bool train, bool layers, int k,
+                         int interval, const std::string& start, std::uint64_t seed) {
+  const int batch = checked_batch(x, net.in_width());
+  const SpectrumOptions opt = spectrum_options(k, interval, start, seed);
+  const double* xp = x.data();
+  const auto dims = chain_jacobian_dims(net, batch, train, layers);
+  const int examples = !layers && net.couples_batch(train) ? 1 : batch;
+  std::vector<double> S = without_gil([&] {
+    Canceller cancel = signal_canceller();
+    return chain_qr_spectrum(net, xp, batch, train, layers, opt, cancel);
+  });
+  return spectrum_tuple(std::move(S), examples, static_cast<int>(dims.size()) - 1, k, interval);
+}
+
 // A batch of sequences as the core reads it: x (steps, batch, input_size) and the optional
 // initial states, converted and kept alive here.
 struct Sequences {
@@ -128,6 +159,18 @@ py::tuple rnn_spectrum(const RecurrentChain<T>& net, CArray<double> x, py::objec
 
 template <class T>
 void bind_for(py::module_& m) {
+  m.def("jacobian_norms", &chain_norms<T>, py::arg("chain"), py::arg("x"), py::arg("train"),
+        py::arg("layers"), py::arg("spectral"), py::arg("tol"), py::arg("max_iter"),
+        py::arg("exact_max_dim"),
+        R"doc(Per-example log10 norms of the Jacobian of every top-level block of a chain.
+
+With layers, per layer of a [Linear, Activation] * depth chain. When a train-mode BatchNorm
+couples the batch, the whole batch is one example (state size batch x width).)doc");
+  m.def("jacobian_spectrum", &chain_spectrum<T>, py::arg("chain"), py::arg("x"), py::arg("train"),
+        py::arg("layers"), py::arg("k"), py::arg("interval"), py::arg("start"), py::arg("seed"),
+        R"doc(QR spectrum of the product of a chain's block (or layer) Jacobians.)doc");
+  m.def("jacobian_dims", &chain_jacobian_dims<T>, py::arg("chain"), py::arg("batch"),
+        py::arg("train"), py::arg("layers"), "State sizes dim(0..length) of the Jacobian steps.");
   m.def(
       "jacobian_norms", &norms<T>, py::arg("chain"), py::arg("x"), py::arg("spectral"),
       py::arg("tol"), py::arg("max_iter"), py::arg("exact_max_dim"),

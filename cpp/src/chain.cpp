@@ -66,34 +66,6 @@ struct Chain<T>::Workspace {
 
 // ---- the plan: the block tree as a flat list of steps over numbered boundaries ----------
 
-template <class T>
-struct Chain<T>::Step {
-  enum class Kind { leaf, join } kind = Kind::leaf;
-  Block<T>* block = nullptr;  // leaf: the block; join: its Residual
-  int in = 0;                 // leaf: input boundary; join: the body's output
-  int skip = -1;              // join: the residual input (or its shortcut's output)
-  int out = 0;
-  int rin = -1;    // join: the residual's input
-  int param0 = 0;  // index of its first parameter gradient (trainable parameters only)
-  int nparams = 0;
-  int top_block = 0;  // the top-level block (0-based) this step belongs to
-  std::string where;  // for messages: "block 3 (Linear(64, 256), '3')"
-};
-
-template <class T>
-struct Chain<T>::Plan {
-  std::vector<Step> steps;
-  std::vector<int> width;           // per boundary
-  std::vector<char> stored;         // per boundary: kept for the backward pass (or the loss)
-  std::vector<int> top;             // per boundary: its top-level index, or -1
-  std::vector<std::size_t> offset;  // per stored boundary: offset per example
-  std::size_t stored_per_row = 0;
-  int maxw = 0;
-  std::size_t max_param = 0;  // largest parameter (entries)
-  int last = 0;               // the output boundary
-  bool any_params = false;
-};
-
 namespace {
 
 template <class T>
@@ -190,6 +162,13 @@ Chain<T>::Chain(const Chain& o) {
 }
 
 template <class T>
+std::unique_ptr<Chain<double>> Chain<T>::to_double() const {
+  std::vector<std::unique_ptr<Block<double>>> blocks;
+  for (const auto& b : blocks_) blocks.push_back(b->to_double());
+  return std::make_unique<Chain<double>>(std::move(blocks));
+}
+
+template <class T>
 void Chain<T>::compile() {
   if (blocks_.empty()) throw std::invalid_argument("blocks must hold at least one block");
   for (std::size_t i = 1; i < blocks_.size(); ++i)
@@ -247,16 +226,26 @@ void Chain<T>::compile() {
   plan->stored_per_row = off;
   for (const ParamRef<T>& p : params_) plan->max_param = std::max(plan->max_param, p.size);
   plan->any_params = n_trainable_ > 0;
+  auto all = std::make_shared<Plan>(*plan);
+  all->stored.assign(nb, 1);
+  off = 0;
+  for (std::size_t b = 0; b < nb; ++b) {
+    all->offset[b] = off;
+    off += static_cast<std::size_t>(all->width[b]);
+  }
+  all->stored_per_row = off;
   plan_ = std::move(plan);
+  trace_plan_ = std::move(all);
 }
 
 template <class T>
 void Chain<T>::init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel) {
   spec.validate();
+  // In parameter order (a residual's body before its shortcut), as torch lists them.
   std::vector<Linear<T>*> linears;
-  for (const Step& s : plan_->steps)
-    if (s.kind == Step::Kind::leaf && s.block->kind() == BlockKind::linear)
-      linears.push_back(static_cast<Linear<T>*>(s.block));
+  for (const ParamRef<T>& p : params_)
+    if (p.index == 0 && p.block->kind() == BlockKind::linear)
+      linears.push_back(static_cast<Linear<T>*>(p.block));
   const Philox rng(seed);
   // Each layer draws from its own stream, so the split across threads changes nothing.
   // LAPACK (orthogonal init) runs single-threaded inside the parallel loop.
@@ -318,7 +307,7 @@ Threading decide_threads(const Steps& steps, std::size_t B, bool coupled) {
 
 template <class T>
 double Chain<T>::backward_bytes(int batch, const ChainRequest& req) const {
-  const Plan& p = *plan_;
+  const Plan& p = req.trace ? *trace_plan_ : *plan_;
   const double B = batch, W = p.maxw;
   double elems = B * double(p.stored_per_row);  // stored boundaries
   elems += 2 * 3 * B * W;                       // per part: two scratch values + block scratch
@@ -337,7 +326,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
                                   Canceller& cancel) {
   if (batch <= 0)
     throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
-  const Plan& P = *plan_;
+  const Plan& P = req.trace ? *trace_plan_ : *plan_;
   const std::size_t B = static_cast<std::size_t>(batch);
   const std::size_t NB = P.width.size();
   const auto w = [&](int b) {
@@ -353,9 +342,9 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   const double bytes = backward_bytes(batch, req);
   check_memory(bytes, "this backward pass");
   std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
-  if (coupled && req.train) run_lock.lock();  // running statistics are written
+  if (coupled && req.train && !req.trace) run_lock.lock();  // running statistics are written
 
-  const Threading th = decide_threads<T>(P.steps, B, coupled);
+  const Threading th = decide_threads<T>(P.steps, B, coupled || req.trace);
   BlasThreads blas_threads_guard(th.threaded_gemm ? th.cores : 1);
   ElementwiseThreads elementwise(th.threaded_gemm ? 1 : 0);
 
@@ -541,7 +530,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         scale_pow2(stored(static_cast<int>(b)) + p.r0 * w(static_cast<int>(b)),
                    (p.r1 - p.r0) * w(static_cast<int>(b)), clamp_exp(p.e[b] - eb));
   }
-  if (req.train)
+  if (req.train && !req.trace)
     for (std::size_t si = 0; si < P.steps.size(); ++si)
       if (!locals[si].empty()) P.steps[si].block->after_forward(locals[si], B);
 
@@ -552,6 +541,14 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   res.output.resize(mL);
   write_scaled(hL, mL, eL, 1.0, res.output.data());
   res.output_log2_scale = eL;
+  if (req.trace) {
+    for (std::size_t b = 0; b < NB; ++b)
+      res.trace_values.emplace_back(stored(static_cast<int>(b)),
+                                    stored(static_cast<int>(b)) + B * w(static_cast<int>(b)));
+    res.trace_exps = e;
+    res.trace_locals = std::move(locals);
+    return res;
+  }
   if (req.forward_only) return res;
 
   // Gradient buffers: a pool of B x W arrays, and with pipelining one slot per step with

@@ -11,8 +11,12 @@
 #include <thread>
 #include <type_traits>
 
+#include "gradchain/activation.hpp"
 #include "gradchain/blas.hpp"
+#include "gradchain/chain.hpp"
+#include "gradchain/linear.hpp"
 #include "gradchain/mlp.hpp"
+#include "gradchain/residual.hpp"
 #include "gradchain/parallel.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/system.hpp"
@@ -491,6 +495,43 @@ const double* JacobianChain::row_form(int l, const double** d, std::vector<doubl
 template <class T>
 MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
     : widths_(chain.widths()), act_(chain.activation()), homog_(chain.log_scale_forward()) {
+  std::vector<const T*> w(widths_.size(), nullptr), b(widths_.size(), nullptr);
+  for (int l = 1; l <= depth(); ++l) {
+    w[sz(l)] = chain.weight(l);
+    b[sz(l)] = chain.bias(l);
+  }
+  take(w, b, row_norms);
+}
+
+template <class T>
+MLPLayers::MLPLayers(const Chain<T>& chain, bool row_norms) {
+  const auto& blocks = chain.blocks();
+  const bool shaped = blocks.size() % 2 == 0 && !blocks.empty();
+  std::vector<const T*> w{nullptr}, b{nullptr};
+  bool zero_bias = true;
+  widths_.push_back(chain.in_width());
+  for (std::size_t i = 0; shaped && i < blocks.size(); i += 2) {
+    const auto* lin = dynamic_cast<const Linear<T>*>(blocks[i].get());
+    const auto* act = dynamic_cast<const ActivationBlock<T>*>(blocks[i + 1].get());
+    if (!lin || !act || !lin->has_bias() || (i > 0 && act->activation().kind != act_.kind))
+      throw std::invalid_argument(
+          "per-layer Jacobians need a chain of [Linear, Activation] layers with one activation");
+    act_ = act->activation();
+    widths_.push_back(lin->out_width());
+    w.push_back(lin->weight());
+    b.push_back(lin->bias());
+    zero_bias = zero_bias && lin->zero_bias();
+  }
+  if (!shaped)
+    throw std::invalid_argument(
+        "per-layer Jacobians need a chain of [Linear, Activation] layers with one activation");
+  homog_ = act_.positively_homogeneous() && zero_bias;
+  take(w, b, row_norms);
+}
+
+template <class T>
+void MLPLayers::take(const std::vector<const T*>& wsrc, const std::vector<const T*>& bsrc,
+                     bool row_norms) {
   const int L = depth();
   w_.assign(sz(L) + 1, nullptr);
   b_.assign(sz(L) + 1, nullptr);
@@ -503,8 +544,8 @@ MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
   }
   if constexpr (std::is_same_v<T, double>) {
     for (int l = 1; l <= L; ++l) {
-      w_[sz(l)] = chain.weight(l);
-      b_[sz(l)] = chain.bias(l);
+      w_[sz(l)] = wsrc[sz(l)];
+      b_[sz(l)] = bsrc[sz(l)];
     }
   } else {
     check_memory(double(nw + nb) * sizeof(double), "the chain's weights in float64");
@@ -513,9 +554,8 @@ MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
     std::size_t wo = 0, bo = 0;
     for (int l = 1; l <= L; ++l) {
       const std::size_t n = sz(widths_[sz(l)]), mm = n * sz(widths_[sz(l) - 1]);
-      std::copy(chain.weight(l), chain.weight(l) + mm,
-                own_w_.begin() + static_cast<std::ptrdiff_t>(wo));
-      std::copy(chain.bias(l), chain.bias(l) + n, own_b_.begin() + static_cast<std::ptrdiff_t>(bo));
+      std::copy(wsrc[sz(l)], wsrc[sz(l)] + mm, own_w_.begin() + static_cast<std::ptrdiff_t>(wo));
+      std::copy(bsrc[sz(l)], bsrc[sz(l)] + n, own_b_.begin() + static_cast<std::ptrdiff_t>(bo));
       w_[sz(l)] = own_w_.data() + wo;
       b_[sz(l)] = own_b_.data() + bo;
       wo += mm;
@@ -534,6 +574,112 @@ MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
 
 template MLPLayers::MLPLayers(const MLPChain<float>&, bool);
 template MLPLayers::MLPLayers(const MLPChain<double>&, bool);
+template MLPLayers::MLPLayers(const Chain<float>&, bool);
+template MLPLayers::MLPLayers(const Chain<double>&, bool);
+
+// ---- chains of blocks ----------------------------------------------------------------------
+
+BlockJacobians::BlockJacobians(const Chain<double>& chain, const double* x, std::size_t rows,
+                               bool train)
+    : chain_(chain), rows_(rows), train_(train) {
+  ChainRequest req;
+  req.trace = true;
+  req.forward_only = true;
+  req.train = train;
+  Canceller none;
+  trace_ = std::make_unique<ChainResult<double>>(
+      const_cast<Chain<double>&>(chain).backward(x, static_cast<int>(rows), req, none));
+  const auto& steps = chain.plan().steps;
+  for (std::size_t i = 0; i < steps.size(); ++i)
+    steps_.emplace_back(steps[i].block, static_cast<int>(i));
+  std::sort(steps_.begin(), steps_.end());
+}
+
+BlockJacobians::~BlockJacobians() = default;
+
+int BlockJacobians::length() const {
+  return static_cast<int>(chain_.size());
+}
+
+int BlockJacobians::dim(int l) const {
+  const int w = l == 0 ? chain_.in_width() : chain_.block(sz(l) - 1).out_width();
+  return static_cast<int>(rows_) * w;
+}
+
+int BlockJacobians::step_of(const Block<double>& b) const {
+  const auto it = std::lower_bound(steps_.begin(), steps_.end(),
+                                   std::make_pair(&b, std::numeric_limits<int>::min()));
+  return it->second;
+}
+
+void BlockJacobians::jvp(const Block<double>& b, const double* v, int k, double* out) const {
+  const std::size_t nin = rows_ * sz(b.in_width()), nout = rows_ * sz(b.out_width());
+  if (const auto* r = dynamic_cast<const Residual<double>*>(&b)) {
+    std::vector<double> t(v, v + sz(k) * nin), next;
+    for (const auto& child : r->body()) {
+      next.resize(sz(k) * rows_ * sz(child->out_width()));
+      jvp(*child, t.data(), k, next.data());
+      std::swap(t, next);
+    }
+    if (r->shortcut())
+      jvp(*r->shortcut(), v, k, out);
+    else
+      std::copy(v, v + sz(k) * nout, out);
+    for (std::size_t i = 0; i < sz(k) * nout; ++i) out[i] += r->scale() * t[i];
+    return;
+  }
+  const auto& s = chain_.plan().steps[sz(step_of(b))];
+  JacobianArgs<double> a;
+  a.rows = rows_;
+  a.x = trace_->trace_values[sz(s.in)].data();
+  a.ex = trace_->trace_exps[sz(s.in)];
+  a.y = trace_->trace_values[sz(s.out)].data();
+  a.ey = trace_->trace_exps[sz(s.out)];
+  a.train = train_;
+  a.local = &trace_->trace_locals[sz(step_of(b))];
+  std::vector<double> scratch(2 * sz(k) * rows_ * sz(std::max(b.in_width(), b.out_width())));
+  a.scratch = scratch.data();
+  b.jvp(a, v, k, out);
+}
+
+void BlockJacobians::vjp(const Block<double>& b, const double* u, int k, double* out) const {
+  const std::size_t nin = rows_ * sz(b.in_width()), nout = rows_ * sz(b.out_width());
+  if (const auto* r = dynamic_cast<const Residual<double>*>(&b)) {
+    std::vector<double> t(sz(k) * nout), next;
+    for (std::size_t i = 0; i < t.size(); ++i) t[i] = r->scale() * u[i];
+    for (auto it = r->body().rbegin(); it != r->body().rend(); ++it) {
+      next.resize(sz(k) * rows_ * sz((*it)->in_width()));
+      vjp(**it, t.data(), k, next.data());
+      std::swap(t, next);
+    }
+    if (r->shortcut())
+      vjp(*r->shortcut(), u, k, out);
+    else
+      std::copy(u, u + sz(k) * nin, out);
+    for (std::size_t i = 0; i < sz(k) * nin; ++i) out[i] += t[i];
+    return;
+  }
+  const auto& s = chain_.plan().steps[sz(step_of(b))];
+  JacobianArgs<double> a;
+  a.rows = rows_;
+  a.x = trace_->trace_values[sz(s.in)].data();
+  a.ex = trace_->trace_exps[sz(s.in)];
+  a.y = trace_->trace_values[sz(s.out)].data();
+  a.ey = trace_->trace_exps[sz(s.out)];
+  a.train = train_;
+  a.local = &trace_->trace_locals[sz(step_of(b))];
+  std::vector<double> scratch(2 * sz(k) * rows_ * sz(std::max(b.in_width(), b.out_width())));
+  a.scratch = scratch.data();
+  b.vjp(a, u, k, out);
+}
+
+void BlockJacobians::apply(int l, const double* v, int k, double* out) const {
+  jvp(chain_.block(sz(l) - 1), v, k, out);
+}
+
+void BlockJacobians::apply_transpose(int l, const double* u, int k, double* out) const {
+  vjp(chain_.block(sz(l) - 1), u, k, out);
+}
 
 MLPJacobians::MLPJacobians(const MLPLayers& layers, const double* x, bool lazy) : layers_(layers) {
   const int L = layers.depth();
@@ -1202,6 +1348,80 @@ std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, i
   const MLPLayers layers(chain, false);
   return batch_qr_spectrum(batch, chain.widths(), mlp_examples(layers, x), opt, cancel);
 }
+
+namespace {
+
+// The chain in double (a copy for float chains), as the Jacobian tools need it.
+template <class T>
+const Chain<double>& as_double(const Chain<T>& chain, std::unique_ptr<Chain<double>>& keep) {
+  if constexpr (std::is_same_v<T, double>) {
+    return chain;
+  } else {
+    keep = chain.to_double();
+    return *keep;
+  }
+}
+
+// Examples of a chain of blocks: rows of x one at a time, or all of them as one point when
+// the batch is coupled.
+JacobianFactory block_examples(const Chain<double>& chain, const double* x, int batch, bool train,
+                               bool coupled) {
+  const std::size_t n0 = sz(chain.in_width());
+  return [&chain, x, batch, train, coupled, n0](int e, bool) -> std::unique_ptr<JacobianChain> {
+    if (coupled) return std::make_unique<BlockJacobians>(chain, x, sz(batch), train);
+    return std::make_unique<BlockJacobians>(chain, x + sz(e) * n0, 1, train);
+  };
+}
+
+}  // namespace
+
+template <class T>
+std::vector<int> chain_jacobian_dims(const Chain<T>& chain, int batch, bool train, bool layers) {
+  if (layers) return MLPLayers(chain, false).widths();
+  const int rows = chain.couples_batch(train) ? batch : 1;
+  std::vector<int> dims{rows * chain.in_width()};
+  for (const auto& b : chain.blocks()) dims.push_back(rows * b->out_width());
+  return dims;
+}
+
+template <class T>
+BatchNorms chain_jacobian_norms(const Chain<T>& chain, const double* x, int batch, bool train,
+                                bool layers, const NormsOptions& opt, Canceller& cancel) {
+  if (layers) {
+    const MLPLayers ml(chain, true);
+    return batch_jacobian_norms(batch, ml.depth(), mlp_examples(ml, x), opt, cancel);
+  }
+  std::unique_ptr<Chain<double>> keep;
+  const Chain<double>& c = as_double(chain, keep);
+  const bool coupled = c.couples_batch(train);
+  return batch_jacobian_norms(coupled ? 1 : batch, static_cast<int>(c.size()),
+                              block_examples(c, x, batch, train, coupled), opt, cancel);
+}
+
+template <class T>
+std::vector<double> chain_qr_spectrum(const Chain<T>& chain, const double* x, int batch, bool train,
+                                      bool layers, const SpectrumOptions& opt, Canceller& cancel) {
+  if (layers) {
+    const MLPLayers ml(chain, false);
+    return batch_qr_spectrum(batch, ml.widths(), mlp_examples(ml, x), opt, cancel);
+  }
+  std::unique_ptr<Chain<double>> keep;
+  const Chain<double>& c = as_double(chain, keep);
+  const bool coupled = c.couples_batch(train);
+  return batch_qr_spectrum(coupled ? 1 : batch, chain_jacobian_dims(c, batch, train, false),
+                           block_examples(c, x, batch, train, coupled), opt, cancel);
+}
+
+template std::vector<int> chain_jacobian_dims(const Chain<float>&, int, bool, bool);
+template std::vector<int> chain_jacobian_dims(const Chain<double>&, int, bool, bool);
+template BatchNorms chain_jacobian_norms(const Chain<float>&, const double*, int, bool, bool,
+                                         const NormsOptions&, Canceller&);
+template BatchNorms chain_jacobian_norms(const Chain<double>&, const double*, int, bool, bool,
+                                         const NormsOptions&, Canceller&);
+template std::vector<double> chain_qr_spectrum(const Chain<float>&, const double*, int, bool, bool,
+                                               const SpectrumOptions&, Canceller&);
+template std::vector<double> chain_qr_spectrum(const Chain<double>&, const double*, int, bool, bool,
+                                               const SpectrumOptions&, Canceller&);
 
 template BatchNorms mlp_jacobian_norms(const MLPChain<float>&, const double*, int,
                                        const NormsOptions&, Canceller&);

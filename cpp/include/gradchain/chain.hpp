@@ -25,6 +25,9 @@ struct ChainRequest {
   double norm_type = 2.0;  // for the total norm and clipping; inf allowed
   bool forward_only = false;
   bool train = true;  // BatchNorm: batch statistics (and running-stat updates) or running ones
+  // Forward only, keeping every boundary (inner ones too) in the result: the point at which
+  // the Jacobian tools take each block's Jacobian. The batch is not split.
+  bool trace = false;
 };
 
 template <class T>
@@ -45,6 +48,11 @@ struct ChainResult {
   std::vector<T> output;  // the last boundary as floats
   std::int64_t output_log2_scale = 0;
   std::vector<std::vector<T>> param_grads, boundary_grads;  // on request (clipped)
+  // With ChainRequest::trace: every boundary (rows x width, times 2^exp) and every step's
+  // per-pass data.
+  std::vector<std::vector<T>> trace_values;
+  std::vector<std::int64_t> trace_exps;
+  std::vector<std::vector<double>> trace_locals;
 };
 
 // One parameter or buffer of the chain, with its torch name ("3.block.1.weight").
@@ -67,6 +75,9 @@ class Chain {
   explicit Chain(std::vector<std::unique_ptr<Block<T>>> blocks);
   Chain(const Chain& o);
   Chain& operator=(const Chain&) = delete;
+
+  // The same chain in double precision (a copy).
+  std::unique_ptr<Chain<double>> to_double() const;
 
   int in_width() const { return blocks_.front()->in_width(); }
   int out_width() const { return blocks_.back()->out_width(); }
@@ -92,8 +103,33 @@ class Chain {
   // passes on one chain do not run at the same time (the second waits).
   ChainResult<T> backward(const T* x, int batch, const ChainRequest& req, Canceller& cancel);
 
-  struct Step;
-  struct Plan;
+  // The block tree as a flat list of steps over numbered boundaries (boundary 0 is the
+  // input): a leaf step runs one block; a join step ends a residual block.
+  struct Step {
+    enum class Kind { leaf, join } kind = Kind::leaf;
+    Block<T>* block = nullptr;  // leaf: the block; join: its Residual
+    int in = 0;                 // leaf: input boundary; join: the body's output
+    int skip = -1;              // join: the residual input (or its shortcut's output)
+    int out = 0;
+    int rin = -1;    // join: the residual's input
+    int param0 = 0;  // index of its first parameter gradient (trainable parameters only)
+    int nparams = 0;
+    int top_block = 0;  // the top-level block (0-based) this step belongs to
+    std::string where;  // for messages: "block 3 (Linear(64, 256), '3')"
+  };
+  struct Plan {
+    std::vector<Step> steps;
+    std::vector<int> width;           // per boundary
+    std::vector<char> stored;         // per boundary: kept for the backward pass (or the loss)
+    std::vector<int> top;             // per boundary: its top-level index, or -1
+    std::vector<std::size_t> offset;  // per stored boundary: offset per example
+    std::size_t stored_per_row = 0;
+    int maxw = 0;
+    std::size_t max_param = 0;  // largest parameter (entries)
+    int last = 0;               // the output boundary
+    bool any_params = false;
+  };
+  const Plan& plan() const { return *plan_; }
   struct Workspace;
 
  private:
@@ -103,6 +139,7 @@ class Chain {
   std::vector<ParamRef<T>> params_;
   std::size_t n_trainable_ = 0;
   std::shared_ptr<const Plan> plan_;
+  std::shared_ptr<const Plan> trace_plan_;  // the same steps, every boundary stored
   std::mutex run_mutex_;
   // Reused by passes up to a size (saves page faults); a concurrent pass gets its own.
   std::mutex ws_mutex_;

@@ -16,6 +16,12 @@ namespace gradchain {
 
 template <class T>
 class MLPChain;
+template <class T>
+class Chain;
+template <class T>
+struct ChainResult;
+template <class T>
+class Block;
 
 // The Jacobians of a chain of length() steps for one input. Blocks of k vectors are stored
 // one vector after another (k x dim row-major): the layout in which the Householder kernels
@@ -50,6 +56,10 @@ class MLPLayers {
  public:
   template <class T>
   MLPLayers(const MLPChain<T>& chain, bool row_norms);
+  // From a chain of blocks of the shape [Linear, Activation] * depth, one activation
+  // throughout (every layer of gc.MLP); std::invalid_argument otherwise.
+  template <class T>
+  MLPLayers(const Chain<T>& chain, bool row_norms);
 
   int depth() const { return static_cast<int>(widths_.size()) - 1; }
   const std::vector<int>& widths() const { return widths_; }
@@ -65,6 +75,8 @@ class MLPLayers {
   std::vector<int> widths_;
   Activation act_;
   bool homog_ = false;
+  template <class T>
+  void take(const std::vector<const T*>& w, const std::vector<const T*>& b, bool row_norms);
   std::vector<double> own_w_, own_b_;
   std::vector<const double*> w_, b_;
   std::vector<double> rownorm_;
@@ -104,6 +116,34 @@ class MLPJacobians final : public JacobianChain {
   mutable std::vector<double> d_, h_, z_, hn_;
   std::vector<std::size_t> off_;
   mutable int done_ = 0;  // layers whose phi' is in d_
+};
+
+// The Jacobians J_l = dh_l / dh_{l-1} of the top-level blocks of a chain at one point: one
+// example (rows = 1), or the whole batch (rows = batch) when a train-mode BatchNorm couples
+// the examples; the state of boundary l is then rows x width, flattened. A residual
+// block's Jacobian is I (or its shortcut's) + scale * the product of its body's. The
+// forward pass runs in the constructor, in double, with the chain's log-space
+// bookkeeping; const methods are safe to call from several threads.
+class BlockJacobians final : public JacobianChain {
+ public:
+  BlockJacobians(const Chain<double>& chain, const double* x, std::size_t rows, bool train);
+  ~BlockJacobians() override;
+
+  int length() const override;
+  int dim(int l) const override;
+  void apply(int l, const double* v, int k, double* out) const override;
+  void apply_transpose(int l, const double* u, int k, double* out) const override;
+
+ private:
+  void jvp(const Block<double>& b, const double* v, int k, double* out) const;
+  void vjp(const Block<double>& b, const double* u, int k, double* out) const;
+  int step_of(const Block<double>& b) const;
+
+  const Chain<double>& chain_;
+  std::size_t rows_;
+  bool train_;
+  std::unique_ptr<ChainResult<double>> trace_;
+  std::vector<std::pair<const Block<double>*, int>> steps_;  // sorted by block address
 };
 
 // ---- per-layer norms ------------------------------------------------------------------
@@ -182,6 +222,20 @@ std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
 template <class T>
 BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
                               const NormsOptions& opt, Canceller& cancel);
+
+// Through a chain of blocks (x: batch x in_width, float64). Per top-level block; with
+// `layers`, per layer of a chain shaped [Linear, Activation] * depth (J = diag(phi') W).
+// When a train-mode BatchNorm couples the batch, the result has one "example": the whole
+// batch (state size batch x width).
+template <class T>
+BatchNorms chain_jacobian_norms(const Chain<T>& chain, const double* x, int batch, bool train,
+                                bool layers, const NormsOptions& opt, Canceller& cancel);
+template <class T>
+std::vector<double> chain_qr_spectrum(const Chain<T>& chain, const double* x, int batch, bool train,
+                                      bool layers, const SpectrumOptions& opt, Canceller& cancel);
+// The state dimensions dim(0..length) the functions above use, and their example count.
+template <class T>
+std::vector<int> chain_jacobian_dims(const Chain<T>& chain, int batch, bool train, bool layers);
 
 // batch x n_depths x k, row-major.
 template <class T>
