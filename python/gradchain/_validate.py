@@ -110,12 +110,40 @@ def float_array(name: str, value: Any, dt: np.dtype, shape: tuple[int | None, ..
         raise ValueError(f"{name} must have shape {want}; got {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
-    out = np.ascontiguousarray(arr, dtype=dt)
+    with np.errstate(over="ignore"):  # a finite value beyond float32 is reported below
+        out = np.ascontiguousarray(arr, dtype=dt)
     if not np.isfinite(out).all():
-        bad = np.argwhere(~np.isfinite(out))[0]
-        where = "inf" if np.isinf(out[tuple(bad)]) else "NaN"
-        raise ValueError(f"{name} contains {where} at index {tuple(int(i) for i in bad)}; inputs must be finite")
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+        given = arr[bad].item()
+        if math.isfinite(given):
+            top = float(np.finfo(dt).max)
+            raise ValueError(
+                f"{name} has {given!r} at index {bad}, beyond the largest {dt.name} value {top:.8g}"
+            )
+        where = "inf" if np.isinf(out[bad]) else "NaN"
+        raise ValueError(f"{name} contains {where} at index {bad}; inputs must be finite")
     return out
+
+
+# The initializers' normal draws (Box-Muller from 53-bit uniforms, cpp/src/init.cpp) lie
+# within sqrt(2 ln 2**53) of 0: the most a scale is multiplied by.
+NORMAL_DRAW_MAX = math.sqrt(106.0 * math.log(2.0))
+
+
+def representable(
+    name: str, value: float, dt: np.dtype, reach: float = 1.0, becomes: str = ""
+) -> float:
+    """Refuses a parameter whose value, times `reach` (the largest factor by which it
+    enters a stored number of dtype `dt`: a weight, a bias, a slope), exceeds the largest
+    finite number of `dt`. `becomes` names what it reaches (e.g. "the weights")."""
+    top = float(np.finfo(dt).max)
+    if abs(value) * reach <= top:
+        return value
+    how = f", as {becomes} reach {reach:.6g} times it" if reach != 1.0 else ""
+    raise ValueError(
+        f"{name} must be at most {top / reach:.6g} in magnitude for dtype {dt.name} "
+        f"(whose largest value is {top:.8g}{how}); got {value!r}"
+    )
 
 
 ACCEPTED_NORM_TYPES = "a number p > 0 (e.g. 2.0, 1.0, 0.5) or inf (float('inf') or 'inf')"
