@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,3 +159,54 @@ def norm_type(value: Any) -> float:
         if p > 0:
             return p
     raise ValueError(f"norm_type must be {ACCEPTED_NORM_TYPES}, got {value!r}")
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory_bytes() -> int:
+    """Bytes this process can still allocate without swapping: the kernel's MemAvailable,
+    lowered to what a cgroup limit leaves; the physical memory when neither is known."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        lim, use = _read_int(limit), _read_int(usage)
+        if lim is not None and use is not None:  # "max" (no limit) reads as None
+            left = max(lim - use, 0)
+            avail = left if avail is None else min(avail, left)
+            break
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+    return int(avail)
+
+
+def check_memory(nbytes: float, what: str) -> None:
+    """MemoryError, stating the bytes, when `what` needs more than is available."""
+    avail = available_memory_bytes()
+    if avail and nbytes > avail:
+        raise MemoryError(
+            f"{what} needs {nbytes:.0f} bytes ({nbytes / 2**30:.3g} GiB), more than the "
+            f"{avail / 2**30:.3g} GiB of memory available"
+        )
