@@ -102,6 +102,14 @@ class MLP:
         Every weight follows from it, the same for any thread count; float32 weights are
         the float64 ones rounded.
 
+    Raises
+    ------
+    ValueError
+        Among bad names and values: a ``gain`` (``gain * sigma_w`` for ``normal``),
+        ``bias_std``, ``negative_slope`` or ``alpha`` with which a weight, bias or
+        activation constant could exceed the dtype's largest value; the message gives the
+        largest value accepted.
+
     Examples
     --------
     >>> import numpy as np, gradchain as gc

@@ -95,6 +95,13 @@ class RNN:
     seed : int
         Every parameter follows from it; float32 parameters are the float64 ones rounded.
 
+    Raises
+    ------
+    ValueError
+        Among bad names and values: a ``gain``, ``recurrent_gain``, ``spectral_radius``
+        or ``forget_bias`` with which a parameter could exceed the dtype's largest value;
+        the message gives the largest value accepted.
+
     Examples
     --------
     >>> import numpy as np, gradchain as gc

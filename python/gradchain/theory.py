@@ -1395,7 +1395,7 @@ def fuss_catalan_moments(depth: int, k_max: int = 2) -> np.ndarray:
         Moments k = 1..k_max as floats (inf beyond the float range).
     """
     L = v.positive_int("depth", depth)
-    K = v.positive_int("k_max", k_max, maximum=10_000)
+    K = _size("k_max", k_max, bytes_each=8, maximum=10_000)  # one lgamma (or comb) each
     out = np.full(K, math.inf)
     for k in range(1, K + 1):
         # ln FC_L(k) from lgamma first: the exact integer would have up to millions of
