@@ -418,7 +418,8 @@ def test_huge_parameters_give_named_errors(monkeypatch):
     """Scales beyond what mean-field theory takes (or whose squares would overflow): a
     ValueError naming the argument and where compare_theory took it from."""
     cases = [
-        (gc.MLP(5, 4, activation="tanh", gain=1e200), {}, r"sigma_w must be .*sigma_w=1e\+200 \(init\)"),
+        (gc.MLP(5, 4, activation="tanh", gain=1e200), {},
+         r"sigma_w must be .*sigma_w=1e\+200 \(init\)"),
         (gc.MLP(5, 4, activation="tanh"), {"sigma_w": 1e300}, r"sigma_w must be .*\(given\)"),
         (gc.MLP.from_weights([np.full((4, 4), 1e200)] * 2, activation="relu"), {},
          r"sigma_w must be .*\(estimated\)"),

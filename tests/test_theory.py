@@ -688,8 +688,13 @@ SIGNATURES = {
     "gaussian_product_moments": {"depth": INTS, "n": INTS},
     "scalar_chain": {"w": REALS, "depth": INTS},
 }  # fmt: skip
-_WITHOUT_ACTIVATION = ("gaussian_lyapunov_spectrum", "gaussian_lyapunov_stderr",
-                       "fuss_catalan_moments", "gaussian_product_moments", "scalar_chain")  # fmt: skip
+_WITHOUT_ACTIVATION = (
+    "gaussian_lyapunov_spectrum",
+    "gaussian_lyapunov_stderr",
+    "fuss_catalan_moments",
+    "gaussian_product_moments",
+    "scalar_chain",
+)
 
 
 def _no_nan(value, what):
