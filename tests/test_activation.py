@@ -20,10 +20,13 @@ EXTREMES = {
 
 
 def _ours(gc, name, z, dtype):
-    """phi(z) and phi'(z) through a one-unit chain with weight 1, one argument per pass."""
-    net = gc.MLP.from_weights([np.ones((1, 1), dtype)], activation=name, dtype=dtype)
+    """phi(z) and phi'(z) through a two-unit chain with identity weights, one argument per
+    pass. The second unit sees 1: a layer whose every output has underflowed is an error
+    (NonFiniteError), not a value, so it keeps the layer's signal in the normal range while
+    the first unit shows the kernel at z."""
+    net = gc.MLP.from_weights([np.eye(2, dtype=dtype)], activation=name, dtype=dtype)
     rep = net.backward(
-        np.full((1, 1), z, dtype), grad_output=np.ones((1, 1), dtype), return_grads=True
+        np.array([[z, 1.0]], dtype), grad_output=np.ones((1, 2), dtype), return_grads=True
     )
     return float(rep.output[0, 0]), float(rep.activation_grads[0][0, 0])
 
