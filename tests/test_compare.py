@@ -390,6 +390,54 @@ def test_bad_input():
 # --------------------------------------------------------------------------------------
 # Presentation
 # --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, kwargs",
+    [
+        # every unit of a width-4 relu layer off somewhere: the gradients below are exactly 0
+        (lambda: gc.MLP(100, 4, activation="relu", init="he_normal", seed=0), {}),
+        (lambda: gc.MLP(5, 4, activation="tanh", init="normal", sigma_w=0.0), {}),
+        (lambda: gc.MLP(5, 4, activation="linear", init="normal", sigma_w=0.0), {}),
+        (lambda: gc.MLP.from_weights([np.zeros((4, 4))] * 3, activation="tanh"), {}),
+        (lambda: gc.MLP(5, 4, activation="tanh", seed=0), {"x": np.zeros((3, 4))}),
+        (lambda: gc.RNN("relu", 2, 4, bias=False, seed=0), {"x": np.zeros((20, 2, 2))}),
+    ],
+)
+def test_exactly_zero_gradients_give_no_warning_and_no_nan(make, kwargs):
+    """Where gradients or chi are exactly 0 the curves hold -inf: no RuntimeWarning (they
+    are errors here), no NaN in the curves, residuals or predicted growth, and the text
+    says "undefined" where a slope cannot be fitted."""
+    cmp = gc.compare_theory(make(), **kwargs)
+    for name in ("measured", "predicted", "residual", "predicted_log_growth"):
+        assert not np.isnan(getattr(cmp, name)).any(), (name, getattr(cmp, name))
+    text = str(cmp)
+    assert "nan" not in text.replace("undefined", ""), text
+    json.dumps(cmp.to_dict())
+
+
+def test_huge_parameters_give_named_errors(monkeypatch):
+    """Scales beyond what mean-field theory takes (or whose squares would overflow): a
+    ValueError naming the argument and where compare_theory took it from."""
+    cases = [
+        (gc.MLP(5, 4, activation="tanh", gain=1e200), {},
+         r"sigma_w must be .*sigma_w=1e\+200 \(init\)"),
+        (gc.MLP(5, 4, activation="tanh"), {"sigma_w": 1e300}, r"sigma_w must be .*\(given\)"),
+        (gc.MLP.from_weights([np.full((4, 4), 1e200)] * 2, activation="relu"), {},
+         r"sigma_w must be .*\(estimated\)"),
+        (gc.MLP(5, 4, activation="relu"), {"x": np.full((2, 4), 1e200)},
+         r"q0 must be .*mean square entry of x"),
+        (gc.RNN("tanh", 2, 4, recurrent_gain=1e200, seed=0), {"steps": 10},
+         r"sigma_w must be .*\(init\)"),
+    ]  # fmt: skip
+    for net, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            gc.compare_theory(net, spectrum=False, **kwargs)
+    monkeypatch.setattr("gradchain._validate.available_memory_bytes", lambda: 2**20)
+    with pytest.raises(MemoryError, match=r"random inputs and gradient needs \d+ bytes"):
+        gc.compare_theory(gc.MLP(2, 8, seed=0), batch=10**5)
+    with pytest.raises(MemoryError, match=r"random inputs and gradient needs \d+ bytes"):
+        gc.compare_theory(gc.RNN("tanh", 8, 4, seed=0), steps=10**5)
+
+
 def test_to_dict_json_round_trip():
     net = gc.MLP(depth=20, width=32, activation="tanh", init="normal", sigma_w=1.3, seed=0)
     cmp = gc.compare_theory(net, batch=4, k=4)

@@ -299,6 +299,111 @@ def test_exactly_singular_layer_gives_minus_inf(gc):
     json.dumps(s.to_dict())
 
 
+def _dead_unit_chain(gc, depth, dead_at):
+    """A relu chain of width 5 whose unit 2 is off (z < 0) at layer `dead_at` only (its
+    weight row is minus the positive input's direction) and on everywhere else."""
+    rng = np.random.default_rng(2)
+    W = [np.abs(rng.standard_normal((5, 5))) + 0.1 for _ in range(depth)]
+    W[dead_at - 1][2] = -1.0
+    return gc.MLP.from_weights(W, activation="relu"), np.abs(rng.standard_normal((1, 5))) + 0.1
+
+
+@pytest.mark.parametrize("start", ["identity", "random"])
+@pytest.mark.parametrize("dead_at,depth", [(1, 1), (1, 2), (2, 2), (2, 3)])
+def test_dead_unit_gives_minus_inf_at_every_depth(gc, dead_at, depth, start):
+    """A layer with a unit off has a zero row: from that layer on the product has rank 4,
+    and the fifth direction is -inf, at depth 1 as at depth 2 and after (rounding alone
+    would leave about log(eps) there). The other four are the QR of the formed product."""
+    net, x = _dead_unit_chain(gc, depth, dead_at)
+    for interval in (1, 2):
+        s = jacobian_spectrum(net, x, start=start, seed=3, interval=interval)
+        got = s.log_singular_values[0]
+        depths = np.asarray(s.depths)
+        assert np.isneginf(got[depths >= dead_at, 4]).all(), (interval, got)
+        assert np.isfinite(got[:, :4]).all() and np.isfinite(got[depths < dead_at]).all()
+    if start == "identity":
+        s = jacobian_spectrum(net, x)
+        M = np.eye(5)
+        for l, J in enumerate(numpy_jacobians(net, x, activation="relu")[0]):
+            M = J @ M
+            ref, _ = qr_log_diag(M, 5)
+            np.testing.assert_allclose(s.log_singular_values[0, l, :4], ref[:4], rtol=1e-12)
+
+
+@pytest.mark.parametrize("start", ["identity", "random"])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("k", [2, 3, 4, 6])
+def test_zero_weight_rows_bound_the_finite_directions(gc, k, depth, start):
+    """Linear layers with 3 of 6 weight rows zero (rank 3): directions 4.. are -inf for
+    every k, start and depth, and the first ones are finite."""
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((6, 6))
+    W[[1, 3, 5]] = 0.0
+    s = jacobian_spectrum(gc.MLP.from_weights([W] * depth, activation="linear"), np.ones(6),
+                          k=k, start=start, seed=2)
+    got = s.log_singular_values[0]
+    assert np.isfinite(got[:, : min(k, 3)]).all()
+    assert np.isneginf(got[:, 3:]).all()
+
+
+def test_rank_loss_without_zero_rows_is_rounding_level(gc):
+    """A weight of rank 2 with no zero row or column: exact arithmetic would give R_33 = 0,
+    floating point leaves about eps |W|, as the README says: finite, some 30 below."""
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((5, 2)) @ rng.standard_normal((2, 5))
+    s = jacobian_spectrum(gc.MLP.from_weights([W], activation="linear"), np.ones(5))
+    got = s.log_singular_values[0, 0]
+    assert np.isfinite(got).all()
+    assert (got[2:] < got[:2].min() - 30).all()
+
+
+def test_zero_column_gives_minus_inf_in_its_direction(gc):
+    """An input the layer ignores (zero weight column): with the identity start that
+    direction's vector is exactly zero, so its R_ii is -inf and the others are finite."""
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((5, 5))
+    W[:, 2] = 0.0
+    got = jacobian_spectrum(gc.MLP.from_weights([W], activation="linear"), np.ones(5))
+    got = got.log_singular_values[0, 0]
+    assert np.isneginf(got[2]) and np.isfinite(np.delete(got, 2)).all()
+
+
+@pytest.mark.parametrize("exact_max_dim", [0, 256])
+def test_saturated_gelu_tanh_jacobian_is_finite(gc, exact_max_dim):
+    """Pre-activations of 1e200 and beyond, where the cubic inside gelu_tanh overflows:
+    phi' is exactly 1 (or 0 below), so J_1 is W_1 on the units that are on; layer 2 is
+    back in the ordinary range."""
+    W1 = np.array([[1e200, 0.0, 0.0], [0.0, 1e300, 0.0], [0.0, 0.0, -1e250]])
+    W2 = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 0.25], [2.0, 0.0, 1.0]]) * 1e-300
+    net = gc.MLP.from_weights([W1, W2], activation="gelu_tanh")
+    r = jacobian_norms(net, np.ones((2, 3)), exact_max_dim=exact_max_dim)
+    J1 = W1 * np.array([1.0, 1.0, 0.0])[:, None]
+    z2 = W2 @ np.array([1e200, 1e300, 0.0])
+    J2 = W2 * O.act_derivative("gelu_tanh", z2)[:, None]
+    for l, (J, scale) in enumerate(((J1, 300), (J2, -300))):
+        Js = J * 10.0**-scale
+        np.testing.assert_allclose(r.log10_frobenius[:, l], np.log10(np.linalg.norm(Js)) + scale,
+                                   rtol=1e-14)
+        np.testing.assert_allclose(r.log10_spectral[:, l], np.log10(np.linalg.norm(Js, 2)) + scale,
+                                   rtol=1e-9)
+
+
+def test_norms_beyond_the_double_range(gc):
+    """||J||_F above the largest double (entries near it) comes out in log10, exactly; a
+    Jacobian entry that overflows (phi' times W) raises NonFiniteError naming the layer."""
+    net = gc.MLP.from_weights([np.diag([1.5e308, 1.5e308])], activation="linear")
+    for emd in (0, 256):
+        r = jacobian_norms(net, np.ones(2), exact_max_dim=emd)
+        np.testing.assert_allclose(r.log10_frobenius[0, 0], 308 + math.log10(1.5 * math.sqrt(2)),
+                                   rtol=1e-15)
+        np.testing.assert_allclose(r.log10_spectral[0, 0], 308 + math.log10(1.5), rtol=1e-12)
+    # elu's phi' is alpha e^z at z <= 0: 1e300 here, times a weight of 1e10
+    net = gc.MLP.from_weights([np.full((1, 1), 1e10)], activation="elu", alpha=1e300)
+    for emd in (0, 256):
+        with pytest.raises(NonFiniteError, match=r"Jacobian of layer 1 of 1 has entries beyond"):
+            jacobian_norms(net, np.full(1, -1e-20), exact_max_dim=emd)
+
+
 # --------------------------------------------------------------------------------------
 # QR spectrum: convergence and random matrices
 # --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import oracles as O
@@ -641,6 +642,65 @@ BAD = [
 def test_bad_inputs(gc, make, exc, match):
     with pytest.raises(exc, match=match):
         make(gc)
+
+
+FLOAT32_MAX = "3.4028235e+38"
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"gain": 1e40}, "gain"),
+        ({"gain": -3e38, "init": "he_normal"}, "gain"),  # weights up to 12 gain at fan_in 1
+        ({"gain": 3e38, "init": "xavier_uniform"}, "gain"),  # up to 1.22 gain
+        ({"init": "normal", "sigma_w": 1e30, "gain": 1e10}, "gain * sigma_w"),
+        ({"bias_std": 1e38}, "bias_std"),
+        ({"activation": "leaky_relu", "negative_slope": -1e39}, "negative_slope"),
+        ({"activation": "elu", "alpha": 1e39}, "alpha"),
+    ],
+)
+def test_float32_parameters_beyond_float32_are_refused(gc, kwargs, name):
+    """A parameter that makes a float32 weight, bias or activation constant overflow is
+    refused when the chain is built, naming it, its value and float32's largest value."""
+    with pytest.raises(ValueError) as info:
+        gc.MLP(width=[1, 3, 2], dtype="float32", **kwargs)
+    msg = str(info.value)
+    assert msg.startswith(f"{name} must be at most") and FLOAT32_MAX in msg, msg
+    if name.startswith("gain"):
+        value = kwargs["gain"] * kwargs.get("sigma_w", 1.0)
+    else:
+        value = kwargs[name]
+    assert f"got {value!r}" in msg, msg
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_largest_accepted_gain_draws_finite_weights(gc, init, dtype):
+    """Just below the refused gain every weight is finite, just above it is refused: the
+    bound is the scale at the smallest fan times the largest draw."""
+    widths = [1, 4, 2, 3]
+    with pytest.raises(ValueError, match=r"gain.* must be at most (\S+) in magnitude") as info:
+        gc.MLP(width=widths, init=init, gain=float(np.finfo(dtype).max), dtype=dtype)
+    bound = float(str(info.value).split("at most ")[1].split(" ")[0])
+    for seed in range(5):
+        net = gc.MLP(width=widths, init=init, gain=0.999 * bound, dtype=dtype, seed=seed)
+        assert all(np.isfinite(w).all() for w in net.weights)
+    with pytest.raises(ValueError, match="gain"):
+        gc.MLP(width=widths, init=init, gain=1.001 * bound, dtype=dtype)
+
+
+def test_float32_weights_beyond_float32_are_refused(gc):
+    """float64 arrays with values float32 cannot hold: a ValueError naming the array, the
+    index and float32's largest value (and no RuntimeWarning from the cast)."""
+    w = np.ones((2, 3))
+    w[1, 2] = -1e40
+    top = re.escape(FLOAT32_MAX)
+    match = rf"weights\[1\] has -1e\+40 at index \(1, 2\), beyond the largest float32 value {top}"
+    with pytest.raises(ValueError, match=match):
+        gc.MLP.from_weights([np.ones((3, 3)), w], dtype="float32")
+    net = gc.MLP.from_weights([np.ones((3, 3))], dtype="float32")
+    with pytest.raises(ValueError, match=rf"x has 1e\+39 at index \(0, 1\), beyond .* {top}"):
+        net.backward(np.array([[1.0, 1e39, 0.0]]))
 
 
 @pytest.mark.parametrize("what", ["activation", "init"])

@@ -784,6 +784,36 @@ def test_bad_cell_and_constructor_arguments(gc):
     _raises(TypeError, lambda: gc.RNN("tanh", 3, 4, seed=1.5), "seed")
 
 
+FLOAT32_MAX = "3.4028235e+38"
+
+
+def test_float32_parameters_beyond_float32_are_refused(gc):
+    """A parameter that makes a float32 parameter overflow is refused when the chain is
+    built, naming it, its value and float32's largest value."""
+    for cell, kwargs, name in [
+        ("tanh", {"recurrent_gain": 1e150}, "recurrent_gain"),
+        ("tanh", {"gain": 1e39, "init": "normal"}, "gain"),
+        ("gru", {"recurrent_gain": -1e39, "init": "orthogonal"}, "recurrent_gain"),
+        ("relu", {"spectral_radius": 1e39}, "spectral_radius"),
+        ("lstm", {"forget_bias": -1e39}, "forget_bias"),
+    ]:
+        msg = _raises(ValueError, lambda c=cell, kw=kwargs: gc.RNN(c, 3, 4, dtype="float32", **kw),
+                      f"{name} must be at most", FLOAT32_MAX, f"got {kwargs[name]!r}")  # fmt: skip
+        assert msg.startswith(name), msg
+    # Rescaled to spectral radius 3e38, this weight_hh has an entry of 4.5e38.
+    w = gc.RNN("tanh", 1, 2, spectral_radius=1.0, seed=0).state_dict()["weight_hh_l0"]
+    assert np.abs(w).max() > 1.5
+    _raises(ValueError, lambda: gc.RNN("tanh", 1, 2, spectral_radius=3e38, dtype="float32", seed=0),
+            "spectral_radius=3e+38", "weight_hh_l0", FLOAT32_MAX)  # fmt: skip
+    sd = gc.RNN("tanh", 2, 3, seed=0).state_dict()
+    sd["weight_hh_l0"][1, 1] = 1e39
+    _raises(ValueError, lambda: gc.RNN.from_state_dict(sd, "tanh", dtype="float32"),
+            "state_dict['weight_hh_l0'] has 1e+39 at index (1, 1)", FLOAT32_MAX)  # fmt: skip
+    net = gc.RNN("tanh", 2, 3, dtype="float32")
+    x = np.full((4, 1, 2), -1e39)
+    _raises(ValueError, lambda: net.backward(x), "x has -1e+39", FLOAT32_MAX)
+
+
 @pytest.mark.parametrize("k", [0, -1, True, 1.5])
 def test_bad_truncate(small, k):
     _raises(ValueError, lambda: small.backward(X, truncate=k), "truncate", repr(k))

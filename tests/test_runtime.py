@@ -159,6 +159,53 @@ def test_cli_theory_table_json_and_errors():
     assert bad.returncode == 2 and "sigma_w" in bad.stderr
 
 
+def test_cli_demo_with_every_relu_gradient_zero(capsys):
+    """A width-4 relu chain whose gradients all vanish exactly: no RuntimeWarning (errors
+    here) and no "10^+nan"; the ratio says both norms are 0."""
+    from gradchain.cli import main
+
+    assert main(["demo", "--depth", "100", "--width", "4", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert "relu / he_normal: |dL/dW_1| / |dL/dW_100| = undefined: both are exactly 0" in out
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "--rows", "0"], "argument --rows: rows must be a positive integer; got '0'"),
+        (["demo", "--batch", "-2"], "batch must be a positive integer; got '-2'"),
+        (["demo", "--depth", "x"], "depth must be a positive integer; got 'x'"),
+        (["demo", "--seed", "-1"], "seed must be a non-negative integer below 2**64"),
+        (["demo", "--nonesuch"], "unrecognized arguments: --nonesuch"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["run", "--activation", "swish"], "argument --activation: invalid choice: 'swish'"),
+        (["run", "--dtype", "float32", "--gain", "1e40"], "gain must be at most"),
+        (["run", "--max-norm", "-1"], "max_norm must be a non-negative number"),
+        (["run", "--depth", "2000", "--width", "1000000"], "bytes"),
+        (["run", "--depth", "3", "--width", "4", "--activation", "linear", "--gain", "1e300",
+          "--bias-std", "1"], "the forward pass"),
+        (["theory", "--depth", "3", "--width", "4", "--sigma-w", "1e300"],
+         "sigma_w must be between 0 and 1e+150"),
+        (["theory", "--depth", "3", "--width", "4", "--sigma-w", "nan"], "sigma_w must be finite"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_is_one_line_and_status_2(argv, words, capsys):
+    """Bad options and what the library refuses for them (ValueError, MemoryError,
+    NonFiniteError): "gradchain: error: ..." on one line of stderr, exit status 2, no
+    traceback."""
+    from gradchain.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse exits itself
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("gradchain: error: ") and err.count("\n") == 1, err
+    assert words in err, err
+
+
 def test_cpp_is_formatted():
     """Every C++ file as clang-format (the version the test extra pins) writes it."""
     exe = shutil.which("clang-format", path=os.path.dirname(sys.executable)) or shutil.which(

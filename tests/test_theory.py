@@ -17,6 +17,8 @@ import math
 import numpy as np
 import pytest
 from gradchain import theory
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 GAMMA = np.euler_gamma
 SMOOTH = ("sigmoid", "tanh", "gelu", "gelu_tanh", "silu", "softplus")
@@ -599,11 +601,11 @@ def test_activation_names_match_the_chains(gc):
     [
         (lambda: theory.mean_field("swish", 1.0), "activation must be one of 'linear'"),
         (lambda: theory.predicted_grad_norms(10, "Tanh", 1.0), "activation must be one of"),
-        (lambda: theory.mean_field("tanh", -1.0), "sigma_w must be >= 0"),
+        (lambda: theory.mean_field("tanh", -1.0), r"sigma_w must be between 0 and 1e\+150"),
         (lambda: theory.mean_field("tanh", math.inf), "sigma_w must be finite"),
         (lambda: theory.mean_field("tanh", math.nan), "sigma_w must be finite"),
-        (lambda: theory.mean_field("tanh", 1.0, -0.1), "sigma_b must be >= 0"),
-        (lambda: theory.mean_field("tanh", 1.0, q0=-1.0), "q0 must be >= 0"),
+        (lambda: theory.mean_field("tanh", 1.0, -0.1), r"sigma_b must be between 0 and 1e\+150"),
+        (lambda: theory.mean_field("tanh", 1.0, q0=-1.0), r"q0 must be between 0 and 1e\+300"),
         (lambda: theory.mean_field("elu", 1.0, alpha=0.0), "alpha must be > 0"),
         (lambda: theory.predicted_grad_norms(0, "tanh", 1.0), "depth must be a positive integer"),
         (lambda: theory.gaussian_lyapunov_spectrum(0), "n must be a positive integer"),
@@ -613,8 +615,30 @@ def test_activation_names_match_the_chains(gc):
         (lambda: theory.gaussian_product_moments(3, 0), "n must be a positive integer"),
         (lambda: theory.scalar_chain(math.inf, 3), "w must be finite"),
         (lambda: theory.correlation_map(1.5, "tanh", 1.0, 0.1), "c must lie in"),
-        (lambda: theory.order_chaos_boundary("tanh", [0.1, -0.2]), "sigma_b must be >= 0"),
-        (lambda: theory.critical_sigma_w("sigmoid", -1.0), "sigma_b must be >= 0"),
+        (lambda: theory.order_chaos_boundary("tanh", [0.1, -0.2]), "sigma_b must be between 0"),
+        (lambda: theory.critical_sigma_w("sigmoid", -1.0), "sigma_b must be between 0"),
+        # finite but huge: a ValueError naming the argument, not an OverflowError
+        (lambda: theory.mean_field("tanh", 1e300), r"sigma_w must be between 0 and 1e\+150"),
+        (lambda: theory.mean_field("relu", 1.0, 1e200), r"sigma_b must be between 0 and 1e\+150"),
+        (lambda: theory.mean_field("tanh", 1.0, q0=1e308), r"q0 must be between 0 and 1e\+300"),
+        (lambda: theory.length_map(1e308, "tanh", 1.0), r"q must be between 0 and 1e\+300"),
+        (lambda: theory.chi(1.0, "gelu", 1e300), "sigma_w must be between"),
+        (lambda: theory.correlation_map(0.5, "tanh", 1e300), "sigma_w must be between"),
+        (lambda: theory.critical_sigma_w("tanh", 1e300), "sigma_b must be between"),
+        (lambda: theory.critical_sigma_w("tanh", 0.1, q0=1e308), "q0 must be between"),
+        (lambda: theory.rnn_max_lyapunov_meanfield(1e300), "sigma_w must be between"),
+        (lambda: theory.order_chaos_boundary("tanh", [1e300]), "sigma_b must be between"),
+        (lambda: theory.predicted_grad_norms(10**30, "tanh", 1.0), "depth must be at most"),
+        (lambda: theory.predicted_grad_norms(10, "tanh", 1e100, q0=1e200),
+         r"sigma_w\*\*2 \* q0 \+ sigma_b\*\*2 = 1e\+400.*must be at most 1e300"),
+        (lambda: theory.mean_field("leaky_relu", 1.0, negative_slope=1e3),
+         "negative_slope must be between -100 and 100"),
+        (lambda: theory.mean_field("elu", 1.0, alpha=1e200), r"alpha must be between 0 and 1e"),
+        (lambda: theory.gaussian_lyapunov_stderr(4, 10**12), "depth must be at most 2147483647"),
+        (lambda: theory.order_chaos_boundary("tanh", np.zeros(1001)),
+         "sigma_b must have at most 1000 entries"),
+        (lambda: theory.correlation_map(0.5, "tanh", 0.0, 0.0, q=1.0),
+         "sigma_w=0.0, sigma_b=0.0.*undefined"),
     ],
 )
 def test_bad_arguments(call, match):
@@ -629,3 +653,182 @@ def test_bad_argument_types():
         theory.gaussian_lyapunov_spectrum(True)
     with pytest.raises(TypeError, match="sigma_w"):
         theory.mean_field("tanh", "1.0")
+
+
+# --- every public function over its whole argument space -------------------------------
+
+_MAG = st.floats(-300.0, 300.0).map(lambda e: 10.0**e)  # log-uniform over 1e-300..1e300
+REALS = st.one_of(
+    _MAG,
+    _MAG.map(lambda x: -x),
+    st.floats(-4.0, 4.0),
+    st.sampled_from([0.0, 1.0, 2.0, 1e150, 1e300, 1.7e308, 5e-324, -1.0, math.nan, math.inf,
+                     -math.inf]),
+)  # fmt: skip
+INTS = st.one_of(
+    st.integers(0, 12).flatmap(lambda e: st.integers(0, 10**e)),  # 0..1e12, log-spread
+    st.integers(-5, 0),
+)
+REAL_ARRAYS = st.lists(REALS, min_size=0, max_size=3)
+
+# The arguments of every public theory function, by kind.
+SIGNATURES = {
+    "length_map": {"q": REALS, "sigma_w": REALS, "sigma_b": REALS},
+    "chi": {"q": REALS, "sigma_w": REALS},
+    "mean_field": {"sigma_w": REALS, "sigma_b": REALS, "q0": REALS, "correlation": st.booleans()},
+    "correlation_map": {"c": REALS, "sigma_w": REALS, "sigma_b": REALS,
+                        "q": st.one_of(st.none(), REALS)},
+    "critical_sigma_w": {"sigma_b": REALS, "q0": REALS, "rtol": REALS},
+    "order_chaos_boundary": {"sigma_b": REAL_ARRAYS, "q0": REALS, "rtol": REALS},
+    "predicted_grad_norms": {"depth": INTS, "sigma_w": REALS, "sigma_b": REALS, "q0": REALS},
+    "rnn_max_lyapunov_meanfield": {"sigma_w": REALS, "sigma_b": REALS, "q0": REALS},
+    "gaussian_lyapunov_spectrum": {"n": INTS, "sigma": REALS},
+    "gaussian_lyapunov_stderr": {"n": INTS, "depth": INTS},
+    "fuss_catalan_moments": {"depth": INTS, "k_max": INTS},
+    "gaussian_product_moments": {"depth": INTS, "n": INTS},
+    "scalar_chain": {"w": REALS, "depth": INTS},
+}  # fmt: skip
+_WITHOUT_ACTIVATION = (
+    "gaussian_lyapunov_spectrum",
+    "gaussian_lyapunov_stderr",
+    "fuss_catalan_moments",
+    "gaussian_product_moments",
+    "scalar_chain",
+)
+
+
+def _no_nan(value, what):
+    arr = np.asarray(value, dtype=np.float64)
+    assert not np.isnan(arr).any(), f"{what} has NaN: {value!r}"
+
+
+def _check_result(name, out, kwargs):
+    """Finite results, or the infinities and NaNs the docstrings promise."""
+    if name in ("length_map", "chi"):
+        assert out >= 0.0, out  # +inf where it exceeds the float range
+    elif name == "correlation_map":
+        assert math.isfinite(out) and abs(out) <= 1.0 + 1e-9, out
+    elif name == "critical_sigma_w":
+        assert math.isfinite(out) and out > 0, out
+    elif name == "rnn_max_lyapunov_meanfield":
+        _no_nan(out, name)
+    elif name == "mean_field":
+        assert 0.0 <= out.q_star <= math.inf and 0.0 <= out.chi_1 <= math.inf, out
+        for f in ("depth_scale", "length_map_slope", "length_depth_scale", "lyapunov_exponent"):
+            _no_nan(getattr(out, f), f)
+        if kwargs["correlation"] and 0.0 < out.q_star < math.inf:
+            assert -1.0 <= out.c_star <= 1.0 and not math.isnan(out.chi_c), out
+        json.dumps(out.to_dict())
+    elif name == "order_chaos_boundary":
+        assert np.array_equal(np.isnan(out.sigma_w), np.isnan(out.q_star)), out
+        assert (out.sigma_w[~np.isnan(out.sigma_w)] > 0).all(), out
+    elif name == "predicted_grad_norms":
+        assert out.q.shape == (kwargs["depth"],) and (out.q >= 0).all()
+        _no_nan(out.log10_chi, "log10_chi")
+        _no_nan(out.log10_activation_grad_norms, "log10_activation_grad_norms")
+        assert out.log10_activation_grad_norms[-1] == 0.0
+    elif name in ("gaussian_lyapunov_spectrum", "gaussian_lyapunov_stderr"):
+        assert np.isfinite(out).all() and out.shape == (kwargs["n"],)
+    elif name in ("fuss_catalan_moments", "gaussian_product_moments"):
+        assert (out >= 1.0).all(), out  # inf beyond the float range
+    elif name == "scalar_chain":
+        for f in ("log10_abs_gain", "log10_abs_weight_grad", "log10_activation_grad_norms"):
+            _no_nan(getattr(out, f), f)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+# The memory patch below is the same for every example.
+@settings(max_examples=40, deadline=10_000, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_function_returns_documented_values_or_a_named_error(name, data, monkeypatch):
+    """Random finite floats over 1e-300..1e300 (either sign), zeros, NaN, inf and integers
+    from 0 to 1e12: the result is finite or one of the documented infinities and NaNs, or a
+    ValueError, TypeError or MemoryError names an argument. Never an OverflowError,
+    ZeroDivisionError, a RuntimeWarning (warnings are errors here) or a hang (deadline).
+    With 64 MiB of memory assumed available, sizes up to about a million are computed and
+    larger ones refused before any allocation."""
+    monkeypatch.setattr("gradchain._validate.available_memory_bytes", lambda: 64 * 2**20)
+    kwargs = data.draw(st.fixed_dictionaries(SIGNATURES[name]), label="kwargs")
+    if name not in _WITHOUT_ACTIVATION:
+        act = data.draw(st.sampled_from(theory.ACTIVATIONS), label="activation")
+        kwargs["activation"] = act
+        if act == "leaky_relu":
+            kwargs["negative_slope"] = data.draw(REALS, label="negative_slope")
+        if act == "elu":
+            kwargs["alpha"] = data.draw(REALS, label="alpha")
+    fn = getattr(theory, name)
+    try:
+        out = fn(**kwargs)
+    except (ValueError, TypeError, MemoryError) as exc:
+        msg = str(exc)
+        assert any(arg in msg for arg in kwargs), f"{type(exc).__name__} names no argument: {msg}"
+        return
+    except theory.ConvergenceError as exc:
+        # documented for the boundary: chi_1 jumps across 1 or stays below it
+        assert name == "critical_sigma_w", exc
+        return
+    _check_result(name, out, kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, what",
+    [
+        (lambda: theory.gaussian_lyapunov_spectrum(2**31 - 1), "n=2147483647 needs"),
+        (lambda: theory.gaussian_lyapunov_stderr(10**8, 3), "n=100000000 needs"),
+        (lambda: theory.predicted_grad_norms(10**9, "tanh", 1.0), "depth=1000000000 needs"),
+        (lambda: theory.predicted_grad_norms(10**8, "relu", 1.5), "depth=100000000 needs"),
+        (lambda: theory.scalar_chain(0.5, 2**31 - 1), "depth=2147483647 needs"),
+    ],
+)
+def test_sizes_are_checked_against_available_memory(call, what, monkeypatch):
+    """Before allocating: a MemoryError stating the bytes (here with 1 GiB available)."""
+    monkeypatch.setattr("gradchain._validate.available_memory_bytes", lambda: 2**30)
+    with pytest.raises(MemoryError, match=rf"{what} \d+ bytes .* more than the 1 GiB"):
+        call()
+
+
+def test_iterated_layers_are_capped(monkeypatch):
+    """Where chi(q_l) never settles (tanh at sigma_w = 1, sigma_b = 0: q_l ~ 1/(2l)) every
+    layer is a quadrature; beyond the cap (lowered here) a ValueError names depth and the
+    accepted range instead of minutes of work. Settling chains of any depth are not capped."""
+    monkeypatch.setattr(theory, "_MAX_ITERATED_LAYERS", 300)
+    assert theory.predicted_grad_norms(300, "tanh", 1.0).iterated_layers == 300
+    with pytest.raises(ValueError, match=r"depth must be at most 300 for tanh.*got 301"):
+        theory.predicted_grad_norms(301, "tanh", 1.0)
+    pred = theory.predicted_grad_norms(10**5, "tanh", 1.5, 0.3)
+    assert pred.iterated_layers < 300
+
+
+def test_fuss_catalan_moments_of_huge_depth_are_prompt():
+    """FC_L(k) for L near 2**31: from lgamma where the exact integer would have millions of
+    digits (the float is inf there), exact where it is finite."""
+    L = 2**31 - 1
+    fc = theory.fuss_catalan_moments(L, 10_000)
+    assert fc[0] == 1.0 and fc[1] == float(L + 1)
+    assert fc[2] == float(math.comb(3 * (L + 1), 3) // (3 * L + 1))
+    finite = np.isfinite(fc)
+    assert finite[:10].all() and not finite[-1] and (np.diff(finite.astype(int)) <= 0).all()
+    assert fc[finite].max() < 1.8e308
+
+
+def test_length_map_slope_is_accurate_at_small_and_large_q():
+    """d E[phi(sqrt(q) z)**2] / dq: its small-q limit phi'(0)**2 + phi(0) phi''(0) for
+    sigmoid (1/16) and softplus, where E[phi phi' x] / q cancels to noise, and its large-q
+    decay (positive, about q**-1.5) for sigmoid at q = 5e35."""
+    for name, limit in (("sigmoid", 1 / 16), ("softplus", 0.25 + math.log(2) / 4)):
+        for q in (1e-40, 1e-12):
+            slope = theory._Act(name).map_moments(q)[2]
+            assert slope == pytest.approx(limit, rel=1e-9), (name, q, slope)
+    mf = theory.mean_field("sigmoid", 1e-21)  # q* = 2.5e-43 (a math domain error before)
+    assert mf.length_map_slope == pytest.approx(1e-42 / 16, rel=1e-9)
+    big = theory.mean_field("sigmoid", 1e18, 1.0)  # did not converge before
+    assert big.q_star == pytest.approx(5e35, rel=1e-9) and 0 < big.length_map_slope < 1e-15
+
+
+def test_correlation_map_with_a_huge_variance_ratio():
+    """sigma_b**2 / sigma_w**2 = 1e310: the next variance is the bias's, c_next = 1."""
+    assert theory.correlation_map(0.0, "linear", 1e-130, 1e25) == 1.0
+    assert theory.correlation_map(0.3, "tanh", 1e150, 0.0, q=1e300) == pytest.approx(
+        theory.correlation_map(0.3, "tanh", 1.0, 0.0, q=1e300), rel=1e-12
+    )

@@ -32,6 +32,24 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 constexpr double kGeluBeta = 0.79788456080286535588;  // sqrt(2/pi)
 constexpr double kGeluKappa = 0.044715;
 
+// e = exp(-|z|), which never overflows: sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e)
+// below keeps the tiny (down to subnormal) values of large negative z, where 1 / (1 + exp(-z))
+// would be 1 / inf = 0.
+template <class T>
+void exp_neg_abs(const T* z, T* e, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) e[i] = -std::fabs(z[i]);
+  vm::exp(e, e, n);
+}
+
+// The normal CDF as erfc(-z / sqrt 2) / 2: (1 + erf(z / sqrt 2)) / 2 cancels to 0 below
+// z = -8 (and loses digits from z = -1 on), where the CDF is still far above the underflow.
+template <class T>
+void gelu_cdf(const T* z, T* cdf, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) cdf[i] = -z[i] * static_cast<T>(kSqrt1_2);
+  vm::erfc(cdf, cdf, n);
+  for (std::size_t i = 0; i < n; ++i) cdf[i] *= T(0.5);
+}
+
 template <class T>
 void forward_block(const Activation& a, const T* z, T* h, std::size_t n) {
   T tmp[kBlock];
@@ -43,9 +61,8 @@ void forward_block(const Activation& a, const T* z, T* h, std::size_t n) {
       vm::tanh(z, h, n);
       break;
     case Act::sigmoid:
-      for (std::size_t i = 0; i < n; ++i) tmp[i] = -z[i];
-      vm::exp(tmp, tmp, n);
-      for (std::size_t i = 0; i < n; ++i) h[i] = T(1) / (T(1) + tmp[i]);
+      exp_neg_abs(z, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = (z[i] < T(0) ? tmp[i] : T(1)) / (T(1) + tmp[i]);
       break;
     case Act::relu:
       // NaN must propagate as in torch.relu.
@@ -63,9 +80,8 @@ void forward_block(const Activation& a, const T* z, T* h, std::size_t n) {
       break;
     }
     case Act::gelu:
-      for (std::size_t i = 0; i < n; ++i) tmp[i] = z[i] * static_cast<T>(kSqrt1_2);
-      vm::erf(tmp, tmp, n);
-      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] * T(0.5) * (T(1) + tmp[i]);
+      gelu_cdf(z, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] * tmp[i];
       break;
     case Act::gelu_tanh:
       for (std::size_t i = 0; i < n; ++i) {
@@ -76,9 +92,9 @@ void forward_block(const Activation& a, const T* z, T* h, std::size_t n) {
       for (std::size_t i = 0; i < n; ++i) h[i] = T(0.5) * z[i] * (T(1) + tmp[i]);
       break;
     case Act::silu:
-      for (std::size_t i = 0; i < n; ++i) tmp[i] = -z[i];
-      vm::exp(tmp, tmp, n);
-      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] / (T(1) + tmp[i]);
+      exp_neg_abs(z, tmp, n);
+      for (std::size_t i = 0; i < n; ++i)
+        h[i] = z[i] * ((z[i] < T(0) ? tmp[i] : T(1)) / (T(1) + tmp[i]));
       break;
     case Act::softplus:
       vm::exp(z, tmp, n);
@@ -123,16 +139,11 @@ void backward_block(const Activation& a, const T* z, const T* h, const T* g, T* 
     }
     case Act::gelu: {
       T pdf[kBlock];
-      for (std::size_t i = 0; i < n; ++i) {
-        tmp[i] = z[i] * static_cast<T>(kSqrt1_2);
-        pdf[i] = T(-0.5) * z[i] * z[i];
-      }
-      vm::erf(tmp, tmp, n);
+      for (std::size_t i = 0; i < n; ++i) pdf[i] = T(-0.5) * z[i] * z[i];
+      gelu_cdf(z, tmp, n);
       vm::exp(pdf, pdf, n);
-      for (std::size_t i = 0; i < n; ++i) {
-        const T cdf = T(0.5) * (T(1) + tmp[i]);
-        out[i] = g[i] * (cdf + z[i] * pdf[i] * static_cast<T>(kInvSqrt2Pi));
-      }
+      for (std::size_t i = 0; i < n; ++i)
+        out[i] = g[i] * (tmp[i] + z[i] * pdf[i] * static_cast<T>(kInvSqrt2Pi));
       break;
     }
     case Act::gelu_tanh: {
@@ -144,18 +155,19 @@ void backward_block(const Activation& a, const T* z, const T* h, const T* g, T* 
       vm::tanh(tmp, tmp, n);
       for (std::size_t i = 0; i < n; ++i) {
         const T x = z[i], t = tmp[i];
-        const T left = T(0.5) * x, right = T(1) + t;
-        const T dleft = T(0.5) * right;
-        const T dright = left * (T(1) - t * t) * beta * (T(1) + T(3) * kappa * x * x);
-        out[i] = g[i] * (dleft + dright);
+        const T sech2 = T(1) - t * t;
+        // Once tanh has rounded to +-1 the second term is exactly 0, while x * x may be
+        // inf (|x| > 1e154, or 1e19 in float32): 0 * inf must not make it NaN.
+        const T dright =
+            sech2 == T(0) ? T(0) : T(0.5) * x * sech2 * beta * (T(1) + T(3) * kappa * x * x);
+        out[i] = g[i] * (T(0.5) * (T(1) + t) + dright);
       }
       break;
     }
     case Act::silu:
-      for (std::size_t i = 0; i < n; ++i) tmp[i] = -z[i];
-      vm::exp(tmp, tmp, n);
+      exp_neg_abs(z, tmp, n);
       for (std::size_t i = 0; i < n; ++i) {
-        const T s = T(1) / (T(1) + tmp[i]);
+        const T s = (z[i] < T(0) ? tmp[i] : T(1)) / (T(1) + tmp[i]);
         out[i] = g[i] * s * (T(1) + z[i] * (T(1) - s));
       }
       break;

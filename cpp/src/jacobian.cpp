@@ -36,6 +36,7 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr double kLn2 = 0.69314718055994530942;
+constexpr double kLog10Of2 = 0.30102999566398119521;
 constexpr std::uint64_t kPowerSeed = 0x6a61636f62690000ull;  // start vectors of power iteration
 constexpr double kPipelineFlops = 1 << 20;  // per layer, for two threads on one example
 
@@ -759,19 +760,29 @@ void MLPJacobians::dense(int l, double* J) const {
 }
 
 double MLPJacobians::log10_frobenius(int l) const {
-  // ||diag(d) W||_F^2 = sum_i d_i^2 ||W[i, :]||^2, from the row norms: O(width).
+  // ||diag(d) W||_F^2 = sum_i d_i^2 ||W[i, :]||^2, from the row norms: O(width). Each
+  // d_i ||W[i, :]|| is held as mantissa * 2^exponent, as it may lie beyond the double range.
   const int n = dim(l);
   const double* d = derivative(l);
   const double* r = layers_.row_norms(l);
-  double mx = 0.0;
-  for (int i = 0; i < n; ++i) mx = std::max(mx, std::fabs(d[i]) * r[i]);
-  if (mx == 0.0) return kNegInf;
+  int emax = std::numeric_limits<int>::min();
+  for (int i = 0; i < n; ++i) {
+    if (d[i] == 0.0 || r[i] == 0.0) continue;
+    int ed = 0, er = 0;
+    std::frexp(d[i], &ed);
+    std::frexp(r[i], &er);
+    emax = std::max(emax, ed + er);
+  }
+  if (emax == std::numeric_limits<int>::min()) return kNegInf;
   double ss = 0.0;
   for (int i = 0; i < n; ++i) {
-    const double t = std::fabs(d[i]) * r[i] / mx;
+    if (d[i] == 0.0 || r[i] == 0.0) continue;
+    int ed = 0, er = 0;
+    const double md = std::frexp(d[i], &ed), mr = std::frexp(r[i], &er);
+    const double t = std::ldexp(md * mr, ed + er - emax);
     ss += t * t;
   }
-  return std::log10(mx) + 0.5 * std::log10(ss);
+  return 0.5 * std::log10(ss) + double(emax) * kLog10Of2;
 }
 
 const double* MLPJacobians::row_form(int l, const double** d, std::vector<double>&) const {
@@ -793,6 +804,27 @@ void NormsOptions::validate() const {
 
 namespace {
 
+[[noreturn]] void throw_nonfinite_jacobian(int l, int L) {
+  throw NonFiniteError("jacobian", l,
+                       "the Jacobian of " + layer_msg(l, L) +
+                           " has entries beyond the float range (phi'(z) times the weights "
+                           "overflows); lower the weights or the activation's parameters");
+}
+
+// J *= 2^-e with 2^e <= max|J| < 2^(e+1), exactly; returns e (0 for J = 0). Throws
+// NonFiniteError when an entry is not finite.
+int rescale_dense(std::vector<double>& J, int l, int L) {
+  double mx = 0.0;
+  for (const double a : J) {
+    if (!std::isfinite(a)) throw_nonfinite_jacobian(l, L);
+    mx = std::max(mx, std::fabs(a));
+  }
+  if (mx == 0.0) return 0;
+  const int e = std::ilogb(mx);
+  for (double& a : J) a = std::ldexp(a, -e);
+  return e;
+}
+
 // Largest singular value by power iteration on J^T J from a seeded random start. The
 // estimate ||J^T u|| / ||u||, u = J v, is a lower bound that rises to sigma_max; iteration
 // stops when it moves by less than tol relative.
@@ -808,6 +840,7 @@ void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt,
   for (int it = 1; it <= opt.max_iter; ++it) {
     chain.apply(l, v.data(), 1, u.data());
     const double nu = safe_norm(u.data(), sz(n));
+    if (!std::isfinite(nu)) throw_nonfinite_jacobian(l, chain.length());
     out.iterations = it;
     if (nu == 0.0) {  // v in the null space: J = 0 unless the start was unlucky
       est = 0.0;
@@ -817,6 +850,7 @@ void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt,
     for (double& a : u) a /= nu;
     chain.apply_transpose(l, u.data(), 1, v.data());
     const double next = safe_norm(v.data(), sz(m));
+    if (!std::isfinite(next)) throw_nonfinite_jacobian(l, chain.length());
     for (double& a : v) a /= next;
     const bool done = std::fabs(next - est) <= opt.tol * next;
     est = next;
@@ -866,30 +900,41 @@ void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNo
     r = LayerNorms{};
     const int n = chain.dim(l), m = chain.dim(l - 1);
     const bool exact = opt.spectral && std::max(n, m) <= opt.exact_max_dim;
-    // A chain whose own norms and products go through dense() has it formed once here.
+    // A chain whose own norms and products go through dense() has it formed once here,
+    // scaled by a power of two (exactly) so that neither its norms nor the SVD's
+    // intermediate values leave the double range; log10 2^e is added back to every norm.
+    double shift = 0.0;
     if (native || exact) {
       w.J.resize(sz(n) * sz(m));
       chain.dense(l, w.J.data());
+      shift = double(rescale_dense(w.J, l, L)) * kLog10Of2;
     }
     if (native) {
       const double nrm = safe_norm(w.J.data(), w.J.size());
-      r.log10_frobenius = nrm > 0.0 ? std::log10(nrm) : kNegInf;
+      r.log10_frobenius = nrm > 0.0 ? std::log10(nrm) + shift : kNegInf;
     } else {
       r.log10_frobenius = chain.log10_frobenius(l);
     }
     r.log10_spectral = std::numeric_limits<double>::quiet_NaN();
+    bool done = !opt.spectral;
     if (exact) {
       w.s.resize(sz(std::min(n, m)));
-      const int info = blas::singular_values(n, m, w.J.data(), m, w.s.data());
-      if (info != 0)
-        throw std::runtime_error("LAPACK gesdd failed (info " + std::to_string(info) + ") at " +
-                                 layer_msg(l, L));
-      r.log10_spectral = w.s[0] > 0.0 ? std::log10(w.s[0]) : kNegInf;
-    } else if (opt.spectral) {
-      if (native)
+      if (blas::singular_values(n, m, w.J.data(), m, w.s.data()) == 0) {
+        r.log10_spectral = w.s[0] > 0.0 ? std::log10(w.s[0]) + shift : kNegInf;
+        done = true;
+      } else {
+        // The SVD did not converge (it overwrote J): power iteration decides instead.
+        chain.dense(l, w.J.data());
+        rescale_dense(w.J, l, L);
+      }
+    }
+    if (!done) {
+      if (native || exact) {
         power_iteration(DenseStep(w.J.data(), l, n, m), l, opt, r);
-      else
+        if (std::isfinite(r.log10_spectral)) r.log10_spectral += shift;
+      } else {
         power_iteration(chain, l, opt, r);
+      }
     }
     if (cancel && polls) cancel->poll();
   });
@@ -969,6 +1014,11 @@ class QRRun {
       }
       if (l % opt_.interval == 0 || l == L_) {
         factor(l, a_, nullptr, 0);
+        explicit_frame = false;
+      } else if (nonzero_rows(a_, dims_[sz(l)]) < k_) {
+        // Rank lost to zero rows shows as exact zeros on R's diagonal only in a QR of this
+        // layer's vectors; the values do not depend on where QRs happen.
+        factor(l, a_, nullptr, 0, false);
         explicit_frame = false;
       } else {
         renormalise(l);
@@ -1192,9 +1242,26 @@ class QRRun {
     }
   }
 
-  // QR of the k vectors in a; the log|R_ii| go to the running sums and S's next row.
-  void factor(int l, double* a, std::atomic<long long>* published, long long base) {
+  // How many of the first n entries are nonzero in at least one of the k vectors in a,
+  // counted up to k: with r < k such rows, R_ii = 0 exactly for i >= r (the QR of the
+  // vectors is that of their r nonzero rows, which has r rows).
+  int nonzero_rows(const double* a, int n) const {
+    int r = 0;
+    for (int i = 0; i < n && r < k_; ++i)
+      for (int c = 0; c < k_; ++c)
+        if (a[sz(c) * ld_ + sz(i)] != 0.0) {
+          ++r;
+          break;
+        }
+    return r;
+  }
+
+  // QR of the k vectors in a; the log|R_ii| go to the running sums and, with `record`, to
+  // S's next row.
+  void factor(int l, double* a, std::atomic<long long>* published, long long base,
+              bool record = true) {
     const int n = dims_[sz(l)];
+    const int rank = nonzero_rows(a, n);
     householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published, base);
     for (int c = 0; c < k_; ++c) {
       const double g = logabs_[sz(c)];
@@ -1202,11 +1269,14 @@ class QRRun {
         throw NonFiniteError("jacobian", l,
                              "the product of Jacobians became non-finite at " + layer_msg(l, L_) +
                                  (opt_.interval > 1 ? "; lower interval" : ""));
-      acc_[sz(c)] += g + double(colexp_[sz(c)]) * kLn2;
+      // Rounding leaves about eps |R| where the exact R_ii is 0.
+      acc_[sz(c)] += c < rank ? g + double(colexp_[sz(c)]) * kLn2 : kNegInf;
       colexp_[sz(c)] = 0;
     }
-    std::copy(acc_.begin(), acc_.end(), S_ + row_ * sz(k_));
-    ++row_;
+    if (record) {
+      std::copy(acc_.begin(), acc_.end(), S_ + row_ * sz(k_));
+      ++row_;
+    }
     frame_ = Frame{v_, ld_, tau_.data(), t_.data(), n, k_};
   }
 

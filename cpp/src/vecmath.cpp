@@ -20,6 +20,7 @@ extern "C" {
 GC_DECL(tanh)
 GC_DECL(exp)
 GC_DECL(erf)
+GC_DECL(erfc)
 GC_DECL(expm1)
 GC_DECL(log1p)
 GC_DECL(log)
@@ -79,6 +80,7 @@ bool have_avx2() {
 
 GC_DEFINE(exp)
 GC_DEFINE(erf)
+GC_DEFINE(erfc)
 GC_DEFINE(expm1)
 GC_DEFINE(log1p)
 GC_DEFINE(log)
@@ -124,6 +126,7 @@ bool vectorized() {
 GC_DEFINE(tanh)
 GC_DEFINE(exp)
 GC_DEFINE(erf)
+GC_DEFINE(erfc)
 GC_DEFINE(expm1)
 GC_DEFINE(log1p)
 GC_DEFINE(log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,12 +111,40 @@ def float_array(name: str, value: Any, dt: np.dtype, shape: tuple[int | None, ..
         raise ValueError(f"{name} must have shape {want}; got {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty; got shape {arr.shape}")
-    out = np.ascontiguousarray(arr, dtype=dt)
+    with np.errstate(over="ignore"):  # a finite value beyond float32 is reported below
+        out = np.ascontiguousarray(arr, dtype=dt)
     if not np.isfinite(out).all():
-        bad = np.argwhere(~np.isfinite(out))[0]
-        where = "inf" if np.isinf(out[tuple(bad)]) else "NaN"
-        raise ValueError(f"{name} contains {where} at index {tuple(int(i) for i in bad)}; inputs must be finite")
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+        given = arr[bad].item()
+        if math.isfinite(given):
+            top = float(np.finfo(dt).max)
+            raise ValueError(
+                f"{name} has {given!r} at index {bad}, beyond the largest {dt.name} value {top:.8g}"
+            )
+        where = "inf" if np.isinf(out[bad]) else "NaN"
+        raise ValueError(f"{name} contains {where} at index {bad}; inputs must be finite")
     return out
+
+
+# The initializers' normal draws (Box-Muller from 53-bit uniforms, cpp/src/init.cpp) lie
+# within sqrt(2 ln 2**53) of 0: the most a scale is multiplied by.
+NORMAL_DRAW_MAX = math.sqrt(106.0 * math.log(2.0))
+
+
+def representable(
+    name: str, value: float, dt: np.dtype, reach: float = 1.0, becomes: str = ""
+) -> float:
+    """Refuses a parameter whose value, times `reach` (the largest factor by which it
+    enters a stored number of dtype `dt`: a weight, a bias, a slope), exceeds the largest
+    finite number of `dt`. `becomes` names what it reaches (e.g. "the weights")."""
+    top = float(np.finfo(dt).max)
+    if abs(value) * reach <= top:
+        return value
+    how = f", as {becomes} reach {reach:.6g} times it" if reach != 1.0 else ""
+    raise ValueError(
+        f"{name} must be at most {top / reach:.6g} in magnitude for dtype {dt.name} "
+        f"(whose largest value is {top:.8g}{how}); got {value!r}"
+    )
 
 
 ACCEPTED_NORM_TYPES = "a number p > 0 (e.g. 2.0, 1.0, 0.5) or inf (float('inf') or 'inf')"
@@ -130,3 +159,54 @@ def norm_type(value: Any) -> float:
         if p > 0:
             return p
     raise ValueError(f"norm_type must be {ACCEPTED_NORM_TYPES}, got {value!r}")
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory_bytes() -> int:
+    """Bytes this process can still allocate without swapping: the kernel's MemAvailable,
+    lowered to what a cgroup limit leaves; the physical memory when neither is known."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        lim, use = _read_int(limit), _read_int(usage)
+        if lim is not None and use is not None:  # "max" (no limit) reads as None
+            left = max(lim - use, 0)
+            avail = left if avail is None else min(avail, left)
+            break
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+    return int(avail)
+
+
+def check_memory(nbytes: float, what: str) -> None:
+    """MemoryError, stating the bytes, when `what` needs more than is available."""
+    avail = available_memory_bytes()
+    if avail and nbytes > avail:
+        raise MemoryError(
+            f"{what} needs {nbytes:.0f} bytes ({nbytes / 2**30:.3g} GiB), more than the "
+            f"{avail / 2**30:.3g} GiB of memory available"
+        )

@@ -29,7 +29,9 @@ per layer (:func:`gradchain.theory.gaussian_lyapunov_spectrum`), not by
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -195,15 +197,18 @@ class TheoryComparison:
     # -- derived ------------------------------------------------------------------------
     @property
     def residual(self) -> np.ndarray:
-        """``measured - predicted``, shape (depth + 1,)."""
+        """``measured - predicted``, shape (depth + 1,); 0 where both are ``-inf`` (both
+        say the gradient is exactly zero)."""
         with np.errstate(invalid="ignore"):
-            return self.measured - self.predicted
+            res = self.measured - self.predicted
+        res[self.measured == self.predicted] = 0.0
+        return res
 
     @property
     def effective_sigma_b(self) -> float:
         """``sqrt(sigma_b**2 + input_variance)``: the bias std the theory was given (equal
         to :attr:`sigma_b` for an MLP)."""
-        return math.sqrt(self.sigma_b**2 + self.input_variance)
+        return math.hypot(self.sigma_b, math.sqrt(self.input_variance))
 
     @property
     def has_spectrum(self) -> bool:
@@ -252,12 +257,12 @@ class TheoryComparison:
         res = self.residual
         for i in sorted(set(range(0, n + 1, step)) | {n}):
             row = (
-                f"{i:>7}  {self.measured[i]:>12.5f}  {self.predicted[i]:>12.5f}  "
-                f"{res[i]:>11.5f}"
+                f"{i:>7}  {_num(self.measured[i], '>12.5f')}  {_num(self.predicted[i], '>12.5f')}"
+                f"  {_num(res[i], '>11.5f')}"
             )
             if self.has_spectrum:
                 g = growth.get(i)
-                row += f"  {g[0]:>13.5g}  {g[1]:>13.5g}" if g else f"  {'':>13}  {'':>13}"
+                row += f"  {_num(g[0], '>13.5g')}  {_num(g[1], '>13.5g')}" if g else " " * 30
             rows.append(row.rstrip())
         return "\n".join(rows)
 
@@ -276,8 +281,9 @@ class TheoryComparison:
             ),
             (
                 f"  log10 |dL/dh| per {unit} back ({self._labels()[0]} {self.fit_start}.."
-                f"{self.depth}): measured {self.measured_slope:.5f} +- "
-                f"{self.measured_slope_stderr:.5f}, predicted {self.predicted_slope:.5f}"
+                f"{self.depth}): measured {_num(self.measured_slope, '.5f')} +- "
+                f"{_num(self.measured_slope_stderr, '.5f')}, predicted "
+                f"{_num(self.predicted_slope, '.5f')}"
             ),
         ]
         if self.has_spectrum:
@@ -286,7 +292,8 @@ class TheoryComparison:
             lines.append(
                 f"  Lyapunov exponents (ln per {unit}, {self.exponent_theory}): "
                 + ", ".join(
-                    f"{i + 1}: {m:.5g} vs {p:.5g}" + (f" +- {s:.2g}" if math.isfinite(s) else "")
+                    f"{i + 1}: {_num(m, '.5g')} vs {_num(p, '.5g')}"
+                    + (f" +- {s:.2g}" if math.isfinite(s) else "")
                     for i, (m, p, s) in enumerate(
                         zip(
                             self.measured_exponents[:4],
@@ -366,6 +373,14 @@ def _slope(y: np.ndarray, start: int) -> tuple[float, float]:
     return slope, float(math.sqrt(float(np.var(d, ddof=1)) * float(cum @ cum)))
 
 
+def _num(x: float, spec: str) -> str:
+    """`x` formatted by `spec`; "undefined" (right-aligned alike) where it is NaN."""
+    if math.isnan(x):
+        width = spec.lstrip("<>^").split(".")[0]
+        return f"{'undefined':>{width}}" if width.isdigit() else "undefined"
+    return format(x, spec)
+
+
 def _sigma(name: str, value: Any) -> float:
     return v.finite_float(name, value, minimum=0.0)
 
@@ -374,9 +389,13 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def _mean_sq(arrays: list[np.ndarray]) -> float:
-    """Mean over arrays of each one's mean square (in float64)."""
-    return float(np.mean([np.mean(np.square(a, dtype=np.float64)) for a in arrays]))
+def _rms(a: Any) -> float:
+    """sqrt(mean(a**2)) in float64, without overflow or underflow of the squares."""
+    a = np.asarray(a, dtype=np.float64)
+    m = float(np.max(np.abs(a), initial=0.0))
+    if m == 0.0 or not math.isfinite(m):
+        return m
+    return m * math.sqrt(float(np.mean(np.square(a / m))))
 
 
 # --------------------------------------------------------------------------- MLP
@@ -389,22 +408,22 @@ def _mlp_init_sigma_w(net: MLP) -> float | None:
     init = cfg.get("init")
     if init is None:
         return None
-    g2 = float(cfg["gain"]) ** 2
+    g = abs(float(cfg["gain"]))  # not squared: a huge gain must not overflow here
     per_layer = []
     for fi, fo in zip(net.widths[:-1], net.widths[1:]):
         if init in ("xavier_normal", "xavier_uniform"):
-            s2 = g2 * 2.0 * fi / (fi + fo)  # Var = gain**2 * 2 / (fan_in + fan_out)
+            s = g * math.sqrt(2.0 * fi / (fi + fo))  # Var = gain**2 * 2 / (fan_in + fan_out)
         elif init in ("he_normal", "he_uniform"):
-            s2 = 2.0 * g2
+            s = g * math.sqrt(2.0)
         elif init == "lecun_normal":
-            s2 = g2
+            s = g
         elif init == "orthogonal":
-            s2 = g2 * min(fi, fo) / fo  # gain * orthonormal rows or columns
+            s = g * math.sqrt(min(fi, fo) / fo)  # gain * orthonormal rows or columns
         elif init == "normal":
-            s2 = g2 * float(cfg["sigma_w"]) ** 2
+            s = g * float(cfg["sigma_w"])
         else:  # pragma: no cover - an initializer this module does not know
             return None
-        per_layer.append(math.sqrt(s2))
+        per_layer.append(s)
     lo, hi = min(per_layer), max(per_layer)
     if hi - lo > _SAME * hi:
         where = ", ".join(
@@ -427,19 +446,23 @@ def _mlp_sigmas(net: MLP, sigma_w: Any, sigma_b: Any) -> tuple[float, float, str
         if init_sw is not None:
             sw, src_w = init_sw, "init"
         else:
-            sw2 = np.mean([w.shape[1] * np.mean(np.square(w, dtype=np.float64)) for w in net.weights])
-            sw, src_w = math.sqrt(float(sw2)), "estimated"
+            # sqrt of the layers' mean of fan_in * mean(W**2)
+            sw = _rms([math.sqrt(w.shape[1]) * _rms(w) for w in net.weights])
+            src_w = "estimated"
     if sigma_b is not None:
         sb, src_b = _sigma("sigma_b", sigma_b), "given"
     elif cfg.get("init") is not None:
         sb, src_b = float(cfg["bias_std"]), "init"
     else:
-        sb, src_b = math.sqrt(_mean_sq(net.biases)), "estimated"
+        sb, src_b = _rms([_rms(b) for b in net.biases]), "estimated"
     return sw, sb, src_w, src_b
 
 
 def _spectrum_fields(
-    spec: Any, predicted: np.ndarray, exact: tuple[np.ndarray, np.ndarray, str] | None = None
+    spec: Any,
+    pred: Any,
+    predicted: np.ndarray,
+    exact: tuple[np.ndarray, np.ndarray, str] | None = None,
 ) -> dict[str, Any]:
     """The spectrum fields of a TheoryComparison from a JacobianSpectrum: measured growth
     of the top direction and exponents (batch mean and spread) beside the prediction, which
@@ -452,8 +475,14 @@ def _spectrum_fields(
         growth = S[:, :, 0].mean(axis=0)
         exps = S[:, -1, :] / depth
         m_exp, s_exp = exps.mean(axis=0), exps.std(axis=0)
-    # 0.5 sum_{k <= l} ln chi(q_k): the other end of the predicted gradient-norm curve.
-    pred_growth = _LN10 * (predicted[0] - predicted[depths])
+    # 0.5 sum_{k <= l} ln chi(q_k): the other end of the predicted gradient-norm curve;
+    # where both ends are infinite (a chi of 0 or inf) the sum itself.
+    with np.errstate(invalid="ignore"):
+        pred_growth = _LN10 * (predicted[0] - predicted[depths])
+    undefined = np.isnan(pred_growth)
+    if undefined.any():
+        cum = 0.5 * _LN10 * np.cumsum(np.asarray(pred.log10_chi, dtype=np.float64))
+        pred_growth[undefined] = cum[depths[undefined] - 1]
     if exact is None:
         p_exp = np.full(k, math.nan)
         p_exp[0] = pred_growth[-1] / depth
@@ -471,7 +500,9 @@ def _spectrum_fields(
     }
 
 
-def _mlp_spectrum(net: MLP, x: np.ndarray, k: int, sw: float, predicted: np.ndarray) -> dict[str, Any]:
+def _mlp_spectrum(
+    net: MLP, x: np.ndarray, k: int, sw: float, pred: Any, predicted: np.ndarray
+) -> dict[str, Any]:
     widths = net.widths
     square = len(set(widths)) == 1
     init = net._config.get("init")
@@ -486,7 +517,7 @@ def _mlp_spectrum(net: MLP, x: np.ndarray, k: int, sw: float, predicted: np.ndar
             )
         elif init == "orthogonal":
             exact = (np.full(k, math.log(sw)), np.zeros(k), "orthogonal")
-    return _spectrum_fields(jacobian_spectrum(net, x, k=k), predicted, exact)
+    return _spectrum_fields(jacobian_spectrum(net, x, k=k), pred, predicted, exact)
 
 
 def _result(
@@ -527,7 +558,8 @@ def _result(
 def _rnn_sigmas(
     net: RNN, sigma_w: Any, sigma_b: Any
 ) -> tuple[float, float, float, str, str]:
-    """(sigma_w, sigma_b, sigma_ih**2, sources) of a vanilla single-layer RNN."""
+    """(sigma_w, sigma_b, sigma_ih, sources) of a vanilla single-layer RNN (stds, never
+    squared here, so that a huge gain cannot overflow)."""
     cfg = net._config
     init = cfg.get("init")
     H, I = net.hidden_size, net.input_size
@@ -549,17 +581,17 @@ def _rnn_sigmas(
         sw = rg / math.sqrt(3.0) if init == "default" else rg  # U(-a, a): Var = a**2 / 3
         src_w = "init"
     else:
-        sw = math.sqrt(H * float(np.mean(np.square(params()["weight_hh_l0"], dtype=np.float64))))
+        sw = math.sqrt(H) * _rms(params()["weight_hh_l0"])
         src_w = "estimated"
     # weight_ih: sigma_ih**2 = input_size * Var(entry)
     if init == "default":
-        sih2 = I * g * g / (3.0 * H)
+        sih = g * math.sqrt(I / (3.0 * H))
     elif init in ("xavier_uniform", "xavier_normal", "orthogonal"):
-        sih2 = I * g * g * 2.0 / (I + H)
+        sih = g * math.sqrt(2.0 * I / (I + H))
     elif init == "normal":
-        sih2 = g * g
+        sih = g
     else:
-        sih2 = I * float(np.mean(np.square(params()["weight_ih_l0"], dtype=np.float64)))
+        sih = math.sqrt(I) * _rms(params()["weight_ih_l0"])
     # b_ih + b_hh
     if sigma_b is not None:
         sb, src_b = _sigma("sigma_b", sigma_b), "given"
@@ -571,8 +603,8 @@ def _rnn_sigmas(
     else:
         p = params()
         total = p["bias_ih_l0"].astype(np.float64) + p["bias_hh_l0"]
-        sb, src_b = math.sqrt(float(np.mean(np.square(total)))), "estimated"
-    return sw, sb, sih2, src_w, src_b
+        sb, src_b = _rms(total), "estimated"
+    return sw, sb, sih, src_w, src_b
 
 
 # --------------------------------------------------------------------------- entry point
@@ -694,6 +726,27 @@ def compare_theory(
     raise TypeError(f"net must be a gradchain.MLP or gradchain.RNN; got {type(net).__name__}")
 
 
+def _check_draws(rows: int, n_in: int, n_out: int, dtype: Any) -> None:
+    """Memory for the default inputs (rows x n_in, drawn in float64 and cast) and the
+    upstream gradient (rows x n_out), before they are drawn."""
+    per_row = n_in * (8 + np.dtype(dtype).itemsize) + n_out * 8
+    v.check_memory(float(rows) * per_row, "compare_theory's random inputs and gradient")
+
+
+@contextlib.contextmanager
+def _theory_inputs(
+    sw: float, src_w: str, sb: float, src_b: str, q0: float, q0_from: str
+) -> Iterator[None]:
+    """Says where the theory's arguments came from when it refuses them."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} (compare_theory passed sigma_w={sw:.6g} ({src_w}), sigma_b={sb:.6g} "
+            f"({src_b}) and q0={q0:.6g}, the mean square entry of {q0_from})"
+        ) from exc
+
+
 def _k(k: Any, kmax: int, what: str) -> int:
     if k is None:
         return min(kmax, 16)
@@ -726,6 +779,7 @@ def _compare_mlp(
     fs = _fit_start(fit_start, L)
     if x is None:
         b = v.positive_int("batch", batch)
+        _check_draws(b, widths[0], widths[-1], net.dtype)
         xa = _rng(seed, 0).standard_normal((b, widths[0])).astype(net.dtype)
     else:
         xa = v.float_array("x", x, net.dtype, (None, widths[0]))
@@ -733,18 +787,20 @@ def _compare_mlp(
     sw, sb, src_w, src_b = _mlp_sigmas(net, sigma_w, sigma_b)
     cfg = net._config
     act_kw = {"negative_slope": float(cfg["negative_slope"]), "alpha": float(cfg["alpha"])}
+    rx = _rms(xa)
+    q0 = rx * rx
+    with _theory_inputs(sw, src_w, sb, src_b, q0, "x"):
+        pred = theory.predicted_grad_norms(L, net.activation, sw, sb, q0=q0, **act_kw)
+        mf = theory.mean_field(net.activation, sw, sb, q0=q0, correlation=False, **act_kw)
+    predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
 
+    _check_draws(b, 0, widths[-1], np.float64)
     g = _rng(seed, 1).standard_normal((b, widths[-1]))
     rep = net.backward(xa, grad_output=g)
     lg = rep.log10_activation_grad_norms
     measured = lg - lg[-1]
 
-    q0 = float(np.mean(np.square(xa, dtype=np.float64)))
-    pred = theory.predicted_grad_norms(L, net.activation, sw, sb, q0=q0, **act_kw)
-    predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
-    mf = theory.mean_field(net.activation, sw, sb, q0=q0, correlation=False, **act_kw)
-
-    spec = _mlp_spectrum(net, xa[:sbatch], kk, sw, predicted) if spectrum else {}
+    spec = _mlp_spectrum(net, xa[:sbatch], kk, sw, pred, predicted) if spectrum else {}
     return _result(
         measured=measured,
         predicted=predicted,
@@ -794,34 +850,39 @@ def _compare_rnn(
     if x is None:
         T = v.positive_int("steps", steps)
         b = v.positive_int("batch", batch)
+        _check_draws(T * b, net.input_size, 0, net.dtype)
         xa = _rng(seed, 0).standard_normal((T, b, net.input_size)).astype(net.dtype)
     else:
         xa = net._x(x)
     T, b = xa.shape[0], xa.shape[1]
     fs = _fit_start(fit_start, T)
     h0a = net._state("h0", h0, b)
-    sw, sb, sih2, src_w, src_b = _rnn_sigmas(net, sigma_w, sigma_b)
-    qx = float(np.mean(np.square(xa, dtype=np.float64)))
-    q0 = 0.0 if h0a is None else float(np.mean(np.square(h0a, dtype=np.float64)))
-    drive = sih2 * qx
-    sb_eff = math.sqrt(sb * sb + drive)
+    sw, sb, sih, src_w, src_b = _rnn_sigmas(net, sigma_w, sigma_b)
+    rh = 0.0 if h0a is None else _rms(h0a)
+    q0 = rh * rh
+    drive_std = sih * _rms(xa)  # weight_ih x_t adds drive_std**2 to every pre-activation
+    drive = drive_std * drive_std
+    sb_eff = math.hypot(sb, drive_std)
 
+    with _theory_inputs(sw, src_w, sb_eff, src_b + ", with the input drive", q0, "h0"):
+        # mf.lyapunov_exponent is theory.rnn_max_lyapunov_meanfield(sw, sb_eff, ...).
+        mf = theory.mean_field(net.cell, sw, sb_eff, q0=q0, correlation=False)
+        # The same length map as a deep chain: q_1 = sigma_w**2 q0 + sigma_b_eff**2, and
+        # 0.5 log10 chi(q_t) per step back, i.e. lambda / ln 10 once q_t has settled.
+        pred = theory.predicted_grad_norms(T, net.cell, sw, sb_eff, q0=q0)
+    predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
+
+    _check_draws(b, 0, H, np.float64)
     g = _rng(seed, 1).standard_normal((b, H))
     rep = net.backward(xa, grad_output=g, h0=h0a)
     lg = np.asarray(rep.log10_state_grad_norms, dtype=np.float64)
     measured = lg - lg[-1]
 
-    # mf.lyapunov_exponent is theory.rnn_max_lyapunov_meanfield(sw, sb_eff, ...).
-    mf = theory.mean_field(net.cell, sw, sb_eff, q0=q0, correlation=False)
-    # The same length map as a deep chain: q_1 = sigma_w**2 q0 + sigma_b_eff**2, and
-    # 0.5 log10 chi(q_t) per step back, i.e. lambda / ln 10 once q_t has settled.
-    pred = theory.predicted_grad_norms(T, net.cell, sw, sb_eff, q0=q0)
-    predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
-
     spec: dict[str, Any] = {}
     if spectrum:
         h0s = None if h0a is None else h0a[:, :sbatch]
-        spec = _spectrum_fields(jacobian_spectrum(net, xa[:, :sbatch], h0=h0s, k=kk), predicted)
+        spectrum_result = jacobian_spectrum(net, xa[:, :sbatch], h0=h0s, k=kk)
+        spec = _spectrum_fields(spectrum_result, pred, predicted)
     return _result(
         measured=measured,
         predicted=predicted,

@@ -121,7 +121,8 @@ class JacobianNorms:
     log10_spectral : ndarray or None, shape (batch, depth)
         ``log10 ||J_l||_2`` (the largest singular value); None with ``spectral=False``.
         Exact (LAPACK SVD of the dense ``J_l``) for layers whose larger dimension is at
-        most ``exact_max_dim``; otherwise power iteration on ``J_l^T J_l``.
+        most ``exact_max_dim``; otherwise, or where the SVD does not converge, power
+        iteration on ``J_l^T J_l``.
     spectral_iterations : ndarray of int32 or None, shape (batch, depth)
         Power iterations used (0 where the exact SVD was used).
     spectral_converged : ndarray of bool or None, shape (batch, depth)
@@ -265,7 +266,8 @@ def jacobian_norms(
     TypeError, ValueError
         Bad arguments, shapes or non-finite inputs.
     NonFiniteError
-        When the forward pass (in float64) overflows or produces NaN.
+        When the forward pass (in float64) overflows or produces NaN, or an entry of a
+        Jacobian (``phi'(z)`` times a weight) overflows.
 
     Examples
     --------
@@ -318,14 +320,19 @@ class JacobianSpectrum:
 
     **What the values are, exactly**: ``log_singular_values[b, t, i]`` is
     ``log|R^{(l)}_ii|`` (natural log) of the thin QR factorisation of ``M_l Q_0`` at depth
-    ``l = depths[t]``, for example ``b``; ``-inf`` where that matrix is exactly rank
-    deficient. Exact consequences (up to rounding):
+    ``l = depths[t]``, for example ``b``. Exact consequences (up to rounding):
 
     * ``sum_{i<j} log|R_ii|`` is the log of the j-dimensional volume that ``M_l`` gives the
       first j start directions: for ``k = n`` and square layers, ``log|det M_l|``
       (:attr:`log_volume`); for ``j = 1``, ``log ||M_l q_1||``, the growth of one vector.
     * Orthogonal ``J_l`` give zeros; constant upper-triangular ``J_l = U`` with identity
       start give ``l log|U_ii|``.
+
+    **Where they are -inf**: once a layer up to ``l`` leaves only r rows of its vectors
+    nonzero (units with ``phi'(z) = 0``, zero weight rows), directions ``r + 1..k`` are
+    ``-inf``, and so is a direction whose vector is exactly zero. A rank deficiency that
+    only exact arithmetic would show (a low-rank weight without zero rows) gives a finite
+    value about 36 (``ln(1/eps)``) below ``log ||M_l||``.
 
     They are *not* the log singular values of ``M_l`` at finite depth: they converge to
     them (and ``/ l`` to the Lyapunov exponents) as depth grows, with an O(1) offset that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,30 @@ def _widths(depth: Any, width: Any) -> list[int]:
     d = v.positive_int("depth", depth)
     w = v.positive_int("width", width)
     return [w] * (d + 1)
+
+
+def _weight_reach(init: str, widths: Sequence[int]) -> float:
+    """The largest ``|W_ij|`` that `init` can draw over these layers per unit of gain (of
+    ``gain * sigma_w`` for ``normal``): its scale at the smallest fans times the largest
+    draw (uniform draws lie in [-1, 1), normal ones within ``NORMAL_DRAW_MAX``)."""
+    fan_in = min(widths[:-1])
+    fan_sum = min(a + b for a, b in zip(widths[:-1], widths[1:]))
+    nd = v.NORMAL_DRAW_MAX
+    return {
+        "xavier_normal": math.sqrt(2.0 / fan_sum) * nd,
+        "xavier_uniform": math.sqrt(6.0 / fan_sum),
+        "he_normal": math.sqrt(2.0 / fan_in) * nd,
+        "he_uniform": math.sqrt(6.0 / fan_in),
+        "lecun_normal": nd / math.sqrt(fan_in),
+        "orthogonal": 1.0 + 1e-12,  # entries of an orthonormal matrix, rounded
+        "normal": nd / math.sqrt(fan_in),
+    }[init]
+
+
+def _activation_parameters(config: dict[str, Any], dt: np.dtype) -> None:
+    """The activation computes with negative_slope and alpha in the chain's dtype."""
+    for name in ("negative_slope", "alpha"):
+        v.representable(name, config[name], dt)
 
 
 def _as_array(a: Any) -> np.ndarray:
@@ -76,6 +101,14 @@ class MLP:
     seed : int
         Every weight follows from it, the same for any thread count; float32 weights are
         the float64 ones rounded.
+
+    Raises
+    ------
+    ValueError
+        Among bad names and values: a ``gain`` (``gain * sigma_w`` for ``normal``),
+        ``bias_std``, ``negative_slope`` or ``alpha`` with which a weight, bias or
+        activation constant could exceed the dtype's largest value; the message gives the
+        largest value accepted.
 
     Examples
     --------
@@ -120,8 +153,16 @@ class MLP:
         }
         if self._config["alpha"] <= 0:
             raise ValueError(f"alpha must be > 0; got {alpha}")
-        cls = _core.MLPChain64 if self._dtype == np.float64 else _core.MLPChain32
         c = self._config
+        reach = _weight_reach(init, widths)
+        if init == "normal":
+            gs = c["gain"] * c["sigma_w"]
+            v.representable("gain * sigma_w", gs, self._dtype, reach, "the weights")
+        else:
+            v.representable("gain", c["gain"], self._dtype, reach, "the weights")
+        v.representable("bias_std", c["bias_std"], self._dtype, v.NORMAL_DRAW_MAX, "the biases")
+        _activation_parameters(c, self._dtype)
+        cls = _core.MLPChain64 if self._dtype == np.float64 else _core.MLPChain32
         self._chain = cls(
             widths, c["activation"], c["negative_slope"], c["alpha"], c["init"],
             c["gain"], c["sigma_w"], c["bias_std"], c["seed"],
@@ -191,6 +232,7 @@ class MLP:
         }
         if self._config["alpha"] <= 0:
             raise ValueError(f"alpha must be > 0; got {alpha}")
+        _activation_parameters(self._config, dt)
         core = _core.MLPChain64 if dt == np.float64 else _core.MLPChain32
         self._chain = core.from_arrays(
             widths, activation, self._config["negative_slope"], self._config["alpha"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from collections.abc import Mapping
@@ -23,6 +24,24 @@ TRUNCATE_MODES: tuple[str, ...] = ("detach", "window")
 
 _GATES = {"tanh": 1, "relu": 1, "lstm": 4, "gru": 3}
 _KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
+
+
+def _weight_reach(
+    init: str, input_size: int, hidden: int, num_layers: int
+) -> tuple[float, float]:
+    """The largest ``|weight_ih|`` per unit of gain and ``|weight_hh|`` per unit of
+    recurrent_gain that `init` can draw: the scale at the smallest fan times the largest
+    draw (uniform draws lie in [-1, 1), normal ones within ``NORMAL_DRAW_MAX``)."""
+    fan = min(input_size, hidden) if num_layers > 1 else input_size
+    nd = v.NORMAL_DRAW_MAX
+    xavier_u = math.sqrt(6.0 / (hidden + fan)), math.sqrt(3.0 / hidden)
+    return {
+        "default": (1.0 / math.sqrt(hidden), 1.0 / math.sqrt(hidden)),
+        "xavier_uniform": xavier_u,
+        "xavier_normal": (math.sqrt(2.0 / (hidden + fan)) * nd, nd / math.sqrt(hidden)),
+        "orthogonal": (xavier_u[0], 1.0 + 1e-12),  # entries of an orthonormal matrix, rounded
+        "normal": (nd / math.sqrt(fan), nd / math.sqrt(hidden)),
+    }[init]
 
 
 def _optional_positive_int(name: str, value: Any) -> int:
@@ -76,6 +95,13 @@ class RNN:
     seed : int
         Every parameter follows from it; float32 parameters are the float64 ones rounded.
 
+    Raises
+    ------
+    ValueError
+        Among bad names and values: a ``gain``, ``recurrent_gain``, ``spectral_radius``
+        or ``forget_bias`` with which a parameter could exceed the dtype's largest value;
+        the message gives the largest value accepted.
+
     Examples
     --------
     >>> import numpy as np, gradchain as gc
@@ -122,6 +148,12 @@ class RNN:
             if cell != "lstm" or not bias:
                 raise ValueError(f"forget_bias applies to cell='lstm' with bias=True; got cell={cell!r}, bias={bias}")
             fb = v.finite_float("forget_bias", forget_bias)
+            v.representable("forget_bias", fb, self._dtype)
+        dt = self._dtype
+        ih, hh = _weight_reach(init, shape["input_size"], shape["hidden_size"], shape["num_layers"])
+        v.representable("gain", gain, dt, ih, "the entries of weight_ih")
+        v.representable("recurrent_gain", recurrent_gain, dt, hh, "the entries of weight_hh")
+        v.representable("spectral_radius", sr, dt)
         self._config = dict(shape)
         self._config.update(
             init=init,
@@ -136,6 +168,15 @@ class RNN:
             shape["cell"], shape["input_size"], shape["hidden_size"], shape["num_layers"],
             shape["output_size"] or 0, shape["bias"], init, gain, recurrent_gain, sr, fb, self._config["seed"],
         )  # fmt: skip
+        if sr:
+            # weight_hh's entries have no bound relative to its spectral radius: check them.
+            for i, name in enumerate(self._chain.param_names):
+                if name.startswith("weight_hh") and not np.isfinite(self._chain.param(i)).all():
+                    top = float(np.finfo(self._dtype).max)
+                    raise ValueError(
+                        f"spectral_radius={sr!r} scales an entry of {name} beyond the largest "
+                        f"{self._dtype.name} value {top:.8g}; lower it"
+                    )
 
     @staticmethod
     def _shape(cell: Any, input_size: Any, hidden_size: Any, num_layers: Any, output_size: Any, bias: Any) -> dict[str, Any]:

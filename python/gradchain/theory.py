@@ -35,6 +35,18 @@ accurate to 1e-14 relative or better for every activation and every ``q`` from 0
 Plain Gauss-Hermite quadrature with 160 nodes misses the kink of ``elu`` (errors near
 1e-3) and the narrow transition of ``tanh`` at large ``q`` (70% error at ``q = 100``).
 
+Ranges
+------
+Every function takes standard deviations (``sigma_w``, ``sigma_b``) in [0, 1e150],
+variances (``q``, ``q0``) in [0, 1e300], ``negative_slope`` in [-100, 100] and ``alpha``
+in (0, 1e150]: within them no intermediate value of the quadrature leaves the double
+range. Outside, and for non-finite values, a ``ValueError`` names the argument and its
+range. A result that itself exceeds the double range (``chi`` for ``sigma_w = 1e150``
+and ``alpha = 1e100``, a moment of a very deep product) is ``inf``. Sizes (``depth``,
+``n``) are checked against the memory available before anything is allocated
+(``MemoryError`` stating the bytes), and work that would not finish promptly is refused
+with a ``ValueError`` naming the argument and the range that is accepted.
+
 References
 ----------
 .. [1] B. Poole, S. Lahiri, M. Raghu, J. Sohl-Dickstein, S. Ganguli, "Exponential
@@ -227,18 +239,53 @@ class _Act:
         p, d = self(x)
         return float(w @ (p * p)), float(w @ (d * d))
 
+    def second(self, x: np.ndarray) -> np.ndarray:
+        """phi''(x) of the smooth activations (and of elu away from its kink)."""
+        n = self.name
+        if n == "tanh":
+            t = np.tanh(x)
+            return -2.0 * t * (1.0 - t * t)
+        if n == "sigmoid":
+            s = _sigmoid(x)
+            return s * (1.0 - s) * (1.0 - 2.0 * s)
+        if n == "elu":
+            return np.where(x > 0, 0.0, self.alpha * np.exp(np.minimum(x, 0.0)))
+        if n == "silu":
+            s = _sigmoid(x)
+            return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+        if n == "softplus":
+            s = _sigmoid(np.minimum(x, 20.0))
+            return np.where(x > 20.0, 0.0, s * (1.0 - s))
+        xc = np.clip(x, -40.0, 40.0)  # beyond, phi'' is 0 in double (as in __call__)
+        if n == "gelu":
+            return np.exp(-0.5 * xc * xc) * _INV_SQRT_2PI * (2.0 - xc * xc)
+        beta, kappa = math.sqrt(2.0 / math.pi), 0.044715  # gelu_tanh
+        t = np.tanh(beta * (xc + kappa * xc**3))
+        du, d2u = beta * (1.0 + 3.0 * kappa * xc * xc), 6.0 * beta * kappa * xc
+        return (1.0 - t * t) * (du + 0.5 * xc * (d2u - 2.0 * t * du * du))
+
     def map_moments(self, q: float) -> tuple[float, float, float]:
-        """E[phi**2], E[phi'**2] and d E[phi(sqrt(q) z)**2] / dq = E[phi phi' x] / q
-        (Stein's lemma; at q = 0 its limit E[phi'**2], as phi(0) = 0 wherever q* = 0)."""
+        """E[phi**2], E[phi'**2] and d E[phi(sqrt(q) z)**2] / dq by Stein's lemma: for
+        q > 1 as E[phi phi' x] / q, for q <= 1 as E[phi'**2 + phi phi''] (Stein's lemma
+        twice; phi**2 has a continuous derivative for every activation here, so elu's kink
+        adds nothing). Each form cancels to noise at the other end: the first at small q
+        once phi(0) != 0 (sigmoid, softplus), the second at large q, where both of its terms
+        are about 1/sqrt(q) and their sum about q**-1.5. At q = 0 the limit (both sides of a
+        kink averaged)."""
         if self.homogeneous:
             a, b = self.homogeneous_moments()
             return a * q, b, a
         if q == 0.0:
-            e2, d2 = self.moments(q)
-            return e2, d2, d2
-        x, w = _rule(q)
+            x, w = np.array([1e-200, -1e-200]), np.array([0.5, 0.5])
+        else:
+            x, w = _rule(q)
         p, d = self(x)
-        return float(w @ (p * p)), float(w @ (d * d)), float(w @ (p * d * x)) / q
+        d2 = d * d
+        if q > 1.0:
+            slope = float(w @ (p * d * x)) / q
+        else:
+            slope = float(w @ (d2 + p * self.second(x)))
+        return float(w @ (p * p)), float(w @ d2), slope
 
     # -- two-dimensional expectations ---------------------------------------------------
     def pair(self, q: float, c: float, deriv: bool) -> float:
@@ -280,21 +327,73 @@ class ConvergenceError(RuntimeError):
     """An iteration or root search of the theory did not converge."""
 
 
+# The ranges every theory function accepts. Within them every product the quadrature
+# forms stays in the double range: nodes reach |x| = 13 sqrt(q), so phi(x)**2 reaches
+# 171 q times max(1, slope**2) (alpha**2 for elu).
+_STD_MAX = 1e150  # its square, a variance, stays below _Q_HUGE
+_SLOPE_MAX = 100.0
+_ALPHA_MAX = 1e150
+# Iterating a length map costs one quadrature (about 10 to 50 microseconds) per layer.
+_MAX_ITERATED_LAYERS = 100_000
+# order_chaos_boundary runs one root search (up to a few tenths of a second) per entry.
+_MAX_BOUNDARY_POINTS = 1000
+
+
+def _in_range(name: str, value: Any, lo: float, hi: float, what: str = "") -> float:
+    """A finite real in [lo, hi]; the ValueError names the argument and the range."""
+    f = v.finite_float(name, value)
+    if not lo <= f <= hi:
+        raise ValueError(f"{name} must be between {lo:g} and {hi:g}{what}; got {f!r}")
+    return f
+
+
 def _activation(activation: Any, negative_slope: Any, alpha: Any) -> _Act:
     v.choice("activation", activation, ACTIVATIONS)
-    s = v.finite_float("negative_slope", negative_slope)
-    a = v.finite_float("alpha", alpha)
+    s = _in_range("negative_slope", negative_slope, -_SLOPE_MAX, _SLOPE_MAX)
+    a = _in_range("alpha", alpha, 0.0, _ALPHA_MAX)
     if a <= 0:
         raise ValueError(f"alpha must be > 0; got {a}")
     return _Act(activation, s, a)
 
 
 def _std(name: str, value: Any) -> float:
-    return v.finite_float(name, value, minimum=0.0)
+    """A standard deviation: [0, 1e150], so that its square is a variance the theory covers."""
+    return _in_range(
+        name, value, 0.0, _STD_MAX, " (a standard deviation; its square is a variance)"
+    )
+
+
+def _variance(name: str, value: Any) -> float:
+    """A variance in [0, 1e300], the range the quadrature covers."""
+    return _in_range(name, value, 0.0, _Q_HUGE, " (a variance; the quadrature covers up to 1e300)")
+
+
+def _first_variance(sw2: float, q0: float, sb2: float) -> float:
+    """q_1 = sigma_w**2 q0 + sigma_b**2, which a prediction starts from and must evaluate."""
+    q1 = sw2 * q0 + sb2
+    if q1 > _Q_HUGE:
+        # beyond the double range only sigma_w**2 q0 can be (each term is below 1e300)
+        value = f"{q1:.6g}" if math.isfinite(q1) else f"1e+{math.log10(sw2) + math.log10(q0):.0f}"
+        raise ValueError(
+            f"sigma_w**2 * q0 + sigma_b**2 = {value}, the first layer's pre-activation "
+            f"variance, must be at most 1e300; lower sigma_w, sigma_b or q0"
+        )
+    return q1
+
+
+def _size(name: str, value: Any, *, bytes_each: float, maximum: int = v.INT32_MAX) -> int:
+    """A positive integer that sets how large a theory function's arrays get: at most
+    `maximum` (ValueError naming the argument and the range), and `bytes_each` bytes per
+    unit of it within the available memory (MemoryError stating the bytes)."""
+    n = v.positive_int(name, value, maximum)
+    v.check_memory(bytes_each * n, f"{name}={n}")
+    return n
 
 
 def _depth_scale(x: float) -> float:
-    """-1 / ln(x): inf at x = 1, 0 at x = 0, negative for x > 1."""
+    """-1 / ln|x|: inf at |x| = 1, 0 at x = 0, negative for |x| > 1 (a negative slope
+    makes the approach alternate, at the rate |x|)."""
+    x = abs(x)
     if x == 1.0:
         return math.inf
     if x == 0.0:
@@ -363,7 +462,8 @@ def _fixed_point(act: _Act, sw2: float, sb2: float, q1: float, max_iter: int = 5
     # Every fixed point is >= sigma_b**2 (the map is), so h = f - q >= 0 there: lo, hi
     # bracket the root the iteration heads for, and keep Newton steps from overshooting.
     lo, hi = sb2, math.inf
-    q, grow = q1, 2.0
+    # From beyond 1e300 the map comes back down (bounded phi) or diverges either way.
+    q, grow = min(q1, _Q_HUGE), 2.0
     for _ in range(max_iter):
         e2, _d2, de2 = act.map_moments(q)
         f, slope = sw2 * e2 + sb2, sw2 * de2
@@ -432,7 +532,8 @@ class MeanField:
     chi_1 : float
         ``sigma_w**2 E[phi'(sqrt(q*) z)**2]``: the factor by which *squared* gradient norms
         shrink (< 1) or grow (> 1) per layer. At ``q* = 0`` the limit ``q -> 0+`` (for
-        relu: ``sigma_w**2 / 2``); at ``q* = inf`` the limit ``q -> inf``.
+        relu: ``sigma_w**2 / 2``); at ``q* = inf`` the limit ``q -> inf``; ``inf`` where it
+        exceeds the double range.
     depth_scale : float
         ``xi = -1 / ln(chi_1)``: squared gradient norms change by ``exp(-d / xi)`` over
         ``d`` layers, norms by ``exp(-d / (2 xi))``. ``inf`` at ``chi_1 = 1`` (the
@@ -441,7 +542,7 @@ class MeanField:
     length_map_slope : float
         ``dq_l / dq_{l-1}`` at ``q*``; ``q_l - q*`` decays like its l-th power.
     length_depth_scale : float
-        ``xi_q = -1 / ln(length_map_slope)`` (Schoenholz et al. 2017).
+        ``xi_q = -1 / ln|length_map_slope|`` (Schoenholz et al. 2017).
     c_star : float
         Stable fixed point of the correlation map (1 in the ordered phase); NaN where
         ``q*`` is 0 or inf (the map is degenerate) or when not computed.
@@ -525,10 +626,11 @@ def length_map(
     Returns
     -------
     float
-        The next layer's pre-activation variance (Poole et al. 2016, eq. 3).
+        The next layer's pre-activation variance (Poole et al. 2016, eq. 3); ``inf``
+        where it exceeds the double range.
     """
     act = _activation(activation, negative_slope, alpha)
-    q = _std("q", q)
+    q = _variance("q", q)
     return _std("sigma_w", sigma_w) ** 2 * act.moments(q)[0] + _std("sigma_b", sigma_b) ** 2
 
 
@@ -538,10 +640,11 @@ def chi(
     """``sigma_w**2 E_z[phi'(sqrt(q) z)**2]``: the mean factor by which a layer with
     pre-activation variance ``q`` multiplies squared gradient norms; ``chi_1`` at ``q*``.
 
-    At ``q = 0`` this is the limit ``q -> 0+`` (relu: ``sigma_w**2 / 2``, not 0).
+    At ``q = 0`` this is the limit ``q -> 0+`` (relu: ``sigma_w**2 / 2``, not 0); ``inf``
+    where it exceeds the double range.
     """
     act = _activation(activation, negative_slope, alpha)
-    return _std("sigma_w", sigma_w) ** 2 * act.moments(_std("q", q))[1]
+    return _std("sigma_w", sigma_w) ** 2 * act.moments(_variance("q", q))[1]
 
 
 def _correlation_fixed_point(
@@ -606,7 +709,7 @@ def mean_field(
     Raises
     ------
     ValueError
-        An unsupported activation or a negative / non-finite parameter.
+        An unsupported activation or a parameter outside its range (see the module notes).
     ConvergenceError
         When the length map does not settle (not seen for these activations).
 
@@ -632,7 +735,7 @@ def mean_field(
     """
     act = _activation(activation, negative_slope, alpha)
     sw, sb = _std("sigma_w", sigma_w), _std("sigma_b", sigma_b)
-    q0 = _std("q0", q0)
+    q0 = _variance("q0", q0)
     sw2, sb2 = sw * sw, sb * sb
     qs = _fixed_point(act, sw2, sb2, sw2 * q0 + sb2)
     chi_1 = sw2 * _chi_limit(act, qs)
@@ -695,11 +798,20 @@ def correlation_map(
         if not 0.0 < q < math.inf:
             raise ValueError(f"q* = {q} for these parameters; pass q explicitly (> 0, finite)")
     else:
-        q = _std("q", q)
+        q = _variance("q", q)
         if q == 0.0:
             raise ValueError("q must be > 0 (the correlation of two zero vectors is undefined)")
-    q_next = sw * sw * act.moments(q)[0] + sb * sb
-    return (sw * sw * act.pair(q, c, False) + sb * sb) / q_next
+    # Both variances divided by the larger of sigma_w**2 and sigma_b**2: they may overflow
+    # where their ratio does not.
+    scale = max(sw * sw, sb * sb)
+    a, b = sw * sw / scale if scale else 0.0, sb * sb / scale if scale else 0.0
+    q_next = a * act.moments(q)[0] + b
+    if q_next == 0.0:
+        raise ValueError(
+            f"the next pre-activations are 0 (sigma_w={sw!r}, sigma_b={sb!r}, q={q!r}): "
+            "their correlation is undefined"
+        )
+    return (a * act.pair(q, c, False) + b) / q_next
 
 
 # ---------------------------------------------------------------------------------------
@@ -785,7 +897,7 @@ def critical_sigma_w(
     """
     act = _activation(activation, negative_slope, alpha)
     sb = _std("sigma_b", sigma_b)
-    return _critical(act, sb, _std("q0", q0), v.finite_float("rtol", rtol, minimum=1e-15))[0]
+    return _critical(act, sb, _variance("q0", q0), v.finite_float("rtol", rtol, minimum=1e-15))[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -851,8 +963,8 @@ def order_chaos_boundary(
     activation : str
         One of :data:`ACTIVATIONS`.
     sigma_b : array_like, optional
-        Bias standard deviations (>= 0); default ``sqrt(linspace(0, 1, 11))``, an even
-        grid in ``sigma_b**2``.
+        Bias standard deviations (in [0, 1e150], at most 1000 of them: each is one root
+        search); default ``sqrt(linspace(0, 1, 11))``, an even grid in ``sigma_b**2``.
     q0, negative_slope, alpha, rtol
         As in :func:`critical_sigma_w`.
 
@@ -866,10 +978,15 @@ def order_chaos_boundary(
         if sigma_b is None
         else np.atleast_1d(np.asarray(sigma_b))
     )
+    if sbs.size > _MAX_BOUNDARY_POINTS:
+        raise ValueError(
+            f"sigma_b must have at most {_MAX_BOUNDARY_POINTS} entries (one root search "
+            f"each); got {sbs.size}"
+        )
     sbs = v.float_array("sigma_b", sbs.ravel(), np.dtype(np.float64), (None,))
-    if (sbs < 0).any():
-        raise ValueError(f"sigma_b must be >= 0; got {sbs[sbs < 0][0]}")
-    q0 = _std("q0", q0)
+    for sb in sbs:
+        _std("sigma_b", float(sb))
+    q0 = _variance("q0", q0)
     rtol = v.finite_float("rtol", rtol, minimum=1e-15)
     sws = np.empty_like(sbs)
     qss = np.empty_like(sbs)
@@ -977,8 +1094,8 @@ def predicted_grad_norms(
     Parameters
     ----------
     depth : int
-        Number of layers L (any size: 1e6 takes a fraction of a second unless ``q_l``
-        converges slowly, see Notes).
+        Number of layers L (1e6 takes a fraction of a second unless ``q_l`` converges
+        slowly, see Notes).
     activation : str
         One of :data:`ACTIVATIONS`.
     sigma_w, sigma_b : float
@@ -994,23 +1111,36 @@ def predicted_grad_norms(
     GradNormPrediction
         ``log10_activation_grad_norms[l] = 0.5 * sum_{k > l} log10 chi(q_k)`` where
         ``chi(q) = sigma_w**2 E[phi'(sqrt(q) z)**2]``: the log10 of the *norm* ratio
-        ``||dL/dh_l|| / ||dL/dh_L||`` (twice that for squared norms), finite at any depth.
+        ``||dL/dh_l|| / ||dL/dh_L||`` (twice that for squared norms), finite at any depth
+        (``-inf`` where ``chi = 0``, ``inf`` where ``chi`` exceeds the double range).
+
+    Raises
+    ------
+    ValueError
+        A parameter outside its range (see the module notes), ``sigma_w**2 q0 +
+        sigma_b**2`` above 1e300 for an activation that is not positively homogeneous, or
+        a depth beyond 100,000 where ``chi(q_l)`` has not settled by then.
+    MemoryError
+        When the arrays (about 96 bytes per layer) exceed the memory available.
 
     Notes
     -----
     ``q_l`` is iterated layer by layer (one quadrature each) until ``chi(q_l)`` has
     settled to a few units in the last place; the remaining layers have that ``chi``,
     and ``q_l`` continues at its limit, or geometrically where it decays to 0 or grows
-    without bound. relu, leaky_relu and linear are done in closed form. Near the
+    without bound (beyond 1e300 it counts as diverged, with ``chi`` at its limit, as in
+    :func:`mean_field`). relu, leaky_relu and linear are done in closed form. Near the
     order-to-chaos boundary with ``q* = 0`` (e.g. tanh with ``sigma_w = 1``,
     ``sigma_b = 0``, where ``q_l ~ 1/(2l)`` and gradients decay as a power of depth)
-    ``chi`` never settles and every layer is iterated: about 50 microseconds each.
+    ``chi`` never settles and every layer is iterated, at 10 to 50 microseconds each, up to
+    100,000 layers.
     """
-    L = v.positive_int("depth", depth)
+    # q, log10_chi and the result, with the temporaries of the closed forms: 12 doubles a layer
+    L = _size("depth", depth, bytes_each=96)
     act = _activation(activation, negative_slope, alpha)
-    sw, sb, q0 = _std("sigma_w", sigma_w), _std("sigma_b", sigma_b), _std("q0", q0)
+    sw, sb, q0 = _std("sigma_w", sigma_w), _std("sigma_b", sigma_b), _variance("q0", q0)
     sw2, sb2 = sw * sw, sb * sb
-    q1 = sw2 * q0 + sb2
+    q1 = sw2 * q0 + sb2 if act.homogeneous else _first_variance(sw2, q0, sb2)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         if act.homogeneous:
             a, d2 = act.homogeneous_moments()
@@ -1018,7 +1148,7 @@ def predicted_grad_norms(
             n = np.arange(L, dtype=np.float64)
             an = np.power(a, n)  # q_l = a**(l-1) q_1 + sigma_b**2 (1 + a + ... + a**(l-2))
             geo = n if a == 1.0 else np.where(an == np.inf, np.inf, (an - 1.0) / (a - 1.0))
-            q = an * q1 + sb2 * geo if sb2 else an * q1
+            q = (an * q1 if q1 else np.zeros(L)) + (sb2 * geo if sb2 else 0.0)
             lc_head = np.empty(0)
             lc_tail = float(np.log10(sw2 * d2))
             k = 0
@@ -1028,7 +1158,16 @@ def predicted_grad_norms(
             qk, dq_prev, dc_prev = q1, math.nan, math.nan
             settled_q = False
             for _ in range(L):
-                e2, d2 = act.moments(qk)
+                if len(qs) == _MAX_ITERATED_LAYERS:
+                    raise ValueError(
+                        f"depth must be at most {_MAX_ITERATED_LAYERS} for {act.name} with "
+                        f"sigma_w={sw!r}, sigma_b={sb!r}: chi(q_l) has not settled after "
+                        f"{_MAX_ITERATED_LAYERS} layers (q_l moves algebraically near the "
+                        f"order-to-chaos boundary) and every further layer is iterated; "
+                        f"got {L}"
+                    )
+                # Beyond 1e300 q_l has diverged: chi is at its limit (as in mean_field).
+                e2, d2 = act.moments(min(qk, _Q_HUGE))
                 qs.append(qk)
                 chis.append(sw2 * d2)
                 if len(qs) >= 2:
@@ -1187,8 +1326,13 @@ def gaussian_lyapunov_spectrum(n: int, sigma: float = 1.0) -> np.ndarray:
     Returns
     -------
     ndarray, shape (n,)
+
+    Raises
+    ------
+    MemoryError
+        When its arrays (about 48 bytes per unit of n) exceed the memory available.
     """
-    n = v.positive_int("n", n)
+    n = _size("n", n, bytes_each=48)  # the digamma values and their temporaries
     s = v.finite_float("sigma", sigma)
     if s <= 0:
         raise ValueError(f"sigma must be > 0; got {s}")
@@ -1216,8 +1360,13 @@ def gaussian_lyapunov_stderr(n: int, depth: int) -> np.ndarray:
     Returns
     -------
     ndarray, shape (n,)
+
+    Raises
+    ------
+    MemoryError
+        When its arrays (about 48 bytes per unit of n) exceed the memory available.
     """
-    n = v.positive_int("n", n)
+    n = _size("n", n, bytes_each=48)  # the trigamma tail sums and their temporaries
     L = v.positive_int("depth", depth)
     return np.sqrt(_trigamma_halves(n)[::-1] / (4.0 * L))
 
@@ -1246,14 +1395,20 @@ def fuss_catalan_moments(depth: int, k_max: int = 2) -> np.ndarray:
         Moments k = 1..k_max as floats (inf beyond the float range).
     """
     L = v.positive_int("depth", depth)
-    K = v.positive_int("k_max", k_max, maximum=10_000)
-    out = np.empty(K)
+    K = _size("k_max", k_max, bytes_each=8, maximum=10_000)  # one lgamma (or comb) each
+    out = np.full(K, math.inf)
     for k in range(1, K + 1):
-        fc = math.comb((L + 1) * k, k) // (L * k + 1)  # an integer
+        # ln FC_L(k) from lgamma first: the exact integer would have up to millions of
+        # digits, while the float is inf from 1.8e308 on (and FC_L(k) grows with k).
+        n = (L + 1) * k
+        log_fc = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+        if log_fc - math.log(L * k + 1) > 712.0:  # ln(1.8e308) = 709.8, and some margin
+            break
+        fc = math.comb(n, k) // (L * k + 1)  # an integer
         try:
             out[k - 1] = float(fc)
         except OverflowError:
-            out[k - 1] = math.inf
+            break
     return out
 
 
@@ -1339,9 +1494,14 @@ def scalar_chain(w: float, depth: int) -> ScalarChain:
     Returns
     -------
     ScalarChain
+
+    Raises
+    ------
+    MemoryError
+        When the per-layer array (about 24 bytes per layer) exceeds the memory available.
     """
     w = v.finite_float("w", w)
-    L = v.positive_int("depth", depth)
+    L = _size("depth", depth, bytes_each=24)  # the per-layer array and its temporaries
     lw = math.log10(abs(w)) if w else -math.inf
     per_layer = (
         (L - np.arange(L + 1, dtype=np.float64)) * lw

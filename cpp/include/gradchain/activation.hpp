@@ -1,4 +1,5 @@
-// Activation functions and their derivatives, with PyTorch's float formulas.
+// Activation functions and their derivatives, with PyTorch's formulas arranged so that every
+// finite argument gives a finite value: the exact limit where a formula saturates.
 #pragma once
 
 #include <cstddef>

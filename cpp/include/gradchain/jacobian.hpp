@@ -188,7 +188,8 @@ std::vector<int> spectrum_depths(int length, int interval);
 // factorisation M_l Q_0 = Q R of the product M_l = J_l ... J_1 applied to the start frame
 // Q_0 (the first k columns of the identity, or a seeded random orthonormal frame), computed
 // as sums of log|R_ii| of one Householder QR per re-orthonormalisation, so no product is
-// ever formed. Written to S (n_depths x k row-major); -inf where R_ii = 0. With threads >= 2,
+// ever formed. Written to S (n_depths x k row-major); -inf where R_ii = 0, and for every
+// i >= r from a layer on whose vectors have only r < k nonzero rows. With threads >= 2,
 // interval 1 and layers of about 10^6 flops or more, two threads share every layer (the
 // chain's row_form() is then called from one thread at a time, in order of l).
 void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double* S,

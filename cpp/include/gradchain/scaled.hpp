@@ -33,15 +33,18 @@ inline int exponent_of(double m) {
   return m > 0.0 ? std::ilogb(m) : 0;
 }
 
-// The exponent to rescale by when max|x| = m has left the band [2^-b, 2^b], b a fifth
-// of T's exponent range (0 inside it). Inside the band nothing is rescaled, so a pass that
-// stays in range computes exactly what a plain float pass computes, subnormals included;
-// products of two arrays inside the band, and their squares, cannot overflow.
+// The exponent to rescale by (x *= 2^-k) when max|x| = m has left the band [2^-b, 2^b], b
+// a fifth of T's exponent range (0 inside it). Inside the band nothing is rescaled, so a
+// pass that stays in range computes exactly what a plain float pass computes, subnormals
+// included; products of two arrays inside the band, and their squares, cannot overflow. A
+// small array is scaled up to max ~ 1 (exact, and room to decay further); a large one only
+// down to the band's top, so that its small entries keep as many bits as they can.
 template <class T>
 int rescale_exponent(double m) {
   constexpr int band = std::numeric_limits<T>::max_exponent / 5;
   const int k = exponent_of(m);
-  return (k > band || k < -band) ? k : 0;
+  if (k > band) return k - band;
+  return k < -band ? k : 0;
 }
 
 // x *= 2^k, exactly (barring subnormal results). Factors beyond T's exponent range are

@@ -13,6 +13,8 @@ void exp(const double* x, double* y, std::size_t n);
 void exp(const float* x, float* y, std::size_t n);
 void erf(const double* x, double* y, std::size_t n);
 void erf(const float* x, float* y, std::size_t n);
+void erfc(const double* x, double* y, std::size_t n);
+void erfc(const float* x, float* y, std::size_t n);
 void expm1(const double* x, double* y, std::size_t n);
 void expm1(const float* x, float* y, std::size_t n);
 void log1p(const double* x, double* y, std::size_t n);
