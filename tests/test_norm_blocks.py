@@ -128,6 +128,13 @@ def _draw_specs(rng):
     return specs
 
 
+def _walk(specs):
+    for s in specs:
+        yield s
+        if s["kind"] == "residual":
+            yield from _walk(s["body"] + ([s["shortcut"]] if s["shortcut"] else []))
+
+
 def _has_kind(specs, kind):
     for s in specs:
         if s["kind"] == kind:
@@ -260,6 +267,11 @@ def test_configs_cover_every_norm_kind_mode_and_pattern():
     bn_train = [c for c in NORM_CONFIGS if c.train and _has_kind(c.specs, "batch_norm")]
     bn_eval = [c for c in NORM_CONFIGS if not c.train and _has_kind(c.specs, "batch_norm")]
     assert len(bn_train) >= 5 and len(bn_eval) >= 5
+    flat = [s for specs in all_specs for s in _walk(specs)]
+    assert any(s["kind"] == "residual" and s["shortcut"] for s in flat)
+    assert any(s["kind"] == "residual" and _has_kind(s["body"], "residual") for s in flat)
+    assert any(s["kind"] == "batch_norm" and s["momentum"] is None for s in flat)
+    assert any(s["kind"] == "rms_norm" and s["eps"] is None for s in flat)
     assert {c.loss for c in NORM_CONFIGS} == set(O.LOSSES)
 
 

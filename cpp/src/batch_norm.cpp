@@ -18,6 +18,36 @@ norm::Stats& stats_buffer() {
 int clamp_exp(std::int64_t k) {
   return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
 }
+
+// The kernels normalise contiguous groups: the columns of a rows x width array go through
+// them transposed, `count` arrays one after another.
+template <class T>
+T* transposed(const T* src, std::size_t rows, std::size_t width, std::vector<T>& buf,
+              std::size_t count = 1) {
+  const std::size_t m = rows * width;
+  buf.resize(m * count);
+  for (std::size_t j = 0; j < count; ++j)
+    norm::transpose(src + j * m, rows, width, buf.data() + j * m);
+  return buf.data();
+}
+
+template <class T>
+void transpose_back(const T* src, std::size_t rows, std::size_t width, T* dst,
+                    std::size_t count = 1) {
+  const std::size_t m = rows * width;
+  for (std::size_t j = 0; j < count; ++j) norm::transpose(src + j * m, width, rows, dst + j * m);
+}
+
+template <class T>
+struct Scratch {
+  std::vector<T> x, dy, out;
+};
+
+template <class T>
+Scratch<T>& scratch() {
+  thread_local Scratch<T> s;
+  return s;
+}
 }  // namespace
 
 template <class T>
@@ -107,11 +137,16 @@ std::int64_t BatchNorm<T>::forward(const ForwardArgs<T>& a) const {
       throw std::invalid_argument(describe() +
                                   ": batch_norm eps must be positive during training, but got " +
                                   clip::format_double(eps_));
-    const auto L = norm::Layout::columns(a.rows, n);
+    const auto L = norm::Layout::features(a.rows, n);
+    Scratch<T>& t = scratch<T>();
+    const T* xt = transposed(a.x, a.rows, n, t.x);
     norm::Stats& s = stats_buffer();
-    s.compute(a.x, a.ex, L, true, eps_);
+    s.compute(xt, a.ex, L, true, eps_);
     if (a.local) s.save(*a.local);
-    return norm::forward(a.x, L, s, affine_.view(), a.y);
+    t.out.resize(a.rows * n);
+    const std::int64_t ey = norm::forward(xt, L, s, affine_.view(), t.out.data());
+    transpose_back(t.out.data(), a.rows, n, a.y);
+    return ey;
   }
   thread_local std::vector<double> alpha, beta;
   eval_coefficients(alpha, beta);
@@ -154,19 +189,27 @@ void BatchNorm<T>::after_forward(const std::vector<double>& local, std::size_t b
 }
 
 template <class T>
-const norm::Stats& BatchNorm<T>::batch_stats_of(const BackwardArgs<T>& a) const {
+const norm::Stats& BatchNorm<T>::batch_stats_of(const BackwardArgs<T>& a, const T* xt) const {
   const std::size_t n = static_cast<std::size_t>(this->in_);
   norm::Stats& s = stats_buffer();
-  if (!s.load(a.local, n, a.ex)) s.compute(a.x, a.ex, norm::Layout::columns(a.rows, n), true, eps_);
+  if (!s.load(a.local, n, a.ex)) s.compute(xt, a.ex, norm::Layout::features(a.rows, n), true, eps_);
   return s;
 }
 
 template <class T>
 std::int64_t BatchNorm<T>::backward_input(const BackwardArgs<T>& a) const {
   const std::size_t n = static_cast<std::size_t>(this->in_);
-  if (batch_stats(a.train))
-    return norm::backward_input(a.x, a.dy, a.gy, norm::Layout::columns(a.rows, n),
-                                batch_stats_of(a), true, affine_.view(), a.dx);
+  if (batch_stats(a.train)) {
+    Scratch<T>& t = scratch<T>();
+    const T* xt = transposed(a.x, a.rows, n, t.x);
+    const T* dyt = transposed(a.dy, a.rows, n, t.dy);
+    t.out.resize(a.rows * n);
+    const std::int64_t gx =
+        norm::backward_input(xt, dyt, a.gy, norm::Layout::features(a.rows, n),
+                             batch_stats_of(a, xt), true, affine_.view(), t.out.data());
+    transpose_back(t.out.data(), a.rows, n, a.dx);
+    return gx;
+  }
   thread_local std::vector<double> alpha, beta;
   eval_coefficients(alpha, beta);
   double amax = 0;
@@ -185,8 +228,11 @@ void BatchNorm<T>::backward_params(const BackwardArgs<T>& a, const ParamGradArgs
   if (!affine_.has_weight()) return;
   const std::size_t n = static_cast<std::size_t>(this->in_);
   if (batch_stats(a.train)) {
-    norm::backward_params(a.x, a.dy, a.gy, norm::Layout::columns(a.rows, n), batch_stats_of(a), n,
-                          grads[0], out[0].exp, grads[1], out[1].exp);
+    Scratch<T>& t = scratch<T>();
+    const T* xt = transposed(a.x, a.rows, n, t.x);
+    const T* dyt = transposed(a.dy, a.rows, n, t.dy);
+    norm::backward_params(xt, dyt, a.gy, norm::Layout::features(a.rows, n), batch_stats_of(a, xt),
+                          n, grads[0], out[0].exp, grads[1], out[1].exp);
     return;
   }
   // xhat = (x - running_mean) * invstd; with a zero running mean x's scale is carried.
@@ -228,11 +274,24 @@ std::unique_ptr<Block<double>> BatchNorm<T>::to_double() const {
 }
 
 template <class T>
+void BatchNorm<T>::jacobian_batch(const JacobianArgs<T>& a, const T* v, int k, bool transpose,
+                                  T* out) const {
+  const std::size_t n = static_cast<std::size_t>(this->in_);
+  const auto kk = static_cast<std::size_t>(k);
+  Scratch<T>& t = scratch<T>();
+  const T* xt = transposed(a.x, a.rows, n, t.x);
+  const T* vt = transposed(v, a.rows, n, t.dy, kk);
+  t.out.resize(a.rows * n * kk);
+  norm::jacobian_product(xt, norm::Layout::features(a.rows, n), batch_stats_of(a, xt), true,
+                         affine_.view(), vt, k, transpose, t.out.data());
+  transpose_back(t.out.data(), a.rows, n, out, kk);
+}
+
+template <class T>
 void BatchNorm<T>::jvp(const JacobianArgs<T>& a, const T* v, int k, T* out) const {
   const std::size_t n = static_cast<std::size_t>(this->in_);
   if (batch_stats(a.train)) {
-    norm::jacobian_product(a.x, norm::Layout::columns(a.rows, n), batch_stats_of(a), true,
-                           affine_.view(), v, k, false, out);
+    jacobian_batch(a, v, k, false, out);
     return;
   }
   thread_local std::vector<double> alpha, beta;
@@ -247,8 +306,7 @@ template <class T>
 void BatchNorm<T>::vjp(const JacobianArgs<T>& a, const T* u, int k, T* out) const {
   const std::size_t n = static_cast<std::size_t>(this->in_);
   if (batch_stats(a.train)) {
-    norm::jacobian_product(a.x, norm::Layout::columns(a.rows, n), batch_stats_of(a), true,
-                           affine_.view(), u, k, true, out);
+    jacobian_batch(a, u, k, true, out);
     return;
   }
   jvp(a, u, k, out);  // diagonal

@@ -53,18 +53,21 @@ void Stats::compute(const T* x, std::int64_t e, const Layout& L, bool center, do
   q.resize(G);
   const double dn = static_cast<double>(n);
   for (std::size_t g = 0; g < G; ++g) {
-    const T* xg = x + g * L.gstride;
+    const T* xg = x + g * n;
     double mu = 0.0;
     if (center) {
       double sum = 0.0;
-      for (std::size_t i = 0; i < n; ++i) sum += static_cast<double>(xg[i * L.estride]);
+#pragma omp simd reduction(+ : sum)
+      for (std::size_t i = 0; i < n; ++i) sum += static_cast<double>(xg[i]);
       mu = sum / dn;
     }
     double ss = 0.0, dm = 0.0;
+#pragma omp simd reduction(+ : ss) reduction(max : dm)
     for (std::size_t i = 0; i < n; ++i) {
-      const double d = static_cast<double>(xg[i * L.estride]) - mu;
+      const double d = static_cast<double>(xg[i]) - mu;
+      const double ad = std::fabs(d);
       ss += d * d;
-      dm = std::max(dm, std::fabs(d));
+      dm = ad > dm ? ad : dm;
     }
     mean[g] = mu;
     var[g] = ss / dn;
@@ -166,21 +169,76 @@ Affine<T> AffineParams<T>::view() const {
 }
 
 template <class T>
-std::int64_t forward(const T* x, const Layout& L, const Stats& s, const Affine<T>& a, T* y) {
-  const int shift = a.b ? clamp_exp(s.xexp + a.wexp) : 0;
-  for (std::size_t g = 0; g < L.groups; ++g) {
-    const double mu = s.mean[g], c = s.c[g];
-    for (std::size_t i = 0; i < L.len; ++i) {
-      const std::size_t k = L.at(g, i), p = L.param(g, i);
-      double v = (static_cast<double>(x[k]) - mu) * c;
-      if (a.w) v *= static_cast<double>(a.w[p]);
-      if (a.b) {
-        // The bias is added at the true scale, where it may dwarf (or be dwarfed by) xhat.
-        if (shift != 0) v = std::ldexp(v, shift);
-        v += static_cast<double>(a.b[p]);
-      }
-      y[k] = static_cast<T>(v);
+void transpose(const T* src, std::size_t rows, std::size_t cols, T* dst) {
+  constexpr std::size_t kTile = 16;
+  for (std::size_t r0 = 0; r0 < rows; r0 += kTile)
+    for (std::size_t c0 = 0; c0 < cols; c0 += kTile) {
+      const std::size_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      for (std::size_t r = r0; r < r1; ++r)
+        for (std::size_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
     }
+}
+
+namespace {
+// The weight of entry i of group g: per entry, one per group, or none. The loops below take
+// it as a template argument, so that each variant vectorises on its own.
+struct NoWeight {
+  double operator()(std::size_t) const { return 1.0; }
+};
+template <class T>
+struct EntryWeight {
+  const T* w;
+  double operator()(std::size_t i) const { return static_cast<double>(w[i]); }
+};
+struct GroupWeight {
+  double w;
+  double operator()(std::size_t) const { return w; }
+};
+
+template <class T, class F>
+void with_weight(const Layout& L, const T* w, std::size_t g, F&& f) {
+  if (!w)
+    f(NoWeight{});
+  else if (L.affine_per_group)
+    f(GroupWeight{static_cast<double>(w[g])});
+  else
+    f(EntryWeight<T>{w});
+}
+}  // namespace
+
+template <class T>
+std::int64_t forward(const T* x, const Layout& L, const Stats& s, const Affine<T>& a, T* y) {
+  const std::size_t n = L.len;
+  const std::int64_t shift = a.b ? s.xexp + a.wexp : 0;
+  // The bias is added at the true scale, where it may dwarf (or be dwarfed by) xhat; below
+  // 2^-1074 the factor itself would vanish, so such groups go through ldexp.
+  const bool tiny_shift = shift < -1074;
+  const double f = tiny_shift ? 0.0 : std::ldexp(1.0, clamp_exp(shift));
+  for (std::size_t g = 0; g < L.groups; ++g) {
+    const T* xg = x + g * n;
+    T* yg = y + g * n;
+    const double mu = s.mean[g], c = s.c[g];
+    with_weight(L, a.w, g, [&](auto w) {
+      if (!a.b) {
+#pragma omp simd
+        for (std::size_t i = 0; i < n; ++i)
+          yg[i] = static_cast<T>((static_cast<double>(xg[i]) - mu) * c * w(i));
+        return;
+      }
+      const T* b = a.b + (L.affine_per_group ? g : 0);
+      const std::size_t bstep = L.affine_per_group ? 0 : 1;
+      if (tiny_shift) {
+        for (std::size_t i = 0; i < n; ++i)
+          yg[i] = static_cast<T>(
+              std::ldexp((static_cast<double>(xg[i]) - mu) * c * w(i), clamp_exp(shift)) +
+              static_cast<double>(b[i * bstep]));
+        return;
+      }
+#pragma omp simd
+      for (std::size_t i = 0; i < n; ++i)
+        yg[i] = static_cast<T>((static_cast<double>(xg[i]) - mu) * c * w(i) * f +
+                               static_cast<double>(b[i * bstep]));
+    });
   }
   return a.b ? 0 : s.xexp + a.wexp;
 }
@@ -193,24 +251,26 @@ std::int64_t backward_input(const T* x, const T* dy, std::int64_t gy, const Layo
   // xhat = xt * 2^xexp, so its term in the bracket carries 4^xexp.
   const double f = std::ldexp(1.0, clamp_exp(2 * s.xexp));
   thread_local std::vector<double> mg, mgx;
-  thread_local std::vector<std::int64_t> eg;
   mg.resize(G);
   mgx.resize(G);
-  eg.resize(G);
   bool any = false;
   std::int64_t top = 0;
   for (std::size_t g = 0; g < G; ++g) {
+    const T* xg = x + g * n;
+    const T* dyg = dy + g * n;
     const double mu = s.mean[g], c = s.c[g];
     double sg = 0.0, sgx = 0.0, gmax = 0.0;
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t k = L.at(g, i);
-      const double gi = a.w ? static_cast<double>(dy[k]) * static_cast<double>(a.w[L.param(g, i)])
-                            : static_cast<double>(dy[k]);
-      const double xi = (static_cast<double>(x[k]) - mu) * c;
-      sg += gi;
-      sgx += gi * xi;
-      gmax = std::max(gmax, std::fabs(gi));
-    }
+    with_weight(L, a.w, g, [&](auto w) {
+#pragma omp simd reduction(+ : sg, sgx) reduction(max : gmax)
+      for (std::size_t i = 0; i < n; ++i) {
+        const double gi = static_cast<double>(dyg[i]) * w(i);
+        const double xi = (static_cast<double>(xg[i]) - mu) * c;
+        const double ag = std::fabs(gi);
+        sg += gi;
+        sgx += gi * xi;
+        gmax = ag > gmax ? ag : gmax;
+      }
+    });
     mg[g] = center ? sg / dn : 0.0;
     mgx[g] = sgx / dn * f;
     // A bound on the group's bracket, so that one exponent serves every group and rstd
@@ -218,21 +278,25 @@ std::int64_t backward_input(const T* x, const T* dy, std::int64_t gy, const Layo
     const double bound = gmax + std::fabs(mg[g]) + s.dmax[g] * std::fabs(c) * std::fabs(mgx[g]);
     const double mm = s.m[g];
     if (bound > 0 && mm > 0 && std::isfinite(bound) && std::isfinite(mm)) {
-      eg[g] = log2_of(bound) + log2_of(mm) + s.q[g];
-      top = any ? std::max(top, eg[g]) : eg[g];
+      const std::int64_t eg = log2_of(bound) + log2_of(mm) + s.q[g];
+      top = any ? std::max(top, eg) : eg;
       any = true;
     }
   }
   for (std::size_t g = 0; g < G; ++g) {
-    const double mu = s.mean[g], c = s.c[g];
+    const T* xg = x + g * n;
+    const T* dyg = dy + g * n;
+    T* dxg = dx + g * n;
+    const double mu = s.mean[g], c = s.c[g], m1 = mg[g], m2 = mgx[g];
     const double r = std::ldexp(s.m[g], clamp_exp(s.q[g] - top));
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t k = L.at(g, i);
-      const double gi = a.w ? static_cast<double>(dy[k]) * static_cast<double>(a.w[L.param(g, i)])
-                            : static_cast<double>(dy[k]);
-      const double xi = (static_cast<double>(x[k]) - mu) * c;
-      dx[k] = static_cast<T>(r * (gi - mg[g] - xi * mgx[g]));
-    }
+    with_weight(L, a.w, g, [&](auto w) {
+#pragma omp simd
+      for (std::size_t i = 0; i < n; ++i) {
+        const double gi = static_cast<double>(dyg[i]) * w(i);
+        const double xi = (static_cast<double>(xg[i]) - mu) * c;
+        dxg[i] = static_cast<T>(r * (gi - m1 - xi * m2));
+      }
+    });
   }
   return gy + a.wexp + top - s.ex;
 }
@@ -250,16 +314,33 @@ std::int64_t store_scaled(const std::vector<double>& acc, T* out) {
 template <class T>
 void backward_params(const T* x, const T* dy, std::int64_t gy, const Layout& L, const Stats& s,
                      std::size_t nparams, T* dw, std::int64_t& ew, T* db, std::int64_t& eb) {
+  const std::size_t n = L.len;
   thread_local std::vector<double> aw, ab;
-  aw.assign(dw ? nparams : 0, 0.0);
-  ab.assign(db ? nparams : 0, 0.0);
+  aw.assign(nparams, 0.0);
+  ab.assign(nparams, 0.0);
+  double* pw = aw.data();
+  double* pb = ab.data();
   for (std::size_t g = 0; g < L.groups; ++g) {
+    const T* xg = x + g * n;
+    const T* dyg = dy + g * n;
     const double mu = s.mean[g], c = s.c[g];
-    for (std::size_t i = 0; i < L.len; ++i) {
-      const std::size_t k = L.at(g, i), p = L.param(g, i);
-      const double d = static_cast<double>(dy[k]);
-      if (dw) aw[p] += d * ((static_cast<double>(x[k]) - mu) * c);
-      if (db) ab[p] += d;
+    if (L.affine_per_group) {
+      double sw = 0.0, sb = 0.0;
+#pragma omp simd reduction(+ : sw, sb)
+      for (std::size_t i = 0; i < n; ++i) {
+        const double d = static_cast<double>(dyg[i]);
+        sw += d * ((static_cast<double>(xg[i]) - mu) * c);
+        sb += d;
+      }
+      pw[g] = sw;
+      pb[g] = sb;
+      continue;
+    }
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) {
+      const double d = static_cast<double>(dyg[i]);
+      pw[i] += d * ((static_cast<double>(xg[i]) - mu) * c);
+      pb[i] += d;
     }
   }
   if (dw) ew = gy + s.xexp + store_scaled(aw, dw);
@@ -274,27 +355,27 @@ void jacobian_product(const T* x, const Layout& L, const Stats& s, bool center, 
   thread_local std::vector<double> z, xh;
   z.resize(n);
   xh.resize(n);
+  const T* w = a.w_true;
   for (std::size_t j = 0; j < static_cast<std::size_t>(k); ++j) {
-    const T* vj = v + j * size;
-    T* oj = out + j * size;
     for (std::size_t g = 0; g < G; ++g) {
+      const T* xg = x + g * n;
+      const T* vg = v + j * size + g * n;
+      T* og = out + j * size + g * n;
       const double rstd = std::ldexp(s.m[g], clamp_exp(s.q[g] - s.ex));
       double sz = 0.0, szx = 0.0;
       for (std::size_t i = 0; i < n; ++i) {
-        const std::size_t kk = L.at(g, i);
-        const double w = a.w_true ? static_cast<double>(a.w_true[L.param(g, i)]) : 1.0;
-        z[i] = transpose ? w * static_cast<double>(vj[kk]) : static_cast<double>(vj[kk]);
+        const double wi = !w ? 1.0 : static_cast<double>(w[L.affine_per_group ? g : i]);
+        z[i] = transpose ? wi * static_cast<double>(vg[i]) : static_cast<double>(vg[i]);
         // The true xhat (<= sqrt(n)); m * 2^q alone may overflow where x~ - mean is 0.
-        xh[i] = std::ldexp((static_cast<double>(x[kk]) - s.mean[g]) * s.m[g], clamp_exp(s.q[g]));
+        xh[i] = std::ldexp((static_cast<double>(xg[i]) - s.mean[g]) * s.m[g], clamp_exp(s.q[g]));
         sz += z[i];
         szx += z[i] * xh[i];
       }
       const double mz = center ? sz / dn : 0.0, mzx = szx / dn;
       for (std::size_t i = 0; i < n; ++i) {
-        const std::size_t kk = L.at(g, i);
-        const double w =
-            (!transpose && a.w_true) ? static_cast<double>(a.w_true[L.param(g, i)]) : 1.0;
-        oj[kk] = static_cast<T>(w * rstd * (z[i] - mz - xh[i] * mzx));
+        const double wi =
+            (transpose || !w) ? 1.0 : static_cast<double>(w[L.affine_per_group ? g : i]);
+        og[i] = static_cast<T>(wi * rstd * (z[i] - mz - xh[i] * mzx));
       }
     }
   }
@@ -303,6 +384,7 @@ void jacobian_product(const T* x, const Layout& L, const Stats& s, bool center, 
 #define GC_NORM_INSTANTIATE(T)                                                                     \
   template void Stats::compute<T>(const T*, std::int64_t, const Layout&, bool, double);            \
   template class AffineParams<T>;                                                                  \
+  template void transpose<T>(const T*, std::size_t, std::size_t, T*);                              \
   template std::int64_t forward<T>(const T*, const Layout&, const Stats&, const Affine<T>&, T*);   \
   template std::int64_t backward_input<T>(const T*, const T*, std::int64_t, const Layout&,         \
                                           const Stats&, bool, const Affine<T>&, T*);               \

@@ -56,8 +56,10 @@ class BatchNorm final : public Block<T> {
  private:
   bool batch_stats(bool train) const { return train || !track_; }
   // The statistics of a pass with batch statistics: from `local` when it holds them for
-  // this input, else computed from x.
-  const norm::Stats& batch_stats_of(const BackwardArgs<T>& a) const;
+  // this input, else computed from x (xt: x transposed).
+  const norm::Stats& batch_stats_of(const BackwardArgs<T>& a, const T* xt) const;
+  // J v or J^T v with batch statistics: the batch's rows are coupled.
+  void jacobian_batch(const JacobianArgs<T>& a, const T* v, int k, bool transpose, T* out) const;
   // Eval mode: y = x * alpha + beta per feature (as torch computes it).
   void eval_coefficients(std::vector<double>& alpha, std::vector<double>& beta) const;
 

@@ -22,20 +22,20 @@ struct InvStd {
 };
 InvStd inv_std(double v, double eps, std::int64_t e);
 
-// Which entries of a rows x width array are normalised together: LayerNorm and RMSNorm
-// normalise each row (groups = rows), a BatchNorm with batch statistics each column.
+// Which entries are normalised together: contiguous groups of `len` entries. LayerNorm and
+// RMSNorm normalise each row of a rows x width array; BatchNorm normalises the columns,
+// which it hands over transposed (one group per feature, with one weight per group).
 struct Layout {
-  std::size_t groups = 0, len = 0;  // number of groups, entries per group
-  std::size_t gstride = 0, estride = 0;
-  bool affine_per_group = false;  // BatchNorm: one weight per column; LayerNorm: per entry
+  std::size_t groups = 0, len = 0;
+  bool affine_per_group = false;  // BatchNorm: one weight per group; LayerNorm: per entry
 
-  std::size_t at(std::size_t g, std::size_t i) const { return g * gstride + i * estride; }
-  std::size_t param(std::size_t g, std::size_t i) const { return affine_per_group ? g : i; }
-  static Layout rows(std::size_t rows, std::size_t width) { return {rows, width, width, 1, false}; }
-  static Layout columns(std::size_t rows, std::size_t width) {
-    return {width, rows, 1, width, true};
-  }
+  static Layout rows(std::size_t rows, std::size_t width) { return {rows, width, false}; }
+  static Layout features(std::size_t rows, std::size_t width) { return {width, rows, true}; }
 };
+
+// dst (cols x rows) = src (rows x cols) transposed.
+template <class T>
+void transpose(const T* src, std::size_t rows, std::size_t cols, T* dst);
 
 // Per group: the mean and biased variance of x~, 1/sqrt(var + eps) as m * 2^q (relative to
 // x~'s scale), and c = m * 2^(q - xexp), so that xhat = (x~ - mean) * c * 2^xexp with one
