@@ -454,17 +454,22 @@ def test_rms_norm_default_eps_is_the_dtype_machine_epsilon():
 
 
 @needs_torch
-def test_rms_norm_matches_torch_formula_bit_for_bit_in_float64():
+def test_rms_norm_matches_torchs_formula_to_rounding():
+    """torch.rms_norm: x * rsqrt(mean(x^2) + eps) * weight; float64 to 1e-15, float32 to
+    a few float32 roundings (its sums are accumulated in double here)."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(6, 9)) * np.exp(rng.normal(size=(6, 1)) * 3)
     w = 1 + 0.3 * rng.normal(size=9)
-    for eps in (None, 1e-6, 0.3):
-        ch = _core.Chain64([rms_norm(9, eps)])
-        ch.set_param(0, w)
-        out, e = ch.forward(x, True)
-        ref = torch.nn.functional.rms_norm(torch.tensor(x), [9], torch.tensor(w), eps).numpy()
-        assert e == 0
-        np.testing.assert_allclose(out, ref, rtol=1e-15, atol=0)
+    for dt, chain, rtol in ((np.float64, _core.Chain64, 1e-15), (np.float32, _core.Chain32, 4e-7)):
+        for eps in (None, 1e-6, 0.3):
+            ch = chain([rms_norm(9, eps)])
+            ch.set_param(0, w.astype(dt))
+            out, e = ch.forward(x.astype(dt), True)
+            ref = torch.nn.functional.rms_norm(
+                torch.tensor(x.astype(dt)), [9], torch.tensor(w.astype(dt)), eps
+            ).numpy()
+            assert e == 0 and out.dtype == dt
+            np.testing.assert_allclose(out, ref, rtol=rtol, atol=0, err_msg=f"{dt} eps={eps}")
 
 
 # --------------------------------------------------------------------------------------
@@ -717,6 +722,36 @@ def test_eps_dominated_signal_is_carried_not_underflowed(chain):
     np.testing.assert_allclose(
         np.asarray(out, np.float64), expected, rtol=1e-12 if dt == np.float64 else 1e-5, atol=0
     )
+
+
+@needs_torch
+def test_rows_at_far_apart_scales_in_a_split_batch():
+    """Wide enough that the forward pass splits the batch over two threads, with one half
+    at 1e-100 and the other at 1: each half gets its own exponent in the forward pass and
+    the stored rows are reconciled before the backward pass, which recomputes each row's
+    statistics from them."""
+    specs = [
+        linear(64, 128, False),
+        layer_norm(128, 1e-5),
+        linear(128, 64),
+        rms_norm(64, 1e-6),
+        linear(64, 32),
+    ]
+    ch, params = build(specs, 31)
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=(8, 64))
+    x[:4] *= 1e-100
+    g = rng.normal(size=(8, 32))
+    res = ch.backward(x, "grad_output", g, True, -1.0, 2.0, True)
+    ref = O.torch_chain_backward(O.torch_chain(specs, params), x, "grad_output", None, g)
+    for a, e, what in [(res["output"], ref.output, "output")] + [
+        (a, e, f"boundary {i}")
+        for i, (a, e) in enumerate(zip(res["boundary_grads"], ref.boundary_grads))
+    ]:
+        for r in range(8):  # row by row: the tiny rows must be right too
+            assert_close(a[r], e[r], 1e-10, f"{what} row {r}")
+    for i, n in enumerate(_trainable(ch)):
+        assert_close(res["param_grads"][i], ref.param_grads[n], 1e-10, n)
 
 
 # --------------------------------------------------------------------------------------
