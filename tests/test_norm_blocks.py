@@ -618,6 +618,11 @@ EDGE_CHAINS = {
     "rms-first": [rms_norm(6), linear(6, 5, False), act(5, "relu"), rms_norm(5, 1e-6)],
     "linear-ln": [linear(6, 6, False), layer_norm(6, 1e-5, True, False), linear(6, 4)],
     "residual": [residual([rms_norm(6, 1e-5), linear(6, 6, False)], 0.5), layer_norm(6, 0.0)],
+    "bn-train": [batch_norm(6, 1e-5, None), linear(6, 4)],
+    # eval mode: x * alpha + beta at the true scale, or with a zero running mean and bias a
+    # homogeneous map that carries the scale
+    "bn-eval": [batch_norm(6), linear(6, 4)],
+    "bn-eval-centred": [batch_norm(6), linear(6, 4)],
 }
 
 
@@ -626,18 +631,22 @@ EDGE_CHAINS = {
 @pytest.mark.parametrize("name", list(EDGE_CHAINS))
 def test_edge_scales_against_long_double(name, scale):
     specs = EDGE_CHAINS[name]
+    train = not name.startswith("bn-eval")
     ch, params = build(specs, 17)
+    if name == "bn-eval-centred":
+        for leaf in ("0.running_mean", "0.bias"):
+            ch.set_param(_index(ch, leaf), np.zeros(6))
+            params[leaf] = np.zeros(6)
     rng = np.random.default_rng(9)
     x0 = rng.normal(size=(3, 6))
     x = x0 * scale
     g = rng.normal(size=(3, ch.out_width))
-    res = ch.backward(x, "grad_output", g, True, -1.0, 2.0, True)
+    res = ch.backward(x, "grad_output", g, True, -1.0, 2.0, train)
     # the long double chain at the true scale: its variances (down to 1e-600, up to 1e600)
     # are ordinary numbers there
     xl = x.astype(O.LD)
-    ref = O.numpy_chain_backward(specs, params, xl, "grad_output", None, g, True, O.LD)
-    out = np.asarray(ref.output, dtype=np.float64)
-    assert_close(res["output"], out, 1e-12, "output")
+    ref = O.numpy_chain_backward(specs, params, xl, "grad_output", None, g, train, O.LD)
+    _assert_close_at_scale(res["output"], ref.output, 1e-12, "output")
 
     def lg(a):
         n = np.sqrt(np.sum(np.asarray(a, dtype=O.LD) ** 2))
@@ -651,13 +660,18 @@ def test_edge_scales_against_long_double(name, scale):
         res["log10_boundary_grad_norms"], [lg(b) for b in ref.boundary_grads], rtol=0, atol=1e-12
     )
     for i, n in enumerate(names):
-        assert_close(res["param_grads"][i], np.asarray(ref.param_grads[n], np.float64), 1e-11, n)
-    # dL/dx itself where float64 holds it to full precision
-    bx = np.asarray(ref.boundary_grads[0], dtype=O.LD)
-    m = np.abs(bx).max()
-    if 1e-290 < m < 1e300:
-        got = np.asarray(res["boundary_grads"][0]) / float(m)
-        assert_close(got, (bx / m).astype(np.float64), 1e-11, "dL/dx")
+        _assert_close_at_scale(res["param_grads"][i], ref.param_grads[n], 1e-11, n)
+    _assert_close_at_scale(res["boundary_grads"][0], ref.boundary_grads[0], 1e-11, "dL/dx")
+
+
+def _assert_close_at_scale(actual, expected, rtol, what):
+    """assert_close on both divided by max|expected| (norms of values near 1e300 overflow).
+    Entries that float64 holds as subnormals are off by 2.5e-324 at most, far below
+    rtol * max|expected| while the largest is above 1e-305."""
+    e = np.asarray(expected, dtype=O.LD)
+    m = np.abs(e).max()
+    assert 1e-305 < m < np.finfo(np.float64).max, f"{what}: max {float(m):.3g}"
+    assert_close(np.asarray(actual) / float(m), (e / m).astype(np.float64), rtol, what)
 
 
 @pytest.mark.parametrize("k", [-500, -200, 200, 500, -1000, 1000])
