@@ -261,12 +261,15 @@ template <class T>
 std::unique_ptr<Block<double>> BatchNorm<T>::to_double() const {
   auto d =
       std::make_unique<BatchNorm<double>>(this->in_, eps_, momentum_, affine_.has_weight(), track_);
-  const auto infos = params();
-  for (std::size_t i = 0; i < infos.size(); ++i) {
-    const T* src = const_cast<BatchNorm*>(this)->param_data(i);
-    double* dst = d->param_data(i);
-    const std::size_t size = infos[i].shape.empty() ? 1 : static_cast<std::size_t>(this->in_);
-    for (std::size_t j = 0; j < size; ++j) dst[j] = static_cast<double>(src[j]);
+  std::size_t i = 0;
+  if (affine_.has_weight()) {
+    std::copy(affine_.weight().begin(), affine_.weight().end(), d->param_data(i++));
+    std::copy(affine_.bias().begin(), affine_.bias().end(), d->param_data(i++));
+  }
+  if (track_) {
+    std::copy(running_mean_.begin(), running_mean_.end(), d->param_data(i++));
+    std::copy(running_var_.begin(), running_var_.end(), d->param_data(i++));
+    *d->param_data(i) = static_cast<double>(num_batches_tracked_);
   }
   d->params_changed();
   d->set_name(this->name_);

@@ -1,5 +1,6 @@
 #include "gradchain/layer_norm.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -83,11 +84,9 @@ template <class T>
 std::unique_ptr<Block<double>> LayerNorm<T>::to_double() const {
   auto d = std::make_unique<LayerNorm<double>>(this->in_, eps_, affine_.has_weight(),
                                                affine_.has_bias());
-  for (std::size_t i = 0; i < params().size(); ++i) {
-    const T* src = const_cast<LayerNorm*>(this)->param_data(i);
-    double* dst = d->param_data(i);
-    for (int j = 0; j < this->in_; ++j) dst[j] = static_cast<double>(src[j]);
-  }
+  if (affine_.has_weight())
+    std::copy(affine_.weight().begin(), affine_.weight().end(), d->param_data(0));
+  if (affine_.has_bias()) std::copy(affine_.bias().begin(), affine_.bias().end(), d->param_data(1));
   d->params_changed();
   d->set_name(this->name_);
   return d;
