@@ -1519,3 +1519,408 @@ def torch_rnn_state_jacobians(cell, state_dict, x, *, h0=None, c0=None):
             with torch.no_grad():
                 s = step(s, xt)
     return out
+
+
+# ======================================================================================
+# Chains of blocks, given as the spec dicts of gradchain._core.Chain64 / Chain32
+# ======================================================================================
+#
+# Parameters travel as a dict {torch name: array} ("0.weight", "3.block.1.bias",
+# "2.running_mean", ...). The NumPy reference below works in float64 or, for inputs whose
+# statistics leave the float64 range, in long double; its normalisation backward passes
+# are the step-by-step chain rule through mean, variance and rstd.
+
+
+def np_layer_norm(x, eps, weight=None, bias=None, axis=1):
+    """LayerNorm over `axis` (BatchNorm with batch statistics: axis 0). Returns y and a
+    backward function dy -> (dx, dweight, dbias)."""
+    n = x.shape[axis]
+    mu = x.mean(axis=axis, keepdims=True)
+    d = x - mu
+    var = (d * d).sum(axis=axis, keepdims=True) / n
+    rstd = 1 / np.sqrt(var + eps)
+    xhat = d * rstd
+    y = xhat * weight if weight is not None else xhat.copy()
+    if bias is not None:
+        y = y + bias
+
+    def backward(dy):
+        dxhat = dy * weight if weight is not None else dy
+        drstd = (dxhat * d).sum(axis=axis, keepdims=True)
+        dvar = drstd * (-0.5) * rstd**3
+        dd = dxhat * rstd + dvar * 2 * d / n
+        dx = dd - dd.sum(axis=axis, keepdims=True) / n
+        # weight and bias are per feature (the last axis) in both layouts
+        dw = (dy * xhat).sum(axis=0) if weight is not None else None
+        db = dy.sum(axis=0) if bias is not None else None
+        return dx, dw, db
+
+    return y, backward
+
+
+def np_rms_norm(x, eps, weight=None):
+    """torch.nn.RMSNorm over the rows: y = x / sqrt(mean(x^2) + eps) * weight."""
+    n = x.shape[1]
+    ms = (x * x).sum(axis=1, keepdims=True) / n
+    rstd = 1 / np.sqrt(ms + eps)
+    y = x * rstd
+    if weight is not None:
+        y = y * weight
+
+    def backward(dy):
+        dxn = dy * weight if weight is not None else dy
+        drstd = (dxn * x).sum(axis=1, keepdims=True)
+        dms = drstd * (-0.5) * rstd**3
+        dx = dxn * rstd + dms * 2 * x / n
+        dw = (dy * x * rstd).sum(axis=0) if weight is not None else None
+        return dx, dw
+
+    return y, backward
+
+
+def np_batch_norm_eval(x, running_mean, running_var, eps, weight=None, bias=None):
+    """BatchNorm with running statistics: a per-feature affine map."""
+    invstd = 1 / np.sqrt(running_var + eps)
+    xhat = (x - running_mean) * invstd
+    y = xhat * weight if weight is not None else xhat
+    if bias is not None:
+        y = y + bias
+
+    def backward(dy):
+        dx = dy * invstd * (weight if weight is not None else 1)
+        dw = (dy * xhat).sum(axis=0) if weight is not None else None
+        db = dy.sum(axis=0) if bias is not None else None
+        return dx, dw, db
+
+    return y, backward
+
+
+def np_running_stats(x, running_mean, running_var, num_batches, momentum):
+    """torch's update after a train-mode pass: the batch mean and unbiased variance mixed in
+    with factor momentum (None: 1 / num_batches_tracked, counted after this pass)."""
+    B = x.shape[0]
+    num_batches = num_batches + 1
+    f = 1.0 / num_batches if momentum is None else momentum
+    mean = x.mean(axis=0)
+    var = ((x - mean) ** 2).sum(axis=0) / (B - 1)
+    return (
+        f * mean + (1 - f) * running_mean,
+        f * var + (1 - f) * running_var,
+        num_batches,
+    )
+
+
+def _chain_act(name, z, negative_slope, alpha, derivative):
+    if z.dtype == LD:
+        return _ld_act(name, z, negative_slope, alpha, derivative)
+    if derivative:
+        return act_derivative(name, z, negative_slope, alpha)
+    return act_forward(name, z, negative_slope, alpha)
+
+
+def _np_block(spec, prefix, P, x, train, grads, buffers):
+    """Forward of one block; returns y and dy -> dx (which adds parameter gradients to
+    `grads`). Running statistics go to `buffers`."""
+    kind = spec["kind"]
+    dt = x.dtype
+
+    def p(name):
+        key = f"{prefix}.{name}"
+        return np.asarray(P[key]).astype(dt) if key in P else None
+
+    def add(name, g):
+        if g is not None:
+            key = f"{prefix}.{name}"
+            grads[key] = grads.get(key, 0) + g
+
+    if kind == "linear":
+        W, b = p("weight"), p("bias")
+        y = x @ W.T + (b if b is not None else 0)
+
+        def back(dy):
+            add("weight", dy.T @ x)
+            if b is not None:
+                add("bias", dy.sum(axis=0))
+            return dy @ W
+
+        return y, back
+    if kind == "activation":
+        a = (spec["activation"], x, spec["negative_slope"], spec["alpha"])
+        return _chain_act(*a, False), lambda dy: dy * _chain_act(*a, True)
+    if kind == "scale":
+        c = dt.type(spec["value"])
+        return c * x, lambda dy: c * dy
+    if kind in ("layer_norm", "rms_norm", "batch_norm"):
+        if kind == "rms_norm":
+            eps = spec["eps"] if spec["eps"] is not None else np.finfo(np.float64).eps
+            y, bw = np_rms_norm(x, dt.type(eps), p("weight"))
+            back2 = bw
+        else:
+            eps = dt.type(spec["eps"])
+            batch = kind == "batch_norm" and (train or not spec["track_running_stats"])
+            if kind == "layer_norm":
+                y, back2 = np_layer_norm(x, eps, p("weight"), p("bias"), axis=1)
+            elif batch:
+                y, back2 = np_layer_norm(x, eps, p("weight"), p("bias"), axis=0)
+                if train and spec["track_running_stats"]:
+                    rm, rv, nb = np_running_stats(
+                        x,
+                        p("running_mean"),
+                        p("running_var"),
+                        float(P[f"{prefix}.num_batches_tracked"]),
+                        spec["momentum"],
+                    )
+                    buffers[f"{prefix}.running_mean"] = rm
+                    buffers[f"{prefix}.running_var"] = rv
+                    buffers[f"{prefix}.num_batches_tracked"] = nb
+            else:
+                y, back2 = np_batch_norm_eval(
+                    x, p("running_mean"), p("running_var"), eps, p("weight"), p("bias")
+                )
+
+        def back(dy):
+            dx, *pg = back2(dy)
+            for name, g in zip(("weight", "bias"), pg):
+                add(name, g)
+            return dx
+
+        return y, back
+    if kind == "residual":
+        s = dt.type(spec["scale"])
+        f, fb = _np_blocks(spec["body"], f"{prefix}.block", P, x, train, grads, buffers)
+        if spec["shortcut"] is not None:
+            skip, sb = _np_block(
+                spec["shortcut"], f"{prefix}.shortcut", P, x, train, grads, buffers
+            )
+        else:
+            skip, sb = x, lambda dy: dy
+        return skip + s * f, lambda dy: sb(dy) + fb(s * dy)
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def _np_blocks(specs, prefix, P, x, train, grads, buffers, outputs=None):
+    backs = []
+    for j, spec in enumerate(specs):
+        x, b = _np_block(spec, f"{prefix}.{j}" if prefix else str(j), P, x, train, grads, buffers)
+        backs.append(b)
+        if outputs is not None:
+            outputs.append(x)
+
+    def back(dy, boundary=None):
+        for j in range(len(backs) - 1, -1, -1):
+            if boundary is not None:
+                boundary[j + 1] = dy
+            dy = backs[j](dy)
+        if boundary is not None:
+            boundary[0] = dy
+        return dy
+
+    return x, back
+
+
+def numpy_chain_backward(
+    specs, params, x, loss="probe", target=None, grad_output=None, train=True, dtype=np.float64
+):
+    """The chain in NumPy (float64, or long double with dtype=np.longdouble for the probe
+    and grad_output losses). Returns output, loss, param_grads {name: array},
+    boundary_grads (the input's, then each top-level block's output's) and buffers (the
+    running statistics after this pass, where a train-mode BatchNorm updated them)."""
+    dt = np.dtype(dtype)
+    x = np.asarray(x).astype(dt)
+    grads, buffers, outs = {}, {}, []
+    h, back = _np_blocks(specs, "", params, x, train, grads, buffers, outs)
+    if dt == LD:
+        if loss == "probe":
+            lv, g = h * h / 2, h.copy()
+            lv = float(np.log10(lv.sum())) if np.any(h) else -math.inf
+        else:
+            lv, g = math.nan, np.asarray(grad_output, dtype=np.float64).astype(LD)
+    else:
+        lv, g = _loss_and_grad(h, loss, target, grad_output)
+    boundary = [None] * (len(specs) + 1)
+    back(g, boundary)
+    return SimpleNamespace(
+        output=h,
+        loss=lv,
+        param_grads=grads,
+        boundary_grads=boundary,
+        buffers=buffers,
+    )
+
+
+def _torch_modules():
+    import torch
+
+    class Residual(torch.nn.Module):
+        def __init__(self, body, scale, shortcut):
+            super().__init__()
+            self.block = torch.nn.Sequential(*body)
+            self.scale = scale
+            self.shortcut = shortcut
+
+        def forward(self, x):
+            s = x if self.shortcut is None else self.shortcut(x)
+            return s + self.scale * self.block(x)
+
+    class Act(torch.nn.Module):
+        def __init__(self, name, negative_slope, alpha):
+            super().__init__()
+            self.phi = _torch_act(name, negative_slope, alpha)
+
+        def forward(self, x):
+            return self.phi(x)
+
+    class Scale(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            return self.c * x
+
+    return Residual, Act, Scale
+
+
+def torch_block(spec, dtype="float64"):
+    """The torch module of one block spec."""
+    import torch
+
+    Residual, Act, Scale = _torch_modules()
+    tdt = {"float64": torch.float64, "float32": torch.float32}[str(np.dtype(dtype))]
+    kind = spec["kind"]
+    if kind == "linear":
+        return torch.nn.Linear(spec["in_features"], spec["out_features"], spec["bias"], dtype=tdt)
+    if kind == "activation":
+        return Act(spec["activation"], spec["negative_slope"], spec["alpha"])
+    if kind == "scale":
+        return Scale(spec["value"])
+    if kind == "layer_norm":
+        return torch.nn.LayerNorm(
+            spec["width"],
+            eps=spec["eps"],
+            elementwise_affine=spec["elementwise_affine"],
+            bias=spec["bias"],
+            dtype=tdt,
+        )
+    if kind == "rms_norm":
+        return torch.nn.RMSNorm(
+            spec["width"], eps=spec["eps"], elementwise_affine=spec["elementwise_affine"], dtype=tdt
+        )
+    if kind == "batch_norm":
+        return torch.nn.BatchNorm1d(
+            spec["width"],
+            eps=spec["eps"],
+            momentum=spec["momentum"],
+            affine=spec["affine"],
+            track_running_stats=spec["track_running_stats"],
+            dtype=tdt,
+        )
+    if kind == "residual":
+        body = [torch_block(s, dtype) for s in spec["body"]]
+        sc = torch_block(spec["shortcut"], dtype) if spec["shortcut"] is not None else None
+        return Residual(body, spec["scale"], sc)
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def torch_chain(specs, params=None, dtype="float64"):
+    """nn.Sequential of the specs' modules, with `params` ({torch name: array}) loaded
+    strictly (every name must match torch's state_dict)."""
+    import torch
+
+    model = torch.nn.Sequential(*[torch_block(s, dtype) for s in specs])
+    if params is not None:
+        sd = model.state_dict()
+        model.load_state_dict(
+            {
+                k: torch.as_tensor(np.asarray(v)).to(sd[k].dtype).reshape(sd[k].shape)
+                for k, v in params.items()
+            }
+        )
+    return model
+
+
+def torch_chain_backward(model, x, loss="probe", target=None, grad_output=None, train=True):
+    """One forward and backward pass of a torch_chain model in train or eval mode, with
+    retain_grad on every top-level block output."""
+    import torch
+    import torch.nn.functional as F
+
+    tdt = next(iter(model.state_dict().values())).dtype if model.state_dict() else torch.float64
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    h0 = torch.tensor(np.asarray(x), dtype=tdt, requires_grad=True)
+    hs, h = [h0], h0
+    for m in model:
+        h = m(h)
+        h.retain_grad()
+        hs.append(h)
+    if loss == "probe":
+        lv = 0.5 * h.pow(2).sum()
+    elif loss == "mse":
+        lv = F.mse_loss(h, torch.as_tensor(np.asarray(target)).to(tdt))
+    elif loss == "cross_entropy":
+        lv = F.cross_entropy(h, torch.as_tensor(np.asarray(target), dtype=torch.int64))
+    elif loss == "grad_output":
+        lv = None
+        h.backward(torch.as_tensor(np.asarray(grad_output)).to(tdt))
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    if lv is not None:
+        lv.backward()
+    return SimpleNamespace(
+        output=h.detach().numpy().copy(),
+        loss=float(lv.detach()) if lv is not None else math.nan,
+        param_grads={n: _grad_or_zero(p) for n, p in model.named_parameters()},
+        boundary_grads=[t.grad.detach().numpy().copy() for t in hs],
+        buffers={n: b.detach().numpy().copy() for n, b in model.named_buffers()},
+    )
+
+
+def renormalised_linear_batch_norm(weights, x, eps=1e-5, anchors=None):
+    """log10 gradient norms of the chain [Linear(n, n, bias=False), BatchNorm(n) in train
+    mode with weight 1 and bias 0] * L under the probe loss, at any depth: the backward
+    pass divides the gradient by its norm before every block and accumulates the log10 of
+    the divisors (both blocks' backward passes are linear in the gradient, so this is
+    exact). BatchNorm keeps the forward pass at unit scale.
+
+    A float64 forward pass this deep is chaotic (rounding differences between two
+    implementations grow until the trajectories part), so ``anchors`` {l: h} may give the
+    BatchNorm output of pair l to continue from. Returns log10_params (W, weight, bias per
+    pair), log10_boundaries (the input, then every block output) and the largest relative
+    difference between this forward pass and the anchors where it met them."""
+    anchors = anchors or {}
+    h = np.asarray(x, dtype=np.float64)
+    hs, caches, drift = [h], [], 0.0
+    for l, W in enumerate(weights):
+        z = h @ np.asarray(W, dtype=np.float64).T
+        mu = z.mean(axis=0)
+        d = z - mu
+        rstd = 1 / np.sqrt((d * d).mean(axis=0) + eps)
+        h = d * rstd
+        if l in anchors:
+            a = np.asarray(anchors[l], dtype=np.float64)
+            drift = max(drift, float(np.abs(h - a).max() / np.abs(a).max()))
+            h = a
+        caches.append((z, h, rstd))
+        hs.append(h)
+    L = len(weights)
+    lp = np.empty(3 * L)
+    lb = np.empty(2 * L + 1)
+    g, acc = hs[-1].copy(), 0.0  # probe: dL/dh = h
+    lb[2 * L] = _log10(float(np.linalg.norm(g)))
+    for l in range(L - 1, -1, -1):
+        z, xhat, rstd = caches[l]
+        n = float(np.linalg.norm(g))
+        acc += math.log10(n)
+        g = g / n
+        lp[3 * l + 1] = _log10(float(np.linalg.norm((g * xhat).sum(axis=0)))) + acc
+        lp[3 * l + 2] = _log10(float(np.linalg.norm(g.sum(axis=0)))) + acc
+        g = rstd * (g - g.mean(axis=0) - xhat * (g * xhat).mean(axis=0))
+        lb[2 * l + 1] = _log10(float(np.linalg.norm(g))) + acc
+        n = float(np.linalg.norm(g))
+        acc += math.log10(n)
+        g = g / n
+        lp[3 * l] = _log10(float(np.linalg.norm(g.T @ hs[l]))) + acc
+        g = g @ np.asarray(weights[l], dtype=np.float64)
+        lb[2 * l] = _log10(float(np.linalg.norm(g))) + acc
+    return SimpleNamespace(log10_params=lp, log10_boundaries=lb, drift=drift)

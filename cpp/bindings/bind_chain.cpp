@@ -1,12 +1,17 @@
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "gradchain/activation.hpp"
+#include "gradchain/batch_norm.hpp"
 #include "gradchain/chain.hpp"
+#include "gradchain/layer_norm.hpp"
 #include "gradchain/linear.hpp"
 #include "gradchain/residual.hpp"
+#include "gradchain/rms_norm.hpp"
 #include "gradchain/scale.hpp"
 #include "pybind.hpp"
 
@@ -28,6 +33,11 @@ std::vector<std::unique_ptr<Block<T>>> make_blocks(const py::list& specs) {
 template <class T>
 using Factory = std::function<std::unique_ptr<Block<T>>(const py::dict&)>;
 
+std::optional<double> optional_double(const py::dict& d, const char* key) {
+  if (d[key].is_none()) return std::nullopt;
+  return d[key].cast<double>();
+}
+
 template <class T>
 const std::map<std::string, Factory<T>>& factories() {
   static const std::map<std::string, Factory<T>> table = {
@@ -42,6 +52,23 @@ const std::map<std::string, Factory<T>>& factories() {
              d["width"].cast<int>(),
              Activation::parse(d["activation"].cast<std::string>(),
                                d["negative_slope"].cast<double>(), d["alpha"].cast<double>()));
+       }},
+      {"layer_norm",
+       [](const py::dict& d) {
+         return std::make_unique<LayerNorm<T>>(d["width"].cast<int>(), d["eps"].cast<double>(),
+                                               d["elementwise_affine"].cast<bool>(),
+                                               d["bias"].cast<bool>());
+       }},
+      {"rms_norm",
+       [](const py::dict& d) {
+         return std::make_unique<RMSNorm<T>>(d["width"].cast<int>(), optional_double(d, "eps"),
+                                             d["elementwise_affine"].cast<bool>());
+       }},
+      {"batch_norm",
+       [](const py::dict& d) {
+         return std::make_unique<BatchNorm<T>>(
+             d["width"].cast<int>(), d["eps"].cast<double>(), optional_double(d, "momentum"),
+             d["affine"].cast<bool>(), d["track_running_stats"].cast<bool>());
        }},
       {"scale",
        [](const py::dict& d) {
@@ -117,6 +144,54 @@ py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::objec
     d["boundary_grads"] = bg;
   }
   return d;
+}
+
+// J v (or J^T v) of top-level block `index` at the point x * 2^x_log2_scale, for the
+// vectors v[0..k) (each rows x width).
+template <class T>
+py::array_t<T> block_jacobian_product(const Chain<T>& net, std::size_t index, CArray<T> x,
+                                      std::int64_t x_log2_scale, CArray<T> v, bool transpose,
+                                      bool train) {
+  if (index >= net.size()) throw py::index_error("block index out of range");
+  const Block<T>& b = net.block(index);
+  if (b.kind() == BlockKind::residual)
+    throw std::invalid_argument("block " + std::to_string(index) +
+                                " is a Residual: its Jacobian is taken through its parts");
+  const int in = b.in_width(), out = b.out_width();
+  if (x.ndim() != 2 || x.shape(1) != in)
+    throw std::invalid_argument("x must have shape (rows, " + std::to_string(in) + ")");
+  const auto rows = static_cast<std::size_t>(x.shape(0));
+  const int vw = transpose ? out : in, ow = transpose ? in : out;
+  if (v.ndim() != 3 || static_cast<std::size_t>(v.shape(1)) != rows || v.shape(2) != vw)
+    throw std::invalid_argument("v must have shape (k, " + std::to_string(rows) + ", " +
+                                std::to_string(vw) + ")");
+  const int k = static_cast<int>(v.shape(0));
+  const std::size_t w = static_cast<std::size_t>(std::max(in, out));
+  std::vector<T> y(rows * static_cast<std::size_t>(out)), scratch(rows * w * 2 * (k + 1));
+  std::vector<double> local;
+  ForwardArgs<T> f;
+  f.rows = rows;
+  f.x = x.data();
+  f.ex = x_log2_scale;
+  f.y = y.data();
+  f.scratch = scratch.data();
+  f.train = train;
+  f.local = &local;
+  JacobianArgs<T> a;
+  a.rows = rows;
+  a.x = x.data();
+  a.ex = x_log2_scale;
+  a.ey = b.forward(f);
+  a.y = y.data();
+  a.scratch = scratch.data();
+  a.train = train;
+  a.local = &local;
+  std::vector<T> res(static_cast<std::size_t>(k) * rows * static_cast<std::size_t>(ow));
+  if (transpose)
+    b.vjp(a, v.data(), k, res.data());
+  else
+    b.jvp(a, v.data(), k, res.data());
+  return to_numpy(std::move(res), {k, static_cast<py::ssize_t>(rows), ow});
 }
 
 template <class T>
@@ -207,7 +282,11 @@ void bind(py::module_& m, const char* name) {
           },
           py::arg("x"), py::arg("train"))
       .def("backward", &backward<T>, py::arg("x"), py::arg("loss"), py::arg("target"),
-           py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"), py::arg("train"));
+           py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"), py::arg("train"))
+      .def("block_jacobian_product", &block_jacobian_product<T>, py::arg("index"), py::arg("x"),
+           py::arg("x_log2_scale"), py::arg("v"), py::arg("transpose"), py::arg("train"),
+           "J v (transpose: J^T v) of top-level block `index` at x * 2^x_log2_scale; v has "
+           "shape (k, rows, width).");
 }
 
 }  // namespace

@@ -101,15 +101,32 @@ struct Compiler {
     return s.out;
   }
 
+  int subtree_params(const Block<T>& b) {
+    const auto* r = dynamic_cast<const Residual<T>*>(&b);
+    if (!r) return trainable(b);
+    int n = r->shortcut() ? trainable(*r->shortcut()) : 0;
+    for (const auto& c : r->body()) n += subtree_params(*c);
+    return n;
+  }
+
   int block(Block<T>* b, int in, const std::string& where) {
     auto* r = dynamic_cast<Residual<T>*>(b);
     if (!r) return leaf(b, in, where);
     int skip = in;
-    // The shortcut runs first: its output must live through the body anyway.
-    if (r->shortcut()) skip = leaf(r->shortcut(), in, where + " shortcut");
+    int after_shortcut = -1;
+    if (r->shortcut()) {
+      // The shortcut runs first (its output must live through the body anyway), but its
+      // parameters follow the body's, as in parameters() and torch's named_parameters().
+      const int first = param_index;
+      for (const auto& c : r->body()) param_index += subtree_params(*c);
+      skip = leaf(r->shortcut(), in, where + " shortcut");
+      after_shortcut = param_index;
+      param_index = first;
+    }
     int cur = in;
     for (std::size_t j = 0; j < r->body().size(); ++j)
       cur = block(r->body()[j].get(), cur, where + " body block " + std::to_string(j));
+    if (after_shortcut >= 0) param_index = after_shortcut;
     Step s;
     s.kind = Step::Kind::join;
     s.block = b;
