@@ -201,8 +201,16 @@ template <class T>
 class Pass {
  public:
   Pass(const Model<T>& m, const RecurrentRequest& req, std::size_t steps, std::size_t B,
-       RecurrentResult<T>& res, Canceller& cancel, std::atomic<bool>& abort)
-      : m_(m), req_(req), Tn_(steps), B_(B), res_(res), cancel_(cancel), abort_(abort) {}
+       RecurrentResult<T>& res, Canceller& cancel, std::atomic<bool>& abort, bool halves, bool team)
+      : m_(m),
+        req_(req),
+        Tn_(steps),
+        B_(B),
+        res_(res),
+        cancel_(cancel),
+        abort_(abort),
+        halves_(halves),
+        team_(team) {}
 
   void allocate(Part<T>& p, Arena<T>& a) const;
   void forward(Part<T>& p, bool polls) const;
@@ -230,13 +238,46 @@ class Pass {
   void record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const T* d, std::int64_t g,
               bool have, bool window) const;
 
+  void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, const T* a,
+            std::size_t lda, const T* b, std::size_t ldb, T beta, T* c, std::size_t ldc) const;
+
   const Model<T>& m_;
   const RecurrentRequest& req_;
   std::size_t Tn_, B_;
   RecurrentResult<T>& res_;
   Canceller& cancel_;
   std::atomic<bool>& abort_;
+  bool halves_, team_;
 };
+
+// C = op(A) op(B) + beta C, every product of a pass. With `halves` (large products of an
+// unsplit batch) C's columns go in two fixed halves, each a single-threaded product, on two
+// threads where the pass has them: the sums never depend on the thread count, as they would
+// with OpenBLAS's own threads.
+template <class T>
+void Pass<T>::gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, const T* a,
+                   std::size_t lda, const T* b, std::size_t ldb, T beta, T* c,
+                   std::size_t ldc) const {
+  if (!halves_ || n < 2) {
+    blas::gemm(ta, tb, I(m), I(n), I(k), T(1), a, I(lda), b, I(ldb), beta, c, I(ldc));
+    return;
+  }
+  const std::size_t n0 = n / 2;
+  auto half = [&](int h) {
+    const std::size_t j = h == 0 ? 0 : n0, w = h == 0 ? n0 : n - n0;
+    const T* bh = tb == Trans::T ? b + j * ldb : b + j;
+    blas::gemm(ta, tb, I(m), I(w), I(k), T(1), a, I(lda), bh, I(ldb), beta, c + j, I(ldc));
+  };
+#ifdef _OPENMP
+  if (team_) {
+#pragma omp parallel num_threads(2)
+    half(omp_get_thread_num());
+    return;
+  }
+#endif
+  half(0);
+  half(1);
+}
 
 template <class T>
 const Activation& Pass<T>::act(CellKind c) {
@@ -320,7 +361,7 @@ void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
   T* G = p.Gt[l] + (t - 1) * R * GW;  // holds the input projection on entry
   T* S = p.S;
   const Weight<T>& whh = m_.w_hh[l];
-  blas::gemm(Trans::N, Trans::T, I(R), I(GH), I(H), T(1), hp, I(H), whh.w, I(H), T(0), S, I(GH));
+  gemm(Trans::N, Trans::T, R, GH, H, hp, H, whh.w, H, T(0), S, GH);
   scale_pow2(S, R * GH, whh.e);
   switch (m_.cell) {
     case CellKind::tanh:
@@ -397,8 +438,7 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
     T* G = p.Gt[l];
     const Weight<T>& wih = m_.w_ih[l];
-    blas::gemm(Trans::N, Trans::T, I(Tn_ * R), I(nih), I(m_.in[l]), T(1), X, I(m_.in[l]), wih.w,
-               I(m_.in[l]), T(0), G, I(GW));
+    gemm(Trans::N, Trans::T, Tn_ * R, nih, m_.in[l], X, m_.in[l], wih.w, m_.in[l], T(0), G, GW);
     if (wih.e != 0)
       for (std::size_t r = 0; r < Tn_ * R; ++r) scale_pow2(G + r * GW, nih, wih.e);
     std::vector<T> bsum(nih);
@@ -559,8 +599,7 @@ void Pass<T>::loss(Part<T>& p) const {
   std::vector<T> Y(rows * O), dY(rows * O);
   std::vector<std::int64_t> ye(nt, 0);  // dY's rows of step t0 + i are at 2^ye[i]
   if (m_.O > 0) {
-    blas::gemm(Trans::N, Trans::T, I(rows), I(O), I(H), T(1), hs, I(H), m_.w_out.w, I(H), T(0),
-               Y.data(), I(O));
+    gemm(Trans::N, Trans::T, rows, O, H, hs, H, m_.w_out.w, H, T(0), Y.data(), O);
     scale_pow2(Y.data(), rows * O, m_.w_out.e);
     for (std::size_t r = 0; r < rows; ++r)
       for (std::size_t j = 0; j < O; ++j) Y[r * O + j] += m_.b_out[j];
@@ -584,8 +623,7 @@ void Pass<T>::loss(Part<T>& p) const {
   }
   T* Ut = U + t0 * n;
   if (m_.O > 0) {
-    blas::gemm(Trans::N, Trans::N, I(rows), I(H), I(O), T(1), dY.data(), I(O), m_.w_out.w, I(H),
-               T(0), Ut, I(H));
+    gemm(Trans::N, Trans::N, rows, H, O, dY.data(), O, m_.w_out.w, H, T(0), Ut, H);
   } else {
     std::copy(dY.begin(), dY.end(), Ut);
   }
@@ -771,8 +809,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
     }
     // dL/dh_{t-1} = dL/dgates_hh W_hh (+ z * dL/dh_t for GRU).
-    blas::gemm(Trans::N, Trans::N, I(R), I(H), I(m_.GH), T(1), dG, I(GW), whh.w, I(H), T(0), dhn,
-               I(H));
+    gemm(Trans::N, Trans::N, R, H, m_.GH, dG, GW, whh.w, H, T(0), dhn, H);
     if (whh.e == 0) {
       if (gru)
         for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
@@ -814,8 +851,8 @@ void Pass<T>::vertical(Part<T>& p, std::size_t l, const T* dG, std::size_t rows,
   const std::size_t in = m_.in[l];
   bool first = true;
   for (const Block& b : m_.ih) {
-    blas::gemm(Trans::N, Trans::N, I(rows), I(in), I(b.width), T(1), dG + b.col, I(m_.GW),
-               m_.w_ih[l].w + b.row * in, I(in), first ? T(0) : T(1), out, I(in));
+    gemm(Trans::N, Trans::N, rows, in, b.width, dG + b.col, m_.GW, m_.w_ih[l].w + b.row * in, in,
+         first ? T(0) : T(1), out, in);
     first = false;
   }
 }
@@ -854,8 +891,8 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
                          bool first) {
     T* out = p.pg[q.index].data();
     for (const Block& b : *q.blocks)
-      blas::gemm(Trans::T, Trans::N, I(b.width), I(q.width), I(rows), T(1), Dm + b.col, I(ld), M,
-                 I(q.width), first ? T(0) : T(1), out + b.row * q.width, I(q.width));
+      gemm(Trans::T, Trans::N, b.width, q.width, rows, Dm + b.col, ld, M, q.width,
+           first ? T(0) : T(1), out + b.row * q.width, q.width);
   };
   // Products whose M_t left the band: step t's term D_t^T M_t is formed from D_t * 2^(ex_t +
   // m_t - P) and M_t * 2^-m_t (m_t: M_t's binary exponent), P the largest term's exponent.
@@ -1311,9 +1348,13 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
 #ifdef _OPENMP
   parallel = two && max_threads() > 1;
 #endif
-  const int cores = std::max(max_threads(), blas_threads());
-  const bool threaded_gemm = !two && step_work >= kThreadedGemmWork && cores > 1;
-  BlasThreads threads(threaded_gemm ? cores : 1);
+  // An unsplit batch with large products splits each product's columns in two instead.
+  const bool halves = !two && step_work >= kThreadedGemmWork;
+  bool team = false;
+#ifdef _OPENMP
+  team = halves && max_threads() > 1;
+#endif
+  BlasThreads threads(1);
 
   RecurrentResult<T> res;
   res.norm_type = req.norm_type;
@@ -1331,7 +1372,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     parts[0].R = B;
   }
   std::atomic<bool> abort{false};
-  Pass<T> pass(m, req, Tn, B, res, cancel, abort);
+  Pass<T> pass(m, req, Tn, B, res, cancel, abort, halves, team);
   Arena<T> sizing;
   for (Part<T>& p : parts) pass.allocate(p, sizing);
   // Buffers up to kKeptBytes stay with the chain between runs (saves page faults); a
