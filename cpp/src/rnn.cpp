@@ -106,6 +106,26 @@ void accumulate(T* a, std::int64_t& e, char& nz, const T* x, std::int64_t ex, st
   add_pow2(a, x, n, ex - c);
 }
 
+// Multiplication by 2^d as two factors, each inside the float range for any d a mantissa
+// of T can need (|d| up to twice the exponent range): exact barring an underflowing result.
+template <class T>
+struct Pow2 {
+  T f1 = T(1), f2 = T(1);
+  explicit Pow2(std::int64_t d) {
+    constexpr int lim = 2 * std::numeric_limits<T>::max_exponent + std::numeric_limits<T>::digits;
+    if (d == 0) return;
+    if (d < -lim) {
+      f1 = f2 = T(0);
+      return;
+    }
+    const int k = static_cast<int>(std::min<std::int64_t>(d, lim)), k1 = k / 2;
+    f1 = static_cast<T>(std::ldexp(1.0, k1));
+    f2 = static_cast<T>(std::ldexp(1.0, k - k1));
+  }
+  static Pow2 zero() { return Pow2(std::numeric_limits<std::int64_t>::min()); }
+  T operator()(T x) const { return (x * f1) * f2; }
+};
+
 // A run of columns of the stored per-step gradient that multiplies a block of rows of a
 // weight: LSTM and the vanilla cells use one run; GRU's input and hidden weights see
 // different gradients for the n gate.
@@ -465,12 +485,6 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
 
 // ---- loss ---------------------------------------------------------------------------------
 
-// exp(x - k ln 2) for an integer k, without the rounding of k ln 2 in one product.
-inline double exp_shifted(double x, double k) {
-  constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
-  return k == 0.0 ? std::exp(x) : std::exp((x - k * kLn2Hi) - k * kLn2Lo);
-}
-
 // Softmax cross-entropy of rows Y (nt steps of R rows, O logits each) against the labels:
 // the loss terms into p.loss, dL/dY mantissas into dY at 2^ye per step. Computed from the
 // logits' log-sum-exp, so that neither the loss of a confidently right row (log1p of a sum
@@ -480,6 +494,7 @@ template <class T>
 void Pass<T>::cross_entropy(Part<T>& p, const T* Y, std::size_t nt, std::size_t t0, T* dY,
                             std::vector<std::int64_t>& ye) const {
   constexpr double kLn2 = 0.69314718055994530942;
+  constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
   constexpr int band = std::numeric_limits<T>::max_exponent / 5;
   const std::size_t R = p.R, O = m_.O > 0 ? m_.O : m_.H;
   const bool every = req_.target_every_step;
@@ -532,12 +547,18 @@ void Pass<T>::cross_entropy(Part<T>& p, const T* Y, std::size_t nt, std::size_t 
         big = std::max(big, std::log(0.5));
       }
     }
-    // Scale only when the largest entry lies below the band (then every entry is tiny).
-    double k = 0.0;
+    // Scale only when the largest entry lies below the band (then every entry is tiny): by
+    // 2^-k, k = floor(big / ln 2), each entry then exp((log - big) + frac) with frac =
+    // big - k ln 2 in [0, ln 2) (noise, and set to 0, where big is too large for a double
+    // to resolve it).
+    double k = 0.0, frac = 0.0;
     if (big > kNegInf && big / kLn2 < -band) {
       k = std::floor(big / kLn2);
+      frac = (big - k * kLn2Hi) - k * kLn2Lo;
+      if (!(frac >= 0.0 && frac < kLn2)) frac = 0.0;
       if (!(k > -0x1p62)) big = kNegInf;  // beyond even the exponent's range: zero
     }
+    auto mant = [&](double lg) { return k == 0.0 ? std::exp(lg) : std::exp((lg - big) + frac); };
     ye[i] = static_cast<std::int64_t>(k);
     for (std::size_t r = 0; r < R; ++r) {
       const T* y = Y + (i * R + r) * O;
@@ -550,9 +571,9 @@ void Pass<T>::cross_entropy(Part<T>& p, const T* Y, std::size_t nt, std::size_t 
       for (std::size_t j = 0; j < O; ++j) {
         double g;
         if (j != w.lab)
-          g = exp_shifted(double(y[j]) - w.lse, k);
+          g = mant(double(y[j]) - w.lse);
         else if (w.top)
-          g = -exp_shifted(w.llab, k);
+          g = -mant(w.llab);
         else
           g = std::expm1(double(y[j]) - w.lse);
         d[j] = static_cast<T>(g) * inv;
@@ -605,6 +626,11 @@ void Pass<T>::loss(Part<T>& p) const {
       for (std::size_t j = 0; j < O; ++j) Y[r * O + j] += m_.b_out[j];
   } else {
     std::copy(hs, hs + rows * O, Y.begin());
+  }
+  if (!scan(Y.data(), rows * O).finite) {  // read-out outputs beyond the float range
+    p.bad_layer = static_cast<int>(L) - 1;
+    p.bad_t = -2;
+    return;
   }
   if (req_.loss == LossKind::mse) {
     const T* y = static_cast<const T*>(req_.target);
@@ -663,10 +689,13 @@ void Pass<T>::record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const
   }
 }
 
-// Carries dL/dh (and dL/dc) of layer l from step t_hi down to t_lo. The gradient is held
-// as a mantissa array times 2^g and renormalised by powers of two whenever it leaves the
-// safe band, so it never under- or overflows. dL/dgates of step t is written to Gt's row
-// block t (in place of the gates) or, for window truncation, to the window buffer.
+// Carries dL/dh (and the LSTM's dL/dc) of layer l from step t_hi down to t_lo. Each is held
+// as a mantissa array times a power of two of its own (dh * 2^gh, dc * 2^gc) and put back
+// into the safe band whenever it leaves it, so it never under- or overflows. Arrays at
+// different exponents are combined at the exponent of the larger true maximum, so that an
+// array that is exactly zero or far smaller than the other cannot push the other out of
+// the range. dL/dgates of step t is written to Gt's row block t (in place of the gates)
+// or, for window truncation, to the window buffer.
 template <class T>
 void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_lo, const Up<T>& up,
                     bool window, bool polls) const {
@@ -679,8 +708,9 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
   T* dc = p.dc;
   T* dhn = p.dhn;
   T* tmp = p.tmp;
-  std::int64_t g = 0;
-  bool have = false;
+  std::int64_t gh = 0, gc = 0;  // exponents of dh and dc
+  std::int64_t th = kNone;      // exponent of max|dh * 2^gh| (kNone: dh is zero)
+  bool have = false;            // false: dh and dc are zero (their contents undefined)
 
   auto up_row = [&](std::size_t t, const T*& row, std::int64_t& ex) {
     if (t < up.first || t > up.last || !up.nz[t - up.first]) return false;
@@ -688,87 +718,116 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     ex = up.exp[t - up.first];
     return true;
   };
+  // c += d * 2^s * o * (1 - tanh(c_t)^2): dL/dc_t through h_t
+  auto add_from_h = [&](T* c, const T* d, const T* G, const T* tc, Pow2<T> s) {
+    for (std::size_t r = 0; r < R; ++r)
+      for (std::size_t j = 0; j < H; ++j) {
+        const std::size_t i = r * H + j;
+        c[i] += s(d[i]) * G[r * GW + 3 * H + j] * (T(1) - tc[i] * tc[i]);
+      }
+  };
+  // dc (at gc) += dh (at gh) through h_t
+  auto cell_from_state = [&](const T* G, const T* tc) {
+    if (th == kNone) return;
+    const std::int64_t tcx = gc == gh ? kNone : top_exponent(scan(dc, n), gc);
+    if (gc == gh || tcx == kNone) {  // a zero dc takes dh's exponent
+      gc = gh;
+      add_from_h(dc, dh, G, tc, Pow2<T>(0));
+      return;
+    }
+    const std::int64_t c = std::max(th, tcx);
+    scale_pow2(dc, n, clamp_shift(gc - c));
+    gc = c;
+    add_from_h(dc, dh, G, tc, Pow2<T>(gh - c));
+  };
   for (std::size_t t = t_hi; t > t_lo; --t) {
     const T* u = nullptr;
     std::int64_t ue = 0;
     const bool has_up = up_row(t, u, ue);
     if (has_up) {
-      if (!have) {
+      if (!have || th == kNone) {
         std::copy(u, u + n, dh);
-        if (lstm) std::fill(dc, dc + n, T(0));
-        g = ue;
+        gh = ue;
+        th = top_exponent(scan(u, n), ue);
+        if (lstm && !have) {
+          std::fill(dc, dc + n, T(0));
+          gc = ue;
+        }
         have = true;
-      } else if (ue > g) {
-        scale_pow2(dh, n, clamp_shift(g - ue));
-        if (lstm) scale_pow2(dc, n, clamp_shift(g - ue));
-        g = ue;
+      } else if (ue == gh) {
         add_pow2(dh, u, n, 0);
       } else {
-        add_pow2(dh, u, n, ue - g);
+        const std::int64_t tu = top_exponent(scan(u, n), ue);
+        if (tu != kNone) {
+          const std::int64_t c = std::max(th, tu);
+          scale_pow2(dh, n, clamp_shift(gh - c));
+          gh = c;
+          add_pow2(dh, u, n, ue - c);
+          th = top_exponent(scan(dh, n), gh);
+        }
       }
     }
-    record(Grad::state, p, l, t, dh, g, have, window);
+    record(Grad::state, p, l, t, dh, gh, have, window);
     const T* G = p.Gt[l] + (t - 1) * R * GW;
     const T* tc = lstm ? p.TC[l] + (t - 1) * n : nullptr;
-    auto add_from_h = [&](T* c, const T* d) {  // c += d * o * (1 - tanh(c_t)^2)
-      for (std::size_t r = 0; r < R; ++r)
-        for (std::size_t j = 0; j < H; ++j) {
-          const std::size_t i = r * H + j;
-          c[i] += d[i] * G[r * GW + 3 * H + j] * (T(1) - tc[i] * tc[i]);
-        }
-    };
     if (detach && t % k == 0 && t < Tn_) {
       // Truncation boundary: what arrived from step t + 1 stops here; the loss and the
       // layer above at t still send their gradient on. The cell's recorded gradient is
       // that of c_t as used by h_t plus that of its detached copy.
       if (lstm) {
-        const std::int64_t g_rec = g;
-        const bool had = have;
         if (has_up) {
           std::fill(tmp, tmp + n, T(0));
-          add_from_h(tmp, u);
+          add_from_h(tmp, u, G, tc, Pow2<T>(0));
           std::copy(tmp, tmp + n, dhn);  // dL/dc_t through h_t alone, at 2^ue
-          if (had) {
-            std::int64_t e = ue;
-            char nz = 1;
-            accumulate(tmp, e, nz, dc, g_rec, n);
-            record(Grad::cell, p, l, t, tmp, e, true, false);
-          } else {
-            record(Grad::cell, p, l, t, tmp, ue, true, false);
-          }
+          std::int64_t e = ue;
+          char nz = 1;
+          if (have) accumulate(tmp, e, nz, dc, gc, n);
+          record(Grad::cell, p, l, t, tmp, e, true, false);
           std::copy(dhn, dhn + n, dc);
+          gc = ue;
         } else {
-          record(Grad::cell, p, l, t, dc, g_rec, had, false);
+          record(Grad::cell, p, l, t, dc, gc, have, false);
         }
       }
       have = has_up;
       if (have) {
         std::copy(u, u + n, dh);
-        g = ue;
+        gh = ue;
+        th = top_exponent(scan(u, n), ue);
       }
     } else if (lstm && have) {
-      add_from_h(dc, dh);
-      record(Grad::cell, p, l, t, dc, g, true, window);
+      cell_from_state(G, tc);
+      record(Grad::cell, p, l, t, dc, gc, true, window);
     } else if (lstm) {
-      record(Grad::cell, p, l, t, dc, g, false, window);
+      record(Grad::cell, p, l, t, dc, gc, false, window);
     }
 
     T* dG = window ? p.Wd + (t - t_lo - 1) * R * GW : p.Gt[l] + (t - 1) * R * GW;
     std::int64_t* dge = window ? &p.wexp[t - t_lo - 1] : &p.gexp[l][t - 1];
     char* dgnz = window ? &p.wnz[t - t_lo - 1] : &p.gnz[l][t - 1];
     *dgnz = have ? 1 : 0;
-    *dge = g;
+    *dge = gh;
     if (!have) {
       std::fill(dG, dG + R * GW, T(0));
       continue;
     }
-    // dL/dgates of step t (same scale 2^g); G and dG may be the same array.
+    // dL/dgates of step t; G and dG may be the same array.
     switch (m_.cell) {
       case CellKind::tanh:
       case CellKind::relu:
         act(m_.cell).backward(static_cast<const T*>(nullptr), p.Hs[l] + t * n, dh, dG, n);
         break;
       case CellKind::lstm: {
+        // The i, f, g gates come from dc, the o gate from dh: at one exponent, that of the
+        // larger of the two (the other's factor is 1 when they share one).
+        Pow2<T> fc(0), fh(0);
+        if (gc != gh) {
+          const std::int64_t tcx = top_exponent(scan(dc, n), gc);
+          const std::int64_t e = std::max(th, tcx) == kNone ? gh : std::max(th, tcx);
+          fc = tcx == kNone ? Pow2<T>::zero() : Pow2<T>(gc - e);
+          fh = th == kNone ? Pow2<T>::zero() : Pow2<T>(gh - e);
+          *dge = e;
+        }
         const T* cp = p.Cs[l] + (t - 1) * n;
         for (std::size_t r = 0; r < R; ++r) {
           const T* gr = G + r * GW;
@@ -776,11 +835,11 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
           for (std::size_t j = 0; j < H; ++j) {
             const std::size_t i = r * H + j;
             const T gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
-            const T dct = dc[i];
-            dr[j] = dct * gg * gi * (T(1) - gi);
-            dr[H + j] = dct * cp[i] * gf * (T(1) - gf);
-            dr[2 * H + j] = dct * gi * (T(1) - gg * gg);
-            dr[3 * H + j] = dh[i] * tc[i] * go * (T(1) - go);
+            const T dct = dc[i], dcs = fc(dct);
+            dr[j] = dcs * gg * gi * (T(1) - gi);
+            dr[H + j] = dcs * cp[i] * gf * (T(1) - gf);
+            dr[2 * H + j] = dcs * gi * (T(1) - gg * gg);
+            dr[3 * H + j] = fh(dh[i]) * tc[i] * go * (T(1) - go);
             dc[i] = dct * gf;
           }
         }
@@ -808,39 +867,40 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
         break;
       }
     }
-    // dL/dh_{t-1} = dL/dgates_hh W_hh (+ z * dL/dh_t for GRU).
+    // dL/dh_{t-1} = dL/dgates_hh W~_hh at 2^(dge + e) (+ z * dL/dh_t for GRU, at 2^gh).
     gemm(Trans::N, Trans::N, R, H, m_.GH, dG, GW, whh.w, H, T(0), dhn, H);
-    if (whh.e == 0) {
-      if (gru)
-        for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
-      std::swap(dh, dhn);
-      double mx = scan(dh, n).maxabs;
-      if (lstm) mx = std::max(mx, scan(dc, n).maxabs);
-      const int kk = rescale_exponent<T>(mx);
+    const std::int64_t ep = *dge + whh.e;
+    if (gru && ep == gh) {
+      for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
+    } else if (gru) {
+      const std::int64_t ta = top_exponent(scan(dhn, n), ep), tb = top_exponent(scan(tmp, n), gh);
+      const std::int64_t c = std::max(ta, tb) == kNone ? ep : std::max(ta, tb);
+      scale_pow2(dhn, n, clamp_shift(ep - c));
+      add_pow2(dhn, tmp, n, gh - c);
+      gh = c;
+    }
+    if (!gru) gh = ep;
+    std::swap(dh, dhn);
+    const Scan sh = scan(dh, n);
+    int kk = sh.finite ? rescale_exponent<T>(sh.maxabs) : 0;
+    if (kk != 0) {
+      scale_pow2(dh, n, -kk);
+      gh += kk;
+    }
+    th = top_exponent(sh, gh - kk);
+    if (lstm) {
+      const Scan sc = scan(dc, n);
+      kk = sc.finite ? rescale_exponent<T>(sc.maxabs) : 0;
       if (kk != 0) {
-        scale_pow2(dh, n, -kk);
-        if (lstm) scale_pow2(dc, n, -kk);
-        g += kk;
+        scale_pow2(dc, n, -kk);
+        gc += kk;
       }
-    } else {
-      // The product is at 2^(g + e); what joins it (the LSTM's dc, the GRU's z * dL/dh_t)
-      // is still at 2^g: both go to the exponent of the larger true maximum.
-      T* other = lstm ? dc : gru ? tmp : nullptr;
-      const std::int64_t ta = top_exponent(scan(dhn, n), g + whh.e);
-      const std::int64_t tb = other ? top_exponent(scan(other, n), g) : kNone;
-      const std::int64_t c = std::max(ta, tb) == kNone ? g + whh.e : std::max(ta, tb);
-      scale_pow2(dhn, n, clamp_shift(g + whh.e - c));
-      if (other) scale_pow2(other, n, clamp_shift(g - c));
-      if (gru)
-        for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
-      g = c;
-      std::swap(dh, dhn);
     }
     if (abort_.load(std::memory_order_relaxed)) return;
     if (polls) cancel_.poll();
   }
-  record(Grad::state, p, l, t_lo, dh, g, have, window);
-  if (lstm) record(Grad::cell, p, l, t_lo, dc, g, have, window);
+  record(Grad::state, p, l, t_lo, dh, gh, have, window);
+  if (lstm) record(Grad::cell, p, l, t_lo, dc, gc, have, window);
 }
 
 // rows x in_l gradient of the layer's input: dL/dgates_ih W~_ih, row by row (each row keeps
@@ -1401,6 +1461,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     pass.forward(p, polls);
     if (p.bad_layer >= 0 || req.forward_only || abort.load()) return;
     pass.loss(p);
+    if (p.bad_layer >= 0) return;
     for (std::size_t t = 0; t <= Tn; ++t)
       if (p.topnz[t] && !scan(p.Utop + t * p.R * H, p.R * H).finite) {
         p.bad_layer = static_cast<int>(L) - 1;

@@ -205,7 +205,9 @@ struct ScaledSum {
       if (k > 0) add(std::numeric_limits<double>::infinity());
       return;
     }
-    add(std::exp((ln_v - k * kLn2Hi) - k * kLn2Lo), static_cast<std::int64_t>(k));
+    double frac = (ln_v - k * kLn2Hi) - k * kLn2Lo;  // noise where ln_v's ulp passes ln 2
+    if (!(frac >= 0.0 && frac < 0.69314718055994530942)) frac = 0.0;
+    add(std::exp(frac), static_cast<std::int64_t>(k));
   }
   // log10 of sum / divisor (divisor > 0); -inf for a zero sum.
   double log10(double divisor = 1.0) const {
