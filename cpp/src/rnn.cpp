@@ -819,29 +819,33 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
         break;
       case CellKind::lstm: {
         // The i, f, g gates come from dc, the o gate from dh: at one exponent, that of the
-        // larger of the two (the other's factor is 1 when they share one).
-        Pow2<T> fc(0), fh(0);
-        if (gc != gh) {
+        // larger of the two (scaled only where their exponents differ).
+        const T* cp = p.Cs[l] + (t - 1) * n;
+        auto gates = [&](auto fc, auto fh) {
+          for (std::size_t r = 0; r < R; ++r) {
+            const T* gr = G + r * GW;
+            T* dr = dG + r * GW;
+            for (std::size_t j = 0; j < H; ++j) {
+              const std::size_t i = r * H + j;
+              const T gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
+              const T dct = dc[i], dcs = fc(dct);
+              dr[j] = dcs * gg * gi * (T(1) - gi);
+              dr[H + j] = dcs * cp[i] * gf * (T(1) - gf);
+              dr[2 * H + j] = dcs * gi * (T(1) - gg * gg);
+              dr[3 * H + j] = fh(dh[i]) * tc[i] * go * (T(1) - go);
+              dc[i] = dct * gf;
+            }
+          }
+        };
+        if (gc == gh) {
+          const auto same = [](T v) { return v; };
+          gates(same, same);
+        } else {
           const std::int64_t tcx = top_exponent(scan(dc, n), gc);
           const std::int64_t e = std::max(th, tcx) == kNone ? gh : std::max(th, tcx);
-          fc = tcx == kNone ? Pow2<T>::zero() : Pow2<T>(gc - e);
-          fh = th == kNone ? Pow2<T>::zero() : Pow2<T>(gh - e);
           *dge = e;
-        }
-        const T* cp = p.Cs[l] + (t - 1) * n;
-        for (std::size_t r = 0; r < R; ++r) {
-          const T* gr = G + r * GW;
-          T* dr = dG + r * GW;
-          for (std::size_t j = 0; j < H; ++j) {
-            const std::size_t i = r * H + j;
-            const T gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
-            const T dct = dc[i], dcs = fc(dct);
-            dr[j] = dcs * gg * gi * (T(1) - gi);
-            dr[H + j] = dcs * cp[i] * gf * (T(1) - gf);
-            dr[2 * H + j] = dcs * gi * (T(1) - gg * gg);
-            dr[3 * H + j] = fh(dh[i]) * tc[i] * go * (T(1) - go);
-            dc[i] = dct * gf;
-          }
+          gates(tcx == kNone ? Pow2<T>::zero() : Pow2<T>(gc - e),
+                th == kNone ? Pow2<T>::zero() : Pow2<T>(gh - e));
         }
         break;
       }
