@@ -343,6 +343,27 @@ def test_two_thread_path_numpy(gc, cell, trunc):
     check_report(rep, ref, rnn)
 
 
+BIG = {"tanh": 1024, "relu": 1024, "lstm": 512, "gru": 600}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_of_one_with_large_products_numpy(gc, cell):
+    """A batch of one whose products reach 2^20 multiply-adds per step: each product's
+    columns are split in two fixed halves (the path a batch split cannot take)."""
+    H, T, L, n_in, out = BIG[cell], 3, 2, 5, 3
+    assert GATES[cell] * H * H >= 2**20
+    seed = zlib.crc32(f"big-{cell}".encode())
+    rng = np.random.default_rng(seed)
+    sd = O.random_rnn_state_dict(cell, n_in, H, L, output_size=out, gain=0.9, seed=seed)
+    rnn = gc.RNN.from_state_dict(sd, cell)
+    x = rng.normal(size=(T, 1, n_in))
+    tgt = rng.normal(size=(T, 1, out))
+    h0 = rng.normal(size=(L, 1, H)) * 0.5
+    rep = rnn.backward(x, tgt, loss="mse", h0=h0, return_grads=True)
+    ref = O.numpy_rnn_backward(cell, sd, x, h0=h0, loss="mse", target=tgt)
+    check_report(rep, ref, rnn)
+
+
 # --------------------------------------------------------------------------------------
 # 3. torch.nn.RNN / LSTM / GRU modules
 # --------------------------------------------------------------------------------------
