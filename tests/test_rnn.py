@@ -801,6 +801,42 @@ def test_huge_recurrent_weights_against_torch(gc, cell):
         assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - math.log10(2e100)) < 1e-12
 
 
+@needs_torch
+def test_gradient_arriving_after_the_carried_one_vanished(gc):
+    """tanh, W_hh = -1.3e81: the saturated states stop the carried gradient exactly, while
+    W_hh's exponent would still be added every step; the gradient arriving at step 1 must
+    not be scaled into underflow by it."""
+    sd = {"weight_ih_l0": np.array([[0.12573]]), "weight_hh_l0": np.array([[-1.32105e81]])}
+    x = np.array([0.12573, -0.1321, 0.64042, 0.1049, -0.53567]).reshape(5, 1, 1)
+    g = np.array([0.3616, 1.304, 0.94708, -0.70374, -1.26542]).reshape(5, 1, 1)
+    rep = gc.RNN.from_state_dict(sd, "tanh").backward(x, grad_output=g)
+    ref = O.torch_rnn_backward("tanh", sd, x, loss="grad", target=g)
+    check_torch_norms(rep, ref)
+    assert rep.log10_state_grad_norms[0] > 80
+
+
+@needs_torch
+def test_lstm_state_and_cell_gradients_far_apart(gc):
+    """Saturated gates (i = 0, f = o = 1 exactly) stop dL/dh at step 2 while dL/dc ~ 1e200
+    flows on; the gradient 1e-150 arriving at h_1 is 1e-350 times dL/dc_1, beyond a shared
+    exponent's reach but within torch float64's."""
+    H = 1
+    sd = {
+        "weight_ih_l0": np.full((4 * H, 1), 1e-3),
+        "weight_hh_l0": np.full((4 * H, H), 1e-3),
+        "bias_ih_l0": np.array([-1000.0, 100.0, 0.3, 100.0]),
+        "bias_hh_l0": np.zeros(4 * H),
+    }
+    x = np.ones((2, 1, 1))
+    g = np.array([1e-150, 1e200]).reshape(2, 1, 1)
+    c0 = np.full((1, 1, H), 0.5)
+    rep = gc.RNN.from_state_dict(sd, "lstm").backward(x, grad_output=g, c0=c0)
+    ref = O.torch_rnn_backward("lstm", sd, x, loss="grad", target=g, c0=c0)
+    check_torch_norms(rep, ref)
+    assert abs(rep.log10_state_grad_norms[1] + 150) < 1e-12
+    assert rep.log10_cell_grad_norms[1] > 199
+
+
 def test_huge_recurrent_weights_beyond_torch(gc):
     """relu, weight_hh = w I with w = 1e150, weight_ih = I, x = 1, T = 3: the states are
     h_1 = 1, h_2 = 1 + w, h_3 = 1 + w h_2 (~1e300); the gradients ~1e750 exist only in log
