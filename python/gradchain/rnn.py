@@ -417,7 +417,10 @@ class RNN:
             When the pass needs more memory than the machine has
             (see :meth:`backward_memory`).
         NonFiniteError
-            When a relu recurrence overflows in the forward pass (with the timestep).
+            When a state or pre-activation of the forward pass leaves the float range
+            (``err.index`` is the timestep), or the read-out's outputs or the loss
+            gradient do (``err.where == "loss"``). Weights, inputs and gradients far from 1
+            are fine: their scales are carried as powers of two.
         """
         dt = self._dtype
         x = self._x(x)
