@@ -165,6 +165,17 @@ def test_recurrent_jacobians_are_checked(gc, monkeypatch):
         assert needed_bytes(str(info.value)) > states
 
 
+def test_task_generators_are_checked(gc, monkeypatch):
+    from gradchain import tasks
+
+    monkeypatch.setenv("GRADCHAIN_MEMORY_LIMIT", "1000000")
+    with pytest.raises(MemoryError, match="the adding problem's arrays needs"):
+        tasks.adding_problem(T=10_000, batch=8)
+    with pytest.raises(MemoryError, match="the copy task's arrays needs"):
+        tasks.copy_task(T=10_000, batch=8)
+    assert tasks.adding_problem(T=1000, batch=8).x.shape == (1000, 8, 2)
+
+
 # --------------------------------------------------------------------------------------
 # where the limit comes from: /proc/meminfo and the cgroup files
 # --------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
   const PassBytes need = pass_bytes(batch, req);
   const double held = lock.owns_lock() ? ws_.bytes() : 0.0;
-  check_memory(need.needed, "this backward pass", held);
+  check_memory(need.needed, req.forward_only ? "this forward pass" : "this backward pass", held);
   const double bytes = need.needed + need.pipeline;
 
   double max_work = 0;
