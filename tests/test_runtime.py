@@ -166,6 +166,34 @@ def test_process_pool_workers_run_every_call(method):
         assert threads == "1"
 
 
+@pytest.mark.parametrize(
+    "call", ["net.backward(x)", "rnn.backward(xs)", "gc.jacobian_norms(net, x[:1])"]
+)
+def test_fork_after_one_kind_of_call(call):
+    """Each of the core's parallel regions leaves a thread pool behind: after any one of
+    them alone, a forked child must run (single-threaded) instead of waiting for it."""
+    code = f"""
+        import os, threading
+        import numpy as np, gradchain as gc
+        made = {{}}
+        def build():  # on another thread, whose thread pool the main thread's fork leaves behind
+            made["net"] = gc.MLP(depth=40, width=64, seed=0)
+            made["rnn"] = gc.RNN("lstm", 3, 16, seed=0)
+        builder = threading.Thread(target=build)
+        builder.start()
+        builder.join()
+        net, rnn = made["net"], made["rnn"]
+        x, xs = np.ones((16, 64)), np.ones((40, 4, 3))
+        {call}
+        pid = os.fork()
+        if pid == 0:
+            {call}
+            os._exit(0 if gc._core.max_threads() == 1 or not gc._core.forked_single_threaded() else 3)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """
+    assert run_python(code, timeout=60).split() == ["0"]
+
+
 def test_backward_releases_the_gil(gc):
     net = gc.MLP(depth=3000, width=64, activation="tanh", seed=0)
     x = np.ones((32, 64))

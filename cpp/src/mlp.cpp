@@ -349,7 +349,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     forward_rows(parts[0], true);
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       const auto t = static_cast<std::size_t>(omp_get_thread_num());
       try {
@@ -637,7 +637,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     chain();
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       try {
         if (omp_get_thread_num() == 0) {

@@ -43,6 +43,9 @@ std::int64_t now_ns() {
 
 }  // namespace
 
+Canceller::Canceller(std::function<bool()> hook)
+    : hook_(std::move(hook)), owner_(std::this_thread::get_id()), last_ns_(now_ns()) {}
+
 void Canceller::poll() {
   if (stopped_.load(std::memory_order_relaxed)) throw Interrupted();
   if (!hook_ || std::this_thread::get_id() != owner_) return;

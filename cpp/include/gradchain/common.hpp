@@ -33,15 +33,15 @@ class Interrupted : public std::runtime_error {
 };
 
 // Long loops call `poll()` once per unit of work, on every thread. The thread that created
-// the Canceller consults the hook (at most every 20 ms, so that a hook that takes the GIL
-// stays cheap); once it fires, poll() throws Interrupted on every thread.
+// the Canceller consults the hook every 20 ms, the first time 20 ms after its creation (a
+// hook that takes the GIL would otherwise wait for other Python threads in every short
+// call); once it fires, poll() throws Interrupted on every thread.
 class Canceller {
  public:
   Canceller() = default;
   // `hook` is consulted from the creating thread only: Python checks for signals on its
   // main thread alone, and other threads must not wait for the GIL.
-  explicit Canceller(std::function<bool()> hook)
-      : hook_(std::move(hook)), owner_(std::this_thread::get_id()) {}
+  explicit Canceller(std::function<bool()> hook);
   Canceller(const Canceller&) = delete;
   Canceller& operator=(const Canceller&) = delete;
   void poll();

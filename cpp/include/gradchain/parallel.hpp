@@ -93,13 +93,17 @@ void parallel_indices(int begin, int end, int threads, Canceller* cancel, F&& bo
     ++finished;
 #ifdef _OPENMP
     if (cancel && omp_get_thread_num() == 0)
-      while (finished.load() < omp_get_num_threads()) {
+      for (int spins = 0; finished.load() < omp_get_num_threads(); ++spins) {
         try {
           cancel->poll();
         } catch (...) {
           fail(end);
         }
-        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        // Short waits (the others' last layers) spin; long ones (their last examples) sleep.
+        if (spins < 2000)
+          std::this_thread::yield();
+        else
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
 #endif
   }
