@@ -73,8 +73,8 @@ LONG_CALLS = {
     "rnn_spectral_radius": 'gc.RNN("lstm", 1, 600, 6, spectral_radius=1.0, seed=0)',
     "rnn_forward": 'gc.RNN("lstm", 4, 512, seed=0).forward(np.ones((8000, 1, 4)))',
     "mlp_jacobian_norms": "gc.jacobian_norms(wide, np.ones((2, 1024)))",
-    # polled once a layer: layers small enough to take well under a second each
-    "mlp_jacobian_spectrum": "gc.jacobian_spectrum(deep, np.ones((2, 512)))",
+    # the full spectrum of a 2048-wide chain: seconds per layer, polled within each
+    "mlp_jacobian_spectrum": "gc.jacobian_spectrum(wider, np.ones(2048))",
     "rnn_jacobian_norms": "gc.jacobian_norms(lstm, sequences)",
     "rnn_jacobian_spectrum": "gc.jacobian_spectrum(lstm, sequences)",
     # a norm of order 3 over 6.7e9 numbers (one 64 MB array, listed 400 times)
@@ -93,7 +93,7 @@ def interrupted_calls():
         import os, signal, threading, time
         import numpy as np, gradchain as gc
         wide = gc.MLP(depth=20, width=1024, init="xavier_uniform", seed=0)
-        deep = gc.MLP(depth=150, width=512, init="xavier_uniform", seed=0)
+        wider = gc.MLP(depth=4, width=2048, init="xavier_uniform", seed=0)
         lstm = gc.RNN("lstm", 4, 256, seed=0)
         sequences = np.ones((2000, 2, 4))
         big = np.ones(2**24, np.float32)

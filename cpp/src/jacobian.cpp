@@ -379,13 +379,16 @@ void make_reflector(const double* x, int len, double* v, double& tau, double& lo
 // receives the earlier blocks of reflectors, then is factored column by column. Fills the
 // frame's storage (v: k rows of ldv >= padded(m); tau; t: one T per block) and logabs with
 // log|R_jj|. `published`, if given, is set to base + the number of finished reflectors
-// after each panel (for a thread applying them meanwhile).
+// after each panel (for a thread applying them meanwhile). `cancel` is polled every 64
+// columns (a full spectrum of width 2048 takes seconds per factorisation).
 void householder_qr(double* a, std::size_t lda, int m, int k, double* v, std::size_t ldv,
                     double* tau, double* t, double* logabs,
-                    std::atomic<long long>* published = nullptr, long long base = 0) {
+                    std::atomic<long long>* published = nullptr, long long base = 0,
+                    Canceller* cancel = nullptr) {
   const int mp = static_cast<int>(padded(m));
   const Frame f{v, ldv, tau, t, m, k};
   for (int p0 = 0; p0 < k; p0 += kBlock) {
+    if (cancel && p0 % 64 == 0) cancel->poll();
     const int p1 = std::min(k, p0 + kBlock);
     apply_frame(f, 0, p0, a + sz(p0) * lda, lda, p1 - p0);
     for (int c = p0; c < p1; ++c) {
@@ -813,6 +816,7 @@ class QRRun {
 
   // Layers from..L, one thread; with `built`, a_ already holds layer from's vectors.
   void run_sequential(Canceller* cancel, int from = 1, bool built = false) {
+    cancel_ = cancel;
     bool explicit_frame = false;  // a holds J_l ... J_{l'} Q_{l'-1}, not re-orthonormalised
     for (int l = from; l <= L_; ++l) {
       if (built && l == from) {
@@ -841,6 +845,7 @@ class QRRun {
   // When meeting keeps costing more than the work (another process holding one of the
   // cores makes each meeting wait for a time slice), the rest runs on one thread.
   void run_pipelined(Canceller* cancel) {
+    cancel_ = cancel;
 #ifdef _OPENMP
     double* bufs[2] = {a_, next_};
     rotate(1, row_form(1, 0), 0, dims_[1], bufs[1]);
@@ -1003,10 +1008,16 @@ class QRRun {
     if (frame_.k == 0) {
       transpose_rows(rf.B, sz(m), rf.d, i0, i1, k_, out, ld_);
     } else {
-      load_rows(rf, m, i0, i1);
+      // Rows are independent: a few hundred at a time, with a poll between them.
+      constexpr int kRowsPerPoll = 240;  // whole groups of apply_frame's 15
       const std::size_t mp = padded(m);
-      apply_frame(frame_, 0, k_, rows_ + sz(i0) * mp, mp, i1 - i0);
-      transpose_rows(rows_, mp, rf.d, i0, i1, k_, out, ld_);
+      for (int r0 = i0; r0 < i1; r0 += kRowsPerPoll) {
+        const int r1 = std::min(i1, r0 + kRowsPerPoll);
+        if (cancel_ && r0 > i0) cancel_->poll();
+        load_rows(rf, m, r0, r1);
+        apply_frame(frame_, 0, k_, rows_ + sz(r0) * mp, mp, r1 - r0);
+        transpose_rows(rows_, mp, rf.d, r0, r1, k_, out, ld_);
+      }
     }
     if (i1 == n || i0 == 0) zero_padding(out, ld_, n, k_);
   }
@@ -1050,7 +1061,8 @@ class QRRun {
   // QR of the k vectors in a; the log|R_ii| go to the running sums and S's next row.
   void factor(int l, double* a, std::atomic<long long>* published, long long base) {
     const int n = dims_[sz(l)];
-    householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published, base);
+    householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published, base,
+                   cancel_);
     for (int c = 0; c < k_; ++c) {
       const double g = logabs_[sz(c)];
       if (std::isnan(g) || g == std::numeric_limits<double>::infinity())
@@ -1067,6 +1079,7 @@ class QRRun {
 
   const JacobianChain& chain_;
   const SpectrumOptions& opt_;
+  Canceller* cancel_ = nullptr;
   double* S_;
   int L_, k_;
   std::vector<int> dims_;
