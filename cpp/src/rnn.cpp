@@ -351,8 +351,18 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     // apart: the reset gate multiplies it).
     const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
     T* G = p.Gt[l];
-    blas::gemm(Trans::N, Trans::T, I(Tn_ * R), I(nih), I(m_.in[l]), T(1), X, I(m_.in[l]),
-               m_.w_ih[l], I(m_.in[l]), T(0), G, I(GW));
+    // Over thousands of steps of a wide layer this takes seconds: in row blocks of about
+    // 2^30 multiply-adds, polled between (the rows are independent; the last block takes
+    // the remainder, so that no block is small enough for another kernel).
+    const std::size_t rows = Tn_ * R, in = m_.in[l];
+    const std::size_t block = std::max<std::size_t>(1, (std::size_t{1} << 30) / (nih * in));
+    for (std::size_t r0 = 0; r0 < rows;) {
+      const std::size_t r1 = rows - r0 < 2 * block ? rows : r0 + block;
+      blas::gemm(Trans::N, Trans::T, I(r1 - r0), I(nih), I(in), T(1), X + r0 * in, I(in),
+                 m_.w_ih[l], I(in), T(0), G + r0 * GW, I(GW));
+      r0 = r1;
+      if (r0 < rows && polls) cancel_.poll();
+    }
     std::vector<T> bsum(nih);
     for (std::size_t j = 0; j < nih; ++j)
       bsum[j] = m_.b_ih[l][j] + (m_.cell == CellKind::gru && j >= 2 * H ? T(0) : m_.b_hh[l][j]);
