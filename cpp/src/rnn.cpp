@@ -290,7 +290,7 @@ void Pass<T>::gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t
   };
 #ifdef _OPENMP
   if (team_) {
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     half(omp_get_thread_num());
     return;
   }
@@ -457,8 +457,18 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     // apart: the reset gate multiplies it).
     const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
     T* G = p.Gt[l];
+    // Over thousands of steps of a wide layer this takes seconds: in row blocks of about
+    // 2^30 multiply-adds, polled between (the rows are independent; the last block takes
+    // the remainder, so that no block is small enough for another kernel).
     const Weight<T>& wih = m_.w_ih[l];
-    gemm(Trans::N, Trans::T, Tn_ * R, nih, m_.in[l], X, m_.in[l], wih.w, m_.in[l], T(0), G, GW);
+    const std::size_t rows = Tn_ * R, in = m_.in[l];
+    const std::size_t block = std::max<std::size_t>(1, (std::size_t{1} << 30) / (nih * in));
+    for (std::size_t r0 = 0; r0 < rows;) {
+      const std::size_t r1 = rows - r0 < 2 * block ? rows : r0 + block;
+      gemm(Trans::N, Trans::T, r1 - r0, nih, in, X + r0 * in, in, wih.w, in, T(0), G + r0 * GW, GW);
+      r0 = r1;
+      if (r0 < rows && polls) cancel_.poll();
+    }
     if (wih.e != 0)
       for (std::size_t r = 0; r < Tn_ * R; ++r) scale_pow2(G + r * GW, nih, wih.e);
     std::vector<T> bsum(nih);
@@ -1158,6 +1168,28 @@ void RecurrentShape::validate() const {
   if (output_size < 0)
     throw std::invalid_argument("output_size must be positive (or absent); got " +
                                 std::to_string(output_size));
+  const int gates = gate_count(cell), most = std::numeric_limits<int>::max() / gates;
+  if (hidden_size > most)
+    throw std::invalid_argument("hidden_size must be at most " + std::to_string(most) +
+                                " for cell '" + kCellNames[static_cast<std::size_t>(cell)] +
+                                "' (its " + std::to_string(gates) +
+                                " gates times hidden_size rows must fit 32-bit BLAS sizes); got " +
+                                std::to_string(hidden_size));
+}
+
+double RecurrentShape::param_count() const {
+  double n = 0;
+  for (const auto& shp : param_shapes()) {
+    double k = 1;
+    for (const std::int64_t d : shp) k *= double(d);
+    n += k;
+  }
+  return n;
+}
+
+double RecurrentShape::largest_param() const {
+  const double gh = double(gate_count(cell)) * hidden_size;
+  return std::max({gh * input_size, gh * hidden_size, double(output_size) * hidden_size});
 }
 
 std::vector<std::string> RecurrentShape::param_names() const {
@@ -1178,9 +1210,9 @@ std::vector<std::string> RecurrentShape::param_names() const {
   return out;
 }
 
-std::vector<std::vector<int>> RecurrentShape::param_shapes() const {
-  const int gh = gate_count(cell) * hidden_size;
-  std::vector<std::vector<int>> out;
+std::vector<std::vector<std::int64_t>> RecurrentShape::param_shapes() const {
+  const std::int64_t gh = std::int64_t{gate_count(cell)} * hidden_size;
+  std::vector<std::vector<std::int64_t>> out;
   for (int l = 0; l < num_layers; ++l) {
     out.push_back({gh, l == 0 ? input_size : hidden_size});
     out.push_back({gh, hidden_size});
@@ -1206,7 +1238,7 @@ void RecurrentChain<T>::layout() {
   const auto names = shape_.param_names();
   for (std::size_t i = 0; i < shapes.size(); ++i) {
     std::size_t sz = 1;
-    for (int d : shapes[i]) sz *= static_cast<std::size_t>(d);
+    for (const std::int64_t d : shapes[i]) sz *= static_cast<std::size_t>(d);
     if (params_[i].size() != sz)
       throw std::invalid_argument(names[i] + " must have " + std::to_string(sz) + " entries; got " +
                                   std::to_string(params_[i].size()));
@@ -1224,6 +1256,20 @@ void RecurrentChain<T>::layout() {
 }
 
 template <class T>
+double RecurrentChain<T>::chain_bytes(const RecurrentShape& shape, const RecurrentInit* init) {
+  double b = shape.param_count() * sizeof(T);
+  if (init) {
+    // One parameter in double; for the orthogonal initializer and spectral_radius one
+    // gate block twice more (its matrix and LAPACK's transposed copy).
+    const double H = shape.hidden_size, in = std::max(shape.input_size, shape.hidden_size);
+    b += shape.largest_param() * sizeof(double);
+    if (init->kind == RecurrentInitKind::orthogonal || init->spectral_radius > 0)
+      b += 2 * H * in * sizeof(double);
+  }
+  return b;
+}
+
+template <class T>
 RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, std::vector<std::vector<T>> params)
     : shape_(shape), params_(std::move(params)) {
   layout();
@@ -1231,13 +1277,17 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, std::vector<std::
 
 template <class T>
 RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentInit& init,
-                                  std::uint64_t seed)
+                                  std::uint64_t seed, Canceller* cancel)
     : shape_(shape) {
   shape_.validate();
   if (init.set_forget_bias && (shape.cell != CellKind::lstm || !shape.bias))
     throw std::invalid_argument("forget_bias applies to an LSTM with biases only");
   if (!(init.spectral_radius >= 0.0) || !std::isfinite(init.spectral_radius))
     throw std::invalid_argument("spectral_radius must be a finite positive number");
+  check_memory(chain_bytes(shape_, &init), "storing the chain's parameters");
+  // LAPACK's QR and eigenvalue routines (orthogonal init, spectral_radius) gain little from
+  // OpenBLAS's threads at these sizes and lose several times over when the cores are busy.
+  BlasThreads one(1);
   const auto shapes = shape_.param_shapes();
   const auto names = shape_.param_names();
   params_.resize(shapes.size());
@@ -1253,7 +1303,7 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
   };
   auto uniform = [&](std::size_t n, double a, std::uint64_t id) {
     buf.resize(n);
-    fill_uniform_pm1(rng, weight_stream(id), buf.data(), n);
+    fill_uniform_pm1(rng, weight_stream(id), buf.data(), n, cancel);
     for (double& v : buf) v *= a;
   };
   for (std::size_t l = 0; l < static_cast<std::size_t>(shape.num_layers); ++l) {
@@ -1287,11 +1337,12 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
         }
         for (std::size_t gb = 0; gb < G; ++gb)
           init_weight(buf.data() + gb * H * fan_in, static_cast<int>(H), static_cast<int>(fan_in),
-                      spec, rng, stream_id(l, which, gb));
+                      spec, rng, stream_id(l, which, gb), cancel);
       }
       if (which == 1 && init.spectral_radius > 0.0) {
         std::vector<double> a(H * H), wr(H), wi(H);
         for (std::size_t gb = 0; gb < G; ++gb) {
+          if (cancel) cancel->poll();
           double* blk = buf.data() + gb * H * H;
           std::copy(blk, blk + H * H, a.begin());
           if (blas::eigvals(static_cast<int>(H), a.data(), static_cast<int>(H), wr.data(),
@@ -1323,33 +1374,65 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
 
 // ---- running ----------------------------------------------------------------------------------
 
+namespace {
+// Whether a run splits the batch in two parts (by the problem's size alone, so that the
+// results do not depend on the thread count; the parts run on two threads where there
+// are two).
+bool two_parts(const RecurrentShape& s, int steps, int batch) {
+  const double step_work =
+      double(batch) * gate_count(s.cell) * double(s.hidden_size) * double(s.hidden_size);
+  return batch >= 2 && double(steps) * s.num_layers * step_work >= kOwnThreadsWork;
+}
+}  // namespace
+
 template <class T>
 double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest& req) const {
   const double Tn = steps, B = batch, H = shape_.hidden_size, L = shape_.num_layers;
-  const bool lstm = shape_.cell == CellKind::lstm;
+  const bool lstm = shape_.cell == CellKind::lstm, window = req.truncation == Truncation::window;
   const double GW = shape_.cell == CellKind::gru || lstm ? 4 * H : H;
-  double e = Tn * B * shape_.input_size;       // input copy
+  const double in0 = shape_.input_size, in_max = std::max(in0, L > 1 ? H : 0.0);
+  const double O = shape_.output_size > 0 ? shape_.output_size : H;
+  const double P = two_parts(shape_, steps, batch) ? 2 : 1;
+  const double k = window ? std::min<double>(req.window, Tn) : 0;
+  const double params = shape_.param_count();
+  // Numbers in the buffer the parts share out (Pass::allocate), 16 of padding per piece.
+  double e = Tn * B * in0;                     // input copy
   e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);  // states (and cells)
   e += L * Tn * B * (GW + (lstm ? H : 0));     // gates (and tanh of the cells)
+  e += B * GW;                                 // one step's recurrent product
+  double pieces = 2 + L * (lstm ? 4 : 2);
+  double bytes = 8 * L * P;  // per layer, per part: pointers
   if (!req.forward_only) {
-    e += 3 * (Tn + 1) * B * H;  // upstream gradients
-    const double O = shape_.output_size > 0 ? shape_.output_size : H;
-    e += 2 * (req.target_every_step ? Tn : 1) * B * O;  // loss terms
-    if (req.truncation == Truncation::window) {
-      const double k = std::min<double>(req.window, Tn);
+    e += (L > 1 ? 3 : 2) * (Tn + 1) * B * H + 4 * B * H;  // upstream gradients, carry
+    pieces += 7;
+    if (window) {
       e += L * Tn * B * GW + L * (Tn + 1) * B * H * (lstm ? 2 : 1) + k * B * (GW + H);
+      pieces += L * (lstm ? 3 : 2) + 2;
     }
+    // Per part, per step: the upstream and carried gradients' exponents and flags, the
+    // top's, every layer's gates' and the log10 norms; the window's accumulators'.
+    double per_step = 3 * 9 + L * 9 + L * 8 * (lstm ? 2 : 1);
+    if (window) per_step += L * 9 * (lstm ? 3 : 2);
+    bytes += P * (per_step * (Tn + 1) + 18 * k);
+    // Per part: its parameter gradients; the loss terms; the largest layer's parameter
+    // gradient scratch (steps whose states left the float band are rescaled in copies).
+    bytes += P * params * sizeof(T);
+    e += 2 * (req.target_every_step ? Tn : 1) * B * O;
+    e += Tn * B * (in_max + GW);
+    bytes += P * 3 * Tn * 8;
+    // The parts' sum, its norms, and the result's state norms and kept gradients.
+    bytes += params * sizeof(T) + 24 * double(params_.size());
+    bytes += L * (Tn + 1) * 8 * (lstm ? 2 : 1);
     if (req.keep_grads) e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);
     // scaled copies for weight gradients over states outside the band
     const double width = std::max<double>({GW, double(shape_.input_size), H});
     e += std::max<double>(kChunkEntries, 2 * B * width);
   } else {
-    e += Tn * B * H;
+    e += Tn * B * H;  // the output
   }
-  double params = 0;
-  for (const auto& p : params_) params += double(p.size());
-  e += params * 4;  // per-part gradients, the result, scaled copies of weights
-  return e * sizeof(T);
+  e += L * B * H * (lstm ? 2 : 1);  // h_n, c_n
+  bytes += params * sizeof(T);      // scaled copies of out-of-band weights
+  return (e + 16 * pieces * P) * sizeof(T) + bytes;
 }
 
 template <class T>
@@ -1362,8 +1445,13 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   if (req.truncation != Truncation::none && req.window <= 0)
     throw std::invalid_argument("truncate must be a positive integer; got " +
                                 std::to_string(req.window));
+  if (double(steps) * batch > std::numeric_limits<int>::max())
+    throw std::invalid_argument("x must hold at most 2**31 - 1 steps times sequences; got " +
+                                std::to_string(steps) + " x " + std::to_string(batch));
+  // Buffers kept from an earlier run are reused or freed before anything is allocated.
+  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
   const double bytes = run_bytes(steps, batch, req);
-  check_memory(bytes, "this run");
+  check_memory(bytes, "this run", lock.owns_lock() ? double(ws_.capacity()) * sizeof(T) : 0.0);
 
   Model<T> m;
   m.cell = shape_.cell;
@@ -1402,12 +1490,11 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   const std::size_t Tn = static_cast<std::size_t>(steps), B = static_cast<std::size_t>(batch);
   const std::size_t H = m.H, L = m.L;
   const bool lstm = m.cell == CellKind::lstm;
-  double step_work = double(B) * double(m.GH) * double(H);
-  double total_work = double(Tn) * double(L) * step_work;
+  const double step_work = double(B) * double(m.GH) * double(H);
   // The batch is split in two by the problem's size alone, never by the thread count, and
   // the halves' sums are combined in a fixed order: the results are the same whether the
   // halves run on two threads or one after the other.
-  const bool two = B >= 2 && total_work >= kOwnThreadsWork;
+  const bool two = two_parts(shape_, steps, batch);
   bool parallel = false;
 #ifdef _OPENMP
   parallel = two && max_threads() > 1;
@@ -1443,7 +1530,6 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   // concurrent run on the same chain gets its own.
   constexpr double kKeptBytes = 512.0 * 1024 * 1024;
   const double ws_bytes = double(sizing.used()) * sizeof(T);
-  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
   Buffer<T> local;
   Buffer<T>& ws = lock.owns_lock() && ws_bytes <= kKeptBytes ? ws_ : local;
   if (lock.owns_lock() && ws_bytes > kKeptBytes) ws_.release();
@@ -1478,7 +1564,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     for (Part<T>& p : parts) work(p, true);
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       const int tid = omp_get_thread_num();
       try {
