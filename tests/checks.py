@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -88,11 +89,23 @@ def ticks_while(work):
 
 
 def run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:
-    """Runs `code` (dedented) in a fresh interpreter with `env` added; returns its stdout."""
+    """Runs `code` (dedented) in a fresh interpreter with `env` added; returns its stdout.
+
+    The interpreter gets a process group of its own: on a timeout the whole group is
+    killed, so that processes it started (a pool's workers stuck in a hang under test)
+    do not outlive the test."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    out = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, check=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        start_new_session=True,
     )  # fmt: skip
-    return out.stdout
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, f"the child exited with {proc.returncode}:\n{err[-3000:]}"
+    return out

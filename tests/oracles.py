@@ -1418,6 +1418,82 @@ def random_rnn_state_dict(
     return sd
 
 
+def numpy_rnn_intermediates(cell, state_dict, x, *, h0=None, c0=None):
+    """Every intermediate value of the recurrent chain's plain float64 forward pass: the
+    input and recurrent projections, the gates, states, cell states and their tanh, and the
+    read-out's outputs, as a list of arrays (NaN or inf where float64 overflows)."""
+    P = _rnn_params(cell, state_dict)
+    xn = _np64(x)
+    h, c = _initial_states(P, xn, h0, c0)
+    out = []
+    with np.errstate(all="ignore"):
+        hs, cs, caches = _np_rnn_forward(P, xn, h, c)
+        for t in range(1, xn.shape[0] + 1):
+            for l, p in enumerate(P.layers):
+                xin, hp = caches[t][l][0], caches[t][l][1]
+                out += [xin @ p.w_ih.T + p.b_ih, hp @ p.w_hh.T + p.b_hh]
+                out += [np.asarray(v) for v in caches[t][l][2:]]
+        for l in range(P.num_layers):
+            out += hs[l] + (cs[l] if cs is not None else [])
+        if P.readout is not None:
+            out += [hv @ P.readout.w.T + P.readout.b for hv in hs[-1]]
+    return out
+
+
+def numpy_rnn_squashed(cell, state_dict, x, *, h0=None, c0=None):
+    """The arguments of every tanh and every sigmoid of the float64 forward pass, as two
+    lists of arrays (for telling where a derivative taken from a rounded output, such as
+    1 - tanh(z)^2 near |tanh(z)| = 1, is ill-conditioned)."""
+    P = _rnn_params(cell, state_dict)
+    xn = _np64(x)
+    h, c = _initial_states(P, xn, h0, c0)
+    tanh_args, sigmoid_args = [], []
+    with np.errstate(all="ignore"):
+        _, cs, caches = _np_rnn_forward(P, xn, h, c)
+        for t in range(1, xn.shape[0] + 1):
+            for l, p in enumerate(P.layers):
+                xin, hp = caches[t][l][0], caches[t][l][1]
+                gi, gh = xin @ p.w_ih.T + p.b_ih, hp @ p.w_hh.T + p.b_hh
+                if cell == "tanh":
+                    tanh_args.append(gi + gh)
+                elif cell == "lstm":
+                    ai, af, ag, ao = np.split(gi + gh, 4, axis=1)
+                    sigmoid_args += [ai, af, ao]
+                    tanh_args += [ag, cs[l][t]]
+                elif cell == "gru":
+                    gi_r, gi_z, gi_n = np.split(gi, 3, axis=1)
+                    gh_r, gh_z, gh_n = np.split(gh, 3, axis=1)
+                    sigmoid_args += [gi_r + gh_r, gi_z + gh_z]
+                    tanh_args.append(gi_n + _sigmoid(gi_r + gh_r) * gh_n)
+    return tanh_args, sigmoid_args
+
+
+def magnitude_range(arrays):
+    """(smallest nonzero |value|, largest |value|, all finite) over the arrays."""
+    lo, hi, finite = math.inf, 0.0, True
+    for a in arrays:
+        a = np.abs(_np64(a)).ravel()
+        if a.size == 0:
+            continue
+        finite = finite and bool(np.all(np.isfinite(a)))
+        nz = a[a > 0]
+        if nz.size:
+            lo, hi = min(lo, float(nz.min())), max(hi, float(nz.max()))
+    return lo, hi, finite
+
+
+def log10_norm(a, axis=None):
+    """log10 of the 2-norm of `a` (over `axis`), computed at a scale that cannot overflow or
+    underflow for finite entries; -inf for a zero norm."""
+    a = np.abs(_np64(a))
+    m = np.max(a, axis=axis, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(m > 0, a / np.where(m > 0, m, 1.0), 0.0)
+        out = np.log10(m) + 0.5 * np.log10(np.sum(r * r, axis=axis, keepdims=True))
+    out = np.where(m > 0, out, -np.inf)
+    return out.squeeze(axis=axis) if axis is not None else float(out.squeeze())
+
+
 # --------------------------------------------------------------------------------------
 # Recurrent state Jacobians J_t = ds_t / ds_{t-1}, s_t = [h^0_t, (c^0_t,) h^1_t, ...]
 # --------------------------------------------------------------------------------------

@@ -44,20 +44,154 @@ def test_ctrl_c_stops_drawing_a_deep_chain():
     code = """
         import os, signal, threading, time
         import gradchain as gc
-        t0 = time.perf_counter(); gc.MLP(depth=2000, width=128, seed=0)
+        t0 = time.perf_counter(); gc.MLP(depth=2000, width=128, dtype="float32", seed=0)
         per_layer = (time.perf_counter() - t0) / 2000
         threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         t0 = time.perf_counter()
         try:
-            gc.MLP(depth=60_000, width=128, seed=0)
+            # 2 GB of weights, of which the first 0.3 s write a few hundred MB
+            gc.MLP(depth=30_000, width=128, dtype="float32", seed=0)
             print("not interrupted")
         except KeyboardInterrupt:
-            print("interrupted", time.perf_counter() - t0, 60_000 * per_layer)
+            print("interrupted", time.perf_counter() - t0, 30_000 * per_layer)
     """
     out = run_python(code).split()
     assert out[0] == "interrupted", out
     elapsed, full = float(out[1]), float(out[2])
     assert elapsed < min(1.5, 0.5 * full), (elapsed, full)
+
+
+# Long calls, each sized to run for at least 3 s uninterrupted on two busy cores (measured
+# by interrupting them after 3 s instead; the recurrent Jacobians of a batch of two used to
+# ignore Ctrl-C for 97 s). A SIGINT 0.3 s in must stop each within 1.5 s. The deep MLP and
+# recurrent backward passes and the drawing of a deep chain have tests of their own.
+LONG_CALLS = {
+    # one 4096-wide layer: its QR goes a panel of columns at a time
+    "mlp_init_orthogonal": 'gc.MLP(depth=1, width=4096, init="orthogonal", seed=0)',
+    "rnn_init_orthogonal": 'gc.RNN("lstm", 1, 2048, init="orthogonal", seed=0)',
+    # 24 eigenvalue problems of 600 x 600, each one LAPACK call (about 0.3 s)
+    "rnn_spectral_radius": 'gc.RNN("lstm", 1, 600, 6, spectral_radius=1.0, seed=0)',
+    "rnn_forward": 'gc.RNN("lstm", 4, 512, seed=0).forward(np.ones((8000, 1, 4)))',
+    "mlp_jacobian_norms": "gc.jacobian_norms(wide, np.ones((2, 1024)))",
+    # the full spectrum of a 2048-wide chain: seconds per layer, polled within each
+    "mlp_jacobian_spectrum": "gc.jacobian_spectrum(wider, np.ones(2048))",
+    "rnn_jacobian_norms": "gc.jacobian_norms(lstm, sequences)",
+    "rnn_jacobian_spectrum": "gc.jacobian_spectrum(lstm, sequences)",
+    # a norm of order 3 over 6.7e9 numbers (one 64 MB array, listed 400 times)
+    "clip_total_norm": "gc.get_total_norm([big] * 400, norm_type=3.0)",
+}
+
+
+@pytest.fixture(scope="module")
+def interrupted_calls():
+    """Runs every long call in one interpreter with a SIGINT 0.3 s after its start; then
+    a short call of each kind, which must work as before."""
+    # Lambdas, not eval(): CPython exits with SIGINT when a KeyboardInterrupt has passed
+    # through eval(), even a caught one.
+    calls = ", ".join(f"{name!r}: lambda: {call}" for name, call in LONG_CALLS.items())
+    code = f"""
+        import os, signal, threading, time
+        import numpy as np, gradchain as gc
+        wide = gc.MLP(depth=20, width=1024, init="xavier_uniform", seed=0)
+        wider = gc.MLP(depth=4, width=2048, init="xavier_uniform", seed=0)
+        lstm = gc.RNN("lstm", 4, 256, seed=0)
+        sequences = np.ones((2000, 2, 4))
+        big = np.ones(2**24, np.float32)
+        calls = {{{calls}}}
+        for name, call in calls.items():
+            timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+            t0 = time.perf_counter()
+            timer.start()
+            try:
+                call()
+                timer.cancel()
+                print(name, "finished", time.perf_counter() - t0)
+                time.sleep(0.5)
+            except KeyboardInterrupt:
+                print(name, "interrupted", time.perf_counter() - t0 - 0.3)
+        small = np.ones((30, 2, 4))
+        ok = [np.isfinite(wide.backward(np.ones((2, 1024))).log10_total_norm),
+              np.isfinite(lstm.backward(small).log10_total_norm),
+              np.isfinite(gc.jacobian_norms(lstm, small[:3], spectral=False).log10_frobenius).all(),
+              np.isfinite(gc.jacobian_spectrum(wide, np.ones(1024), k=4).log_singular_values).all()]
+        print("after", all(ok))
+    """
+    out = run_python(code, timeout=300)
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_CALLS))
+def test_ctrl_c_stops_long_calls(interrupted_calls, name):
+    status, seconds = interrupted_calls[name]
+    assert status == "interrupted", (name, status, seconds)
+    assert float(seconds) < 1.5, f"{name} stopped {float(seconds):.2f} s after the signal"
+
+
+def test_calls_work_after_an_interrupt(interrupted_calls):
+    assert interrupted_calls["after"] == ["True"]
+
+
+# Process pools: the parent runs every kind of call first, so that its OpenMP and OpenBLAS
+# threads exist when the workers start (a forked worker used to wait forever for OpenMP's).
+_POOL_CODE = """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    import numpy as np, gradchain as gc
+    net = gc.MLP(depth=40, width=64, seed=0)
+    rnn = gc.RNN("lstm", 3, 16, seed=0)
+    x, xs = np.ones((16, 64)), np.ones((40, 4, 3))
+    parent = [net.backward(x).log10_weight_grad_norms, rnn.backward(xs).log10_layer_state_grad_norms,
+              gc.jacobian_norms(rnn, xs).log10_frobenius]
+    threaded = gc._core.max_threads() > 1
+    with ProcessPoolExecutor(2, mp_context=mp.get_context(METHOD)) as pool:
+        jobs = [pool.submit(gc.MLP.backward, net, x), pool.submit(gc.RNN.backward, rnn, xs),
+                pool.submit(gc.jacobian_norms, rnn, xs), pool.submit(gc._core.max_threads),
+                pool.submit(gc._core.forked_single_threaded)]
+        a, b, c, threads, single = (job.result(timeout=60) for job in jobs)
+    child = [a.log10_weight_grad_norms, b.log10_layer_state_grad_norms, c.log10_frobenius]
+    same = all(np.allclose(p, q, rtol=1e-12, atol=0) for p, q in zip(parent, child))
+    print(same, threaded, threads, single)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_process_pool_workers_run_every_call(method):
+    out = run_python(_POOL_CODE.replace("METHOD", repr(method)), timeout=90).split()
+    same, threaded, threads, single = out
+    assert same == "True"
+    # A forked worker runs single-threaded once its parent has used threads; spawned and
+    # forkserver workers start afresh.
+    assert single == str(method == "fork" and threaded == "True")
+    if single == "True":
+        assert threads == "1"
+
+
+@pytest.mark.parametrize(
+    "call", ["net.backward(x)", "rnn.backward(xs)", "gc.jacobian_norms(net, x[:1])"]
+)
+def test_fork_after_one_kind_of_call(call):
+    """Each of the core's parallel regions leaves a thread pool behind: after any one of
+    them alone, a forked child must run (single-threaded) instead of waiting for it."""
+    code = f"""
+        import os, threading
+        import numpy as np, gradchain as gc
+        made = {{}}
+        def build():  # on another thread, whose thread pool the main thread's fork leaves behind
+            made["net"] = gc.MLP(depth=40, width=64, seed=0)
+            made["rnn"] = gc.RNN("lstm", 3, 16, seed=0)
+        builder = threading.Thread(target=build)
+        builder.start()
+        builder.join()
+        net, rnn = made["net"], made["rnn"]
+        x, xs = np.ones((16, 64)), np.ones((40, 4, 3))
+        {call}
+        pid = os.fork()
+        if pid == 0:
+            {call}
+            os._exit(0 if gc._core.max_threads() == 1 or not gc._core.forked_single_threaded() else 3)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """
+    assert run_python(code, timeout=60).split() == ["0"]
 
 
 def test_backward_releases_the_gil(gc):

@@ -49,7 +49,10 @@ void bind_clip(py::module_& m) {
       [](const py::list& arrays, double norm_type, bool error_if_nonfinite) {
         std::vector<py::array> keep;
         const auto grads = grads_from(arrays, keep, false);
-        return without_gil([&] { return clip::total_norm(grads, norm_type, error_if_nonfinite); });
+        return without_gil([&] {
+          Canceller cancel = signal_canceller();
+          return clip::total_norm(grads, norm_type, error_if_nonfinite, &cancel);
+        });
       },
       py::arg("arrays"), py::arg("norm_type"), py::arg("error_if_nonfinite"),
       "Total norm of C-contiguous float32/float64 arrays (see gradchain.clip).");
@@ -58,8 +61,10 @@ void bind_clip(py::module_& m) {
       [](const py::list& arrays, double max_norm, double norm_type, bool error_if_nonfinite) {
         std::vector<py::array> keep;
         const auto grads = grads_from(arrays, keep, true);
-        return without_gil(
-            [&] { return clip::clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite); });
+        return without_gil([&] {
+          Canceller cancel = signal_canceller();
+          return clip::clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite, &cancel);
+        });
       },
       py::arg("arrays"), py::arg("max_norm"), py::arg("norm_type"), py::arg("error_if_nonfinite"),
       "Scales C-contiguous float32/float64 arrays in place; returns the total norm.");

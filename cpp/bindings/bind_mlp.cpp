@@ -103,9 +103,9 @@ void bind_chain(py::module_& m, const char* name) {
           [](std::vector<int> widths, const std::string& activation, double negative_slope,
              double alpha, CArray<T> weights, CArray<T> biases) {
             const Activation act = Activation::parse(activation, negative_slope, alpha);
-            std::vector<T> w(weights.data(), weights.data() + weights.size());
-            std::vector<T> b(biases.data(), biases.data() + biases.size());
-            return std::make_unique<Chain>(std::move(widths), act, std::move(w), std::move(b));
+            return std::make_unique<Chain>(std::move(widths), act, weights.data(),
+                                           static_cast<std::size_t>(weights.size()), biases.data(),
+                                           static_cast<std::size_t>(biases.size()));
           },
           py::arg("widths"), py::arg("activation"), py::arg("negative_slope"), py::arg("alpha"),
           py::arg("weights"), py::arg("biases"),

@@ -3,6 +3,7 @@
 #include <tuple>
 
 #include "gradchain/rnn.hpp"
+#include "gradchain/system.hpp"
 #include "pybind.hpp"
 
 namespace gradchain::bindings {
@@ -123,7 +124,10 @@ void bind_chain(py::module_& m, const char* name) {
              }
              const RecurrentShape shape =
                  make_shape(cell, input_size, hidden_size, num_layers, output_size, bias);
-             return without_gil([&] { return std::make_unique<Chain>(shape, spec, seed); });
+             return without_gil([&] {
+               Canceller cancel = signal_canceller();
+               return std::make_unique<Chain>(shape, spec, seed, &cancel);
+             });
            }),
            py::arg("cell"), py::arg("input_size"), py::arg("hidden_size"), py::arg("num_layers"),
            py::arg("output_size"), py::arg("bias"), py::arg("init"), py::arg("gain"),
@@ -133,10 +137,13 @@ void bind_chain(py::module_& m, const char* name) {
           "from_params",
           [](const std::string& cell, int input_size, int hidden_size, int num_layers,
              int output_size, bool bias, std::vector<CArray<T>> arrays) {
-            std::vector<std::vector<T>> params;
-            for (auto& a : arrays) params.emplace_back(a.data(), a.data() + a.size());
             const RecurrentShape shape =
                 make_shape(cell, input_size, hidden_size, num_layers, output_size, bias);
+            double total = 0;
+            for (const auto& a : arrays) total += double(a.size()) * sizeof(T);
+            check_memory(total, "copying the chain's parameters");
+            std::vector<std::vector<T>> params;
+            for (auto& a : arrays) params.emplace_back(a.data(), a.data() + a.size());
             return std::make_unique<Chain>(shape, std::move(params));
           },
           py::arg("cell"), py::arg("input_size"), py::arg("hidden_size"), py::arg("num_layers"),

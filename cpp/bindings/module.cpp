@@ -34,8 +34,25 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("physical_memory_bytes", &physical_memory_bytes,
         "Physical memory of this machine in bytes.");
+  m.def(
+      "memory_limit",
+      [](const std::string& root) {
+        const MemoryLimit lim = memory_limit(root);
+        return py::make_tuple(lim.bytes, lim.physical, lim.source);
+      },
+      py::arg("root") = "",
+      R"doc((bytes, physical, source): the memory new allocations may take now, the physical
+memory, and which limit sets the first (MemAvailable, a cgroup limit, GRADCHAIN_MEMORY_LIMIT).
+`root` is prepended to the /proc and /sys paths read (for tests).)doc");
+  m.def("check_memory", &check_memory, py::arg("bytes"), py::arg("what"), py::arg("reusable") = 0.0,
+        "Raises MemoryError '<what> needs N bytes ..., more than <limit>' when bytes exceed "
+        "memory_limit().");
+  m.def("forked_single_threaded", &forked_single_threaded,
+        "True in a process forked after the forking thread ran one of the core's parallel "
+        "loops: the core then runs on one thread.");
   m.def("max_threads", &max_threads, "Threads the core's own parallel loops use.");
-  m.def("blas_threads", &blas_threads, "Threads OpenBLAS uses now.");
+  m.def("blas_threads", &blas_threads,
+        "Threads the core may give OpenBLAS: its count now (1 in a forked single-threaded child).");
   m.def("vectorized_math", &vm::vectorized, "Whether activations use glibc's vector math library.");
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -32,6 +32,20 @@ int orgqr(int m, int n, int k, double* a, int lda, const double* tau) {
   return scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, m, n, k, a, lda, tau);
 }
 
+int geqrf_cm(int m, int n, double* a, int lda, double* tau) {
+  return scipy_LAPACKE_dgeqrf(LAPACK_COL_MAJOR, m, n, a, lda, tau);
+}
+
+int orgqr_cm(int m, int n, int k, double* a, int lda, const double* tau) {
+  return scipy_LAPACKE_dorgqr(LAPACK_COL_MAJOR, m, n, k, a, lda, tau);
+}
+
+int ormqr_left_cm(Trans trans, int m, int n, int k, const double* a, int lda, const double* tau,
+                  double* c, int ldc) {
+  return scipy_LAPACKE_dormqr(LAPACK_COL_MAJOR, 'L', trans == Trans::N ? 'N' : 'T', m, n, k, a, lda,
+                              tau, c, ldc);
+}
+
 int eigvals(int n, double* a, int lda, double* wr, double* wi) {
   return scipy_LAPACKE_dgeev(LAPACK_ROW_MAJOR, 'N', 'N', n, a, lda, wr, wi, nullptr, 1, nullptr, 1);
 }

@@ -1,6 +1,7 @@
 #include "gradchain/clip.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include <type_traits>
 
 #include "gradchain/parallel.hpp"
+#include "gradchain/system.hpp"
 
 namespace gradchain::clip {
 
@@ -21,19 +23,47 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // so a norm does not depend on the number of threads.
 constexpr std::size_t kBlock = kParallelGrain;
 
+// The canceller of the norm being taken on this thread (the entry points set it), so that
+// the reductions over gigabytes can stop on Ctrl-C.
+thread_local Canceller* t_cancel = nullptr;
+
+class ScopedCancel {
+ public:
+  explicit ScopedCancel(Canceller* c) : old_(t_cancel) { t_cancel = c; }
+  ~ScopedCancel() { t_cancel = old_; }
+  ScopedCancel(const ScopedCancel&) = delete;
+  ScopedCancel& operator=(const ScopedCancel&) = delete;
+
+ private:
+  Canceller* old_;
+};
+
 template <class R, class F, class C>
 R reduce_blocks(std::size_t n, R init, F block, C combine) {
   if (n <= kBlock) return combine(init, block(std::size_t{0}, n));
   const std::size_t nb = (n + kBlock - 1) / kBlock;
   std::vector<R> part(nb, init);
   const auto nbi = static_cast<std::int64_t>(nb);
+  Canceller* const cancel = t_cancel;
+  std::atomic<bool> stop{false};
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n >= 2 * kParallelGrain)
+#pragma omp parallel for schedule(static) \
+    num_threads(team_threads(n >= 2 * kParallelGrain ? max_threads() : 1))
 #endif
   for (std::int64_t k = 0; k < nbi; ++k) {
+    if (stop.load(std::memory_order_relaxed)) continue;
+    if (cancel && (k & 31) == 0) {
+      try {
+        cancel->poll();
+      } catch (const Interrupted&) {
+        stop.store(true);
+        continue;
+      }
+    }
     const std::size_t b = static_cast<std::size_t>(k) * kBlock;
     part[static_cast<std::size_t>(k)] = block(b, std::min(n, b + kBlock));
   }
+  if (stop.load()) throw Interrupted();
   R r = init;
   for (const R& x : part) r = combine(r, x);
   return r;
@@ -236,8 +266,10 @@ void clamp(double* x, std::size_t n, double v) {
   clamp_impl(x, n, v);
 }
 
-double total_norm(const std::vector<Grad>& grads, double p, bool error_if_nonfinite) {
+double total_norm(const std::vector<Grad>& grads, double p, bool error_if_nonfinite,
+                  Canceller* cancel) {
   check_norm_type(p);
+  const ScopedCancel scoped(cancel);
   std::vector<double> norms;
   norms.reserve(grads.size());
   for (const Grad& g : grads) {
@@ -258,9 +290,9 @@ double total_norm(const std::vector<Grad>& grads, double p, bool error_if_nonfin
 }
 
 double clip_grad_norm(const std::vector<Grad>& grads, double max_norm, double p,
-                      bool error_if_nonfinite) {
+                      bool error_if_nonfinite, Canceller* cancel) {
   check_max_norm(max_norm);
-  const double total = total_norm(grads, p, error_if_nonfinite);
+  const double total = total_norm(grads, p, error_if_nonfinite, cancel);
   const double coef = clip_coef(total, max_norm);
   for (const Grad& g : grads) {
     if (g.dtype == DType::float32)

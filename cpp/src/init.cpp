@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "gradchain/blas.hpp"
@@ -12,18 +13,60 @@
 namespace gradchain {
 
 namespace {
+// From this many columns on, the orthogonal initializer's QR goes a panel of kPanel columns
+// at a time (LAPACK's blocked algorithm, one call per panel), so that Ctrl-C is heard
+// between panels: one LAPACK call on a 4096-wide layer takes seconds.
+constexpr int kSplitColumns = 1024;
+constexpr int kPanel = 128;
+
+[[noreturn]] void lapack_failed(const char* routine) {
+  throw std::runtime_error(std::string("LAPACK ") + routine +
+                           " failed in the orthogonal initializer");
+}
+
+// Householder QR of the column-major m x k matrix c (m >= k), then Q in its place; sign[j]
+// is the sign of R_jj. Right-looking by panels, and Q formed from the last panel back, as
+// LAPACK's dgeqrf and dorgqr do inside one call.
+void qr_in_panels(int m, int k, double* c, double* tau, double* sign, Canceller* cancel) {
+  auto at = [&](int i, int j) {
+    return c + static_cast<std::size_t>(j) * static_cast<std::size_t>(m) +
+           static_cast<std::size_t>(i);
+  };
+  for (int j = 0; j < k; j += kPanel) {
+    if (cancel) cancel->poll();
+    const int jb = std::min(kPanel, k - j);
+    if (blas::geqrf_cm(m - j, jb, at(j, j), m, tau + j) != 0) lapack_failed("geqrf");
+    if (j + jb < k && blas::ormqr_left_cm(blas::Trans::T, m - j, k - j - jb, jb, at(j, j), m,
+                                          tau + j, at(j, j + jb), m) != 0)
+      lapack_failed("ormqr");
+  }
+  for (int j = 0; j < k; ++j) sign[j] = *at(j, j) < 0.0 ? -1.0 : 1.0;
+  for (int i = (k - 1) / kPanel * kPanel; i >= 0; i -= kPanel) {
+    if (cancel) cancel->poll();
+    const int ib = std::min(kPanel, k - i);
+    // The columns right of the panel hold H_{i+ib} ... H_{k-1} E (zero above row i + ib).
+    if (i + ib < k && blas::ormqr_left_cm(blas::Trans::N, m - i, k - i - ib, ib, at(i, i), m,
+                                          tau + i, at(i, i + ib), m) != 0)
+      lapack_failed("ormqr");
+    if (blas::orgqr_cm(m - i, ib, ib, at(i, i), m, tau + i) != 0) lapack_failed("orgqr");
+    for (int j = i; j < i + ib; ++j) std::fill(at(0, j), at(i, j), 0.0);
+  }
+}
+
 const std::vector<std::string> kInitNames = {"xavier_normal", "xavier_uniform", "he_normal",
                                              "he_uniform",    "lecun_normal",   "orthogonal",
                                              "normal"};
 }  // namespace
 
-void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n) {
+void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
+                 Canceller* cancel) {
   // Box-Muller over blocks of pairs, with vector log/sin/cos: element i depends only on
   // (seed, stream, i), whatever the block boundaries.
   constexpr std::size_t kPairs = 256;
   double r[kPairs], t[kPairs], c[kPairs], s[kPairs];
   const std::uint64_t pairs = (n + 1) / 2;
   for (std::uint64_t p0 = 0; p0 < pairs; p0 += kPairs) {
+    if (cancel && (p0 & 0x1fff) == 0) cancel->poll();
     const std::size_t m = static_cast<std::size_t>(std::min<std::uint64_t>(kPairs, pairs - p0));
     for (std::size_t j = 0; j < m; ++j) {
       double u[2];
@@ -43,9 +86,11 @@ void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint
   }
 }
 
-void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n) {
+void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
+                      Canceller* cancel) {
   double pair[2];
   for (std::uint64_t i = 0; i < n; i += 2) {
+    if (cancel && (i & 0xffff) == 0) cancel->poll();
     rng.uniform2(stream, i / 2, pair);
     out[i] = 2.0 * pair[0] - 1.0;
     if (i + 1 < n) out[i + 1] = 2.0 * pair[1] - 1.0;
@@ -90,7 +135,7 @@ double InitSpec::weight_std(int fan_out, int fan_in) const {
 }
 
 void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const Philox& rng,
-                 std::uint64_t layer) {
+                 std::uint64_t layer, Canceller* cancel) {
   const std::uint64_t n = static_cast<std::uint64_t>(fan_out) * static_cast<std::uint64_t>(fan_in);
   const std::uint64_t stream = weight_stream(layer);
   switch (spec.kind) {
@@ -98,7 +143,7 @@ void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const
     case InitKind::he_uniform: {
       // U(-a, a) has std a / sqrt(3).
       const double a = std::sqrt(3.0) * spec.weight_std(fan_out, fan_in);
-      fill_uniform_pm1(rng, stream, w, n);
+      fill_uniform_pm1(rng, stream, w, n, cancel);
       for (std::uint64_t i = 0; i < n; ++i) w[i] *= a;
       return;
     }
@@ -108,7 +153,24 @@ void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const
       const int m = std::max(fan_out, fan_in), k = std::min(fan_out, fan_in);
       const auto K = static_cast<std::size_t>(k), FI = static_cast<std::size_t>(fan_in);
       std::vector<double> a(n), tau(K), sign(K);
-      fill_normal(rng, stream, a.data(), n);
+      fill_normal(rng, stream, a.data(), n, cancel);
+      if (k >= kSplitColumns) {
+        std::vector<double> c(n);  // column-major
+        const auto M = static_cast<std::size_t>(m);
+        for (std::size_t i = 0; i < M; ++i)
+          for (std::size_t j = 0; j < K; ++j) c[j * M + i] = a[i * K + j];
+        std::vector<double>().swap(a);
+        qr_in_panels(m, k, c.data(), tau.data(), sign.data(), cancel);
+        for (std::size_t i = 0; i < M; ++i)
+          for (std::size_t j = 0; j < K; ++j) {
+            const double q = spec.gain * c[j * M + i] * sign[j];
+            if (fan_out >= fan_in)
+              w[i * FI + j] = q;
+            else
+              w[j * FI + i] = q;
+          }
+        return;
+      }
       if (blas::geqrf(m, k, a.data(), k, tau.data()) != 0)
         throw std::runtime_error("LAPACK geqrf failed in the orthogonal initializer");
       for (std::size_t j = 0; j < K; ++j) sign[j] = a[j * K + j] < 0.0 ? -1.0 : 1.0;
@@ -127,7 +189,7 @@ void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const
     }
     default: {
       const double s = spec.weight_std(fan_out, fan_in);
-      fill_normal(rng, stream, w, n);
+      fill_normal(rng, stream, w, n, cancel);
       for (std::uint64_t i = 0; i < n; ++i) w[i] *= s;
       return;
     }

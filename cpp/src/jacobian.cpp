@@ -384,13 +384,16 @@ void make_reflector(const double* x, int len, double* v, double& tau, double& lo
 // receives the earlier blocks of reflectors, then is factored column by column. Fills the
 // frame's storage (v: k rows of ldv >= padded(m); tau; t: one T per block) and logabs with
 // log|R_jj|. `published`, if given, is set to base + the number of finished reflectors
-// after each panel (for a thread applying them meanwhile).
+// after each panel (for a thread applying them meanwhile). `cancel` is polled every 64
+// columns (a full spectrum of width 2048 takes seconds per factorisation).
 void householder_qr(double* a, std::size_t lda, int m, int k, double* v, std::size_t ldv,
                     double* tau, double* t, double* logabs,
-                    std::atomic<long long>* published = nullptr, long long base = 0) {
+                    std::atomic<long long>* published = nullptr, long long base = 0,
+                    Canceller* cancel = nullptr) {
   const int mp = static_cast<int>(padded(m));
   const Frame f{v, ldv, tau, t, m, k};
   for (int p0 = 0; p0 < k; p0 += kBlock) {
+    if (cancel && p0 % 64 == 0) cancel->poll();
     const int p1 = std::min(k, p0 + kBlock);
     apply_frame(f, 0, p0, a + sz(p0) * lda, lda, p1 - p0);
     for (int c = p0; c < p1; ++c) {
@@ -549,7 +552,6 @@ void MLPLayers::take(const std::vector<const T*>& wsrc, const std::vector<const 
       b_[sz(l)] = bsrc[sz(l)];
     }
   } else {
-    check_memory(double(nw + nb) * sizeof(double), "the chain's weights in float64");
     own_w_.resize(nw);
     own_b_.resize(nb);
     std::size_t wo = 0, bo = 0;
@@ -565,7 +567,8 @@ void MLPLayers::take(const std::vector<const T*>& wsrc, const std::vector<const 
   }
   if (!row_norms) return;
   rownorm_.resize(roff_.back());
-#pragma omp parallel for schedule(static) if (nw > 1000000)
+#pragma omp parallel for schedule(static) \
+    num_threads(team_threads(nw > 1000000 ? max_threads() : 1))
   for (int l = 1; l <= L; ++l) {
     const int n = widths_[sz(l)], m = widths_[sz(l) - 1];
     for (int i = 0; i < n; ++i)
@@ -828,7 +831,8 @@ int rescale_dense(std::vector<double>& J, int l, int L) {
 // Largest singular value by power iteration on J^T J from a seeded random start. The
 // estimate ||J^T u|| / ||u||, u = J v, is a lower bound that rises to sigma_max; iteration
 // stops when it moves by less than tol relative.
-void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt, LayerNorms& out) {
+void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt, LayerNorms& out,
+                     Canceller* cancel) {
   const int n = chain.dim(l), m = chain.dim(l - 1);
   std::vector<double> v(sz(m)), u(sz(n));
   fill_normal(Philox(kPowerSeed), static_cast<std::uint64_t>(l), v.data(),
@@ -838,6 +842,7 @@ void power_iteration(const JacobianChain& chain, int l, const NormsOptions& opt,
   double est = 0.0;
   out.converged = false;
   for (int it = 1; it <= opt.max_iter; ++it) {
+    if (cancel) cancel->poll();
     chain.apply(l, v.data(), 1, u.data());
     const double nu = safe_norm(u.data(), sz(n));
     if (!std::isfinite(nu)) throw_nonfinite_jacobian(l, chain.length());
@@ -895,7 +900,7 @@ void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNo
     std::vector<double> J, s;
   };
   // Layers are independent: with threads > 1 they are shared out.
-  parallel_indices<Scratch>(1, L + 1, threads, [&](int l, Scratch& w, bool polls) {
+  parallel_indices<Scratch>(1, L + 1, threads, cancel, [&](int l, Scratch& w) {
     LayerNorms& r = out[l - 1];
     r = LayerNorms{};
     const int n = chain.dim(l), m = chain.dim(l - 1);
@@ -930,13 +935,12 @@ void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNo
     }
     if (!done) {
       if (native || exact) {
-        power_iteration(DenseStep(w.J.data(), l, n, m), l, opt, r);
+        power_iteration(DenseStep(w.J.data(), l, n, m), l, opt, r, cancel);
         if (std::isfinite(r.log10_spectral)) r.log10_spectral += shift;
       } else {
-        power_iteration(chain, l, opt, r);
+        power_iteration(chain, l, opt, r, cancel);
       }
     }
-    if (cancel && polls) cancel->poll();
   });
 }
 
@@ -1003,6 +1007,7 @@ class QRRun {
 
   // Layers from..L, one thread; with `built`, a_ already holds layer from's vectors.
   void run_sequential(Canceller* cancel, int from = 1, bool built = false) {
+    cancel_ = cancel;
     bool explicit_frame = false;  // a holds J_l ... J_{l'} Q_{l'-1}, not re-orthonormalised
     for (int l = from; l <= L_; ++l) {
       if (built && l == from) {
@@ -1036,6 +1041,7 @@ class QRRun {
   // When meeting keeps costing more than the work (another process holding one of the
   // cores makes each meeting wait for a time slice), the rest runs on one thread.
   void run_pipelined(Canceller* cancel) {
+    cancel_ = cancel;
 #ifdef _OPENMP
     double* bufs[2] = {a_, next_};
     rotate(1, row_form(1, 0), 0, dims_[1], bufs[1]);
@@ -1053,7 +1059,7 @@ class QRRun {
       next = row_form(2, 0);
       split = next_split(1, -1, busy, row_time);
     }
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       const int me = omp_get_thread_num();
       for (int l = 1; l <= L_; ++l) {
@@ -1198,10 +1204,16 @@ class QRRun {
     if (frame_.k == 0) {
       transpose_rows(rf.B, sz(m), rf.d, i0, i1, k_, out, ld_);
     } else {
-      load_rows(rf, m, i0, i1);
+      // Rows are independent: a few hundred at a time, with a poll between them.
+      constexpr int kRowsPerPoll = 240;  // whole groups of apply_frame's 15
       const std::size_t mp = padded(m);
-      apply_frame(frame_, 0, k_, rows_ + sz(i0) * mp, mp, i1 - i0);
-      transpose_rows(rows_, mp, rf.d, i0, i1, k_, out, ld_);
+      for (int r0 = i0; r0 < i1; r0 += kRowsPerPoll) {
+        const int r1 = std::min(i1, r0 + kRowsPerPoll);
+        if (cancel_ && r0 > i0) cancel_->poll();
+        load_rows(rf, m, r0, r1);
+        apply_frame(frame_, 0, k_, rows_ + sz(r0) * mp, mp, r1 - r0);
+        transpose_rows(rows_, mp, rf.d, r0, r1, k_, out, ld_);
+      }
     }
     if (i1 == n || i0 == 0) zero_padding(out, ld_, n, k_);
   }
@@ -1262,7 +1274,8 @@ class QRRun {
               bool record = true) {
     const int n = dims_[sz(l)];
     const int rank = nonzero_rows(a, n);
-    householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published, base);
+    householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published, base,
+                   cancel_);
     for (int c = 0; c < k_; ++c) {
       const double g = logabs_[sz(c)];
       if (std::isnan(g) || g == std::numeric_limits<double>::infinity())
@@ -1282,6 +1295,7 @@ class QRRun {
 
   const JacobianChain& chain_;
   const SpectrumOptions& opt_;
+  Canceller* cancel_ = nullptr;
   double* S_;
   int L_, k_;
   std::vector<int> dims_;
@@ -1320,16 +1334,16 @@ void qr_spectrum(const JacobianChain& chain, const SpectrumOptions& opt, double*
 
 namespace {
 
-// Runs body(example, polls) over the batch: examples split across the core's threads with
-// one BLAS thread each (the products are small); thread 0 polls the canceller. The first
+// Runs body(example, cancel) over the batch: examples split across the core's threads with
+// one BLAS thread each (the products are small); every thread polls the canceller. The first
 // failing example's exception (lowest index) is rethrown, with the example named.
 template <class F>
 void for_each_example(int batch, Canceller& cancel, F&& body) {
   BlasThreads one(1);
   struct None {};
-  parallel_indices<None>(0, batch, std::min(batch, max_threads()), [&](int e, None&, bool polls) {
+  parallel_indices<None>(0, batch, std::min(batch, max_threads()), &cancel, [&](int e, None&) {
     try {
-      body(e, polls ? &cancel : nullptr);
+      body(e, &cancel);
     } catch (const NonFiniteError& err) {
       throw NonFiniteError(err.where(), err.index(),
                            std::string(err.what()) + " (example " + std::to_string(e) + ")");
@@ -1345,7 +1359,6 @@ BatchNorms batch_jacobian_norms(int batch, int length, const JacobianFactory& ma
     throw std::invalid_argument("batch must be positive; got " + std::to_string(batch));
   opt.validate();
   const std::size_t cells = sz(batch) * sz(length);
-  check_memory(double(cells) * 21.0, "the per-layer Jacobian norms");
   BatchNorms out;
   out.log10_frobenius.resize(cells);
   out.log10_spectral.resize(cells);
@@ -1377,7 +1390,6 @@ std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
   const int L = static_cast<int>(dims.size()) - 1;
   const std::size_t nd = spectrum_depths(L, opt.interval).size();
   const std::size_t per = nd * sz(opt.k);
-  check_memory(double(sz(batch) * per) * sizeof(double), "the QR spectrum");
   std::vector<double> S(sz(batch) * per);
   if (batch == 1 && max_threads() >= 2) {
     // One example: its two threads share each layer (run_pipelined).
@@ -1395,6 +1407,78 @@ std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
 
 namespace {
 
+// LAPACK's gesdd without vectors: its documented minimum workspace, room for the blocked
+// routines' larger one, and the integer workspace.
+double svd_workspace_bytes(double n, double m) {
+  const double mn = std::min(n, m), mx = std::max(n, m);
+  return (3 * mn + std::max(mx, 7 * mn) + 64 * (n + m)) * sizeof(double) + 8 * mn * sizeof(int);
+}
+
+int examples_at_once(int batch) {
+  return std::max(1, std::min(batch, max_threads()));
+}
+
+}  // namespace
+
+double batch_norms_bytes(int batch, const std::vector<int>& dims, const NormsOptions& opt,
+                         double example_bytes, bool dense) {
+  const double L = double(dims.size()) - 1;
+  const int threads = max_threads();
+  const double per_example = batch < threads ? threads : 1;
+  double scratch = 0;  // one thread's, at the largest step
+  for (std::size_t l = 1; l < dims.size(); ++l) {
+    const double n = dims[l], m = dims[l - 1];
+    const bool exact = opt.spectral && std::max(n, m) <= opt.exact_max_dim;
+    double b = 0;
+    if (dense || exact) b += n * m * sizeof(double);
+    if (exact) b += svd_workspace_bytes(n, m);
+    if (opt.spectral && !exact) b += 3 * (n + m) * sizeof(double);  // power iteration
+    scratch = std::max(scratch, b);
+  }
+  const double result = double(batch) * L * 21;  // two doubles, an int32 and a flag per cell
+  return result +
+         examples_at_once(batch) * (example_bytes + L * sizeof(LayerNorms) + per_example * scratch);
+}
+
+double batch_spectrum_bytes(int batch, const std::vector<int>& dims, const SpectrumOptions& opt,
+                            double example_bytes, bool dense) {
+  const double k = opt.k, L = double(dims.size()) - 1;
+  const double ld = double(padded(*std::max_element(dims.begin(), dims.end())));
+  const double ld0 = double(padded(dims[0]));
+  // QRRun: the current, next and reflector blocks of k vectors, the reflected rows, the
+  // blocks' T, the random start, the compact copies between factorisations.
+  double qr = (3 * k * ld + ld * ld + (k / kBlock + 1) * kBlock * kBlock + 8 * k) * 8;
+  if (opt.start == SpectrumStart::random) qr += (2 * k * ld0 + k) * 8;
+  if (opt.interval > 1) qr += 2 * k * ld * 8;
+  if (dense) qr += (opt.interval > 1 ? 3 : 2) * ld * ld * 8;  // row_form() storage, apply()
+  const double depths = std::floor(L / std::max(opt.interval, 1)) + 1;
+  const int at_once = batch == 1 ? 1 : examples_at_once(batch);
+  return double(batch) * depths * k * sizeof(double) + at_once * (example_bytes + qr);
+}
+
+namespace {
+
+// Bytes of one example's MLPJacobians: phi' of every layer, the offsets, three vectors.
+double mlp_example_bytes(const std::vector<int>& w) {
+  double acts = 0;
+  for (std::size_t l = 1; l < w.size(); ++l) acts += w[l];
+  const double maxw = *std::max_element(w.begin(), w.end());
+  return (acts + double(w.size()) + 1 + 3 * maxw) * 8;
+}
+
+// The chain's weights in double (copied for a float chain), and their row norms.
+template <class T>
+double mlp_layers_bytes(const MLPChain<T>& chain, bool row_norms) {
+  const auto& w = chain.widths();
+  double params = 0, rows = 0;
+  for (std::size_t l = 1; l < w.size(); ++l) {
+    params += double(w[l]) * (double(w[l - 1]) + 1);
+    rows += w[l];
+  }
+  return (std::is_same_v<T, double> ? 0.0 : params * 8) + (row_norms ? rows * 8 : 0.0) +
+         double(w.size()) * 4 * 8;
+}
+
 // Example e of a batch of inputs x (batch x widths[0]) through the chain's layers.
 JacobianFactory mlp_examples(const MLPLayers& layers, const double* x) {
   const std::size_t n0 = sz(layers.widths()[0]);
@@ -1408,6 +1492,11 @@ JacobianFactory mlp_examples(const MLPLayers& layers, const double* x) {
 template <class T>
 BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
                               const NormsOptions& opt, Canceller& cancel) {
+  opt.validate();
+  check_memory(
+      mlp_layers_bytes(chain, true) +
+          batch_norms_bytes(batch, chain.widths(), opt, mlp_example_bytes(chain.widths()), false),
+      "the per-layer Jacobian norms");
   const MLPLayers layers(chain, true);
   return batch_jacobian_norms(batch, chain.depth(), mlp_examples(layers, x), opt, cancel);
 }
@@ -1415,6 +1504,11 @@ BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int bat
 template <class T>
 std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, int batch,
                                     const SpectrumOptions& opt, Canceller& cancel) {
+  opt.validate(chain.widths());
+  check_memory(mlp_layers_bytes(chain, false) +
+                   batch_spectrum_bytes(batch, chain.widths(), opt,
+                                        mlp_example_bytes(chain.widths()), false),
+               "the QR spectrum");
   const MLPLayers layers(chain, false);
   return batch_qr_spectrum(batch, chain.widths(), mlp_examples(layers, x), opt, cancel);
 }

@@ -66,14 +66,38 @@ std::string layer_msg(int l, int depth) {
 
 // ---------------------------------------------------------------------------------------
 
+namespace {
+void check_widths(const std::vector<int>& widths) {
+  if (widths.size() < 2)
+    throw std::invalid_argument("widths must list at least an input and an output width");
+  for (std::size_t i = 0; i < widths.size(); ++i)
+    if (widths[i] <= 0)
+      throw std::invalid_argument("width must be positive; widths[" + std::to_string(i) + "] is " +
+                                  std::to_string(widths[i]));
+}
+}  // namespace
+
+template <class T>
+double MLPChain<T>::chain_bytes(const std::vector<int>& widths, const InitSpec* init) {
+  double nw = 0, nb = 0, maxw = 0;
+  for (std::size_t l = 1; l < widths.size(); ++l) {
+    const double wl = double(widths[l]) * double(widths[l - 1]);
+    nw += wl;
+    nb += widths[l];
+    maxw = std::max(maxw, wl);
+  }
+  const double tables = double(widths.size()) * (sizeof(int) + 2 * sizeof(std::size_t));
+  // Drawing a layer: it in double on every thread, and for the orthogonal initializer the
+  // Gaussian matrix and LAPACK's transposed copy of it besides.
+  const double draw = init ? (init->kind == InitKind::orthogonal ? 3.0 : 1.0) * maxw *
+                                 sizeof(double) * max_threads()
+                           : 0.0;
+  return (nw + nb) * sizeof(T) + tables + draw;
+}
+
 template <class T>
 void MLPChain<T>::layout() {
-  if (widths_.size() < 2)
-    throw std::invalid_argument("widths must list at least an input and an output width");
-  for (std::size_t i = 0; i < widths_.size(); ++i)
-    if (widths_[i] <= 0)
-      throw std::invalid_argument("width must be positive; widths[" + std::to_string(i) + "] is " +
-                                  std::to_string(widths_[i]));
+  check_widths(widths_);
   woff_.assign(widths_.size(), 0);
   boff_.assign(widths_.size(), 0);
   std::size_t w = 0, b = 0;
@@ -91,22 +115,16 @@ template <class T>
 MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& init,
                       std::uint64_t seed, Canceller* cancel)
     : widths_(std::move(widths)), act_(act) {
-  layout();
+  check_widths(widths_);
   init.validate();
-  double nw = 0, nb = 0, maxw = 0;
-  for (std::size_t l = 1; l < widths_.size(); ++l) {
-    const double wl = double(widths_[l]) * double(widths_[l - 1]);
-    nw += wl;
-    nb += widths_[l];
-    maxw = std::max(maxw, wl);
-  }
-  check_memory((nw + nb) * sizeof(T) + 2.0 * maxw * sizeof(double) * max_threads(),
-               "storing the chain's weights");
+  const double bytes = chain_bytes(widths_, &init);
+  check_memory(bytes, "storing the chain's weights");
+  layout();
   try {
-    weights_.resize(static_cast<std::size_t>(nw));
-    biases_.resize(static_cast<std::size_t>(nb));
+    weights_.resize(woff_[0]);
+    biases_.resize(boff_[0]);
   } catch (const std::bad_alloc&) {
-    throw MemoryRequestError("could not allocate " + std::to_string((nw + nb) * sizeof(T)) +
+    throw MemoryRequestError("could not allocate " + std::to_string(bytes) +
                              " bytes for the chain's weights");
   }
   const Philox rng(seed);
@@ -117,13 +135,12 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
   struct Scratch {
     std::vector<double> w, b;
   };
-  parallel_indices<Scratch>(1, depth + 1, max_threads(), [&](int l, Scratch& buf, bool polls) {
-    if (polls && cancel) cancel->poll();
+  parallel_indices<Scratch>(1, depth + 1, max_threads(), cancel, [&](int l, Scratch& buf) {
     const int fo = widths_[static_cast<std::size_t>(l)];
     const int fi = widths_[static_cast<std::size_t>(l) - 1];
     buf.w.resize(static_cast<std::size_t>(fo) * static_cast<std::size_t>(fi));
     buf.b.resize(static_cast<std::size_t>(fo));
-    init_weight(buf.w.data(), fo, fi, init, rng, static_cast<std::uint64_t>(l - 1));
+    init_weight(buf.w.data(), fo, fi, init, rng, static_cast<std::uint64_t>(l - 1), cancel);
     init_bias(buf.b.data(), fo, init, rng, static_cast<std::uint64_t>(l - 1));
     std::transform(buf.w.begin(), buf.w.end(), weight(l),
                    [](double v) { return static_cast<T>(v); });
@@ -133,19 +150,20 @@ MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const InitSpec& i
 }
 
 template <class T>
-MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights,
-                      std::vector<T> biases)
-    : widths_(std::move(widths)),
-      act_(act),
-      weights_(weights.begin(), weights.end()),
-      biases_(biases.begin(), biases.end()) {
+MLPChain<T>::MLPChain(std::vector<int> widths, Activation act, const T* weights,
+                      std::size_t n_weights, const T* biases, std::size_t n_biases)
+    : widths_(std::move(widths)), act_(act) {
+  check_widths(widths_);
+  check_memory(chain_bytes(widths_, nullptr), "copying the chain's weights");
   layout();
-  if (weights_.size() != woff_[0])
-    throw std::invalid_argument("weights hold " + std::to_string(weights_.size()) +
+  if (n_weights != woff_[0])
+    throw std::invalid_argument("weights hold " + std::to_string(n_weights) +
                                 " numbers; the widths need " + std::to_string(woff_[0]));
-  if (biases_.size() != boff_[0])
-    throw std::invalid_argument("biases hold " + std::to_string(biases_.size()) +
+  if (n_biases != boff_[0])
+    throw std::invalid_argument("biases hold " + std::to_string(n_biases) +
                                 " numbers; the widths need " + std::to_string(boff_[0]));
+  weights_.assign(weights, weights + n_weights);
+  biases_.assign(biases, biases + n_biases);
   scale_weights();
 }
 
@@ -182,8 +200,22 @@ bool MLPChain<T>::carries_small_scale() const {
 }
 
 template <class T>
-double MLPChain<T>::backward_bytes(int batch, const BackwardRequest& req) const {
-  const double B = batch;
+bool MLPChain<T>::two_threads(int batch) const {
+#ifdef _OPENMP
+  double work = 0;
+  for (std::size_t l = 1; l < widths_.size(); ++l)
+    work += double(batch) * double(widths_[l]) * double(widths_[l - 1]);
+  return max_threads() > 1 && batch >= 2 && work >= kOwnThreadsWork;
+#else
+  (void)batch;
+  return false;
+#endif
+}
+
+template <class T>
+typename MLPChain<T>::PassBytes MLPChain<T>::pass_bytes(int batch,
+                                                        const BackwardRequest& req) const {
+  const double B = batch, L = depth();
   double acts = 0, maxw = 0, maxn = 0, nw = 0, nb = 0;
   for (std::size_t l = 0; l < widths_.size(); ++l) {
     acts += widths_[l];
@@ -195,14 +227,31 @@ double MLPChain<T>::backward_bytes(int batch, const BackwardRequest& req) const 
       nb += widths_[l];
     }
   }
+  const bool two = two_threads(batch);
   double elems = B * acts;                                   // stored h_l
   if (act_.needs_input()) elems += B * (acts - widths_[0]);  // stored z_l
-  elems += 4 * B * maxn + maxw;                              // scratch
-  if (carries_small_scale()) elems += 2 * B * maxn;
+  elems += 4 * B * maxn + maxn;                              // dL/dh twice, dL/dz, dL/db, h~
+  if (carries_small_scale()) elems += 2 * B * maxn;          // phi' at the true scale
+  if (!req.keep_weight_grads) elems += maxw;                 // one layer's dL/dW
+  elems += B * widths_.back();                               // the output
   if (req.keep_weight_grads) elems += nw;
   if (req.keep_bias_grads) elems += nb;
   if (req.keep_activation_grads) elems += B * acts;
-  return elems * sizeof(T) + 3 * 8.0 * double(widths_.size());
+  // Per layer: offsets, exponents (of h and z) and shifts, each thread's exponents (of h and
+  // z) and maxima, the three norm arrays of the result, the per-parameter norms and
+  // exponents for the total norm.
+  const double per_layer =
+      8 + 16 + 4 + (two ? 2 : 1) * 24 + 24 + 16 + 16 + 16 + 8 + (req.keep_activation_grads ? 8 : 0);
+  PassBytes p;
+  p.needed = elems * sizeof(T) + per_layer * (L + 2);
+  if (two && L > 1 && !req.forward_only) p.pipeline = B * (acts - widths_[0]) * sizeof(T);
+  return p;
+}
+
+template <class T>
+double MLPChain<T>::backward_bytes(int batch, const BackwardRequest& req) const {
+  const PassBytes p = pass_bytes(batch, req);
+  return p.needed + p.pipeline;
 }
 
 template <class T>
@@ -219,21 +268,19 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   const bool small = carries_small_scale();
   const bool keep_z = act_.needs_input();
 
-  const double bytes = backward_bytes(batch, req);
-  check_memory(bytes, "this backward pass");
+  // A workspace kept from an earlier pass is reused or freed before anything is allocated.
+  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
+  const PassBytes need = pass_bytes(batch, req);
+  const double held = lock.owns_lock() ? ws_.bytes() : 0.0;
+  check_memory(need.needed, req.forward_only ? "this forward pass" : "this backward pass", held);
+  const double bytes = need.needed + need.pipeline;
 
-  double max_work = 0, total_work = 0;
-  for (int l = 1; l <= L; ++l) {
-    const double w = double(B) * double(n(l)) * double(n(l - 1));
-    max_work = std::max(max_work, w);
-    total_work += w;
-  }
+  double max_work = 0;
+  for (int l = 1; l <= L; ++l)
+    max_work = std::max(max_work, double(B) * double(n(l)) * double(n(l - 1)));
   // With OpenMP and a batch to split, two threads of gradchain's own beat OpenBLAS's
   // threads at every size (see the README); otherwise large GEMMs get BLAS threads.
-  bool two_threads = false;
-#ifdef _OPENMP
-  two_threads = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
-#endif
+  const bool two_threads = this->two_threads(batch);
   const int cores = std::max(max_threads(), blas_threads());
   const bool threaded_gemm = !two_threads && max_work >= kThreadedGemmWork && cores > 1;
   BlasThreads threads(threaded_gemm ? cores : 1);
@@ -247,7 +294,6 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
   for (int l = 0; l <= L; ++l) maxn = std::max(maxn, n(l));
   for (int l = 1; l <= L; ++l) maxw = std::max(maxw, n(l) * n(l - 1));
 
-  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
   Workspace<T> local;
   Workspace<T>& ws = lock.owns_lock() && bytes <= kKeptWorkspaceBytes ? ws_ : local;
   if (lock.owns_lock() && bytes > kKeptWorkspaceBytes) ws_.release();
@@ -400,7 +446,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     forward_rows(parts[0], true);
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       const auto t = static_cast<std::size_t>(omp_get_thread_num());
       try {
@@ -657,10 +703,10 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     w_exp[ul] = ex;
   };
 
-  // Pipelining keeps every dz_l until the second thread has used it.
+  // Pipelining keeps every dz_l until the second thread has used it: worth it while that
+  // leaves half of the memory free.
   const std::size_t dz_total = hoff.back() - B * n(0);
-  bool pipelined = two_threads && L > 1 &&
-                   bytes + double(dz_total) * sizeof(T) < 0.5 * double(physical_memory_bytes());
+  bool pipelined = need.pipeline > 0 && memory_allows(bytes - held, 2.0);
   T* DZall = nullptr;
   if (pipelined) {
     try {
@@ -726,7 +772,7 @@ BackwardResult<T> MLPChain<T>::backward(const T* x, int batch, const BackwardReq
     chain();
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       try {
         if (omp_get_thread_num() == 0) {

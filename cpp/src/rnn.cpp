@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <exception>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -34,6 +35,9 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // it saves; from the second on, a single product is worth OpenBLAS's threads.
 constexpr double kOwnThreadsWork = 1 << 16;
 constexpr double kThreadedGemmWork = 1 << 20;
+// Entries of the scaled copies a weight gradient over out-of-band states works through at a
+// time (at least one step's rows).
+constexpr std::size_t kChunkEntries = std::size_t{1} << 22;
 
 inline int I(std::size_t v) {
   return static_cast<int>(v);
@@ -41,6 +45,7 @@ inline int I(std::size_t v) {
 inline int clamp_shift(std::int64_t d) {
   return static_cast<int>(std::clamp<std::int64_t>(d, -100000, 100000));
 }
+constexpr std::int64_t kNone = std::numeric_limits<std::int64_t>::min();
 
 // Hands out pieces of one buffer; with no buffer it only adds up the sizes, so that a
 // first pass can size the allocation.
@@ -60,8 +65,8 @@ class Arena {
   std::size_t used_ = 0;
 };
 
-// acc += x * 2^d for d <= 0 (exact unless the scaled terms fall below the float range,
-// where they are negligible next to acc's).
+// acc += x * 2^d (exact unless the scaled terms fall below the float range, where they are
+// negligible next to acc's).
 template <class T>
 void add_pow2(T* acc, const T* x, std::size_t n, std::int64_t d) {
   constexpr int emax = std::numeric_limits<T>::max_exponent;
@@ -70,27 +75,56 @@ void add_pow2(T* acc, const T* x, std::size_t n, std::int64_t d) {
     return;
   }
   if (d < -(2 * emax + std::numeric_limits<T>::digits)) return;  // every term underflows
-  const int k = static_cast<int>(d), k1 = k / 2;
+  const int k = clamp_shift(d), k1 = k / 2;
   const T f1 = static_cast<T>(std::ldexp(1.0, k1)), f2 = static_cast<T>(std::ldexp(1.0, k - k1));
   for (std::size_t i = 0; i < n; ++i) acc[i] += (x[i] * f1) * f2;
 }
 
-// A scaled array a * 2^e (nz false: a is zero and its contents are undefined) gets
-// x * 2^ex added, keeping the larger exponent.
+// The exponent of the largest entry of x * 2^e (kNone for a zero array; e for a non-finite
+// one, whose NaN or inf then travels on).
+inline std::int64_t top_exponent(const Scan& s, std::int64_t e) {
+  if (!s.finite) return e;
+  return s.maxabs > 0 ? e + exponent_of(s.maxabs) : kNone;
+}
+
+// A scaled array a * 2^e (nz false: a is zero and its contents are undefined) gets x * 2^ex
+// added. Both go to the exponent of the larger of the two true maxima first, so that where
+// either mantissa sits in its band, no entry that matters can underflow.
 template <class T>
 void accumulate(T* a, std::int64_t& e, char& nz, const T* x, std::int64_t ex, std::size_t n) {
   if (!nz) {
     std::copy(x, x + n, a);
     e = ex;
     nz = 1;
-  } else if (ex > e) {
-    scale_pow2(a, n, clamp_shift(e - ex));
-    e = ex;
-    add_pow2(a, x, n, 0);
-  } else {
-    add_pow2(a, x, n, ex - e);
+    return;
   }
+  const std::int64_t ta = top_exponent(scan(a, n), e), tx = top_exponent(scan(x, n), ex);
+  if (tx == kNone) return;
+  const std::int64_t c = std::max(ta, tx);
+  scale_pow2(a, n, clamp_shift(e - c));
+  e = c;
+  add_pow2(a, x, n, ex - c);
 }
+
+// Multiplication by 2^d as two factors, each inside the float range for any d a mantissa
+// of T can need (|d| up to twice the exponent range): exact barring an underflowing result.
+template <class T>
+struct Pow2 {
+  T f1 = T(1), f2 = T(1);
+  explicit Pow2(std::int64_t d) {
+    constexpr int lim = 2 * std::numeric_limits<T>::max_exponent + std::numeric_limits<T>::digits;
+    if (d == 0) return;
+    if (d < -lim) {
+      f1 = f2 = T(0);
+      return;
+    }
+    const int k = static_cast<int>(std::min<std::int64_t>(d, lim)), k1 = k / 2;
+    f1 = static_cast<T>(std::ldexp(1.0, k1));
+    f2 = static_cast<T>(std::ldexp(1.0, k - k1));
+  }
+  static Pow2 zero() { return Pow2(std::numeric_limits<std::int64_t>::min()); }
+  T operator()(T x) const { return (x * f1) * f2; }
+};
 
 // A run of columns of the stored per-step gradient that multiplies a block of rows of a
 // weight: LSTM and the vanilla cells use one run; GRU's input and hidden weights see
@@ -99,19 +133,39 @@ struct Block {
   std::size_t row, col, width;
 };
 
+// A weight is used as W~ * 2^e: W~ a copy scaled by a power of two when max|W| has left the
+// band (so that products with it neither overflow nor underflow before the scale is
+// applied), else the parameter itself with e = 0.
+template <class T>
+struct Weight {
+  const T* w = nullptr;
+  int e = 0;
+};
+
 template <class T>
 struct Model {
   CellKind cell;
   std::size_t H = 0, L = 0, G = 0, GH = 0, GW = 0, O = 0;
   std::vector<std::size_t> in;
-  std::vector<const T*> w_ih, w_hh, b_ih, b_hh;
+  std::vector<Weight<T>> w_ih, w_hh;
+  std::vector<const T*> b_ih, b_hh;
   std::vector<int> pi;  // per layer: index of weight_ih in the parameter list
   bool bias = true;
-  const T* w_out = nullptr;
+  Weight<T> w_out;
   const T* b_out = nullptr;
   int p_out = -1;
   std::size_t n_params = 0;
-  std::vector<Block> ih, hh;
+  std::vector<Block> ih, hh, out;
+  std::vector<std::vector<T>> scaled;  // the scaled copies
+
+  Weight<T> weight(const std::vector<T>& w) {
+    const Scan s = scan(w.data(), w.size());
+    const int e = s.finite ? rescale_exponent<T>(s.maxabs) : 0;
+    if (e == 0) return {w.data(), 0};
+    scaled.emplace_back(w);
+    scale_pow2(scaled.back().data(), w.size(), -e);
+    return {scaled.back().data(), e};
+  }
 };
 
 template <class T>
@@ -131,7 +185,7 @@ struct Part {
   std::vector<std::vector<T>> pg;  // parameter gradients
   std::vector<std::int64_t> pexp;
   std::vector<char> pnz;
-  double loss = 0.0;
+  ScaledSum loss;  // this part's loss terms, before the mean's division
   T *dh = nullptr, *dc = nullptr, *dhn = nullptr, *tmp = nullptr, *S = nullptr;
   // Window truncation: gradients accumulated over every source step.
   std::vector<T*> DGA, SA, CA;
@@ -153,12 +207,30 @@ struct Up {
   std::size_t first, last;
 };
 
+// One weight gradient sum_t D_t^T M_t (M_t: the step's R rows of `width` entries; Blocks map
+// runs of D's columns to rows of the gradient), or with M null a bias gradient sum_t D_t.
+template <class T>
+struct StepProduct {
+  const T* M;
+  std::size_t width;
+  const std::vector<Block>* blocks;
+  std::size_t index;  // of the parameter
+};
+
 template <class T>
 class Pass {
  public:
   Pass(const Model<T>& m, const RecurrentRequest& req, std::size_t steps, std::size_t B,
-       RecurrentResult<T>& res, Canceller& cancel, std::atomic<bool>& abort)
-      : m_(m), req_(req), Tn_(steps), B_(B), res_(res), cancel_(cancel), abort_(abort) {}
+       RecurrentResult<T>& res, Canceller& cancel, std::atomic<bool>& abort, bool halves, bool team)
+      : m_(m),
+        req_(req),
+        Tn_(steps),
+        B_(B),
+        res_(res),
+        cancel_(cancel),
+        abort_(abort),
+        halves_(halves),
+        team_(team) {}
 
   void allocate(Part<T>& p, Arena<T>& a) const;
   void forward(Part<T>& p, bool polls) const;
@@ -170,8 +242,13 @@ class Pass {
 
  private:
   void cell_forward(Part<T>& p, std::size_t l, std::size_t t) const;
+  void cross_entropy(Part<T>& p, const T* Y, std::size_t nt, std::size_t t0, T* dY,
+                     std::vector<std::int64_t>& ye) const;
   void carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_lo, const Up<T>& up,
              bool window, bool polls) const;
+  void step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
+                  const std::vector<std::int64_t>& ex, const std::vector<char>& nz,
+                  std::initializer_list<StepProduct<T>> products) const;
   void param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<std::int64_t>& ex,
                    const std::vector<char>& nz) const;
   void vertical(Part<T>& p, std::size_t l, const T* dG, std::size_t rows, T* out) const;
@@ -181,13 +258,46 @@ class Pass {
   void record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const T* d, std::int64_t g,
               bool have, bool window) const;
 
+  void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, const T* a,
+            std::size_t lda, const T* b, std::size_t ldb, T beta, T* c, std::size_t ldc) const;
+
   const Model<T>& m_;
   const RecurrentRequest& req_;
   std::size_t Tn_, B_;
   RecurrentResult<T>& res_;
   Canceller& cancel_;
   std::atomic<bool>& abort_;
+  bool halves_, team_;
 };
+
+// C = op(A) op(B) + beta C, every product of a pass. With `halves` (large products of an
+// unsplit batch) C's columns go in two fixed halves, each a single-threaded product, on two
+// threads where the pass has them: the sums never depend on the thread count, as they would
+// with OpenBLAS's own threads.
+template <class T>
+void Pass<T>::gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, const T* a,
+                   std::size_t lda, const T* b, std::size_t ldb, T beta, T* c,
+                   std::size_t ldc) const {
+  if (!halves_ || n < 2) {
+    blas::gemm(ta, tb, I(m), I(n), I(k), T(1), a, I(lda), b, I(ldb), beta, c, I(ldc));
+    return;
+  }
+  const std::size_t n0 = n / 2;
+  auto half = [&](int h) {
+    const std::size_t j = h == 0 ? 0 : n0, w = h == 0 ? n0 : n - n0;
+    const T* bh = tb == Trans::T ? b + j * ldb : b + j;
+    blas::gemm(ta, tb, I(m), I(w), I(k), T(1), a, I(lda), bh, I(ldb), beta, c + j, I(ldc));
+  };
+#ifdef _OPENMP
+  if (team_) {
+#pragma omp parallel num_threads(team_threads(2))
+    half(omp_get_thread_num());
+    return;
+  }
+#endif
+  half(0);
+  half(1);
+}
 
 template <class T>
 const Activation& Pass<T>::act(CellKind c) {
@@ -270,8 +380,9 @@ void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
   T* h = p.Hs[l] + t * n;
   T* G = p.Gt[l] + (t - 1) * R * GW;  // holds the input projection on entry
   T* S = p.S;
-  blas::gemm(Trans::N, Trans::T, I(R), I(GH), I(H), T(1), hp, I(H), m_.w_hh[l], I(H), T(0), S,
-             I(GH));
+  const Weight<T>& whh = m_.w_hh[l];
+  gemm(Trans::N, Trans::T, R, GH, H, hp, H, whh.w, H, T(0), S, GH);
+  scale_pow2(S, R * GH, whh.e);
   switch (m_.cell) {
     case CellKind::tanh:
     case CellKind::relu: {
@@ -346,8 +457,20 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     // apart: the reset gate multiplies it).
     const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
     T* G = p.Gt[l];
-    blas::gemm(Trans::N, Trans::T, I(Tn_ * R), I(nih), I(m_.in[l]), T(1), X, I(m_.in[l]),
-               m_.w_ih[l], I(m_.in[l]), T(0), G, I(GW));
+    // Over thousands of steps of a wide layer this takes seconds: in row blocks of about
+    // 2^30 multiply-adds, polled between (the rows are independent; the last block takes
+    // the remainder, so that no block is small enough for another kernel).
+    const Weight<T>& wih = m_.w_ih[l];
+    const std::size_t rows = Tn_ * R, in = m_.in[l];
+    const std::size_t block = std::max<std::size_t>(1, (std::size_t{1} << 30) / (nih * in));
+    for (std::size_t r0 = 0; r0 < rows;) {
+      const std::size_t r1 = rows - r0 < 2 * block ? rows : r0 + block;
+      gemm(Trans::N, Trans::T, r1 - r0, nih, in, X + r0 * in, in, wih.w, in, T(0), G + r0 * GW, GW);
+      r0 = r1;
+      if (r0 < rows && polls) cancel_.poll();
+    }
+    if (wih.e != 0)
+      for (std::size_t r = 0; r < Tn_ * R; ++r) scale_pow2(G + r * GW, nih, wih.e);
     std::vector<T> bsum(nih);
     for (std::size_t j = 0; j < nih; ++j)
       bsum[j] = m_.b_ih[l][j] + (m_.cell == CellKind::gru && j >= 2 * H ? T(0) : m_.b_hh[l][j]);
@@ -357,7 +480,9 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     }
     for (std::size_t t = 1; t <= Tn_; ++t) {
       cell_forward(p, l, t);
-      if (m_.cell == CellKind::relu && !scan(hs + t * n, n).finite) {
+      // relu states can overflow; the bounded cells turn NaN only when products of huge
+      // weights overflow with opposite signs. Either way: stop at the first such step.
+      if (!scan(hs + t * n, n).finite) {
         p.bad_layer = static_cast<int>(l);
         p.bad_t = static_cast<std::int64_t>(t);
         return;
@@ -369,6 +494,103 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
 }
 
 // ---- loss ---------------------------------------------------------------------------------
+
+// Softmax cross-entropy of rows Y (nt steps of R rows, O logits each) against the labels:
+// the loss terms into p.loss, dL/dY mantissas into dY at 2^ye per step. Computed from the
+// logits' log-sum-exp, so that neither the loss of a confidently right row (log1p of a sum
+// that may underflow) nor its gradient (1 - p_label, not p_label - 1) cancels or vanishes:
+// a step's gradients are scaled by a power of two when all of them are tiny.
+template <class T>
+void Pass<T>::cross_entropy(Part<T>& p, const T* Y, std::size_t nt, std::size_t t0, T* dY,
+                            std::vector<std::int64_t>& ye) const {
+  constexpr double kLn2 = 0.69314718055994530942;
+  constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+  constexpr int band = std::numeric_limits<T>::max_exponent / 5;
+  const std::size_t R = p.R, O = m_.O > 0 ? m_.O : m_.H;
+  const bool every = req_.target_every_step;
+  const auto* labels = static_cast<const std::int64_t*>(req_.target);
+  const double count = double(nt) * double(B_);
+  const T inv = static_cast<T>(1.0 / count);
+  struct Row {
+    double lse, llab;  // log-sum-exp; log|dL/dy_label| when the label holds the largest logit
+    bool top;
+    std::size_t lab;
+  };
+  std::vector<Row> rows(R);
+  for (std::size_t i = 0; i < nt; ++i) {
+    double big = kNegInf;  // the step's largest log|gradient entry|
+    for (std::size_t r = 0; r < R; ++r) {
+      const T* y = Y + (i * R + r) * O;
+      const std::size_t lab = static_cast<std::size_t>(labels[(every ? i * B_ : 0) + p.r0 + r]);
+      double mx = kNegInf;
+      for (std::size_t j = 0; j < O; ++j) mx = std::max(mx, double(y[j]));
+      double sum = 0.0;
+      for (std::size_t j = 0; j < O; ++j) sum += std::exp(double(y[j]) - mx);
+      const double lsum = std::log(sum);
+      Row& w = rows[r];
+      w.lse = mx + lsum;
+      w.lab = lab;
+      const double ylab = double(y[lab]);
+      w.top = ylab == mx;
+      if (w.top) {
+        // log of sum_{j != label} e^(y_j - max), without underflow
+        double m2 = kNegInf;
+        for (std::size_t j = 0; j < O; ++j)
+          if (j != lab) m2 = std::max(m2, double(y[j]));
+        double s2 = 0.0;
+        for (std::size_t j = 0; j < O; ++j)
+          if (j != lab) s2 += std::exp(double(y[j]) - m2);
+        const double lp = O > 1 ? (m2 - mx) + std::log(s2) : kNegInf;
+        if (lp > -700.0)
+          p.loss.add(std::log1p(std::exp(lp)));
+        else
+          p.loss.add_exp(lp);  // log1p(e^lp) = e^lp to double precision
+        w.llab = lp - lsum;
+        big = std::max(big, w.llab);
+      } else {
+        const double d = mx - ylab;  // > 0; beyond the double range only for huge logits
+        if (std::isfinite(d))
+          p.loss.add(d + lsum);
+        else
+          p.loss.add(0.5 * mx - 0.5 * ylab + 0.5 * lsum, 1);
+        w.llab = 0.0;
+        big = std::max(big, std::log(0.5));
+      }
+    }
+    // Scale only when the largest entry lies below the band (then every entry is tiny): by
+    // 2^-k, k = floor(big / ln 2), each entry then exp((log - big) + frac) with frac =
+    // big - k ln 2 in [0, ln 2) (noise, and set to 0, where big is too large for a double
+    // to resolve it).
+    double k = 0.0, frac = 0.0;
+    if (big > kNegInf && big / kLn2 < -band) {
+      k = std::floor(big / kLn2);
+      frac = (big - k * kLn2Hi) - k * kLn2Lo;
+      if (!(frac >= 0.0 && frac < kLn2)) frac = 0.0;
+      if (!(k > -0x1p62)) big = kNegInf;  // beyond even the exponent's range: zero
+    }
+    auto mant = [&](double lg) { return k == 0.0 ? std::exp(lg) : std::exp((lg - big) + frac); };
+    ye[i] = static_cast<std::int64_t>(k);
+    for (std::size_t r = 0; r < R; ++r) {
+      const T* y = Y + (i * R + r) * O;
+      T* d = dY + (i * R + r) * O;
+      const Row& w = rows[r];
+      if (big == kNegInf) {
+        std::fill(d, d + O, T(0));
+        continue;
+      }
+      for (std::size_t j = 0; j < O; ++j) {
+        double g;
+        if (j != w.lab)
+          g = mant(double(y[j]) - w.lse);
+        else if (w.top)
+          g = -mant(w.llab);
+        else
+          g = std::expm1(double(y[j]) - w.lse);
+        d[j] = static_cast<T>(g) * inv;
+      }
+    }
+  }
+}
 
 template <class T>
 void Pass<T>::loss(Part<T>& p) const {
@@ -385,7 +607,8 @@ void Pass<T>::loss(Part<T>& p) const {
       const T* hT = top + Tn_ * n;
       std::copy(hT, hT + n, U + Tn_ * n);
       const Scan s = scan(hT, n);
-      p.loss = 0.5 * std::ldexp(s.sumsq, 2 * s.sq_shift);
+      p.loss.add(0.5 * s.sumsq, 2 * std::int64_t{s.sq_shift});
+      into_band(U + Tn_ * n, n, p.topexp[Tn_]);
       return;
     }
     case LossKind::grad_output: {
@@ -393,6 +616,7 @@ void Pass<T>::loss(Part<T>& p) const {
       for (std::size_t t = t0; t <= Tn_; ++t) {
         const T* src = go + ((every ? t - 1 : 0) * B_ + p.r0) * H;
         std::copy(src, src + n, U + t * n);
+        into_band(U + t * n, n, p.topexp[t]);
       }
       return;
     }
@@ -404,67 +628,50 @@ void Pass<T>::loss(Part<T>& p) const {
   const std::size_t rows = nt * R;
   const T* hs = top + t0 * n;
   std::vector<T> Y(rows * O), dY(rows * O);
+  std::vector<std::int64_t> ye(nt, 0);  // dY's rows of step t0 + i are at 2^ye[i]
   if (m_.O > 0) {
-    blas::gemm(Trans::N, Trans::T, I(rows), I(O), I(H), T(1), hs, I(H), m_.w_out, I(H), T(0),
-               Y.data(), I(O));
+    gemm(Trans::N, Trans::T, rows, O, H, hs, H, m_.w_out.w, H, T(0), Y.data(), O);
+    scale_pow2(Y.data(), rows * O, m_.w_out.e);
     for (std::size_t r = 0; r < rows; ++r)
       for (std::size_t j = 0; j < O; ++j) Y[r * O + j] += m_.b_out[j];
   } else {
     std::copy(hs, hs + rows * O, Y.begin());
   }
-  double total = 0.0;
-  auto target_row = [&](std::size_t i) {  // i-th row of this part's terms -> row of the target
-    const std::size_t t = i / R, r = i % R;
-    return (every ? t * B_ : 0) + p.r0 + r;
-  };
+  if (!scan(Y.data(), rows * O).finite) {  // read-out outputs beyond the float range
+    p.bad_layer = static_cast<int>(L) - 1;
+    p.bad_t = -2;
+    return;
+  }
   if (req_.loss == LossKind::mse) {
     const T* y = static_cast<const T*>(req_.target);
-    const double count = double(nt) * double(B_) * double(O);
-    const T scale = static_cast<T>(2.0 / count);
-    for (std::size_t i = 0; i < rows; ++i) {
-      const T* yt = y + target_row(i) * O;
-      for (std::size_t j = 0; j < O; ++j) {
-        const T d = Y[i * O + j] - yt[j];
-        total += double(d) * double(d);
-        dY[i * O + j] = scale * d;
-      }
+    const T scale = static_cast<T>(2.0 / (double(nt) * double(B_) * double(O)));
+    for (std::size_t i = 0; i < nt; ++i) {
+      T* d = dY.data() + i * R * O;
+      const T* yt = y + ((every ? i * B_ : 0) + p.r0) * O;
+      for (std::size_t k = 0; k < R * O; ++k) d[k] = Y[i * R * O + k] - yt[k];
+      const Scan s = scan(d, R * O);
+      p.loss.add(s.sumsq, 2 * std::int64_t{s.sq_shift});
+      into_band(d, R * O, ye[i]);
+      for (std::size_t k = 0; k < R * O; ++k) d[k] *= scale;
     }
-    p.loss = total / count;
-  } else {  // cross_entropy
-    const auto* labels = static_cast<const std::int64_t*>(req_.target);
-    const double count = double(nt) * double(B_);
-    const T inv = static_cast<T>(1.0 / count);
-    std::vector<double> e(O);
-    for (std::size_t i = 0; i < rows; ++i) {
-      const T* row = Y.data() + i * O;
-      const std::size_t lab = static_cast<std::size_t>(labels[target_row(i)]);
-      double mx = kNegInf;
-      for (std::size_t j = 0; j < O; ++j) mx = std::max(mx, double(row[j]));
-      double sum = 0.0;
-      for (std::size_t j = 0; j < O; ++j) sum += (e[j] = std::exp(double(row[j]) - mx));
-      total += mx + std::log(sum) - double(row[lab]);
-      for (std::size_t j = 0; j < O; ++j)
-        dY[i * O + j] = (static_cast<T>(e[j] / sum) - (j == lab ? T(1) : T(0))) * inv;
-    }
-    p.loss = total / count;
+  } else {
+    cross_entropy(p, Y.data(), nt, t0, dY.data(), ye);
   }
   T* Ut = U + t0 * n;
   if (m_.O > 0) {
-    blas::gemm(Trans::N, Trans::N, I(rows), I(H), I(O), T(1), dY.data(), I(O), m_.w_out, I(H), T(0),
-               Ut, I(H));
-    const std::size_t iw = static_cast<std::size_t>(m_.p_out);
-    p.pg[iw].assign(O * H, T(0));
-    blas::gemm(Trans::T, Trans::N, I(O), I(H), I(rows), T(1), dY.data(), I(O), hs, I(H), T(0),
-               p.pg[iw].data(), I(H));
-    p.pnz[iw] = 1;
-    p.pg[iw + 1].assign(O, T(0));
-    std::vector<double> db(O, 0.0);
-    for (std::size_t i = 0; i < rows; ++i)
-      for (std::size_t j = 0; j < O; ++j) db[j] += double(dY[i * O + j]);
-    for (std::size_t j = 0; j < O; ++j) p.pg[iw + 1][j] = static_cast<T>(db[j]);
-    p.pnz[iw + 1] = 1;
+    gemm(Trans::N, Trans::N, rows, H, O, dY.data(), O, m_.w_out.w, H, T(0), Ut, H);
   } else {
     std::copy(dY.begin(), dY.end(), Ut);
+  }
+  for (std::size_t i = 0; i < nt; ++i) {
+    const std::size_t t = t0 + i;
+    p.topexp[t] = ye[i] + (m_.O > 0 ? m_.w_out.e : 0);
+    into_band(U + t * n, n, p.topexp[t]);
+  }
+  if (m_.O > 0) {
+    const std::vector<char> nz(nt, 1);
+    const std::size_t iw = static_cast<std::size_t>(m_.p_out);
+    step_grads(p, dY.data(), O, nt, ye, nz, {{hs, H, &m_.out, iw}, {nullptr, 0, &m_.out, iw + 1}});
   }
 }
 
@@ -492,10 +699,13 @@ void Pass<T>::record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const
   }
 }
 
-// Carries dL/dh (and dL/dc) of layer l from step t_hi down to t_lo. The gradient is held
-// as a mantissa array times 2^g and renormalised by powers of two whenever it leaves the
-// safe band, so it never under- or overflows. dL/dgates of step t is written to Gt's row
-// block t (in place of the gates) or, for window truncation, to the window buffer.
+// Carries dL/dh (and the LSTM's dL/dc) of layer l from step t_hi down to t_lo. Each is held
+// as a mantissa array times a power of two of its own (dh * 2^gh, dc * 2^gc) and put back
+// into the safe band whenever it leaves it, so it never under- or overflows. Arrays at
+// different exponents are combined at the exponent of the larger true maximum, so that an
+// array that is exactly zero or far smaller than the other cannot push the other out of
+// the range. dL/dgates of step t is written to Gt's row block t (in place of the gates)
+// or, for window truncation, to the window buffer.
 template <class T>
 void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_lo, const Up<T>& up,
                     bool window, bool polls) const {
@@ -503,12 +713,14 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
   const bool lstm = m_.cell == CellKind::lstm, gru = m_.cell == CellKind::gru;
   const bool detach = !window && req_.truncation == Truncation::detach;
   const std::size_t k = static_cast<std::size_t>(std::max(req_.window, 1));
+  const Weight<T>& whh = m_.w_hh[l];
   T* dh = p.dh;
   T* dc = p.dc;
   T* dhn = p.dhn;
   T* tmp = p.tmp;
-  std::int64_t g = 0;
-  bool have = false;
+  std::int64_t gh = 0, gc = 0;  // exponents of dh and dc
+  std::int64_t th = kNone;      // exponent of max|dh * 2^gh| (kNone: dh is zero)
+  bool have = false;            // false: dh and dc are zero (their contents undefined)
 
   auto up_row = [&](std::size_t t, const T*& row, std::int64_t& ex) {
     if (t < up.first || t > up.last || !up.nz[t - up.first]) return false;
@@ -516,101 +728,134 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     ex = up.exp[t - up.first];
     return true;
   };
+  // c += d * 2^s * o * (1 - tanh(c_t)^2): dL/dc_t through h_t
+  auto add_from_h = [&](T* c, const T* d, const T* G, const T* tc, Pow2<T> s) {
+    for (std::size_t r = 0; r < R; ++r)
+      for (std::size_t j = 0; j < H; ++j) {
+        const std::size_t i = r * H + j;
+        c[i] += s(d[i]) * G[r * GW + 3 * H + j] * (T(1) - tc[i] * tc[i]);
+      }
+  };
+  // dc (at gc) += dh (at gh) through h_t
+  auto cell_from_state = [&](const T* G, const T* tc) {
+    if (th == kNone) return;
+    const std::int64_t tcx = gc == gh ? kNone : top_exponent(scan(dc, n), gc);
+    if (gc == gh || tcx == kNone) {  // a zero dc takes dh's exponent
+      gc = gh;
+      add_from_h(dc, dh, G, tc, Pow2<T>(0));
+      return;
+    }
+    const std::int64_t c = std::max(th, tcx);
+    scale_pow2(dc, n, clamp_shift(gc - c));
+    gc = c;
+    add_from_h(dc, dh, G, tc, Pow2<T>(gh - c));
+  };
   for (std::size_t t = t_hi; t > t_lo; --t) {
     const T* u = nullptr;
     std::int64_t ue = 0;
     const bool has_up = up_row(t, u, ue);
     if (has_up) {
-      if (!have) {
+      if (!have || th == kNone) {
         std::copy(u, u + n, dh);
-        if (lstm) std::fill(dc, dc + n, T(0));
-        g = ue;
+        gh = ue;
+        th = top_exponent(scan(u, n), ue);
+        if (lstm && !have) {
+          std::fill(dc, dc + n, T(0));
+          gc = ue;
+        }
         have = true;
-      } else if (ue > g) {
-        scale_pow2(dh, n, clamp_shift(g - ue));
-        if (lstm) scale_pow2(dc, n, clamp_shift(g - ue));
-        g = ue;
+      } else if (ue == gh) {
         add_pow2(dh, u, n, 0);
       } else {
-        add_pow2(dh, u, n, ue - g);
+        const std::int64_t tu = top_exponent(scan(u, n), ue);
+        if (tu != kNone) {
+          const std::int64_t c = std::max(th, tu);
+          scale_pow2(dh, n, clamp_shift(gh - c));
+          gh = c;
+          add_pow2(dh, u, n, ue - c);
+          th = top_exponent(scan(dh, n), gh);
+        }
       }
     }
-    record(Grad::state, p, l, t, dh, g, have, window);
+    record(Grad::state, p, l, t, dh, gh, have, window);
     const T* G = p.Gt[l] + (t - 1) * R * GW;
     const T* tc = lstm ? p.TC[l] + (t - 1) * n : nullptr;
-    auto add_from_h = [&](T* c, const T* d) {  // c += d * o * (1 - tanh(c_t)^2)
-      for (std::size_t r = 0; r < R; ++r)
-        for (std::size_t j = 0; j < H; ++j) {
-          const std::size_t i = r * H + j;
-          c[i] += d[i] * G[r * GW + 3 * H + j] * (T(1) - tc[i] * tc[i]);
-        }
-    };
     if (detach && t % k == 0 && t < Tn_) {
       // Truncation boundary: what arrived from step t + 1 stops here; the loss and the
       // layer above at t still send their gradient on. The cell's recorded gradient is
       // that of c_t as used by h_t plus that of its detached copy.
       if (lstm) {
-        const std::int64_t g_rec = g;
-        const bool had = have;
         if (has_up) {
           std::fill(tmp, tmp + n, T(0));
-          add_from_h(tmp, u);
+          add_from_h(tmp, u, G, tc, Pow2<T>(0));
           std::copy(tmp, tmp + n, dhn);  // dL/dc_t through h_t alone, at 2^ue
-          if (had) {
-            std::int64_t e = ue;
-            char nz = 1;
-            accumulate(tmp, e, nz, dc, g_rec, n);
-            record(Grad::cell, p, l, t, tmp, e, true, false);
-          } else {
-            record(Grad::cell, p, l, t, tmp, ue, true, false);
-          }
+          std::int64_t e = ue;
+          char nz = 1;
+          if (have) accumulate(tmp, e, nz, dc, gc, n);
+          record(Grad::cell, p, l, t, tmp, e, true, false);
           std::copy(dhn, dhn + n, dc);
+          gc = ue;
         } else {
-          record(Grad::cell, p, l, t, dc, g_rec, had, false);
+          record(Grad::cell, p, l, t, dc, gc, have, false);
         }
       }
       have = has_up;
       if (have) {
         std::copy(u, u + n, dh);
-        g = ue;
+        gh = ue;
+        th = top_exponent(scan(u, n), ue);
       }
     } else if (lstm && have) {
-      add_from_h(dc, dh);
-      record(Grad::cell, p, l, t, dc, g, true, window);
+      cell_from_state(G, tc);
+      record(Grad::cell, p, l, t, dc, gc, true, window);
     } else if (lstm) {
-      record(Grad::cell, p, l, t, dc, g, false, window);
+      record(Grad::cell, p, l, t, dc, gc, false, window);
     }
 
     T* dG = window ? p.Wd + (t - t_lo - 1) * R * GW : p.Gt[l] + (t - 1) * R * GW;
     std::int64_t* dge = window ? &p.wexp[t - t_lo - 1] : &p.gexp[l][t - 1];
     char* dgnz = window ? &p.wnz[t - t_lo - 1] : &p.gnz[l][t - 1];
     *dgnz = have ? 1 : 0;
-    *dge = g;
+    *dge = gh;
     if (!have) {
       std::fill(dG, dG + R * GW, T(0));
       continue;
     }
-    // dL/dgates of step t (same scale 2^g); G and dG may be the same array.
+    // dL/dgates of step t; G and dG may be the same array.
     switch (m_.cell) {
       case CellKind::tanh:
       case CellKind::relu:
         act(m_.cell).backward(static_cast<const T*>(nullptr), p.Hs[l] + t * n, dh, dG, n);
         break;
       case CellKind::lstm: {
+        // The i, f, g gates come from dc, the o gate from dh: at one exponent, that of the
+        // larger of the two (scaled only where their exponents differ).
         const T* cp = p.Cs[l] + (t - 1) * n;
-        for (std::size_t r = 0; r < R; ++r) {
-          const T* gr = G + r * GW;
-          T* dr = dG + r * GW;
-          for (std::size_t j = 0; j < H; ++j) {
-            const std::size_t i = r * H + j;
-            const T gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
-            const T dct = dc[i];
-            dr[j] = dct * gg * gi * (T(1) - gi);
-            dr[H + j] = dct * cp[i] * gf * (T(1) - gf);
-            dr[2 * H + j] = dct * gi * (T(1) - gg * gg);
-            dr[3 * H + j] = dh[i] * tc[i] * go * (T(1) - go);
-            dc[i] = dct * gf;
+        auto gates = [&](auto fc, auto fh) {
+          for (std::size_t r = 0; r < R; ++r) {
+            const T* gr = G + r * GW;
+            T* dr = dG + r * GW;
+            for (std::size_t j = 0; j < H; ++j) {
+              const std::size_t i = r * H + j;
+              const T gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
+              const T dct = dc[i], dcs = fc(dct);
+              dr[j] = dcs * gg * gi * (T(1) - gi);
+              dr[H + j] = dcs * cp[i] * gf * (T(1) - gf);
+              dr[2 * H + j] = dcs * gi * (T(1) - gg * gg);
+              dr[3 * H + j] = fh(dh[i]) * tc[i] * go * (T(1) - go);
+              dc[i] = dct * gf;
+            }
           }
+        };
+        if (gc == gh) {
+          const auto same = [](T v) { return v; };
+          gates(same, same);
+        } else {
+          const std::int64_t tcx = top_exponent(scan(dc, n), gc);
+          const std::int64_t e = std::max(th, tcx) == kNone ? gh : std::max(th, tcx);
+          *dge = e;
+          gates(tcx == kNone ? Pow2<T>::zero() : Pow2<T>(gc - e),
+                th == kNone ? Pow2<T>::zero() : Pow2<T>(gh - e));
         }
         break;
       }
@@ -636,157 +881,179 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
         break;
       }
     }
-    // dL/dh_{t-1} = dL/dgates_hh W_hh (+ z * dL/dh_t for GRU).
-    blas::gemm(Trans::N, Trans::N, I(R), I(H), I(m_.GH), T(1), dG, I(GW), m_.w_hh[l], I(H), T(0),
-               dhn, I(H));
-    if (gru)
+    // dL/dh_{t-1} = dL/dgates_hh W~_hh at 2^(dge + e) (+ z * dL/dh_t for GRU, at 2^gh).
+    gemm(Trans::N, Trans::N, R, H, m_.GH, dG, GW, whh.w, H, T(0), dhn, H);
+    const std::int64_t ep = *dge + whh.e;
+    if (gru && ep == gh) {
       for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
+    } else if (gru) {
+      const std::int64_t ta = top_exponent(scan(dhn, n), ep), tb = top_exponent(scan(tmp, n), gh);
+      const std::int64_t c = std::max(ta, tb) == kNone ? ep : std::max(ta, tb);
+      scale_pow2(dhn, n, clamp_shift(ep - c));
+      add_pow2(dhn, tmp, n, gh - c);
+      gh = c;
+    }
+    if (!gru) gh = ep;
     std::swap(dh, dhn);
-    double mx = scan(dh, n).maxabs;
-    if (lstm) mx = std::max(mx, scan(dc, n).maxabs);
-    const int kk = rescale_exponent<T>(mx);
+    const Scan sh = scan(dh, n);
+    int kk = sh.finite ? rescale_exponent<T>(sh.maxabs) : 0;
     if (kk != 0) {
       scale_pow2(dh, n, -kk);
-      if (lstm) scale_pow2(dc, n, -kk);
-      g += kk;
+      gh += kk;
+    }
+    th = top_exponent(sh, gh - kk);
+    if (lstm) {
+      const Scan sc = scan(dc, n);
+      kk = sc.finite ? rescale_exponent<T>(sc.maxabs) : 0;
+      if (kk != 0) {
+        scale_pow2(dc, n, -kk);
+        gc += kk;
+      }
     }
     if (abort_.load(std::memory_order_relaxed)) return;
     if (polls) cancel_.poll();
   }
-  record(Grad::state, p, l, t_lo, dh, g, have, window);
-  if (lstm) record(Grad::cell, p, l, t_lo, dc, g, have, window);
+  record(Grad::state, p, l, t_lo, dh, gh, have, window);
+  if (lstm) record(Grad::cell, p, l, t_lo, dc, gc, have, window);
 }
 
-// rows x in_l gradient of the layer's input: dL/dgates_ih W_ih, row by row (each row keeps
-// the exponent of its step).
+// rows x in_l gradient of the layer's input: dL/dgates_ih W~_ih, row by row (each row keeps
+// the exponent of its step, plus W_ih's).
 template <class T>
 void Pass<T>::vertical(Part<T>& p, std::size_t l, const T* dG, std::size_t rows, T* out) const {
   (void)p;
   const std::size_t in = m_.in[l];
   bool first = true;
   for (const Block& b : m_.ih) {
-    blas::gemm(Trans::N, Trans::N, I(rows), I(in), I(b.width), T(1), dG + b.col, I(m_.GW),
-               m_.w_ih[l] + b.row * in, I(in), first ? T(0) : T(1), out, I(in));
+    gemm(Trans::N, Trans::N, rows, in, b.width, dG + b.col, m_.GW, m_.w_ih[l].w + b.row * in, in,
+         first ? T(0) : T(1), out, in);
     first = false;
+  }
+}
+
+// Weight and bias gradients summed over steps: D holds `steps` blocks of R rows (leading
+// dimension ld), block t at 2^ex[t] (nz[t] false: zero, contents undefined). The products
+// are formed at a common power-of-two scale chosen from the true magnitudes of D_t and M_t,
+// never from D's recorded exponents alone, so that each step's term keeps its precision
+// wherever the gradients and the states lie. D is rescaled in place.
+template <class T>
+void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
+                         const std::vector<std::int64_t>& ex, const std::vector<char>& nz,
+                         std::initializer_list<StepProduct<T>> products) const {
+  const std::size_t R = p.R, blk = R * ld;
+  std::vector<std::int64_t> a(steps, kNone);  // exponent of max|D_t| * 2^ex[t]
+  std::int64_t C = kNone;
+  for (std::size_t t = 0; t < steps; ++t) {
+    T* d = D + t * blk;
+    if (!nz[t]) {
+      std::fill(d, d + blk, T(0));
+      continue;
+    }
+    a[t] = top_exponent(scan(d, blk), ex[t]);
+    C = std::max(C, a[t]);
+  }
+  const bool any = C != kNone;
+  std::size_t rows_out = 0;
+  for (const StepProduct<T>& q : products) {
+    rows_out = 0;
+    for (const Block& b : *q.blocks) rows_out = std::max(rows_out, b.row + b.width);
+    p.pg[q.index].assign(rows_out * (q.M ? q.width : 1), T(0));
+    p.pnz[q.index] = any ? 1 : 0;
+  }
+  if (!any) return;
+  auto gemm_blocks = [&](const StepProduct<T>& q, const T* Dm, const T* M, std::size_t rows,
+                         bool first) {
+    T* out = p.pg[q.index].data();
+    for (const Block& b : *q.blocks)
+      gemm(Trans::T, Trans::N, b.width, q.width, rows, Dm + b.col, ld, M, q.width,
+           first ? T(0) : T(1), out + b.row * q.width, q.width);
+  };
+  // Products whose M_t left the band: step t's term D_t^T M_t is formed from D_t * 2^(ex_t +
+  // m_t - P) and M_t * 2^-m_t (m_t: M_t's binary exponent), P the largest term's exponent.
+  // Their entries are at most about 1, so nothing overflows and every term within the
+  // precision of the largest keeps its digits. They read D before it is rescaled below.
+  std::vector<char> in_band(products.size(), 1);
+  {
+    std::size_t qi = 0;
+    for (const StepProduct<T>& q : products) {
+      const std::size_t qb = R * q.width;
+      if (!q.M) {
+        ++qi;
+        continue;
+      }
+      std::vector<std::int64_t> me(steps, kNone);
+      std::int64_t P = kNone;
+      for (std::size_t t = 0; t < steps; ++t) {
+        const Scan s = scan(q.M + t * qb, qb);
+        if (s.finite && s.maxabs > 0 && a[t] != kNone) {
+          me[t] = exponent_of(s.maxabs);
+          if (rescale_exponent<T>(s.maxabs) != 0) in_band[qi] = 0;
+          P = std::max(P, a[t] + me[t]);
+        }
+      }
+      if (!in_band[qi]) {
+        p.pexp[q.index] = P == kNone ? 0 : P;
+        const std::size_t cs = std::max<std::size_t>(1, kChunkEntries / (blk + qb));
+        std::vector<T> Gs(std::min(cs, steps) * blk), Ms(std::min(cs, steps) * qb);
+        bool first = true;
+        for (std::size_t t0 = 0; t0 < steps && P != kNone; t0 += cs) {
+          const std::size_t t1 = std::min(steps, t0 + cs);
+          for (std::size_t t = t0; t < t1; ++t) {
+            T* gs = Gs.data() + (t - t0) * blk;
+            T* ms = Ms.data() + (t - t0) * qb;
+            if (a[t] == kNone || me[t] == kNone) {
+              std::fill(gs, gs + blk, T(0));
+              std::fill(ms, ms + qb, T(0));
+              continue;
+            }
+            std::copy(D + t * blk, D + (t + 1) * blk, gs);
+            scale_pow2(gs, blk, clamp_shift(ex[t] + me[t] - P));
+            std::copy(q.M + t * qb, q.M + (t + 1) * qb, ms);
+            scale_pow2(ms, qb, clamp_shift(-me[t]));
+          }
+          gemm_blocks(q, Gs.data(), Ms.data(), (t1 - t0) * R, first);
+          first = false;
+        }
+      }
+      ++qi;
+    }
+  }
+  // Everything else at D's common exponent C: with M_t inside the band, terms whose rows
+  // underflow there lie far below the precision of the largest.
+  for (std::size_t t = 0; t < steps; ++t)
+    if (a[t] != kNone) scale_pow2(D + t * blk, blk, clamp_shift(ex[t] - C));
+  std::size_t qi = 0;
+  for (const StepProduct<T>& q : products) {
+    if (!in_band[qi++]) continue;
+    p.pexp[q.index] = C;
+    if (q.M) {
+      gemm_blocks(q, D, q.M, steps * R, true);
+      continue;
+    }
+    std::vector<double> s(p.pg[q.index].size(), 0.0);
+    for (std::size_t r = 0; r < steps * R; ++r) {
+      const T* d = D + r * ld;
+      for (const Block& b : *q.blocks)
+        for (std::size_t j = 0; j < b.width; ++j) s[b.row + j] += double(d[b.col + j]);
+    }
+    for (std::size_t j = 0; j < s.size(); ++j) p.pg[q.index][j] = static_cast<T>(s[j]);
   }
 }
 
 template <class T>
 void Pass<T>::param_grads(Part<T>& p, std::size_t l, T* dG, const std::vector<std::int64_t>& ex,
                           const std::vector<char>& nz) const {
-  const std::size_t R = p.R, H = m_.H, GW = m_.GW, in = m_.in[l], rows = Tn_ * R;
-  const std::size_t iw = static_cast<std::size_t>(m_.pi[l]);
-  std::int64_t E = std::numeric_limits<std::int64_t>::min();
-  for (std::size_t t = 0; t < Tn_; ++t)
-    if (nz[t]) E = std::max(E, ex[t]);
-  const bool any = E != std::numeric_limits<std::int64_t>::min();
-  const std::size_t np = m_.bias ? 4 : 2;
-  for (std::size_t q = 0; q < np; ++q) p.pnz[iw + q] = any ? 1 : 0;
-  p.pg[iw].assign(m_.G * H * in, T(0));
-  p.pg[iw + 1].assign(m_.G * H * H, T(0));
-  if (m_.bias) {
-    p.pg[iw + 2].assign(m_.G * H, T(0));
-    p.pg[iw + 3].assign(m_.G * H, T(0));
-  }
-  if (!any) return;
-  for (std::size_t t = 0; t < Tn_; ++t)  // steps no gradient reached hold no values yet
-    if (!nz[t]) std::fill(dG + t * R * GW, dG + (t + 1) * R * GW, T(0));
-  const std::size_t n = R * H;
+  const std::size_t n = p.R * m_.H, iw = static_cast<std::size_t>(m_.pi[l]);
   const T* X = l == 0 ? p.X : p.Hs[l - 1] + n;
   const T* Hp = p.Hs[l];
-  // dW = sum_t dG_t^T M_t for M = inputs or previous states. When every step's M_t lies
-  // in the safe band, the steps' gradients are brought to the common exponent E and
-  // multiplied as they are (terms that underflow there are negligible next to the
-  // largest). Otherwise (states that grew or shrank out of the band) each step's term is
-  // brought to a common scale 2^P by scaling dG_t by 2^(e_t + m_t - P) and M_t by 2^-m_t
-  // (m_t: M_t's binary exponent), so that the largest terms keep full precision and none
-  // can overflow.
-  std::vector<std::int64_t> ex_now(ex);  // the exponents of dG's rows as they are now
-  struct Operand {
-    const T* M;
-    std::size_t width;
-    const std::vector<Block>* blocks;
-    std::size_t iq;
-    std::vector<std::int64_t> me;
-    bool in_band = true;
-  };
-  Operand ops[2] = {{X, in, &m_.ih, iw, {}, true}, {Hp, H, &m_.hh, iw + 1, {}, true}};
-  for (Operand& o : ops) {
-    o.me.assign(Tn_, 0);
-    for (std::size_t t = 0; t < Tn_; ++t) {
-      const double mx = scan(o.M + t * R * o.width, R * o.width).maxabs;
-      o.me[t] = mx > 0 ? exponent_of(mx) : 0;
-      o.in_band = o.in_band && (mx == 0 || rescale_exponent<T>(mx) == 0);
-    }
-  }
-  auto weight_grad = [&](const Operand& o) {
-    const T* M = o.M;
-    const std::size_t width = o.width, iq = o.iq;
-    const std::vector<Block>& blocks = *o.blocks;
-    const std::vector<std::int64_t>& me = o.me;
-    T* out = p.pg[iq].data();
-    if (o.in_band) {
-      for (std::size_t t = 0; t < Tn_; ++t)
-        if (nz[t] && ex[t] != E) {
-          scale_pow2(dG + t * R * GW, R * GW, clamp_shift(ex[t] - E));
-          ex_now[t] = E;
-        }
-      for (const Block& b : blocks)
-        blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), dG + b.col, I(GW), M,
-                   I(width), T(0), out + b.row * width, I(width));
-      p.pexp[iq] = E;
-      return;
-    }
-    std::vector<T> Ms(rows * width), Gs(rows * GW);
-    std::int64_t P = std::numeric_limits<std::int64_t>::min();
-    for (std::size_t t = 0; t < Tn_; ++t) {
-      const T* src = M + t * R * width;
-      T* dst = Ms.data() + t * R * width;
-      std::copy(src, src + R * width, dst);
-      scale_pow2(dst, R * width, clamp_shift(-me[t]));
-      if (nz[t]) P = std::max(P, ex_now[t] + me[t]);
-    }
-    for (std::size_t t = 0; t < Tn_; ++t) {
-      T* dst = Gs.data() + t * R * GW;
-      const T* src = dG + t * R * GW;
-      if (!nz[t]) {
-        std::fill(dst, dst + R * GW, T(0));
-        continue;
-      }
-      std::copy(src, src + R * GW, dst);
-      scale_pow2(dst, R * GW, clamp_shift(ex_now[t] + me[t] - P));
-    }
-    for (const Block& b : blocks)
-      blas::gemm(Trans::T, Trans::N, I(b.width), I(width), I(rows), T(1), Gs.data() + b.col, I(GW),
-                 Ms.data(), I(width), T(0), out + b.row * width, I(width));
-    p.pexp[iq] = P;
-  };
-  // Out-of-band operands first: they read dG before any row is moved to E.
-  for (const Operand& o : ops)
-    if (!o.in_band) weight_grad(o);
-  for (const Operand& o : ops)
-    if (o.in_band) weight_grad(o);
-  // For the biases every step's rows go to the common exponent E (exact barring
-  // negligible underflow).
-  for (std::size_t t = 0; t < Tn_; ++t) {
-    if (nz[t] && ex_now[t] != E) scale_pow2(dG + t * R * GW, R * GW, clamp_shift(ex_now[t] - E));
-  }
-  if (m_.bias) {
-    std::vector<double> sih(m_.G * H, 0.0), shh(m_.G * H, 0.0);
-    for (std::size_t r = 0; r < rows; ++r) {
-      const T* d = dG + r * GW;
-      for (const Block& b : m_.ih)
-        for (std::size_t j = 0; j < b.width; ++j) sih[b.row + j] += double(d[b.col + j]);
-      for (const Block& b : m_.hh)
-        for (std::size_t j = 0; j < b.width; ++j) shh[b.row + j] += double(d[b.col + j]);
-    }
-    for (std::size_t j = 0; j < m_.G * H; ++j) {
-      p.pg[iw + 2][j] = static_cast<T>(sih[j]);
-      p.pg[iw + 3][j] = static_cast<T>(shh[j]);
-    }
-    p.pexp[iw + 2] = E;
-    p.pexp[iw + 3] = E;
-  }
+  if (m_.bias)
+    step_grads(p, dG, m_.GW, Tn_, ex, nz,
+               {{X, m_.in[l], &m_.ih, iw},
+                {Hp, m_.H, &m_.hh, iw + 1},
+                {nullptr, 0, &m_.ih, iw + 2},
+                {nullptr, 0, &m_.hh, iw + 3}});
+  else
+    step_grads(p, dG, m_.GW, Tn_, ex, nz, {{X, m_.in[l], &m_.ih, iw}, {Hp, m_.H, &m_.hh, iw + 1}});
 }
 
 template <class T>
@@ -803,8 +1070,9 @@ void Pass<T>::backward(Part<T>& p, bool polls) const {
         vertical(p, li, p.Gt[li], Tn_ * R, p.V + n);
         p.vnz.assign(Tn_ + 1, 0);
         for (std::size_t t = 1; t <= Tn_; ++t) {
-          p.vexp[t] = p.gexp[li][t - 1];
+          p.vexp[t] = p.gexp[li][t - 1] + m_.w_ih[li].e;
           p.vnz[t] = p.gnz[li][t - 1];
+          if (p.vnz[t]) into_band(p.V + t * n, n, p.vexp[t]);
         }
         std::swap(p.U, p.V);
         std::swap(p.uexp, p.vexp);
@@ -833,8 +1101,12 @@ void Pass<T>::backward(Part<T>& p, bool polls) const {
       }
       if (li > 0) {
         vertical(p, li, p.Wd, w * R, p.Wx);
-        p.wxexp.assign(p.wexp.begin(), p.wexp.begin() + static_cast<std::ptrdiff_t>(w));
+        p.wxexp.assign(w, 0);
         p.wxnz.assign(p.wnz.begin(), p.wnz.begin() + static_cast<std::ptrdiff_t>(w));
+        for (std::size_t i = 0; i < w; ++i) {
+          p.wxexp[i] = p.wexp[i] + m_.w_ih[li].e;
+          if (p.wxnz[i]) into_band(p.Wx + i * n, n, p.wxexp[i]);
+        }
         up = Up<T>{p.Wx, p.wxexp.data(), p.wxnz.data(), s0 + 1, s};
       }
     }
@@ -896,6 +1168,28 @@ void RecurrentShape::validate() const {
   if (output_size < 0)
     throw std::invalid_argument("output_size must be positive (or absent); got " +
                                 std::to_string(output_size));
+  const int gates = gate_count(cell), most = std::numeric_limits<int>::max() / gates;
+  if (hidden_size > most)
+    throw std::invalid_argument("hidden_size must be at most " + std::to_string(most) +
+                                " for cell '" + kCellNames[static_cast<std::size_t>(cell)] +
+                                "' (its " + std::to_string(gates) +
+                                " gates times hidden_size rows must fit 32-bit BLAS sizes); got " +
+                                std::to_string(hidden_size));
+}
+
+double RecurrentShape::param_count() const {
+  double n = 0;
+  for (const auto& shp : param_shapes()) {
+    double k = 1;
+    for (const std::int64_t d : shp) k *= double(d);
+    n += k;
+  }
+  return n;
+}
+
+double RecurrentShape::largest_param() const {
+  const double gh = double(gate_count(cell)) * hidden_size;
+  return std::max({gh * input_size, gh * hidden_size, double(output_size) * hidden_size});
 }
 
 std::vector<std::string> RecurrentShape::param_names() const {
@@ -916,9 +1210,9 @@ std::vector<std::string> RecurrentShape::param_names() const {
   return out;
 }
 
-std::vector<std::vector<int>> RecurrentShape::param_shapes() const {
-  const int gh = gate_count(cell) * hidden_size;
-  std::vector<std::vector<int>> out;
+std::vector<std::vector<std::int64_t>> RecurrentShape::param_shapes() const {
+  const std::int64_t gh = std::int64_t{gate_count(cell)} * hidden_size;
+  std::vector<std::vector<std::int64_t>> out;
   for (int l = 0; l < num_layers; ++l) {
     out.push_back({gh, l == 0 ? input_size : hidden_size});
     out.push_back({gh, hidden_size});
@@ -944,7 +1238,7 @@ void RecurrentChain<T>::layout() {
   const auto names = shape_.param_names();
   for (std::size_t i = 0; i < shapes.size(); ++i) {
     std::size_t sz = 1;
-    for (int d : shapes[i]) sz *= static_cast<std::size_t>(d);
+    for (const std::int64_t d : shapes[i]) sz *= static_cast<std::size_t>(d);
     if (params_[i].size() != sz)
       throw std::invalid_argument(names[i] + " must have " + std::to_string(sz) + " entries; got " +
                                   std::to_string(params_[i].size()));
@@ -962,6 +1256,20 @@ void RecurrentChain<T>::layout() {
 }
 
 template <class T>
+double RecurrentChain<T>::chain_bytes(const RecurrentShape& shape, const RecurrentInit* init) {
+  double b = shape.param_count() * sizeof(T);
+  if (init) {
+    // One parameter in double; for the orthogonal initializer and spectral_radius one
+    // gate block twice more (its matrix and LAPACK's transposed copy).
+    const double H = shape.hidden_size, in = std::max(shape.input_size, shape.hidden_size);
+    b += shape.largest_param() * sizeof(double);
+    if (init->kind == RecurrentInitKind::orthogonal || init->spectral_radius > 0)
+      b += 2 * H * in * sizeof(double);
+  }
+  return b;
+}
+
+template <class T>
 RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, std::vector<std::vector<T>> params)
     : shape_(shape), params_(std::move(params)) {
   layout();
@@ -969,13 +1277,17 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, std::vector<std::
 
 template <class T>
 RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentInit& init,
-                                  std::uint64_t seed)
+                                  std::uint64_t seed, Canceller* cancel)
     : shape_(shape) {
   shape_.validate();
   if (init.set_forget_bias && (shape.cell != CellKind::lstm || !shape.bias))
     throw std::invalid_argument("forget_bias applies to an LSTM with biases only");
   if (!(init.spectral_radius >= 0.0) || !std::isfinite(init.spectral_radius))
     throw std::invalid_argument("spectral_radius must be a finite positive number");
+  check_memory(chain_bytes(shape_, &init), "storing the chain's parameters");
+  // LAPACK's QR and eigenvalue routines (orthogonal init, spectral_radius) gain little from
+  // OpenBLAS's threads at these sizes and lose several times over when the cores are busy.
+  BlasThreads one(1);
   const auto shapes = shape_.param_shapes();
   const auto names = shape_.param_names();
   params_.resize(shapes.size());
@@ -991,7 +1303,7 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
   };
   auto uniform = [&](std::size_t n, double a, std::uint64_t id) {
     buf.resize(n);
-    fill_uniform_pm1(rng, weight_stream(id), buf.data(), n);
+    fill_uniform_pm1(rng, weight_stream(id), buf.data(), n, cancel);
     for (double& v : buf) v *= a;
   };
   for (std::size_t l = 0; l < static_cast<std::size_t>(shape.num_layers); ++l) {
@@ -1025,11 +1337,12 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
         }
         for (std::size_t gb = 0; gb < G; ++gb)
           init_weight(buf.data() + gb * H * fan_in, static_cast<int>(H), static_cast<int>(fan_in),
-                      spec, rng, stream_id(l, which, gb));
+                      spec, rng, stream_id(l, which, gb), cancel);
       }
       if (which == 1 && init.spectral_radius > 0.0) {
         std::vector<double> a(H * H), wr(H), wi(H);
         for (std::size_t gb = 0; gb < G; ++gb) {
+          if (cancel) cancel->poll();
           double* blk = buf.data() + gb * H * H;
           std::copy(blk, blk + H * H, a.begin());
           if (blas::eigvals(static_cast<int>(H), a.data(), static_cast<int>(H), wr.data(),
@@ -1061,30 +1374,65 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
 
 // ---- running ----------------------------------------------------------------------------------
 
+namespace {
+// Whether a run splits the batch in two parts (by the problem's size alone, so that the
+// results do not depend on the thread count; the parts run on two threads where there
+// are two).
+bool two_parts(const RecurrentShape& s, int steps, int batch) {
+  const double step_work =
+      double(batch) * gate_count(s.cell) * double(s.hidden_size) * double(s.hidden_size);
+  return batch >= 2 && double(steps) * s.num_layers * step_work >= kOwnThreadsWork;
+}
+}  // namespace
+
 template <class T>
 double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest& req) const {
   const double Tn = steps, B = batch, H = shape_.hidden_size, L = shape_.num_layers;
-  const bool lstm = shape_.cell == CellKind::lstm;
+  const bool lstm = shape_.cell == CellKind::lstm, window = req.truncation == Truncation::window;
   const double GW = shape_.cell == CellKind::gru || lstm ? 4 * H : H;
-  double e = Tn * B * shape_.input_size;       // input copy
+  const double in0 = shape_.input_size, in_max = std::max(in0, L > 1 ? H : 0.0);
+  const double O = shape_.output_size > 0 ? shape_.output_size : H;
+  const double P = two_parts(shape_, steps, batch) ? 2 : 1;
+  const double k = window ? std::min<double>(req.window, Tn) : 0;
+  const double params = shape_.param_count();
+  // Numbers in the buffer the parts share out (Pass::allocate), 16 of padding per piece.
+  double e = Tn * B * in0;                     // input copy
   e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);  // states (and cells)
   e += L * Tn * B * (GW + (lstm ? H : 0));     // gates (and tanh of the cells)
+  e += B * GW;                                 // one step's recurrent product
+  double pieces = 2 + L * (lstm ? 4 : 2);
+  double bytes = 8 * L * P;  // per layer, per part: pointers
   if (!req.forward_only) {
-    e += 3 * (Tn + 1) * B * H;  // upstream gradients
-    const double O = shape_.output_size > 0 ? shape_.output_size : H;
-    e += 2 * (req.target_every_step ? Tn : 1) * B * O;  // loss terms
-    if (req.truncation == Truncation::window) {
-      const double k = std::min<double>(req.window, Tn);
+    e += (L > 1 ? 3 : 2) * (Tn + 1) * B * H + 4 * B * H;  // upstream gradients, carry
+    pieces += 7;
+    if (window) {
       e += L * Tn * B * GW + L * (Tn + 1) * B * H * (lstm ? 2 : 1) + k * B * (GW + H);
+      pieces += L * (lstm ? 3 : 2) + 2;
     }
+    // Per part, per step: the upstream and carried gradients' exponents and flags, the
+    // top's, every layer's gates' and the log10 norms; the window's accumulators'.
+    double per_step = 3 * 9 + L * 9 + L * 8 * (lstm ? 2 : 1);
+    if (window) per_step += L * 9 * (lstm ? 3 : 2);
+    bytes += P * (per_step * (Tn + 1) + 18 * k);
+    // Per part: its parameter gradients; the loss terms; the largest layer's parameter
+    // gradient scratch (steps whose states left the float band are rescaled in copies).
+    bytes += P * params * sizeof(T);
+    e += 2 * (req.target_every_step ? Tn : 1) * B * O;
+    e += Tn * B * (in_max + GW);
+    bytes += P * 3 * Tn * 8;
+    // The parts' sum, its norms, and the result's state norms and kept gradients.
+    bytes += params * sizeof(T) + 24 * double(params_.size());
+    bytes += L * (Tn + 1) * 8 * (lstm ? 2 : 1);
     if (req.keep_grads) e += L * (Tn + 1) * B * H * (lstm ? 2 : 1);
+    // scaled copies for weight gradients over states outside the band
+    const double width = std::max<double>({GW, double(shape_.input_size), H});
+    e += std::max<double>(kChunkEntries, 2 * B * width);
   } else {
-    e += Tn * B * H;
+    e += Tn * B * H;  // the output
   }
-  double params = 0;
-  for (const auto& p : params_) params += double(p.size());
-  e += params * 3;  // per-part gradients and the result
-  return e * sizeof(T);
+  e += L * B * H * (lstm ? 2 : 1);  // h_n, c_n
+  bytes += params * sizeof(T);      // scaled copies of out-of-band weights
+  return (e + 16 * pieces * P) * sizeof(T) + bytes;
 }
 
 template <class T>
@@ -1097,8 +1445,13 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   if (req.truncation != Truncation::none && req.window <= 0)
     throw std::invalid_argument("truncate must be a positive integer; got " +
                                 std::to_string(req.window));
+  if (double(steps) * batch > std::numeric_limits<int>::max())
+    throw std::invalid_argument("x must hold at most 2**31 - 1 steps times sequences; got " +
+                                std::to_string(steps) + " x " + std::to_string(batch));
+  // Buffers kept from an earlier run are reused or freed before anything is allocated.
+  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
   const double bytes = run_bytes(steps, batch, req);
-  check_memory(bytes, "this run");
+  check_memory(bytes, "this run", lock.owns_lock() ? double(ws_.capacity()) * sizeof(T) : 0.0);
 
   Model<T> m;
   m.cell = shape_.cell;
@@ -1110,18 +1463,20 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   m.O = static_cast<std::size_t>(std::max(shape_.output_size, 0));
   m.bias = shape_.bias;
   m.n_params = params_.size();
+  m.scaled.reserve(2 * m.L + 1);
   for (std::size_t l = 0; l < m.L; ++l) {
     m.in.push_back(l == 0 ? static_cast<std::size_t>(shape_.input_size) : m.H);
     const int* ix = idx_.data() + 4 * l;
     m.pi.push_back(ix[0]);
-    m.w_ih.push_back(params_[static_cast<std::size_t>(ix[0])].data());
-    m.w_hh.push_back(params_[static_cast<std::size_t>(ix[1])].data());
+    m.w_ih.push_back(m.weight(params_[static_cast<std::size_t>(ix[0])]));
+    m.w_hh.push_back(m.weight(params_[static_cast<std::size_t>(ix[1])]));
     m.b_ih.push_back(ix[2] >= 0 ? params_[static_cast<std::size_t>(ix[2])].data() : zeros_.data());
     m.b_hh.push_back(ix[3] >= 0 ? params_[static_cast<std::size_t>(ix[3])].data() : zeros_.data());
   }
   if (readout_ >= 0) {
     m.p_out = readout_;
-    m.w_out = params_[static_cast<std::size_t>(readout_)].data();
+    m.w_out = m.weight(params_[static_cast<std::size_t>(readout_)]);
+    m.out = {{0, 0, m.O}};
     m.b_out = params_[static_cast<std::size_t>(readout_) + 1].data();
   }
   if (m.cell == CellKind::gru) {
@@ -1135,15 +1490,22 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   const std::size_t Tn = static_cast<std::size_t>(steps), B = static_cast<std::size_t>(batch);
   const std::size_t H = m.H, L = m.L;
   const bool lstm = m.cell == CellKind::lstm;
-  double step_work = double(B) * double(m.GH) * double(H);
-  double total_work = double(Tn) * double(L) * step_work;
-  bool two = false;
+  const double step_work = double(B) * double(m.GH) * double(H);
+  // The batch is split in two by the problem's size alone, never by the thread count, and
+  // the halves' sums are combined in a fixed order: the results are the same whether the
+  // halves run on two threads or one after the other.
+  const bool two = two_parts(shape_, steps, batch);
+  bool parallel = false;
 #ifdef _OPENMP
-  two = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
+  parallel = two && max_threads() > 1;
 #endif
-  const int cores = std::max(max_threads(), blas_threads());
-  const bool threaded_gemm = !two && step_work >= kThreadedGemmWork && cores > 1;
-  BlasThreads threads(threaded_gemm ? cores : 1);
+  // An unsplit batch with large products splits each product's columns in two instead.
+  const bool halves = !two && step_work >= kThreadedGemmWork;
+  bool team = false;
+#ifdef _OPENMP
+  team = halves && max_threads() > 1;
+#endif
+  BlasThreads threads(1);
 
   RecurrentResult<T> res;
   res.norm_type = req.norm_type;
@@ -1161,14 +1523,13 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     parts[0].R = B;
   }
   std::atomic<bool> abort{false};
-  Pass<T> pass(m, req, Tn, B, res, cancel, abort);
+  Pass<T> pass(m, req, Tn, B, res, cancel, abort, halves, team);
   Arena<T> sizing;
   for (Part<T>& p : parts) pass.allocate(p, sizing);
   // Buffers up to kKeptBytes stay with the chain between runs (saves page faults); a
   // concurrent run on the same chain gets its own.
   constexpr double kKeptBytes = 512.0 * 1024 * 1024;
   const double ws_bytes = double(sizing.used()) * sizeof(T);
-  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
   Buffer<T> local;
   Buffer<T>& ws = lock.owns_lock() && ws_bytes <= kKeptBytes ? ws_ : local;
   if (lock.owns_lock() && ws_bytes > kKeptBytes) ws_.release();
@@ -1190,6 +1551,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     pass.forward(p, polls);
     if (p.bad_layer >= 0 || req.forward_only || abort.load()) return;
     pass.loss(p);
+    if (p.bad_layer >= 0) return;
     for (std::size_t t = 0; t <= Tn; ++t)
       if (p.topnz[t] && !scan(p.Utop + t * p.R * H, p.R * H).finite) {
         p.bad_layer = static_cast<int>(L) - 1;
@@ -1198,11 +1560,11 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
       }
     pass.backward(p, polls);
   };
-  if (parts.size() == 1) {
-    work(parts[0], true);
+  if (!parallel) {
+    for (Part<T>& p : parts) work(p, true);
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       const int tid = omp_get_thread_num();
       try {
@@ -1233,8 +1595,8 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
       throw NonFiniteError("forward", bt,
                            "the forward pass overflowed at timestep " + std::to_string(bt) +
                                " of layer " + std::to_string(bl) +
-                               " (a relu recurrence whose states grew past the " +
-                               "float range); lower recurrent_gain or the inputs");
+                               " (states or pre-activations past the float range); lower "
+                               "the weights or the inputs");
   }
 
   res.h_n.assign(L * B * H, T(0));
@@ -1259,14 +1621,18 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   }
 
   // ---- loss, state norms ---------------------------------------------------------------------
-  double loss = 0.0;
-  for (const Part<T>& p : parts) loss += p.loss;
+  ScaledSum loss;
+  for (const Part<T>& p : parts) loss.add(p.loss);
   if (req.loss == LossKind::grad_output) {
     res.loss = std::numeric_limits<double>::quiet_NaN();
     res.log10_loss = res.loss;
   } else {
-    res.loss = loss;
-    res.log10_loss = loss > 0 ? std::log10(loss) : kNegInf;
+    const double terms = req.target_every_step && req.loss != LossKind::probe ? double(Tn) : 1.0;
+    const double divisor = req.loss == LossKind::mse ? terms * double(B) * double(m.O ? m.O : H)
+                           : req.loss == LossKind::cross_entropy ? terms * double(B)
+                                                                 : 1.0;
+    res.loss = loss.value(divisor);
+    res.log10_loss = loss.log10(divisor);
   }
   const std::size_t nn = L * (Tn + 1);
   res.log10_state_grad_norms.assign(nn, kNegInf);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -263,11 +264,39 @@ std::vector<double> initial_state(const RecurrentLayers& L, const double* h0, co
   return s;
 }
 
+// The cell parameters in double, shared by all sequences.
+template <class T>
+double layers_bytes(const RecurrentChain<T>& chain) {
+  const RecurrentShape& s = chain.shape();
+  const double gh = double(gate_count(s.cell)) * s.hidden_size;
+  double params = 0;
+  for (int l = 0; l < s.num_layers; ++l)
+    params += gh * ((l == 0 ? s.input_size : s.hidden_size) + s.hidden_size + 2.0);
+  return params * sizeof(double);
+}
+
+// One sequence's RecurrentJacobians: every state s_0..s_steps.
+template <class T>
+double sequence_bytes(const RecurrentChain<T>& chain, int steps) {
+  const RecurrentShape& s = chain.shape();
+  const double n = double(s.num_layers) * s.hidden_size * (s.cell == CellKind::lstm ? 2 : 1);
+  return (double(steps) + 2) * n * sizeof(double);
+}
+
+template <class T>
+std::vector<int> state_dims(const RecurrentChain<T>& chain, int steps) {
+  const RecurrentShape& s = chain.shape();
+  const double n = double(s.num_layers) * s.hidden_size * (s.cell == CellKind::lstm ? 2 : 1);
+  if (n > std::numeric_limits<int>::max())
+    throw std::invalid_argument(
+        "the Jacobians' state (num_layers * hidden_size, twice that for an LSTM) must have at "
+        "most 2**31 - 1 entries; this chain's has " +
+        std::to_string(static_cast<long long>(n)));
+  return std::vector<int>(sz(steps + 1), static_cast<int>(n));
+}
+
 JacobianFactory sequences(const RecurrentLayers& L, const double* x, int steps, int batch,
                           const double* h0, const double* c0) {
-  // Two examples' states are alive at once, one per thread.
-  check_memory(double(steps + 1) * L.state_dim() * sizeof(double) * std::min(batch, max_threads()),
-               "the recurrent Jacobians' stored states");
   return [&L, x, steps, batch, h0, c0](int e, bool) -> std::unique_ptr<JacobianChain> {
     const std::vector<double> s0 = initial_state(L, h0, c0, batch, e);
     return std::make_unique<RecurrentJacobians>(L, x + sz(e) * sz(L.input_size()), steps,
@@ -282,6 +311,10 @@ BatchNorms recurrent_jacobian_norms(const RecurrentChain<T>& chain, const double
                                     int batch, const double* h0, const double* c0,
                                     const NormsOptions& opt, Canceller& cancel) {
   check_sequence(steps, batch);
+  opt.validate();
+  check_memory(layers_bytes(chain) + batch_norms_bytes(batch, state_dims(chain, steps), opt,
+                                                       sequence_bytes(chain, steps), true),
+               "the per-step Jacobian norms");
   const RecurrentLayers layers(chain);
   return batch_jacobian_norms(batch, steps, sequences(layers, x, steps, batch, h0, c0), opt,
                               cancel);
@@ -292,8 +325,12 @@ std::vector<double> recurrent_qr_spectrum(const RecurrentChain<T>& chain, const 
                                           int steps, int batch, const double* h0, const double* c0,
                                           const SpectrumOptions& opt, Canceller& cancel) {
   check_sequence(steps, batch);
+  const std::vector<int> dims = state_dims(chain, steps);
+  opt.validate(dims);
+  check_memory(layers_bytes(chain) +
+                   batch_spectrum_bytes(batch, dims, opt, sequence_bytes(chain, steps), true),
+               "the QR spectrum");
   const RecurrentLayers layers(chain);
-  const std::vector<int> dims(sz(steps + 1), layers.state_dim());
   return batch_qr_spectrum(batch, dims, sequences(layers, x, steps, batch, h0, c0), opt, cancel);
 }
 

@@ -1,5 +1,6 @@
 #include "gradchain/vecmath.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #if defined(GRADCHAIN_HAVE_LIBMVEC) && defined(__x86_64__)
@@ -37,7 +38,7 @@ bool have_avx2() {
 }  // namespace
 
 // Kernels: name##_d4 / name##_f8 run the AVX2 variants over whole vectors and return how
-// far they got; the dispatchers add the SSE2 variants (CPUs without AVX2) and the tail.
+// far they got; the dispatchers add the SSE2 variants (CPUs without AVX2).
 #define GC_KERNEL_D(name)                                                                        \
   namespace {                                                                                    \
   __attribute__((target("avx2,fma"))) std::size_t name##_d4(const double* x, double* y,          \
@@ -57,24 +58,49 @@ bool have_avx2() {
     return i;                                                                         \
   }                                                                                   \
   }
-#define GC_DISPATCH(name)                                                                       \
-  void name(const double* x, double* y, std::size_t n) {                                        \
-    std::size_t i = 0;                                                                          \
-    if (have_avx2()) {                                                                          \
-      i = name##_d4(x, y, n);                                                                   \
-    } else {                                                                                    \
-      for (; i + 2 <= n; i += 2) _mm_storeu_pd(y + i, _ZGVbN2v_##name(_mm_loadu_pd(x + i)));    \
-    }                                                                                           \
-    for (; i < n; ++i) y[i] = std::name(x[i]);                                                  \
-  }                                                                                             \
-  void name(const float* x, float* y, std::size_t n) {                                          \
-    std::size_t i = 0;                                                                          \
-    if (have_avx2()) {                                                                          \
-      i = name##_f8(x, y, n);                                                                   \
-    } else {                                                                                    \
-      for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _ZGVbN4v_##name##f(_mm_loadu_ps(x + i))); \
-    }                                                                                           \
-    for (; i < n; ++i) y[i] = std::name(x[i]);                                                  \
+// The tail of fewer than a vector's lanes goes through the same kernel, padded: every
+// element's result depends on its value alone, never on its position in the array or on
+// how a caller split the array (between threads or batch halves).
+#define GC_DISPATCH(name)                                                                     \
+  void name(const double* x, double* y, std::size_t n) {                                      \
+    std::size_t i = 0;                                                                        \
+    if (have_avx2()) {                                                                        \
+      i = name##_d4(x, y, n);                                                                 \
+      if (i < n) {                                                                            \
+        double bx[4] = {0, 0, 0, 0}, by[4];                                                   \
+        std::copy(x + i, x + n, bx);                                                          \
+        name##_d4(bx, by, 4);                                                                 \
+        std::copy(by, by + (n - i), y + i);                                                   \
+      }                                                                                       \
+      return;                                                                                 \
+    }                                                                                         \
+    for (; i + 2 <= n; i += 2) _mm_storeu_pd(y + i, _ZGVbN2v_##name(_mm_loadu_pd(x + i)));    \
+    if (i < n) {                                                                              \
+      const double bx[2] = {x[i], 0};                                                         \
+      double by[2];                                                                           \
+      _mm_storeu_pd(by, _ZGVbN2v_##name(_mm_loadu_pd(bx)));                                   \
+      y[i] = by[0];                                                                           \
+    }                                                                                         \
+  }                                                                                           \
+  void name(const float* x, float* y, std::size_t n) {                                        \
+    std::size_t i = 0;                                                                        \
+    if (have_avx2()) {                                                                        \
+      i = name##_f8(x, y, n);                                                                 \
+      if (i < n) {                                                                            \
+        float bx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, by[8];                                        \
+        std::copy(x + i, x + n, bx);                                                          \
+        name##_f8(bx, by, 8);                                                                 \
+        std::copy(by, by + (n - i), y + i);                                                   \
+      }                                                                                       \
+      return;                                                                                 \
+    }                                                                                         \
+    for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _ZGVbN4v_##name##f(_mm_loadu_ps(x + i))); \
+    if (i < n) {                                                                              \
+      float bx[4] = {0, 0, 0, 0}, by[4];                                                      \
+      std::copy(x + i, x + n, bx);                                                            \
+      _mm_storeu_ps(by, _ZGVbN4v_##name##f(_mm_loadu_ps(bx)));                                \
+      std::copy(by, by + (n - i), y + i);                                                     \
+    }                                                                                         \
   }
 #define GC_DEFINE(name) GC_KERNEL_D(name) GC_KERNEL_F(name) GC_DISPATCH(name)
 

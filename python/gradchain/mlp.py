@@ -20,6 +20,14 @@ INITS: tuple[str, ...] = tuple(_core.init_names())
 LOSSES: tuple[str, ...] = ("probe", "mse", "cross_entropy")
 
 
+def _check_uniform_chain(depth: int, width: int, dtype: np.dtype) -> None:
+    """MemoryError before a list of ``depth + 1`` widths is built for a chain that cannot be
+    stored: its weights and biases, and per layer the Python list's pointer and the core's
+    width and offsets (the core checks the exact figure again)."""
+    nbytes = depth * (width * width + width) * dtype.itemsize + 32 * (depth + 1)
+    _core.check_memory(float(nbytes), "storing the chain's weights")
+
+
 def _widths(depth: Any, width: Any) -> list[int]:
     if isinstance(width, (str, bytes)) or not (isinstance(width, (numbers.Integral, Sequence))):
         raise TypeError(f"width must be a positive integer or a sequence of them; got {width!r}")
@@ -137,10 +145,13 @@ class MLP:
         dtype: Any = "float64",
         seed: int = 0,
     ) -> None:
+        self._dtype = v.dtype(dtype)
+        if isinstance(width, numbers.Integral) and isinstance(depth, numbers.Integral):
+            d, w = v.positive_int("depth", depth), v.positive_int("width", width)
+            _check_uniform_chain(d, w, self._dtype)
         widths = _widths(depth, width)
         v.choice("activation", activation, ACTIVATIONS)
         v.choice("init", init, INITS)
-        self._dtype = v.dtype(dtype)
         self._config = {
             "activation": activation,
             "init": init,
@@ -234,6 +245,9 @@ class MLP:
             raise ValueError(f"alpha must be > 0; got {alpha}")
         _activation_parameters(self._config, dt)
         core = _core.MLPChain64 if dt == np.float64 else _core.MLPChain32
+        # Two copies: the concatenated arrays, and the chain's own.
+        n = sum(w.size for w in ws) + sum(b.size for b in bs)
+        _core.check_memory(float(2 * n * dt.itemsize), "copying the chain's weights")
         self._chain = core.from_arrays(
             widths, activation, self._config["negative_slope"], self._config["alpha"],
             np.concatenate([w.ravel() for w in ws]), np.concatenate(bs),
@@ -401,12 +415,15 @@ class MLP:
         return np.ascontiguousarray(arr, dtype=np.int64)
 
     def backward_memory(self, batch: int, return_grads: bool = False) -> int:
-        """Bytes a :meth:`backward` pass with this batch size allocates (besides the weights).
+        """Bytes a :meth:`backward` pass with this batch size allocates at most (besides the
+        weights): everything it holds at its peak, the result included.
 
         The forward pass keeps every layer's output (and its pre-activation for ``elu``,
         ``gelu``, ``gelu_tanh``, ``silu``, ``softplus``): about ``batch * sum(widths)``
-        numbers. With two threads on small layers the pass also keeps every dL/dz_l
-        (as much again) when that fits in half the machine's memory.
+        numbers; about 130 bytes per layer go to exponents, offsets and the per-layer
+        norms. With two threads (OpenMP, a batch of two or more) the pass also keeps
+        every dL/dz_l (as much again as the outputs) while that leaves half of the
+        available memory free; otherwise it runs without them and needs that much less.
         """
         b = v.positive_int("batch", batch)
         return int(self._chain.backward_bytes(b, bool(return_grads)))

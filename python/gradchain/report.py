@@ -217,7 +217,9 @@ class RecurrentReport(_TotalNorm):
     cell : str
         The chain's cell.
     loss, log10_loss : float
-        The loss (NaN when the upstream gradient was given directly).
+        The loss (NaN when the upstream gradient was given directly). ``log10_loss`` is
+        summed in log space and exact at any magnitude; ``loss`` is 0 or inf only where
+        the true loss lies outside the double range.
     log10_layer_state_grad_norms : ndarray, shape (num_layers, steps + 1)
         log10 ||dL/dh_t|| for every layer, t = 0 (the initial state) .. steps.
     log10_layer_cell_grad_norms : ndarray or None

@@ -87,6 +87,9 @@ class RNN:
     spectral_radius : float, optional
         Rescales every gate block of ``weight_hh`` to this spectral radius (largest
         eigenvalue modulus) after initialisation. Not together with ``recurrent_gain``.
+        Each block's eigenvalues come from one LAPACK call (``geev``, some ``10 *
+        hidden_size**3`` flops: a fraction of a second at 600, seconds from about 1500
+        on), which Ctrl-C cannot interrupt: it takes effect when the block is done.
     forget_bias : float, optional
         LSTM only: sets the forget-gate block of ``bias_ih`` to this value and that of
         ``bias_hh`` to 0, so the forget gate starts at sigmoid(forget_bias).
@@ -417,7 +420,10 @@ class RNN:
             When the pass needs more memory than the machine has
             (see :meth:`backward_memory`).
         NonFiniteError
-            When a relu recurrence overflows in the forward pass (with the timestep).
+            When a state or pre-activation of the forward pass leaves the float range
+            (``err.index`` is the timestep), or the read-out's outputs or the loss
+            gradient do (``err.where == "loss"``). Weights, inputs and gradients far from 1
+            are fine: their scales are carried as powers of two.
         """
         dt = self._dtype
         x = self._x(x)
@@ -490,13 +496,16 @@ class RNN:
         truncate_mode: str = "detach",
         every_step: bool = False,
     ) -> int:
-        """Bytes a :meth:`backward` pass over `steps` timesteps allocates (besides parameters).
+        """Bytes a :meth:`backward` pass over `steps` timesteps allocates at most (besides
+        parameters): everything it holds at its peak, the result included.
 
         The forward pass keeps, per layer and step, the state (and the LSTM's cell and
         its tanh) and the gates; the backward pass overwrites the gates with their
         gradients. That is about ``num_layers * steps * batch * hidden_size`` numbers
         times 2 (vanilla), 7 (LSTM) or 5 (GRU); window truncation keeps about as much
-        again.
+        again. The figure includes the copies that a layer's parameter gradients need
+        when its states leave the float range (one layer's gates and inputs); a pass
+        without them takes that much less.
         """
         t = v.positive_int("steps", steps)
         b = v.positive_int("batch", batch)

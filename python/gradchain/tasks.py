@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _core
 from . import _validate as v
 
 __all__ = ["Task", "adding_problem", "copy_task"]
@@ -134,6 +135,8 @@ def adding_problem(T: Any, batch: Any = 32, *, seed: Any = 0, dtype: Any = "floa
     batch = v.positive_int("batch", batch)
     rng = np.random.default_rng(v.seed(seed))
     dt = v.dtype(dtype)
+    # the draws in float64, their copy in dt, the markers, and x
+    _core.check_memory(float(T * batch * (8 + 4 * dt.itemsize)), "the adding problem's arrays")
 
     values = rng.random((T, batch)).astype(dt)
     half = T // 2
@@ -215,6 +218,10 @@ def copy_task(
     dt = v.dtype(dtype)
 
     steps = T + 2 * length
+    # tokens, target (int64) and the one-hot x
+    _core.check_memory(
+        float(steps * batch * (16 + (n_symbols + 2) * dt.itemsize)), "the copy task's arrays"
+    )
     symbols = rng.integers(1, n_symbols + 1, size=(length, batch), dtype=np.int64)
     tokens = np.zeros((steps, batch), dtype=np.int64)
     tokens[:length] = symbols

@@ -19,6 +19,13 @@ void gemm(Trans ta, Trans tb, int m, int n, int k, float alpha, const float* a, 
 int geqrf(int m, int n, double* a, int lda, double* tau);
 // Forms the first n columns of Q from geqrf's output (LAPACK orgqr), m >= n.
 int orgqr(int m, int n, int k, double* a, int lda, const double* tau);
+// The same on column-major matrices (no transposed copies), and C <- op(Q) C with Q the
+// product of the k reflectors that geqrf_cm left in a (m x k): the pieces of a
+// factorisation done a panel at a time.
+int geqrf_cm(int m, int n, double* a, int lda, double* tau);
+int orgqr_cm(int m, int n, int k, double* a, int lda, const double* tau);
+int ormqr_left_cm(Trans trans, int m, int n, int k, const double* a, int lda, const double* tau,
+                  double* c, int ldc);
 
 // Eigenvalues (real and imaginary parts) of a general row-major n x n matrix, which is
 // overwritten (LAPACK geev without vectors). Returns LAPACK's info.

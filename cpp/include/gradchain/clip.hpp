@@ -49,13 +49,15 @@ struct Grad {
 };
 
 // Total p-norm of all grads. With error_if_nonfinite, a NaN/inf total throws
-// NonFiniteError("clip", -1, ...) with torch's wording.
-double total_norm(const std::vector<Grad>& grads, double p, bool error_if_nonfinite);
+// NonFiniteError("clip", -1, ...) with torch's wording. `cancel` is polled between blocks
+// (a norm other than 2 or inf over gigabytes takes seconds).
+double total_norm(const std::vector<Grad>& grads, double p, bool error_if_nonfinite,
+                  Canceller* cancel = nullptr);
 
 // total_norm, then scale every grad by clip_coef(total, max_norm); returns the total.
 // Nothing is modified when it throws.
 double clip_grad_norm(const std::vector<Grad>& grads, double max_norm, double p,
-                      bool error_if_nonfinite);
+                      bool error_if_nonfinite, Canceller* cancel = nullptr);
 
 void clip_grad_value(const std::vector<Grad>& grads, double clip_value);
 

@@ -1,11 +1,13 @@
 // Shared vocabulary of the gradchain core: errors, cancellation, small helpers.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace gradchain {
@@ -30,18 +32,26 @@ class Interrupted : public std::runtime_error {
   Interrupted() : std::runtime_error("interrupted") {}
 };
 
-// Long loops call `poll()` once per unit of work; it consults the hook at most
-// every few milliseconds so that the hook (which may need the GIL) stays cheap.
+// Long loops call `poll()` once per unit of work, on every thread. The thread that created
+// the Canceller consults the hook every 20 ms, the first time 20 ms after its creation (a
+// hook that takes the GIL would otherwise wait for other Python threads in every short
+// call); once it fires, poll() throws Interrupted on every thread.
 class Canceller {
  public:
   Canceller() = default;
-  explicit Canceller(std::function<bool()> hook) : hook_(std::move(hook)) {}
+  // `hook` is consulted from the creating thread only: Python checks for signals on its
+  // main thread alone, and other threads must not wait for the GIL.
+  explicit Canceller(std::function<bool()> hook);
+  Canceller(const Canceller&) = delete;
+  Canceller& operator=(const Canceller&) = delete;
   void poll();
+  bool stopped() const { return stopped_.load(std::memory_order_relaxed); }
 
  private:
   std::function<bool()> hook_;
+  std::thread::id owner_;
+  std::atomic<bool> stopped_{false};
   std::int64_t last_ns_ = 0;
-  std::uint32_t counter_ = 0;
 };
 
 // The index of `name` in `names`; otherwise std::invalid_argument "<what> must be one of

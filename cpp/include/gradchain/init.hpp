@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "gradchain/common.hpp"
 #include "gradchain/rng.hpp"
 
 namespace gradchain {
@@ -42,9 +43,10 @@ inline std::uint64_t bias_stream(std::uint64_t layer) {
   return layer * 2 + 1;
 }
 
-// Writes the row-major fan_out x fan_in weight of layer `layer` (0-based).
+// Writes the row-major fan_out x fan_in weight of layer `layer` (0-based), polling `cancel`
+// (if given) as it goes: one layer of a wide chain takes seconds.
 void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const Philox& rng,
-                 std::uint64_t layer);
+                 std::uint64_t layer, Canceller* cancel = nullptr);
 // Writes the n biases of layer `layer`: zero, or N(0, bias_std^2).
 void init_bias(double* b, int n, const InitSpec& spec, const Philox& rng, std::uint64_t layer);
 

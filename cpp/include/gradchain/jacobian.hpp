@@ -219,6 +219,15 @@ std::vector<double> batch_qr_spectrum(int batch, const std::vector<int>& dims,
                                       const JacobianFactory& make, const SpectrumOptions& opt,
                                       Canceller& cancel);
 
+// Bytes batch_jacobian_norms() and batch_qr_spectrum() take for chains whose steps have
+// these dims: the result, and for every example in work at once its JacobianChain
+// (example_bytes) and its threads' buffers. `dense`: the chain forms dense J_l for its norms
+// and products (dense_native(), and row_form() into storage).
+double batch_norms_bytes(int batch, const std::vector<int>& dims, const NormsOptions& opt,
+                         double example_bytes, bool dense);
+double batch_spectrum_bytes(int batch, const std::vector<int>& dims, const SpectrumOptions& opt,
+                            double example_bytes, bool dense);
+
 // Through an MLPChain (x: batch x widths[0], float64).
 template <class T>
 BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,

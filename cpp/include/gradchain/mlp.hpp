@@ -87,6 +87,7 @@ class Buffer {
     p_.reset();
     cap_ = 0;
   }
+  std::size_t capacity() const { return cap_; }
 
  private:
   std::unique_ptr<T[]> p_;
@@ -99,6 +100,11 @@ struct Workspace {
   void release() {
     for (Buffer<T>* b : {&h, &z, &g, &g2, &dz, &dw, &db, &dzall, &hs, &tz, &th}) b->release();
   }
+  double bytes() const {
+    double n = 0;
+    for (const Buffer<T>* b : {&h, &z, &g, &g2, &dz, &dw, &db, &dzall}) n += double(b->capacity());
+    return n * sizeof(T);
+  }
 };
 
 template <class T>
@@ -108,8 +114,9 @@ class MLPChain {
   // `cancel`, if given, is polled between layers (drawing a deep chain takes seconds).
   MLPChain(std::vector<int> widths, Activation act, const InitSpec& init, std::uint64_t seed,
            Canceller* cancel = nullptr);
-  // Takes weights (row-major out x in per layer, concatenated) and biases as given.
-  MLPChain(std::vector<int> widths, Activation act, std::vector<T> weights, std::vector<T> biases);
+  // Copies weights (row-major out x in per layer, concatenated) and biases as given.
+  MLPChain(std::vector<int> widths, Activation act, const T* weights, std::size_t n_weights,
+           const T* biases, std::size_t n_biases);
 
   int depth() const { return static_cast<int>(widths_.size()) - 1; }
   const std::vector<int>& widths() const { return widths_; }
@@ -125,7 +132,11 @@ class MLPChain {
   // signal that decays below the float range is then carried in log space.
   bool carries_small_scale() const;
 
-  // Bytes a backward pass with this batch would allocate.
+  // Bytes a chain with these widths holds, plus what drawing its weights takes on every
+  // thread (init: nullptr when the weights are copied in).
+  static double chain_bytes(const std::vector<int>& widths, const InitSpec* init);
+  // Bytes a backward pass with this batch would allocate at most: everything it keeps
+  // (per-layer bookkeeping and the result included), on every thread.
   double backward_bytes(int batch, const BackwardRequest& req) const;
 
   BackwardResult<T> backward(const T* x, int batch, const BackwardRequest& req,
@@ -139,6 +150,13 @@ class MLPChain {
     const auto& c = wscaled_[static_cast<std::size_t>(l)];
     return c.empty() ? weight(l) : c.data();
   }
+  bool two_threads(int batch) const;
+  // Of backward_bytes: what the pass cannot do without, and the dL/dz store that lets two
+  // threads pipeline the backward pass (used when memory allows).
+  struct PassBytes {
+    double needed = 0.0, pipeline = 0.0;
+  };
+  PassBytes pass_bytes(int batch, const BackwardRequest& req) const;
 
   std::vector<int> widths_;
   Activation act_;

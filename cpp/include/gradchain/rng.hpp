@@ -43,8 +43,13 @@ class Philox {
   std::uint32_t k0_, k1_;
 };
 
-// Fills out[0..n) with standard normals (or uniforms on [-1, 1)) of one stream.
-void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n);
-void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n);
+class Canceller;
+
+// Fills out[0..n) with standard normals (or uniforms on [-1, 1)) of one stream, polling
+// `cancel` (if given) every few thousand numbers.
+void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
+                 Canceller* cancel = nullptr);
+void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
+                      Canceller* cancel = nullptr);
 
 }  // namespace gradchain

@@ -79,16 +79,27 @@ struct RecurrentShape {
   int output_size = 0;  // > 0: a linear read-out y = h W^T + b on the top layer
   bool bias = true;
 
+  // Positive sizes, and gates * hidden_size within BLAS's 32-bit sizes (so no product of
+  // two sizes overflows 64 bits).
   void validate() const;
   // Parameter names and shapes in torch's state_dict order.
   std::vector<std::string> param_names() const;
-  std::vector<std::vector<int>> param_shapes() const;
+  std::vector<std::vector<std::int64_t>> param_shapes() const;
+  // Numbers in all parameters, and in the largest one.
+  double param_count() const;
+  double largest_param() const;
 };
 
 template <class T>
 class RecurrentChain {
  public:
-  RecurrentChain(const RecurrentShape& shape, const RecurrentInit& init, std::uint64_t seed);
+  // `cancel`, if given, is polled as the parameters are drawn (a wide chain takes seconds;
+  // spectral_radius solves one eigenvalue problem per gate block, which is not interrupted).
+  RecurrentChain(const RecurrentShape& shape, const RecurrentInit& init, std::uint64_t seed,
+                 Canceller* cancel = nullptr);
+  // Bytes a chain of this shape holds, plus what drawing its parameters takes (init: nullptr
+  // when they are copied in).
+  static double chain_bytes(const RecurrentShape& shape, const RecurrentInit* init);
   // Takes the parameters in state_dict order.
   RecurrentChain(const RecurrentShape& shape, std::vector<std::vector<T>> params);
 
@@ -98,7 +109,8 @@ class RecurrentChain {
   const T* param(std::size_t i) const { return params_[i].data(); }
   std::size_t param_size(std::size_t i) const { return params_[i].size(); }
 
-  // Bytes a run over `steps` timesteps with this batch would allocate.
+  // Bytes a run over `steps` timesteps with this batch would allocate at most: everything
+  // it keeps (per-step bookkeeping and the result included), on every thread.
   double run_bytes(int steps, int batch, const RecurrentRequest& req) const;
 
   // x is (steps, batch, input_size), row-major.

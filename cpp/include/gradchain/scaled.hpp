@@ -66,6 +66,19 @@ void scale_pow2(T* x, std::size_t n, int k) {
   }
 }
 
+// Brings x * 2^e back into the band when max|x| has left it (exactly: e absorbs the shift).
+// Non-finite or all-zero arrays are left as they are.
+template <class T>
+void into_band(T* x, std::size_t n, std::int64_t& e) {
+  const Scan s = scan(x, n);
+  if (!s.finite) return;
+  const int k = rescale_exponent<T>(s.maxabs);
+  if (k != 0) {
+    scale_pow2(x, n, -k);
+    e += k;
+  }
+}
+
 // log10 of the 2-norm of x * 2^e given x's scan; -inf for a zero norm.
 inline double log10_norm(const Scan& s, std::int64_t e) {
   if (s.sumsq == 0.0) return -std::numeric_limits<double>::infinity();
@@ -152,5 +165,64 @@ LogClip log_clip(const std::vector<double>& log10_norms, double p, double max_no
   }
   return r;
 }
+
+// A sum of terms v * 2^ve held as a double times 2^e: neither a term nor a partial sum
+// overflows or underflows, and inside the double range every addition rounds exactly as a
+// plain double sum would (the shifts are powers of two). Terms below 2^-(2^62) count as 0.
+struct ScaledSum {
+  double m = 0.0;  // 0, or |m| in [0.5, 1); inf or NaN once such a term was added
+  std::int64_t e = 0;
+
+  void add(double v, std::int64_t ve = 0) {
+    if (v == 0.0) return;
+    if (!std::isfinite(v) || !std::isfinite(m)) {
+      m += v;
+      return;
+    }
+    int k = 0;
+    const double f = std::frexp(v, &k);
+    const std::int64_t tv = ve + k;
+    if (m == 0.0) {
+      m = f;
+      e = tv;
+      return;
+    }
+    const std::int64_t c = std::max(e, tv);
+    const auto shift = [](std::int64_t d) {
+      return static_cast<int>(std::max<std::int64_t>(d, -4000));
+    };
+    m = std::ldexp(m, shift(e - c)) + std::ldexp(f, shift(tv - c));
+    m = std::frexp(m, &k);
+    e = m == 0.0 ? 0 : c + k;
+  }
+  void add(const ScaledSum& o) { add(o.m, o.e); }
+  // Adds exp(ln_v) for a natural logarithm ln_v that may lie far outside the double range.
+  void add_exp(double ln_v) {
+    constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+    if (std::isnan(ln_v) || ln_v == std::numeric_limits<double>::infinity()) {
+      add(std::exp(ln_v));
+      return;
+    }
+    const double k = std::floor(ln_v / 0.69314718055994530942);
+    if (!(std::fabs(k) < 0x1p62)) {
+      if (k > 0) add(std::numeric_limits<double>::infinity());
+      return;
+    }
+    double frac = (ln_v - k * kLn2Hi) - k * kLn2Lo;  // noise where ln_v's ulp passes ln 2
+    if (!(frac >= 0.0 && frac < 0.69314718055994530942)) frac = 0.0;
+    add(std::exp(frac), static_cast<std::int64_t>(k));
+  }
+  // log10 of sum / divisor (divisor > 0); -inf for a zero sum.
+  double log10(double divisor = 1.0) const {
+    if (m == 0.0) return -std::numeric_limits<double>::infinity();
+    if (!std::isfinite(m)) return m;
+    return std::log10(std::fabs(m) / divisor) + static_cast<double>(e) * kLog10_2;
+  }
+  // sum / divisor as a double: inf or 0 only where the true value is outside the range.
+  double value(double divisor = 1.0) const {
+    if (m == 0.0 || !std::isfinite(m)) return m;
+    return std::ldexp(m / divisor, static_cast<int>(std::clamp<std::int64_t>(e, -100000, 100000)));
+  }
+};
 
 }  // namespace gradchain
