@@ -51,6 +51,7 @@ class Buffer {
     }
     return p_.get();
   }
+  double bytes() const { return double(cap_) * sizeof(T); }
 
  private:
   std::unique_ptr<T[]> p_;
@@ -62,6 +63,9 @@ class Buffer {
 template <class T>
 struct Chain<T>::Workspace {
   Buffer<T> h, s, g, dy, pg, pg2;
+  double bytes() const {
+    return h.bytes() + s.bytes() + g.bytes() + dy.bytes() + pg.bytes() + pg2.bytes();
+  }
 };
 
 // ---- the plan: the block tree as a flat list of steps over numbered boundaries ----------
@@ -268,11 +272,11 @@ void Chain<T>::init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel)
   // LAPACK (orthogonal init) runs single-threaded inside the parallel loop.
   BlasThreads one(1);
   struct Scratch {};
-  parallel_indices<Scratch>(
-      0, static_cast<int>(linears.size()), max_threads(), [&](int k, Scratch&, bool polls) {
-        if (polls && cancel) cancel->poll();
-        linears[static_cast<std::size_t>(k)]->init(spec, rng, static_cast<std::uint64_t>(k));
-      });
+  parallel_indices<Scratch>(0, static_cast<int>(linears.size()), max_threads(), cancel,
+                            [&](int k, Scratch&) {
+                              linears[static_cast<std::size_t>(k)]->init(
+                                  spec, rng, static_cast<std::uint64_t>(k), cancel);
+                            });
 }
 
 template <class T>
@@ -293,8 +297,9 @@ bool Chain<T>::couples_batch(bool train) const {
 namespace {
 
 struct Threading {
-  bool two_threads = false;  // own threads: forward split, backward pipelined
-  bool split_forward = false;
+  bool split_forward = false;     // the batch in two parts (by the problem's size alone)
+  bool parallel_forward = false;  // the parts on two threads
+  bool two_threads = false;       // the backward pass pipelined on two threads
   bool threaded_gemm = false;
   int cores = 1;
 };
@@ -309,10 +314,14 @@ Threading decide_threads(const Steps& steps, std::size_t B, bool coupled) {
     total_work += w;
   }
   Threading t;
+  const bool enough = B >= 2 && total_work >= kOwnThreadsWork;
+  // Whether the batch is split depends on its size alone, so that the results (a GEMM's
+  // sums depend on how many rows it gets) are the same for any thread count.
+  t.split_forward = enough && !coupled;
 #ifdef _OPENMP
-  t.two_threads = max_threads() > 1 && B >= 2 && total_work >= kOwnThreadsWork;
+  t.two_threads = max_threads() > 1 && enough;
 #endif
-  t.split_forward = t.two_threads && !coupled;
+  t.parallel_forward = t.split_forward && t.two_threads;
   t.cores = std::max(max_threads(), blas_threads());
   // With OpenMP and a batch to split, two threads of gradchain's own beat OpenBLAS's
   // threads at every size (see the README); otherwise large GEMMs get BLAS threads.
@@ -322,20 +331,56 @@ Threading decide_threads(const Steps& steps, std::size_t B, bool coupled) {
 
 }  // namespace
 
+// What a pass allocates: the part it cannot do without, and the store of dL/dy that lets
+// two threads pipeline the backward pass (used when memory allows).
 template <class T>
-double Chain<T>::backward_bytes(int batch, const ChainRequest& req) const {
+typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest& req) const {
   const Plan& p = req.trace ? *trace_plan_ : *plan_;
-  const double B = batch, W = p.maxw;
-  double elems = B * double(p.stored_per_row);  // stored boundaries
-  elems += 2 * 3 * B * W;                       // per part: two scratch values + block scratch
-  elems += 6 * B * W;                           // gradient buffers
-  elems += 2.0 * double(p.max_param) * 2;       // parameter-gradient scratch, two threads
+  const double B = batch, W = p.maxw, NB = double(p.width.size());
+  const double nsteps = double(p.steps.size());
+  const Threading th = decide_threads<T>(p.steps, static_cast<std::size_t>(batch),
+                                         couples_batch(req.train) || req.trace);
+  const double parts = th.split_forward ? 2 : 1;
+  double elems = B * double(p.stored_per_row) + 1;  // stored boundaries
+  elems += 3 * B * W + 1;                           // the parts' transients and block scratch
+  int joins = 0;
+  for (const Step& s : p.steps) joins += s.kind == Step::Kind::join ? 1 : 0;
+  if (!req.forward_only || req.trace) {
+    elems += (4 + 2 * std::min(joins, 64) + 1) * B * W;  // gradient buffers
+    elems += 2.0 * std::max<double>(1, 2.0 * double(p.max_param)) *
+             (th.two_threads ? 2 : 1);  // parameter-gradient scratch
+  }
+  elems += B * p.width[static_cast<std::size_t>(p.last)];  // the output
   if (req.keep_param_grads)
     for (const ParamRef<T>& r : params_) elems += r.buffer ? 0 : double(r.size);
-  if (req.keep_boundary_grads)
-    for (std::size_t b = 0; b < p.width.size(); ++b)
-      if (p.top[b] >= 0) elems += B * p.width[b];
-  return elems * sizeof(T) + 8.0 * 8.0 * double(p.width.size() + p.steps.size());
+  double top_width = 0;
+  for (std::size_t b = 0; b < p.width.size(); ++b)
+    if (p.top[b] >= 0) top_width += p.width[b];
+  if (req.keep_boundary_grads) elems += B * top_width;
+  if (req.trace) elems += B * double(p.stored_per_row);  // the traced copies
+  // Per boundary: exponents (one, and each part's), maxima, placements, live gradients,
+  // producers; per step: per-pass data (BatchNorm: two doubles per feature), pipeline
+  // offsets and exponents; per parameter: norms and exponents; the result's norms.
+  double local = 0;
+  for (const Step& s : p.steps)
+    if (s.kind == Step::Kind::leaf && s.block->couples_batch(req.train))
+      local += 16.0 * s.block->out_width();
+  PassBytes r;
+  r.needed = elems * sizeof(T) + NB * (8 + parts * 24 + 32 + 4) + nsteps * (24 + 16 + 8) + local +
+             double(n_trainable_) * 40 + NB * 8 + 4096;
+  if (th.two_threads && p.any_params && !req.forward_only) {
+    double dy = 0;
+    for (const Step& s : p.steps)
+      if (s.nparams > 0) dy += B * p.width[static_cast<std::size_t>(s.out)];
+    r.pipeline = dy * sizeof(T);
+  }
+  return r;
+}
+
+template <class T>
+double Chain<T>::backward_bytes(int batch, const ChainRequest& req) const {
+  const PassBytes p = pass_bytes(batch, req);
+  return p.needed + p.pipeline;
 }
 
 template <class T>
@@ -356,8 +401,12 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
                                   ": Expected more than 1 value per channel when training "
                                   "(a train-mode BatchNorm needs a batch of 2 or more)");
 
-  const double bytes = backward_bytes(batch, req);
-  check_memory(bytes, "this backward pass");
+  // A workspace kept from an earlier pass is reused or freed before anything is allocated.
+  std::unique_lock<std::mutex> ws_lock(ws_mutex_, std::try_to_lock);
+  const PassBytes need = pass_bytes(batch, req);
+  const double held = ws_lock.owns_lock() && ws_ ? ws_->bytes() : 0.0;
+  check_memory(need.needed, req.forward_only ? "this forward pass" : "this backward pass", held);
+  const double bytes = need.needed + need.pipeline;
   std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
   if (coupled && req.train && !req.trace) run_lock.lock();  // running statistics are written
 
@@ -366,7 +415,6 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   ElementwiseThreads elementwise(th.threaded_gemm ? 1 : 0);
 
   // ---- storage ---------------------------------------------------------------------------
-  std::unique_lock<std::mutex> ws_lock(ws_mutex_, std::try_to_lock);
   Workspace local_ws;
   if (ws_lock.owns_lock() && !ws_) ws_ = std::make_shared<Workspace>();
   const bool keep_ws = ws_lock.owns_lock() && bytes <= kKeptWorkspaceBytes;
@@ -489,11 +537,11 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     }
   };
 
-  if (parts.size() == 1) {
-    forward_rows(parts[0], true);
+  if (!th.parallel_forward) {
+    for (Part& p : parts) forward_rows(p, true);
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       const auto t = static_cast<std::size_t>(omp_get_thread_num());
       try {
@@ -592,8 +640,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       dy_off[si] = dy_total;
       dy_total += B * w(P.steps[si].out);
     }
-  bool pipelined = th.two_threads && P.any_params && dy_total > 0 &&
-                   bytes + double(dy_total) * sizeof(T) < 0.5 * double(physical_memory_bytes());
+  bool pipelined = th.two_threads && P.any_params && dy_total > 0 && need.pipeline > 0 &&
+                   memory_allows(bytes - held, 2.0);
   T* DY = nullptr;
   if (pipelined) {
     try {
@@ -811,7 +859,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     chain();
   } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(2)
+#pragma omp parallel num_threads(team_threads(2))
     {
       try {
         if (omp_get_thread_num() == 0) {

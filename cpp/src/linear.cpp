@@ -41,9 +41,10 @@ std::vector<ParamInfo> Linear<T>::params() const {
 }
 
 template <class T>
-void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stream) {
+void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stream,
+                     Canceller* cancel) {
   std::vector<double> w(w_.size()), b(static_cast<std::size_t>(this->out_));
-  init_weight(w.data(), this->out_, this->in_, spec, rng, stream);
+  init_weight(w.data(), this->out_, this->in_, spec, rng, stream, cancel);
   std::transform(w.begin(), w.end(), w_.begin(), [](double v) { return static_cast<T>(v); });
   if (has_bias_) {
     init_bias(b.data(), this->out_, spec, rng, stream);

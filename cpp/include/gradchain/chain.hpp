@@ -99,6 +99,10 @@ class Chain {
 
   // Bytes a pass with this batch would allocate.
   double backward_bytes(int batch, const ChainRequest& req) const;
+  struct PassBytes {
+    double needed = 0.0, pipeline = 0.0;
+  };
+  PassBytes pass_bytes(int batch, const ChainRequest& req) const;
   // Forward, loss, backward. Updates BatchNorm running statistics in train mode, so two
   // passes on one chain do not run at the same time (the second waits).
   ChainResult<T> backward(const T* x, int batch, const ChainRequest& req, Canceller& cancel);

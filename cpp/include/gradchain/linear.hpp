@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "gradchain/block.hpp"
+#include "gradchain/common.hpp"
 #include "gradchain/init.hpp"
 
 namespace gradchain {
@@ -22,7 +23,8 @@ class Linear final : public Block<T> {
 
   bool has_bias() const { return has_bias_; }
   // Draws W (and b) as layer `stream` of the counter-based generator, in double.
-  void init(const InitSpec& spec, const Philox& rng, std::uint64_t stream);
+  void init(const InitSpec& spec, const Philox& rng, std::uint64_t stream,
+            Canceller* cancel = nullptr);
   T* weight() { return w_.data(); }
   T* bias() { return has_bias_ ? b_.data() : nullptr; }
   const T* weight() const { return w_.data(); }
