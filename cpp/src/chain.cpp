@@ -744,8 +744,17 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   {
     T* g = dest_for(P.last);
     std::int64_t gamma = 0;
-    res.log10_loss = loss_and_grad(req.loss, hL, eL, B, w(P.last), req.target, g, gamma);
-    res.loss = req.loss == LossKind::grad_output ? res.log10_loss : std::pow(10.0, res.log10_loss);
+    ScaledSum terms;
+    const double count = req.loss == LossKind::mse             ? double(mL)
+                         : req.loss == LossKind::cross_entropy ? double(B)
+                                                               : 1.0;
+    loss_rows(req.loss, hL, eL, B, w(P.last), req.target, 1.0 / count, g, gamma, terms);
+    if (req.loss == LossKind::grad_output) {
+      res.loss = res.log10_loss = std::numeric_limits<double>::quiet_NaN();
+    } else {
+      res.loss = terms.value(count);
+      res.log10_loss = terms.log10(count);
+    }
     add_to(P.last, g, gamma);
   }
 

@@ -1,10 +1,11 @@
+#include "gradchain/loss.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "gradchain/common.hpp"
-#include "gradchain/loss.hpp"
 #include "gradchain/scaled.hpp"
 
 namespace gradchain {
@@ -12,6 +13,125 @@ namespace gradchain {
 namespace {
 const std::vector<std::string> kLossNames = {"probe", "mse", "cross_entropy", "grad_output"};
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr double kLn2 = 0.69314718055994530942;
+constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+
+int clamp_exp(std::int64_t k) {
+  return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
+}
+
+// Softmax cross-entropy of logits y * 2^ey. Each row's terms are formed from the logits in
+// double (at the true scale where that is finite); the gradient entries p_j - [j = label]
+// are taken in log space and written at one power of two for all rows, so a confident
+// prediction (1 - p_label ~ e^-5000) keeps its gradient and its loss.
+template <class T>
+void cross_entropy(const T* y, std::int64_t ey, std::size_t rows, std::size_t cols,
+                   const std::int64_t* labels, double scale, T* dy, std::int64_t& gy,
+                   ScaledSum& sum) {
+  constexpr int band = std::numeric_limits<T>::max_exponent / 5;
+  if (ey > 900) {
+    // Logits beyond the double range: the softmax is one-hot on each row's maximum (shared
+    // on ties), the loss 2^ey (max - y_label) (or log(ties) where the label shares it).
+    for (std::size_t r = 0; r < rows; ++r) {
+      const T* row = y + r * cols;
+      const T mx = *std::max_element(row, row + cols);
+      std::size_t ties = 0;
+      for (std::size_t j = 0; j < cols; ++j) ties += row[j] == mx;
+      const std::size_t lab = static_cast<std::size_t>(labels[r]);
+      const double gap = double(mx) - double(row[lab]);
+      if (gap > 0)
+        sum.add(gap, ey);
+      else
+        sum.add(std::log(double(ties)));
+      for (std::size_t j = 0; j < cols; ++j)
+        dy[r * cols + j] = static_cast<T>(
+            ((row[j] == mx ? 1.0 / double(ties) : 0.0) - (j == lab ? 1.0 : 0.0)) * scale);
+    }
+    gy = 0;
+    return;
+  }
+  const int ie = clamp_exp(ey);
+  struct Row {
+    double lse, llab;  // log-sum-exp; log|dL/dy_label| when the label holds the largest logit
+    bool top;
+    std::size_t lab;
+  };
+  std::vector<Row> info(rows);
+  std::vector<double> z(cols);
+  double big = kNegInf;  // the largest log|gradient entry| of all rows
+  for (std::size_t r = 0; r < rows; ++r) {
+    const T* yr = y + r * cols;
+    for (std::size_t j = 0; j < cols; ++j) z[j] = std::ldexp(double(yr[j]), ie);
+    const std::size_t lab = static_cast<std::size_t>(labels[r]);
+    const double mx = *std::max_element(z.begin(), z.end());
+    double s = 0.0;
+    for (std::size_t j = 0; j < cols; ++j) s += std::exp(z[j] - mx);
+    const double lsum = std::log(s);
+    Row& w = info[r];
+    w.lse = mx + lsum;
+    w.lab = lab;
+    w.top = z[lab] == mx;
+    if (w.top) {
+      // log of sum_{j != label} e^(z_j - max), without underflow
+      double m2 = kNegInf;
+      for (std::size_t j = 0; j < cols; ++j)
+        if (j != lab) m2 = std::max(m2, z[j]);
+      double s2 = 0.0;
+      for (std::size_t j = 0; j < cols; ++j)
+        if (j != lab) s2 += std::exp(z[j] - m2);
+      const double lp = cols > 1 ? (m2 - mx) + std::log(s2) : kNegInf;
+      if (lp > -700.0)
+        sum.add(std::log1p(std::exp(lp)));
+      else
+        sum.add_exp(lp);  // log1p(e^lp) = e^lp to double precision
+      w.llab = lp - lsum;
+      big = std::max(big, w.llab);
+    } else {
+      const double d = mx - z[lab];  // > 0
+      if (std::isfinite(d))
+        sum.add(d + lsum);
+      else
+        sum.add(0.5 * mx - 0.5 * z[lab] + 0.5 * lsum, 1);
+      w.llab = 0.0;
+      big = std::max(big, std::log(0.5));
+    }
+  }
+  // Scale only when the largest entry lies below the band (then every entry is tiny): by
+  // 2^-k, k = floor(big / ln 2), each entry then exp((log - big) + frac) with frac =
+  // big - k ln 2 in [0, ln 2) (noise, and set to 0, where big is too large for a double to
+  // resolve it).
+  double k = 0.0, frac = 0.0;
+  if (big > kNegInf && big / kLn2 < -band) {
+    k = std::floor(big / kLn2);
+    frac = (big - k * kLn2Hi) - k * kLn2Lo;
+    if (!(frac >= 0.0 && frac < kLn2)) frac = 0.0;
+    if (!(k > -0x1p62)) big = kNegInf;  // beyond even the exponent's range: zero
+  }
+  auto mant = [&](double lg) { return k == 0.0 ? std::exp(lg) : std::exp((lg - big) + frac); };
+  gy = static_cast<std::int64_t>(k);
+  const T s = static_cast<T>(scale);
+  for (std::size_t r = 0; r < rows; ++r) {
+    const T* yr = y + r * cols;
+    T* d = dy + r * cols;
+    const Row& w = info[r];
+    if (big == kNegInf) {
+      std::fill(d, d + cols, T(0));
+      continue;
+    }
+    for (std::size_t j = 0; j < cols; ++j) {
+      const double zj = std::ldexp(double(yr[j]), ie);
+      double g;
+      if (j != w.lab)
+        g = mant(zj - w.lse);
+      else if (w.top)
+        g = -mant(w.llab);
+      else
+        g = std::expm1(zj - w.lse);
+      d[j] = static_cast<T>(g) * s;
+    }
+  }
+}
+
 }  // namespace
 
 LossKind parse_loss(const std::string& name) {
@@ -23,104 +143,55 @@ const std::vector<std::string>& loss_names() {
 }
 
 template <class T>
-double loss_and_grad(LossKind kind, const T* h, std::int64_t eh, std::size_t rows, std::size_t cols,
-                     const void* target, T* g, std::int64_t& gamma) {
+void loss_rows(LossKind kind, const T* y, std::int64_t ey, std::size_t rows, std::size_t cols,
+               const void* target, double scale, T* dy, std::int64_t& gy, ScaledSum& sum) {
   const std::size_t m = rows * cols;
-  double log10_loss = 0.0;
   switch (kind) {
     case LossKind::probe: {
-      std::copy(h, h + m, g);
-      gamma = eh;
-      const Scan s = scan(h, m);
-      log10_loss = std::log10(0.5) + 2.0 * log10_norm(s, eh);
+      const Scan s = scan(y, m);
+      sum.add(0.5 * s.sumsq, 2 * (ey + s.sq_shift));
+      const T f = static_cast<T>(scale);
+      for (std::size_t i = 0; i < m; ++i) dy[i] = f * y[i];
+      gy = ey;
       break;
     }
     case LossKind::mse: {
-      const T* y = static_cast<const T*>(target);
-      const Scan sy = scan(y, m);
-      // (h - y) computed at a common power-of-two scale c: exact where h and y overlap.
-      const std::int64_t ey =
-          sy.maxabs > 0 ? exponent_of(sy.maxabs) : std::numeric_limits<int>::min() / 2;
-      // The common scale is the larger of h's and y's, so that h - y can neither
-      // overflow nor square to inf.
-      const Scan sh_scan = scan(h, m);
-      const std::int64_t emax = sh_scan.maxabs > 0 ? eh + exponent_of(sh_scan.maxabs)
-                                                   : std::numeric_limits<int>::min() / 2;
-      const std::int64_t c = std::max(emax, ey);
-      const int sh = static_cast<int>(std::max<std::int64_t>(eh - c, -100000));
-      const int sy_ = static_cast<int>(std::max<std::int64_t>(-c, -100000));
-      const T norm = static_cast<T>(2.0 / double(m));
-      double ss = 0;
-      for (std::size_t i = 0; i < m; ++i) {
-        const T u = static_cast<T>(std::ldexp(double(h[i]), sh)) -
-                    static_cast<T>(std::ldexp(double(y[i]), sy_));
-        ss += double(u) * double(u);
-        g[i] = norm * u;
-      }
-      gamma = c;
-      log10_loss = ss > 0 ? std::log10(ss / double(m)) + 2.0 * double(c) * kLog10_2 : kNegInf;
+      // (y - t) at a common power-of-two scale c, the larger of y's and t's, so that it
+      // can neither overflow nor square to inf: exact where y and t overlap.
+      const T* t = static_cast<const T*>(target);
+      const Scan st = scan(t, m), sy = scan(y, m);
+      constexpr std::int64_t kNone = std::numeric_limits<int>::min() / 2;
+      const std::int64_t et = st.maxabs > 0 ? exponent_of(st.maxabs) : kNone;
+      const std::int64_t eyy = sy.maxabs > 0 ? ey + exponent_of(sy.maxabs) : kNone;
+      const std::int64_t c = std::max(eyy, et);
+      const int shy = clamp_exp(ey - c), sht = clamp_exp(-c);
+      for (std::size_t i = 0; i < m; ++i)
+        dy[i] = static_cast<T>(std::ldexp(double(y[i]), shy)) -
+                static_cast<T>(std::ldexp(double(t[i]), sht));
+      const Scan s = scan(dy, m);
+      sum.add(s.sumsq, 2 * (c + s.sq_shift));
+      const T f = static_cast<T>(2.0 * scale);
+      for (std::size_t i = 0; i < m; ++i) dy[i] *= f;
+      gy = c;
       break;
     }
-    case LossKind::cross_entropy: {
-      const auto* labels = static_cast<const std::int64_t*>(target);
-      const std::size_t C = cols;
-      const T invB = static_cast<T>(1.0 / double(rows));
-      if (eh <= 600) {
-        const int ie = static_cast<int>(std::max<std::int64_t>(eh, -100000));
-        double total = 0;
-        std::vector<double> p(C);
-        for (std::size_t r = 0; r < rows; ++r) {
-          const T* row = h + r * C;
-          double mx = kNegInf;
-          for (std::size_t j = 0; j < C; ++j) mx = std::max(mx, std::ldexp(double(row[j]), ie));
-          double sum = 0;
-          for (std::size_t j = 0; j < C; ++j)
-            sum += (p[j] = std::exp(std::ldexp(double(row[j]), ie) - mx));
-          const double lse = mx + std::log(sum);
-          const std::size_t y = static_cast<std::size_t>(labels[r]);
-          total += lse - std::ldexp(double(row[y]), ie);
-          for (std::size_t j = 0; j < C; ++j)
-            g[r * C + j] = (static_cast<T>(p[j] / sum) - (j == y ? T(1) : T(0))) * invB;
-        }
-        const double loss = total / double(rows);
-        log10_loss = loss > 0 ? std::log10(loss) : kNegInf;
-      } else {
-        // Logits far beyond double range: softmax is one-hot on the maximum (shared on ties)
-        // and the loss is 2^eh * mean(max - h~_y).
-        double gap = 0, ties_log = 0;
-        for (std::size_t r = 0; r < rows; ++r) {
-          const T* row = h + r * C;
-          const T mx = *std::max_element(row, row + C);
-          std::size_t ties = 0;
-          for (std::size_t j = 0; j < C; ++j) ties += row[j] == mx;
-          const std::size_t y = static_cast<std::size_t>(labels[r]);
-          gap += double(mx) - double(row[y]);
-          ties_log += std::log(double(ties));
-          for (std::size_t j = 0; j < C; ++j)
-            g[r * C + j] =
-                ((row[j] == mx ? T(1) / static_cast<T>(ties) : T(0)) - (j == y ? T(1) : T(0))) *
-                invB;
-        }
-        log10_loss = gap > 0 ? std::log10(gap / double(rows)) + double(eh) * kLog10_2
-                             : (ties_log > 0 ? std::log10(ties_log / double(rows)) : kNegInf);
-      }
-      gamma = 0;
+    case LossKind::cross_entropy:
+      cross_entropy(y, ey, rows, cols, static_cast<const std::int64_t*>(target), scale, dy, gy,
+                    sum);
       break;
-    }
     case LossKind::grad_output: {
       const T* go = static_cast<const T*>(target);
-      std::copy(go, go + m, g);
-      gamma = 0;
-      log10_loss = std::numeric_limits<double>::quiet_NaN();
+      std::copy(go, go + m, dy);
+      gy = 0;
       break;
     }
   }
-  return log10_loss;
+  into_band(dy, m, gy);
 }
 
-template double loss_and_grad<float>(LossKind, const float*, std::int64_t, std::size_t, std::size_t,
-                                     const void*, float*, std::int64_t&);
-template double loss_and_grad<double>(LossKind, const double*, std::int64_t, std::size_t,
-                                      std::size_t, const void*, double*, std::int64_t&);
+template void loss_rows<float>(LossKind, const float*, std::int64_t, std::size_t, std::size_t,
+                               const void*, double, float*, std::int64_t&, ScaledSum&);
+template void loss_rows<double>(LossKind, const double*, std::int64_t, std::size_t, std::size_t,
+                                const void*, double, double*, std::int64_t&, ScaledSum&);
 
 }  // namespace gradchain

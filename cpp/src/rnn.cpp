@@ -242,8 +242,6 @@ class Pass {
 
  private:
   void cell_forward(Part<T>& p, std::size_t l, std::size_t t) const;
-  void cross_entropy(Part<T>& p, const T* Y, std::size_t nt, std::size_t t0, T* dY,
-                     std::vector<std::int64_t>& ye) const;
   void carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_lo, const Up<T>& up,
              bool window, bool polls) const;
   void step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
@@ -501,98 +499,6 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
 // that may underflow) nor its gradient (1 - p_label, not p_label - 1) cancels or vanishes:
 // a step's gradients are scaled by a power of two when all of them are tiny.
 template <class T>
-void Pass<T>::cross_entropy(Part<T>& p, const T* Y, std::size_t nt, std::size_t t0, T* dY,
-                            std::vector<std::int64_t>& ye) const {
-  constexpr double kLn2 = 0.69314718055994530942;
-  constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
-  constexpr int band = std::numeric_limits<T>::max_exponent / 5;
-  const std::size_t R = p.R, O = m_.O > 0 ? m_.O : m_.H;
-  const bool every = req_.target_every_step;
-  const auto* labels = static_cast<const std::int64_t*>(req_.target);
-  const double count = double(nt) * double(B_);
-  const T inv = static_cast<T>(1.0 / count);
-  struct Row {
-    double lse, llab;  // log-sum-exp; log|dL/dy_label| when the label holds the largest logit
-    bool top;
-    std::size_t lab;
-  };
-  std::vector<Row> rows(R);
-  for (std::size_t i = 0; i < nt; ++i) {
-    double big = kNegInf;  // the step's largest log|gradient entry|
-    for (std::size_t r = 0; r < R; ++r) {
-      const T* y = Y + (i * R + r) * O;
-      const std::size_t lab = static_cast<std::size_t>(labels[(every ? i * B_ : 0) + p.r0 + r]);
-      double mx = kNegInf;
-      for (std::size_t j = 0; j < O; ++j) mx = std::max(mx, double(y[j]));
-      double sum = 0.0;
-      for (std::size_t j = 0; j < O; ++j) sum += std::exp(double(y[j]) - mx);
-      const double lsum = std::log(sum);
-      Row& w = rows[r];
-      w.lse = mx + lsum;
-      w.lab = lab;
-      const double ylab = double(y[lab]);
-      w.top = ylab == mx;
-      if (w.top) {
-        // log of sum_{j != label} e^(y_j - max), without underflow
-        double m2 = kNegInf;
-        for (std::size_t j = 0; j < O; ++j)
-          if (j != lab) m2 = std::max(m2, double(y[j]));
-        double s2 = 0.0;
-        for (std::size_t j = 0; j < O; ++j)
-          if (j != lab) s2 += std::exp(double(y[j]) - m2);
-        const double lp = O > 1 ? (m2 - mx) + std::log(s2) : kNegInf;
-        if (lp > -700.0)
-          p.loss.add(std::log1p(std::exp(lp)));
-        else
-          p.loss.add_exp(lp);  // log1p(e^lp) = e^lp to double precision
-        w.llab = lp - lsum;
-        big = std::max(big, w.llab);
-      } else {
-        const double d = mx - ylab;  // > 0; beyond the double range only for huge logits
-        if (std::isfinite(d))
-          p.loss.add(d + lsum);
-        else
-          p.loss.add(0.5 * mx - 0.5 * ylab + 0.5 * lsum, 1);
-        w.llab = 0.0;
-        big = std::max(big, std::log(0.5));
-      }
-    }
-    // Scale only when the largest entry lies below the band (then every entry is tiny): by
-    // 2^-k, k = floor(big / ln 2), each entry then exp((log - big) + frac) with frac =
-    // big - k ln 2 in [0, ln 2) (noise, and set to 0, where big is too large for a double
-    // to resolve it).
-    double k = 0.0, frac = 0.0;
-    if (big > kNegInf && big / kLn2 < -band) {
-      k = std::floor(big / kLn2);
-      frac = (big - k * kLn2Hi) - k * kLn2Lo;
-      if (!(frac >= 0.0 && frac < kLn2)) frac = 0.0;
-      if (!(k > -0x1p62)) big = kNegInf;  // beyond even the exponent's range: zero
-    }
-    auto mant = [&](double lg) { return k == 0.0 ? std::exp(lg) : std::exp((lg - big) + frac); };
-    ye[i] = static_cast<std::int64_t>(k);
-    for (std::size_t r = 0; r < R; ++r) {
-      const T* y = Y + (i * R + r) * O;
-      T* d = dY + (i * R + r) * O;
-      const Row& w = rows[r];
-      if (big == kNegInf) {
-        std::fill(d, d + O, T(0));
-        continue;
-      }
-      for (std::size_t j = 0; j < O; ++j) {
-        double g;
-        if (j != w.lab)
-          g = mant(double(y[j]) - w.lse);
-        else if (w.top)
-          g = -mant(w.llab);
-        else
-          g = std::expm1(double(y[j]) - w.lse);
-        d[j] = static_cast<T>(g) * inv;
-      }
-    }
-  }
-}
-
-template <class T>
 void Pass<T>::loss(Part<T>& p) const {
   const std::size_t R = p.R, H = m_.H, n = R * H, L = m_.L;
   const T* top = p.Hs[L - 1];
@@ -605,18 +511,14 @@ void Pass<T>::loss(Part<T>& p) const {
   switch (req_.loss) {
     case LossKind::probe: {
       const T* hT = top + Tn_ * n;
-      std::copy(hT, hT + n, U + Tn_ * n);
-      const Scan s = scan(hT, n);
-      p.loss.add(0.5 * s.sumsq, 2 * std::int64_t{s.sq_shift});
-      into_band(U + Tn_ * n, n, p.topexp[Tn_]);
+      loss_rows(LossKind::probe, hT, 0, R, H, nullptr, 1.0, U + Tn_ * n, p.topexp[Tn_], p.loss);
       return;
     }
     case LossKind::grad_output: {
       const T* go = static_cast<const T*>(req_.target);
       for (std::size_t t = t0; t <= Tn_; ++t) {
         const T* src = go + ((every ? t - 1 : 0) * B_ + p.r0) * H;
-        std::copy(src, src + n, U + t * n);
-        into_band(U + t * n, n, p.topexp[t]);
+        loss_rows(LossKind::grad_output, src, 0, R, H, src, 1.0, U + t * n, p.topexp[t], p.loss);
       }
       return;
     }
@@ -642,20 +544,16 @@ void Pass<T>::loss(Part<T>& p) const {
     p.bad_t = -2;
     return;
   }
-  if (req_.loss == LossKind::mse) {
-    const T* y = static_cast<const T*>(req_.target);
-    const T scale = static_cast<T>(2.0 / (double(nt) * double(B_) * double(O)));
-    for (std::size_t i = 0; i < nt; ++i) {
-      T* d = dY.data() + i * R * O;
-      const T* yt = y + ((every ? i * B_ : 0) + p.r0) * O;
-      for (std::size_t k = 0; k < R * O; ++k) d[k] = Y[i * R * O + k] - yt[k];
-      const Scan s = scan(d, R * O);
-      p.loss.add(s.sumsq, 2 * std::int64_t{s.sq_shift});
-      into_band(d, R * O, ye[i]);
-      for (std::size_t k = 0; k < R * O; ++k) d[k] *= scale;
-    }
-  } else {
-    cross_entropy(p, Y.data(), nt, t0, dY.data(), ye);
+  // One loss implementation for every chain: each step's rows in turn, at their own scale.
+  const bool mse = req_.loss == LossKind::mse;
+  const double count = double(nt) * double(B_) * (mse ? double(O) : 1.0);
+  for (std::size_t i = 0; i < nt; ++i) {
+    const std::size_t first = (every ? i * B_ : 0) + p.r0;
+    const void* tgt =
+        mse ? static_cast<const void*>(static_cast<const T*>(req_.target) + first * O)
+            : static_cast<const void*>(static_cast<const std::int64_t*>(req_.target) + first);
+    loss_rows(req_.loss, Y.data() + i * R * O, 0, R, O, tgt, 1.0 / count, dY.data() + i * R * O,
+              ye[i], p.loss);
   }
   T* Ut = U + t0 * n;
   if (m_.O > 0) {
