@@ -177,6 +177,28 @@ void bind(py::module_& m, const char* name) {
             c.params_changed();
           },
           py::arg("index"), py::arg("values"))
+      .def(
+          "set_params",
+          [](C& c, const py::list& items) {
+            // Every pair is converted and checked before any is written (a bad one leaves
+            // the chain as it was), and the blocks refresh what they derive from their
+            // parameters once, not once per parameter.
+            const auto& ps = c.parameters();
+            std::vector<std::pair<std::size_t, CArray<T>>> todo;
+            for (const py::handle& h : items) {
+              const auto pair = h.cast<py::tuple>();
+              const auto i = pair[0].cast<std::size_t>();
+              if (i >= ps.size()) throw py::index_error("parameter index out of range");
+              auto a = pair[1].cast<CArray<T>>();
+              if (static_cast<std::size_t>(a.size()) != ps[i].size)
+                throw std::invalid_argument(ps[i].name + " needs " + std::to_string(ps[i].size) +
+                                            " values; got " + std::to_string(a.size()));
+              todo.emplace_back(i, std::move(a));
+            }
+            for (const auto& [i, a] : todo) std::copy(a.data(), a.data() + a.size(), ps[i].data());
+            c.params_changed();
+          },
+          py::arg("items"), "Writes (index, values) pairs, then refreshes the blocks once.")
       .def("couples_batch", &C::couples_batch, py::arg("train"))
       .def(
           "backward_bytes",
