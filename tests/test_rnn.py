@@ -190,12 +190,12 @@ def check_report(rep, ref, rnn, cfg_max_norm=None, norm_type=2.0, clipped=None, 
     `clipped` / `total`: the clipped gradients and total norm by torch's
     clip_grad_norm_; computed here as min(1, max_norm / (total + 1e-6)) otherwise."""
     names = list(rnn.param_names)
-    assert list(rep.grads) == names == list(ref["grads"])
-    assert list(rep.log10_weight_grad_norms) == names
+    assert list(rep.param_grads) == names == list(ref["grads"])
+    assert list(rep.log10_param_grad_norms) == names
     raw = [ref["grads"][n] for n in names]
     # norms are those before clipping
     for n, g in zip(names, raw):
-        assert_log10(rep.log10_weight_grad_norms[n], np.linalg.norm(g), what=f"log10 |d {n}|")
+        assert_log10(rep.log10_param_grad_norms[n], np.linalg.norm(g), what=f"log10 |d {n}|")
     if total is None:
         total = O.pnorm(raw, norm_type)
     assert rep.norm_type == norm_type
@@ -209,7 +209,7 @@ def check_report(rep, ref, rnn, cfg_max_norm=None, norm_type=2.0, clipped=None, 
         coef = min(1.0, cfg_max_norm / (total + 1e-6))
         assert_scalar(rep.clip_coef, coef, what="clip_coef")
         expected = [coef * g for g in raw] if clipped is None else clipped
-    for n, a, e in zip(names, rep.grads.values(), expected):
+    for n, a, e in zip(names, rep.param_grads.values(), expected):
         assert_close(a, e, what=f"grads[{n!r}]")
     # state and cell gradients, whole arrays and per-(layer, step) norms
     assert_close(rep.state_grads, ref["state_grads"], what="state_grads")
@@ -293,9 +293,9 @@ def test_without_return_grads_the_arrays_are_absent(gc):
     x, gkw, _ = cfg.make_data()
     a = rnn.backward(x, **gkw)
     b = rnn.backward(x, return_grads=True, **gkw)
-    assert a.grads is None and a.state_grads is None and a.cell_grads is None
+    assert a.param_grads is None and a.state_grads is None and a.cell_grads is None
     np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
-    assert a.log10_weight_grad_norms == b.log10_weight_grad_norms
+    assert a.log10_param_grad_norms == b.log10_param_grad_norms
 
 
 def test_default_loss_follows_the_target(gc, rng):
@@ -391,10 +391,10 @@ def test_gradchain_parameters_in_torch_modules(gc, cell, bias, rng):
     tgt = rng.normal(size=(T, B, out))
     ref = O.torch_module_backward(cell, sd, x, h0=h0, loss="mse", target=tgt, **kw)
     rep = rnn.backward(x, tgt, loss="mse", h0=h0, return_grads=True, **kw)
-    assert list(rep.grads) == list(ref["grads"])
-    for n in rep.grads:
-        assert_close(rep.grads[n], ref["grads"][n], what=n)
-        assert_log10(rep.log10_weight_grad_norms[n], np.linalg.norm(ref["grads"][n]), what=n)
+    assert list(rep.param_grads) == list(ref["grads"])
+    for n in rep.param_grads:
+        assert_close(rep.param_grads[n], ref["grads"][n], what=n)
+        assert_log10(rep.log10_param_grad_norms[n], np.linalg.norm(ref["grads"][n]), what=n)
     assert_scalar(rep.loss, ref["loss"], what="loss")
     assert_close(rep.state_grads[:, 0], ref["h0_grad"], what="dL/dh0")
     if cell == "lstm":
@@ -435,8 +435,8 @@ def test_from_torch_module_state_dict(gc, cell, rng):
     # and the gradients through the fused module
     ref = O.torch_module_backward(cell, tsd, x, h0=h0, loss="probe", **kw)
     rep = rnn.backward(x, h0=h0, return_grads=True, **kw)
-    for n in rep.grads:
-        assert_close(rep.grads[n], ref["grads"][n], what=n)
+    for n in rep.param_grads:
+        assert_close(rep.param_grads[n], ref["grads"][n], what=n)
 
 
 @needs_torch
@@ -513,7 +513,7 @@ def test_float32_against_float64_oracle(gc, cell, loss, rng):
         kw["target"] = rng.integers(0, out, size=(T, B))
     rep = rnn.backward(x, loss=loss, return_grads=True, **kw)
     ref = O.numpy_rnn_backward(cell, rnn.state_dict(), x, loss=loss, **kw)
-    assert rep.grads["weight_hh_l0"].dtype == np.float32
+    assert rep.param_grads["weight_hh_l0"].dtype == np.float32
     tol = 1e-4 / math.log(10)
     with np.errstate(divide="ignore"):
         np.testing.assert_allclose(
@@ -527,10 +527,10 @@ def test_float32_against_float64_oracle(gc, cell, loss, rng):
         g = ref["grads"][n]
         expected = _log10(float(np.linalg.norm(g)))
         if expected == -math.inf:  # e.g. the read-out under the probe loss
-            assert rep.log10_weight_grad_norms[n] == -math.inf, n
+            assert rep.log10_param_grad_norms[n] == -math.inf, n
         else:
-            assert abs(rep.log10_weight_grad_norms[n] - expected) <= tol, n
-        assert np.linalg.norm(rep.grads[n] - g) <= 1e-4 * np.linalg.norm(g), n
+            assert abs(rep.log10_param_grad_norms[n] - expected) <= tol, n
+        assert np.linalg.norm(rep.param_grads[n] - g) <= 1e-4 * np.linalg.norm(g), n
     assert abs(rep.log10_total_norm - math.log10(O.pnorm(list(ref["grads"].values())))) <= tol
     assert abs(rep.loss - ref["loss"]) <= 1e-4 * abs(ref["loss"])
 
@@ -563,8 +563,8 @@ def test_vanishing_closed_form_over_100k_steps(gc):
     assert rep.state_grad_norms[-1] == pytest.approx(10**log_hT, rel=1e-12)
     # dL/db_hh = sum_t dL/dh_t (relu' = 1) = h_T (1 - c^T) / (1 - c)
     expect_b = log_hT + math.log10((1 - c**T) / (1 - c))
-    assert abs(rep.log10_weight_grad_norms["bias_hh_l0"] - expect_b) <= 1e-8
-    assert rep.log10_weight_grad_norms["weight_ih_l0"] == -math.inf  # x = 0: exactly zero
+    assert abs(rep.log10_param_grad_norms["bias_hh_l0"] - expect_b) <= 1e-8
+    assert rep.log10_param_grad_norms["weight_ih_l0"] == -math.inf  # x = 0: exactly zero
 
 
 def test_exploding_closed_form_beyond_float_range(gc, rng):
@@ -587,8 +587,8 @@ def test_exploding_closed_form_beyond_float_range(gc, rng):
     # dL/dW_hh = sum_t (1.5^(T-t) g)(1.5^(t-1) h0)^T = T 1.5^(T-1) g h0^T (summed over the batch)
     M = sum(np.outer(g[b], u[0, b]) for b in range(B))
     expect_w = math.log10(T) + (T - 1) * math.log10(a) - 300 + math.log10(np.linalg.norm(M))
-    assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - expect_w) <= 1e-8
-    assert rep.log10_weight_grad_norms["weight_ih_l0"] == -math.inf
+    assert abs(rep.log10_param_grad_norms["weight_hh_l0"] - expect_w) <= 1e-8
+    assert rep.log10_param_grad_norms["weight_ih_l0"] == -math.inf
     assert abs(rep.log10_total_norm - expect_w) <= 1e-8  # the only nonzero gradient
 
 
@@ -664,10 +664,10 @@ def test_exploding_weight_hh_gradient_in_float32(gc):
     )
     for n in ("weight_ih_l0", "weight_hh_l0"):
         e = ref["grads"][n]
-        assert abs(rep.log10_weight_grad_norms[n] - math.log10(np.linalg.norm(e))) <= 1e-5, (
-            n, rep.log10_weight_grad_norms[n], math.log10(np.linalg.norm(e)),
+        assert abs(rep.log10_param_grad_norms[n] - math.log10(np.linalg.norm(e))) <= 1e-5, (
+            n, rep.log10_param_grad_norms[n], math.log10(np.linalg.norm(e)),
         )  # fmt: skip
-        np.testing.assert_allclose(rep.grads[n], e, rtol=1e-4, err_msg=n)
+        np.testing.assert_allclose(rep.param_grads[n], e, rtol=1e-4, err_msg=n)
 
 
 def test_clipping_in_the_exploding_regime(gc):
@@ -679,12 +679,12 @@ def test_clipping_in_the_exploding_regime(gc):
     kw = {"grad_output": np.ones((1, 1)), "h0": np.ones((1, 1, 1)), "return_grads": True}
     expected = math.log10(T) + (T - 1) * math.log10(1.5)
     rep = rnn.backward(np.zeros((T, 1, 1)), **kw)
-    assert rep.grads["weight_hh_l0"][0, 0] == pytest.approx(10**expected, rel=1e-10)
-    assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - expected) <= 1e-9
+    assert rep.param_grads["weight_hh_l0"][0, 0] == pytest.approx(10**expected, rel=1e-10)
+    assert abs(rep.log10_param_grad_norms["weight_hh_l0"] - expected) <= 1e-9
     assert abs(rep.log10_total_norm - expected) <= 1e-9
     rep = rnn.backward(np.zeros((T, 1, 1)), max_norm=1.0, **kw)
     assert abs(rep.log10_clip_coef + expected) <= 1e-9
-    assert rep.grads["weight_hh_l0"][0, 0] == pytest.approx(1.0, rel=1e-6)
+    assert rep.param_grads["weight_hh_l0"][0, 0] == pytest.approx(1.0, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -1076,21 +1076,21 @@ def test_report(gc, cell, rng):
         assert rep.cell == cell and rep.steps == T and rep.num_layers == L
         d = rep.to_dict()
         json.dumps(d)
-        assert "grads" not in d and "state_grads" not in d
+        assert "param_grads" not in d and "state_grads" not in d
         full = rep.to_dict(grads=True)
         assert json.loads(json.dumps(full))["cell"] == cell
         if kw:
-            assert set(full["grads"]) == set(rnn.param_names)
+            assert set(full["param_grads"]) == set(rnn.param_names)
             assert np.array_equal(np.asarray(full["state_grads"]), rep.state_grads)
         assert isinstance(str(rep), str) and "log10|dL/dh_t|" in str(rep)
         table = rep.table(every=7)
         assert "log10|dL/dh_t|" in table
         assert ("log10|dL/dc_t|" in table) == (cell == "lstm")
         assert len(table.splitlines()) == 1 + len(set(range(0, T + 1, 7)) | {T})
-        assert list(rep.weight_grad_norms) == list(rnn.state_dict()) == list(rnn.param_names)
-        assert list(rep.log10_weight_grad_norms) == list(rnn.param_names)
-        for k, v in rep.weight_grad_norms.items():
-            assert v == pytest.approx(10 ** rep.log10_weight_grad_norms[k], rel=1e-14)
+        assert list(rep.param_grad_norms) == list(rnn.state_dict()) == list(rnn.param_names)
+        assert list(rep.log10_param_grad_norms) == list(rnn.param_names)
+        for k, v in rep.param_grad_norms.items():
+            assert v == pytest.approx(10 ** rep.log10_param_grad_norms[k], rel=1e-14)
         assert rep.state_grad_norms.shape == (T + 1,)
         assert rep.log10_state_grad_norms.shape == (T + 1,)
         assert rep.log10_layer_state_grad_norms.shape == (L, T + 1)
@@ -1135,8 +1135,8 @@ def test_report_floats_outside_the_range(gc):
     np.testing.assert_allclose(f[ok], 10.0 ** lg[ok], rtol=1e-14)
     d = rep.to_dict()
     json.dumps(d)
-    assert d["log10_weight_grad_norms"]["weight_ih_l0"] == "-inf"
-    assert d["weight_grad_norms"]["weight_ih_l0"] == 0.0
+    assert d["log10_param_grad_norms"]["weight_ih_l0"] == "-inf"
+    assert d["param_grad_norms"]["weight_ih_l0"] == 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -1155,8 +1155,8 @@ def test_pickle_round_trip(gc, dtype, rng):
     b = again.backward(x, tgt, return_grads=True, truncate=3)
     np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
     np.testing.assert_array_equal(a.state_grads, b.state_grads)
-    for k in a.grads:
-        np.testing.assert_array_equal(a.grads[k], b.grads[k])
+    for k in a.param_grads:
+        np.testing.assert_array_equal(a.param_grads[k], b.param_grads[k])
     assert a.loss == b.loss
 
 
@@ -1248,7 +1248,7 @@ _THREAD_CODE = """
         out[f"{cell}{H}-sg"] = rep.state_grads
         out[f"{cell}{H}-norms"] = rep.log10_layer_state_grad_norms
         out[f"{cell}{H}-total"] = np.array([rep.log10_total_norm, rep.loss])
-        for k, g in rep.grads.items():
+        for k, g in rep.param_grads.items():
             out[f"{cell}{H}-{k}"] = g
     out["threads"] = np.array([gc._core.max_threads()])
     np.savez(sys.argv[1], **out)
@@ -1297,7 +1297,7 @@ def test_adding_problem(gc, cell):
     rep = rnn.backward(task.x, loss=task.loss, target=task.target, return_grads=True)
     assert rep.state_grad_norms.shape == (task.T + 1,)
     assert np.all(np.isfinite(rep.log10_state_grad_norms))
-    assert all(math.isfinite(v) for v in rep.log10_weight_grad_norms.values())
+    assert all(math.isfinite(v) for v in rep.log10_param_grad_norms.values())
     assert math.isfinite(rep.loss) and rep.loss > 0
     ref = O.numpy_rnn_backward(cell, rnn.state_dict(), task.x, loss=task.loss, target=task.target)
     check_report(rep, ref, rnn)

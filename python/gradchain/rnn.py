@@ -11,7 +11,6 @@ import numpy as np
 
 from . import _core
 from . import _validate as v
-from .mlp import _as_array
 from .report import RecurrentReport
 
 __all__ = ["CELLS", "RNN", "RNN_INITS", "RNN_LOSSES", "TRUNCATE_MODES"]
@@ -166,7 +165,7 @@ class RNN:
         v.choice("cell", cell, CELLS)
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays; got {type(state_dict).__name__}")
-        arrays = {str(k): _as_array(a) for k, a in state_dict.items()}
+        arrays = {str(k): v.as_array(f"state_dict[{k!r}]", a) for k, a in state_dict.items()}
         layers: set[int] = set()
         unknown = []
         for k in arrays:
@@ -278,7 +277,7 @@ class RNN:
 
     # -- computation --------------------------------------------------------------------
     def _x(self, x: Any) -> np.ndarray:
-        arr = x if isinstance(x, np.ndarray) else _as_array(x)
+        arr = x if isinstance(x, np.ndarray) else v.as_array("x", x)
         if getattr(arr, "ndim", 3) != 3:
             raise ValueError(
                 f"x must have shape (steps, batch, {self.input_size}) (for one sequence use x[:, None, :]); "
@@ -291,7 +290,7 @@ class RNN:
             return None
         if name == "c0" and self.cell != "lstm":
             raise ValueError(f"c0 is the LSTM's initial cell state; cell={self.cell!r} has none")
-        return v.float_array(name, _as_array(value), self._dtype, (self.num_layers, batch, self.hidden_size))
+        return v.float_array(name, v.as_array(name, value), self._dtype, (self.num_layers, batch, self.hidden_size))
 
     def backward(
         self,
@@ -400,7 +399,7 @@ class RNN:
             if target is not None or loss not in (None, "grad_output"):
                 raise ValueError("grad_output replaces the loss: pass neither target nor loss with it")
             name = "grad_output"
-            arr = _as_array(grad_output)
+            arr = v.as_array("grad_output", grad_output)
             every = arr.ndim == 3
             shape = (steps, batch, self.hidden_size) if every else (batch, self.hidden_size)
             tgt: np.ndarray | None = v.float_array("grad_output", arr, dt, shape)
@@ -416,7 +415,7 @@ class RNN:
             elif target is None:
                 raise ValueError(f"loss={name!r} needs a target")
             elif name == "mse":
-                arr = _as_array(target)
+                arr = v.as_array("target", target)
                 every = arr.ndim == 3
                 shape = (steps, batch, n_out) if every else (batch, n_out)
                 tgt = v.float_array("target", arr, dt, shape)
@@ -427,7 +426,7 @@ class RNN:
 
     @staticmethod
     def _labels(target: Any, steps: int, batch: int, n: int) -> tuple[np.ndarray, bool]:
-        arr = _as_array(target)
+        arr = v.as_array("target", target)
         if arr.dtype.kind not in "iu":
             raise TypeError(f"target for loss='cross_entropy' must be integer class labels; got dtype {arr.dtype}")
         if arr.shape not in ((batch,), (steps, batch)):
