@@ -144,10 +144,16 @@ class Block:
         return spec
 
     def __repr__(self) -> str:
+        return self._text(prefixes=True)
+
+    def _text(self, prefixes: bool) -> str:
+        """The repr, or without the prefixes (for tables that show names apart)."""
         pos, kw = self._args()
-        if self._prefix is not None:
+        if prefixes and self._prefix is not None:
             kw = {**kw, "prefix": self._prefix}
-        parts = [_repr_value(a) for a in pos] + [f"{k}={_repr_value(a)}" for k, a in kw.items()]
+        parts = [_text(a, prefixes) for a in pos] + [
+            f"{k}={_text(a, prefixes)}" for k, a in kw.items()
+        ]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def _key(self) -> tuple[Any, ...]:
@@ -174,9 +180,11 @@ def _rebuild(cls: type[Block], pos: tuple[Any, ...], kw: dict[str, Any]) -> Bloc
     return cls(*pos, **kw)
 
 
-def _repr_value(a: Any) -> str:
+def _text(a: Any, prefixes: bool) -> str:
+    if isinstance(a, Block):
+        return a._text(prefixes)
     if isinstance(a, (list, tuple)) and a and all(isinstance(b, Block) for b in a):
-        return "[" + ", ".join(repr(b) for b in a) + "]"
+        return "[" + ", ".join(b._text(prefixes) for b in a) + "]"
     return repr(a)
 
 

@@ -219,6 +219,57 @@ class Chain:
         self._param_block = np.array([e.top for e in trainable], dtype=np.intp)
         self._activation_names = ("input", *(n if n else "output" for n in names))
 
+    # -- construction from torch ----------------------------------------------------------
+    @classmethod
+    def from_torch(cls, model: Any, *, dtype: Any = None) -> Chain:
+        """The chain of a PyTorch model, with its parameters, buffers and train/eval mode.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            Made of ``nn.Sequential`` (nested), ``nn.Linear``, the activation modules
+            (``nn.Tanh``, ``nn.ReLU``, ``nn.Sigmoid``, ``nn.LeakyReLU``, ``nn.ELU``,
+            ``nn.GELU`` with ``approximate`` 'none' or 'tanh', ``nn.SiLU``, ``nn.Softplus``
+            with beta 1 and threshold 20, ``nn.Identity``), ``nn.BatchNorm1d``,
+            ``nn.LayerNorm`` and ``nn.RMSNorm`` over one dimension, ``nn.Dropout``
+            (identity in eval mode, or with p = 0), and modules of your own whose
+            ``forward`` is read with ``torch.fx``: a sequence of the above, or a residual
+            ``x + f(x)``, ``x + a * f(x)``, ``f(x) * a + x``, ``x + f(x) / a`` or
+            ``proj(x) + f(x)`` with a Linear ``proj`` and a number ``a``.
+        dtype : {"float64", "float32"}, optional
+            Defaults to the model's (float32 or float64; other dtypes are a TypeError).
+
+        Returns
+        -------
+        Chain
+            Its ``state_dict()`` has the model's keys and shapes, and its reports name
+            parameters as ``model.named_parameters()`` does.
+
+        Raises
+        ------
+        ValueError
+            For a module or a ``forward`` operation gradchain does not support (naming it
+            and the supported ones), a Dropout with p > 0 in train mode, or submodules in
+            different train/eval modes.
+        TypeError
+            For parameters that are not float32 or float64.
+        """
+        from ._torch import blocks_of
+
+        blocks, state, training, dt = blocks_of(model, dtype)
+        self = cls.__new__(cls)
+        self._build(blocks, dt)
+        unused = [k for k in state if k not in self._index]
+        if unused:
+            raise ValueError(
+                f"the model has parameters or buffers its forward does not use: {unused}; "
+                "gradchain reads the modules the forward calls"
+            )
+        self._config = None
+        self.load_state_dict(state)
+        self._training = training
+        return self
+
     # -- description ----------------------------------------------------------------------
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -517,7 +568,7 @@ class Chain:
         rows = []
         for i, k in _runs(self._blocks):
             names = self._names[i] if k == 1 else f"{self._names[i]}..{self._names[i + k - 1]}"
-            block = repr(self._blocks[i]) + (f" x {k}" if k > 1 else "")
+            block = self._blocks[i]._text(prefixes=False) + (f" x {k}" if k > 1 else "")
             widths = f"{self._widths[i]} -> {self._widths[i + k]}"
             rows.append((names, block, widths, f"{int(counts[i : i + k].sum()):,}"))
         return rows
