@@ -1058,6 +1058,121 @@ def test_forward_torch(gc, cell, rng):
         assert_close(c, c_t, what="c_n")
 
 
+@needs_torch
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_first_as_torch(gc, cell, rng):
+    """batch_first=True takes (batch, steps, input) as the torch module does, and gives the
+    same report as the time-first chain on the transposed arrays."""
+    B, T, n_in, H, L = 3, 6, 4, 5, 2
+    rnn = gc.RNN(cell, n_in, H, L, output_size=3, batch_first=True, init="xavier_uniform", seed=2)
+    assert rnn.batch_first and "batch_first=True" in repr(rnn)
+    mod = _torch_module(cell, n_in, H, L)
+    mod.batch_first = True
+    mod.load_state_dict(
+        {
+            k: torch.from_numpy(a)
+            for k, a in rnn.state_dict().items()
+            if not k.startswith("readout.")
+        }
+    )
+    x = rng.normal(size=(B, T, n_in))
+    h0 = rng.normal(size=(L, B, H))
+    c0 = rng.normal(size=(L, B, H)) if cell == "lstm" else None
+    o_t, h_t, _ = _module_forward(mod, cell, x, h0, c0)
+    o, h, _ = rnn.forward(x, h0, c0)
+    assert o.shape == (B, T, H) and o.flags.writeable
+    assert_close(o, o_t, what="output")
+    assert_close(h, h_t, what="h_n")
+    tf = gc.RNN.from_state_dict(rnn.state_dict(), cell)
+    for tgt in (
+        rng.normal(size=(B, T, 3)),
+        rng.integers(0, 3, size=(B, T)),
+        rng.integers(0, 3, size=B),
+    ):
+        a = rnn.backward(x, tgt, h0=h0, c0=c0, return_grads=True)
+        b = tf.backward(
+            x.swapaxes(0, 1),
+            tgt.swapaxes(0, 1) if tgt.ndim > 1 else tgt,
+            h0=h0,
+            c0=c0,
+            return_grads=True,
+        )
+        assert a.log10_param_grad_norms == b.log10_param_grad_norms and a.loss == b.loss
+        np.testing.assert_array_equal(a.state_grads, b.state_grads)
+    g = rng.normal(size=(B, T, H))
+    a = rnn.backward(x, grad_output=g)
+    b = tf.backward(x.swapaxes(0, 1), grad_output=g.swapaxes(0, 1))
+    np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, steps, 4\)"):
+        rnn.backward(np.ones((T, B, 3)))
+    with pytest.raises(ValueError, match=r"target must have shape \(3, 6, 3\)"):
+        rnn.backward(x, rng.normal(size=(T, B, 3)))
+    with pytest.raises(ValueError, match=r"\(3,\) \(last step\) or \(3, 6\) \(every step\)"):
+        rnn.backward(x, rng.integers(0, 3, size=(T, B)))
+    sd = gc.RNN.from_state_dict(rnn.state_dict(), cell, batch_first=True)
+    assert sd.batch_first and np.array_equal(sd.forward(x)[0], rnn.forward(x)[0])
+    with pytest.raises(TypeError, match="batch_first must be True or False"):
+        gc.RNN(cell, 2, 3, batch_first="yes")
+
+
+def test_batch_first_jacobians_and_theory(gc, rng):
+    """The Jacobian tools and compare_theory read a batch_first RNN's x in its layout."""
+    rnn = gc.RNN("tanh", 3, 8, init="normal", recurrent_gain=1.2, seed=1, batch_first=True)
+    tf = gc.RNN.from_state_dict(rnn.state_dict(), "tanh")
+    x = rng.normal(size=(2, 20, 3))
+    a, b = gc.jacobian_norms(rnn, x), gc.jacobian_norms(tf, x.swapaxes(0, 1))
+    np.testing.assert_array_equal(a.log10_spectral, b.log10_spectral)
+    a, b = gc.compare_theory(rnn, x, k=4), gc.compare_theory(tf, x.swapaxes(0, 1), k=4)
+    np.testing.assert_array_equal(a.measured, b.measured)
+    np.testing.assert_array_equal(a.measured_exponents, b.measured_exponents)
+    drawn = gc.compare_theory(rnn, steps=30, spectrum=False)  # the input drawn inside
+    assert drawn.measured.shape == (31,)
+
+
+def test_rnn_names_repr_and_state_dict(gc):
+    rnn = gc.RNN("gru", 3, 4, 2, output_size=2, init="orthogonal", recurrent_gain=0.9, seed=5)
+    assert [n for n, _ in rnn.named_parameters()] == list(rnn.param_names) == list(rnn.state_dict())
+    for (_, view), copy in zip(rnn.named_parameters(), rnn.state_dict().values()):
+        np.testing.assert_array_equal(view, copy)
+        assert not view.flags.writeable
+    assert repr(rnn) == (
+        "RNN('gru', input_size=3, hidden_size=4, num_layers=2, output_size=2, bias=True, init='orthogonal', "
+        "gain=1.0, recurrent_gain=0.9, spectral_radius=None, forget_bias=None, batch_first=False, "
+        "dtype='float64', seed=5)"
+    )
+    again = eval(repr(rnn), vars(gc))  # our own repr
+    for k, a in rnn.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[k], a)
+    loaded = gc.RNN.from_state_dict(rnn.state_dict(), "gru")
+    assert "init=" not in repr(loaded) and "seed" not in repr(loaded)
+    with pytest.raises(TypeError, match=r"float16.*float32 and float64"):
+        gc.RNN.from_state_dict(
+            {k: a.astype(np.float16) for k, a in rnn.state_dict().items()}, "gru"
+        )
+
+
+def test_rnn_report_old_names_warn(gc):
+    """param_grad_norms, log10_param_grad_norms and param_grads were weight_grad_norms,
+    log10_weight_grad_norms and grads; the old names still answer, with a warning."""
+    rnn = gc.RNN("tanh", 2, 3, seed=0)
+    rep = rnn.backward(np.ones((4, 2, 2)), return_grads=True)
+    for old, new in (
+        ("weight_grad_norms", "param_grad_norms"),
+        ("log10_weight_grad_norms", "log10_param_grad_norms"),
+        ("grads", "param_grads"),
+    ):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new}"):
+            value = getattr(rep, old)
+        assert list(value) == list(getattr(rep, new)) == list(rnn.param_names)
+    assert "\n" not in repr(rep) and repr(rep).startswith("RecurrentReport(cell='tanh'")
+    assert "<table>" in rep._repr_html_()
+    x = np.ones((4, 2, 2))
+    assert (
+        rnn.backward(x, np.array([0, 2])).loss
+        == rnn.backward(x, np.array([0, 2]), loss="cross_entropy").loss
+    )
+
+
 # --------------------------------------------------------------------------------------
 # 10. the report
 # --------------------------------------------------------------------------------------

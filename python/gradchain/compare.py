@@ -807,7 +807,7 @@ def _compare_rnn(
     sb_eff = math.sqrt(sb * sb + drive)
 
     g = _rng(seed, 1).standard_normal((b, H))
-    rep = net.backward(xa, grad_output=g, h0=h0a)
+    rep = net.backward(net._as_given(xa), grad_output=g, h0=h0a)
     lg = np.asarray(rep.log10_state_grad_norms, dtype=np.float64)
     measured = lg - lg[-1]
 
@@ -821,7 +821,7 @@ def _compare_rnn(
     spec: dict[str, Any] = {}
     if spectrum:
         h0s = None if h0a is None else h0a[:, :sbatch]
-        spec = _spectrum_fields(jacobian_spectrum(net, xa[:, :sbatch], h0=h0s, k=kk), predicted)
+        spec = _spectrum_fields(jacobian_spectrum(net, net._as_given(xa[:, :sbatch]), h0=h0s, k=kk), predicted)
     return _result(
         measured=measured,
         predicted=predicted,
