@@ -579,6 +579,14 @@ def test_report_vocabulary():
     assert "\n" not in repr(rep) and repr(rep).startswith("ChainReport(loss=")
     assert "boundary" in str(rep) and len(rep.table().splitlines()) == 6
     assert rep._repr_html_().count("<tr>") <= 18
+    again = pickle.loads(pickle.dumps(rep))
+    assert (
+        again.log10_param_grad_norms == rep.log10_param_grad_norms
+        and again.activation_names == rep.activation_names
+    )
+    np.testing.assert_array_equal(
+        again.param_grads["2.block.0.weight"], rep.param_grads["2.block.0.weight"]
+    )
     with pytest.raises(ValueError):
         rep.log10_activation_grad_norms[0] = 0.0  # read-only
     with pytest.raises(AttributeError):
