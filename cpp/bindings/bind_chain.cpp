@@ -21,7 +21,19 @@ std::unique_ptr<Block<T>> make_block(const py::dict& d);
 template <class T>
 std::vector<std::unique_ptr<Block<T>>> make_blocks(const py::list& specs) {
   std::vector<std::unique_ptr<Block<T>>> out;
-  for (const py::handle& h : specs) out.push_back(make_block<T>(h.cast<py::dict>()));
+  std::size_t i = 0;
+  for (const py::handle& h : specs) {
+    // A deep chain allocates its parameters here, reading the specs with the GIL held;
+    // now and then other threads get the GIL (a timer that sends SIGINT, say) and Ctrl-C
+    // stops the construction.
+    if (i++ % 64 == 0) {
+      {
+        py::gil_scoped_release let_others_run;
+      }
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+    out.push_back(make_block<T>(h.cast<py::dict>()));
+  }
   return out;
 }
 

@@ -4,6 +4,7 @@ residual blocks, run by the compiled core."""
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -51,6 +52,38 @@ def _entries(block: Block, width: int, prefix: str, top: int, out: list[_Entry])
         return
     for suffix, shape, buffer in block._param_infos(width):
         out.append(_Entry(f"{prefix}.{suffix}" if prefix else suffix, shape, buffer, top))
+
+
+class _Layout(NamedTuple):
+    names: list[str]  # in the core's order: parameters, then buffers
+    shapes: list[tuple[int, ...]]
+    position: dict[str, int]  # name -> index in the core's list
+    param_names: tuple[str, ...]
+    torch_order: list[str]  # state_dict() order
+
+
+def _named(block: Block) -> bool:
+    """Whether a block or anything inside it has an explicit prefix."""
+    if block.prefix is not None:
+        return True
+    if isinstance(block, Residual):
+        sc = block.shortcut
+        return any(_named(b) for b in block.blocks) or (
+            isinstance(sc, Block) and sc.prefix is not None
+        )
+    return False
+
+
+def _empty_inside(blocks: Sequence[Block]) -> bool:
+    """Whether a block inside a residual has the prefix "" (named as the root)."""
+    for b in blocks:
+        if isinstance(b, Residual):
+            sc = b.shortcut
+            if any(c.prefix == "" for c in b.blocks) or (isinstance(sc, Block) and sc.prefix == ""):
+                return True
+            if _empty_inside(b.blocks):
+                return True
+    return False
 
 
 def _runs(blocks: Sequence[Block]) -> list[tuple[int, int]]:
@@ -161,38 +194,29 @@ class Chain:
             )
         widths = _widths(blocks, n0)
         names = [b.prefix if b.prefix is not None else str(i) for i, b in enumerate(blocks)]
-        # One spec per distinct (block, width): a deep chain repeats a few blocks, and the
-        # core reads each spec without keeping it.
-        specs: dict[tuple[int, int], dict[str, Any]] = {}
-        entries: list[_Entry] = []
-        layout: dict[tuple[int, int], list[_Entry]] = {}
+        # What each distinct (block, width) needs, worked out once: a deep chain repeats a
+        # few blocks, and the core reads each spec without keeping it.
+        seen: dict[tuple[int, int], tuple[dict[str, Any], int, int, float, bool]] = {}
         spec_list = []
-        for i, (b, w) in enumerate(zip(blocks, widths)):
+        counts = []
+        nbytes = 0.0
+        buffers = 0
+        named = False
+        for b, w in zip(blocks, widths):
             key = (id(b), w)
-            if key not in specs:
-                specs[key] = b.to_spec(w)
-            spec_list.append(specs[key])
-            if b.prefix is None:
-                # Default names: the block's entries relative to its position ("\0").
-                lk = (id(b), w)
-                if lk not in layout:
-                    rel: list[_Entry] = []
-                    _entries(b, w, "\0", 0, rel)
-                    layout[lk] = rel
-                p = names[i]
-                entries += [
-                    _Entry(e.name.replace("\0", p, 1), e.shape, e.buffer, i + 1) for e in layout[lk]
-                ]
-            else:
-                _entries(b, w, b.prefix, i + 1, entries)
-        seen: set[str] = set()
-        for e in entries:
-            if e.name in seen:
-                raise ValueError(
-                    f"two parameters would both be named {e.name!r}: give the blocks distinct prefixes"
-                )
-            seen.add(e.name)
-        nbytes = float(sum(np.prod(e.shape, dtype=np.float64) for e in entries)) * dt.itemsize
+            t = seen.get(key)
+            if t is None:
+                rel: list[_Entry] = []
+                _entries(b, w, "", 0, rel)
+                n_train = sum(not e.buffer for e in rel)
+                size = float(sum(math.prod(e.shape) for e in rel))
+                t = seen[key] = (b.to_spec(w), n_train, len(rel) - n_train, size, _named(b))
+            spec_list.append(t[0])
+            counts.append(t[1])
+            buffers += t[2]
+            nbytes += t[3]
+            named = named or t[4]
+        nbytes *= dt.itemsize
         avail = float(_core.physical_memory_bytes())
         if 0 < avail < nbytes:
             raise MemoryError(
@@ -206,18 +230,52 @@ class Chain:
         self._core = _CORE[dt](spec_list)
         self._training = True
         self._loaded = False
-        trainable = [e for e in entries if not e.buffer]
-        buffers = [e for e in entries if e.buffer]
-        if self._core.num_params != len(trainable):  # pragma: no cover - a core/Python mismatch
+        if self._core.num_params != sum(counts):  # pragma: no cover - a core/Python mismatch
             raise RuntimeError(
-                f"the compiled chain has {self._core.num_params} parameters; expected {len(trainable)}"
+                f"the compiled chain has {self._core.num_params} parameters; expected {sum(counts)}"
             )
-        self._entries = tuple(entries)
-        # Index of each name in the core's list (parameters first, then buffers).
-        self._index = {e.name: i for i, e in enumerate(trainable + buffers)}
-        self._param_names = tuple(e.name for e in trainable)
-        self._param_block = np.array([e.top for e in trainable], dtype=np.intp)
+        # The top-level block (1-based) of every parameter: they come block by block.
+        self._param_block = np.repeat(np.arange(1, len(blocks) + 1, dtype=np.intp), counts)
         self._activation_names = ("input", *(n if n else "output" for n in names))
+        # Names come from the core (fast for deep chains) unless a prefix is "" (the root of
+        # a torch model, which the core would name by position) or buffers make torch's
+        # state_dict order differ from the core's (parameters, then buffers).
+        self._python_names = buffers > 0 or any(n == "" for n in names) or _empty_inside(blocks)
+        self._layout_cache: _Layout | None = None
+        if named:  # explicit prefixes may clash
+            lay = self._layout()
+            if len(lay.position) != len(lay.names):
+                dup = next(n for n in lay.names if lay.names.count(n) > 1)
+                raise ValueError(
+                    f"two parameters would both be named {dup!r}: give the blocks distinct prefixes"
+                )
+
+    def _layout(self) -> _Layout:
+        """Names, shapes and order of the parameters and buffers (worked out when first
+        needed: a deep chain that only runs passes never builds a name)."""
+        if self._layout_cache is None:
+            if self._python_names:
+                entries: list[_Entry] = []
+                for i, (b, w, n) in enumerate(zip(self._blocks, self._widths, self._names)):
+                    _entries(b, w, n, i + 1, entries)
+                core = [e for e in entries if not e.buffer] + [e for e in entries if e.buffer]
+                names = [e.name for e in core]
+                shapes = [tuple(e.shape) for e in core]
+                torch_order = [e.name for e in entries]
+            else:
+                ps = self._core.parameters
+                names = [p[0] for p in ps]
+                shapes = [tuple(p[1]) for p in ps]
+                torch_order = names
+            n_params = int(self._core.num_params)
+            self._layout_cache = _Layout(
+                names=names,
+                shapes=shapes,
+                position={k: i for i, k in enumerate(names)},
+                param_names=tuple(names[:n_params]),
+                torch_order=torch_order,
+            )
+        return self._layout_cache
 
     # -- construction from torch ----------------------------------------------------------
     @classmethod
@@ -259,7 +317,7 @@ class Chain:
         blocks, state, training, dt = blocks_of(model, dtype)
         self = cls.__new__(cls)
         self._build(blocks, dt)
-        unused = [k for k in state if k not in self._index]
+        unused = [k for k in state if k not in self._layout().position]
         if unused:
             raise ValueError(
                 f"the model has parameters or buffers its forward does not use: {unused}; "
@@ -304,7 +362,7 @@ class Chain:
     @property
     def param_names(self) -> tuple[str, ...]:
         """Parameter names in ``named_parameters()`` order (buffers excluded)."""
-        return self._param_names
+        return self._layout().param_names
 
     @property
     def activation_names(self) -> tuple[str, ...]:
@@ -325,7 +383,7 @@ class Chain:
 
     # -- parameters -------------------------------------------------------------------------
     def _view(self, name: str) -> np.ndarray:
-        a = self._core.param(self._index[name])
+        a = self._core.param(self._layout().position[name])
         a.setflags(write=False)
         return a
 
@@ -335,11 +393,11 @@ class Chain:
         The arrays are read-only views of the chain's parameters (write them with
         :meth:`load_state_dict`, which refreshes what the chain derives from them).
         """
-        return [(n, self._view(n)) for n in self._param_names]
+        return [(n, self._view(n)) for n in self.param_names]
 
     def parameters(self) -> list[np.ndarray]:
         """Read-only views of every parameter, in :meth:`named_parameters` order."""
-        return [self._view(n) for n in self._param_names]
+        return [self._view(n) for n in self.param_names]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of every parameter and buffer under torch's names and shapes.
@@ -349,12 +407,13 @@ class Chain:
         ``model.load_state_dict({k: torch.as_tensor(a) for k, a in chain.state_dict().items()})``
         loads them into the torch model the chain was made from.
         """
+        lay = self._layout()
         out: dict[str, np.ndarray] = {}
-        for e in self._entries:
-            a = np.array(self._core.param(self._index[e.name]))
-            if e.name.endswith("num_batches_tracked"):
+        for name in lay.torch_order:
+            a = np.array(self._core.param(lay.position[name]))
+            if name.endswith("num_batches_tracked"):
                 a = np.asarray(np.int64(np.rint(a).reshape(())))
-            out[e.name] = a
+            out[name] = a
         return out
 
     def load_state_dict(
@@ -381,20 +440,22 @@ class Chain:
             )
         if not isinstance(strict, (bool, np.bool_)):
             raise TypeError(f"strict must be True or False; got {strict!r}")
+        lay = self._layout()
         keys = [str(k) for k in state_dict]
-        missing = [e.name for e in self._entries if e.name not in state_dict]
-        unexpected = [k for k in keys if k not in self._index]
+        missing = [n for n in lay.torch_order if n not in state_dict]
+        unexpected = [k for k in keys if k not in lay.position]
         if strict and (missing or unexpected):
             raise ValueError(
                 f"state_dict does not match the chain: missing keys {missing}, unexpected keys {unexpected}"
             )
         items = []
-        for e in self._entries:
-            if e.name not in state_dict:
+        for name in lay.torch_order:
+            if name not in state_dict:
                 continue
-            what = f"state_dict[{e.name!r}]"
-            if e.name.endswith("num_batches_tracked"):
-                a = np.asarray(v.as_array(what, state_dict[e.name]))
+            i = lay.position[name]
+            what = f"state_dict[{name!r}]"
+            if name.endswith("num_batches_tracked"):
+                a = np.asarray(v.as_array(what, state_dict[name]))
                 if (
                     a.size != 1
                     or a.dtype.kind not in "iuf"
@@ -404,8 +465,8 @@ class Chain:
                     raise ValueError(f"{what} must be a non-negative integer count; got {a!r}")
                 arr = np.full(1, a.reshape(()), dtype=self._dtype)
             else:
-                arr = v.param_array(what, state_dict[e.name], self._dtype, e.shape).reshape(-1)
-            items.append((self._index[e.name], arr))
+                arr = v.param_array(what, state_dict[name], self._dtype, lay.shapes[i]).reshape(-1)
+            items.append((i, arr))
         self._core.set_params(items)
         self._loaded = True
         return IncompatibleKeys(missing, unexpected)
@@ -528,7 +589,7 @@ class Chain:
         d, tr = self._run(x, target, loss, grad_output, return_grads, max_norm, norm_type, train)
         return ChainReport(
             **ChainReport._fields_from_core(
-                d, self._param_names, self._param_block, self._activation_names, tr
+                d, self.param_names, self._param_block, self._activation_names, tr
             )
         )
 
@@ -556,11 +617,10 @@ class Chain:
     # -- presentation -----------------------------------------------------------------------
     def _block_params(self) -> np.ndarray:
         """Number of parameter entries (buffers excluded) per top-level block."""
-        counts = np.zeros(len(self._blocks) + 1, dtype=np.int64)
-        for e in self._entries:
-            if not e.buffer:
-                counts[e.top] += int(np.prod(e.shape, dtype=np.int64))
-        return counts[1:]
+        lay = self._layout()
+        sizes = [math.prod(sh) for sh in lay.shapes[: len(lay.param_names)]]
+        counts = np.bincount(self._param_block, weights=sizes, minlength=len(self._blocks) + 1)
+        return counts[1:].astype(np.int64)
 
     def _rows(self) -> list[tuple[str, str, str, str]]:
         """(names, block, widths, parameters) per run of equal consecutive blocks."""
@@ -582,7 +642,7 @@ class Chain:
         mode = "train" if self._training else "eval"
         head = (
             f"Chain: {len(self._blocks)} blocks, {self.in_features} -> {self.out_features}, "
-            f"{total:,} parameters in {len(self._param_names)} arrays, {self._dtype.name}, {mode} mode"
+            f"{total:,} parameters in {len(self.param_names)} arrays, {self._dtype.name}, {mode} mode"
         )
         lines = [head]
         lines += [f"  {r[0]:<{cw[0]}}  {r[1]:<{cw[1]}}  {r[2]:<{cw[2]}}  {r[3]:>12}" for r in rows]

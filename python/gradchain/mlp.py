@@ -629,7 +629,7 @@ class MLP:
         net = self._net
         return BackwardReport._from_core(
             d,
-            net._param_names,
+            net.param_names,
             net._param_block,
             self._layer_ends,
             self._activation_names,
