@@ -262,6 +262,20 @@ class Chain:
                 names = [e.name for e in core]
                 shapes = [tuple(e.shape) for e in core]
                 torch_order = [e.name for e in entries]
+                # The blocks' own account of their parameters must be the core's (the core
+                # names a block whose prefix is "" by its position, so names are compared
+                # only without such blocks).
+                theirs = self._core.parameters
+                root = any(n == "" for n in self._names) or _empty_inside(self._blocks)
+                mismatch = len(theirs) != len(core) or any(
+                    tuple(p[1]) != e.shape or p[2] != e.buffer or (not root and p[0] != e.name)
+                    for p, e in zip(theirs, core)
+                )
+                if mismatch:  # pragma: no cover - a core/Python disagreement
+                    raise RuntimeError(
+                        f"the compiled chain's parameters {[(p[0], tuple(p[1]), p[2]) for p in theirs][:8]} "
+                        f"do not match the blocks' {[(e.name, e.shape, e.buffer) for e in core][:8]}"
+                    )
             else:
                 ps = self._core.parameters
                 names = [p[0] for p in ps]
