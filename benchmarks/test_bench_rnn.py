@@ -116,7 +116,7 @@ def gradchain_norms(rep, cfg: Config, who: str) -> dict:
     states = np.asarray(rep.log10_state_grad_norms, dtype=np.float64)
     assert states.shape == (cfg.T + 1,), f"{who}: state norms have shape {states.shape}"
     assert np.all(np.isfinite(states)), f"{who}: log10 state norms not finite"
-    params = {k: float(v) for k, v in rep.log10_weight_grad_norms.items()}
+    params = {k: float(v) for k, v in rep.log10_param_grad_norms.items()}
     assert all(np.isfinite(v) for v in params.values()), f"{who}: log10 param norms {params}"
     assert np.isfinite(rep.loss) and rep.loss > 0, f"{who}: loss {rep.loss}"
     return {"states": states, "params": params, "loss": float(rep.loss)}

@@ -19,6 +19,7 @@ through torch's fused modules) and :func:`renormalised_rnn_log10_state_norms`.
 
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -1794,7 +1795,7 @@ def _np_blocks(specs, prefix, P, x, train, grads, buffers, outputs=None):
     return x, back
 
 
-def numpy_chain_backward(
+def spec_numpy_chain_backward(
     specs, params, x, loss="probe", target=None, grad_output=None, train=True, dtype=np.float64
 ):
     """The chain in NumPy (float64, or long double with dtype=np.longdouble for the probe
@@ -1898,7 +1899,7 @@ def torch_block(spec, dtype="float64"):
     raise ValueError(f"unknown block kind {kind!r}")
 
 
-def torch_chain(specs, params=None, dtype="float64"):
+def spec_torch_chain(specs, params=None, dtype="float64"):
     """nn.Sequential of the specs' modules, with `params` ({torch name: array}) loaded
     strictly (every name must match torch's state_dict)."""
     import torch
@@ -1915,7 +1916,7 @@ def torch_chain(specs, params=None, dtype="float64"):
     return model
 
 
-def torch_chain_backward(model, x, loss="probe", target=None, grad_output=None, train=True):
+def spec_torch_chain_backward(model, x, loss="probe", target=None, grad_output=None, train=True):
     """One forward and backward pass of a torch_chain model in train or eval mode, with
     retain_grad on every top-level block output."""
     import torch
@@ -2000,3 +2001,306 @@ def renormalised_linear_batch_norm(weights, x, eps=1e-5, anchors=None):
         g = g @ np.asarray(weights[l], dtype=np.float64)
         lb[2 * l] = _log10(float(np.linalg.norm(g))) + acc
     return SimpleNamespace(log10_params=lp, log10_boundaries=lb, drift=drift)
+
+
+# --------------------------------------------------------------------------------------
+# Chains of blocks.  A chain is described by plain dicts (nothing from gradchain):
+#   {"kind": "linear", "in": n, "out": m, "bias": bool}
+#   {"kind": "activation", "name": str, "negative_slope": s, "alpha": a}
+#   {"kind": "scale", "value": c}
+#   {"kind": "layer_norm", "n": n, "eps": e, "affine": bool, "bias": bool}
+#   {"kind": "rms_norm", "n": n, "eps": e or None, "affine": bool}
+#   {"kind": "batch_norm", "n": n, "eps": e, "momentum": m or None, "affine": bool,
+#    "track": bool}
+#   {"kind": "residual", "body": [...], "scale": s, "shortcut": None or a linear dict}
+# Parameters are named as torch.nn.Sequential names them: "i.weight", "i.block.j.weight",
+# "i.shortcut.weight"; the oracles take them from a state_dict of NumPy arrays.
+# --------------------------------------------------------------------------------------
+def _torch_activation_module(d):
+    from torch import nn
+
+    return {
+        "linear": nn.Identity,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(d.get("negative_slope", 0.01)),
+        "elu": lambda: nn.ELU(d.get("alpha", 1.0)),
+        "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "silu": nn.SiLU,
+        "softplus": nn.Softplus,
+    }[d["name"]]()
+
+
+def torch_module(desc, dtype="float64"):
+    """The torch module of one block description (see above)."""
+    import torch
+    from torch import nn
+
+    tdt = {"float64": torch.float64, "float32": torch.float32}[str(np.dtype(dtype))]
+    k = desc["kind"]
+    if k == "linear":
+        return nn.Linear(desc["in"], desc["out"], bias=desc["bias"], dtype=tdt)
+    if k == "activation":
+        return _torch_activation_module(desc)
+    if k == "scale":
+        return TorchScale(desc["value"])
+    if k == "layer_norm":
+        return nn.LayerNorm(desc["n"], eps=desc["eps"], elementwise_affine=desc["affine"], bias=desc["bias"], dtype=tdt)
+    if k == "rms_norm":
+        return nn.RMSNorm(desc["n"], eps=desc["eps"], elementwise_affine=desc["affine"], dtype=tdt)
+    if k == "batch_norm":
+        return nn.BatchNorm1d(
+            desc["n"], eps=desc["eps"], momentum=desc["momentum"], affine=desc["affine"],
+            track_running_stats=desc["track"], dtype=tdt,
+        )  # fmt: skip
+    if k == "residual":
+        sc = None if desc["shortcut"] is None else torch_module(desc["shortcut"], dtype)
+        return TorchResidual([torch_module(b, dtype) for b in desc["body"]], desc["scale"], sc)
+    raise ValueError(f"unknown block kind {k!r}")
+
+
+@functools.cache
+def _torch_classes():
+    from torch import nn
+
+    class Scale(nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x):
+            return x * self.value
+
+    class Residual(nn.Module):
+        """x + scale * block(x), or shortcut(x) + scale * block(x)."""
+
+        def __init__(self, body, scale, shortcut=None):
+            super().__init__()
+            self.block = nn.Sequential(*body)
+            self.scale = scale
+            if shortcut is not None:
+                self.shortcut = shortcut
+            else:
+                self.shortcut = None
+
+        def forward(self, x):
+            s = x if self.shortcut is None else self.shortcut(x)
+            return s + self.scale * self.block(x)
+
+    return Scale, Residual
+
+
+def TorchScale(value):
+    return _torch_classes()[0](value)
+
+
+def TorchResidual(body, scale, shortcut=None):
+    return _torch_classes()[1](body, scale, shortcut)
+
+
+def torch_chain(descs, state_dict=None, dtype="float64", train=True):
+    """An ``nn.Sequential`` of the descriptions, with `state_dict` loaded (strictly)."""
+    import torch
+
+    model = torch.nn.Sequential(*[torch_module(d, dtype) for d in descs])
+    if state_dict is not None:
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()})
+    model.train(train)
+    return model
+
+
+def torch_chain_backward(model, x, loss="probe", target=None, grad_output=None, max_norm=None, norm_type=2.0):
+    """Autograd through a torch ``nn.Sequential`` (any torch model whose top-level children
+    run in order), keeping the gradient at every top-level boundary.
+
+    Returns loss, output, ``grads`` (by ``named_parameters()`` name, clipped when
+    ``max_norm`` is given; ``grads_unclipped`` before), ``dh`` (input, then each top-level
+    child's output), ``total_norm`` (clip_grad_norm_'s return) and ``state`` (the model's
+    state_dict after the pass, running statistics included).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    p0 = next(model.parameters(), None)
+    tdt = p0.dtype if p0 is not None else torch.float64
+    for p in model.parameters():
+        p.grad = None
+    h = torch.tensor(np.asarray(x), dtype=tdt, requires_grad=True)
+    hs = [h]
+    for child in model.children():
+        h = child(h)
+        h.retain_grad()
+        hs.append(h)
+    if loss == "probe":
+        lv = 0.5 * h.pow(2).sum()
+    elif loss == "mse":
+        lv = F.mse_loss(h, torch.tensor(np.asarray(target), dtype=tdt))
+    elif loss == "cross_entropy":
+        lv = F.cross_entropy(h, torch.tensor(np.asarray(target), dtype=torch.int64))
+    elif loss == "grad_output":
+        lv = None
+        h.backward(torch.tensor(np.asarray(grad_output), dtype=tdt))
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    if lv is not None:
+        lv.backward()
+
+    def grads():
+        return {
+            n: (p.grad.detach().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape)))
+            for n, p in model.named_parameters()
+        }
+
+    res = SimpleNamespace(
+        loss=float("nan") if lv is None else float(lv.detach()),
+        output=h.detach().numpy().copy(),
+        dh=[t.grad.detach().numpy().copy() if t.grad is not None else np.zeros(tuple(t.shape)) for t in hs],
+        total_norm=None,
+    )
+    res.grads = res.grads_unclipped = grads()
+    if max_norm is not None:
+        res.total_norm = float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm, norm_type=norm_type))
+        res.grads = grads()
+    res.state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return res
+
+
+def _np_forward(d, p, x, train, name, caches, eps_default):
+    """One block forward in float64; `p` maps names to arrays (updated in place for the
+    running statistics). Returns y and appends what backward needs to `caches`."""
+    k = d["kind"]
+    if k == "linear":
+        w = p[f"{name}.weight"]
+        y = x @ w.T
+        if d["bias"]:
+            y = y + p[f"{name}.bias"]
+        caches.append((d, name, x))
+        return y
+    if k == "activation":
+        caches.append((d, name, x))
+        return act_forward(d["name"], x, d.get("negative_slope", 0.01), d.get("alpha", 1.0))
+    if k == "scale":
+        caches.append((d, name, None))
+        return d["value"] * x
+    if k in ("layer_norm", "rms_norm"):
+        eps = d["eps"] if d["eps"] is not None else eps_default
+        if k == "layer_norm":
+            xc = x - x.mean(axis=1, keepdims=True)
+        else:
+            xc = x
+        r = 1.0 / np.sqrt(np.mean(xc * xc, axis=1, keepdims=True) + eps)
+        xh = xc * r
+        y = xh * p[f"{name}.weight"] if d["affine"] else xh.copy()
+        if k == "layer_norm" and d["affine"] and d["bias"]:
+            y = y + p[f"{name}.bias"]
+        caches.append((d, name, (xh, r)))
+        return y
+    if k == "batch_norm":
+        batch_stats = train or not d["track"]
+        if batch_stats:
+            mu = x.mean(axis=0)
+            var = np.mean((x - mu) ** 2, axis=0)
+            if train and d["track"]:
+                n = x.shape[0]
+                nbt = int(p[f"{name}.num_batches_tracked"]) + 1
+                p[f"{name}.num_batches_tracked"] = np.asarray(nbt, dtype=np.int64)
+                m = 1.0 / nbt if d["momentum"] is None else d["momentum"]
+                p[f"{name}.running_mean"] = (1 - m) * p[f"{name}.running_mean"] + m * mu
+                p[f"{name}.running_var"] = (1 - m) * p[f"{name}.running_var"] + m * var * n / (n - 1)
+        else:
+            mu, var = p[f"{name}.running_mean"], p[f"{name}.running_var"]
+        r = 1.0 / np.sqrt(var + d["eps"])
+        xh = (x - mu) * r
+        y = xh * p[f"{name}.weight"] + p[f"{name}.bias"] if d["affine"] else xh.copy()
+        caches.append((d, name, (xh, r, batch_stats)))
+        return y
+    if k == "residual":
+        sub = []
+        h = x
+        for j, b in enumerate(d["body"]):
+            h = _np_forward(b, p, h, train, f"{name}.block.{j}", sub, eps_default)
+        sc = []
+        s = x if d["shortcut"] is None else _np_forward(d["shortcut"], p, x, train, f"{name}.shortcut", sc, eps_default)
+        caches.append((d, name, (sub, sc)))
+        return s + d["scale"] * h
+    raise ValueError(f"unknown block kind {k!r}")
+
+
+def _np_backward(cache, p, dy, grads):
+    d, name, saved = cache
+    k = d["kind"]
+    if k == "linear":
+        x = saved
+        grads[f"{name}.weight"] = dy.T @ x
+        if d["bias"]:
+            grads[f"{name}.bias"] = dy.sum(axis=0)
+        return dy @ p[f"{name}.weight"]
+    if k == "activation":
+        return dy * act_derivative(d["name"], saved, d.get("negative_slope", 0.01), d.get("alpha", 1.0))
+    if k == "scale":
+        return d["value"] * dy
+    if k in ("layer_norm", "rms_norm"):
+        xh, r = saved
+        if d["affine"]:
+            grads[f"{name}.weight"] = np.sum(dy * xh, axis=0)
+            if k == "layer_norm" and d["bias"]:
+                grads[f"{name}.bias"] = dy.sum(axis=0)
+            g = dy * p[f"{name}.weight"]
+        else:
+            g = dy
+        if k == "layer_norm":
+            return r * (g - g.mean(axis=1, keepdims=True) - xh * np.mean(g * xh, axis=1, keepdims=True))
+        return r * (g - xh * np.mean(g * xh, axis=1, keepdims=True))
+    if k == "batch_norm":
+        xh, r, batch_stats = saved
+        if d["affine"]:
+            grads[f"{name}.weight"] = np.sum(dy * xh, axis=0)
+            grads[f"{name}.bias"] = dy.sum(axis=0)
+            g = dy * p[f"{name}.weight"]
+        else:
+            g = dy
+        if not batch_stats:
+            return g * r
+        return r * (g - g.mean(axis=0) - xh * np.mean(g * xh, axis=0))
+    if k == "residual":
+        sub, sc = saved
+        df = d["scale"] * dy
+        for c in reversed(sub):
+            df = _np_backward(c, p, df, grads)
+        ds = dy
+        for c in reversed(sc):
+            ds = _np_backward(c, p, ds, grads)
+        return df + ds
+    raise ValueError(f"unknown block kind {k!r}")
+
+
+def numpy_chain_backward(descs, state_dict, x, loss="probe", target=None, grad_output=None, train=True, eps_default=None):
+    """Forward and backward through a chain of block descriptions in float64 NumPy, with
+    hand-written derivatives for every block kind.
+
+    Returns loss, output, ``grads`` by name, ``dh`` (input, then each top-level block's
+    output) and ``state`` (the state_dict after the pass: running statistics updated in
+    train mode). ``eps_default`` is RMSNorm's eps when its description says None (torch:
+    the machine epsilon of the dtype).
+    """
+    p = {k: np.array(v, dtype=np.int64 if k.endswith("num_batches_tracked") else np.float64) for k, v in state_dict.items()}
+    eps_default = np.finfo(np.float64).eps if eps_default is None else eps_default
+    h = np.asarray(x, dtype=np.float64)
+    tops = []
+    hs = [h]
+    for i, d in enumerate(descs):
+        c = []
+        h = _np_forward(d, p, h, train, str(i), c, eps_default)
+        tops.append(c)
+        hs.append(h)
+    loss_val, g = _loss_and_grad(h, loss, target, grad_output)
+    grads = {}
+    dh = [None] * (len(descs) + 1)
+    dh[-1] = g
+    for i in range(len(descs) - 1, -1, -1):
+        for c in reversed(tops[i]):
+            g = _np_backward(c, p, g, grads)
+        dh[i] = g
+    return SimpleNamespace(loss=loss_val, output=h, grads=grads, dh=dh, state=p)

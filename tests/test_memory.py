@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 
 import numpy as np
 import pytest
@@ -252,34 +253,56 @@ def test_this_machine_has_a_limit(gc):
 # --------------------------------------------------------------------------------------
 # backward_memory against the memory a pass actually takes
 # --------------------------------------------------------------------------------------
-def test_backward_memory_matches_the_measured_peak():
+_MEASURE = """
+    import re
+    import numpy as np, gradchain as gc
+    def status(key):
+        text = open("/proc/self/status").read()
+        return int(re.search(key + r":\\s+(\\d+) kB", text).group(1)) * 1024
+    def grew(f):
+        open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to VmRSS
+        before = status("VmRSS")
+        f()
+        return status("VmHWM") - before
+    # first calls start threads and BLAS buffers: not the pass's memory
+    gc.MLP(depth=3, width=4).backward(np.ones((8, 4)))
+    gc.RNN("lstm", 3, 8).backward(np.ones((50, 4, 3)))
+"""
+
+# One configuration per process: a chain freed in the same process leaves its many small
+# blocks in the allocator's free lists, where the next pass would find them.
+_CASES = [
+    (
+        'net = gc.MLP(depth=200_000, width=4, activation="tanh", dtype="float64", seed=0)\n'
+        'x = np.ones((8, 4))\nprint("mlp", net.backward_memory(8), grew(lambda: net.backward(x)))'
+    ),
+    (
+        'net = gc.MLP(depth=200_000, width=4, activation="gelu", dtype="float32", seed=0)\n'
+        'x = np.ones((8, 4))\nprint("mlp", net.backward_memory(8), grew(lambda: net.backward(x)))'
+    ),
+    (
+        'net = gc.MLP(depth=200_000, width=4, activation="tanh", dtype="float64", seed=0)\n'
+        'x = np.ones((1, 4))\nprint("mlp", net.backward_memory(1), grew(lambda: net.backward(x)))'
+    ),
+    (
+        'rnn = gc.RNN("lstm", 3, 16, 2, seed=0)\nx = np.ones((10_000, 4, 3))\n'
+        'print("rnn", rnn.backward_memory(10_000, 4), grew(lambda: rnn.backward(x)))'
+    ),
+    (
+        'rnn = gc.RNN("gru", 3, 16, 2, seed=0)\nx = np.ones((10_000, 4, 3))\n'
+        'print("rnn", rnn.backward_memory(10_000, 4, return_grads=True), '
+        "grew(lambda: rnn.backward(x, return_grads=True)))"
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_CASES)))
+def test_backward_memory_matches_the_measured_peak(case):
     """Growth of the peak resident set over one pass (depth 200,000: the per-layer
     bookkeeping, the two threads' dL/dz store and the result are all counted) against
     backward_memory; the recurrent figure is an upper bound (it includes the copies made
     when states leave the float range)."""
-    code = """
-        import re
-        import numpy as np, gradchain as gc
-        def status(key):
-            text = open("/proc/self/status").read()
-            return int(re.search(key + r":\\s+(\\d+) kB", text).group(1)) * 1024
-        def grew(f):
-            open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to VmRSS
-            before = status("VmRSS")
-            f()
-            return status("VmHWM") - before
-        # first calls start threads and BLAS buffers: not the pass's memory
-        gc.MLP(depth=3, width=4).backward(np.ones((8, 4)))
-        gc.RNN("lstm", 3, 8).backward(np.ones((50, 4, 3)))
-        for act, batch, dt in (("tanh", 8, "float64"), ("gelu", 8, "float32"), ("tanh", 1, "float64")):
-            net = gc.MLP(depth=200_000, width=4, activation=act, dtype=dt, seed=0)
-            x = np.ones((batch, 4))
-            print("mlp", net.backward_memory(batch), grew(lambda: net.backward(x)))
-        for cell, kw in (("lstm", {}), ("gru", {"return_grads": True})):
-            rnn = gc.RNN(cell, 3, 16, 2, seed=0)
-            x = np.ones((10_000, 4, 3))
-            print("rnn", rnn.backward_memory(10_000, 4, **kw), grew(lambda: rnn.backward(x, **kw)))
-    """
+    code = textwrap.dedent(_MEASURE) + _CASES[case]
     try:
         # big blocks straight from and back to the system, so that one pass's freed memory
         # does not hide the next one's growth

@@ -311,12 +311,12 @@ def _trainable(ch):
 @pytest.mark.parametrize("cfg", NORM_CONFIGS, ids=[c.id for c in NORM_CONFIGS])
 def test_against_torch_float64(cfg):
     ch, params = build(cfg.specs, cfg.seed)
-    model = O.torch_chain(cfg.specs, params)
+    model = O.spec_torch_chain(cfg.specs, params)
     names = _trainable(ch)
     for p in range(3):
         x, target, grad = make_data(cfg, p, ch.in_width, ch.out_width)
         res = core_backward(ch, cfg, x, target, grad)
-        ref = O.torch_chain_backward(model, x, cfg.loss, target, grad, cfg.train)
+        ref = O.spec_torch_chain_backward(model, x, cfg.loss, target, grad, cfg.train)
         _compare(res, ref, names, 1e-10, f"torch pass {p}")
         if p in (0, 2):
             # running statistics after one and after three passes
@@ -333,7 +333,7 @@ def test_against_numpy_reference(cfg):
     for p in range(2):
         x, target, grad = make_data(cfg, p, ch.in_width, ch.out_width)
         res = core_backward(ch, cfg, x, target, grad)
-        ref = O.numpy_chain_backward(cfg.specs, params, x, cfg.loss, target, grad, cfg.train)
+        ref = O.spec_numpy_chain_backward(cfg.specs, params, x, cfg.loss, target, grad, cfg.train)
         for n in names:
             ref.param_grads.setdefault(n, np.zeros_like(params[n]))
         _compare(res, ref, names, 1e-10, f"numpy pass {p}")
@@ -347,7 +347,7 @@ def test_against_numpy_reference(cfg):
 @pytest.mark.parametrize("cfg", NORM_CONFIGS[:20], ids=[c.id for c in NORM_CONFIGS[:20]])
 def test_against_torch_float32(cfg):
     ch, params = build(cfg.specs, cfg.seed, "float32")
-    model = O.torch_chain(cfg.specs, params, "float32")
+    model = O.spec_torch_chain(cfg.specs, params, "float32")
     names = _trainable(ch)
     for p in range(2):
         x, target, grad = make_data(cfg, p, ch.in_width, ch.out_width)
@@ -355,7 +355,7 @@ def test_against_torch_float32(cfg):
         grad = grad.astype(np.float32) if grad is not None else None
         target = target.astype(np.float32) if cfg.loss == "mse" else target
         res = core_backward(ch, cfg, x, target, grad)
-        ref = O.torch_chain_backward(model, x, cfg.loss, target, grad, cfg.train)
+        ref = O.spec_torch_chain_backward(model, x, cfg.loss, target, grad, cfg.train)
         _compare(res, ref, names, 2e-3, "torch float32")
         for n, v in buffers_of(ch).items():
             assert_close(v, ref.buffers[n], 1e-5, f"float32 buffer {n}")
@@ -392,13 +392,13 @@ def test_single_block_against_torch(spec, train, dtype):
     specs = [linear(5, spec["width"]), spec, linear(spec["width"], 3)]
     cfg = NormConfig(specs, 6, train, "mse", 99)
     ch, params = build(specs, 5, dtype)
-    model = O.torch_chain(specs, params, dtype)
+    model = O.spec_torch_chain(specs, params, dtype)
     rtol = 1e-10 if dtype == "float64" else 2e-4
     for p in range(3):
         x, target, _ = make_data(cfg, p, 5, 3)
         x, target = x.astype(dtype), target.astype(dtype)
         res = core_backward(ch, cfg, x, target, None)
-        ref = O.torch_chain_backward(model, x, "mse", target, None, train)
+        ref = O.spec_torch_chain_backward(model, x, "mse", target, None, train)
         _compare(res, ref, _trainable(ch), rtol, "single")
         for n, v in buffers_of(ch).items():
             assert_close(v, ref.buffers[n], 1e-12 if dtype == "float64" else 1e-6, n)
@@ -476,7 +476,7 @@ def test_rms_norm_matches_torchs_formula_to_rounding():
 # Jacobian products
 # --------------------------------------------------------------------------------------
 def _torch_fn(spec, params, train):
-    model = O.torch_chain([spec], {k: v for k, v in params.items()})
+    model = O.spec_torch_chain([spec], {k: v for k, v in params.items()})
     model.train(train)
 
     def f(z):
@@ -506,7 +506,7 @@ def test_jacobian_products_against_torch(spec, train):
     coupled = ch.couples_batch(train)
     rows = 4 if coupled else 1
     x = rng.normal(size=(rows, 5)) + 0.5
-    model = O.torch_chain([spec], params)
+    model = O.spec_torch_chain([spec], params)
     model.train(train)
     J = torch.autograd.functional.jacobian(lambda z: model(z), torch.tensor(x)).numpy()
     J = J.reshape(rows * 5, rows * 5)
@@ -652,7 +652,7 @@ def test_edge_scales_against_long_double(name, scale):
     # the long double chain at the true scale: its variances (down to 1e-600, up to 1e600)
     # are ordinary numbers there
     xl = x.astype(O.LD)
-    ref = O.numpy_chain_backward(specs, params, xl, "grad_output", None, g, train, O.LD)
+    ref = O.spec_numpy_chain_backward(specs, params, xl, "grad_output", None, g, train, O.LD)
     _assert_close_at_scale(res["output"], ref.output, 1e-12, "output")
     if name == "tiny-weights-ln":
         assert np.array_equal(res["output"], np.broadcast_to(params["2.bias"], (3, 6)))
@@ -770,7 +770,7 @@ def test_rows_at_far_apart_scales_in_a_split_batch():
     x[:4] *= 1e-100
     g = rng.normal(size=(8, 32))
     res = ch.backward(x, "grad_output", g, True, -1.0, 2.0, True)
-    ref = O.torch_chain_backward(O.torch_chain(specs, params), x, "grad_output", None, g)
+    ref = O.spec_torch_chain_backward(O.spec_torch_chain(specs, params), x, "grad_output", None, g)
     for a, e, what in [(res["output"], ref.output, "output")] + [
         (a, e, f"boundary {i}")
         for i, (a, e) in enumerate(zip(res["boundary_grads"], ref.boundary_grads))

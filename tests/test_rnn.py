@@ -190,12 +190,12 @@ def check_report(rep, ref, rnn, cfg_max_norm=None, norm_type=2.0, clipped=None, 
     `clipped` / `total`: the clipped gradients and total norm by torch's
     clip_grad_norm_; computed here as min(1, max_norm / (total + 1e-6)) otherwise."""
     names = list(rnn.param_names)
-    assert list(rep.grads) == names == list(ref["grads"])
-    assert list(rep.log10_weight_grad_norms) == names
+    assert list(rep.param_grads) == names == list(ref["grads"])
+    assert list(rep.log10_param_grad_norms) == names
     raw = [ref["grads"][n] for n in names]
     # norms are those before clipping
     for n, g in zip(names, raw):
-        assert_log10(rep.log10_weight_grad_norms[n], np.linalg.norm(g), what=f"log10 |d {n}|")
+        assert_log10(rep.log10_param_grad_norms[n], np.linalg.norm(g), what=f"log10 |d {n}|")
     if total is None:
         total = O.pnorm(raw, norm_type)
     assert rep.norm_type == norm_type
@@ -209,7 +209,7 @@ def check_report(rep, ref, rnn, cfg_max_norm=None, norm_type=2.0, clipped=None, 
         coef = min(1.0, cfg_max_norm / (total + 1e-6))
         assert_scalar(rep.clip_coef, coef, what="clip_coef")
         expected = [coef * g for g in raw] if clipped is None else clipped
-    for n, a, e in zip(names, rep.grads.values(), expected):
+    for n, a, e in zip(names, rep.param_grads.values(), expected):
         assert_close(a, e, what=f"grads[{n!r}]")
     # state and cell gradients, whole arrays and per-(layer, step) norms
     assert_close(rep.state_grads, ref["state_grads"], what="state_grads")
@@ -293,9 +293,9 @@ def test_without_return_grads_the_arrays_are_absent(gc):
     x, gkw, _ = cfg.make_data()
     a = rnn.backward(x, **gkw)
     b = rnn.backward(x, return_grads=True, **gkw)
-    assert a.grads is None and a.state_grads is None and a.cell_grads is None
+    assert a.param_grads is None and a.state_grads is None and a.cell_grads is None
     np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
-    assert a.log10_weight_grad_norms == b.log10_weight_grad_norms
+    assert a.log10_param_grad_norms == b.log10_param_grad_norms
 
 
 def test_default_loss_follows_the_target(gc, rng):
@@ -412,10 +412,10 @@ def test_gradchain_parameters_in_torch_modules(gc, cell, bias, rng):
     tgt = rng.normal(size=(T, B, out))
     ref = O.torch_module_backward(cell, sd, x, h0=h0, loss="mse", target=tgt, **kw)
     rep = rnn.backward(x, tgt, loss="mse", h0=h0, return_grads=True, **kw)
-    assert list(rep.grads) == list(ref["grads"])
-    for n in rep.grads:
-        assert_close(rep.grads[n], ref["grads"][n], what=n)
-        assert_log10(rep.log10_weight_grad_norms[n], np.linalg.norm(ref["grads"][n]), what=n)
+    assert list(rep.param_grads) == list(ref["grads"])
+    for n in rep.param_grads:
+        assert_close(rep.param_grads[n], ref["grads"][n], what=n)
+        assert_log10(rep.log10_param_grad_norms[n], np.linalg.norm(ref["grads"][n]), what=n)
     assert_scalar(rep.loss, ref["loss"], what="loss")
     assert_close(rep.state_grads[:, 0], ref["h0_grad"], what="dL/dh0")
     if cell == "lstm":
@@ -456,8 +456,8 @@ def test_from_torch_module_state_dict(gc, cell, rng):
     # and the gradients through the fused module
     ref = O.torch_module_backward(cell, tsd, x, h0=h0, loss="probe", **kw)
     rep = rnn.backward(x, h0=h0, return_grads=True, **kw)
-    for n in rep.grads:
-        assert_close(rep.grads[n], ref["grads"][n], what=n)
+    for n in rep.param_grads:
+        assert_close(rep.param_grads[n], ref["grads"][n], what=n)
 
 
 @needs_torch
@@ -534,7 +534,7 @@ def test_float32_against_float64_oracle(gc, cell, loss, rng):
         kw["target"] = rng.integers(0, out, size=(T, B))
     rep = rnn.backward(x, loss=loss, return_grads=True, **kw)
     ref = O.numpy_rnn_backward(cell, rnn.state_dict(), x, loss=loss, **kw)
-    assert rep.grads["weight_hh_l0"].dtype == np.float32
+    assert rep.param_grads["weight_hh_l0"].dtype == np.float32
     tol = 1e-4 / math.log(10)
     with np.errstate(divide="ignore"):
         np.testing.assert_allclose(
@@ -548,10 +548,10 @@ def test_float32_against_float64_oracle(gc, cell, loss, rng):
         g = ref["grads"][n]
         expected = _log10(float(np.linalg.norm(g)))
         if expected == -math.inf:  # e.g. the read-out under the probe loss
-            assert rep.log10_weight_grad_norms[n] == -math.inf, n
+            assert rep.log10_param_grad_norms[n] == -math.inf, n
         else:
-            assert abs(rep.log10_weight_grad_norms[n] - expected) <= tol, n
-        assert np.linalg.norm(rep.grads[n] - g) <= 1e-4 * np.linalg.norm(g), n
+            assert abs(rep.log10_param_grad_norms[n] - expected) <= tol, n
+        assert np.linalg.norm(rep.param_grads[n] - g) <= 1e-4 * np.linalg.norm(g), n
     assert abs(rep.log10_total_norm - math.log10(O.pnorm(list(ref["grads"].values())))) <= tol
     assert abs(rep.loss - ref["loss"]) <= 1e-4 * abs(ref["loss"])
 
@@ -584,8 +584,8 @@ def test_vanishing_closed_form_over_100k_steps(gc):
     assert rep.state_grad_norms[-1] == pytest.approx(10**log_hT, rel=1e-12)
     # dL/db_hh = sum_t dL/dh_t (relu' = 1) = h_T (1 - c^T) / (1 - c)
     expect_b = log_hT + math.log10((1 - c**T) / (1 - c))
-    assert abs(rep.log10_weight_grad_norms["bias_hh_l0"] - expect_b) <= 1e-8
-    assert rep.log10_weight_grad_norms["weight_ih_l0"] == -math.inf  # x = 0: exactly zero
+    assert abs(rep.log10_param_grad_norms["bias_hh_l0"] - expect_b) <= 1e-8
+    assert rep.log10_param_grad_norms["weight_ih_l0"] == -math.inf  # x = 0: exactly zero
 
 
 def test_exploding_closed_form_beyond_float_range(gc, rng):
@@ -608,8 +608,8 @@ def test_exploding_closed_form_beyond_float_range(gc, rng):
     # dL/dW_hh = sum_t (1.5^(T-t) g)(1.5^(t-1) h0)^T = T 1.5^(T-1) g h0^T (summed over the batch)
     M = sum(np.outer(g[b], u[0, b]) for b in range(B))
     expect_w = math.log10(T) + (T - 1) * math.log10(a) - 300 + math.log10(np.linalg.norm(M))
-    assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - expect_w) <= 1e-8
-    assert rep.log10_weight_grad_norms["weight_ih_l0"] == -math.inf
+    assert abs(rep.log10_param_grad_norms["weight_hh_l0"] - expect_w) <= 1e-8
+    assert rep.log10_param_grad_norms["weight_ih_l0"] == -math.inf
     assert abs(rep.log10_total_norm - expect_w) <= 1e-8  # the only nonzero gradient
 
 
@@ -685,10 +685,10 @@ def test_exploding_weight_hh_gradient_in_float32(gc):
     )
     for n in ("weight_ih_l0", "weight_hh_l0"):
         e = ref["grads"][n]
-        assert abs(rep.log10_weight_grad_norms[n] - math.log10(np.linalg.norm(e))) <= 1e-5, (
-            n, rep.log10_weight_grad_norms[n], math.log10(np.linalg.norm(e)),
+        assert abs(rep.log10_param_grad_norms[n] - math.log10(np.linalg.norm(e))) <= 1e-5, (
+            n, rep.log10_param_grad_norms[n], math.log10(np.linalg.norm(e)),
         )  # fmt: skip
-        np.testing.assert_allclose(rep.grads[n], e, rtol=1e-4, err_msg=n)
+        np.testing.assert_allclose(rep.param_grads[n], e, rtol=1e-4, err_msg=n)
 
 
 def test_clipping_in_the_exploding_regime(gc):
@@ -700,12 +700,12 @@ def test_clipping_in_the_exploding_regime(gc):
     kw = {"grad_output": np.ones((1, 1)), "h0": np.ones((1, 1, 1)), "return_grads": True}
     expected = math.log10(T) + (T - 1) * math.log10(1.5)
     rep = rnn.backward(np.zeros((T, 1, 1)), **kw)
-    assert rep.grads["weight_hh_l0"][0, 0] == pytest.approx(10**expected, rel=1e-10)
-    assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - expected) <= 1e-9
+    assert rep.param_grads["weight_hh_l0"][0, 0] == pytest.approx(10**expected, rel=1e-10)
+    assert abs(rep.log10_param_grad_norms["weight_hh_l0"] - expected) <= 1e-9
     assert abs(rep.log10_total_norm - expected) <= 1e-9
     rep = rnn.backward(np.zeros((T, 1, 1)), max_norm=1.0, **kw)
     assert abs(rep.log10_clip_coef + expected) <= 1e-9
-    assert rep.grads["weight_hh_l0"][0, 0] == pytest.approx(1.0, rel=1e-6)
+    assert rep.param_grads["weight_hh_l0"][0, 0] == pytest.approx(1.0, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -727,7 +727,7 @@ def check_torch_norms(rep, ref, atol=1e-9, params=True, states=True):
     that cannot overflow (torch's own float norms may)."""
     if params:
         for n, g in ref["grads"].items():
-            assert_log10_values(rep.log10_weight_grad_norms[n], O.log10_norm(g), atol, n)
+            assert_log10_values(rep.log10_param_grad_norms[n], O.log10_norm(g), atol, n)
     if states:
         assert_log10_values(
             rep.log10_layer_state_grad_norms,
@@ -764,7 +764,7 @@ def test_lstm_parameter_norms_while_the_states_decay(gc, T):
     assert rep.h_n.max() < 10.0 ** (-0.19 * T + 2)
     check_torch_norms(rep, ref)
     for n, g in ref["grads"].items():
-        assert_close(rep.grads[n], g, what=n)
+        assert_close(rep.param_grads[n], g, what=n)
 
 
 @needs_torch
@@ -778,7 +778,7 @@ def test_tanh_hidden_one_with_tiny_inputs(gc, scale):
     ref = O.torch_rnn_backward("tanh", sd, x)
     check_torch_norms(rep, ref)
     for n, g in ref["grads"].items():
-        assert_close(rep.grads[n], g, what=n)
+        assert_close(rep.param_grads[n], g, what=n)
 
 
 @needs_torch
@@ -798,7 +798,7 @@ def test_huge_recurrent_weights_against_torch(gc, cell):
     ref = O.torch_rnn_backward(cell, sd, x)
     check_torch_norms(rep, ref)
     if cell == "relu":  # dW_hh = (1 + w) 1 1^T: 10^100.30
-        assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - math.log10(2e100)) < 1e-12
+        assert abs(rep.log10_param_grad_norms["weight_hh_l0"] - math.log10(2e100)) < 1e-12
 
 
 @needs_torch
@@ -865,8 +865,8 @@ def test_huge_recurrent_weights_beyond_torch(gc):
     # sum_t w^(3-t) h_3 (x = 1)
     d_hh = sum(W ** (3 - t) * h[3] * h[t - 1] for t in range(1, 4))
     d_ih = sum(W ** (3 - t) * h[3] for t in range(1, 4))
-    assert abs(rep.log10_weight_grad_norms["weight_hh_l0"] - (math.log10(2) + log10(d_hh))) < 1e-9
-    assert abs(rep.log10_weight_grad_norms["weight_ih_l0"] - (math.log10(2) + log10(d_ih))) < 1e-9
+    assert abs(rep.log10_param_grad_norms["weight_hh_l0"] - (math.log10(2) + log10(d_hh))) < 1e-9
+    assert abs(rep.log10_param_grad_norms["weight_ih_l0"] - (math.log10(2) + log10(d_ih))) < 1e-9
     assert np.all(np.isfinite(rep.log10_state_grad_norms))
     # one step more and the states themselves overflow: an error naming step and layer
     with pytest.raises(gc.NonFiniteError, match="timestep 4 of layer 0") as err:
@@ -1036,7 +1036,7 @@ def test_cross_entropy_of_confident_predictions(gc):
     expect_T = O.log10_norm(dh) - c / ln10
     assert abs(rep.log10_state_grad_norms[-1] - expect_T) < 1e-9
     assert (
-        abs(rep.log10_weight_grad_norms["readout.bias"] - (O.log10_norm(p.sum(0) / B) - c / ln10))
+        abs(rep.log10_param_grad_norms["readout.bias"] - (O.log10_norm(p.sum(0) / B) - c / ln10))
         < 1e-9
     )
 
@@ -1125,7 +1125,7 @@ def _softmax_saturates(cell, sd, x, kw):
 
 def _assert_no_nan_or_inf(rep, kw):
     logs = [rep.log10_layer_state_grad_norms, [rep.log10_total_norm]]
-    logs += [[v] for v in rep.log10_weight_grad_norms.values()]
+    logs += [[v] for v in rep.log10_param_grad_norms.values()]
     if rep.log10_layer_cell_grad_norms is not None:
         logs.append(rep.log10_layer_cell_grad_norms)
     if kw["loss"] != "grad":
@@ -1185,7 +1185,7 @@ def test_magnitudes_against_torch(gc, data):
 
 
 def _log10_norms(rep):
-    out = [list(rep.log10_weight_grad_norms.values()), rep.log10_layer_state_grad_norms]
+    out = [list(rep.log10_param_grad_norms.values()), rep.log10_layer_state_grad_norms]
     if rep.log10_layer_cell_grad_norms is not None:
         out.append(rep.log10_layer_cell_grad_norms)
     return np.concatenate([np.ravel(a) for a in out])
@@ -1616,6 +1616,121 @@ def test_forward_torch(gc, cell, rng):
         assert_close(c, c_t, what="c_n")
 
 
+@needs_torch
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_first_as_torch(gc, cell, rng):
+    """batch_first=True takes (batch, steps, input) as the torch module does, and gives the
+    same report as the time-first chain on the transposed arrays."""
+    B, T, n_in, H, L = 3, 6, 4, 5, 2
+    rnn = gc.RNN(cell, n_in, H, L, output_size=3, batch_first=True, init="xavier_uniform", seed=2)
+    assert rnn.batch_first and "batch_first=True" in repr(rnn)
+    mod = _torch_module(cell, n_in, H, L)
+    mod.batch_first = True
+    mod.load_state_dict(
+        {
+            k: torch.from_numpy(a)
+            for k, a in rnn.state_dict().items()
+            if not k.startswith("readout.")
+        }
+    )
+    x = rng.normal(size=(B, T, n_in))
+    h0 = rng.normal(size=(L, B, H))
+    c0 = rng.normal(size=(L, B, H)) if cell == "lstm" else None
+    o_t, h_t, _ = _module_forward(mod, cell, x, h0, c0)
+    o, h, _ = rnn.forward(x, h0, c0)
+    assert o.shape == (B, T, H) and o.flags.writeable
+    assert_close(o, o_t, what="output")
+    assert_close(h, h_t, what="h_n")
+    tf = gc.RNN.from_state_dict(rnn.state_dict(), cell)
+    for tgt in (
+        rng.normal(size=(B, T, 3)),
+        rng.integers(0, 3, size=(B, T)),
+        rng.integers(0, 3, size=B),
+    ):
+        a = rnn.backward(x, tgt, h0=h0, c0=c0, return_grads=True)
+        b = tf.backward(
+            x.swapaxes(0, 1),
+            tgt.swapaxes(0, 1) if tgt.ndim > 1 else tgt,
+            h0=h0,
+            c0=c0,
+            return_grads=True,
+        )
+        assert a.log10_param_grad_norms == b.log10_param_grad_norms and a.loss == b.loss
+        np.testing.assert_array_equal(a.state_grads, b.state_grads)
+    g = rng.normal(size=(B, T, H))
+    a = rnn.backward(x, grad_output=g)
+    b = tf.backward(x.swapaxes(0, 1), grad_output=g.swapaxes(0, 1))
+    np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, steps, 4\)"):
+        rnn.backward(np.ones((T, B, 3)))
+    with pytest.raises(ValueError, match=r"target must have shape \(3, 6, 3\)"):
+        rnn.backward(x, rng.normal(size=(T, B, 3)))
+    with pytest.raises(ValueError, match=r"\(3,\) \(last step\) or \(3, 6\) \(every step\)"):
+        rnn.backward(x, rng.integers(0, 3, size=(T, B)))
+    sd = gc.RNN.from_state_dict(rnn.state_dict(), cell, batch_first=True)
+    assert sd.batch_first and np.array_equal(sd.forward(x)[0], rnn.forward(x)[0])
+    with pytest.raises(TypeError, match="batch_first must be True or False"):
+        gc.RNN(cell, 2, 3, batch_first="yes")
+
+
+def test_batch_first_jacobians_and_theory(gc, rng):
+    """The Jacobian tools and compare_theory read a batch_first RNN's x in its layout."""
+    rnn = gc.RNN("tanh", 3, 8, init="normal", recurrent_gain=1.2, seed=1, batch_first=True)
+    tf = gc.RNN.from_state_dict(rnn.state_dict(), "tanh")
+    x = rng.normal(size=(2, 20, 3))
+    a, b = gc.jacobian_norms(rnn, x), gc.jacobian_norms(tf, x.swapaxes(0, 1))
+    np.testing.assert_array_equal(a.log10_spectral, b.log10_spectral)
+    a, b = gc.compare_theory(rnn, x, k=4), gc.compare_theory(tf, x.swapaxes(0, 1), k=4)
+    np.testing.assert_array_equal(a.measured, b.measured)
+    np.testing.assert_array_equal(a.measured_exponents, b.measured_exponents)
+    drawn = gc.compare_theory(rnn, steps=30, spectrum=False)  # the input drawn inside
+    assert drawn.measured.shape == (31,)
+
+
+def test_rnn_names_repr_and_state_dict(gc):
+    rnn = gc.RNN("gru", 3, 4, 2, output_size=2, init="orthogonal", recurrent_gain=0.9, seed=5)
+    assert [n for n, _ in rnn.named_parameters()] == list(rnn.param_names) == list(rnn.state_dict())
+    for (_, view), copy in zip(rnn.named_parameters(), rnn.state_dict().values()):
+        np.testing.assert_array_equal(view, copy)
+        assert not view.flags.writeable
+    assert repr(rnn) == (
+        "RNN('gru', input_size=3, hidden_size=4, num_layers=2, output_size=2, bias=True, init='orthogonal', "
+        "gain=1.0, recurrent_gain=0.9, spectral_radius=None, forget_bias=None, batch_first=False, "
+        "dtype='float64', seed=5)"
+    )
+    again = eval(repr(rnn), vars(gc))  # our own repr
+    for k, a in rnn.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[k], a)
+    loaded = gc.RNN.from_state_dict(rnn.state_dict(), "gru")
+    assert "init=" not in repr(loaded) and "seed" not in repr(loaded)
+    with pytest.raises(TypeError, match=r"float16.*float32 and float64"):
+        gc.RNN.from_state_dict(
+            {k: a.astype(np.float16) for k, a in rnn.state_dict().items()}, "gru"
+        )
+
+
+def test_rnn_report_old_names_warn(gc):
+    """param_grad_norms, log10_param_grad_norms and param_grads were weight_grad_norms,
+    log10_weight_grad_norms and grads; the old names still answer, with a warning."""
+    rnn = gc.RNN("tanh", 2, 3, seed=0)
+    rep = rnn.backward(np.ones((4, 2, 2)), return_grads=True)
+    for old, new in (
+        ("weight_grad_norms", "param_grad_norms"),
+        ("log10_weight_grad_norms", "log10_param_grad_norms"),
+        ("grads", "param_grads"),
+    ):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new}"):
+            value = getattr(rep, old)
+        assert list(value) == list(getattr(rep, new)) == list(rnn.param_names)
+    assert "\n" not in repr(rep) and repr(rep).startswith("RecurrentReport(cell='tanh'")
+    assert "<table>" in rep._repr_html_()
+    x = np.ones((4, 2, 2))
+    assert (
+        rnn.backward(x, np.array([0, 2])).loss
+        == rnn.backward(x, np.array([0, 2]), loss="cross_entropy").loss
+    )
+
+
 # --------------------------------------------------------------------------------------
 # 10. the report
 # --------------------------------------------------------------------------------------
@@ -1634,21 +1749,21 @@ def test_report(gc, cell, rng):
         assert rep.cell == cell and rep.steps == T and rep.num_layers == L
         d = rep.to_dict()
         json.dumps(d)
-        assert "grads" not in d and "state_grads" not in d
+        assert "param_grads" not in d and "state_grads" not in d
         full = rep.to_dict(grads=True)
         assert json.loads(json.dumps(full))["cell"] == cell
         if kw:
-            assert set(full["grads"]) == set(rnn.param_names)
+            assert set(full["param_grads"]) == set(rnn.param_names)
             assert np.array_equal(np.asarray(full["state_grads"]), rep.state_grads)
         assert isinstance(str(rep), str) and "log10|dL/dh_t|" in str(rep)
         table = rep.table(every=7)
         assert "log10|dL/dh_t|" in table
         assert ("log10|dL/dc_t|" in table) == (cell == "lstm")
         assert len(table.splitlines()) == 1 + len(set(range(0, T + 1, 7)) | {T})
-        assert list(rep.weight_grad_norms) == list(rnn.state_dict()) == list(rnn.param_names)
-        assert list(rep.log10_weight_grad_norms) == list(rnn.param_names)
-        for k, v in rep.weight_grad_norms.items():
-            assert v == pytest.approx(10 ** rep.log10_weight_grad_norms[k], rel=1e-14)
+        assert list(rep.param_grad_norms) == list(rnn.state_dict()) == list(rnn.param_names)
+        assert list(rep.log10_param_grad_norms) == list(rnn.param_names)
+        for k, v in rep.param_grad_norms.items():
+            assert v == pytest.approx(10 ** rep.log10_param_grad_norms[k], rel=1e-14)
         assert rep.state_grad_norms.shape == (T + 1,)
         assert rep.log10_state_grad_norms.shape == (T + 1,)
         assert rep.log10_layer_state_grad_norms.shape == (L, T + 1)
@@ -1693,8 +1808,8 @@ def test_report_floats_outside_the_range(gc):
     np.testing.assert_allclose(f[ok], 10.0 ** lg[ok], rtol=1e-14)
     d = rep.to_dict()
     json.dumps(d)
-    assert d["log10_weight_grad_norms"]["weight_ih_l0"] == "-inf"
-    assert d["weight_grad_norms"]["weight_ih_l0"] == 0.0
+    assert d["log10_param_grad_norms"]["weight_ih_l0"] == "-inf"
+    assert d["param_grad_norms"]["weight_ih_l0"] == 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -1713,8 +1828,8 @@ def test_pickle_round_trip(gc, dtype, rng):
     b = again.backward(x, tgt, return_grads=True, truncate=3)
     np.testing.assert_array_equal(a.log10_layer_state_grad_norms, b.log10_layer_state_grad_norms)
     np.testing.assert_array_equal(a.state_grads, b.state_grads)
-    for k in a.grads:
-        np.testing.assert_array_equal(a.grads[k], b.grads[k])
+    for k in a.param_grads:
+        np.testing.assert_array_equal(a.param_grads[k], b.param_grads[k])
     assert a.loss == b.loss
 
 
@@ -1814,9 +1929,9 @@ _THREAD_CODE = """
                     out[key + "-cell"] = rep.cell_grads
                 out[key + "-norms"] = rep.log10_layer_state_grad_norms
                 out[key + "-scalars"] = np.array([rep.log10_total_norm, rep.loss, rep.log10_loss])
-                for k, g in rep.grads.items():
+                for k, g in rep.param_grads.items():
                     out[f"{key}-{k}"] = g
-                    out[f"{key}-log10-{k}"] = np.array([rep.log10_weight_grad_norms[k]])
+                    out[f"{key}-log10-{k}"] = np.array([rep.log10_param_grad_norms[k]])
                 out[key + "-forward"] = rnn.forward(x)[0]
     out["threads"] = np.array([gc._core.max_threads()])
     np.savez(sys.argv[1], **out)
@@ -1854,7 +1969,7 @@ def test_adding_problem(gc, cell):
     rep = rnn.backward(task.x, loss=task.loss, target=task.target, return_grads=True)
     assert rep.state_grad_norms.shape == (task.T + 1,)
     assert np.all(np.isfinite(rep.log10_state_grad_norms))
-    assert all(math.isfinite(v) for v in rep.log10_weight_grad_norms.values())
+    assert all(math.isfinite(v) for v in rep.log10_param_grad_norms.values())
     assert math.isfinite(rep.loss) and rep.loss > 0
     ref = O.numpy_rnn_backward(cell, rnn.state_dict(), task.x, loss=task.loss, target=task.target)
     check_report(rep, ref, rnn)

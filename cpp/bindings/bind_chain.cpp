@@ -26,7 +26,19 @@ std::unique_ptr<Block<T>> make_block(const py::dict& d);
 template <class T>
 std::vector<std::unique_ptr<Block<T>>> make_blocks(const py::list& specs) {
   std::vector<std::unique_ptr<Block<T>>> out;
-  for (const py::handle& h : specs) out.push_back(make_block<T>(h.cast<py::dict>()));
+  std::size_t i = 0;
+  for (const py::handle& h : specs) {
+    // A deep chain allocates its parameters here, reading the specs with the GIL held;
+    // now and then other threads get the GIL (a timer that sends SIGINT, say) and Ctrl-C
+    // stops the construction.
+    if (i++ % 64 == 0) {
+      {
+        py::gil_scoped_release let_others_run;
+      }
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+    out.push_back(make_block<T>(h.cast<py::dict>()));
+  }
   return out;
 }
 
@@ -231,6 +243,13 @@ void bind(py::module_& m, const char* name) {
             return out;
           })
       .def(
+          "param_name",
+          [](const C& c, std::size_t i) {
+            if (i >= c.parameters().size()) throw py::index_error("parameter index out of range");
+            return c.parameters()[i].name;
+          },
+          py::arg("index"), "The torch name of parameter `index`.")
+      .def(
           "param",
           [](py::object self, std::size_t i) {
             C& c = self.cast<C&>();
@@ -252,6 +271,28 @@ void bind(py::module_& m, const char* name) {
             c.params_changed();
           },
           py::arg("index"), py::arg("values"))
+      .def(
+          "set_params",
+          [](C& c, const py::list& items) {
+            // Every pair is converted and checked before any is written (a bad one leaves
+            // the chain as it was), and the blocks refresh what they derive from their
+            // parameters once, not once per parameter.
+            const auto& ps = c.parameters();
+            std::vector<std::pair<std::size_t, CArray<T>>> todo;
+            for (const py::handle& h : items) {
+              const auto pair = h.cast<py::tuple>();
+              const auto i = pair[0].cast<std::size_t>();
+              if (i >= ps.size()) throw py::index_error("parameter index out of range");
+              auto a = pair[1].cast<CArray<T>>();
+              if (static_cast<std::size_t>(a.size()) != ps[i].size)
+                throw std::invalid_argument(ps[i].name + " needs " + std::to_string(ps[i].size) +
+                                            " values; got " + std::to_string(a.size()));
+              todo.emplace_back(i, std::move(a));
+            }
+            for (const auto& [i, a] : todo) std::copy(a.data(), a.data() + a.size(), ps[i].data());
+            c.params_changed();
+          },
+          py::arg("items"), "Writes (index, values) pairs, then refreshes the blocks once.")
       .def("couples_batch", &C::couples_batch, py::arg("train"))
       .def(
           "backward_bytes",

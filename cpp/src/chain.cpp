@@ -91,6 +91,15 @@ struct Compiler {
     return n;
   }
 
+  // Trainable parameters of a block and everything inside it.
+  int trainable_in(const Block<T>& b) {
+    const auto* r = dynamic_cast<const Residual<T>*>(&b);
+    if (!r) return trainable(b);
+    int n = r->shortcut() ? trainable(*r->shortcut()) : 0;
+    for (const auto& c : r->body()) n += trainable_in(*c);
+    return n;
+  }
+
   int leaf(Block<T>* b, int in, const std::string& where) {
     Step s;
     s.block = b;
@@ -262,10 +271,11 @@ void Chain<T>::compile() {
 template <class T>
 void Chain<T>::init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel) {
   spec.validate();
-  // In parameter order (a residual's body before its shortcut), as torch lists them.
+  // In parameters() order (a residual's body before its shortcut), not in the order the
+  // steps run.
   std::vector<Linear<T>*> linears;
   for (const ParamRef<T>& p : params_)
-    if (p.index == 0 && p.block->kind() == BlockKind::linear)
+    if (!p.buffer && p.index == 0 && p.block->kind() == BlockKind::linear)
       linears.push_back(static_cast<Linear<T>*>(p.block));
   const Philox rng(seed);
   // Each layer draws from its own stream, so the split across threads changes nothing.
@@ -366,8 +376,8 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
     if (s.kind == Step::Kind::leaf && s.block->couples_batch(req.train))
       local += 16.0 * s.block->out_width();
   PassBytes r;
-  r.needed = elems * sizeof(T) + NB * (8 + parts * 24 + 32 + 4) + nsteps * (24 + 16 + 8) + local +
-             double(n_trainable_) * 40 + NB * 8 + 4096;
+  r.needed = elems * sizeof(T) + NB * (8 + parts * 24 + 24 + 4) + nsteps * (24 + 16) + local +
+             double(n_trainable_) * 24 + NB * 8 + 4096;
   if (th.two_threads && p.any_params && !req.forward_only) {
     double dy = 0;
     for (const Step& s : p.steps)
@@ -491,8 +501,10 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
           if (std::isnan(static_cast<double>(y[i]))) p.bad_nan = true;
         return false;
       }
-      if ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
-          (s.maxabs == 0 && in_max > 0 && !can_zero)) {
+      // A subnormal input is exact (scaling it into the band loses nothing); only a block's
+      // output can have underflowed.
+      if (si >= 0 && ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
+                      (s.maxabs == 0 && in_max > 0 && !can_zero))) {
         p.bad_step = si;
         p.bad_underflow = true;
         p.bad_value = s.maxabs;
@@ -655,9 +667,19 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   for (std::size_t si = 0; si < nsteps; ++si)
     producer[static_cast<std::size_t>(P.steps[si].out)] = int(si);
   auto is_dy_slot = [&](const T* ptr) { return pipelined && ptr >= DY && ptr < DY + dy_total; };
+  struct Live {
+    T* buf = nullptr;
+    std::int64_t e = 0;
+    bool zero = true;  // every entry exactly 0 (its exponent then means nothing)
+  };
+  std::vector<Live> live(NB);
+  // A new gradient for boundary b goes to its producer's slot when nothing has arrived at
+  // b yet; a second contribution (a residual input gets the skip and the body's) goes to a
+  // pool buffer and is added into the first.
   auto dest_for = [&](int b) -> T* {
     const int pr = producer[static_cast<std::size_t>(b)];
-    if (pipelined && pr >= 0 && P.steps[static_cast<std::size_t>(pr)].nparams > 0)
+    if (pipelined && pr >= 0 && P.steps[static_cast<std::size_t>(pr)].nparams > 0 &&
+        !live[static_cast<std::size_t>(b)].buf)
       return DY + dy_off[static_cast<std::size_t>(pr)];
     return pool_get();
   };
@@ -665,12 +687,6 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     if (!is_dy_slot(ptr)) pool.push_back(ptr);
   };
 
-  struct Live {
-    T* buf = nullptr;
-    std::int64_t e = 0;
-    bool zero = true;  // every entry exactly 0 (its exponent then means nothing)
-  };
-  std::vector<Live> live(NB);
   // live[b] += v * 2^ev (v: a buffer of B x w(b) that this call takes over).
   auto add_to = [&](int b, T* v, std::int64_t ev) {
     Live& L = live[static_cast<std::size_t>(b)];

@@ -17,12 +17,14 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from . import tasks, theory
+from .blocks import Activation, BatchNorm, Block, LayerNorm, Linear, Residual, RMSNorm, Scale
+from .chain import Chain
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from .compare import TheoryComparison, compare_theory
 from .errors import NonFiniteError
 from .jacobian import JacobianNorms, JacobianSpectrum, jacobian_norms, jacobian_spectrum
-from .mlp import ACTIVATIONS, INITS, LOSSES, MLP
-from .report import BackwardReport, RecurrentReport
+from .mlp import ACTIVATIONS, INITS, LOSSES, MLP, NORM_POSITIONS, NORMS
+from .report import BackwardReport, ChainReport, RecurrentReport
 from .rnn import CELLS, RNN, RNN_INITS, RNN_LOSSES, TRUNCATE_MODES
 
 try:
@@ -36,15 +38,27 @@ __all__ = [
     "INITS",
     "LOSSES",
     "MLP",
+    "NORMS",
+    "NORM_POSITIONS",
     "RNN",
     "RNN_INITS",
     "RNN_LOSSES",
     "TRUNCATE_MODES",
+    "Activation",
     "BackwardReport",
+    "BatchNorm",
+    "Block",
+    "Chain",
+    "ChainReport",
     "JacobianNorms",
     "JacobianSpectrum",
+    "LayerNorm",
+    "Linear",
     "NonFiniteError",
+    "RMSNorm",
     "RecurrentReport",
+    "Residual",
+    "Scale",
     "TheoryComparison",
     "__version__",
     "clip_coefficient",

@@ -210,3 +210,42 @@ def check_memory(nbytes: float, what: str) -> None:
             f"{what} needs {nbytes:.0f} bytes ({nbytes / 2**30:.3g} GiB), more than the "
             f"{avail / 2**30:.3g} GiB of memory available"
         )
+
+
+_TENSOR_DTYPES = ("float32", "float64", "int64", "int32", "int16", "int8", "uint8")
+
+
+def as_array(name: str, a: Any) -> Any:
+    """A NumPy view of an array-like; torch tensors (anything with ``detach``) are detached
+    first, so ``layer.weight`` or a batch of a torch model can be passed as it is. A tensor
+    of another dtype (bfloat16, float16, complex) is a TypeError naming the accepted ones."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        dt = str(getattr(a, "dtype", "")).replace("torch.", "")
+        if dt not in _TENSOR_DTYPES:
+            raise TypeError(
+                f"{name} is a tensor of dtype {dt}; gradchain accepts float32 and float64 tensors "
+                "(and integer class labels): convert it with .double() or .float()"
+            )
+        return a.detach().cpu().numpy()
+    return np.asarray(a) if not isinstance(a, np.ndarray) else a
+
+
+def param_array(name: str, a: Any, dt: np.dtype, shape: tuple[int | None, ...]) -> np.ndarray:
+    """A parameter given from outside: float_array, refusing half precision (its values
+    would be simulated in a precision the model does not use)."""
+    arr = as_array(name, a)
+    if isinstance(arr, np.ndarray) and arr.dtype == np.float16:
+        raise TypeError(f"{name} has dtype float16; gradchain accepts float32 and float64 parameters")
+    return float_array(name, arr, dt, shape)
+
+
+def default_loss(target: Any) -> str:
+    """The loss a backward pass uses when none is named: ``probe`` without a target,
+    ``cross_entropy`` for integer labels, ``mse`` otherwise (the same rule for every chain)."""
+    if target is None:
+        return "probe"
+    kind = getattr(getattr(target, "dtype", None), "kind", None)
+    if kind is None:
+        dt = str(getattr(target, "dtype", ""))  # a torch tensor
+        kind = "i" if dt.startswith(("torch.int", "torch.uint")) else ("f" if dt else np.asarray(target).dtype.kind)
+    return "cross_entropy" if kind in "iu" else "mse"

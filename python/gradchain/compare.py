@@ -874,14 +874,14 @@ def _compare_rnn(
 
     _check_draws(b, 0, H, np.float64)
     g = _rng(seed, 1).standard_normal((b, H))
-    rep = net.backward(xa, grad_output=g, h0=h0a)
+    rep = net.backward(net._as_given(xa), grad_output=g, h0=h0a)
     lg = np.asarray(rep.log10_state_grad_norms, dtype=np.float64)
     measured = lg - lg[-1]
 
     spec: dict[str, Any] = {}
     if spectrum:
         h0s = None if h0a is None else h0a[:, :sbatch]
-        spectrum_result = jacobian_spectrum(net, xa[:, :sbatch], h0=h0s, k=kk)
+        spectrum_result = jacobian_spectrum(net, net._as_given(xa[:, :sbatch]), h0=h0s, k=kk)
         spec = _spectrum_fields(spectrum_result, pred, predicted)
     return _result(
         measured=measured,

@@ -58,7 +58,7 @@ def _chain_and_x(net: Any, x: Any) -> tuple[Any, np.ndarray]:
         raise ValueError(f"x must have shape (batch, {n0}) or ({n0},); got {np.shape(x)}")
     # Rounded to the chain's dtype first, as MLP.backward does; float64 for the core.
     x64 = v.float_array("x", arr, net.dtype, (None, n0)).astype(np.float64, copy=False)
-    return net._chain, np.ascontiguousarray(x64)
+    return net._mlp_chain(), np.ascontiguousarray(x64)
 
 
 def _sequences(net: RNN, x: Any, h0: Any, c0: Any) -> tuple[Any, ...]:

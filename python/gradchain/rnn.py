@@ -12,7 +12,6 @@ import numpy as np
 
 from . import _core
 from . import _validate as v
-from .mlp import _as_array
 from .report import RecurrentReport
 
 __all__ = ["CELLS", "RNN", "RNN_INITS", "RNN_LOSSES", "TRUNCATE_MODES"]
@@ -93,6 +92,11 @@ class RNN:
     forget_bias : float, optional
         LSTM only: sets the forget-gate block of ``bias_ih`` to this value and that of
         ``bias_hh`` to 0, so the forget gate starts at sigmoid(forget_bias).
+    batch_first : bool
+        As in torch: inputs, every-step targets and upstream gradients, and the output of
+        :meth:`forward` are ``(batch, steps, ...)`` instead of ``(steps, batch, ...)``.
+        Initial and final states stay ``(num_layers, batch, hidden_size)``, and the
+        reports are indexed by step as always.
     dtype : {"float64", "float32"}
         Precision of parameters and arithmetic (norms are accumulated in double).
     seed : int
@@ -131,10 +135,12 @@ class RNN:
         recurrent_gain: float = 1.0,
         spectral_radius: float | None = None,
         forget_bias: float | None = None,
+        batch_first: bool = False,
         dtype: Any = "float64",
         seed: int = 0,
     ) -> None:
         shape = self._shape(cell, input_size, hidden_size, num_layers, output_size, bias)
+        self._batch_first = _flag("batch_first", batch_first)
         v.choice("init", init, RNN_INITS)
         self._dtype = v.dtype(dtype)
         gain = v.finite_float("gain", gain)
@@ -197,20 +203,23 @@ class RNN:
 
     # -- construction from arrays ------------------------------------------------------
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Any], cell: str, *, dtype: Any = None) -> RNN:
+    def from_state_dict(
+        cls, state_dict: Mapping[str, Any], cell: str, *, batch_first: bool = False, dtype: Any = None
+    ) -> RNN:
         """An RNN with the parameters of a ``state_dict`` (NumPy arrays or torch tensors).
 
         Accepts the ``state_dict()`` of ``torch.nn.RNN`` / ``LSTM`` / ``GRU`` (uni-
         directional, without ``proj_size``) or of :meth:`state_dict`, optionally with
         ``readout.weight`` / ``readout.bias``. Sizes and the number of layers are read from
         the shapes; `cell` says which cell the weights belong to (``tanh`` or ``relu`` for
-        ``torch.nn.RNN``). `dtype` defaults to float32 when every array is float32, else
-        float64.
+        ``torch.nn.RNN``), `batch_first` the layout of inputs (as the torch module's). `dtype`
+        defaults to float32 when every array is float32, else float64; float16 and bfloat16
+        are refused.
         """
         v.choice("cell", cell, CELLS)
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays; got {type(state_dict).__name__}")
-        arrays = {str(k): _as_array(a) for k, a in state_dict.items()}
+        arrays = {str(k): v.as_array(f"state_dict[{k!r}]", a) for k, a in state_dict.items()}
         layers: set[int] = set()
         unknown = []
         for k in arrays:
@@ -241,8 +250,9 @@ class RNN:
         extra = [k for k in arrays if k not in names]
         if missing or extra:
             raise ValueError(f"state_dict does not match a {cell} chain of this shape: missing {missing}, unexpected {extra}")
-        params = [v.float_array(f"state_dict[{n!r}]", arrays[n], dt, s) for n, s in zip(names, shapes)]
+        params = [v.param_array(f"state_dict[{n!r}]", arrays[n], dt, s) for n, s in zip(names, shapes)]
         self = cls.__new__(cls)
+        self._batch_first = _flag("batch_first", batch_first)
         self._dtype = dt
         self._config = dict(shape)
         self._config.update(init=None, gain=None, recurrent_gain=None, spectral_radius=None, forget_bias=None, seed=None)
@@ -295,6 +305,21 @@ class RNN:
         """Parameter names in ``state_dict`` order."""
         return tuple(self._chain.param_names)
 
+    @property
+    def batch_first(self) -> bool:
+        """Whether sequences are ``(batch, steps, ...)``."""
+        return self._batch_first
+
+    def named_parameters(self) -> list[tuple[str, np.ndarray]]:
+        """``(name, array)`` for every parameter in ``state_dict`` order, as torch's
+        ``named_parameters()``: read-only views of the chain's parameters."""
+        out = []
+        for i, n in enumerate(self._chain.param_names):
+            a = self._chain.param(i)
+            a.setflags(write=False)
+            out.append((n, a))
+        return out
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the parameters, named and shaped as PyTorch's ``state_dict``.
 
@@ -304,30 +329,59 @@ class RNN:
         return {n: np.array(self._chain.param(i)) for i, n in enumerate(self._chain.param_names)}
 
     def __repr__(self) -> str:
+        """Every constructor argument (an RNN made from a state_dict shows no initializer)."""
         c = self._config
-        extra = f", output_size={c['output_size']}" if c["output_size"] else ""
-        return (
-            f"RNN({c['cell']!r}, input_size={c['input_size']}, hidden_size={c['hidden_size']}, "
-            f"num_layers={c['num_layers']}{extra}, bias={c['bias']}, dtype={self._dtype.name!r})"
-        )
+        args = [
+            repr(c["cell"]), f"input_size={c['input_size']}", f"hidden_size={c['hidden_size']}",
+            f"num_layers={c['num_layers']}", f"output_size={c['output_size']}", f"bias={c['bias']}",
+        ]  # fmt: skip
+        if c["init"] is not None:
+            args += [f"{k}={c[k]!r}" for k in ("init", "gain", "recurrent_gain", "spectral_radius", "forget_bias")]
+        args += [f"batch_first={self._batch_first}", f"dtype={self._dtype.name!r}"]
+        if c["seed"] is not None:
+            args.append(f"seed={c['seed']!r}")
+        return f"RNN({', '.join(args)})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": dict(self._config), "dtype": self._dtype.name, "state_dict": self.state_dict()}
+        return {
+            "config": dict(self._config),
+            "dtype": self._dtype.name,
+            "batch_first": self._batch_first,
+            "state_dict": self.state_dict(),
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         other = RNN.from_state_dict(state["state_dict"], state["config"]["cell"], dtype=state["dtype"])
         self._dtype = other._dtype
         self._chain = other._chain
         self._config = dict(state["config"])
+        self._batch_first = bool(state.get("batch_first", False))
 
     # -- computation --------------------------------------------------------------------
+    def _layout(self, what: str) -> str:
+        return f"(batch, steps, {what})" if self._batch_first else f"(steps, batch, {what})"
+
+    def _time_first(self, a: np.ndarray) -> np.ndarray:
+        """A sequence array in the chain's (steps, batch, ...) order."""
+        return np.ascontiguousarray(a.swapaxes(0, 1)) if self._batch_first else a
+
+    def _as_given(self, a: np.ndarray) -> np.ndarray:
+        """A (steps, batch, ...) array in the layout the RNN takes (batch_first or not)."""
+        return a.swapaxes(0, 1) if self._batch_first else a
+
     def _x(self, x: Any) -> np.ndarray:
-        arr = x if isinstance(x, np.ndarray) else _as_array(x)
+        """x checked (in the RNN's layout) and returned as (steps, batch, input_size)."""
+        arr = x if isinstance(x, np.ndarray) else v.as_array("x", x)
         if getattr(arr, "ndim", 3) != 3:
+            one = "x[None, :, :]" if self._batch_first else "x[:, None, :]"
             raise ValueError(
-                f"x must have shape (steps, batch, {self.input_size}) (for one sequence use x[:, None, :]); "
+                f"x must have shape {self._layout(str(self.input_size))} (for one sequence use {one}); "
                 f"got shape {getattr(arr, 'shape', None)}"
             )
+        if self._batch_first:
+            if arr.shape[2] != self.input_size:
+                raise ValueError(f"x must have shape {self._layout(str(self.input_size))}; got {arr.shape}")
+            arr = np.swapaxes(arr, 0, 1)
         return v.float_array("x", arr, self._dtype, (None, None, self.input_size))
 
     def _state(self, name: str, value: Any, batch: int) -> np.ndarray | None:
@@ -335,7 +389,7 @@ class RNN:
             return None
         if name == "c0" and self.cell != "lstm":
             raise ValueError(f"c0 is the LSTM's initial cell state; cell={self.cell!r} has none")
-        return v.float_array(name, _as_array(value), self._dtype, (self.num_layers, batch, self.hidden_size))
+        return v.float_array(name, v.as_array(name, value), self._dtype, (self.num_layers, batch, self.hidden_size))
 
     def backward(
         self,
@@ -361,7 +415,9 @@ class RNN:
         Parameters
         ----------
         x : array_like, shape (steps, batch, input_size)
-            Inputs (finite), time first as in PyTorch.
+            Inputs (finite), time first as in PyTorch; ``(batch, steps, input_size)``
+            with ``batch_first``. Every per-step array below (targets, upstream
+            gradients) follows the same layout.
         target : array_like, optional
             The loss's target. Its shape says which steps carry a loss term:
             ``mse``: ``(batch, n)`` for the last step, ``(steps, batch, n)`` for every step;
@@ -369,7 +425,8 @@ class RNN:
             ``[0, n)``. ``n`` is ``output_size`` with a read-out, else ``hidden_size``.
         loss : {"probe", "mse", "cross_entropy"}, optional
             ``probe`` (default without target): ``0.5 * ||h_T||**2`` of the top layer,
-            summed over the batch. ``mse`` (default with a float target): as
+            summed over the batch; ``cross_entropy`` is the default for integer targets.
+            ``mse`` (default with a float target): as
             ``torch.nn.functional.mse_loss`` (mean over every element of every step with
             a term). ``cross_entropy``: as ``torch.nn.functional.cross_entropy`` over all
             (step, example) rows. Both apply to the read-out ``y_t`` when the chain has
@@ -447,13 +504,14 @@ class RNN:
             if target is not None or loss not in (None, "grad_output"):
                 raise ValueError("grad_output replaces the loss: pass neither target nor loss with it")
             name = "grad_output"
-            arr = _as_array(grad_output)
+            arr = v.as_array("grad_output", grad_output)
             every = arr.ndim == 3
-            shape = (steps, batch, self.hidden_size) if every else (batch, self.hidden_size)
-            tgt: np.ndarray | None = v.float_array("grad_output", arr, dt, shape)
+            shape = self._seq_shape(steps, batch, self.hidden_size) if every else (batch, self.hidden_size)
+            go = v.float_array("grad_output", arr, dt, shape)
+            tgt: np.ndarray | None = self._time_first(go) if every else go
         else:
             if loss is None:
-                loss = "probe" if target is None else ("cross_entropy" if np.asarray(target).dtype.kind in "iu" else "mse")
+                loss = v.default_loss(target)
             v.choice("loss", loss, RNN_LOSSES)
             name = loss
             if name == "probe":
@@ -463,28 +521,36 @@ class RNN:
             elif target is None:
                 raise ValueError(f"loss={name!r} needs a target")
             elif name == "mse":
-                arr = _as_array(target)
+                arr = v.as_array("target", target)
                 every = arr.ndim == 3
-                shape = (steps, batch, n_out) if every else (batch, n_out)
+                shape = self._seq_shape(steps, batch, n_out) if every else (batch, n_out)
                 tgt = v.float_array("target", arr, dt, shape)
+                if every:
+                    tgt = self._time_first(tgt)
             else:
                 tgt, every = self._labels(target, steps, batch, n_out)
         d = self._chain.run(x, h0a, c0a, name, tgt, every, mode, k, mn, p, bool(return_grads))
         return RecurrentReport._from_core(d, self.cell, self.param_names, truncate, mode)
 
-    @staticmethod
-    def _labels(target: Any, steps: int, batch: int, n: int) -> tuple[np.ndarray, bool]:
-        arr = _as_array(target)
+    def _seq_shape(self, steps: int, batch: int, n: int | None = None) -> tuple[int, ...]:
+        """The shape of a per-step array in the RNN's layout."""
+        s = (batch, steps) if self._batch_first else (steps, batch)
+        return s if n is None else (*s, n)
+
+    def _labels(self, target: Any, steps: int, batch: int, n: int) -> tuple[np.ndarray, bool]:
+        arr = v.as_array("target", target)
         if arr.dtype.kind not in "iu":
             raise TypeError(f"target for loss='cross_entropy' must be integer class labels; got dtype {arr.dtype}")
-        if arr.shape not in ((batch,), (steps, batch)):
+        every = self._seq_shape(steps, batch)
+        if arr.shape not in ((batch,), every):
             raise ValueError(
                 f"target for loss='cross_entropy' must have shape ({batch},) (last step) or "
-                f"({steps}, {batch}) (every step); got {arr.shape}"
+                f"{every} (every step); got {arr.shape}"
             )
         if arr.size and (arr.min() < 0 or arr.max() >= n):
             raise ValueError(f"target labels must lie in [0, {n}); got values in [{arr.min()}, {arr.max()}]")
-        return np.ascontiguousarray(arr, dtype=np.int64), arr.ndim == 2
+        labels = np.ascontiguousarray(arr, dtype=np.int64)
+        return (self._time_first(labels) if arr.ndim == 2 else labels), arr.ndim == 2
 
     def backward_memory(
         self,
@@ -521,16 +587,19 @@ class RNN:
         Returns
         -------
         output : ndarray, shape (steps, batch, hidden_size)
-            The top layer's states h_1..h_T.
+            The top layer's states h_1..h_T (``(batch, steps, hidden_size)`` with
+            ``batch_first``).
         h_n : ndarray, shape (num_layers, batch, hidden_size)
             Every layer's final state.
         c_n : ndarray or None
             The LSTM's final cell states (None for other cells).
+
+        The arrays are new, the caller's to keep and change.
         """
         x = self._x(x)
         batch = x.shape[1]
         out, h_n, c_n = self._chain.forward(x, self._state("h0", h0, batch), self._state("c0", c0, batch))
-        return out, h_n, c_n
+        return (np.ascontiguousarray(self._as_given(out)) if self._batch_first else out), h_n, c_n
 
 
 def _param_layout(shape: dict[str, Any]) -> tuple[list[str], list[tuple[int, ...]]]:
@@ -548,3 +617,9 @@ def _param_layout(shape: dict[str, Any]) -> tuple[list[str], list[tuple[int, ...
         names += ["readout.weight", "readout.bias"]
         shapes += [(shape["output_size"], shape["hidden_size"]), (shape["output_size"],)]
     return names, shapes
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
