@@ -1118,6 +1118,23 @@ def test_activation_names_match_the_chains(gc):
          "sigma_b must have at most 1000 entries"),
         (lambda: theory.correlation_map(0.5, "tanh", 0.0, 0.0, q=1.0),
          "sigma_w=0.0, sigma_b=0.0.*undefined"),
+        (lambda: theory.batchnorm_mean_field("tanh", 1),
+         "batch must be an integer from 2 to 2147483647; got 1"),
+        (lambda: theory.batchnorm_grad_norms(10, "tanh", 8, sigma_w=0.0), "sigma_w must be > 0"),
+        (lambda: theory.batchnorm_grad_norms(10, "tanh", 8, q0=0.0), "q0 must be > 0"),
+        (lambda: theory.batchnorm_grad_norms(10, "tanh", 2**31), "batch must be an integer"),
+        (lambda: theory.residual_grad_norms(10, "tanh", 1.0, branch="mlp"),
+         "branch must be one of 'act_linear', 'linear_act_linear'; got 'mlp'"),
+        (lambda: theory.residual_grad_norms(10, "tanh", 1.0, scale=1e200),
+         r"scale must be between -1e\+150 and 1e\+150"),
+        (lambda: theory.residual_grad_norms(10, "tanh", 1.0, q0=math.inf), "q0 must be finite"),
+        (lambda: theory.norm_position_grad_norms(10, position="middle"),
+         "position must be one of 'pre', 'post'"),
+        (lambda: theory.norm_position_grad_norms(10, "tanh", 1e150, 1e150),
+         r"sigma_w\*\*2 \+ sigma_b\*\*2 = 2e\+300.*at most 1e300"),
+        (lambda: theory.norm_position_grad_norms(10, q0=0.0), "q0 must be > 0"),
+        (lambda: theory.norm_position_grad_norms(10, "relu", 1e100, position="post", q0=1e200),
+         r"sigma_w\*\*2 \* q0 \+ sigma_b\*\*2 = 1e\+400"),
     ],
 )
 def test_bad_arguments(call, match):
@@ -1166,6 +1183,14 @@ SIGNATURES = {
     "fuss_catalan_moments": {"depth": INTS, "k_max": INTS},
     "gaussian_product_moments": {"depth": INTS, "n": INTS},
     "scalar_chain": {"w": REALS, "depth": INTS},
+    "batchnorm_mean_field": {"batch": INTS},
+    "batchnorm_grad_norms": {"depth": INTS, "batch": INTS, "sigma_w": REALS, "q0": REALS},
+    "residual_grad_norms": {"depth": INTS, "sigma_w": REALS, "sigma_b": REALS, "scale": REALS,
+                            "q0": REALS,
+                            "branch": st.sampled_from(["act_linear", "linear_act_linear", "x"])},
+    "norm_position_grad_norms": {"depth": INTS, "sigma_w": REALS, "sigma_b": REALS,
+                                 "scale": REALS, "q0": REALS,
+                                 "position": st.sampled_from(["pre", "post", "mid"])},
 }  # fmt: skip
 _WITHOUT_ACTIVATION = (
     "gaussian_lyapunov_spectrum",
@@ -1213,6 +1238,20 @@ def _check_result(name, out, kwargs):
     elif name == "scalar_chain":
         for f in ("log10_abs_gain", "log10_abs_weight_grad", "log10_activation_grad_norms"):
             _no_nan(getattr(out, f), f)
+    elif name == "batchnorm_mean_field":
+        assert out.growth >= 1.0 or kwargs["batch"] < 4, out  # inf at B = 3, 0 at B = 2
+        assert 0.0 <= out.top_growth <= math.inf and out.q_star > 0, out
+        _no_nan([out.depth_scale, out.lyapunov_exponent, out.c_star], name)
+        json.dumps(out.to_dict())
+    else:  # the chains of blocks
+        L = kwargs["depth"]
+        assert out.q.shape == (L + 1,) and (out.q >= 0).all(), out.q
+        assert out.log10_chi.shape == out.log10_weight_grad_norms.shape == (L,)
+        for f in ("log10_chi", "log10_activation_grad_norms", "log10_weight_grad_norms"):
+            _no_nan(getattr(out, f), f)
+        if name != "norm_position_grad_norms" or kwargs["position"] == "post":
+            assert out.log10_activation_grad_norms[-1] == 0.0
+        json.dumps(out.to_dict())
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
@@ -1228,6 +1267,9 @@ def test_every_function_returns_documented_values_or_a_named_error(name, data, m
     With 64 MiB of memory assumed available, sizes up to about a million are computed and
     larger ones refused before any allocation."""
     monkeypatch.setattr("gradchain._validate.available_memory_bytes", lambda: 64 * 2**20)
+    # A residual chain of a bounded activation iterates every block (40-130 microseconds
+    # each): the cap, tested on its own below, is lowered to keep the sweep quick.
+    monkeypatch.setattr(theory, "_MAX_ITERATED_LAYERS", 2000)
     kwargs = data.draw(st.fixed_dictionaries(SIGNATURES[name]), label="kwargs")
     if name not in _WITHOUT_ACTIVATION:
         act = data.draw(st.sampled_from(theory.ACTIVATIONS), label="activation")
@@ -1258,6 +1300,9 @@ def test_every_function_returns_documented_values_or_a_named_error(name, data, m
         (lambda: theory.predicted_grad_norms(10**9, "tanh", 1.0), "depth=1000000000 needs"),
         (lambda: theory.predicted_grad_norms(10**8, "relu", 1.5), "depth=100000000 needs"),
         (lambda: theory.scalar_chain(0.5, 2**31 - 1), "depth=2147483647 needs"),
+        (lambda: theory.residual_grad_norms(10**8, "relu", 1.0), "depth=100000000 needs"),
+        (lambda: theory.norm_position_grad_norms(10**8), "depth=100000000 needs"),
+        (lambda: theory.batchnorm_grad_norms(10**8, "relu", 8), "depth=100000000 needs"),
     ],
 )
 def test_sizes_are_checked_against_available_memory(call, what, monkeypatch):
@@ -1277,6 +1322,12 @@ def test_iterated_layers_are_capped(monkeypatch):
         theory.predicted_grad_norms(301, "tanh", 1.0)
     pred = theory.predicted_grad_norms(10**5, "tanh", 1.5, 0.3)
     assert pred.iterated_layers < 300
+    # a residual chain iterates until q_l stops changing or diverges
+    assert theory.residual_grad_norms(300, "tanh", 1.0, scale=0.1).iterated_layers == 300
+    with pytest.raises(ValueError, match=r"depth must be at most 300 for tanh.*scale=0.1.*301"):
+        theory.residual_grad_norms(301, "tanh", 1.0, scale=0.1)
+    assert theory.residual_grad_norms(10**5, "gelu", 10.0).iterated_layers < 300  # diverges
+    assert theory.residual_grad_norms(10**5, "tanh", 1.0, scale=1e-9).iterated_layers == 1
 
 
 def test_fuss_catalan_moments_of_huge_depth_are_prompt():

@@ -1471,15 +1471,16 @@ def _batchnorm(act: _Act, batch: int) -> BatchNormMeanField:
     kappa = e["p2"] - e["pp"]
     # tr of the block's backward map on a gradient covariance P orthogonal to the batch
     # mean, per unit of tr P, times (B - 3) kappa / B; and the same on the identity.
-    m = ((B - 1) * e["d2"] + e["dd"] + e["dydy"] - e["d2y2"]) / B
-    m_top = ((B - 1) * e["d2"] - e["d2y2"]) / B
+    # (divided by B first: elu's alpha**2 times B would leave the double range)
+    m = (B - 1) / B * e["d2"] + (e["dd"] + e["dydy"] - e["d2y2"]) / B
+    m_top = (B - 1) / B * e["d2"] - e["d2y2"] / B
     if B == 2:
         lam = top = 0.0
     elif B == 3 or kappa <= 0.0:
         lam = top = math.inf
     else:
-        lam = _marginal(B * m / ((B - 3) * kappa))
-        top = B * m_top / ((B - 3) * kappa)
+        lam = _marginal(B / (B - 3) * (m / kappa))
+        top = B / (B - 3) * (m_top / kappa)
     c = e["pp"] / e["p2"] if e["p2"] > 0 else math.nan
     return BatchNormMeanField(act.name, B, act.negative_slope, act.alpha, e["p2"], c, kappa, lam, top)
 
@@ -1970,7 +1971,8 @@ def norm_position_grad_norms(
     scale : float
         The branch multiplier ``a`` (``|a| <= 1e150``).
     q0 : float
-        Mean squared entry of the input ``h_0`` (taken with zero mean over its entries).
+        Mean squared entry of the input ``h_0`` (> 0; taken with zero mean over its
+        entries).
     negative_slope, alpha : float
         Parameters of ``leaky_relu`` and ``elu``.
 
@@ -2006,6 +2008,8 @@ def norm_position_grad_norms(
     v.choice("position", position, _POSITIONS)
     a = _scale(scale)
     q0 = _variance("q0", q0)
+    if q0 <= 0.0:
+        raise ValueError(f"q0 must be > 0 (a LayerNorm of a zero input is undefined); got {q0}")
     sw2, sb2 = sw * sw, sb * sb
     r = sw2 + sb2
     if r > _Q_HUGE:
