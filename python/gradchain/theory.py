@@ -27,13 +27,29 @@ squared) change by ``sqrt(chi_1)`` per layer. Activations and their derivatives 
 PyTorch's, as in :data:`gradchain.ACTIVATIONS` (``relu'(0) = 0``, softplus with beta 1 and
 threshold 20, gelu in its erf form).
 
+A growth factor (``chi``, ``chi_1``, the slope of a homogeneous length map) within 8
+units in the last place of 1 is taken as exactly 1: ``sigma_w`` is seldom exact in
+binary, and ``math.sqrt(2)**2 / 2 = 1 + 2**-52`` would otherwise put the He-initialised
+relu chain 1e-16 into the chaotic phase, with ``q* = inf`` and a depth scale of -4.5e15
+layers instead of the marginal chain it is.
+
+Chains of blocks (normalization and residual connections) have their own functions:
+:func:`batchnorm_mean_field` and :func:`batchnorm_grad_norms` (Yang et al. 2019),
+:func:`residual_grad_norms` (Yang & Schoenholz 2017, Hanin & Rolnick 2018) and
+:func:`norm_position_grad_norms` (Xiong et al. 2020), each returning per-block
+predictions as a :class:`BlockGradNormPrediction`.
+
 Expectations over ``z`` are computed by composite Gauss-Legendre quadrature on
 ``[-12, 12]`` standard deviations, with panel ends at the activation's kink (0) and at
 the scales where it bends (``|x|`` = 1/4 .. 64, and 20 for softplus's threshold):
 accurate to 1e-14 relative or better for every activation and every ``q`` from 0 to
-1e300 (tests/test_theory.py checks closed forms and a brute-force rule).
-Plain Gauss-Hermite quadrature with 160 nodes misses the kink of ``elu`` (errors near
-1e-3) and the narrow transition of ``tanh`` at large ``q`` (70% error at ``q = 100``).
+1e300 (tests/test_theory.py checks closed forms, a brute-force rule and 30-digit mpmath
+integrals at ``q`` = 1e-6, 1, 10, 80 and 1e4). Plain Gauss-Hermite quadrature with 160
+nodes misses the kink of ``elu`` (errors near 1e-3) and the narrow spike of
+``sech(sqrt(q) z)**4`` at large ``q`` (60% error at ``q = 80``, 70% at 100). The
+expectations of batch normalization, over a uniform point of a sphere, use the same
+panels in polar angles (see :func:`batchnorm_mean_field`). One helper, ``_panels``, makes
+every rule.
 
 Ranges
 ------
@@ -41,8 +57,9 @@ Every function takes standard deviations (``sigma_w``, ``sigma_b``) in [0, 1e150
 variances (``q``, ``q0``) in [0, 1e300], ``negative_slope`` in [-100, 100] and ``alpha``
 in (0, 1e150]: within them no intermediate value of the quadrature leaves the double
 range. Outside, and for non-finite values, a ``ValueError`` names the argument and its
-range. A result that itself exceeds the double range (``chi`` for ``sigma_w = 1e150``
-and ``alpha = 1e100``, a moment of a very deep product) is ``inf``. Sizes (``depth``,
+range; the residual branch multiplier ``scale`` takes ``|scale| <= 1e150`` and ``batch``
+runs from 2 to 2**31 - 1. A result that itself exceeds the double range (``chi`` for
+``sigma_w = 1e150`` and ``alpha = 1e100``, a moment of a very deep product) is ``inf``. Sizes (``depth``,
 ``n``) are checked against the memory available before anything is allocated
 (``MemoryError`` stating the bytes), and work that would not finish promptly is refused
 with a ``ValueError`` naming the argument and the range that is accepted.
@@ -67,6 +84,14 @@ References
    by noise", Phys. Rev. Lett. 69, 3717-3719 (1992).
 .. [9] Y. Bengio, P. Simard, P. Frasconi, "Learning long-term dependencies with gradient
    descent is difficult", IEEE Trans. Neural Netw. 5, 157-166 (1994).
+.. [10] G. Yang, J. Pennington, V. Rao, J. Sohl-Dickstein, S. S. Schoenholz, "A mean field
+   theory of batch normalization", ICLR 2019.
+.. [11] G. Yang, S. S. Schoenholz, "Mean field residual networks: on the edge of chaos",
+   NeurIPS 2017.
+.. [12] B. Hanin, D. Rolnick, "How to start training: the effect of initialization and
+   architecture", NeurIPS 2018.
+.. [13] R. Xiong, Y. Yang, D. He, K. Zheng, S. Zheng, C. Xing, H. Zhang, Y. Lan, L. Wang,
+   T.-Y. Liu, "On layer normalization in the Transformer architecture", ICML 2020.
 """
 
 from __future__ import annotations
@@ -1466,12 +1491,15 @@ def _batchnorm(act: _Act, batch: int) -> BatchNormMeanField:
         lam = (B - 2.0) / (B - 3.0) if B > 3 else (0.0 if B == 2 else math.inf)
         top = lam * (B - 1.0) / B
         c = -1.0 / (B - 1.0)
-        return BatchNormMeanField(act.name, B, act.negative_slope, act.alpha, 1.0, c, 1.0 - c, lam, top)
+        return BatchNormMeanField(
+            act.name, B, act.negative_slope, act.alpha, 1.0, c, 1.0 - c, lam, top
+        )
     e = _batch_moments(act, B)
     kappa = e["p2"] - e["pp"]
-    # tr of the block's backward map on a gradient covariance P orthogonal to the batch
-    # mean, per unit of tr P, times (B - 3) kappa / B; and the same on the identity.
-    # (divided by B first: elu's alpha**2 times B would leave the double range)
+    # m: the trace of the backward map g -> P D g on a gradient covariance orthogonal to
+    # the batch mean, per unit of its trace; m_top: the same on the identity. The factor
+    # 1/sigma**2 contributes B / ((B - 3) kappa). Divided by B before adding: elu's
+    # alpha**2 times B would leave the double range.
     m = (B - 1) / B * e["d2"] + (e["dd"] + e["dydy"] - e["d2y2"]) / B
     m_top = (B - 1) / B * e["d2"] - e["d2y2"] / B
     if B == 2:
@@ -1482,7 +1510,9 @@ def _batchnorm(act: _Act, batch: int) -> BatchNormMeanField:
         lam = _marginal(B / (B - 3) * (m / kappa))
         top = B / (B - 3) * (m_top / kappa)
     c = e["pp"] / e["p2"] if e["p2"] > 0 else math.nan
-    return BatchNormMeanField(act.name, B, act.negative_slope, act.alpha, e["p2"], c, kappa, lam, top)
+    return BatchNormMeanField(
+        act.name, B, act.negative_slope, act.alpha, e["p2"], c, kappa, lam, top
+    )
 
 
 def batchnorm_mean_field(
@@ -1635,9 +1665,8 @@ class BlockGradNormPrediction:
                 if l
                 else (f"{'':>12}", f"{'':>15}")
             )
-            rows.append(
-                f"{l:>8}  {self.q[l]:>12.6g}  {c}  {self.log10_activation_grad_norms[l]:>15.6f}  {w}"
-            )
+            g = self.log10_activation_grad_norms[l]
+            rows.append(f"{l:>8}  {self.q[l]:>12.6g}  {c}  {g:>15.6f}  {w}")
         return "\n".join(rows)
 
 
@@ -1678,7 +1707,8 @@ def batchnorm_grad_norms(
     Going back, every block but the last multiplies the batch's squared gradient norm by
     ``growth``; the last one, for a gradient at ``h_L`` with i.i.d. entries, by
     ``top_growth``. The first block's factor is also multiplied by ``centred_variance /
-    q0``: its BatchNorm divides by the input's batch standard deviation. ``||dL/dW_l||_F**2 = width * kappa_l * ||dL/d(W_l h_{l-1})||_F**2``
+    q0``: its BatchNorm divides by the input's batch standard deviation.
+    ``||dL/dW_l||_F**2 = width * kappa_l * ||dL/d(W_l h_{l-1})||_F**2``
     with ``kappa_l`` the batch variance of ``h_{l-1}``'s features (``q0`` for the input,
     then ``centred_variance``), and ``||dL/dh_{l-1}|| = sigma_w ||dL/d(W_l h_{l-1})||``:
     weight gradients grow at the same rate and scale as ``1/sigma_w``.
@@ -1832,7 +1862,8 @@ def residual_grad_norms(
     q0 = _variance("q0", q0)
     two = branch == "linear_act_linear"
     lsw2, lsb2, la2 = 2 * _ln(sw), 2 * _ln(sb), 2 * _ln(a)
-    lgain = la2 + lsw2 * (2 if two else 1)  # ln(a**2 sigma_w**2 (sigma_w**2)): chi = 1 + gain E[phi'**2]
+    # chi = 1 + gain E[phi'(u)**2] with gain = a**2 sigma_w**2 (times sigma_w**2 for two layers)
+    lgain = la2 + lsw2 * (2 if two else 1)
     if act.homogeneous:
         c = act.homogeneous_moments()[0]  # E[phi**2] / r = E[phi'**2]
         lA = _lse(0.0, lgain + math.log(c))  # q_l = A q_{l-1} + K, chi = A
