@@ -928,6 +928,39 @@ def test_residual_against_simulation(name, sw, sb, a, L, branch):
     assert_reproduces(w, 10 ** (2 * p.log10_weight_grad_norms[-1]), "last weight gradient")
 
 
+def test_residual_chain_of_the_core_against_theory():
+    """gradchain's own chain of blocks (the core's Residual, Activation and Linear, exact in
+    log space): 500 relu blocks x + a W relu(x), a = 1/sqrt(500), sigma_w = 1, width
+    64, 10 chains. log10 of the squared gradient ratio from output to input and q_L / q_0,
+    both (1 + a**2 sigma_w**2 / 2)**L in mean field."""
+    from gradchain import _core
+
+    n, L, B, sw = 64, 500, 16, 1.0
+    a = L**-0.5
+    act = {"kind": "activation", "width": n, "activation": "relu", "negative_slope": 0.01,
+           "alpha": 1.0}  # fmt: skip
+    lin = {"kind": "linear", "in_features": n, "out_features": n, "bias": False}
+    specs = [{"kind": "residual", "body": [act, lin], "scale": a, "shortcut": None}] * L
+    log_ratio, growth = [], []
+    for seed in range(10):
+        chain = _core.Chain64(specs)
+        chain.init("normal", 1.0, sw, 0.0, seed)
+        rng = np.random.default_rng(seed)
+        x, g = rng.standard_normal((B, n)), rng.standard_normal((B, n))
+        d = chain.backward(x, "grad_output", g, False, math.nan, 2.0, True)
+        b = d["log10_boundary_grad_norms"]
+        log_ratio.append(2 * (b[0] - b[-1]))
+        growth.append(float((d["output"] ** 2).mean() / (x * x).mean()))
+    p = theory.residual_grad_norms(L, "relu", sw, scale=a)
+    expected = L * math.log1p(a * a * sw * sw / 2) / math.log(10)
+    assert 2 * p.log10_activation_grad_norms[0] == pytest.approx(expected, rel=1e-12)
+    # in log10, a 10% error in the squared ratio is log10(1.1) either way
+    mean, se = np.mean(log_ratio), np.std(log_ratio, ddof=1) / math.sqrt(len(log_ratio))
+    assert abs(mean - expected) < 3 * se
+    assert min(abs(mean - expected - d) for d in (0.0414, -0.0414)) > 3 * se
+    assert_reproduces(growth, p.q[-1], "q_L / q_0")
+
+
 def norm_position_chain(rng, L, d, name, sw, sb, a, position):
     """Residual MLP blocks with LayerNorm before the branch (and a final one) or after the
     sum; hidden width d."""
