@@ -1619,6 +1619,14 @@ class BlockGradNormPrediction:
         batch) with the gradient at ``y`` independent of the weights.
     iterated_layers : int
         Blocks whose ``q`` was iterated by quadrature (0: closed forms throughout).
+
+    Notes
+    -----
+    To set a measured chain beside it, take ``log10 ||dL/dh_l||`` at the boundaries
+    between its top-level blocks (``h_0`` the input, each block's output after it) minus
+    ``log10 ||dL/dy||``, with a seeded Gaussian gradient at ``y``: i.i.d. entries, as the
+    last block's factor assumes. For a train-mode BatchNorm chain the norms are the whole
+    batch's, since its Jacobian couples the examples.
     """
 
     kind: str
@@ -1735,6 +1743,18 @@ def batchnorm_grad_norms(
     ------
     MemoryError
         When the arrays (about 64 bytes per block) exceed the memory available.
+
+    References
+    ----------
+    G. Yang, J. Pennington, V. Rao, J. Sohl-Dickstein, S. S. Schoenholz, "A mean field
+    theory of batch normalization", ICLR 2019.
+
+    Examples
+    --------
+    >>> from gradchain import theory
+    >>> p = theory.batchnorm_grad_norms(10_000, "linear", batch=8)
+    >>> round(float(p.log10_activation_grad_norms[0]), 1)  # |dL/dx| / |dL/dh_L|
+    395.9
     """
     L = _size("depth", depth, bytes_each=64)
     act = _activation(activation, negative_slope, alpha)
