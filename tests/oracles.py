@@ -19,7 +19,9 @@ through torch's fused modules) and :func:`renormalised_rnn_log10_state_norms`.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -2304,3 +2306,126 @@ def numpy_chain_backward(descs, state_dict, x, loss="probe", target=None, grad_o
             g = _np_backward(c, p, g, grads)
         dh[i] = g
     return SimpleNamespace(loss=loss_val, output=h, grads=grads, dh=dh, state=p)
+
+
+# --------------------------------------------------------------------------------------
+# Chains of blocks: a NumPy forward and backward for the theory's simulations
+# --------------------------------------------------------------------------------------
+@functools.cache
+def _numpy_blas_threads():
+    """(get, set) of the thread count of the OpenBLAS NumPy's products call (Linux), or None."""
+    np.dot(np.ones((2, 2)), np.ones((2, 2)))  # loaded by now
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln and "numpy" in ln})
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in itertools.product(("scipy_openblas", "openblas"), ("64_", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                put.argtypes = [ctypes.c_int]
+                return get, put
+    return None
+
+
+def _numpy_one_blas_thread(fn):
+    """Run `fn` with NumPy's BLAS on one thread: the simulations' products are small, and on
+    a busy machine a threaded BLAS spends more time waiting for its threads (tenfold) than
+    computing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = _numpy_blas_threads()
+        if threads is None:
+            return fn(*args, **kwargs)
+        n = threads[0]()
+        threads[1](1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            threads[1](n)
+
+    return wrapper
+
+
+def _normalize(u, axis, eps):
+    """(u - mean) / sqrt(biased var + eps) along `axis` and the divisor."""
+    c = u - u.mean(axis=axis, keepdims=True)
+    s = np.sqrt((c * c).mean(axis=axis, keepdims=True) + eps)
+    return c / s, s
+
+
+def _normalize_backward(g, y, s, axis):
+    """dL/du of y = (u - mean) / s along `axis`, given g = dL/dy."""
+    return (g - g.mean(axis=axis, keepdims=True) - y * (g * y).mean(axis=axis, keepdims=True)) / s
+
+
+@_numpy_one_blas_thread
+def block_chain_backward(blocks, x, grad_output, *, eps=0.0, negative_slope=0.01, alpha=1.0):
+    """Forward and backward through a chain of blocks in float64, x of shape (batch, width).
+
+    Blocks are tuples: ``("linear", W, b)`` (W of shape (out, in) as torch.nn.Linear, b None
+    or (out,)), ``("act", name)``, ``("batch_norm",)`` (train mode: the batch's mean and
+    biased variance, no affine), ``("layer_norm",)`` (no affine), ``("scale", a)`` and
+    ``("residual", [blocks], a)`` (``h + a f(h)``). ``eps`` is both norms' epsilon.
+
+    Returns a namespace with ``output``; ``h`` and ``grads``, the values and dL/d of every
+    top-level block boundary (index 0 = x); and ``linears``, one ``(input, grad_of_output)``
+    pair per Linear in the order the forward pass meets them (dL/dW = grad.T @ input).
+    """
+    linears = []
+
+    def fwd(spec, h):
+        kind = spec[0]
+        if kind == "linear":
+            _, W, b = spec
+            rec = [h, None]
+            linears.append(rec)
+            return h @ W.T + (0.0 if b is None else b), rec
+        if kind == "act":
+            return act_forward(spec[1], h, negative_slope, alpha), h
+        if kind in ("batch_norm", "layer_norm"):
+            y, s = _normalize(h, 0 if kind == "batch_norm" else 1, eps)
+            return y, (y, s)
+        if kind == "scale":
+            return spec[1] * h, None
+        if kind == "residual":
+            out, caches = h, []
+            for sub in spec[1]:
+                out, c = fwd(sub, out)
+                caches.append(c)
+            return h + spec[2] * out, caches
+        raise ValueError(f"unknown block {kind!r}")
+
+    def bwd(spec, cache, g):
+        kind = spec[0]
+        if kind == "linear":
+            cache[1] = g
+            return g @ spec[1]
+        if kind == "act":
+            return g * act_derivative(spec[1], cache, negative_slope, alpha)
+        if kind in ("batch_norm", "layer_norm"):
+            y, s = cache
+            return _normalize_backward(g, y, s, 0 if kind == "batch_norm" else 1)
+        if kind == "scale":
+            return spec[1] * g
+        gb = spec[2] * g
+        for sub, c in zip(reversed(spec[1]), reversed(cache)):
+            gb = bwd(sub, c, gb)
+        return g + gb
+
+    h = [np.asarray(x, dtype=np.float64)]
+    caches = []
+    for spec in blocks:
+        out, c = fwd(spec, h[-1])
+        h.append(out)
+        caches.append(c)
+    grads = [np.asarray(grad_output, dtype=np.float64)]
+    for spec, c in zip(reversed(blocks), reversed(caches)):
+        grads.append(bwd(spec, c, grads[-1]))
+    return SimpleNamespace(
+        output=h[-1], h=h, grads=grads[::-1], linears=[tuple(r) for r in linears]
+    )

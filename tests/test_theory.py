@@ -15,6 +15,7 @@ import json
 import math
 
 import numpy as np
+import oracles
 import pytest
 from gradchain import theory
 from hypothesis import HealthCheck, given, settings
@@ -133,6 +134,73 @@ def test_quadrature_tanh_small_and_large_q():
     pdf0 = 1 / math.sqrt(2 * math.pi)
     assert 1 - e2 == pytest.approx(2 * pdf0 / math.sqrt(q), rel=1e-7)
     assert d2 == pytest.approx(4 / 3 * pdf0 / math.sqrt(q), rel=1e-7)
+
+
+# The q values at which a fixed Gauss-Hermite rule fails on the narrow sech**4 spike, and
+# beyond; each against 30-digit mpmath integration split at the integrand's features.
+MPMATH_Q = (1e-6, 1.0, 10.0, 80.0, 1e4)
+
+
+def mpmath_moments(name, q):
+    """E[phi(sqrt(q) z)**2] and E[phi'(sqrt(q) z)**2] from textbook formulas in mpmath, the
+    range split where phi bends (in units of its argument) and at softplus' threshold."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 30
+    s = mp.sqrt(mp.mpf(q))
+
+    b, k = mp.sqrt(2 / mp.pi), mp.mpf("0.044715")
+
+    def sig(x):
+        return 1 / (1 + mp.exp(-x))
+
+    phi, dphi = {
+        "tanh": (mp.tanh, lambda x: mp.sech(x) ** 2),
+        "sigmoid": (sig, lambda x: sig(x) * (1 - sig(x))),
+        "silu": (lambda x: x * sig(x), lambda x: sig(x) * (1 + x * (1 - sig(x)))),
+        "softplus": (
+            lambda x: x if x > 20 else mp.log1p(mp.exp(x)),
+            lambda x: 1 if x > 20 else sig(x),
+        ),
+        "elu": (lambda x: x if x > 0 else mp.expm1(x), lambda x: 1 if x > 0 else mp.exp(x)),
+        "gelu": (lambda x: x * mp.ncdf(x), lambda x: mp.ncdf(x) + x * mp.npdf(x)),
+        "gelu_tanh": (
+            lambda x: x / 2 * (1 + mp.tanh(b * (x + k * x**3))),
+            lambda x: (1 + mp.tanh(b * (x + k * x**3))) / 2
+            + x / 2 * mp.sech(b * (x + k * x**3)) ** 2 * b * (1 + 3 * k * x * x),
+        ),
+    }[name]
+    bends = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 32.0]
+    pts = sorted({-14.0, 14.0} | {sg * b / float(s) for b in bends for sg in (-1, 1)
+                                  if b / float(s) < 14.0})  # fmt: skip
+
+    def expect(f):
+        return mp.quad(lambda z: f(s * z) ** 2 * mp.npdf(z), pts)
+
+    return float(expect(phi)), float(expect(dphi))
+
+
+@pytest.mark.parametrize("q", MPMATH_Q)
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "silu", "softplus", "elu", "gelu",
+                                  "gelu_tanh"])  # fmt: skip
+def test_quadrature_against_mpmath(name, q):
+    """Every Gaussian expectation the module takes (through _Act.moments, which the maps,
+    fixed points and predictions share) to 1e-13 relative at q from 1e-6 to 1e4."""
+    ref = mpmath_moments(name, q)
+    ours = theory._Act(name).moments(q)
+    assert ours[0] == pytest.approx(ref[0], rel=1e-13)
+    assert ours[1] == pytest.approx(ref[1], rel=1e-13)
+
+
+def test_sech4_spike_needs_more_than_gauss_hermite():
+    """E[sech(sqrt(80) z)**4]: the integrand is a spike of width 0.1 at z = 0, between the
+    nodes of a 160-point Gauss-Hermite rule, which misses it by more than half; the
+    composite rule agrees with mpmath to 1e-14."""
+    ref = mpmath_moments("tanh", 80.0)[1]
+    z, w = np.polynomial.hermite_e.hermegauss(160)
+    e = np.exp(-math.sqrt(80.0) * np.abs(z))
+    hermite = float(w @ (2 * e / (1 + e * e)) ** 4) / math.sqrt(2 * math.pi)
+    assert abs(hermite - ref) > 0.5 * ref
+    assert theory.chi(80.0, "tanh", 1.0) == pytest.approx(ref, rel=1e-14)
 
 
 def test_public_maps():
@@ -254,6 +322,49 @@ def test_correlation_fixed_point():
     assert theory.correlation_map(0.3, "relu", 1.2, 0.5) == pytest.approx(
         (1.44 * k + 0.25) / q, rel=1e-9
     )
+
+
+# --- rounding at the order-to-chaos boundary ----------------------------------------
+
+
+def test_he_point_is_marginal():
+    """sigma_w = math.sqrt(2) squares to 2 + 2**-51: relu's chi_1 is 1 + 2**-52, within the
+    8 ulps that count as exactly 1. The chain is marginal: q* is the first layer's
+    variance without bias (it was inf), and grows without bound (linearly) with one."""
+    he = math.sqrt(2)
+    mf = theory.mean_field("relu", he)
+    assert mf.chi_1 == 1.0 and mf.length_map_slope == 1.0
+    assert mf.q_star == pytest.approx(2.0, rel=1e-15)
+    assert mf.depth_scale == math.inf and mf.phase == "critical"
+    assert mf.lyapunov_exponent == 0.0
+    biased = theory.mean_field("relu", he, 0.1)
+    assert biased.q_star == math.inf and biased.chi_1 == 1.0 and biased.depth_scale == math.inf
+    assert theory.chi(3.0, "relu", he) == 1.0
+    assert theory.rnn_max_lyapunov_meanfield(he, activation="relu") == 0.0
+    p = theory.predicted_grad_norms(10**6, "relu", he, 0.1)
+    assert not p.log10_activation_grad_norms.any() and not p.log10_chi.any()
+    np.testing.assert_allclose(p.q[[0, -1]], [2.01, 2 + 0.01 * 10**6], rtol=1e-12)
+    s = theory.critical_sigma_w("leaky_relu", negative_slope=0.3)
+    lk = theory.mean_field("leaky_relu", s, negative_slope=0.3)
+    assert lk.chi_1 == 1.0 and lk.depth_scale == math.inf and math.isfinite(lk.q_star)
+    # 1e-14 away from the boundary is a real (slow) explosion, not rounding
+    off = theory.mean_field("relu", he * (1 + 1e-14), 0.1)
+    assert off.chi_1 > 1.0 and -1e15 < off.depth_scale < -1e13
+
+
+def test_homogeneous_variances_near_the_boundary_are_accurate():
+    """q_l = a**(l-1) q_1 + sigma_b**2 (a**(l-1) - 1) / (a - 1) with a = 1 + 2e-12: the
+    geometric sum through expm1/log1p, against exact rational arithmetic (the quotient
+    of differences lost 4 digits)."""
+    from fractions import Fraction
+
+    sw = math.sqrt(2 * (1 + 2e-12))
+    p = theory.predicted_grad_norms(1000, "relu", sw, 0.5, q0=0.0)
+    a, sb2 = Fraction(sw) ** 2 / 2, Fraction(0.5) ** 2
+    q = [sb2]
+    for _ in range(999):
+        q.append(a * q[-1] + sb2)
+    np.testing.assert_allclose(p.q, [float(x) for x in q], rtol=1e-13)
 
 
 # --- order-to-chaos boundary --------------------------------------------------------
@@ -578,6 +689,408 @@ def test_scalar_chain():
     assert theory.scalar_chain(10.0, 10**6).log10_abs_gain == 10**6
 
 
+# --- normalization and residual blocks ----------------------------------------------
+#
+# Simulations with the NumPy chain of tests/oracles.py. Each draws K independent chains
+# (replicas), computes one statistic per replica whose expectation is the predicted
+# quantity, and compares the mean with the prediction in units of its standard error
+# (sample standard deviation over the replicas / sqrt(K)); widths are large enough that the
+# O(1/width) corrections to mean field stay below one standard error.
+
+
+def assert_reproduces(samples, predicted, what):
+    """The mean of the replicas within 3 standard errors of the prediction, and the standard
+    error small enough that a prediction 10% off either way is more than 3 away."""
+    samples = np.asarray(samples, dtype=np.float64)
+    mean = samples.mean()
+    se = samples.std(ddof=1) / math.sqrt(samples.size)
+    z = (mean - predicted) / se
+    assert abs(z) < 3, f"{what}: measured {mean:.5g} +- {se:.2g}, predicted {predicted:.5g}"
+    for wrong in (1.1 * predicted, predicted / 1.1):
+        assert abs(mean - wrong) > 3 * se, f"{what}: {se:.2g} cannot tell {wrong:.5g} apart"
+
+
+def linear_spec(rng, n_out, n_in, sigma_w=1.0, sigma_b=0.0):
+    W = rng.standard_normal((n_out, n_in)) * (sigma_w / math.sqrt(n_in))
+    return ("linear", W, rng.standard_normal(n_out) * sigma_b if sigma_b else None)
+
+
+def batchnorm_chain(rng, depth, width, activation):
+    """[Linear (no bias), BatchNorm (train), activation] * depth: 3 specs per block."""
+    out = []
+    for _ in range(depth):
+        out += [linear_spec(rng, width, width), ("batch_norm",), ("act", activation)]
+    return out
+
+
+def block_ratios(blocks, every, x, g):
+    """Ratios ||dL/dh_{l-1}||**2 / ||dL/dh_l||**2 of the batch's squared gradient norms, one
+    per block of `every` specs, and the oracle's run."""
+    run = oracles.block_chain_backward(blocks, x, g)
+    sq = np.array([float((a * a).sum()) for a in run.grads[::every]])
+    return sq[:-1] / sq[1:], run
+
+
+def test_batchnorm_linear_closed_form():
+    for B in (4, 5, 8, 100, 10**6):
+        mf = theory.batchnorm_mean_field("linear", B)
+        assert mf.growth == (B - 2) / (B - 3)
+        assert mf.q_star == 1.0 and mf.c_star == -1 / (B - 1)
+        # the same through the sphere quadrature: leaky_relu with slope 1 is the identity,
+        # evaluated piecewise on both sides of its kink
+        q = theory.batchnorm_mean_field("leaky_relu", B, negative_slope=1.0)
+        assert q.growth == pytest.approx((B - 2) / (B - 3), rel=1e-13)
+        assert q.top_growth == pytest.approx((B - 2) * (B - 1) / (B * (B - 3)), rel=1e-13)
+        assert q.c_star == pytest.approx(-1 / (B - 1), rel=1e-12)
+    assert theory.batchnorm_mean_field("linear", 8).growth == 1.2  # the issue's 1.2x
+    assert theory.batchnorm_mean_field("tanh", 2).growth == 0.0
+    assert theory.batchnorm_mean_field("relu", 3).growth == math.inf
+    # 10,000 blocks at batch 8: the input's gradient norm is 10**395.9 times the output's
+    p = theory.batchnorm_grad_norms(10_000, "linear", 8)
+    assert p.log10_activation_grad_norms[0] == pytest.approx(
+        0.5 * (9998 * math.log10(1.2) + math.log10(1.05 * 1.2 * 8 / 7)), rel=1e-12
+    )
+
+
+def test_batchnorm_sphere_quadrature():
+    """Exact moments of y_1, y_2 (two entries of sqrt(B) times a uniform unit vector with
+    zero sum), then the expectations of tanh and relu against Monte Carlo within 4 s.e."""
+    for B in (3, 4, 5, 8, 1000, 10**9):
+        y, w = theory._sphere_rule(B)
+        assert w @ (y * y) == pytest.approx(1.0, rel=1e-14)
+        assert w @ y**4 == pytest.approx(3 * (B - 1) / (B + 1), rel=1e-13)
+        y1, y2, w2 = theory._sphere_pair_rule(B)
+        assert w2 @ (y1 * y2) == pytest.approx(-1 / (B - 1), rel=1e-11)
+        assert w2 @ (y1 * y1) == pytest.approx(1.0, rel=1e-14)
+    rng = np.random.default_rng(7)
+    for B in (5, 8):
+        z = rng.standard_normal((200_000, B))
+        z -= z.mean(axis=1, keepdims=True)
+        y = math.sqrt(B) * z / np.linalg.norm(z, axis=1, keepdims=True)
+        for name in ("tanh", "relu"):
+            p, d = oracles.act_forward(name, y), oracles.act_derivative(name, y)
+            mc = {
+                "p2": p[:, 0] ** 2, "pp": p[:, 0] * p[:, 1], "d2": d[:, 0] ** 2,
+                "d2y2": (d[:, 0] * y[:, 0]) ** 2, "dd": d[:, 0] * d[:, 1],
+                "dydy": d[:, 0] * y[:, 0] * d[:, 1] * y[:, 1],
+            }  # fmt: skip
+            ours = theory._batch_moments(theory._Act(name), B)
+            for k, s in mc.items():
+                se = s.std() / math.sqrt(s.size)
+                assert abs(ours[k] - s.mean()) < 4 * se, (name, B, k, ours[k], s.mean(), se)
+
+
+def test_batchnorm_explodes_for_every_activation():
+    """growth > 1 at every batch size (Yang et al.: BatchNorm itself causes the explosion),
+    decreasing in B towards E[phi'(z)**2] / Var phi(z) >= 1 (Gaussian Poincare): for relu
+    pi / (pi - 1)."""
+    for name in theory.ACTIVATIONS:
+        g = [theory.batchnorm_mean_field(name, B).growth for B in (4, 16, 10**8)]
+        assert g[0] > g[1] > g[2] >= 1.0, (name, g)
+    assert theory.batchnorm_mean_field("relu", 10**8).growth == pytest.approx(
+        math.pi / (math.pi - 1), rel=1e-7
+    )
+    p2, d2 = trapezoid_moments("tanh", 1.0)  # tanh is odd: Var = E[tanh**2]
+    assert theory.batchnorm_mean_field("tanh", 10**8).growth == pytest.approx(d2 / p2, rel=1e-7)
+
+
+@pytest.mark.parametrize("name, B", [("linear", 8), ("tanh", 8), ("relu", 16), ("gelu", 6)])
+def test_batchnorm_growth_against_simulation(name, B):
+    """Width 256, 10 blocks, 8 chains: the mean ratio of squared gradient norms across the
+    middle blocks (the first divides by the input's deviation, the last sees the raw
+    output gradient)."""
+    mid = []
+    for k in range(8):
+        rng = np.random.default_rng(k)
+        blocks = batchnorm_chain(rng, 10, 256, name)
+        r, _ = block_ratios(
+            blocks, 3, rng.standard_normal((B, 256)), rng.standard_normal((B, 256))
+        )
+        mid.append(r[1:-1].mean())
+    assert_reproduces(mid, theory.batchnorm_mean_field(name, B).growth, f"{name} B={B}")
+
+
+def test_batchnorm_first_and_top_blocks_against_simulation():
+    """Two blocks of relu at batch 8: the top one's factor (the output gradient has a
+    batch-mean component BatchNorm removes) and the first one's (its BatchNorm divides by
+    the input's deviation, 1, not the fixed point's), and the weight gradients."""
+    B, n = 8, 256
+    p = theory.batchnorm_grad_norms(2, "relu", B, sigma_w=1.5)
+    first, top, w1, w2 = [], [], [], []
+    for k in range(40):
+        rng = np.random.default_rng(100 + k)
+        blocks = batchnorm_chain(rng, 2, n, "relu")
+        for spec in blocks[::3]:
+            spec[1][...] *= 1.5
+        g = rng.standard_normal((B, n))
+        r, run = block_ratios(blocks, 3, rng.standard_normal((B, n)), g)
+        first.append(r[0])
+        top.append(r[1])
+        gy = float((g * g).sum())
+        for out, (inp, grad) in zip((w1, w2), run.linears):
+            out.append(float(((grad.T @ inp) ** 2).sum()) / (n * gy))
+    chi = 10**p.log10_chi
+    assert_reproduces(first, chi[0], "first block")
+    assert_reproduces(top, chi[1], "top block")
+    assert_reproduces(w1, 10 ** (2 * p.log10_weight_grad_norms[0]), "first weight gradient")
+    assert_reproduces(w2, 10 ** (2 * p.log10_weight_grad_norms[1]), "top weight gradient")
+
+
+def residual_loop(L, name, sw, sb, a, branch, q0):
+    """The recursion through the public maps, block by block: q_l = q_{l-1} + a**2 *
+    length_map(r_l) and chi_l = 1 + a**2 (1 or sigma_w**2) chi(r_l)."""
+    q, lc = [q0], []
+    for _ in range(L):
+        r = q[-1] if branch == "act_linear" else sw * sw * q[-1] + sb * sb
+        inner = 1.0 if branch == "act_linear" else sw * sw
+        lc.append(math.log10(1 + a * a * inner * theory.chi(r, name, sw)))
+        q.append(q[-1] + a * a * theory.length_map(r, name, sw, sb))
+    return np.array(q), np.array(lc)
+
+
+@pytest.mark.parametrize("branch", ["act_linear", "linear_act_linear"])
+@pytest.mark.parametrize(
+    "name, sw, sb, a, q0",
+    [("tanh", 1.5, 0.3, 1.0, 1.0), ("gelu", 1.2, 0.2, 0.3, 2.0), ("relu", 1.3, 0.4, 0.5, 0.7),
+     ("leaky_relu", 0.9, 0.0, 2.0, 1.0), ("linear", 1.0, 0.1, 0.1, 3.0)],
+)  # fmt: skip
+def test_residual_matches_the_recursion(name, sw, sb, a, q0, branch):
+    """Closed forms (relu, leaky_relu, linear, in log space) and the iterated quadrature
+    against the definition."""
+    L = 60
+    p = theory.residual_grad_norms(L, name, sw, sb, scale=a, branch=branch, q0=q0)
+    q, lc = residual_loop(L, name, sw, sb, a, branch, q0)
+    np.testing.assert_allclose(p.q, q, rtol=1e-12)
+    np.testing.assert_allclose(p.log10_chi, lc, rtol=1e-12, atol=1e-15)
+    g = 0.5 * np.concatenate((np.cumsum(lc[::-1])[::-1], [0.0]))
+    np.testing.assert_allclose(p.log10_activation_grad_norms, g, rtol=1e-12, atol=1e-13)
+    assert p.iterated_layers == (0 if name in ("relu", "leaky_relu", "linear") else L)
+
+
+def test_residual_branch_scale_keeps_norms_bounded():
+    """relu without bias, a = 1/sqrt(L): q_L / q_0 and the squared gradient ratio are both
+    (1 + sigma_w**2 / (2L))**L, bounded by exp(sigma_w**2 / 2) at any depth; with a = 1
+    they grow as (1 + sigma_w**2 / 2)**L."""
+    for L in (10, 1000, 10**6):
+        p = theory.residual_grad_norms(L, "relu", 1.4, scale=L**-0.5)
+        expected = L * math.log1p(1.4 * 1.4 / (2 * L)) / math.log(10)
+        assert math.log10(p.q[-1]) == pytest.approx(expected, rel=1e-12)
+        assert 2 * p.log10_activation_grad_norms[0] == pytest.approx(expected, rel=1e-12)
+        assert expected < 0.98 / math.log(10)
+    p = theory.residual_grad_norms(10**6, "relu", 1.4)
+    assert p.log10_activation_grad_norms[0] == pytest.approx(
+        0.5 * 10**6 * math.log10(1.98), rel=1e-12
+    )
+    assert p.q[-1] == math.inf  # 10**148,000: beyond the float range, as documented
+    # tanh: q_l grows linearly (E[tanh**2] -> 1), chi_l - 1 ~ 1/sqrt(l), so the log of the
+    # gradient ratio grows like sqrt(L)
+    t = theory.residual_grad_norms(4000, "tanh", 1.0)
+    assert 0.9 * 4000 < t.q[-1] < 4000
+    g = t.log10_activation_grad_norms
+    assert (g[1000] - g[4000]) / (g[250] - g[1000]) == pytest.approx(
+        (math.sqrt(4000) - math.sqrt(1000)) / (math.sqrt(1000) - math.sqrt(250)), rel=0.05
+    )
+
+
+def residual_chain(rng, L, n, name, sw, sb, a, branch):
+    blocks = []
+    for _ in range(L):
+        if branch == "act_linear":
+            body = [("act", name), linear_spec(rng, n, n, sw, sb)]
+        else:
+            body = [linear_spec(rng, n, n, sw, sb), ("act", name), linear_spec(rng, n, n, sw, sb)]
+        blocks.append(("residual", body, a))
+    return blocks
+
+
+@pytest.mark.parametrize(
+    "name, sw, sb, a, L, branch",
+    [("relu", 1.0, 0.0, 16**-0.5, 16, "act_linear"), ("tanh", 1.5, 0.3, 1.0, 12, "act_linear"),
+     ("gelu", 1.2, 0.2, 0.5, 6, "linear_act_linear")],
+)  # fmt: skip
+def test_residual_against_simulation(name, sw, sb, a, L, branch):
+    """Width 256, batch 32, 8 chains: q_L (mean square of h_L), the mean per-block ratio of
+    squared gradient norms, and the last branch weight's gradient."""
+    n, B = 256, 32
+    p = theory.residual_grad_norms(L, name, sw, sb, scale=a, branch=branch)
+    qL, ratio, w = [], [], []
+    for k in range(8):
+        rng = np.random.default_rng(300 + k)
+        blocks = residual_chain(rng, L, n, name, sw, sb, a, branch)
+        g = rng.standard_normal((B, n))
+        r, run = block_ratios(blocks, 1, rng.standard_normal((B, n)), g)
+        ratio.append(r.mean())
+        qL.append(float((run.h[-1] ** 2).mean()))
+        inp, grad = run.linears[-1]  # per example: ||g_b x_b^T|| = |g_b| |x_b|
+        w.append(float(((grad * grad).sum(1) * (inp * inp).sum(1)).sum()) / (n * (g * g).sum()))
+    assert_reproduces(qL, p.q[-1], "q_L")
+    assert_reproduces(ratio, float(np.mean(10**p.log10_chi)), "per-block factor")
+    assert_reproduces(w, 10 ** (2 * p.log10_weight_grad_norms[-1]), "last weight gradient")
+
+
+def test_residual_chain_of_the_core_against_theory():
+    """gradchain's own chain of blocks (the core's Residual, Activation and Linear, exact in
+    log space): 500 relu blocks x + a W relu(x), a = 1/sqrt(500), sigma_w = 1, width
+    64, 10 chains. log10 of the squared gradient ratio from output to input and q_L / q_0,
+    both (1 + a**2 sigma_w**2 / 2)**L in mean field."""
+    from gradchain import _core
+
+    n, L, B, sw = 64, 500, 16, 1.0
+    a = L**-0.5
+    act = {"kind": "activation", "width": n, "activation": "relu", "negative_slope": 0.01,
+           "alpha": 1.0}  # fmt: skip
+    lin = {"kind": "linear", "in_features": n, "out_features": n, "bias": False}
+    specs = [{"kind": "residual", "body": [act, lin], "scale": a, "shortcut": None}] * L
+    log_ratio, growth = [], []
+    for seed in range(10):
+        chain = _core.Chain64(specs)
+        chain.init("normal", 1.0, sw, 0.0, seed)
+        rng = np.random.default_rng(seed)
+        x, g = rng.standard_normal((B, n)), rng.standard_normal((B, n))
+        d = chain.backward(x, "grad_output", g, False, math.nan, 2.0, True)
+        b = d["log10_boundary_grad_norms"]
+        log_ratio.append(2 * (b[0] - b[-1]))
+        growth.append(float((d["output"] ** 2).mean() / (x * x).mean()))
+    p = theory.residual_grad_norms(L, "relu", sw, scale=a)
+    expected = L * math.log1p(a * a * sw * sw / 2) / math.log(10)
+    assert 2 * p.log10_activation_grad_norms[0] == pytest.approx(expected, rel=1e-12)
+    # in log10, a 10% error in the squared ratio is log10(1.1) either way
+    mean, se = np.mean(log_ratio), np.std(log_ratio, ddof=1) / math.sqrt(len(log_ratio))
+    assert abs(mean - expected) < 3 * se
+    assert min(abs(mean - expected - d) for d in (0.0414, -0.0414)) > 3 * se
+    assert_reproduces(growth, p.q[-1], "q_L / q_0")
+
+
+def norm_position_chain(rng, L, d, name, sw, sb, a, position):
+    """Residual MLP blocks with LayerNorm before the branch (and a final one) or after the
+    sum; hidden width d."""
+    blocks = []
+    for _ in range(L):
+        body = [linear_spec(rng, d, d, sw, sb), ("act", name), linear_spec(rng, d, d, sw, sb)]
+        if position == "pre":
+            blocks.append(("residual", [("layer_norm",), *body], a))
+        else:
+            blocks += [("residual", body, a), ("layer_norm",)]
+    return [*blocks, ("layer_norm",)] if position == "pre" else blocks
+
+
+def test_norm_position_closed_forms():
+    """relu without bias (Xiong et al.'s FFN), a = 1: v = x = 1/2, so the last block's
+    squared weight gradient per fan_in is 1 / (2 + L) pre-LN and 1/3 post-LN, and both
+    chains carry gradients level (pre-LN's telescopes to 1/q0 at the input)."""
+    for L in (1, 4, 64, 10**6):
+        pre = theory.norm_position_grad_norms(L, position="pre")
+        post = theory.norm_position_grad_norms(L, position="post")
+        assert 10 ** (2 * pre.log10_weight_grad_norms[-1]) == pytest.approx(1 / (2 + L))
+        assert 10 ** (2 * post.log10_weight_grad_norms[-1]) == pytest.approx(1 / 3)
+        assert pre.q[-1] == pytest.approx(1 + L / 2) and post.q[-1] == 1.0
+        assert pre.log10_activation_grad_norms[0] == pytest.approx(0.0, abs=1e-9)
+        np.testing.assert_allclose(post.log10_activation_grad_norms, 0.0, atol=1e-12)
+    pre = theory.norm_position_grad_norms(100, "relu", q0=4.0)
+    assert pre.log10_activation_grad_norms[0] == pytest.approx(-0.5 * math.log10(4.0))
+    # post-LN: going down, gradients shrink where the branch adds more variance than gain
+    # (relu with bias: v = 2, x = 1/2 at sigma_w = sigma_b = 1) and grow where it adds less
+    assert theory.norm_position_grad_norms(5, "relu", 1.0, 1.0, position="post").log10_chi[
+        1
+    ] == pytest.approx(math.log10(1.5 / 3.0))
+    assert theory.norm_position_grad_norms(5, "tanh", 1.5, position="post").log10_chi[1] > 0
+
+
+@pytest.mark.parametrize(
+    "position, L", [("pre", 1), ("pre", 8), ("post", 1), ("post", 8)]
+)
+def test_last_weight_gradient_scaling_against_simulation(position, L):
+    """Xiong et al.: the last block's weight gradient shrinks as 1/sqrt(L) pre-LN and not
+    post-LN (relu, no bias, a = 1: squared per fan_in 1/(2 + L) and 1/3). Width 256, batch
+    32 with an independent Gaussian output gradient per example, 20 chains (the examples'
+    inputs to the last block are correlated, so the chains, not the examples, average out
+    the weights)."""
+    B, d = 32, 256
+    p = theory.norm_position_grad_norms(L, "relu", position=position)
+    w = []
+    for k in range(20):
+        rng = np.random.default_rng(500 + k)
+        blocks = norm_position_chain(rng, L, d, "relu", 1.0, 0.0, 1.0, position)
+        g = rng.standard_normal((B, d))
+        run = oracles.block_chain_backward(blocks, rng.standard_normal((B, d)), g)
+        inp, grad = run.linears[-1]
+        w.append(float(((grad * grad).sum(1) * (inp * inp).sum(1)).sum()) / (d * (g * g).sum()))
+    assert_reproduces(w, 10 ** (2 * p.log10_weight_grad_norms[-1]), f"{position} L={L}")
+
+
+@pytest.mark.parametrize(
+    "position, name, sw, sb",
+    [("post", "relu", 1.0, 1.0), ("post", "tanh", 1.5, 0.0), ("pre", "tanh", 1.5, 0.0),
+     ("pre", "gelu", 1.2, 0.3)],
+)  # fmt: skip
+def test_norm_position_gradients_against_simulation(position, name, sw, sb):
+    """The mean per-block ratio of squared gradient norms (2 blocks, width 1024, batch 16,
+    8 chains; at width 256 the O(1/width) corrections reach 1%): post-LN relu with bias
+    halves squared gradients per block going down, tanh multiplies them by 1.21; pre-LN's
+    factors 1 + x / q_{l-1} fall with depth."""
+    L, d, B = 2, 1024, 16
+    p = theory.norm_position_grad_norms(L, name, sw, sb, position=position)
+    ratio = []
+    for k in range(8):
+        rng = np.random.default_rng(700 + k)
+        blocks = norm_position_chain(rng, L, d, name, sw, sb, 1.0, position)
+        x, g = rng.standard_normal((B, d)), rng.standard_normal((B, d))
+        if position == "pre":  # the boundaries h_0..h_L, before the final LayerNorm
+            run = oracles.block_chain_backward(blocks, x, g)
+            sq = np.array([float((a * a).sum()) for a in run.grads[:-1]])
+            ratio.append(float(np.mean(sq[:-1] / sq[1:])))
+        else:
+            ratio.append(float(block_ratios(blocks, 2, x, g)[0].mean()))
+    assert_reproduces(ratio, float(np.mean(10**p.log10_chi)), f"{position} {name}")
+
+
+def test_block_chain_oracle_against_torch():
+    """The NumPy chain of blocks against autograd (float64): every kind of block, nested."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    n, B = 6, 5
+    lin = [linear_spec(rng, n, n, 1.2, 0.3) for _ in range(4)]
+    blocks = [
+        lin[0], ("batch_norm",), ("act", "tanh"),
+        ("residual", [("layer_norm",), lin[1], ("act", "gelu"), lin[2]], 0.7),
+        ("scale", 1.5), lin[3], ("layer_norm",),
+    ]  # fmt: skip
+    x, g = rng.standard_normal((B, n)), rng.standard_normal((B, n))
+    run = oracles.block_chain_backward(blocks, x, g, eps=1e-5)
+    tl = []
+    for _, W, b in lin:
+        m = torch.nn.Linear(n, n, dtype=torch.float64)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(W))
+            m.bias.copy_(torch.from_numpy(b))
+        tl.append(m)
+    bn = torch.nn.BatchNorm1d(n, affine=False, track_running_stats=False, dtype=torch.float64)
+    ln = torch.nn.LayerNorm(n, elementwise_affine=False, dtype=torch.float64)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    h1 = torch.tanh(bn(tl[0](xt)))
+    h2 = h1 + 0.7 * tl[2](torch.nn.functional.gelu(tl[1](ln(h1))))
+    out = ln(tl[3](1.5 * h2))
+    out.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(run.output, out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(run.grads[0], xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for (inp, grad), m in zip(run.linears, tl):
+        np.testing.assert_allclose(grad.T @ inp, m.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_block_prediction_result_objects():
+    p = theory.residual_grad_norms(30, "tanh", 1.2, 0.1, scale=0.5)
+    assert p.depth == 30 and p.q.shape == (31,) and p.log10_weight_grad_norms.shape == (30,)
+    np.testing.assert_allclose(p.activation_grad_norms, 10**p.log10_activation_grad_norms)
+    json.dumps(p.to_dict())
+    assert "block" in p.table()
+    with pytest.raises(ValueError):
+        p.q[0] = 1.0  # read-only
+    mf = theory.batchnorm_mean_field("relu", 8)
+    json.dumps(mf.to_dict())
+    assert "growth" in str(mf) and mf.depth_scale < 0
+    assert mf.lyapunov_exponent == pytest.approx(0.5 * math.log(mf.growth))
+
+
 # --- results and errors ---------------------------------------------------------------
 
 
@@ -639,6 +1152,23 @@ def test_activation_names_match_the_chains(gc):
          "sigma_b must have at most 1000 entries"),
         (lambda: theory.correlation_map(0.5, "tanh", 0.0, 0.0, q=1.0),
          "sigma_w=0.0, sigma_b=0.0.*undefined"),
+        (lambda: theory.batchnorm_mean_field("tanh", 1),
+         "batch must be an integer from 2 to 2147483647; got 1"),
+        (lambda: theory.batchnorm_grad_norms(10, "tanh", 8, sigma_w=0.0), "sigma_w must be > 0"),
+        (lambda: theory.batchnorm_grad_norms(10, "tanh", 8, q0=0.0), "q0 must be > 0"),
+        (lambda: theory.batchnorm_grad_norms(10, "tanh", 2**31), "batch must be an integer"),
+        (lambda: theory.residual_grad_norms(10, "tanh", 1.0, branch="mlp"),
+         "branch must be one of 'act_linear', 'linear_act_linear'; got 'mlp'"),
+        (lambda: theory.residual_grad_norms(10, "tanh", 1.0, scale=1e200),
+         r"scale must be between -1e\+150 and 1e\+150"),
+        (lambda: theory.residual_grad_norms(10, "tanh", 1.0, q0=math.inf), "q0 must be finite"),
+        (lambda: theory.norm_position_grad_norms(10, position="middle"),
+         "position must be one of 'pre', 'post'"),
+        (lambda: theory.norm_position_grad_norms(10, "tanh", 1e150, 1e150),
+         r"sigma_w\*\*2 \+ sigma_b\*\*2 = 2e\+300.*at most 1e300"),
+        (lambda: theory.norm_position_grad_norms(10, q0=0.0), "q0 must be > 0"),
+        (lambda: theory.norm_position_grad_norms(10, "relu", 1e100, position="post", q0=1e200),
+         r"sigma_w\*\*2 \* q0 \+ sigma_b\*\*2 = 1e\+400"),
     ],
 )
 def test_bad_arguments(call, match):
@@ -687,6 +1217,14 @@ SIGNATURES = {
     "fuss_catalan_moments": {"depth": INTS, "k_max": INTS},
     "gaussian_product_moments": {"depth": INTS, "n": INTS},
     "scalar_chain": {"w": REALS, "depth": INTS},
+    "batchnorm_mean_field": {"batch": INTS},
+    "batchnorm_grad_norms": {"depth": INTS, "batch": INTS, "sigma_w": REALS, "q0": REALS},
+    "residual_grad_norms": {"depth": INTS, "sigma_w": REALS, "sigma_b": REALS, "scale": REALS,
+                            "q0": REALS,
+                            "branch": st.sampled_from(["act_linear", "linear_act_linear", "x"])},
+    "norm_position_grad_norms": {"depth": INTS, "sigma_w": REALS, "sigma_b": REALS,
+                                 "scale": REALS, "q0": REALS,
+                                 "position": st.sampled_from(["pre", "post", "mid"])},
 }  # fmt: skip
 _WITHOUT_ACTIVATION = (
     "gaussian_lyapunov_spectrum",
@@ -734,6 +1272,20 @@ def _check_result(name, out, kwargs):
     elif name == "scalar_chain":
         for f in ("log10_abs_gain", "log10_abs_weight_grad", "log10_activation_grad_norms"):
             _no_nan(getattr(out, f), f)
+    elif name == "batchnorm_mean_field":
+        assert out.growth >= 1.0 or kwargs["batch"] < 4, out  # inf at B = 3, 0 at B = 2
+        assert 0.0 <= out.top_growth <= math.inf and out.q_star > 0, out
+        _no_nan([out.depth_scale, out.lyapunov_exponent, out.c_star], name)
+        json.dumps(out.to_dict())
+    else:  # the chains of blocks
+        L = kwargs["depth"]
+        assert out.q.shape == (L + 1,) and (out.q >= 0).all(), out.q
+        assert out.log10_chi.shape == out.log10_weight_grad_norms.shape == (L,)
+        for f in ("log10_chi", "log10_activation_grad_norms", "log10_weight_grad_norms"):
+            _no_nan(getattr(out, f), f)
+        if name != "norm_position_grad_norms" or kwargs["position"] == "post":
+            assert out.log10_activation_grad_norms[-1] == 0.0
+        json.dumps(out.to_dict())
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
@@ -749,6 +1301,9 @@ def test_every_function_returns_documented_values_or_a_named_error(name, data, m
     With 64 MiB of memory assumed available, sizes up to about a million are computed and
     larger ones refused before any allocation."""
     monkeypatch.setattr("gradchain._validate.available_memory_bytes", lambda: 64 * 2**20)
+    # A residual chain of a bounded activation iterates every block (40-130 microseconds
+    # each): the cap, tested on its own below, is lowered to keep the sweep quick.
+    monkeypatch.setattr(theory, "_MAX_ITERATED_LAYERS", 2000)
     kwargs = data.draw(st.fixed_dictionaries(SIGNATURES[name]), label="kwargs")
     if name not in _WITHOUT_ACTIVATION:
         act = data.draw(st.sampled_from(theory.ACTIVATIONS), label="activation")
@@ -779,6 +1334,9 @@ def test_every_function_returns_documented_values_or_a_named_error(name, data, m
         (lambda: theory.predicted_grad_norms(10**9, "tanh", 1.0), "depth=1000000000 needs"),
         (lambda: theory.predicted_grad_norms(10**8, "relu", 1.5), "depth=100000000 needs"),
         (lambda: theory.scalar_chain(0.5, 2**31 - 1), "depth=2147483647 needs"),
+        (lambda: theory.residual_grad_norms(10**8, "relu", 1.0), "depth=100000000 needs"),
+        (lambda: theory.norm_position_grad_norms(10**8), "depth=100000000 needs"),
+        (lambda: theory.batchnorm_grad_norms(10**8, "relu", 8), "depth=100000000 needs"),
     ],
 )
 def test_sizes_are_checked_against_available_memory(call, what, monkeypatch):
@@ -798,6 +1356,12 @@ def test_iterated_layers_are_capped(monkeypatch):
         theory.predicted_grad_norms(301, "tanh", 1.0)
     pred = theory.predicted_grad_norms(10**5, "tanh", 1.5, 0.3)
     assert pred.iterated_layers < 300
+    # a residual chain iterates until q_l stops changing or diverges
+    assert theory.residual_grad_norms(300, "tanh", 1.0, scale=0.1).iterated_layers == 300
+    with pytest.raises(ValueError, match=r"depth must be at most 300 for tanh.*scale=0.1.*301"):
+        theory.residual_grad_norms(301, "tanh", 1.0, scale=0.1)
+    assert theory.residual_grad_norms(10**5, "gelu", 10.0).iterated_layers < 300  # diverges
+    assert theory.residual_grad_norms(10**5, "tanh", 1.0, scale=1e-9).iterated_layers == 1
 
 
 def test_fuss_catalan_moments_of_huge_depth_are_prompt():

@@ -27,13 +27,29 @@ squared) change by ``sqrt(chi_1)`` per layer. Activations and their derivatives 
 PyTorch's, as in :data:`gradchain.ACTIVATIONS` (``relu'(0) = 0``, softplus with beta 1 and
 threshold 20, gelu in its erf form).
 
+A growth factor (``chi``, ``chi_1``, the slope of a homogeneous length map) within 8
+units in the last place of 1 is taken as exactly 1: ``sigma_w`` is seldom exact in
+binary, and ``math.sqrt(2)**2 / 2 = 1 + 2**-52`` would otherwise put the He-initialised
+relu chain 1e-16 into the chaotic phase, with ``q* = inf`` and a depth scale of -4.5e15
+layers instead of the marginal chain it is.
+
+Chains of blocks (normalization and residual connections) have their own functions:
+:func:`batchnorm_mean_field` and :func:`batchnorm_grad_norms` (Yang et al. 2019),
+:func:`residual_grad_norms` (Yang & Schoenholz 2017, Hanin & Rolnick 2018) and
+:func:`norm_position_grad_norms` (Xiong et al. 2020), each returning per-block
+predictions as a :class:`BlockGradNormPrediction`.
+
 Expectations over ``z`` are computed by composite Gauss-Legendre quadrature on
 ``[-12, 12]`` standard deviations, with panel ends at the activation's kink (0) and at
 the scales where it bends (``|x|`` = 1/4 .. 64, and 20 for softplus's threshold):
 accurate to 1e-14 relative or better for every activation and every ``q`` from 0 to
-1e300 (tests/test_theory.py checks closed forms and a brute-force rule).
-Plain Gauss-Hermite quadrature with 160 nodes misses the kink of ``elu`` (errors near
-1e-3) and the narrow transition of ``tanh`` at large ``q`` (70% error at ``q = 100``).
+1e300 (tests/test_theory.py checks closed forms, a brute-force rule and 30-digit mpmath
+integrals at ``q`` = 1e-6, 1, 10, 80 and 1e4). Plain Gauss-Hermite quadrature with 160
+nodes misses the kink of ``elu`` (errors near 1e-3) and the narrow spike of
+``sech(sqrt(q) z)**4`` at large ``q`` (60% error at ``q = 80``, 70% at 100). The
+expectations of batch normalization, over a uniform point of a sphere, use the same
+panels in polar angles (see :func:`batchnorm_mean_field`). One helper, ``_panels``, makes
+every rule.
 
 Ranges
 ------
@@ -41,8 +57,9 @@ Every function takes standard deviations (``sigma_w``, ``sigma_b``) in [0, 1e150
 variances (``q``, ``q0``) in [0, 1e300], ``negative_slope`` in [-100, 100] and ``alpha``
 in (0, 1e150]: within them no intermediate value of the quadrature leaves the double
 range. Outside, and for non-finite values, a ``ValueError`` names the argument and its
-range. A result that itself exceeds the double range (``chi`` for ``sigma_w = 1e150``
-and ``alpha = 1e100``, a moment of a very deep product) is ``inf``. Sizes (``depth``,
+range; the residual branch multiplier ``scale`` takes ``|scale| <= 1e150`` and ``batch``
+runs from 2 to 2**31 - 1. A result that itself exceeds the double range (``chi`` for
+``sigma_w = 1e150`` and ``alpha = 1e100``, a moment of a very deep product) is ``inf``. Sizes (``depth``,
 ``n``) are checked against the memory available before anything is allocated
 (``MemoryError`` stating the bytes), and work that would not finish promptly is refused
 with a ``ValueError`` naming the argument and the range that is accepted.
@@ -67,6 +84,14 @@ References
    by noise", Phys. Rev. Lett. 69, 3717-3719 (1992).
 .. [9] Y. Bengio, P. Simard, P. Frasconi, "Learning long-term dependencies with gradient
    descent is difficult", IEEE Trans. Neural Netw. 5, 157-166 (1994).
+.. [10] G. Yang, J. Pennington, V. Rao, J. Sohl-Dickstein, S. S. Schoenholz, "A mean field
+   theory of batch normalization", ICLR 2019.
+.. [11] G. Yang, S. S. Schoenholz, "Mean field residual networks: on the edge of chaos",
+   NeurIPS 2017.
+.. [12] B. Hanin, D. Rolnick, "How to start training: the effect of initialization and
+   architecture", NeurIPS 2018.
+.. [13] R. Xiong, Y. Yang, D. He, K. Zheng, S. Zheng, C. Xing, H. Zhang, Y. Lan, L. Wang,
+   T.-Y. Liu, "On layer normalization in the Transformer architecture", ICML 2020.
 """
 
 from __future__ import annotations
@@ -85,11 +110,15 @@ from .report import _jsonable, _pow10
 
 __all__ = [
     "ACTIVATIONS",
+    "BatchNormMeanField",
+    "BlockGradNormPrediction",
     "ConvergenceError",
     "GradNormPrediction",
     "MeanField",
     "OrderChaosBoundary",
     "ScalarChain",
+    "batchnorm_grad_norms",
+    "batchnorm_mean_field",
     "chi",
     "correlation_map",
     "critical_sigma_w",
@@ -99,8 +128,10 @@ __all__ = [
     "gaussian_product_moments",
     "length_map",
     "mean_field",
+    "norm_position_grad_norms",
     "order_chaos_boundary",
     "predicted_grad_norms",
+    "residual_grad_norms",
     "rnn_max_lyapunov_meanfield",
     "scalar_chain",
 ]
@@ -124,6 +155,15 @@ _HOMOGENEOUS = ("linear", "relu", "leaky_relu")
 _Q_TINY = 1e-300
 _Q_HUGE = 1e300
 _TOL = 2.0**-50  # relative: a few units in the last place
+# A growth factor within 8 units in the last place of 1 counts as exactly 1 (marginal).
+# sigma_w is seldom exact in binary: math.sqrt(2)**2 / 2 = 1 + 2**-52, and taken at its word
+# the He-initialised relu chain would sit 1e-16 above the boundary, its q* infinite.
+_MARGINAL = 8 * 2.0**-52
+
+
+def _marginal(x: float) -> float:
+    """x, or exactly 1 where x is within rounding of 1 (see _MARGINAL)."""
+    return 1.0 if abs(x - 1.0) <= _MARGINAL else x
 
 # ---------------------------------------------------------------------------------------
 # Quadrature
@@ -134,7 +174,9 @@ _Z_BREAKS = np.array([0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.5, _Z_MAX])
 _X_BREAKS = np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 32.0, 64.0])
 _GL_T, _GL_W = leggauss(12)
 _GL2_T, _GL2_W = leggauss(8)  # the inner integral of the two-dimensional expectations
+_GL10_T, _GL10_W = leggauss(10)  # both angles of the batch-norm pair rule (1e-15 there)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_LN10 = math.log(10.0)
 
 
 def _panels(breaks: np.ndarray, t: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +201,64 @@ def _rule(q: float) -> tuple[np.ndarray, np.ndarray]:
     x, w = _half_rule(round(4.0 * math.log2(s)))
     w = w * np.exp(-0.5 * (x / s) ** 2) * (_INV_SQRT_2PI / s)
     return np.concatenate((x, -x)), np.concatenate((w, w))
+
+
+def _sphere_breaks(R: float, k: int) -> np.ndarray:
+    """Panel ends in an angle t on [0, upper] for integrands of R sin(t) under a weight
+    that falls like cos(t)**k ~ exp(-k t**2 / 2): at multiples of the weight's scale (as
+    _rule does in z, up to 12 of them or pi/2) and where R sin(t) crosses the
+    activations' bends."""
+    s = 1.0 / math.sqrt(max(k, 1))
+    upper = min(0.5 * math.pi, _Z_MAX * s)
+    bends = _X_BREAKS[_X_BREAKS < R * math.sin(upper)]
+    br = np.concatenate(([0.0, upper], s * _Z_BREAKS, np.arcsin(bends / R)))
+    return np.unique(br[br <= upper])
+
+
+@functools.lru_cache(maxsize=64)
+def _sphere_rule(batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes y and weights w with sum(w * f(y)) ~ E[f(y_1)] for ``y = sqrt(B) v``, ``v``
+    uniform on the unit sphere of the hyperplane ``sum(x) = 0`` of R^B (B >= 3): an entry
+    of a batch-normalized vector at the fixed point of Yang et al. (2019).
+
+    ``y_1 = sqrt(B - 1) sin(t)`` with density proportional to ``cos(t)**(B - 3)`` on
+    ``(-pi/2, pi/2)``; in t the weight is smooth at the ends for every B (in y it has a
+    square-root edge at B = 5), and the kink of relu at 0 is a panel end."""
+    t, w = _panels(_sphere_breaks(math.sqrt(batch - 1), batch - 3), _GL_T, _GL_W)
+    sin_t = np.sin(t)
+    w = w * np.exp(0.5 * (batch - 3) * np.log1p(-sin_t * sin_t))
+    y = math.sqrt(batch - 1) * sin_t
+    y, w = np.concatenate((y, -y)), np.concatenate((w, w))
+    return y, w / w.sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _sphere_pair_rule(batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nodes (y1, y2) and weights w for E[f(y_1, y_2)], y as in _sphere_rule (B >= 3).
+
+    The plane of ``e_1, e_2`` projected on the hyperplane: in orthonormal coordinates
+    ``(r cos(o), r sin(o))`` there, ``y_1 = R r cos(o)`` and ``y_2 = R r cos(o - o2)``
+    with ``R = sqrt(B - 1)`` and ``cos(o2) = -1/(B - 1)``. The projection of a uniform
+    point of the (B - 2)-sphere has density proportional to ``(1 - r**2)**((B - 5)/2)``
+    on the unit disc; with ``r = sin(p)`` the weight is ``sin(p) cos(p)**(B - 4) dp do``,
+    smooth for every B >= 4 (B = 3: the unit circle, r = 1). The lines ``y_1 = 0`` and
+    ``y_2 = 0`` (relu's kinks) are panel ends in o."""
+    o2 = math.acos(-1.0 / (batch - 1))
+    kinks = np.mod(np.array([0.5, 1.5, 0.5, 1.5]) * math.pi + np.array([0, 0, o2, o2]), 2 * math.pi)
+    ob = np.unique(np.concatenate((np.linspace(0.0, 2 * math.pi, 13), kinks)))
+    o, wo = _panels(ob, _GL10_T, _GL10_W)
+    if batch == 3:
+        r, wr = np.ones(1), np.ones(1)
+    else:
+        p, wr = _panels(_sphere_breaks(math.sqrt(batch - 1), batch - 4), _GL10_T, _GL10_W)
+        sin_p = np.sin(p)
+        r = sin_p
+        wr = wr * sin_p * np.exp(0.5 * (batch - 4) * np.log1p(-sin_p * sin_p))
+    R = math.sqrt(batch - 1)
+    y1 = R * np.outer(r, np.cos(o)).ravel()
+    y2 = R * np.outer(r, np.cos(o - o2)).ravel()
+    w = np.outer(wr, wo).ravel()
+    return y1, y2, w / w.sum()
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -451,7 +551,7 @@ def _root(
 def _fixed_point(act: _Act, sw2: float, sb2: float, q1: float, max_iter: int = 5000) -> float:
     """The fixed point of the length map reached from q1 (0, finite, or inf)."""
     if act.homogeneous:
-        a = sw2 * act.homogeneous_moments()[0]
+        a = _marginal(sw2 * act.homogeneous_moments()[0])
         if a < 1.0:
             return sb2 / (1.0 - a)
         if sb2 == 0.0 and (a == 1.0 or q1 == 0.0):
@@ -644,7 +744,7 @@ def chi(
     where it exceeds the double range.
     """
     act = _activation(activation, negative_slope, alpha)
-    return _std("sigma_w", sigma_w) ** 2 * act.moments(_variance("q", q))[1]
+    return _marginal(_std("sigma_w", sigma_w) ** 2 * act.moments(_variance("q", q))[1])
 
 
 def _correlation_fixed_point(
@@ -738,8 +838,8 @@ def mean_field(
     q0 = _variance("q0", q0)
     sw2, sb2 = sw * sw, sb * sb
     qs = _fixed_point(act, sw2, sb2, sw2 * q0 + sb2)
-    chi_1 = sw2 * _chi_limit(act, qs)
-    slope = sw2 * act.map_moments(_Q_HUGE if math.isinf(qs) else qs)[2]
+    chi_1 = _marginal(sw2 * _chi_limit(act, qs))
+    slope = _marginal(sw2 * act.map_moments(_Q_HUGE if math.isinf(qs) else qs)[2])
     c_star = chi_c = math.nan
     if correlation and 0.0 < qs < math.inf:
         c_star, chi_c = _correlation_fixed_point(act, sw2, sb2, qs, chi_1)
@@ -1144,13 +1244,18 @@ def predicted_grad_norms(
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         if act.homogeneous:
             a, d2 = act.homogeneous_moments()
-            a *= sw2
+            a = _marginal(a * sw2)
             n = np.arange(L, dtype=np.float64)
             an = np.power(a, n)  # q_l = a**(l-1) q_1 + sigma_b**2 (1 + a + ... + a**(l-2))
-            geo = n if a == 1.0 else np.where(an == np.inf, np.inf, (an - 1.0) / (a - 1.0))
+            # (a**n - 1) / (a - 1) through expm1 and log1p: no cancellation for a near 1
+            geo = (
+                n
+                if a == 1.0
+                else np.where(an == np.inf, np.inf, np.expm1(n * np.log1p(a - 1.0)) / (a - 1.0))
+            )
             q = (an * q1 if q1 else np.zeros(L)) + (sb2 * geo if sb2 else 0.0)
             lc_head = np.empty(0)
-            lc_tail = float(np.log10(sw2 * d2))
+            lc_tail = float(np.log10(_marginal(sw2 * d2)))
             k = 0
         else:
             qs: list[float] = []
@@ -1169,7 +1274,7 @@ def predicted_grad_norms(
                 # Beyond 1e300 q_l has diverged: chi is at its limit (as in mean_field).
                 e2, d2 = act.moments(min(qk, _Q_HUGE))
                 qs.append(qk)
-                chis.append(sw2 * d2)
+                chis.append(_marginal(sw2 * d2))
                 if len(qs) >= 2:
                     dq, dc = qs[-1] - qs[-2], chis[-1] - chis[-2]
                     settled_q = _settled(dq, dq_prev, qk)
@@ -1257,6 +1362,759 @@ def rnn_max_lyapunov_meanfield(
         alpha=alpha,
         correlation=False,
     ).lyapunov_exponent
+
+
+# ---------------------------------------------------------------------------------------
+# Normalization and residual blocks
+# ---------------------------------------------------------------------------------------
+_MAX_BATCH = v.INT32_MAX
+_BRANCHES = ("act_linear", "linear_act_linear")
+_POSITIONS = ("pre", "post")
+
+
+def _scale(value: Any) -> float:
+    """A residual branch multiplier: |scale| <= 1e150 (only |scale| enters)."""
+    return abs(_in_range("scale", value, -_STD_MAX, _STD_MAX, " (the residual branch multiplier)"))
+
+
+def _ln(x: float) -> float:
+    """Natural log with ln(0) = -inf (no warning)."""
+    return math.log(x) if x > 0.0 else -math.inf
+
+
+def _lse(x: float, y: float) -> float:
+    """ln(exp(x) + exp(y)) for two terms given as natural logs (-inf for a zero term)."""
+    hi, lo = max(x, y), min(x, y)
+    if lo == -math.inf or hi == math.inf:
+        return hi
+    return hi + math.log1p(math.exp(lo - hi))
+
+
+def _exp(x: float) -> float:
+    """exp(x), inf beyond the double range (math.exp raises there)."""
+    return math.exp(x) if x < 709.0 else math.inf if x > 710.0 else float(np.exp(x))
+
+
+def _batch_moments(act: _Act, batch: int) -> dict[str, float]:
+    """The expectations at the BSB1 fixed point that the batch-norm results need, with
+    y_1, y_2 two entries of sqrt(B) times a uniform unit vector orthogonal to (1, ..., 1)."""
+    if batch == 2:  # y = (1, -1) or (-1, 1)
+        y1, y2, w = np.array([1.0, -1.0]), np.array([-1.0, 1.0]), np.array([0.5, 0.5])
+        p1, d1 = act(y1)
+        p2, d2 = act(y2)
+        e = {"p2": w @ (p1 * p1), "d2": w @ (d1 * d1), "d2y2": w @ (d1 * d1)}
+    else:
+        y, w = _sphere_rule(batch)
+        p, d = act(y)
+        e = {"p2": w @ (p * p), "d2": w @ (d * d), "d2y2": w @ (d * d * y * y)}
+        y1, y2, w = _sphere_pair_rule(batch)
+        p1, d1 = act(y1)
+        p2, d2 = act(y2)
+    e["pp"] = w @ (p1 * p2)
+    e["dd"] = w @ (d1 * d2)
+    e["dydy"] = w @ (d1 * y1 * d2 * y2)
+    return {k: float(val) for k, val in e.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormMeanField:
+    """Mean field of a deep chain of ``Linear -> BatchNorm (train mode) -> activation``
+    blocks at initialization (Yang et al. 2019).
+
+    Attributes
+    ----------
+    activation : str
+    batch : int
+        Batch size B: the examples whose statistics the BatchNorm layers use.
+    negative_slope, alpha : float
+        Parameters of ``leaky_relu`` and ``elu`` (stored for every activation).
+    q_star : float
+        ``E[phi(y_1)**2]``: the mean squared entry of a block's output at the fixed point.
+    c_star : float
+        ``E[phi(y_1) phi(y_2)] / q_star``: the correlation of two examples' outputs there
+        (``-1/(B - 1)`` for linear: the batch mean is subtracted).
+    centred_variance : float
+        ``q_star (1 - c_star)``: the batch variance of an output feature, which the next
+        BatchNorm divides by.
+    growth : float
+        ``lambda_G``: the factor by which a block multiplies the mean squared gradient norm
+        on the way back (the batch's whole ``B x width`` gradient). Greater than 1 for
+        every activation at B >= 4: gradients explode. ``(B - 2)/(B - 3)`` for linear;
+        ``inf`` at B = 3 and 0 at B = 2 (see :func:`batchnorm_mean_field`).
+    top_growth : float
+        The same factor for the last block when the gradient arriving at the chain's
+        output has i.i.d. entries: it also has a component along the batch mean, which
+        the BatchNorm removes.
+    """
+
+    activation: str
+    batch: int
+    negative_slope: float
+    alpha: float
+    q_star: float
+    c_star: float
+    centred_variance: float
+    growth: float
+    top_growth: float
+
+    @property
+    def depth_scale(self) -> float:
+        """``-1 / ln(growth)``: negative (explosion); ``|depth_scale|`` layers multiply
+        squared gradient norms by e."""
+        return _depth_scale(self.growth)
+
+    @property
+    def lyapunov_exponent(self) -> float:
+        """``0.5 ln(growth)``: the growth rate of gradient norms per block (natural log)."""
+        return 0.5 * math.log(self.growth) if self.growth > 0 else -math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``json.dumps``."""
+        return _to_dict(self, ("depth_scale", "lyapunov_exponent"))
+
+    def table(self) -> str:
+        """The fields as an aligned two-column text table."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["depth_scale"] = self.depth_scale
+        return "\n".join(
+            f"{k:>18}  {val:.10g}" if isinstance(val, float) else f"{k:>18}  {val}"
+            for k, val in d.items()
+        )
+
+    def __str__(self) -> str:
+        return f"BatchNormMeanField({self.activation}, batch={self.batch})\n{self.table()}"
+
+
+def _batchnorm(act: _Act, batch: int) -> BatchNormMeanField:
+    B = batch
+    if act.name == "linear":  # closed forms: phi(y) = y, sum(y) = 0, sum(y**2) = B
+        lam = (B - 2.0) / (B - 3.0) if B > 3 else (0.0 if B == 2 else math.inf)
+        top = lam * (B - 1.0) / B
+        c = -1.0 / (B - 1.0)
+        return BatchNormMeanField(
+            act.name, B, act.negative_slope, act.alpha, 1.0, c, 1.0 - c, lam, top
+        )
+    e = _batch_moments(act, B)
+    kappa = e["p2"] - e["pp"]
+    # m: the trace of the backward map g -> P D g on a gradient covariance orthogonal to
+    # the batch mean, per unit of its trace; m_top: the same on the identity. The factor
+    # 1/sigma**2 contributes B / ((B - 3) kappa). Divided by B before adding: elu's
+    # alpha**2 times B would leave the double range.
+    m = (B - 1) / B * e["d2"] + (e["dd"] + e["dydy"] - e["d2y2"]) / B
+    m_top = (B - 1) / B * e["d2"] - e["d2y2"] / B
+    if B == 2:
+        lam = top = 0.0
+    elif B == 3 or kappa <= 0.0:
+        lam = top = math.inf
+    else:
+        lam = _marginal(B / (B - 3) * (m / kappa))
+        top = B / (B - 3) * (m_top / kappa)
+    c = e["pp"] / e["p2"] if e["p2"] > 0 else math.nan
+    return BatchNormMeanField(
+        act.name, B, act.negative_slope, act.alpha, e["p2"], c, kappa, lam, top
+    )
+
+
+def batchnorm_mean_field(
+    activation: str, batch: int, *, negative_slope: float = 0.01, alpha: float = 1.0
+) -> BatchNormMeanField:
+    """Gradient explosion of a deep batch-normalized chain at initialization (Yang,
+    Pennington, Rao, Sohl-Dickstein & Schoenholz 2019).
+
+    The chain is ``h_l = phi(BN(W_l h_{l-1}))`` over a batch of B examples: ``W_l``
+    Gaussian (any scale; a bias before BatchNorm cancels), BatchNorm in train mode with
+    the batch's mean and biased variance, ``eps = 0``, ``gamma = 1``, ``beta = 0``. In
+    the wide limit the batch's Gram matrix reaches the fixed point where every example
+    looks alike (BSB1): the normalized pre-activations ``y = BN(W h)`` of one feature are
+    ``sqrt(B)`` times a uniform unit vector orthogonal to ``(1, ..., 1)``. There::
+
+        growth = B / (B - 3) * m / kappa,
+        kappa  = E[phi(y_1)**2] - E[phi(y_1) phi(y_2)],
+        m      = ((B - 1) E[phi'(y_1)**2] + E[phi'(y_1) phi'(y_2) (1 + y_1 y_2)]
+                  - E[phi'(y_1)**2 y_1**2]) / B.
+
+    Derivation: a feature's backward map is ``g -> P D g / sigma`` with ``D =
+    diag(phi'(y))``, ``P = I - 11^T/B - y y^T/B`` (the BatchNorm Jacobian) and ``sigma``
+    the batch standard deviation of ``W h``, whose square is ``sigma_w**2 kappa
+    chi2_{B-1} / B``; ``E[B / chi2_{B-1}] = B / (B - 3)``, and ``W^T`` contributes
+    ``sigma_w**2``. The map commutes with permutations of the batch, so for every
+    gradient orthogonal to the batch mean (all but the top block's) the trace, the mean
+    squared norm, is multiplied by the same number: ``growth``, the top eigenvalue
+    ``lambda_G`` of Yang et al. For linear ``phi`` it is exactly ``(B - 2)/(B - 3)`` (1.2
+    at B = 8). As ``B -> inf`` it tends to ``E[phi'(z)**2] / Var[phi(z)]``, z standard
+    normal, which is at least 1 by the Gaussian Poincare inequality, with equality only
+    for linear ``phi``: batch normalization itself makes gradients explode; relu's limit
+    is ``pi / (pi - 1) = 1.467``.
+
+    Parameters
+    ----------
+    activation : str
+        One of :data:`ACTIVATIONS`.
+    batch : int
+        Batch size B, from 2 to 2**31 - 1. At B = 3 the mean squared gradient is infinite
+        (``E[1/chi2_2]`` diverges), at B = 2 it is 0 (BatchNorm maps any two examples to
+        ``(1, -1)`` or ``(-1, 1)``).
+    negative_slope, alpha : float
+        Parameters of ``leaky_relu`` and ``elu``.
+
+    Returns
+    -------
+    BatchNormMeanField
+
+    Notes
+    -----
+    The expectations are over ``(y_1, y_2)``, the projection of a uniform point of a
+    (B - 2)-sphere on a plane, by Gauss-Legendre panels in polar angles (closed forms for
+    linear); they agree with Monte Carlo and with simulation (tests/test_theory.py). The
+    prediction assumes the forward kernel sits at the BSB1 fixed point, which a batch of
+    distinct wide random inputs reaches at the first block and which attracts for the
+    activations here (Yang et al. discuss activations where the symmetry breaks), and
+    ``eps`` well below the batch variance of ``W h``.
+
+    References
+    ----------
+    G. Yang, J. Pennington, V. Rao, J. Sohl-Dickstein, S. S. Schoenholz, "A mean field
+    theory of batch normalization", ICLR 2019.
+
+    Examples
+    --------
+    >>> from gradchain import theory
+    >>> theory.batchnorm_mean_field("linear", 8).growth
+    1.2
+    """
+    act = _activation(activation, negative_slope, alpha)
+    B = v.int_in("batch", batch, 2, _MAX_BATCH, f"an integer from 2 to {_MAX_BATCH}")
+    return _batchnorm(act, B)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockGradNormPrediction:
+    """Mean-field per-block gradient norms of a chain of blocks (batch-normalized,
+    residual, pre-norm or post-norm).
+
+    Boundaries ``h_0`` (the input) .. ``h_L`` (the last block's output) are indexed as in
+    :class:`GradNormPrediction`; log10 values are exact at any depth.
+
+    Attributes
+    ----------
+    kind : {"batch_norm", "residual", "pre_norm", "post_norm"}
+        Which function made it, i.e. which block (see that function).
+    activation : str
+    sigma_w, sigma_b, scale, q0 : float
+        As passed (``scale``: the residual branch multiplier, 1 for batch_norm).
+    batch : int or None
+        The batch size (batch_norm); None where the prediction is per example.
+    q : ndarray, shape (depth + 1,)
+        Mean squared entry of ``h_l`` (0 or inf where beyond the double range).
+    log10_chi : ndarray, shape (depth,)
+        log10 of the factor by which block l multiplies the squared gradient norm on the
+        way back, l = 1..depth.
+    log10_activation_grad_norms : ndarray, shape (depth + 1,)
+        ``log10(||dL/dh_l|| / ||dL/dy||)``, l = 0..depth, with ``y`` the chain's output:
+        ``h_L``, except for pre_norm, where it is the final LayerNorm's output (there the
+        last entry is ``-0.5 log10 q[-1]``, elsewhere 0).
+    log10_weight_grad_norms : ndarray, shape (depth,)
+        ``log10(||dL/dW_l||_F / (sqrt(fan_in) ||dL/dy||))`` for block l's last weight
+        matrix ``W_l`` (fan_in: its number of columns), one example (batch_norm: the whole
+        batch) with the gradient at ``y`` independent of the weights.
+    iterated_layers : int
+        Blocks whose ``q`` was iterated by quadrature (0: closed forms throughout).
+
+    Notes
+    -----
+    To set a measured chain beside it, take ``log10 ||dL/dh_l||`` at the boundaries
+    between its top-level blocks (``h_0`` the input, each block's output after it) minus
+    ``log10 ||dL/dy||``, with a seeded Gaussian gradient at ``y``: i.i.d. entries, as the
+    last block's factor assumes. For a train-mode BatchNorm chain the norms are the whole
+    batch's, since its Jacobian couples the examples.
+    """
+
+    kind: str
+    activation: str
+    sigma_w: float
+    sigma_b: float
+    scale: float
+    q0: float
+    batch: int | None
+    q: np.ndarray
+    log10_chi: np.ndarray
+    log10_activation_grad_norms: np.ndarray
+    log10_weight_grad_norms: np.ndarray
+    iterated_layers: int
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks."""
+        return int(self.log10_chi.shape[0])
+
+    @property
+    def activation_grad_norms(self) -> np.ndarray:
+        """The activation gradient ratios as floats (0 or inf outside the float range)."""
+        return _pow10(self.log10_activation_grad_norms)
+
+    @property
+    def weight_grad_norms(self) -> np.ndarray:
+        """The weight gradient ratios as floats (0 or inf outside the float range)."""
+        return _pow10(self.log10_weight_grad_norms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``json.dumps`` (-inf/inf as strings)."""
+        return _to_dict(self)
+
+    def table(self, every: int | None = None) -> str:
+        """Per-block text table (every `every`-th block; about 20 rows by default)."""
+        L = self.depth
+        step = every or max(1, L // 20)
+        head = f"{'block':>8}  {'q_l':>12}  {'log10 chi_l':>12}  {'log10|dL/dh_l|':>15}"
+        rows = [f"{head}  {'log10|dL/dW_l|':>15}"]
+        for l in sorted(set(range(0, L + 1, step)) | {L}):
+            c, w = (
+                (f"{self.log10_chi[l - 1]:>12.6g}", f"{self.log10_weight_grad_norms[l - 1]:>15.6f}")
+                if l
+                else (f"{'':>12}", f"{'':>15}")
+            )
+            g = self.log10_activation_grad_norms[l]
+            rows.append(f"{l:>8}  {self.q[l]:>12.6g}  {c}  {g:>15.6f}  {w}")
+        return "\n".join(rows)
+
+
+def _suffix_half_sums(log10_chi: np.ndarray) -> np.ndarray:
+    """0.5 * sum_{k > l} log10_chi[k - 1], l = 0..L (the last entry 0). The sums run over
+    the deviations from the last value, which is added count times: a constant tail adds
+    no rounding, however long."""
+    L = log10_chi.shape[0]
+    ref = float(log10_chi[-1])
+    if not math.isfinite(ref):
+        ref = 0.0
+    count = np.arange(L, -1, -1, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        dev = np.concatenate((np.cumsum((log10_chi - ref)[::-1])[::-1], [0.0]))
+        return 0.5 * (dev + count * ref if ref else dev)
+
+
+def _readonly_prediction(**kw: Any) -> BlockGradNormPrediction:
+    for name in ("q", "log10_chi", "log10_activation_grad_norms", "log10_weight_grad_norms"):
+        kw[name] = np.ascontiguousarray(kw[name], dtype=np.float64)
+        kw[name].setflags(write=False)
+    return BlockGradNormPrediction(**kw)
+
+
+def batchnorm_grad_norms(
+    depth: int,
+    activation: str,
+    batch: int,
+    *,
+    sigma_w: float = 1.0,
+    q0: float = 1.0,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> BlockGradNormPrediction:
+    """Per-block gradient norms of ``h_l = phi(BN(W_l h_{l-1}))`` over a batch of B
+    examples, l = 1..depth (Yang et al. 2019; see :func:`batchnorm_mean_field`).
+
+    Going back, every block but the last multiplies the batch's squared gradient norm by
+    ``growth``; the last one, for a gradient at ``h_L`` with i.i.d. entries, by
+    ``top_growth``. The first block's factor is also multiplied by ``centred_variance /
+    q0``: its BatchNorm divides by the input's batch standard deviation.
+    ``||dL/dW_l||_F**2 = width * kappa_l * ||dL/d(W_l h_{l-1})||_F**2``
+    with ``kappa_l`` the batch variance of ``h_{l-1}``'s features (``q0`` for the input,
+    then ``centred_variance``), and ``||dL/dh_{l-1}|| = sigma_w ||dL/d(W_l h_{l-1})||``:
+    weight gradients grow at the same rate and scale as ``1/sigma_w``.
+
+    Parameters
+    ----------
+    depth : int
+        Number of blocks L (any; closed form in L).
+    activation, batch, negative_slope, alpha
+        As in :func:`batchnorm_mean_field`.
+    sigma_w : float
+        Weight std times ``sqrt(fan_in)`` (> 0, at most 1e150); only the weight gradients
+        depend on it.
+    q0 : float
+        Mean squared input entry (> 0); the input batch is taken to be i.i.d. wide vectors
+        (Gram matrix ``q0 I``), which the first BatchNorm already maps to the fixed point.
+
+    Returns
+    -------
+    BlockGradNormPrediction
+        ``kind="batch_norm"``, ``q = [q0, q_star, ...]``.
+
+    Raises
+    ------
+    MemoryError
+        When the arrays (about 64 bytes per block) exceed the memory available.
+
+    References
+    ----------
+    G. Yang, J. Pennington, V. Rao, J. Sohl-Dickstein, S. S. Schoenholz, "A mean field
+    theory of batch normalization", ICLR 2019.
+
+    Examples
+    --------
+    >>> from gradchain import theory
+    >>> p = theory.batchnorm_grad_norms(10_000, "linear", batch=8)
+    >>> round(float(p.log10_activation_grad_norms[0]), 1)  # |dL/dx| / |dL/dh_L|
+    395.9
+    """
+    L = _size("depth", depth, bytes_each=64)
+    act = _activation(activation, negative_slope, alpha)
+    B = v.int_in("batch", batch, 2, _MAX_BATCH, f"an integer from 2 to {_MAX_BATCH}")
+    sw = _std("sigma_w", sigma_w)
+    if sw <= 0.0:
+        raise ValueError(f"sigma_w must be > 0 (BatchNorm of a zero signal is undefined); got {sw}")
+    q0 = _variance("q0", q0)
+    if q0 <= 0.0:
+        raise ValueError(f"q0 must be > 0 (BatchNorm of a zero input is undefined); got {q0}")
+    mf = _batchnorm(act, B)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        lc = np.full(L, np.log10(mf.growth))
+        lc[-1] = np.log10(mf.top_growth)
+        # The first BatchNorm divides by the input's batch deviation sqrt(q0), not by the
+        # fixed point's sqrt(centred_variance).
+        lc[0] += math.log10(mf.centred_variance) - math.log10(q0)
+        g = _suffix_half_sums(lc)
+        kappa = np.full(L, mf.centred_variance)
+        kappa[0] = q0
+        w = 0.5 * np.log10(kappa) - math.log10(sw) + g[:-1]
+    q = np.full(L + 1, mf.q_star)
+    q[0] = q0
+    return _readonly_prediction(
+        kind="batch_norm",
+        activation=activation,
+        sigma_w=sw,
+        sigma_b=0.0,
+        scale=1.0,
+        q0=q0,
+        batch=B,
+        q=q,
+        log10_chi=lc,
+        log10_activation_grad_norms=g,
+        log10_weight_grad_norms=w,
+        iterated_layers=0,
+    )
+
+
+def residual_grad_norms(
+    depth: int,
+    activation: str,
+    sigma_w: float,
+    sigma_b: float = 0.0,
+    *,
+    scale: float = 1.0,
+    branch: str = "act_linear",
+    q0: float = 1.0,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> BlockGradNormPrediction:
+    """Mean-field forward and gradient norms of a residual chain (Yang & Schoenholz 2017).
+
+    Blocks ``h_l = h_{l-1} + a * f_l(h_{l-1})``, l = 1..depth, with ``a = scale`` and
+    the branch
+
+    * ``"act_linear"``: ``f(h) = W phi(h) + b`` (``gc.Residual([Activation, Linear])``);
+    * ``"linear_act_linear"``: ``f(h) = W' phi(W h + b) + b'`` (the two-layer MLP branch,
+      Yang & Schoenholz's full residual network), both layers with ``sigma_w``,
+      ``sigma_b``.
+
+    With ``q_l`` the mean squared entry of ``h_l`` and ``u`` the activation's input
+    (variance ``r_l = q_{l-1}`` or ``sigma_w**2 q_{l-1} + sigma_b**2``)::
+
+        q_l   = q_{l-1} + a**2 (sigma_w**2 E[phi(sqrt(r_l) z)**2] + sigma_b**2)
+        chi_l = 1 + a**2 sigma_w**2 * (1 or sigma_w**2) * E[phi'(sqrt(r_l) z)**2]
+
+    going back, block l multiplies the squared gradient norm by ``chi_l`` (the identity
+    path and the branch add, their cross term averages to 0). Nothing pulls ``q_l`` back:
+    with ``a = 1`` it grows geometrically for relu (``(1 + sigma_w**2/2)**l`` for the
+    first branch) and so do gradients; for tanh linearly, with gradients growing like
+    ``exp(c sqrt(l))``. The branch scale ``a = c / sqrt(depth)`` keeps both bounded at
+    any depth: for relu without bias ``q_L / q_0`` and the squared gradient ratio both
+    equal ``(1 + c**2 sigma_w**2 / 2)**L -> exp(c**2 sigma_w**2 / 2)`` (Hanin & Rolnick
+    2018: the output length stays bounded iff the sum of the branch variances does);
+    for any activation with ``|phi(x)| <= |x|`` and ``|phi'| <= 1`` the squared gradient
+    ratio stays below ``exp(c**2 sigma_w**2)`` (``exp(c**2 sigma_w**4)`` for the
+    two-layer branch).
+
+    Parameters
+    ----------
+    depth : int
+        Number of blocks L. Closed form for linear, relu and leaky_relu; other
+        activations iterate ``q_l`` (one quadrature, 10 to 50 microseconds, per block) up
+        to 100,000 blocks unless ``q_l`` stops changing or diverges.
+    activation : str
+        One of :data:`ACTIVATIONS`.
+    sigma_w, sigma_b : float
+        Weight and bias standard deviations of the branch's Linear layers
+        (``W_ij ~ N(0, sigma_w**2 / fan_in)``).
+    scale : float
+        The branch multiplier ``a`` (``|a| <= 1e150``; only ``|a|`` enters).
+    branch : {"act_linear", "linear_act_linear"}
+    q0 : float
+        Mean squared entry of ``h_0``, taken as Gaussian across its entries (the
+        activation sees it directly in ``"act_linear"``).
+    negative_slope, alpha : float
+        Parameters of ``leaky_relu`` and ``elu``.
+
+    Returns
+    -------
+    BlockGradNormPrediction
+        ``kind="residual"``; weight gradients are those of the branch's last ``W``:
+        ``||dL/dW_l|| = a ||dL/dh_l|| sqrt(fan_in E[phi(u)**2])``.
+
+    Raises
+    ------
+    ValueError
+        A parameter outside its range, or a depth beyond 100,000 where ``q_l`` has not
+        settled by then.
+    MemoryError
+        When the arrays (about 96 bytes per block) exceed the memory available.
+
+    References
+    ----------
+    G. Yang, S. S. Schoenholz, "Mean field residual networks: on the edge of chaos",
+    NeurIPS 2017. B. Hanin, D. Rolnick, "How to start training: the effect of
+    initialization and architecture", NeurIPS 2018.
+    """
+    L = _size("depth", depth, bytes_each=96)
+    act = _activation(activation, negative_slope, alpha)
+    sw, sb = _std("sigma_w", sigma_w), _std("sigma_b", sigma_b)
+    a = _scale(scale)
+    v.choice("branch", branch, _BRANCHES)
+    q0 = _variance("q0", q0)
+    two = branch == "linear_act_linear"
+    lsw2, lsb2, la2 = 2 * _ln(sw), 2 * _ln(sb), 2 * _ln(a)
+    # chi = 1 + gain E[phi'(u)**2] with gain = a**2 sigma_w**2 (times sigma_w**2 for two layers)
+    lgain = la2 + lsw2 * (2 if two else 1)
+    if act.homogeneous:
+        c = act.homogeneous_moments()[0]  # E[phi**2] / r = E[phi'**2]
+        lA = _lse(0.0, lgain + math.log(c))  # q_l = A q_{l-1} + K, chi = A
+        # K / (A - 1), whose a**2 cancels: sigma_b**2 (1 + sigma_w**2 c) / (sigma_w**4 c) or
+        # sigma_b**2 / (sigma_w**2 c)
+        lK = _lse(0.0, lsw2 + math.log(c)) + lsb2 if two else lsb2
+        lKp = lK - lgain + la2 - math.log(c)
+        lq0 = _ln(q0)
+        n = np.arange(L + 1, dtype=np.float64)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            if lA == 0.0:  # nothing added, or below rounding: q_l = q0 + l K
+                lKa = la2 + lK  # ln K itself
+                lq = np.logaddexp(lq0, np.log(n) + lKa) if lKa > -math.inf else np.full(L + 1, lq0)
+            else:
+                grown = np.log(-np.expm1(-n * lA))  # ln(1 - A**-l)
+                lq = n * lA + np.logaddexp(lq0, lKp + grown)
+            lq[0] = lq0
+            q = np.exp(lq)
+            lc = np.full(L, lA / _LN10)
+            g = _suffix_half_sums(lc)
+            lr = lq[:-1] if not two else np.logaddexp(lsw2 + lq[:-1], lsb2)
+            w = (0.5 * la2 + 0.5 * (math.log(c) + lr)) / _LN10 + g[1:]
+        iterated = 0
+    else:
+        qs, lcs, le2 = [q0], [], []
+        qk = q0
+        for k in range(L):
+            if k == _MAX_ITERATED_LAYERS:
+                raise ValueError(
+                    f"depth must be at most {_MAX_ITERATED_LAYERS} for {act.name} with "
+                    f"sigma_w={sw!r}, sigma_b={sb!r}, scale={a!r}: q_l has not settled after "
+                    f"{_MAX_ITERATED_LAYERS} blocks and every further block is iterated; "
+                    f"got {L}"
+                )
+            r = sw * sw * qk + sb * sb if two else qk  # inf beyond the double range
+            e2, d2 = act.moments(min(r, _Q_HUGE))
+            lcs.append(_lse(0.0, lgain + _ln(d2)) / _LN10)
+            le2.append(_ln(e2))
+            inc = _exp(la2 + _lse(lsw2 + _ln(e2), lsb2))
+            q_next = qk + inc if inc < math.inf else math.inf
+            qs.append(q_next)
+            if q_next == qk or q_next >= _Q_HUGE:  # constant from here, or diverged
+                break
+            qk = q_next
+        k = len(lcs)
+        rest = L - k
+        if rest:
+            if qs[-1] >= _Q_HUGE:
+                e2, d2 = act.moments(_Q_HUGE)  # the limits, as in predicted_grad_norms
+                qs.extend([math.inf] * rest)
+                lcs.extend([_lse(0.0, lgain + _ln(d2)) / _LN10] * rest)
+                # E[phi**2] diverges with q unless phi is bounded
+                le2.extend([_ln(e2) if act.name in ("tanh", "sigmoid") else math.inf] * rest)
+            else:
+                qs.extend([qs[-1]] * rest)
+                lcs.extend([lcs[-1]] * rest)
+                le2.extend([le2[-1]] * rest)
+        q = np.array(qs)
+        lc = np.array(lcs)
+        g = _suffix_half_sums(lc)
+        with np.errstate(invalid="ignore"):
+            w = (0.5 * la2 + 0.5 * np.array(le2)) / _LN10 + g[1:]
+        iterated = k
+    return _readonly_prediction(
+        kind="residual",
+        activation=activation,
+        sigma_w=sw,
+        sigma_b=sb,
+        scale=a,
+        q0=q0,
+        batch=None,
+        q=q,
+        log10_chi=lc,
+        log10_activation_grad_norms=g,
+        log10_weight_grad_norms=w,
+        iterated_layers=iterated,
+    )
+
+
+def norm_position_grad_norms(
+    depth: int,
+    activation: str = "relu",
+    sigma_w: float = 1.0,
+    sigma_b: float = 0.0,
+    *,
+    position: str = "pre",
+    scale: float = 1.0,
+    q0: float = 1.0,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> BlockGradNormPrediction:
+    """Gradient norms of residual MLP blocks with LayerNorm before (pre-LN) or after
+    (post-LN) the residual sum (Xiong et al. 2020), in mean field.
+
+    With ``F(x) = W' phi(W x + b) + b'`` (both layers ``sigma_w``, ``sigma_b``; any
+    hidden width) and ``LN`` a LayerNorm at initialization (``gamma = 1``,
+    ``beta = 0``, ``eps`` negligible), for l = 1..depth:
+
+    * ``position="pre"``: ``h_l = h_{l-1} + a F(LN(h_{l-1}))`` and the output
+      ``y = LN(h_L)`` (the final LayerNorm of pre-LN Transformers);
+    * ``position="post"``: ``h_l = LN(h_{l-1} + a F(h_{l-1}))`` and ``y = h_L``.
+
+    Write ``r = sigma_w**2 + sigma_b**2`` (the variance at ``phi``'s input when the
+    block's input is normalized), ``v = a**2 (sigma_w**2 E[phi(sqrt(r) z)**2] +
+    sigma_b**2)`` (the branch's mean squared output) and ``x = a**2 sigma_w**4
+    E[phi'(sqrt(r) z)**2]`` (its squared gain on gradients). A LayerNorm divides
+    gradients by its input's root mean square; so, going back:
+
+    * pre: ``q_l = q0 + l v``; block l multiplies the squared gradient norm by
+      ``1 + x / q_{l-1}`` and the final LayerNorm by ``1 / q_L``. The last block's
+      weight gradient is ``||dL/dW'_L|| = a sqrt(fan_in E[phi**2] / (q0 + L v))
+      ||dL/dy||``: it shrinks as ``1/sqrt(L)``.
+    * post: ``q_l = 1``; block l multiplies by ``(1 + x) / (1 + v)`` (``q0 + v_1`` and
+      the input's ``x_1`` for the first block). The last block's weight gradient is
+      ``a sqrt(fan_in E[phi**2] / (1 + v)) ||dL/dy||`` whatever L. Going down from the
+      output, gradients shrink geometrically where ``x < v`` (relu with bias, gelu with
+      a bias...), stay level where ``x = v`` (relu or leaky_relu without bias) and grow
+      where ``x > v`` (tanh without bias).
+
+    This is Xiong et al.'s Theorem 1 (pre-LN: ``O(d sqrt(ln d / L))``, post-LN:
+    ``O(d sqrt(ln d))`` for the last layer's FFN weights) with the mean-field constants,
+    for MLP blocks: their attention sub-layers and the softmax loss's ``sqrt(ln d)`` are
+    left out, and ``fan_in`` is the hidden width.
+
+    Parameters
+    ----------
+    depth : int
+        Number of blocks L (any; closed form).
+    activation : str
+        One of :data:`ACTIVATIONS`; relu by default (Xiong et al.'s FFN).
+    sigma_w, sigma_b : float
+        Weight and bias standard deviations of both Linear layers of ``F``
+        (``W_ij ~ N(0, sigma_w**2 / fan_in)``); ``sigma_w**2 q0 + sigma_b**2`` and
+        ``sigma_w**2 + sigma_b**2`` must be at most 1e300.
+    position : {"pre", "post"}
+    scale : float
+        The branch multiplier ``a`` (``|a| <= 1e150``).
+    q0 : float
+        Mean squared entry of the input ``h_0`` (> 0; taken with zero mean over its
+        entries).
+    negative_slope, alpha : float
+        Parameters of ``leaky_relu`` and ``elu``.
+
+    Returns
+    -------
+    BlockGradNormPrediction
+        ``kind="pre_norm"`` or ``"post_norm"``; ``q[l]`` is the mean squared entry of
+        ``h_l``; ``log10_weight_grad_norms`` are those of each block's second Linear
+        ``W'``, per ``sqrt(fan_in)`` and per ``||dL/dy||``, for one example whose
+        ``dL/dy`` is independent of the weights (for a batch of examples with
+        independent zero-mean ``dL/dy`` the squared norms add).
+
+    Raises
+    ------
+    MemoryError
+        When the arrays (about 96 bytes per block) exceed the memory available.
+
+    Notes
+    -----
+    Mean field ignores the two directions a LayerNorm's Jacobian removes from a
+    gradient (the mean and the normalized vector itself): at width d that is a factor
+    about ``1 - 2/d`` per LayerNorm on squared norms, which compounds over the blocks of
+    a post-LN chain (L / d matters there).
+
+    References
+    ----------
+    R. Xiong, Y. Yang, D. He, K. Zheng, S. Zheng, C. Xing, H. Zhang, Y. Lan, L. Wang,
+    T.-Y. Liu, "On layer normalization in the Transformer architecture", ICML 2020.
+    """
+    L = _size("depth", depth, bytes_each=96)
+    act = _activation(activation, negative_slope, alpha)
+    sw, sb = _std("sigma_w", sigma_w), _std("sigma_b", sigma_b)
+    v.choice("position", position, _POSITIONS)
+    a = _scale(scale)
+    q0 = _variance("q0", q0)
+    if q0 <= 0.0:
+        raise ValueError(f"q0 must be > 0 (a LayerNorm of a zero input is undefined); got {q0}")
+    sw2, sb2 = sw * sw, sb * sb
+    r = sw2 + sb2
+    if r > _Q_HUGE:
+        raise ValueError(
+            f"sigma_w**2 + sigma_b**2 = {r:.6g}, the variance at the activation's input, must "
+            "be at most 1e300; lower sigma_w or sigma_b"
+        )
+    la2, lsw2, lsb2 = 2 * _ln(a), 2 * _ln(sw), 2 * _ln(sb)
+
+    def branch(var: float) -> tuple[float, float, float]:
+        """ln v, ln x and ln E[phi**2] of a branch whose phi sees variance var."""
+        e2, d2 = act.moments(var)
+        le2 = _ln(e2)
+        return la2 + _lse(lsw2 + le2, lsb2), la2 + 2 * lsw2 + _ln(d2), le2
+
+    lv, lx, le2 = branch(r)
+    lq0 = _ln(q0)
+    n = np.arange(L + 1, dtype=np.float64)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        if position == "pre":
+            lq = np.logaddexp(lq0, np.log(n) + lv)  # q_l = q0 + l v
+            lq[0] = lq0
+            lc = np.logaddexp(0.0, lx - lq[:-1]) / _LN10
+            g = _suffix_half_sums(lc) - 0.5 * lq[-1] / _LN10
+            w = np.full(L, (0.5 * la2 + 0.5 * le2) / _LN10) + g[1:]
+        else:
+            lv1, lx1, le21 = branch(_first_variance(sw2, q0, sb2)) if q0 != 1.0 else (lv, lx, le2)
+            lq = np.zeros(L + 1)
+            lq[0] = lq0
+            ls = np.full(L, _lse(0.0, lv))  # ln of the mean square of h_{l-1} + a F
+            ls[0] = _lse(lq0, lv1)
+            lgain = np.full(L, _lse(0.0, lx))
+            lgain[0] = _lse(0.0, lx1)
+            lc = (lgain - ls) / _LN10
+            g = _suffix_half_sums(lc)
+            le = np.full(L, le2)
+            le[0] = le21
+            # dL/d(h_{l-1} + a F) = dL/dh_l through the LayerNorm: 1 / its rms
+            w = (0.5 * la2 + 0.5 * le - 0.5 * ls) / _LN10 + g[1:]
+        q = np.exp(lq)
+    return _readonly_prediction(
+        kind=f"{position}_norm",
+        activation=activation,
+        sigma_w=sw,
+        sigma_b=sb,
+        scale=a,
+        q0=q0,
+        batch=None,
+        q=q,
+        log10_chi=lc,
+        log10_activation_grad_norms=g,
+        log10_weight_grad_norms=w,
+        iterated_layers=0,
+    )
 
 
 # ---------------------------------------------------------------------------------------
