@@ -335,6 +335,9 @@ void bind(py::module_& m, const char* name) {
 void bind_chain(py::module_& m) {
   bind<double>(m, "Chain64");
   bind<float>(m, "Chain32");
+  m.def("activation_names", &Activation::names);
+  m.def("init_names", &InitSpec::names);
+  m.def("loss_names", &loss_names);
 }
 
 }  // namespace gradchain::bindings

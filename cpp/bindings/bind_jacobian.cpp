@@ -4,7 +4,6 @@
 
 #include "gradchain/chain.hpp"
 #include "gradchain/jacobian.hpp"
-#include "gradchain/mlp.hpp"
 #include "gradchain/rnn_jacobian.hpp"
 #include "pybind.hpp"
 
@@ -59,32 +58,6 @@ py::tuple spectrum_tuple(std::vector<double> S, int batch, int length, int k, in
 // The core checks the options. In every function below only C++ values and buffers kept
 // alive by this frame (x, h0, c0) or by the caller's reference (the chain) cross into the
 // core, so the GIL can be released.
-
-template <class T>
-py::dict norms(const MLPChain<T>& net, CArray<double> x, bool spectral, double tol, int max_iter,
-               int exact_max_dim) {
-  const int batch = checked_batch(x, net.widths()[0]);
-  const NormsOptions opt = norms_options(spectral, tol, max_iter, exact_max_dim);
-  const double* xp = x.data();
-  BatchNorms r = without_gil([&] {
-    Canceller cancel = signal_canceller();
-    return mlp_jacobian_norms(net, xp, batch, opt, cancel);
-  });
-  return norms_dict(std::move(r), batch, net.depth());
-}
-
-template <class T>
-py::tuple spectrum(const MLPChain<T>& net, CArray<double> x, int k, int interval,
-                   const std::string& start, std::uint64_t seed) {
-  const int batch = checked_batch(x, net.widths()[0]);
-  const SpectrumOptions opt = spectrum_options(k, interval, start, seed);
-  const double* xp = x.data();
-  std::vector<double> S = without_gil([&] {
-    Canceller cancel = signal_canceller();
-    return mlp_qr_spectrum(net, xp, batch, opt, cancel);
-  });
-  return spectrum_tuple(std::move(S), batch, net.depth(), k, interval);
-}
 
 template <class T>
 py::dict chain_norms(const Chain<T>& net, CArray<double> x, bool train, bool layers, bool spectral,
@@ -171,19 +144,6 @@ couples the batch, the whole batch is one example (state size batch x width).)do
         R"doc(QR spectrum of the product of a chain's block (or layer) Jacobians.)doc");
   m.def("jacobian_dims", &chain_jacobian_dims<T>, py::arg("chain"), py::arg("batch"),
         py::arg("train"), py::arg("layers"), "State sizes dim(0..length) of the Jacobian steps.");
-  m.def(
-      "jacobian_norms", &norms<T>, py::arg("chain"), py::arg("x"), py::arg("spectral"),
-      py::arg("tol"), py::arg("max_iter"), py::arg("exact_max_dim"),
-      R"doc(Per-example, per-layer log10 Frobenius and spectral norms of J_l = diag(phi'(z_l)) W_l.
-
-x is float64 (batch, widths[0]). Returns a dict of (batch, depth) arrays: log10_frobenius,
-log10_spectral (NaN unless spectral), iterations (0: exact SVD), converged.)doc");
-  m.def("jacobian_spectrum", &spectrum<T>, py::arg("chain"), py::arg("x"), py::arg("k"),
-        py::arg("interval"), py::arg("start"), py::arg("seed"),
-        R"doc(Cumulative sums of log|R_ii| of the QR factorisation of J_l ... J_1 Q_0.
-
-Returns (depths, S): depths (n_depths,) int32, the layers after which a QR happened;
-S (batch, n_depths, k) float64, natural log.)doc");
   m.def("jacobian_norms", &rnn_norms<T>, py::arg("chain"), py::arg("x"), py::arg("h0"),
         py::arg("c0"), py::arg("spectral"), py::arg("tol"), py::arg("max_iter"),
         py::arg("exact_max_dim"),

@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 
+#include "gradchain/buffer.hpp"
 #include "gradchain/linear.hpp"
 #include "gradchain/parallel.hpp"
 #include "gradchain/residual.hpp"
@@ -38,25 +39,6 @@ constexpr double kThreadedGemmWork = 1 << 20;
 int clamp_exp(std::int64_t k) {
   return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
 }
-
-// Scratch memory that a chain keeps between passes (uninitialised on growth).
-template <class T>
-class Buffer {
- public:
-  T* get(std::size_t n) {
-    if (n > cap_) {
-      p_.reset();
-      p_.reset(new T[n]);
-      cap_ = n;
-    }
-    return p_.get();
-  }
-  double bytes() const { return double(cap_) * sizeof(T); }
-
- private:
-  std::unique_ptr<T[]> p_;
-  std::size_t cap_ = 0;
-};
 
 }  // namespace
 

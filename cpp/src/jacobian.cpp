@@ -15,7 +15,6 @@
 #include "gradchain/blas.hpp"
 #include "gradchain/chain.hpp"
 #include "gradchain/linear.hpp"
-#include "gradchain/mlp.hpp"
 #include "gradchain/residual.hpp"
 #include "gradchain/parallel.hpp"
 #include "gradchain/rng.hpp"
@@ -497,17 +496,6 @@ const double* JacobianChain::row_form(int l, const double** d, std::vector<doubl
 // ---- MLP layers ----------------------------------------------------------------------------
 
 template <class T>
-MLPLayers::MLPLayers(const MLPChain<T>& chain, bool row_norms)
-    : widths_(chain.widths()), act_(chain.activation()), homog_(chain.log_scale_forward()) {
-  std::vector<const T*> w(widths_.size(), nullptr), b(widths_.size(), nullptr);
-  for (int l = 1; l <= depth(); ++l) {
-    w[sz(l)] = chain.weight(l);
-    b[sz(l)] = chain.bias(l);
-  }
-  take(w, b, row_norms);
-}
-
-template <class T>
 MLPLayers::MLPLayers(const Chain<T>& chain, bool row_norms) {
   const auto& blocks = chain.blocks();
   const bool shaped = blocks.size() % 2 == 0 && !blocks.empty();
@@ -576,8 +564,6 @@ void MLPLayers::take(const std::vector<const T*>& wsrc, const std::vector<const 
   }
 }
 
-template MLPLayers::MLPLayers(const MLPChain<float>&, bool);
-template MLPLayers::MLPLayers(const MLPChain<double>&, bool);
 template MLPLayers::MLPLayers(const Chain<float>&, bool);
 template MLPLayers::MLPLayers(const Chain<double>&, bool);
 
@@ -1468,8 +1454,7 @@ double mlp_example_bytes(const std::vector<int>& w) {
 
 // The chain's weights in double (copied for a float chain), and their row norms.
 template <class T>
-double mlp_layers_bytes(const MLPChain<T>& chain, bool row_norms) {
-  const auto& w = chain.widths();
+double mlp_layers_bytes(const std::vector<int>& w, bool row_norms) {
   double params = 0, rows = 0;
   for (std::size_t l = 1; l < w.size(); ++l) {
     params += double(w[l]) * (double(w[l - 1]) + 1);
@@ -1488,30 +1473,6 @@ JacobianFactory mlp_examples(const MLPLayers& layers, const double* x) {
 }
 
 }  // namespace
-
-template <class T>
-BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
-                              const NormsOptions& opt, Canceller& cancel) {
-  opt.validate();
-  check_memory(
-      mlp_layers_bytes(chain, true) +
-          batch_norms_bytes(batch, chain.widths(), opt, mlp_example_bytes(chain.widths()), false),
-      "the per-layer Jacobian norms");
-  const MLPLayers layers(chain, true);
-  return batch_jacobian_norms(batch, chain.depth(), mlp_examples(layers, x), opt, cancel);
-}
-
-template <class T>
-std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, int batch,
-                                    const SpectrumOptions& opt, Canceller& cancel) {
-  opt.validate(chain.widths());
-  check_memory(mlp_layers_bytes(chain, false) +
-                   batch_spectrum_bytes(batch, chain.widths(), opt,
-                                        mlp_example_bytes(chain.widths()), false),
-               "the QR spectrum");
-  const MLPLayers layers(chain, false);
-  return batch_qr_spectrum(batch, chain.widths(), mlp_examples(layers, x), opt, cancel);
-}
 
 namespace {
 
@@ -1548,12 +1509,45 @@ std::vector<int> chain_jacobian_dims(const Chain<T>& chain, int batch, bool trai
   return dims;
 }
 
+// The chain in double for a float chain, and one example's forward trace: every boundary
+// twice (the pass's store and the trace's copy), its exponents and per-pass data.
+template <class T>
+double block_example_bytes(const Chain<T>& chain, const std::vector<int>& dims) {
+  double per_row = 0;
+  for (int w : chain.plan().width) per_row += w;
+  const double rows = double(dims[0]) / chain.in_width();
+  return 2 * rows * per_row * 8 + double(chain.plan().width.size()) * 64 + 1e5;
+}
+
+template <class T>
+double double_copy_bytes(const Chain<T>& chain) {
+  if constexpr (std::is_same_v<T, double>) {
+    return 0.0;
+  } else {
+    double params = 0;
+    for (const auto& p : chain.parameters()) params += double(p.size);
+    return params * 8 * 2;  // the weights, and a scaled copy where they leave the band
+  }
+}
+
 template <class T>
 BatchNorms chain_jacobian_norms(const Chain<T>& chain, const double* x, int batch, bool train,
                                 bool layers, const NormsOptions& opt, Canceller& cancel) {
+  opt.validate();
   if (layers) {
+    const auto dims = chain_jacobian_dims(chain, batch, train, true);
+    check_memory(mlp_layers_bytes<T>(dims, true) +
+                     batch_norms_bytes(batch, dims, opt, mlp_example_bytes(dims), false),
+                 "the per-layer Jacobian norms");
     const MLPLayers ml(chain, true);
     return batch_jacobian_norms(batch, ml.depth(), mlp_examples(ml, x), opt, cancel);
+  }
+  {
+    const auto dims = chain_jacobian_dims(chain, batch, train, false);
+    const int examples = chain.couples_batch(train) ? 1 : batch;
+    check_memory(double_copy_bytes(chain) +
+                     batch_norms_bytes(examples, dims, opt, block_example_bytes(chain, dims), true),
+                 "the per-block Jacobian norms");
   }
   std::unique_ptr<Chain<double>> keep;
   const Chain<double>& c = as_double(chain, keep);
@@ -1565,9 +1559,21 @@ BatchNorms chain_jacobian_norms(const Chain<T>& chain, const double* x, int batc
 template <class T>
 std::vector<double> chain_qr_spectrum(const Chain<T>& chain, const double* x, int batch, bool train,
                                       bool layers, const SpectrumOptions& opt, Canceller& cancel) {
+  const auto dims = chain_jacobian_dims(chain, batch, train, layers);
+  opt.validate(dims);
   if (layers) {
+    check_memory(mlp_layers_bytes<T>(dims, false) +
+                     batch_spectrum_bytes(batch, dims, opt, mlp_example_bytes(dims), false),
+                 "the QR spectrum");
     const MLPLayers ml(chain, false);
     return batch_qr_spectrum(batch, ml.widths(), mlp_examples(ml, x), opt, cancel);
+  }
+  {
+    const int examples = chain.couples_batch(train) ? 1 : batch;
+    check_memory(
+        double_copy_bytes(chain) +
+            batch_spectrum_bytes(examples, dims, opt, block_example_bytes(chain, dims), true),
+        "the QR spectrum");
   }
   std::unique_ptr<Chain<double>> keep;
   const Chain<double>& c = as_double(chain, keep);
@@ -1586,14 +1592,5 @@ template std::vector<double> chain_qr_spectrum(const Chain<float>&, const double
                                                const SpectrumOptions&, Canceller&);
 template std::vector<double> chain_qr_spectrum(const Chain<double>&, const double*, int, bool, bool,
                                                const SpectrumOptions&, Canceller&);
-
-template BatchNorms mlp_jacobian_norms(const MLPChain<float>&, const double*, int,
-                                       const NormsOptions&, Canceller&);
-template BatchNorms mlp_jacobian_norms(const MLPChain<double>&, const double*, int,
-                                       const NormsOptions&, Canceller&);
-template std::vector<double> mlp_qr_spectrum(const MLPChain<float>&, const double*, int,
-                                             const SpectrumOptions&, Canceller&);
-template std::vector<double> mlp_qr_spectrum(const MLPChain<double>&, const double*, int,
-                                             const SpectrumOptions&, Canceller&);
 
 }  // namespace gradchain

@@ -19,54 +19,6 @@ def activation_names() -> list[str]: ...
 def init_names() -> list[str]: ...
 def loss_names() -> list[str]: ...
 
-class _MLPChain:
-    def __init__(
-        self,
-        widths: list[int],
-        activation: str,
-        negative_slope: float,
-        alpha: float,
-        init: str,
-        gain: float,
-        sigma_w: float,
-        bias_std: float,
-        seed: int,
-    ) -> None: ...
-    @property
-    def widths(self) -> list[int]: ...
-    @property
-    def depth(self) -> int: ...
-    @property
-    def activation(self) -> str: ...
-    @property
-    def log_scale_forward(self) -> bool: ...
-    def weight(self, layer: int) -> npt.NDArray[Any]: ...
-    def bias(self, layer: int) -> npt.NDArray[Any]: ...
-    @classmethod
-    def from_arrays(
-        cls,
-        widths: list[int],
-        activation: str,
-        negative_slope: float,
-        alpha: float,
-        weights: npt.NDArray[Any],
-        biases: npt.NDArray[Any],
-    ) -> Self: ...
-    def backward_bytes(self, batch: int, keep_grads: bool) -> float: ...
-    def forward(self, x: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]: ...
-    def backward(
-        self,
-        x: npt.NDArray[Any],
-        loss: str,
-        target: npt.NDArray[Any] | None,
-        keep_grads: bool,
-        max_norm: float,
-        norm_type: float,
-    ) -> dict[str, Any]: ...
-
-class MLPChain64(_MLPChain): ...
-class MLPChain32(_MLPChain): ...
-
 class _Chain:
     def __init__(self, specs: list[dict[str, Any]]) -> None: ...
     def init(self, init: str, gain: float, sigma_w: float, bias_std: float, seed: int) -> None: ...
@@ -164,8 +116,10 @@ class RecurrentChain32(_RecurrentChain): ...
 
 @overload
 def jacobian_norms(
-    chain: _MLPChain,
+    chain: _Chain,
     x: npt.NDArray[Any],
+    train: bool,
+    layers: bool,
     spectral: bool,
     tol: float,
     max_iter: int,
@@ -184,7 +138,14 @@ def jacobian_norms(
 ) -> dict[str, npt.NDArray[Any]]: ...
 @overload
 def jacobian_spectrum(
-    chain: _MLPChain, x: npt.NDArray[Any], k: int, interval: int, start: str, seed: int
+    chain: _Chain,
+    x: npt.NDArray[Any],
+    train: bool,
+    layers: bool,
+    k: int,
+    interval: int,
+    start: str,
+    seed: int,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 @overload
 def jacobian_spectrum(
@@ -197,3 +158,5 @@ def jacobian_spectrum(
     start: str,
     seed: int,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+
+def jacobian_dims(chain: _Chain, batch: int, train: bool, layers: bool) -> list[int]: ...

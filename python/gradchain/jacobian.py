@@ -33,6 +33,7 @@ import numpy as np
 
 from . import _core
 from . import _validate as v
+from .chain import Chain
 from .mlp import MLP
 from .report import _jsonable, _pow10
 from .rnn import RNN
@@ -45,20 +46,29 @@ STARTS: tuple[str, ...] = ("identity", "random")
 # --------------------------------------------------------------------------- arguments
 
 
-def _chain_and_x(net: Any, x: Any) -> tuple[Any, np.ndarray]:
-    if not isinstance(net, MLP):
-        raise TypeError(f"net must be a gradchain.MLP or gradchain.RNN; got {type(net).__name__}")
+def _chain_and_x(net: Any, x: Any) -> tuple[Any, np.ndarray, bool, bool]:
+    """The core chain, x in float64, the mode (train) and whether steps are MLP layers."""
+    if isinstance(net, MLP):
+        core, layers = net._jacobian_chain()
+        train = net.training
+    elif isinstance(net, Chain):
+        core, layers, train = net._core, False, net.training
+    else:
+        raise TypeError(
+            f"net must be a gradchain.MLP, Chain or RNN; got {type(net).__name__}"
+        )
     n0 = net.widths[0]
-    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    arr = v.as_array("x", x)
+    arr = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
     if arr.ndim == 1:
         arr = arr[None, :]
     elif arr.ndim != 2:
         raise ValueError(f"x must have shape (batch, {n0}) or ({n0},); got {arr.shape}")
     if arr.shape[1] != n0:
         raise ValueError(f"x must have shape (batch, {n0}) or ({n0},); got {np.shape(x)}")
-    # Rounded to the chain's dtype first, as MLP.backward does; float64 for the core.
+    # Rounded to the chain's dtype first, as backward does; float64 for the core.
     x64 = v.float_array("x", arr, net.dtype, (None, n0)).astype(np.float64, copy=False)
-    return net._mlp_chain(), np.ascontiguousarray(x64)
+    return core, np.ascontiguousarray(x64), bool(train), layers
 
 
 def _sequences(net: RNN, x: Any, h0: Any, c0: Any) -> tuple[Any, ...]:
@@ -288,8 +298,8 @@ def jacobian_norms(
         d = _core.jacobian_norms(chain, xs, h, c, spec, t, mi, emd)
     else:
         _no_states(h0, c0)
-        chain, x64 = _chain_and_x(net, x)
-        d = _core.jacobian_norms(chain, x64, spec, t, mi, emd)
+        chain, x64, train, layers = _chain_and_x(net, x)
+        d = _core.jacobian_norms(chain, x64, train, layers, spec, t, mi, emd)
     lf = d["log10_frobenius"]
     ls: np.ndarray | None = d["log10_spectral"] if spec else None
     its: np.ndarray | None = d["iterations"] if spec else None
@@ -521,11 +531,16 @@ def jacobian_spectrum(
     if isinstance(net, RNN):
         kmax = _state_dim(net)
         accepted = f"None or an integer between 1 and the state size, {kmax}"
-    elif isinstance(net, MLP):
-        kmax = min(net.widths)
-        accepted = f"None or an integer between 1 and the smallest width, {kmax}"
+    elif isinstance(net, (MLP, Chain)):
+        core, _, train, layers = _chain_and_x(net, np.zeros((1, net.widths[0])))
+        batch = np.shape(x)[0] if np.ndim(x) == 2 else 1
+        kmax = min(_core.jacobian_dims(core, batch, train, layers))
+        what = "width" if layers else "state size"
+        accepted = f"None or an integer between 1 and the smallest {what}, {kmax}"
     else:
-        raise TypeError(f"net must be a gradchain.MLP or gradchain.RNN; got {type(net).__name__}")
+        raise TypeError(
+            f"net must be a gradchain.MLP, Chain or RNN; got {type(net).__name__}"
+        )
     kk = kmax if k is None else v.int_in("k", k, 1, kmax, accepted)
     iv = v.int_in("interval", interval, 1, v.INT32_MAX, "a positive integer")
     st = v.choice("start", start, STARTS)
@@ -535,8 +550,8 @@ def jacobian_spectrum(
         depths, S = _core.jacobian_spectrum(chain, xs, h, c, kk, iv, st, sd)
     else:
         _no_states(h0, c0)
-        chain, x64 = _chain_and_x(net, x)
-        depths, S = _core.jacobian_spectrum(chain, x64, kk, iv, st, sd)
+        chain, x64, train, layers = _chain_and_x(net, x)
+        depths, S = _core.jacobian_spectrum(chain, x64, train, layers, kk, iv, st, sd)
     v.readonly(depths, S)
     return JacobianSpectrum(
         depths=depths, log_singular_values=S, k=kk, interval=iv, start=st, seed=sd

@@ -314,7 +314,6 @@ class MLP:
         self._activation_names = tuple(
             np.asarray(net.activation_names, dtype=object)[self._layer_ends].tolist()
         )
-        self._mlp_core: Any = None
 
     # -- construction from arrays ---------------------------------------------------------
     @classmethod
@@ -511,7 +510,7 @@ class MLP:
         return self._net.blocks
 
     @property
-    def param_names(self) -> tuple[str, ...]:
+    def param_names(self) -> Sequence[str]:
         """Parameter names in ``named_parameters()`` order (``"0.weight"``, ``"0.bias"``, ...)."""
         return self._net.param_names
 
@@ -719,20 +718,10 @@ class MLP:
         except NonFiniteError as err:
             raise self._layer_error(err) from None
 
-    # -- the Jacobian tools' chain ------------------------------------------------------
-    def _mlp_chain(self) -> Any:
-        """The compiled fully connected chain the Jacobian tools take (built once, from
-        the weights); only for MLPs without norm or residual layers."""
-        if self._config["norm"] is not None or self._config["residual"]:
-            raise ValueError(
-                "jacobian_norms, jacobian_spectrum and compare_theory take an MLP without norm "
-                f"or residual layers; this one has norm={self.norm!r}, residual={self.residual}"
-            )
-        if self._mlp_core is None:
-            core = _core.MLPChain64 if self._dtype == np.float64 else _core.MLPChain32
-            c = self._config
-            self._mlp_core = core.from_arrays(
-                list(self._widths), c["activation"], c["negative_slope"], c["alpha"],
-                np.concatenate([w.ravel() for w in self.weights]), np.concatenate(self.biases),
-            )  # fmt: skip
-        return self._mlp_core
+    # -- the Jacobian tools' view ---------------------------------------------------------
+    def _jacobian_chain(self) -> tuple[Any, bool]:
+        """The compiled chain the Jacobian tools take, and whether they see it layer by
+        layer (a plain MLP: J_l = diag(phi'(z_l)) W_l) or block by block (norm or residual
+        layers: each top-level block's Jacobian)."""
+        plain = self._config["norm"] is None and not self._config["residual"]
+        return self._net._core, plain

@@ -78,7 +78,7 @@ class _Report:
 
     loss: float
     log10_loss: float
-    param_names: tuple[str, ...]
+    param_names: Sequence[str]
     _log10_param: np.ndarray
     norm_type: float
     log10_total_norm: float
@@ -242,7 +242,7 @@ class ChainReport(_Report):
 
     loss: float
     log10_loss: float
-    param_names: tuple[str, ...]
+    param_names: Sequence[str]
     _log10_param: np.ndarray
     activation_names: tuple[str, ...]
     log10_activation_grad_norms: np.ndarray
@@ -264,7 +264,7 @@ class ChainReport(_Report):
     def _fields_from_core(
         cls,
         d: dict[str, Any],
-        param_names: tuple[str, ...],
+        param_names: Sequence[str],
         param_block: np.ndarray,
         activation_names: tuple[str, ...],
         train: bool,
@@ -388,7 +388,7 @@ class BackwardReport(ChainReport):
     def _from_core(
         cls,
         d: dict[str, Any],
-        param_names: tuple[str, ...],
+        param_names: Sequence[str],
         param_block: np.ndarray,
         layer_ends: np.ndarray,
         activation_names: tuple[str, ...],
@@ -524,7 +524,7 @@ class RecurrentReport(_Report):
     log10_loss: float
     log10_layer_state_grad_norms: np.ndarray
     log10_layer_cell_grad_norms: np.ndarray | None
-    param_names: tuple[str, ...]
+    param_names: Sequence[str]
     _log10_param: np.ndarray
     norm_type: float
     log10_total_norm: float

@@ -15,8 +15,6 @@
 namespace gradchain {
 
 template <class T>
-class MLPChain;
-template <class T>
 class Chain;
 template <class T>
 struct ChainResult;
@@ -49,13 +47,11 @@ class JacobianChain {
   virtual bool dense_native() const { return false; }
 };
 
-// An MLPChain's weights in double (a copy for float chains), and what every example's
-// Jacobians share: the Euclidean norm of every row of every W_l (with row_norms; they are
+// A [Linear, Activation] chain's weights in double (a copy for float chains), and what every
+// example's Jacobians share: the Euclidean norm of every row of every W_l (with row_norms; they are
 // what log10_frobenius() needs).
 class MLPLayers {
  public:
-  template <class T>
-  MLPLayers(const MLPChain<T>& chain, bool row_norms);
   // From a chain of blocks of the shape [Linear, Activation] * depth, one activation
   // throughout (every layer of gc.MLP); std::invalid_argument otherwise.
   template <class T>
@@ -228,11 +224,6 @@ double batch_norms_bytes(int batch, const std::vector<int>& dims, const NormsOpt
 double batch_spectrum_bytes(int batch, const std::vector<int>& dims, const SpectrumOptions& opt,
                             double example_bytes, bool dense);
 
-// Through an MLPChain (x: batch x widths[0], float64).
-template <class T>
-BatchNorms mlp_jacobian_norms(const MLPChain<T>& chain, const double* x, int batch,
-                              const NormsOptions& opt, Canceller& cancel);
-
 // Through a chain of blocks (x: batch x in_width, float64). Per top-level block; with
 // `layers`, per layer of a chain shaped [Linear, Activation] * depth (J = diag(phi') W).
 // When a train-mode BatchNorm couples the batch, the result has one "example": the whole
@@ -243,13 +234,8 @@ BatchNorms chain_jacobian_norms(const Chain<T>& chain, const double* x, int batc
 template <class T>
 std::vector<double> chain_qr_spectrum(const Chain<T>& chain, const double* x, int batch, bool train,
                                       bool layers, const SpectrumOptions& opt, Canceller& cancel);
-// The state dimensions dim(0..length) the functions above use, and their example count.
+// The state dimensions dim(0..length) the functions above use.
 template <class T>
 std::vector<int> chain_jacobian_dims(const Chain<T>& chain, int batch, bool train, bool layers);
-
-// batch x n_depths x k, row-major.
-template <class T>
-std::vector<double> mlp_qr_spectrum(const MLPChain<T>& chain, const double* x, int batch,
-                                    const SpectrumOptions& opt, Canceller& cancel);
 
 }  // namespace gradchain

@@ -8,9 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "gradchain/buffer.hpp"
 #include "gradchain/common.hpp"
+#include "gradchain/init.hpp"
 #include "gradchain/loss.hpp"
-#include "gradchain/mlp.hpp"
 
 namespace gradchain {
 
