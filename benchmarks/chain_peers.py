@@ -59,12 +59,9 @@ class TorchBlockChain:
         self.model.train()
         self.params = [p for _, p in self.model.named_parameters()]
         self.dtype = tdtype
-        self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
 
     def __call__(self, x):
         torch = self.torch
-        # The same running statistics at every call, as gradchain's benchmark chain.
-        self.model.load_state_dict(self.state)
         for p in self.params:
             p.grad = None
         h = torch.tensor(np.asarray(x), dtype=self.dtype).requires_grad_()
