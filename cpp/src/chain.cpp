@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 
+#include "gradchain/blas.hpp"
 #include "gradchain/buffer.hpp"
 #include "gradchain/linear.hpp"
 #include "gradchain/parallel.hpp"
@@ -315,9 +316,10 @@ Threading decide_threads(const Steps& steps, std::size_t B, bool coupled) {
 #endif
   t.parallel_forward = t.split_forward && t.two_threads;
   t.cores = std::max(max_threads(), blas_threads());
-  // With OpenMP and a batch to split, two threads of gradchain's own beat OpenBLAS's
-  // threads at every size (see the README); otherwise large GEMMs get BLAS threads.
-  t.threaded_gemm = !t.split_forward && max_work >= kThreadedGemmWork && t.cores > 1;
+  // With a batch to split, two threads of gradchain's own beat OpenBLAS's threads at every
+  // size (see the README); otherwise large products split their columns in two (by size
+  // alone, so that the sums do not depend on the thread count).
+  t.threaded_gemm = !t.split_forward && max_work >= kThreadedGemmWork;
   return t;
 }
 
@@ -403,7 +405,10 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   if (coupled && req.train && !req.trace) run_lock.lock();  // running statistics are written
 
   const Threading th = decide_threads<T>(P.steps, B, coupled || req.trace);
-  BlasThreads blas_threads_guard(th.threaded_gemm ? th.cores : 1);
+  // OpenBLAS always on one thread (its threads' sums depend on their count); an unsplit
+  // batch's large products split their columns on the core's own threads instead.
+  BlasThreads blas_threads_guard(1);
+  blas::SplitColumns split_columns(th.threaded_gemm);
   ElementwiseThreads elementwise(th.threaded_gemm ? 1 : 0);
 
   // ---- storage ---------------------------------------------------------------------------

@@ -38,4 +38,19 @@ int singular_values(int m, int n, double* a, int lda, double* s);
 void set_num_threads(int n);
 int get_num_threads();
 
+// Within its scope, every product of at least 2^20 multiply-adds that this thread asks for
+// computes C's columns in two fixed halves, each a single-threaded product, on two of the
+// core's threads where it has them (one after the other otherwise): its sums are then the
+// same for any thread count, as they are not with OpenBLAS's own threads.
+class SplitColumns {
+ public:
+  explicit SplitColumns(bool on);
+  ~SplitColumns();
+  SplitColumns(const SplitColumns&) = delete;
+  SplitColumns& operator=(const SplitColumns&) = delete;
+
+ private:
+  bool old_;
+};
+
 }  // namespace gradchain::blas
