@@ -1249,7 +1249,7 @@ def test_pascanu_bound(gc, seed, H, B, T, gain, x_scale):
     bound = log_dh[T] + (T - np.arange(T + 1)) * math.log10(sigma) + 1e-9
     bad = np.flatnonzero(log_dh > bound)
     assert bad.size == 0, (bad[:5], log_dh[bad[:5]], bound[bad[:5]])
-    if seed == 1 and T == 2000:
+    if (seed, H, B, T, gain, x_scale) == (1, 8, 2, 2000, 0.5, 1.0):  # the first example
         assert log_dh[0] < -330
 
 
