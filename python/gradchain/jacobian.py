@@ -462,7 +462,7 @@ class JacobianSpectrum:
 
 
 def jacobian_spectrum(
-    net: MLP | RNN,
+    net: MLP | Chain | RNN,
     x: Any,
     *,
     h0: Any = None,
