@@ -139,7 +139,8 @@ class TheoryComparison:
         the span's input (a chain of blocks). Where a norm layer sees the span's input
         first it is what that layer divides by: for a BatchNorm chain the features' mean
         batch variance (unbiased), for a pre-LN chain the examples' mean variance over the
-        features; for independent zero-mean inputs these equal the mean square.
+        features; for independent zero-mean inputs these equal the mean square. For
+        residual, pre-LN and post-LN spans, the mean over the examples of their own.
     index : ndarray of int, shape (depth + 1,)
         ``l = 0..L`` (``t = 0..T``).
     measured : ndarray, shape (depth + 1,)
@@ -158,7 +159,10 @@ class TheoryComparison:
         ``lambda`` the mean-field maximal Lyapunov exponent, except over the first steps,
         where the state is still moving away from ``h_0`` (from ``h_0 = 0`` a tanh
         network starts with ``chi = sigma_w**2`` and gradients change faster there). For
-        a chain of blocks, the theory result's ``log10_activation_grad_norms``.
+        a chain of blocks, the theory result's ``log10_activation_grad_norms``; residual,
+        pre-LN and post-LN blocks act on each example alone, so there the theory is
+        evaluated at each example's own q0 and the examples' mean squared norms are
+        combined, as the batch's Frobenius norm combines them.
     q_star, chi_1 : float or None
         Fixed point of the length map and ``chi`` there (:func:`gradchain.theory.mean_field`);
         None for a chain of blocks.
@@ -1157,56 +1161,121 @@ def _span_input(
     return xa, _sub_chain(chain, 0, span.start).forward(xa)
 
 
-def _span_q0(xs: np.ndarray, kind: str) -> tuple[float, float]:
-    """The theory's q0 from the span's input, and the share of its mean square that is
-    the mean of each example's entries.
+def _span_q0(xs: np.ndarray, kind: str) -> tuple[np.ndarray, float]:
+    """The theory's q0 from the span's input, per example (one value for a BatchNorm
+    chain, whose blocks see the batch), and the share of the input's mean square that
+    is the mean of each example's entries.
 
-    q0 is the input's mean square entry, except where a norm layer sees the input first:
-    for a BatchNorm chain the features' mean unbiased batch variance (what the first
-    BatchNorm divides by), for a pre-LN chain the examples' mean variance over the
-    features (what each LayerNorm divides by: the input's mean across the features stays
-    in h_l through the identity paths, and the LayerNorms remove it). For independent
-    zero-mean inputs all three agree.
+    q0 is the mean square entry, except where a norm layer sees the input first: for a
+    BatchNorm chain the features' mean unbiased batch variance (what the first BatchNorm
+    divides by), for a pre-LN chain the variance over the features (what each LayerNorm
+    divides by: the input's mean across the features stays in h_l through the identity
+    paths, and the LayerNorms remove it). For independent zero-mean inputs they agree.
     """
     a = np.asarray(xs, dtype=np.float64)
-    ms = _rms(a) ** 2
-    centred = _rms(a - a.mean(axis=1, keepdims=True)) ** 2
-    share = (ms - centred) / ms if ms > 0 else 0.0
+    scale = float(np.max(np.abs(a), initial=0.0))
+    if scale == 0.0:
+        return np.zeros(1 if kind == "batch_norm" else a.shape[0]), 0.0
+    a = a / scale  # the squares below neither overflow nor underflow
+    ms = np.mean(a * a, axis=1)
+    centred = np.mean(np.square(a - a.mean(axis=1, keepdims=True)), axis=1)
+    share = float((ms.sum() - centred.sum()) / ms.sum())
     if kind == "batch_norm":
         b = a.shape[0]
-        return _rms(a - a.mean(axis=0)) ** 2 * b / (b - 1), share
-    return (centred if kind == "pre_norm" else ms), share
+        c = a - a.mean(axis=0)
+        return np.array([float(np.mean(c * c)) * b / (b - 1) * scale * scale]), share
+    return (centred if kind == "pre_norm" else ms) * scale * scale, share
+
+
+# Examples are grouped by their q0 for the per-example theory: the curves are smooth in q0,
+# so the group means stand for their members to second order in the spread within a group.
+_Q0_GROUPS = 16
+
+
+def _mean_square_log10(curves: Sequence[np.ndarray], shares: Sequence[float]) -> np.ndarray:
+    """``0.5 log10 sum_k shares_k 10**(2 curves_k)``: the log10 of the root mean square of
+    norms given as log10 curves, elementwise, in log space."""
+    if len(curves) == 1:
+        return np.array(curves[0], dtype=np.float64)
+    values = np.array(curves, dtype=np.float64)
+    stack = values * (2.0 * _LN10) + np.log(np.asarray(shares, dtype=np.float64))[:, None]
+    out = np.logaddexp.reduce(stack, axis=0) / (2.0 * _LN10)
+    # where every example's curve has the same value (the top, 0 by definition) it is that
+    # value, without the rounding of the sum
+    same = np.all(values == values[0], axis=0)
+    out[same] = values[0, same]
+    return out
 
 
 def _block_prediction(
-    span: _Span, depth: int, sw: float, sb: float, q0: float, batch: int
-) -> tuple[Any, dict[str, Any]]:
-    """The theory result of the span and the mean-field fields of the comparison."""
+    span: _Span,
+    depth: int,
+    sw: float,
+    sb: float,
+    q0s: np.ndarray,
+    batch: int,
+    inputs: tuple[str, str],
+) -> tuple[Any, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """The theory result of the span (at the mean q0), the predicted curve and weight
+    gradients, and the mean-field fields of the comparison.
+
+    Residual, pre-LN and post-LN blocks act on each example alone: the theory is evaluated
+    at each example's own q0 and the mean squared norms are combined over the batch, as
+    the batch's Frobenius norm combines them (with independent output gradients of equal
+    variance). Evaluated at the mean q0 instead, a batch whose examples differ in scale (a
+    narrow input Linear before the span) would be predicted too low, since the per-example
+    curves are convex in q0.
+    """
     u = span.unit
     act = u.act
     kw = {"negative_slope": act.negative_slope, "alpha": act.alpha}
     none = {"q_star": None, "chi_1": None, "depth_scale": None, "lyapunov_exponent": None}
-    pred: Any
-    if u.kind == "mlp":
-        pred = theory.predicted_grad_norms(depth, act.name, sw, sb, q0=q0, **kw)
-        mf = theory.mean_field(act.name, sw, sb, q0=q0, correlation=False, **kw)
-        return pred, _mean_field_fields(mf)
-    if u.kind == "batch_norm":
-        pred = theory.batchnorm_grad_norms(depth, act.name, batch, sigma_w=sw, q0=q0, **kw)
+    q0 = float(np.mean(q0s))
+    src_w, src_b = inputs
+
+    def at(q: float, what: str) -> Any:
+        with _theory_inputs(sw, src_w, sb, src_b, q, what):
+            if u.kind == "mlp":
+                return theory.predicted_grad_norms(depth, act.name, sw, sb, q0=q, **kw)
+            if u.kind == "batch_norm":
+                return theory.batchnorm_grad_norms(depth, act.name, batch, sigma_w=sw, q0=q, **kw)
+            assert u.branch is not None and u.scale is not None
+            if u.kind == "residual":
+                return theory.residual_grad_norms(
+                    depth, act.name, sw, sb, scale=u.scale, branch=u.branch, q0=q, **kw
+                )
+            return theory.norm_position_grad_norms(
+                depth, act.name, sw, sb, position=u.kind[: -len("_norm")], scale=u.scale,
+                branch=u.branch, q0=q, **kw,
+            )  # fmt: skip
+
+    pred = at(q0, "the span's input")
+    if u.kind in ("mlp", "batch_norm"):
+        predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
+        if u.kind == "mlp":
+            mf = theory.mean_field(act.name, sw, sb, q0=q0, correlation=False, **kw)
+            return pred, predicted, None, _mean_field_fields(mf)
         bmf = theory.batchnorm_mean_field(act.name, batch, **kw)
         mean = {**none, "depth_scale": bmf.depth_scale, "lyapunov_exponent": bmf.lyapunov_exponent}
-        return pred, {**mean, "phase": "not applicable"}
-    assert u.branch is not None and u.scale is not None
-    if u.kind == "residual":
-        pred = theory.residual_grad_norms(
-            depth, act.name, sw, sb, scale=u.scale, branch=u.branch, q0=q0, **kw
-        )
-    else:
-        pred = theory.norm_position_grad_norms(
-            depth, act.name, sw, sb, position=u.kind[: -len("_norm")], scale=u.scale,
-            branch=u.branch, q0=q0, **kw,
-        )  # fmt: skip
-    return pred, {**none, "phase": "not applicable"}
+        weights = np.array(pred.log10_weight_grad_norms, dtype=np.float64)
+        return pred, predicted, weights, {**mean, "phase": "not applicable"}
+    groups = np.array_split(np.sort(q0s), min(q0s.size, _Q0_GROUPS))
+    curves, wcurves, shares = [], [], []
+    for g in groups:
+        p = at(float(np.mean(g)), "some of the span's input examples")
+        c = np.array(p.log10_activation_grad_norms, dtype=np.float64)
+        w = np.array(p.log10_weight_grad_norms, dtype=np.float64)
+        if u.kind == "pre_norm" and not span.final_norm:
+            # y is h_L itself: the curves are relative to it, without a final LayerNorm's factor
+            top = c[-1]
+            c -= top
+            w -= top
+        curves.append(c)
+        wcurves.append(w)
+        shares.append(g.size / q0s.size)
+    predicted = _mean_square_log10(curves, shares)
+    weights = _mean_square_log10(wcurves, shares)
+    return pred, predicted, weights, {**none, "phase": "not applicable"}
 
 
 def _compare_chain(
@@ -1246,13 +1315,9 @@ def _compare_chain(
         _norms_at_init(chain, span)
     body = chain if whole else _sub_chain(chain, span.start, span.stop)
     sw, sb, src_w, src_b = _chain_sigmas(chain, body, span, sigma_w, sigma_b)
-    q0, mean_share = _span_q0(xs, u.kind)
-    with _theory_inputs(sw, src_w, sb, src_b, q0, "the span's input"):
-        pred, mean = _block_prediction(span, L, sw, sb, q0, b)
-    predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
-    p_weights = (
-        None if u.weight is None else np.array(pred.log10_weight_grad_norms, dtype=np.float64)
-    )
+    q0s, mean_share = _span_q0(xs, u.kind)
+    q0 = float(np.mean(q0s))
+    pred, predicted, p_weights, mean = _block_prediction(span, L, sw, sb, q0s, b, (src_w, src_b))
     notes: list[str] = []
     if mean_share > 0.05 and (u.kind == "post_norm" or u.branch == "act_linear"):
         notes.append(
@@ -1260,11 +1325,6 @@ def _compare_chain(
             "mean square), which the theory takes as zero: the first blocks may differ"
         )
     if u.kind == "pre_norm" and not span.final_norm:
-        # y is h_L itself: the curves are relative to it, without the final LayerNorm's factor
-        top = predicted[-1]
-        predicted -= top
-        if p_weights is not None:
-            p_weights -= top
         notes.append("no LayerNorm after the last block: y is h_L")
 
     _check_draws(b, 0, body.out_features, np.float64)
