@@ -1627,7 +1627,8 @@ class BlockGradNormPrediction:
     between its top-level blocks (``h_0`` the input, each block's output after it) minus
     ``log10 ||dL/dy||``, with a seeded Gaussian gradient at ``y``: i.i.d. entries, as the
     last block's factor assumes. For a train-mode BatchNorm chain the norms are the whole
-    batch's, since its Jacobian couples the examples.
+    batch's, since its Jacobian couples the examples. :func:`gradchain.compare_theory` does
+    this for a :class:`~gradchain.Chain` (or an MLP with norm or residual layers).
     """
 
     kind: str
