@@ -1067,7 +1067,8 @@ def _buffers_kept(chain: Chain) -> Iterator[None]:
     try:
         yield
     finally:
-        chain._core.set_params(saved)
+        if saved:
+            chain._core.set_params(saved)
 
 
 def _norms_at_init(chain: Chain, span: _Span) -> None:
@@ -1188,8 +1189,16 @@ def _span_q0(xs: np.ndarray, kind: str) -> tuple[np.ndarray, float]:
 
 
 # Examples are grouped by their q0 for the per-example theory: the curves are smooth in q0,
-# so the group means stand for their members to second order in the spread within a group.
-_Q0_GROUPS = 16
+# so the group means stand for their members to second order in the spread within a group
+# (with 8 groups about 1/64 of the whole correction; each group costs one theory call).
+_Q0_GROUPS = 8
+_Q0_OF = {
+    "mlp": "the mean square entry of",
+    "batch_norm": "the features' mean batch variance of",
+    "residual": "the mean square entry of",
+    "pre_norm": "the variance over the features of",
+    "post_norm": "the mean square entry of",
+}
 
 
 def _mean_square_log10(curves: Sequence[np.ndarray], shares: Sequence[float]) -> np.ndarray:
@@ -1249,7 +1258,7 @@ def _block_prediction(
                 branch=u.branch, q0=q, **kw,
             )  # fmt: skip
 
-    pred = at(q0, "the span's input")
+    pred = at(q0, f"{_Q0_OF[u.kind]} the span's input")
     if u.kind in ("mlp", "batch_norm"):
         predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
         if u.kind == "mlp":
@@ -1262,7 +1271,7 @@ def _block_prediction(
     groups = np.array_split(np.sort(q0s), min(q0s.size, _Q0_GROUPS))
     curves, wcurves, shares = [], [], []
     for g in groups:
-        p = at(float(np.mean(g)), "some of the span's input examples")
+        p = at(float(np.mean(g)), f"{_Q0_OF[u.kind]} some examples of the span's input")
         c = np.array(p.log10_activation_grad_norms, dtype=np.float64)
         w = np.array(p.log10_weight_grad_norms, dtype=np.float64)
         if u.kind == "pre_norm" and not span.final_norm:
@@ -1594,7 +1603,7 @@ def _theory_inputs(
     except ValueError as exc:
         raise ValueError(
             f"{exc} (compare_theory passed sigma_w={sw:.6g} ({src_w}), sigma_b={sb:.6g} "
-            f"({src_b}) and q0={q0:.6g}, the mean square entry of {q0_from})"
+            f"({src_b}) and q0={q0:.6g}, {q0_from})"
         ) from exc
 
 
@@ -1640,7 +1649,7 @@ def _compare_mlp(
     act_kw = {"negative_slope": float(cfg["negative_slope"]), "alpha": float(cfg["alpha"])}
     rx = _rms(xa)
     q0 = rx * rx
-    with _theory_inputs(sw, src_w, sb, src_b, q0, "x"):
+    with _theory_inputs(sw, src_w, sb, src_b, q0, "the mean square entry of x"):
         pred = theory.predicted_grad_norms(L, net.activation, sw, sb, q0=q0, **act_kw)
         mf = theory.mean_field(net.activation, sw, sb, q0=q0, correlation=False, **act_kw)
     predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
@@ -1715,7 +1724,9 @@ def _compare_rnn(
     drive = drive_std * drive_std
     sb_eff = math.hypot(sb, drive_std)
 
-    with _theory_inputs(sw, src_w, sb_eff, src_b + ", with the input drive", q0, "h0"):
+    with _theory_inputs(
+        sw, src_w, sb_eff, src_b + ", with the input drive", q0, "the mean square entry of h0"
+    ):
         # mf.lyapunov_exponent is theory.rnn_max_lyapunov_meanfield(sw, sb_eff, ...).
         mf = theory.mean_field(net.cell, sw, sb_eff, q0=q0, correlation=False)
         # The same length map as a deep chain: q_1 = sigma_w**2 q0 + sigma_b_eff**2, and
