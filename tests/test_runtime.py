@@ -311,6 +311,24 @@ def test_cli_theory_table_json_and_errors():
     assert bad.returncode == 2 and "sigma_w" in bad.stderr
 
 
+def test_cli_theory_of_norm_and_residual_layers(capsys):
+    """--norm, --norm-position, --residual and --residual-scale build the MLP as gc.MLP's
+    options do, and the comparison is that of its blocks."""
+    from gradchain.cli import main
+
+    argv = ["theory", "--depth", "6", "--width", "32", "--activation", "relu", "--sigma-w",
+            "1.4", "--norm", "layer", "--norm-position", "post", "--residual",
+            "--residual-scale", "0.5", "--batch", "4", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["kind"], d["branch"], d["scale"], d["sigma_w"]) == ("post_norm", "act_linear", 0.5, 1.4)
+    assert len(d["measured"]) == 7 and d["chi_1"] is None
+    assert main(["theory", "--depth", "6", "--width", "32", "--norm", "batch", "--norm-position",
+                 "post", "--batch", "8"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "batchnorm_grad_norms" in out and "no spectrum" in out
+
+
 def test_cli_demo_with_every_relu_gradient_zero(capsys):
     """A width-4 relu chain whose gradients all vanish exactly: no RuntimeWarning (errors
     here) and no "10^+nan"; the ratio says both norms are 0."""
@@ -340,6 +358,9 @@ def test_cli_demo_with_every_relu_gradient_zero(capsys):
         (["theory", "--depth", "3", "--width", "4", "--sigma-w", "1e300"],
          "sigma_w must be between 0 and 1e+150"),
         (["theory", "--depth", "3", "--width", "4", "--sigma-w", "nan"], "sigma_w must be finite"),
+        (["theory", "--depth", "3", "--width", "4", "--norm", "rms", "--residual"],
+         "compare_theory has no theory for this chain"),
+        (["theory", "--norm", "group"], "argument --norm: invalid choice: 'group'"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_is_one_line_and_status_2(argv, words, capsys):

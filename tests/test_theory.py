@@ -996,6 +996,45 @@ def test_norm_position_closed_forms():
     assert theory.norm_position_grad_norms(5, "tanh", 1.5, position="post").log10_chi[1] > 0
 
 
+@pytest.mark.parametrize("position", ["pre", "post"])
+@pytest.mark.parametrize(
+    "name, sw, sb, a, q0",
+    [("relu", 1.4, 0.0, 1.0, 1.0), ("tanh", 1.5, 0.3, 0.5, 2.0), ("gelu", 1.2, 0.2, 0.3, 0.7)],
+)  # fmt: skip
+def test_norm_position_act_linear_branch_matches_the_recursion(position, name, sw, sb, a, q0):
+    """branch="act_linear" (gc.MLP's own layers, F(x) = W phi(x) + b): phi sees the
+    normalized input (variance 1), or for post-LN's first block the input itself (q0); the
+    branch adds v = a**2 length_map and gains x = a**2 chi on squared gradients."""
+    L = 7
+    p = theory.norm_position_grad_norms(L, name, sw, sb, position=position, scale=a, q0=q0,
+                                        branch="act_linear")  # fmt: skip
+    v, x = a * a * theory.length_map(1.0, name, sw, sb), a * a * theory.chi(1.0, name, sw)
+    if position == "pre":
+        q = q0 + v * np.arange(L + 1)
+        lc = np.log10(1 + x / q[:-1])
+        top = -0.5 * math.log10(q[-1])
+    else:
+        v1, x1 = a * a * theory.length_map(q0, name, sw, sb), a * a * theory.chi(q0, name, sw)
+        q = np.ones(L + 1)
+        q[0] = q0
+        lc = np.full(L, math.log10((1 + x) / (1 + v)))
+        lc[0] = math.log10((1 + x1) / (q0 + v1))
+        top = 0.0
+    np.testing.assert_allclose(p.q, q, rtol=1e-12)
+    np.testing.assert_allclose(p.log10_chi, lc, rtol=1e-12, atol=1e-14)
+    g = 0.5 * np.concatenate((np.cumsum(lc[::-1])[::-1], [0.0])) + top
+    np.testing.assert_allclose(p.log10_activation_grad_norms, g, rtol=1e-12, atol=1e-13)
+    # the last block's weight gradient: a sqrt(E[phi(u)**2]) times the gradient at its sum
+    var = 1.0 if position == "pre" or L > 1 else q0
+    e2 = theory.length_map(var, name, 1.0, 0.0)
+    rms = 1.0 if position == "pre" else math.sqrt(1 + v)
+    assert 10 ** p.log10_weight_grad_norms[-1] == pytest.approx(
+        a * math.sqrt(e2) * 10 ** g[-1] / rms, rel=1e-12)
+    two = theory.norm_position_grad_norms(L, name, sw, sb, position=position, scale=a, q0=q0)
+    # the default is the two-layer branch
+    assert not np.allclose(two.log10_weight_grad_norms, p.log10_weight_grad_norms)
+
+
 @pytest.mark.parametrize(
     "position, L", [("pre", 1), ("pre", 8), ("post", 1), ("post", 8)]
 )

@@ -14,7 +14,7 @@ import numpy as np
 from . import _validate as v
 from .compare import compare_theory
 from .errors import NonFiniteError
-from .mlp import ACTIVATIONS, INITS, MLP
+from .mlp import ACTIVATIONS, INITS, MLP, NORM_POSITIONS, NORMS
 from .theory import ConvergenceError
 
 __all__ = ["main"]
@@ -43,7 +43,9 @@ def _demo(args: argparse.Namespace) -> int:
     x = _inputs(args.seed, args.batch, args.width)
     reports = {name: net.backward(x) for name, net in chains.items()}
     names = list(chains)
-    print(f"gradchain demo: depth {args.depth}, width {args.width}, batch {args.batch}, probe loss 0.5*||h_L||^2")
+    print(
+        f"gradchain demo: depth {args.depth}, width {args.width}, batch {args.batch}, probe loss 0.5*||h_L||^2"
+    )
     print("log10 of the Frobenius norm of dL/dW_l, layer 1 = nearest the input\n")
     print(f"{'layer':>6}  {names[0]:>24}  {names[1]:>24}")
     step = max(1, args.depth // args.rows)
@@ -59,8 +61,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     net = MLP(
-        args.depth, args.width, activation=args.activation, init=args.init, gain=args.gain,
-        bias_std=args.bias_std, dtype=args.dtype, seed=args.seed,
+        args.depth,
+        args.width,
+        activation=args.activation,
+        init=args.init,
+        gain=args.gain,
+        bias_std=args.bias_std,
+        dtype=args.dtype,
+        seed=args.seed,
     )
     x = _inputs(args.seed, args.batch, args.width)
     rep = net.backward(x, max_norm=args.max_norm)
@@ -75,8 +83,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _theory(args: argparse.Namespace) -> int:
     net = MLP(
-        args.depth, args.width, activation=args.activation, init="normal", sigma_w=args.sigma_w,
-        bias_std=args.bias_std, seed=args.seed,
+        args.depth,
+        args.width,
+        activation=args.activation,
+        init="normal",
+        sigma_w=args.sigma_w,
+        bias_std=args.bias_std,
+        norm=args.norm,
+        norm_position=args.norm_position,
+        residual=args.residual,
+        residual_scale=args.residual_scale,
+        seed=args.seed,
     )
     cmp = compare_theory(net, batch=args.batch, seed=args.seed, spectrum=not args.no_spectrum)
     if args.json:
@@ -123,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="gradchain", description="Vanishing and exploding gradients, measured exactly."
     )
     sub = p.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="per-layer gradient norms of a sigmoid chain beside a ReLU/He chain")
+    d = sub.add_parser(
+        "demo", help="per-layer gradient norms of a sigmoid chain beside a ReLU/He chain"
+    )
     d.add_argument("--depth", type=_count("depth"), default=60)
     d.add_argument("--width", type=_count("width"), default=64)
     d.add_argument("--batch", type=_count("batch"), default=32)
@@ -152,6 +171,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", choices=ACTIVATIONS, default="tanh")
     t.add_argument("--sigma-w", type=float, default=1.0, help="weights N(0, sigma_w^2 / fan_in)")
     t.add_argument("--bias-std", type=float, default=0.0, help="biases N(0, bias_std^2)")
+    t.add_argument(
+        "--norm", choices=NORMS, default=None, help="a norm layer in every layer, as gc.MLP's norm="
+    )
+    t.add_argument(
+        "--norm-position", choices=NORM_POSITIONS, default="pre", help="where the norm goes"
+    )
+    t.add_argument("--residual", action="store_true", help="residual layers h + s (W phi(h) + b)")
+    t.add_argument(
+        "--residual-scale", type=float, default=1.0, help="s, the residual branches' factor"
+    )
     t.add_argument("--no-spectrum", action="store_true", help="skip the QR spectrum")
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--json", action="store_true", help="print the comparison as JSON")

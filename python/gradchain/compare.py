@@ -2,12 +2,16 @@
 
 :func:`compare_theory` runs one backward pass through a chain with a seeded Gaussian
 upstream gradient, reads the exact log10 norms ``||dL/dh_l||`` and sets them beside
-:func:`gradchain.theory.predicted_grad_norms` (an :class:`~gradchain.MLP`) or the
+:func:`gradchain.theory.predicted_grad_norms` (an :class:`~gradchain.MLP`), the
 mean-field Lyapunov exponent :func:`gradchain.theory.rnn_max_lyapunov_meanfield` (a
-vanilla :class:`~gradchain.RNN`), with the weight and bias scales read from the chain's
-initializer. Optionally it also measures the QR spectrum of the forward Jacobian products
-(:func:`gradchain.jacobian_spectrum`) and sets the finite-depth Lyapunov exponents beside
-their predictions.
+vanilla :class:`~gradchain.RNN`) or, for a chain of blocks (a :class:`~gradchain.Chain`,
+or an MLP with norm or residual layers), the block result that matches its repeated
+blocks (:func:`~gradchain.theory.batchnorm_grad_norms`,
+:func:`~gradchain.theory.residual_grad_norms`,
+:func:`~gradchain.theory.norm_position_grad_norms`), with the weight and bias scales read
+from the chain's initializer. Optionally it also measures the QR spectrum of the forward
+Jacobian products (:func:`gradchain.jacobian_spectrum`) and sets the finite-depth Lyapunov
+exponents beside their predictions.
 
 Conventions
 -----------
@@ -31,14 +35,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _validate as v
 from . import theory
+from .blocks import Activation, BatchNorm, Block, LayerNorm, Linear, Residual
+from .chain import Chain
+from .errors import NonFiniteError
 from .jacobian import jacobian_spectrum
 from .mlp import MLP
 from .report import _jsonable
@@ -50,6 +57,31 @@ _LN10 = math.log(10.0)
 _GAUSSIAN_INITS = ("normal", "xavier_normal", "he_normal", "lecun_normal")
 _VANILLA = ("tanh", "relu")
 _SAME = 1e-9  # relative: per-layer effective sigma_w counted as one value
+# Kinds whose prediction is geometric once settled: their slopes are the comparison.
+_SLOPE_KINDS = ("mlp", "rnn", "batch_norm")
+_THEORY_OF = {
+    "mlp": "theory.predicted_grad_norms (Schoenholz et al. 2017)",
+    "batch_norm": "theory.batchnorm_grad_norms (Yang et al. 2019)",
+    "residual": "theory.residual_grad_norms (Yang & Schoenholz 2017)",
+    "pre_norm": "theory.norm_position_grad_norms, position='pre' (Xiong et al. 2020)",
+    "post_norm": "theory.norm_position_grad_norms, position='post' (Xiong et al. 2020)",
+}
+_SUPPORTED_SHAPES: tuple[str, ...] = (
+    "[Linear, Activation] x L (a plain MLP)",
+    "[Linear, BatchNorm, Activation] x L in train mode",
+    (
+        "Residual([Activation, Linear]) x L or Residual([Linear, Activation, Linear]) x L "
+        "(one scale, no shortcut Linear)"
+    ),
+    (
+        "pre-LN: Residual([LayerNorm, Activation, Linear]) x L or Residual([LayerNorm, "
+        "Linear, Activation, Linear]) x L, optionally followed by a LayerNorm"
+    ),
+    (
+        "post-LN: [Residual([Activation, Linear]), LayerNorm] x L or [Residual([Linear, "
+        "Activation, Linear]), LayerNorm] x L"
+    ),
+)
 
 
 # --------------------------------------------------------------------------- result
@@ -57,21 +89,32 @@ _SAME = 1e-9  # relative: per-layer effective sigma_w counted as one value
 
 @dataclass(frozen=True, eq=False)
 class TheoryComparison:
-    """Measured per-layer (or per-step) gradient norms beside the mean-field prediction.
+    """Measured per-layer (or per-step, or per-block) gradient norms beside the mean-field
+    prediction.
 
     Arrays are read-only. The spectrum fields are None when the spectrum was not asked for
-    (``spectrum=False``) or is not available for the chain.
+    (``spectrum=False``) or is not available for the chain (:attr:`notes` says why).
+
+    For a chain of blocks the comparison covers its *span*: the repeated blocks that one
+    theory result describes (:attr:`pattern`), with the blocks before it run forward to
+    give its input and the read-out blocks after it left out. Index l then counts the
+    span's blocks in the theory's sense (a post-LN block is a residual block and its
+    LayerNorm), and the fields of the plain-MLP mean field (``q_star``, ``chi_1``,
+    ``phase``) say None or ``"not applicable"``.
 
     Attributes
     ----------
-    kind : {"mlp", "rnn"}
-        The chain's type.
+    kind : {"mlp", "rnn", "batch_norm", "residual", "pre_norm", "post_norm"}
+        The theory compared with: an MLP's mean field (also for a :class:`~gradchain.Chain`
+        of ``[Linear, Activation]`` blocks), an RNN's, or the block result of
+        :mod:`gradchain.theory` of that kind (the ``kind`` of its
+        :class:`~gradchain.theory.BlockGradNormPrediction`).
     activation : str
         The activation (an RNN's cell: ``tanh`` or ``relu``).
     net : str
         ``repr`` of the chain.
     depth : int
-        Layers L (an RNN: time steps T).
+        Layers L (an RNN: time steps T; a chain of blocks: the span's blocks).
     batch : int
         Examples in the backward pass.
     seed : int
@@ -80,24 +123,33 @@ class TheoryComparison:
         Weight std of the theory: entries of ``W_l`` (an RNN's ``weight_hh``) have
         variance ``sigma_w**2 / fan_in``.
     sigma_b : float
-        Bias std: of ``b_l``, or of ``b_ih + b_hh`` for an RNN.
-    sigma_source, sigma_b_source : {"init", "given", "estimated"}
+        Bias std: of ``b_l``, or of ``b_ih + b_hh`` for an RNN; 0 for a BatchNorm chain,
+        where a bias before the BatchNorm cancels.
+    sigma_source, sigma_b_source : {"init", "given", "estimated", "not applicable"}
         Where ``sigma_w`` and ``sigma_b`` came from: the chain's initializer, the
         arguments, or the weights themselves (``fan_in * mean(W**2)`` averaged over
-        layers, and ``mean(b**2)``).
+        layers, and ``mean(b**2)``); ``sigma_b`` of a BatchNorm chain is not applicable.
     input_variance : float
         An RNN's input drive ``sigma_ih**2 * q_x``, the variance ``weight_ih @ x_t`` adds
         to every pre-activation (``sigma_ih**2 / input_size`` the variance of
         ``weight_ih`` entries, ``q_x`` the mean square entry of x); it acts as extra
         bias variance in mean field. 0 for an MLP.
     q0 : float
-        Mean square entry of the input x (an MLP) or of the initial state h0 (an RNN).
+        Mean square entry of the input x (an MLP), of the initial state h0 (an RNN) or of
+        the span's input (a chain of blocks). Where a norm layer sees the span's input
+        first it is what that layer divides by: for a BatchNorm chain the features' mean
+        batch variance (unbiased), for a pre-LN chain the examples' mean variance over the
+        features; for independent zero-mean inputs these equal the mean square. For
+        residual, pre-LN and post-LN spans, the mean over the examples of their own.
     index : ndarray of int, shape (depth + 1,)
         ``l = 0..L`` (``t = 0..T``).
     measured : ndarray, shape (depth + 1,)
-        ``log10 ||dL/dh_l|| - log10 ||dL/dh_L||`` from the exact log10 norms of one
-        backward pass (Frobenius norms over the batch); ``-inf`` where a gradient is
-        exactly zero.
+        ``log10 ||dL/dh_l|| - log10 ||dL/dy||`` from the exact log10 norms of one
+        backward pass (Frobenius norms over the batch, which for a train-mode BatchNorm
+        chain, whose blocks couple the examples, is the only norm the theory speaks of);
+        ``y = h_L`` except for a pre-LN span that ends in a LayerNorm, where ``y`` is
+        that LayerNorm's output and the last entry is ``log10 ||dL/dh_L|| / ||dL/dy||``.
+        ``-inf`` where a gradient is exactly zero.
     predicted : ndarray, shape (depth + 1,)
         The mean-field prediction of the same, index for index:
         ``0.5 * sum_{k > l} log10 chi(q_k)`` (:func:`gradchain.theory.predicted_grad_norms`),
@@ -106,15 +158,25 @@ class TheoryComparison:
         ``(L - l) * 0.5 log10 chi_1``; for an RNN ``lambda * (T - t) / ln 10`` with
         ``lambda`` the mean-field maximal Lyapunov exponent, except over the first steps,
         where the state is still moving away from ``h_0`` (from ``h_0 = 0`` a tanh
-        network starts with ``chi = sigma_w**2`` and gradients change faster there).
-    q_star, chi_1, depth_scale : float
-        Fixed point of the length map, ``chi`` there and ``xi = -1 / ln chi_1``
-        (:func:`gradchain.theory.mean_field`).
+        network starts with ``chi = sigma_w**2`` and gradients change faster there). For
+        a chain of blocks, the theory result's ``log10_activation_grad_norms``; residual,
+        pre-LN and post-LN blocks act on each example alone, so there the theory is
+        evaluated at each example's own q0 and the examples' mean squared norms are
+        combined, as the batch's Frobenius norm combines them.
+    q_star, chi_1 : float or None
+        Fixed point of the length map and ``chi`` there (:func:`gradchain.theory.mean_field`);
+        None for a chain of blocks.
+    depth_scale : float or None
+        ``xi = -1 / ln chi_1``; for a BatchNorm chain ``-1 / ln growth``
+        (:class:`~gradchain.theory.BatchNormMeanField`); None for other blocks, whose
+        per-block factor changes with depth.
     phase : str
-        ``"ordered"``, ``"chaotic"`` or ``"critical"``.
-    lyapunov_exponent : float
+        ``"ordered"``, ``"chaotic"`` or ``"critical"``; ``"not applicable"`` for a chain of
+        blocks.
+    lyapunov_exponent : float or None
         ``0.5 ln chi_1`` (natural log per layer or step): for an RNN the predicted
-        maximal Lyapunov exponent ``lambda``.
+        maximal Lyapunov exponent ``lambda``; for a BatchNorm chain ``0.5 ln growth``; None
+        for other blocks.
     fit_start : int
         Slopes are fitted over ``index >= fit_start`` (by default the half nearest the
         loss, where ``q_l`` has settled).
@@ -158,6 +220,33 @@ class TheoryComparison:
     exponent_theory : str or None
         Which prediction the exponents have: ``"newman"``, ``"orthogonal"`` or
         ``"mean_field_top"``.
+    measured_stderr : ndarray or None, shape (depth + 1,)
+        Standard error of each :attr:`measured` value for a log-norm that moves away from
+        the prediction by independent increments of equal variance, estimated from the
+        ``depth`` increments of :attr:`residual`: ``sqrt((L - l) s**2)``. NaN where the
+        curves hold a zero gradient or there are fewer than 2 increments. Like
+        :attr:`measured_slope_stderr` it does not cover the O(1/width) gap between the
+        mean log and the log of the mean.
+    span : tuple of int or None
+        A chain of blocks: the top-level blocks ``[start, stop)`` compared (of
+        ``net.blocks``); None for an MLP without norm or residual layers and an RNN.
+    pattern : str or None
+        The span's blocks as recognised, e.g.
+        ``"[Linear(256, 256), BatchNorm(256), Activation('relu')] x 20"``.
+    scale : float or None
+        The residual branch multiplier ``a`` of residual, pre-LN and post-LN spans.
+    branch : {"act_linear", "linear_act_linear"} or None
+        Their branch: ``W phi(h) + b`` or ``W' phi(W h + b) + b'``.
+    measured_log10_weight_grad_norms : ndarray or None, shape (depth,)
+        Blocks l = 1..L: ``log10 ||dL/dW_l|| - 0.5 log10 fan_in - log10 ||dL/dy||`` for the
+        weight the theory predicts (a BatchNorm block's Linear, a branch's last Linear),
+        Frobenius norms over the batch; None where the theory has no prediction (MLP, RNN).
+    predicted_log10_weight_grad_norms : ndarray or None, shape (depth,)
+        The theory's ``log10_weight_grad_norms`` of the same (for a batch of independent
+        output gradients the per-example squared norms add, so the ratio is the same).
+    notes : tuple of str
+        What the comparison left out or assumed beyond the fields, e.g. a spectrum that a
+        train-mode BatchNorm rules out, or the blocks outside the span.
     """
 
     kind: str
@@ -175,11 +264,11 @@ class TheoryComparison:
     index: np.ndarray
     measured: np.ndarray
     predicted: np.ndarray
-    q_star: float
-    chi_1: float
-    depth_scale: float
+    q_star: float | None
+    chi_1: float | None
+    depth_scale: float | None
     phase: str
-    lyapunov_exponent: float
+    lyapunov_exponent: float | None
     fit_start: int
     measured_slope: float
     measured_slope_stderr: float
@@ -193,6 +282,14 @@ class TheoryComparison:
     predicted_exponents: np.ndarray | None = None
     predicted_exponents_stderr: np.ndarray | None = None
     exponent_theory: str | None = None
+    measured_stderr: np.ndarray | None = None
+    span: tuple[int, int] | None = None
+    pattern: str | None = None
+    scale: float | None = None
+    branch: str | None = None
+    measured_log10_weight_grad_norms: np.ndarray | None = None
+    predicted_log10_weight_grad_norms: np.ndarray | None = None
+    notes: tuple[str, ...] = ()
 
     # -- derived ------------------------------------------------------------------------
     @property
@@ -215,6 +312,15 @@ class TheoryComparison:
         """Whether the spectrum fields are filled."""
         return self.spectrum_depths is not None
 
+    @property
+    def comparison(self) -> str:
+        """``"slope"`` where the prediction is geometric once settled (an MLP, an RNN, a
+        BatchNorm chain), so that the per-layer slope is the number to compare, or
+        ``"curve"`` where the per-block factor changes with depth (residual, pre-LN and
+        post-LN chains), compared index for index (``measured[0]`` against
+        ``predicted[0]`` within :attr:`measured_stderr` sums it up)."""
+        return "slope" if self.kind in _SLOPE_KINDS else "curve"
+
     # -- presentation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A dictionary of plain Python values that ``json.dumps`` accepts.
@@ -222,19 +328,22 @@ class TheoryComparison:
         Non-finite floats become ``"inf"``/``"-inf"`` (NaN becomes None).
         """
         out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
-        for name in ("residual", "effective_sigma_b"):
+        for name in ("residual", "effective_sigma_b", "comparison"):
             out[name] = _jsonable(getattr(self, name))
         return out
 
     def _labels(self) -> tuple[str, str]:
-        return ("t", "step") if self.kind == "rnn" else ("layer", "layer")
+        if self.kind == "rnn":
+            return ("t", "step")
+        return ("layer", "layer") if self.kind == "mlp" else ("block", "block")
 
     def table(self, every: int | None = None) -> str:
         """A text table of both curves (every `every`-th index; about 20 rows by default).
 
         Columns: the index (l or t), ``measured`` and ``predicted`` log10 norm ratios to the
-        top, their difference, and with the spectrum the measured and predicted top
-        direction's cumulative log growth (natural log) up to that depth.
+        top, their difference, with the spectrum the measured and predicted top
+        direction's cumulative log growth (natural log) up to that depth, and where the
+        theory predicts them the measured and predicted weight gradients of block l.
         """
         n = self.depth
         step = every or max(1, n // 20)
@@ -253,6 +362,9 @@ class TheoryComparison:
                     self.spectrum_depths, self.measured_log_growth, self.predicted_log_growth
                 )
             }
+        mw, pw = self.measured_log10_weight_grad_norms, self.predicted_log10_weight_grad_norms
+        if mw is not None and pw is not None:
+            head += f"  {'log10|dW| meas':>14}  {'log10|dW| pred':>14}"
         rows = [head]
         res = self.residual
         for i in sorted(set(range(0, n + 1, step)) | {n}):
@@ -263,29 +375,68 @@ class TheoryComparison:
             if self.has_spectrum:
                 g = growth.get(i)
                 row += f"  {_num(g[0], '>13.5g')}  {_num(g[1], '>13.5g')}" if g else " " * 30
+            if mw is not None and pw is not None:
+                row += (
+                    f"  {_num(mw[i - 1], '>14.5f')}  {_num(pw[i - 1], '>14.5f')}" if i else " " * 32
+                )
             rows.append(row.rstrip())
         return "\n".join(rows)
 
     def _summary(self) -> str:
         unit = self._labels()[1]
-        lines = [
-            f"TheoryComparison({self.net})",
+        lines = [f"TheoryComparison({self.net})"]
+        if self.pattern is not None:
+            assert self.span is not None
+            lines.append(
+                f"  span: blocks {self.span[0]}..{self.span[1] - 1}, {self.pattern}; theory: "
+                f"{_THEORY_OF[self.kind]}"
+            )
+        scale = "" if self.scale is None else f", scale = {self.scale:.6g}"
+        branch = "" if self.branch is None else f", branch {self.branch}"
+        lines.append(
             f"  sigma_w = {self.sigma_w:.6g} ({self.sigma_source}), sigma_b = "
             f"{self.sigma_b:.6g} ({self.sigma_b_source})"
             + (f", input variance = {self.input_variance:.6g}" if self.kind == "rnn" else "")
-            + f", q0 = {self.q0:.6g}",
-            (
+            + f"{scale}{branch}, q0 = {self.q0:.6g}"
+            + (f", batch {self.batch}" if self.kind == "batch_norm" else "")
+        )
+        if self.kind in ("mlp", "rnn"):
+            assert self.q_star is not None and self.chi_1 is not None
+            assert self.depth_scale is not None and self.lyapunov_exponent is not None
+            lines.append(
                 f"  mean field: q* = {self.q_star:.6g}, chi_1 = {self.chi_1:.6g}, depth scale"
                 f" = {self.depth_scale:.6g}, {self.phase}, exponent 0.5 ln chi_1 = "
                 f"{self.lyapunov_exponent:.6g} per {unit}"
-            ),
-            (
+            )
+        elif self.kind == "batch_norm":
+            assert self.depth_scale is not None and self.lyapunov_exponent is not None
+            lines.append(
+                f"  mean field: growth of squared gradient norms {math.exp(2 * self.lyapunov_exponent):.6g}"
+                f" per block, depth scale = {self.depth_scale:.6g}, exponent 0.5 ln growth = "
+                f"{self.lyapunov_exponent:.6g} per block"
+            )
+        if self.comparison == "slope":
+            lines.append(
                 f"  log10 |dL/dh| per {unit} back ({self._labels()[0]} {self.fit_start}.."
                 f"{self.depth}): measured {_num(self.measured_slope, '.5f')} +- "
                 f"{_num(self.measured_slope_stderr, '.5f')}, predicted "
                 f"{_num(self.predicted_slope, '.5f')}"
-            ),
-        ]
+            )
+        else:
+            se = math.nan if self.measured_stderr is None else float(self.measured_stderr[0])
+            lines.append(
+                f"  log10 |dL/dh_0| / |dL/dy| over the span: measured "
+                f"{_num(float(self.measured[0]), '.5f')} +- {_num(se, '.5f')}, predicted "
+                f"{_num(float(self.predicted[0]), '.5f')}"
+            )
+        mw, pw = self.measured_log10_weight_grad_norms, self.predicted_log10_weight_grad_norms
+        if mw is not None and pw is not None:
+            lines.append(
+                f"  log10 |dL/dW_l| / (sqrt(fan_in) |dL/dy|): block 1 measured "
+                f"{_num(float(mw[0]), '.5f')}, predicted {_num(float(pw[0]), '.5f')}; block "
+                f"{self.depth} measured {_num(float(mw[-1]), '.5f')}, predicted "
+                f"{_num(float(pw[-1]), '.5f')}"
+            )
         if self.has_spectrum:
             assert self.measured_exponents is not None and self.predicted_exponents is not None
             assert self.predicted_exponents_stderr is not None
@@ -304,6 +455,7 @@ class TheoryComparison:
                 )
                 + (", ..." if self.measured_exponents.size > 4 else "")
             )
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -336,16 +488,21 @@ class TheoryComparison:
         if ax is None:
             _, ax = plt.subplots()
         name = self._labels()[0]
-        top = "T" if self.kind == "rnn" else "L"
+        top = {"rnn": "T", "mlp": "L"}.get(self.kind, "y")
         sub = "t" if self.kind == "rnn" else "l"
         ax.plot(self.index, self.measured, label="measured")
         ax.plot(self.index, self.predicted, linestyle="--", label="mean field")
         ax.set_xlabel(name)
         ax.set_ylabel(f"log10 ||dL/dh_{sub}|| / ||dL/dh_{top}||")
-        ax.set_title(
-            f"{self.activation}, sigma_w={self.sigma_w:.3g}, sigma_b={self.effective_sigma_b:.3g}"
-            f" ({self.phase})"
-        )
+        if self.kind in ("mlp", "rnn"):
+            title = (
+                f"{self.activation}, sigma_w={self.sigma_w:.3g}, "
+                f"sigma_b={self.effective_sigma_b:.3g} ({self.phase})"
+            )
+        else:
+            title = f"{self.kind.replace('_', ' ')}, {self.activation}, sigma_w={self.sigma_w:.3g}"
+            title += "" if self.scale is None else f", scale={self.scale:.3g}"
+        ax.set_title(title)
         ax.legend()
         return ax
 
@@ -401,16 +558,17 @@ def _rms(a: Any) -> float:
 # --------------------------------------------------------------------------- MLP
 
 
-def _mlp_init_sigma_w(net: MLP) -> float | None:
-    """The effective sigma_w of the chain's initializer (None when not known), with a
-    ValueError when it differs between layers."""
-    cfg = net._config
-    init = cfg.get("init")
-    if init is None:
+def _init_sigma_ws(
+    cfg: dict[str, Any] | None, fans: Sequence[tuple[int, int]]
+) -> list[float] | None:
+    """The effective sigma_w, ``sqrt(fan_in * Var W)``, that the initializer of `cfg` gives
+    each Linear of shape ``(fan_out, fan_in)`` (None when the initializer is not known)."""
+    init = None if cfg is None else cfg.get("init")
+    if cfg is None or init is None:
         return None
     g = abs(float(cfg["gain"]))  # not squared: a huge gain must not overflow here
     per_layer = []
-    for fi, fo in zip(net.widths[:-1], net.widths[1:]):
+    for fi, fo in fans:
         if init in ("xavier_normal", "xavier_uniform"):
             s = g * math.sqrt(2.0 * fi / (fi + fo))  # Var = gain**2 * 2 / (fan_in + fan_out)
         elif init in ("he_normal", "he_uniform"):
@@ -424,17 +582,36 @@ def _mlp_init_sigma_w(net: MLP) -> float | None:
         else:  # pragma: no cover - an initializer this module does not know
             return None
         per_layer.append(s)
+    return per_layer
+
+
+def _one_sigma_w(per_layer: Sequence[float], labels: Sequence[str], what: str, init: str) -> float:
+    """The common value of `per_layer`, or a ValueError that lists them (`labels` names
+    each layer, `what` says whose layers they are)."""
     lo, hi = min(per_layer), max(per_layer)
     if hi - lo > _SAME * hi:
-        where = ", ".join(
-            f"layer {i + 1}: {s:.6g}" for i, s in enumerate(per_layer[:4])
-        ) + (", ..." if len(per_layer) > 4 else "")
+        where = ", ".join(f"{name}: {s:.6g}" for name, s in zip(labels[:4], per_layer[:4])) + (
+            ", ..." if len(per_layer) > 4 else ""
+        )
         raise ValueError(
-            f"init={init!r} with widths {list(net.widths)} gives the layers different "
-            f"effective sigma_w = sqrt(fan_in * Var W_l) ({where}); mean-field theory needs "
-            "one value: pass sigma_w= (and sigma_b=) explicitly"
+            f"init={init!r} {what} different effective sigma_w = sqrt(fan_in * Var W_l) "
+            f"({where}); mean-field theory needs one value: pass sigma_w= (and sigma_b=) "
+            "explicitly"
         )
     return per_layer[0]
+
+
+def _mlp_init_sigma_w(net: MLP) -> float | None:
+    """The effective sigma_w of the MLP's initializer (None when not known), with a
+    ValueError when it differs between layers."""
+    w = net.widths
+    per_layer = _init_sigma_ws(net._config, list(zip(w[:-1], w[1:])))
+    if per_layer is None:
+        return None
+    labels = [f"layer {i + 1}" for i in range(min(len(per_layer), 4))]
+    return _one_sigma_w(
+        per_layer, labels, f"with widths {list(w)} gives the layers", net._config["init"]
+    )
 
 
 def _mlp_sigmas(net: MLP, sigma_w: Any, sigma_b: Any) -> tuple[float, float, str, str]:
@@ -459,18 +636,19 @@ def _mlp_sigmas(net: MLP, sigma_w: Any, sigma_b: Any) -> tuple[float, float, str
 
 
 def _spectrum_fields(
-    spec: Any,
+    depths: np.ndarray,
+    S: np.ndarray,
     pred: Any,
     predicted: np.ndarray,
     exact: tuple[np.ndarray, np.ndarray, str] | None = None,
 ) -> dict[str, Any]:
-    """The spectrum fields of a TheoryComparison from a JacobianSpectrum: measured growth
-    of the top direction and exponents (batch mean and spread) beside the prediction, which
-    is the mean-field top exponent unless `exact` gives a whole predicted spectrum
+    """The spectrum fields of a TheoryComparison from the QR spectrum's depths (in the
+    comparison's index) and log singular values (batch, depths, k): measured growth of the
+    top direction and exponents (batch mean and spread) beside the prediction, which is
+    the mean-field top exponent unless `exact` gives a whole predicted spectrum
     (exponents, standard errors, name)."""
-    depths = np.asarray(spec.depths)
-    depth, k = spec.depth, spec.k
-    S = spec.log_singular_values
+    depths = np.asarray(depths)
+    depth, k = int(depths[-1]), S.shape[2]
     with np.errstate(invalid="ignore"):
         growth = S[:, :, 0].mean(axis=0)
         exps = S[:, -1, :] / depth
@@ -488,7 +666,7 @@ def _spectrum_fields(
         p_exp[0] = pred_growth[-1] / depth
         exact = (p_exp, np.full(k, math.nan), "mean_field_top")
     return {
-        "spectrum_batch": spec.batch,
+        "spectrum_batch": S.shape[0],
         "spectrum_depths": depths,
         "measured_log_growth": growth,
         "predicted_log_growth": pred_growth,
@@ -500,53 +678,84 @@ def _spectrum_fields(
     }
 
 
+def _exact_spectrum(
+    activation: str, widths: Sequence[int], init: str | None, sw: float, depth: int, k: int
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The whole predicted spectrum where it is known exactly: a linear chain of equal
+    widths with Gaussian weights (Newman) or orthogonal ones."""
+    if activation != "linear" or len(set(widths)) != 1 or not sw > 0:
+        return None
+    n = widths[0]
+    if init in _GAUSSIAN_INITS:
+        return (
+            theory.gaussian_lyapunov_spectrum(n, sw)[:k].copy(),
+            theory.gaussian_lyapunov_stderr(n, depth)[:k].copy(),
+            "newman",
+        )
+    if init == "orthogonal":
+        return (np.full(k, math.log(sw)), np.zeros(k), "orthogonal")
+    return None
+
+
 def _mlp_spectrum(
     net: MLP, x: np.ndarray, k: int, sw: float, pred: Any, predicted: np.ndarray
 ) -> dict[str, Any]:
-    widths = net.widths
-    square = len(set(widths)) == 1
-    init = net._config.get("init")
-    exact = None
-    if net.activation == "linear" and square and sw > 0:
-        n = widths[0]
-        if init in _GAUSSIAN_INITS:
-            exact = (
-                theory.gaussian_lyapunov_spectrum(n, sw)[:k].copy(),
-                theory.gaussian_lyapunov_stderr(n, net.depth)[:k].copy(),
-                "newman",
-            )
-        elif init == "orthogonal":
-            exact = (np.full(k, math.log(sw)), np.zeros(k), "orthogonal")
-    return _spectrum_fields(jacobian_spectrum(net, x, k=k), pred, predicted, exact)
+    exact = _exact_spectrum(net.activation, net.widths, net._config.get("init"), sw, net.depth, k)
+    s = jacobian_spectrum(net, x, k=k)
+    return _spectrum_fields(s.depths, s.log_singular_values, pred, predicted, exact)
+
+
+def _walk_stderr(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Standard error of each ``measured[l]`` when measured - predicted moves by
+    independent increments of a common variance: ``sqrt((L - l) s**2)``, with ``s**2``
+    the sample variance of the L increments (NaN where they are not all finite)."""
+    L = measured.size - 1
+    with np.errstate(invalid="ignore"):
+        d = np.diff(measured) - np.diff(predicted)
+    if L < 2 or not np.isfinite(d).all():
+        return np.full(L + 1, math.nan)
+    return np.sqrt(np.arange(L, -1, -1, dtype=np.float64) * float(np.var(d, ddof=1)))
+
+
+def _mean_field_fields(mf: Any) -> dict[str, Any]:
+    return {
+        "q_star": mf.q_star,
+        "chi_1": mf.chi_1,
+        "depth_scale": mf.depth_scale,
+        "phase": mf.phase,
+        "lyapunov_exponent": mf.lyapunov_exponent,
+    }
 
 
 def _result(
     *,
     measured: np.ndarray,
     predicted: np.ndarray,
-    mf: Any,
+    mean: dict[str, Any],
     fit_start: int,
     spec: dict[str, Any],
     **fields: Any,
 ) -> TheoryComparison:
-    """Slopes over the fit window, read-only arrays and the result, for both chain kinds."""
+    """Slopes over the fit window, the random-walk standard errors, read-only arrays and
+    the result, for every chain kind."""
     m_slope, m_se = _slope(measured, fit_start)
     p_slope, _ = _slope(predicted, fit_start)
     index = np.arange(measured.size)
-    v.readonly(index, measured, predicted, *(a for a in spec.values() if isinstance(a, np.ndarray)))
+    stderr = _walk_stderr(measured, predicted)
+    arrays = [*spec.values(), *fields.values()]
+    v.readonly(
+        index, measured, predicted, stderr, *(a for a in arrays if isinstance(a, np.ndarray))
+    )
     return TheoryComparison(
         index=index,
         measured=measured,
         predicted=predicted,
-        q_star=mf.q_star,
-        chi_1=mf.chi_1,
-        depth_scale=mf.depth_scale,
-        phase=mf.phase,
-        lyapunov_exponent=mf.lyapunov_exponent,
         fit_start=fit_start,
         measured_slope=m_slope,
         measured_slope_stderr=m_se,
         predicted_slope=p_slope,
+        measured_stderr=stderr,
+        **mean,
         **spec,
         **fields,
     )
@@ -555,9 +764,7 @@ def _result(
 # --------------------------------------------------------------------------- RNN
 
 
-def _rnn_sigmas(
-    net: RNN, sigma_w: Any, sigma_b: Any
-) -> tuple[float, float, float, str, str]:
+def _rnn_sigmas(net: RNN, sigma_w: Any, sigma_b: Any) -> tuple[float, float, float, str, str]:
     """(sigma_w, sigma_b, sigma_ih, sources) of a vanilla single-layer RNN (stds, never
     squared here, so that a huge gain cannot overflow)."""
     cfg = net._config
@@ -607,11 +814,622 @@ def _rnn_sigmas(
     return sw, sb, sih, src_w, src_b
 
 
+# --------------------------------------------------------------------------- chains of blocks
+
+
+class _Unit(NamedTuple):
+    """One repetition of a supported shape: its top-level blocks and what the theory needs
+    of them. Locations are ``(top-level offset in the unit, index in a residual body or
+    None)``."""
+
+    kind: str
+    size: int  # top-level blocks
+    key: tuple[Any, ...]  # equal for every unit of one span
+    act: Activation
+    branch: str | None
+    scale: float | None
+    linears: tuple[tuple[int, int | None], ...]  # whose weights the theory's sigma_w describes
+    weight: tuple[int, int | None] | None  # the Linear whose gradient the theory predicts
+    norms: tuple[tuple[int, int | None], ...]  # taken at initialization by the theory
+
+
+class _Span(NamedTuple):
+    unit: _Unit
+    start: int
+    stop: int  # top-level blocks [start, stop), a final LayerNorm included
+    units: int
+    final_norm: bool
+
+
+def _act_key(a: Activation) -> tuple[Any, ...]:
+    return (a.name, a.negative_slope, a.alpha)
+
+
+def _branch(body: Sequence[Block]) -> tuple[str, Activation, tuple[int, ...]] | None:
+    """A residual branch the theory covers: (its name, the activation, its Linears)."""
+    kinds = tuple(type(b) for b in body)
+    if kinds == (Activation, Linear):
+        return "act_linear", body[0], (1,)  # type: ignore[return-value]
+    if kinds == (Linear, Activation, Linear):
+        return "linear_act_linear", body[1], (0, 2)  # type: ignore[return-value]
+    return None
+
+
+def _units_at(blocks: Sequence[Block], i: int) -> list[_Unit]:
+    """Every unit of a supported shape that starts at ``blocks[i]`` (a residual block
+    followed by a LayerNorm starts both a residual and a post-LN unit)."""
+    b = blocks[i]
+    nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+    if isinstance(b, Linear):
+        if isinstance(nxt, Activation):
+            return [
+                _Unit("mlp", 2, ("mlp", _act_key(nxt)), nxt, None, None, ((0, None),), None, ())
+            ]
+        after = blocks[i + 2] if i + 2 < len(blocks) else None
+        if isinstance(nxt, BatchNorm) and isinstance(after, Activation):
+            bn_key: tuple[Any, ...] = ("batch_norm", _act_key(after))
+            return [
+                _Unit(
+                    "batch_norm",
+                    3,
+                    bn_key,
+                    after,
+                    None,
+                    None,
+                    ((0, None),),
+                    (0, None),
+                    ((1, None),),
+                )
+            ]
+        return []
+    if not isinstance(b, Residual) or b.shortcut is not False:
+        return []
+    body = b.blocks
+    pre = isinstance(body[0], LayerNorm)
+    found = _branch(body[1:] if pre else body)
+    if found is None:
+        return []
+    name, act, lins = found
+    linears = tuple((0, j + int(pre)) for j in lins)
+    key = (name, _act_key(act), b.scale)
+    if pre:
+        return [
+            _Unit(
+                "pre_norm",
+                1,
+                ("pre_norm", *key),
+                act,
+                name,
+                b.scale,
+                linears,
+                linears[-1],
+                ((0, 0),),
+            )
+        ]
+    out = [_Unit("residual", 1, ("residual", *key), act, name, b.scale, linears, linears[-1], ())]
+    if isinstance(nxt, LayerNorm):
+        out.insert(
+            0,
+            _Unit(
+                "post_norm",
+                2,
+                ("post_norm", *key),
+                act,
+                name,
+                b.scale,
+                linears,
+                linears[-1],
+                ((1, None),),
+            ),
+        )
+    return out
+
+
+def _longest_run(blocks: Sequence[Block]) -> _Span | None:
+    """The longest run (in top-level blocks) of equal units of one supported shape; the
+    first of equally long ones."""
+    best: _Span | None = None
+    i, n = 0, len(blocks)
+    while i < n:
+        here: _Span | None = None
+        for unit in _units_at(blocks, i):
+            count, j = 1, i + unit.size
+            while j < n and any(u.key == unit.key for u in _units_at(blocks, j)):
+                count, j = count + 1, j + unit.size
+            final = unit.kind == "pre_norm" and j < n and isinstance(blocks[j], LayerNorm)
+            span = _Span(unit, i, j + int(final), count, final)
+            if here is None or span.stop > here.stop:
+                here = span
+        if here is None:
+            i += 1
+            continue
+        if best is None or here.stop - here.start > best.stop - best.start:
+            best = here
+        i = here.stop
+    return best
+
+
+def _short(blocks: Sequence[Block], limit: int = 240) -> str:
+    """The blocks as a compact list (runs of equal blocks as ``[block] x k``)."""
+    parts: list[str] = []
+    i = 0
+    while i < len(blocks):
+        j = i + 1
+        while j < len(blocks) and blocks[j]._text(False) == blocks[i]._text(False):
+            j += 1
+        text = blocks[i]._text(False)
+        parts.append(text if j - i == 1 else f"{text} x {j - i}")
+        i = j
+    out = "[" + ", ".join(parts) + "]"
+    return out if len(out) <= limit else out[: limit - 5] + " ...]"
+
+
+def _outside(part: Sequence[Block]) -> str | None:
+    """Why blocks before or after a span are more than the input or read-out layers that
+    the comparison may run forward or cut (None when they are not)."""
+    if any(isinstance(b, Residual) for b in part):
+        return "holds a residual block"
+    lin = sum(isinstance(b, Linear) for b in part)
+    return f"holds {lin} Linear blocks" if lin > 1 else None
+
+
+def _recognise(blocks: Sequence[Block]) -> _Span:
+    """The span that one block theory describes, or a ValueError that says what was found
+    and what is supported."""
+    span = _longest_run(blocks)
+    supported = "; ".join(_SUPPORTED_SHAPES)
+    rules = (
+        "compare_theory sets a theory beside L repeated blocks of one of these shapes, after "
+        "at most one input Linear (with norm and activation blocks) that it runs forward and "
+        f"before read-out blocks (at most one Linear) that it leaves out: {supported}"
+    )
+    if span is None:
+        raise ValueError(
+            f"compare_theory has no theory for this chain: its blocks are {_short(blocks)}, "
+            f"with no run of a supported shape. {rules}"
+        )
+    for part, where in ((blocks[: span.start], "before"), (blocks[span.stop :], "after")):
+        why = _outside(part)
+        if why is not None:
+            raise ValueError(
+                f"compare_theory has no theory for this chain: its blocks are {_short(blocks)}; "
+                f"the longest run of a supported shape, {_pattern(blocks, span)} (blocks "
+                f"{span.start}..{span.stop - 1}), has blocks {where} it that {why}. {rules}"
+            )
+    return span
+
+
+def _numbered(start: int, stop: int) -> str:
+    return f"block {start}" if stop == start + 1 else f"blocks {start}..{stop - 1}"
+
+
+def _pattern(blocks: Sequence[Block], span: _Span) -> str:
+    unit = blocks[span.start : span.start + span.unit.size]
+    text = ", ".join(b._text(False) for b in unit)
+    out = (f"[{text}]" if len(unit) > 1 else text) + f" x {span.units}"
+    return out + (f", {blocks[span.stop - 1]._text(False)}" if span.final_norm else "")
+
+
+def _located(chain: Chain, top: int, body: int | None) -> tuple[Block, str]:
+    """The block at a top-level index (and index in its residual body) and its name, as
+    the chain names its parameters."""
+    b, name = chain.blocks[top], chain._names[top]
+    if body is None:
+        return b, name
+    assert isinstance(b, Residual)
+    c = b.blocks[body]
+    if c.prefix is not None:
+        return c, c.prefix
+    return c, (f"{name}.block.{body}" if name else f"block.{body}")
+
+
+def _named_copy(b: Block, name: str) -> Block:
+    """`b` named `name` (as its chain names it), so that a chain of a slice of the blocks
+    keeps the chain's parameter names."""
+    if b.prefix is not None:
+        return b
+    pos, kw = b._args()
+    return type(b)(*pos, **{**kw, "prefix": name})
+
+
+def _sub_chain(chain: Chain, start: int, stop: int) -> Chain:
+    """A chain of the top-level blocks [start, stop) with a copy of their parameters and
+    buffers, the same names and the same mode."""
+    blocks = [_named_copy(b, n) for b, n in zip(chain.blocks[start:stop], chain._names[start:stop])]
+    sub = Chain.__new__(Chain)
+    sub._build(blocks, chain.dtype)
+    src = chain._layout().position
+    sub.load_state_dict({k: chain._core.param(src[k]) for k in sub._layout().torch_order})
+    sub._config = None
+    sub._training = chain.training
+    return sub
+
+
+def _has_batchnorm(blocks: Sequence[Block]) -> bool:
+    return any(
+        isinstance(b, BatchNorm) or (isinstance(b, Residual) and _has_batchnorm(b.blocks))
+        for b in blocks
+    )
+
+
+@contextlib.contextmanager
+def _buffers_kept(chain: Chain) -> Iterator[None]:
+    """Restores a chain's buffers after a train-mode pass, which updates BatchNorm's running
+    statistics as a torch forward pass does: a comparison leaves the chain as it was."""
+    if not (chain.training and _has_batchnorm(chain.blocks)):
+        yield
+        return
+    n = int(chain._core.num_params)
+    saved = [
+        (i, np.array(chain._core.param(i)).reshape(-1))
+        for i in range(n, len(chain._layout().names))
+    ]
+    try:
+        yield
+    finally:
+        if saved:
+            chain._core.set_params(saved)
+
+
+def _norms_at_init(chain: Chain, span: _Span) -> None:
+    """The block theories take every norm layer at initialization (weight 1, bias 0)."""
+    places = [
+        (span.start + l * span.unit.size + off, j)
+        for l in range(span.units)
+        for off, j in span.unit.norms
+    ]
+    if span.final_norm:
+        places.append((span.stop - 1, None))
+    for top, j in places:
+        block, name = _located(chain, top, j)
+        for suffix, value in (("weight", 1.0), ("bias", 0.0)):
+            key = f"{name}.{suffix}"
+            if key in chain._layout().position and np.any(chain._view(key) != value):
+                raise ValueError(
+                    f"compare_theory's block theories take norm layers at initialization "
+                    f"(weight 1, bias 0), but {key} of {block._text(False)} is not {value:g} "
+                    "everywhere (a trained or edited model): the prediction does not apply to it"
+                )
+
+
+def _span_linears(body: Chain, span: _Span) -> tuple[list[Linear], list[str]]:
+    """The Linear blocks of the body chain (the span alone) whose weights the theory's
+    sigma_w and sigma_b describe, and their names."""
+    lins, names = [], []
+    for l in range(span.units):
+        for off, j in span.unit.linears:
+            block, name = _located(body, l * span.unit.size + off, j)
+            assert isinstance(block, Linear)
+            lins.append(block)
+            names.append(name)
+    return lins, names
+
+
+def _chain_sigmas(
+    chain: Chain, body: Chain, span: _Span, sigma_w: Any, sigma_b: Any
+) -> tuple[float, float, str, str]:
+    """sigma_w and sigma_b of the span's Linears: given, from the chain's initializer (a
+    chain that has not loaded other parameters), or estimated from the weights."""
+    cfg = None if chain._loaded else getattr(chain, "_config", None)
+    lins, names = _span_linears(body, span)
+    if sigma_w is not None:
+        sw, src_w = _sigma("sigma_w", sigma_w), "given"
+    else:
+        per = _init_sigma_ws(cfg, [(b.in_features, b.out_features) for b in lins])
+        if per is not None:
+            assert cfg is not None
+            labels = [f"{n} {b._text(False)}" for n, b in zip(names[:4], lins[:4])]
+            sw = _one_sigma_w(per, labels, "gives the span's Linear layers", cfg["init"])
+            src_w = "init"
+        else:
+            ws = [body._view(f"{n}.weight") for n in names]
+            sw, src_w = _rms([math.sqrt(w.shape[1]) * _rms(w) for w in ws]), "estimated"
+    if span.unit.kind == "batch_norm":
+        if sigma_b is not None:
+            raise ValueError(
+                "sigma_b plays no part in a BatchNorm chain's theory (a bias before a BatchNorm "
+                f"cancels); leave it None; got sigma_b={sigma_b!r}"
+            )
+        return sw, 0.0, src_w, "not applicable"
+    if sigma_b is not None:
+        return sw, _sigma("sigma_b", sigma_b), src_w, "given"
+    with_bias = [b.bias for b in lins]
+    if cfg is not None:
+        std = float(cfg["bias_std"])
+        if std > 0 and any(with_bias) and not all(with_bias):
+            raise ValueError(
+                f"bias_std={std:g} draws the biases of some of the span's Linear layers while "
+                "others have none; mean-field theory needs one sigma_b: pass sigma_b= explicitly"
+            )
+        return sw, (std if all(with_bias) else 0.0), src_w, "init"
+    rms = [_rms(body._view(f"{n}.bias")) if b.bias else 0.0 for n, b in zip(names, lins)]
+    return sw, _rms(rms), src_w, "estimated"
+
+
+def _span_input(
+    chain: Chain, span: _Span, x: Any, batch: Any, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The chain's input (given, or drawn from `seed`) and the span's (the blocks before
+    the span run forward on it)."""
+    if x is None:
+        b = v.positive_int("batch", batch)
+        _check_draws(b, chain.in_features, chain.widths[span.stop], chain.dtype)
+        xa = _rng(seed, 0).standard_normal((b, chain.in_features)).astype(chain.dtype)
+    else:
+        xa = chain._x(x)
+    if span.start == 0:
+        return xa, xa
+    return xa, _sub_chain(chain, 0, span.start).forward(xa)
+
+
+def _span_q0(xs: np.ndarray, kind: str) -> tuple[np.ndarray, float]:
+    """The theory's q0 from the span's input, per example (one value for a BatchNorm
+    chain, whose blocks see the batch), and the share of the input's mean square that
+    is the mean of each example's entries.
+
+    q0 is the mean square entry, except where a norm layer sees the input first: for a
+    BatchNorm chain the features' mean unbiased batch variance (what the first BatchNorm
+    divides by), for a pre-LN chain the variance over the features (what each LayerNorm
+    divides by: the input's mean across the features stays in h_l through the identity
+    paths, and the LayerNorms remove it). For independent zero-mean inputs they agree.
+    """
+    a = np.asarray(xs, dtype=np.float64)
+    scale = float(np.max(np.abs(a), initial=0.0))
+    if scale == 0.0:
+        return np.zeros(1 if kind == "batch_norm" else a.shape[0]), 0.0
+    a = a / scale  # the squares below neither overflow nor underflow
+    ms = np.mean(a * a, axis=1)
+    centred = np.mean(np.square(a - a.mean(axis=1, keepdims=True)), axis=1)
+    share = float((ms.sum() - centred.sum()) / ms.sum())
+    if kind == "batch_norm":
+        b = a.shape[0]
+        c = a - a.mean(axis=0)
+        return np.array([float(np.mean(c * c)) * b / (b - 1) * scale * scale]), share
+    return (centred if kind == "pre_norm" else ms) * scale * scale, share
+
+
+# Examples are grouped by their q0 for the per-example theory: the curves are smooth in q0,
+# so the group means stand for their members to second order in the spread within a group
+# (with 8 groups about 1/64 of the whole correction; each group costs one theory call).
+_Q0_GROUPS = 8
+_Q0_OF = {
+    "mlp": "the mean square entry of",
+    "batch_norm": "the features' mean batch variance of",
+    "residual": "the mean square entry of",
+    "pre_norm": "the variance over the features of",
+    "post_norm": "the mean square entry of",
+}
+
+
+def _mean_square_log10(curves: Sequence[np.ndarray], shares: Sequence[float]) -> np.ndarray:
+    """``0.5 log10 sum_k shares_k 10**(2 curves_k)``: the log10 of the root mean square of
+    norms given as log10 curves, elementwise, in log space."""
+    if len(curves) == 1:
+        return np.array(curves[0], dtype=np.float64)
+    values = np.array(curves, dtype=np.float64)
+    stack = values * (2.0 * _LN10) + np.log(np.asarray(shares, dtype=np.float64))[:, None]
+    out = np.logaddexp.reduce(stack, axis=0) / (2.0 * _LN10)
+    # where every example's curve has the same value (the top, 0 by definition) it is that
+    # value, without the rounding of the sum
+    same = np.all(values == values[0], axis=0)
+    out[same] = values[0, same]
+    return out
+
+
+def _block_prediction(
+    span: _Span,
+    depth: int,
+    sw: float,
+    sb: float,
+    q0s: np.ndarray,
+    batch: int,
+    inputs: tuple[str, str],
+) -> tuple[Any, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """The theory result of the span (at the mean q0), the predicted curve and weight
+    gradients, and the mean-field fields of the comparison.
+
+    Residual, pre-LN and post-LN blocks act on each example alone: the theory is evaluated
+    at each example's own q0 and the mean squared norms are combined over the batch, as
+    the batch's Frobenius norm combines them (with independent output gradients of equal
+    variance). Evaluated at the mean q0 instead, a batch whose examples differ in scale (a
+    narrow input Linear before the span) would be predicted too low, since the per-example
+    curves are convex in q0.
+    """
+    u = span.unit
+    act = u.act
+    kw = {"negative_slope": act.negative_slope, "alpha": act.alpha}
+    none = {"q_star": None, "chi_1": None, "depth_scale": None, "lyapunov_exponent": None}
+    q0 = float(np.mean(q0s))
+    src_w, src_b = inputs
+
+    def at(q: float, what: str) -> Any:
+        with _theory_inputs(sw, src_w, sb, src_b, q, what):
+            if u.kind == "mlp":
+                return theory.predicted_grad_norms(depth, act.name, sw, sb, q0=q, **kw)
+            if u.kind == "batch_norm":
+                return theory.batchnorm_grad_norms(depth, act.name, batch, sigma_w=sw, q0=q, **kw)
+            assert u.branch is not None and u.scale is not None
+            if u.kind == "residual":
+                return theory.residual_grad_norms(
+                    depth, act.name, sw, sb, scale=u.scale, branch=u.branch, q0=q, **kw
+                )
+            return theory.norm_position_grad_norms(
+                depth, act.name, sw, sb, position=u.kind[: -len("_norm")], scale=u.scale,
+                branch=u.branch, q0=q, **kw,
+            )  # fmt: skip
+
+    pred = at(q0, f"{_Q0_OF[u.kind]} the span's input")
+    if u.kind in ("mlp", "batch_norm"):
+        predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
+        if u.kind == "mlp":
+            mf = theory.mean_field(act.name, sw, sb, q0=q0, correlation=False, **kw)
+            return pred, predicted, None, _mean_field_fields(mf)
+        bmf = theory.batchnorm_mean_field(act.name, batch, **kw)
+        mean = {**none, "depth_scale": bmf.depth_scale, "lyapunov_exponent": bmf.lyapunov_exponent}
+        weights = np.array(pred.log10_weight_grad_norms, dtype=np.float64)
+        return pred, predicted, weights, {**mean, "phase": "not applicable"}
+    groups = np.array_split(np.sort(q0s), min(q0s.size, _Q0_GROUPS))
+    curves, wcurves, shares = [], [], []
+    for g in groups:
+        p = at(float(np.mean(g)), f"{_Q0_OF[u.kind]} some examples of the span's input")
+        c = np.array(p.log10_activation_grad_norms, dtype=np.float64)
+        w = np.array(p.log10_weight_grad_norms, dtype=np.float64)
+        if u.kind == "pre_norm" and not span.final_norm:
+            # y is h_L itself: the curves are relative to it, without a final LayerNorm's factor
+            top = c[-1]
+            c -= top
+            w -= top
+        curves.append(c)
+        wcurves.append(w)
+        shares.append(g.size / q0s.size)
+    predicted = _mean_square_log10(curves, shares)
+    weights = _mean_square_log10(wcurves, shares)
+    return pred, predicted, weights, {**none, "phase": "not applicable"}
+
+
+def _compare_chain(
+    chain: Chain,
+    label: str,
+    x: Any,
+    sigma_w: Any,
+    sigma_b: Any,
+    batch: Any,
+    seed: int,
+    fit_start: Any,
+    spectrum: bool,
+    k: Any,
+    sbatch: int,
+) -> TheoryComparison:
+    blocks = chain.blocks
+    span = _recognise(blocks)
+    u, L = span.unit, span.units
+    if u.kind == "batch_norm" and not chain.training:
+        raise ValueError(
+            "the BatchNorm blocks are in eval mode, where they normalise with running "
+            "statistics; the theory (Yang et al. 2019) is that of train mode, with batch "
+            "statistics: call net.train() first"
+        )
+    fs = _fit_start(fit_start, L)
+    kk = _k(k, min(chain.widths[span.start : span.stop + 1]), "the smallest width")
+    xa, xs = _span_input(chain, span, x, batch, seed)
+    b = xa.shape[0]
+    if u.kind == "batch_norm" and b < 4:
+        raise ValueError(
+            "a chain of train-mode BatchNorm blocks needs a batch of at least 4 for a finite "
+            "prediction (the mean squared gradient is infinite at batch 3 and exactly 0 at "
+            f"2; Yang et al. 2019); got a batch of {b}"
+        )
+    whole = span.start == 0 and span.stop == len(blocks)
+    if chain._loaded or getattr(chain, "_config", None) is None:
+        _norms_at_init(chain, span)
+    body = chain if whole else _sub_chain(chain, span.start, span.stop)
+    sw, sb, src_w, src_b = _chain_sigmas(chain, body, span, sigma_w, sigma_b)
+    q0s, mean_share = _span_q0(xs, u.kind)
+    q0 = float(np.mean(q0s))
+    pred, predicted, p_weights, mean = _block_prediction(span, L, sw, sb, q0s, b, (src_w, src_b))
+    notes: list[str] = []
+    if mean_share > 0.05 and (u.kind == "post_norm" or u.branch == "act_linear"):
+        notes.append(
+            f"the span's input has a mean across its entries ({100 * mean_share:.3g}% of its "
+            "mean square), which the theory takes as zero: the first blocks may differ"
+        )
+    if u.kind == "pre_norm" and not span.final_norm:
+        notes.append("no LayerNorm after the last block: y is h_L")
+
+    _check_draws(b, 0, body.out_features, np.float64)
+    g = _rng(seed, 1).standard_normal((b, body.out_features))
+    try:
+        with _buffers_kept(body):
+            rep = body.backward(xs, grad_output=g)
+    except NonFiniteError as err:
+        if span.start == 0:
+            raise
+        raise NonFiniteError(
+            f"{err} (counting from block {span.start}, where the span compared starts)",
+            err.where,
+            err.index + span.start,
+        ) from None
+    lg = np.asarray(rep.log10_activation_grad_norms, dtype=np.float64)
+    ends = np.arange(L + 1) * u.size
+    measured = lg[ends] - lg[-1]
+    m_weights = None
+    if u.weight is not None:
+        lw = rep.log10_param_grad_norms
+        off, j = u.weight
+        rows = []
+        for l in range(L):
+            lin, name = _located(body, l * u.size + off, j)
+            assert isinstance(lin, Linear)
+            rows.append(lw[f"{name}.weight"] - 0.5 * math.log10(lin.in_features))
+        m_weights = np.array(rows, dtype=np.float64) - lg[-1]
+
+    spec: dict[str, Any] = {}
+    if spectrum and u.kind == "batch_norm":
+        notes.append(
+            "no spectrum: a train-mode BatchNorm couples the examples of a batch, so a block's "
+            "Jacobian is that of the whole batch, which the per-example theory does not describe"
+        )
+    elif spectrum:
+        # A random start frame: the theory is that of a random direction, and in a residual
+        # chain whose branch starts with the activation a coordinate direction is not one
+        # (a unit that is off stays off from block to block, so e_1 may hardly grow).
+        start = "identity" if u.kind == "mlp" else "random"
+        s = jacobian_spectrum(body, xs[:sbatch], k=kk, interval=u.size, start=start, seed=seed)
+        d = np.asarray(s.depths)
+        keep = (d % u.size == 0) & (d <= L * u.size)
+        cfg = None if chain._loaded else getattr(chain, "_config", None)
+        exact = None
+        if u.kind == "mlp":
+            init = None if cfg is None else cfg.get("init")
+            exact = _exact_spectrum(
+                u.act.name, body.widths[: L * u.size + 1 : u.size], init, sw, L, kk
+            )
+        spec = _spectrum_fields(
+            d[keep] // u.size, s.log_singular_values[:, keep, :], pred, predicted, exact
+        )
+    if span.start:
+        notes.append(
+            f"{_numbered(0, span.start)} {_short(blocks[: span.start])} ran forward only, to "
+            "give the span its input"
+        )
+    if span.stop < len(blocks):
+        notes.append(
+            f"{_numbered(span.stop, len(blocks))} {_short(blocks[span.stop :])} left out: the "
+            "seeded gradient enters at the span's output"
+        )
+    return _result(
+        measured=measured,
+        predicted=predicted,
+        mean=mean,
+        fit_start=fs,
+        spec=spec,
+        kind=u.kind,
+        activation=u.act.name,
+        net=label,
+        depth=L,
+        batch=b,
+        seed=seed,
+        sigma_w=sw,
+        sigma_b=sb,
+        sigma_source=src_w,
+        sigma_b_source=src_b,
+        input_variance=0.0,
+        q0=q0,
+        span=(span.start, span.stop),
+        pattern=_pattern(blocks, span),
+        scale=u.scale,
+        branch=u.branch,
+        measured_log10_weight_grad_norms=m_weights,
+        predicted_log10_weight_grad_norms=p_weights,
+        notes=tuple(notes),
+    )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def compare_theory(
-    net: MLP | RNN,
+    net: MLP | Chain | RNN,
     x: Any = None,
     *,
     sigma_w: float | None = None,
@@ -635,16 +1453,43 @@ def compare_theory(
     with the input drive counted as bias variance). Both are log10 ratios to the top,
     index for index. See :class:`TheoryComparison` for every field.
 
+    A chain of blocks (a :class:`~gradchain.Chain`, or an MLP with ``norm`` or
+    ``residual``) is compared over its span of repeated blocks of one of these shapes,
+    with the theory result that describes it:
+
+    ==============================================================  ===========================================
+    blocks (x L)                                                    theory
+    ==============================================================  ===========================================
+    ``Linear, Activation``                                          :func:`~gradchain.theory.predicted_grad_norms`
+    ``Linear, BatchNorm, Activation`` (train mode)                  :func:`~gradchain.theory.batchnorm_grad_norms`
+    ``Residual([Activation, Linear])``,                             :func:`~gradchain.theory.residual_grad_norms`
+    ``Residual([Linear, Activation, Linear])``
+    ``Residual([LayerNorm, <either branch>])``, then optionally     :func:`~gradchain.theory.norm_position_grad_norms`,
+    a ``LayerNorm``                                                 ``position="pre"``
+    ``Residual([<either branch>]), LayerNorm``                      ``position="post"``
+    ==============================================================  ===========================================
+
+    with one activation and one residual scale throughout, identity shortcuts and norm
+    layers at initialization (weight 1, bias 0). Blocks before the span (an input Linear
+    with norm and activation blocks: at most one Linear, no residual block) are run
+    forward to give the span its input x; blocks after it (read-out blocks, at most one
+    Linear) are left out, the Gaussian gradient entering at the span's output. These are
+    the shapes ``gc.MLP`` builds with ``norm="batch", norm_position="post"``, with
+    ``residual=True`` and no norm, and with ``residual=True`` and ``norm="layer"`` (pre or
+    post); its other options (``norm="rms"``, pre-norm without residuals, BatchNorm in
+    residual layers) have no theory here and raise a ValueError, as does any other chain.
+
     Parameters
     ----------
-    net : MLP or RNN
+    net : MLP, Chain or RNN
         The chain. An RNN must have one layer and a vanilla cell (``tanh`` or ``relu``),
         the cells the theory covers.
     x : array_like, optional
-        Inputs: shape (batch, widths[0]) for an MLP, (steps, batch, input_size) for an RNN.
-        By default a standard Gaussian drawn from `seed`. For the autonomous recurrent
-        network pass ``x=np.zeros((steps, batch, input_size))`` (with a nonzero `h0`, or
-        biases, so that the state moves).
+        Inputs: shape (batch, widths[0]) for an MLP or a Chain, (steps, batch,
+        input_size) for an RNN. By default a standard Gaussian drawn from `seed`. For the
+        autonomous recurrent network pass ``x=np.zeros((steps, batch, input_size))`` (with
+        a nonzero `h0`, or biases, so that the state moves). A train-mode BatchNorm chain
+        needs a batch of at least 4.
     sigma_w, sigma_b : float, optional
         Weight and bias standard deviations for the theory (``W_l`` entries of variance
         ``sigma_w**2 / fan_in``; for an RNN ``weight_hh`` and ``b_ih + b_hh``). By default
@@ -652,9 +1497,11 @@ def compare_theory(
         ``recurrent_gain``), or, for chains built from arrays (``MLP.from_weights``,
         ``RNN.from_state_dict``) or with ``spectral_radius``, are estimated from the
         weights. An MLP whose initializer gives the layers different effective values
-        (e.g. ``xavier_normal`` with unequal widths) needs `sigma_w` here. An RNN's input
-        drive is added to ``sigma_b**2`` in any case (see
-        :attr:`TheoryComparison.input_variance`).
+        (e.g. ``xavier_normal`` with unequal widths, or a branch ``Linear(n, 4n), ...,
+        Linear(4n, n)``) needs `sigma_w` here. An RNN's input drive is added to
+        ``sigma_b**2`` in any case (see :attr:`TheoryComparison.input_variance`). A
+        BatchNorm chain takes no `sigma_b` (a bias before a BatchNorm cancels), and its
+        `sigma_w` only scales the weight gradients.
     h0 : array_like, optional
         RNN only: initial state, shape (1, batch, hidden_size); zero by default.
     batch : int
@@ -669,7 +1516,8 @@ def compare_theory(
     spectrum : bool
         Also measure the QR spectrum of the forward Jacobian products on the first
         `spectrum_batch` examples (:func:`gradchain.jacobian_spectrum`); it costs about
-        ``4 n**2 k`` flops per layer and example.
+        ``4 n**2 k`` flops per layer and example. Not for a train-mode BatchNorm chain,
+        whose blocks couple the examples (:attr:`TheoryComparison.notes` says so).
     k : int, optional
         Directions of the spectrum: 1..min(widths) (an RNN: 1..hidden_size); by default
         ``min(min(widths), 16)``.
@@ -683,11 +1531,12 @@ def compare_theory(
     Raises
     ------
     TypeError
-        `net` is not an MLP or RNN, or an argument has the wrong type.
+        `net` is not an MLP, Chain or RNN, or an argument has the wrong type.
     ValueError
-        An RNN that is not a single-layer vanilla one, inputs of the wrong shape or not
-        finite, `k` or `fit_start` out of range, or an MLP whose initializer gives the
-        layers different effective sigma_w (pass `sigma_w`).
+        An RNN that is not a single-layer vanilla one, a chain of blocks of no supported
+        shape (the message lists what it found and the shapes above), inputs of the wrong
+        shape or not finite, `k` or `fit_start` out of range, or a chain whose initializer
+        gives the layers different effective sigma_w (pass `sigma_w`).
     NonFiniteError
         When the forward pass overflows.
 
@@ -715,15 +1564,26 @@ def compare_theory(
         raise TypeError(f"spectrum must be a bool; got {spectrum!r}")
     sd = v.seed(seed)
     sbatch = v.positive_int("spectrum_batch", spectrum_batch)
-    if isinstance(net, MLP):
-        if h0 is not None:
-            raise ValueError("h0 is the initial state of a gradchain.RNN; an MLP has none")
-        return _compare_mlp(net, x, sigma_w, sigma_b, batch, sd, fit_start, bool(spectrum), k, sbatch)
     if isinstance(net, RNN):
         return _compare_rnn(
             net, x, sigma_w, sigma_b, h0, batch, steps, sd, fit_start, bool(spectrum), k, sbatch
         )
-    raise TypeError(f"net must be a gradchain.MLP or gradchain.RNN; got {type(net).__name__}")
+    if not isinstance(net, (MLP, Chain)):
+        raise TypeError(
+            f"net must be a gradchain.MLP, gradchain.Chain or gradchain.RNN; got {type(net).__name__}"
+        )
+    if h0 is not None:
+        raise ValueError(
+            f"h0 is the initial state of a gradchain.RNN; a {type(net).__name__} has none"
+        )
+    if isinstance(net, MLP) and net.norm is None and not net.residual:
+        return _compare_mlp(
+            net, x, sigma_w, sigma_b, batch, sd, fit_start, bool(spectrum), k, sbatch
+        )
+    chain = net._net if isinstance(net, MLP) else net
+    return _compare_chain(
+        chain, repr(net), x, sigma_w, sigma_b, batch, sd, fit_start, bool(spectrum), k, sbatch
+    )
 
 
 def _check_draws(rows: int, n_in: int, n_out: int, dtype: Any) -> None:
@@ -743,7 +1603,7 @@ def _theory_inputs(
     except ValueError as exc:
         raise ValueError(
             f"{exc} (compare_theory passed sigma_w={sw:.6g} ({src_w}), sigma_b={sb:.6g} "
-            f"({src_b}) and q0={q0:.6g}, the mean square entry of {q0_from})"
+            f"({src_b}) and q0={q0:.6g}, {q0_from})"
         ) from exc
 
 
@@ -789,7 +1649,7 @@ def _compare_mlp(
     act_kw = {"negative_slope": float(cfg["negative_slope"]), "alpha": float(cfg["alpha"])}
     rx = _rms(xa)
     q0 = rx * rx
-    with _theory_inputs(sw, src_w, sb, src_b, q0, "x"):
+    with _theory_inputs(sw, src_w, sb, src_b, q0, "the mean square entry of x"):
         pred = theory.predicted_grad_norms(L, net.activation, sw, sb, q0=q0, **act_kw)
         mf = theory.mean_field(net.activation, sw, sb, q0=q0, correlation=False, **act_kw)
     predicted = np.array(pred.log10_activation_grad_norms, dtype=np.float64)
@@ -804,7 +1664,7 @@ def _compare_mlp(
     return _result(
         measured=measured,
         predicted=predicted,
-        mf=mf,
+        mean=_mean_field_fields(mf),
         fit_start=fs,
         spec=spec,
         kind="mlp",
@@ -864,7 +1724,9 @@ def _compare_rnn(
     drive = drive_std * drive_std
     sb_eff = math.hypot(sb, drive_std)
 
-    with _theory_inputs(sw, src_w, sb_eff, src_b + ", with the input drive", q0, "h0"):
+    with _theory_inputs(
+        sw, src_w, sb_eff, src_b + ", with the input drive", q0, "the mean square entry of h0"
+    ):
         # mf.lyapunov_exponent is theory.rnn_max_lyapunov_meanfield(sw, sb_eff, ...).
         mf = theory.mean_field(net.cell, sw, sb_eff, q0=q0, correlation=False)
         # The same length map as a deep chain: q_1 = sigma_w**2 q0 + sigma_b_eff**2, and
@@ -881,12 +1743,12 @@ def _compare_rnn(
     spec: dict[str, Any] = {}
     if spectrum:
         h0s = None if h0a is None else h0a[:, :sbatch]
-        spectrum_result = jacobian_spectrum(net, net._as_given(xa[:, :sbatch]), h0=h0s, k=kk)
-        spec = _spectrum_fields(spectrum_result, pred, predicted)
+        s = jacobian_spectrum(net, net._as_given(xa[:, :sbatch]), h0=h0s, k=kk)
+        spec = _spectrum_fields(s.depths, s.log_singular_values, pred, predicted)
     return _result(
         measured=measured,
         predicted=predicted,
-        mf=mf,
+        mean=_mean_field_fields(mf),
         fit_start=fs,
         spec=spec,
         kind="rnn",

@@ -54,9 +54,7 @@ def _chain_and_x(net: Any, x: Any) -> tuple[Any, np.ndarray, bool, bool]:
     elif isinstance(net, Chain):
         core, layers, train = net._core, False, net.training
     else:
-        raise TypeError(
-            f"net must be a gradchain.MLP, Chain or RNN; got {type(net).__name__}"
-        )
+        raise TypeError(f"net must be a gradchain.MLP, Chain or RNN; got {type(net).__name__}")
     n0 = net.widths[0]
     arr = v.as_array("x", x)
     arr = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
@@ -203,8 +201,12 @@ class JacobianNorms:
         Non-finite floats become ``"inf"``/``"-inf"`` (NaN becomes None).
         """
         out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
-        for name in ("log10_frobenius_mean", "log10_frobenius_std", "log10_spectral_mean",
-                     "log10_spectral_std"):
+        for name in (
+            "log10_frobenius_mean",
+            "log10_frobenius_std",
+            "log10_spectral_mean",
+            "log10_spectral_std",
+        ):
             out[name] = _jsonable(getattr(self, name))
         return out
 
@@ -462,7 +464,7 @@ class JacobianSpectrum:
 
 
 def jacobian_spectrum(
-    net: MLP | RNN,
+    net: MLP | Chain | RNN,
     x: Any,
     *,
     h0: Any = None,
@@ -538,9 +540,7 @@ def jacobian_spectrum(
         what = "width" if layers else "state size"
         accepted = f"None or an integer between 1 and the smallest {what}, {kmax}"
     else:
-        raise TypeError(
-            f"net must be a gradchain.MLP, Chain or RNN; got {type(net).__name__}"
-        )
+        raise TypeError(f"net must be a gradchain.MLP, Chain or RNN; got {type(net).__name__}")
     kk = kmax if k is None else v.int_in("k", k, 1, kmax, accepted)
     iv = v.int_in("interval", interval, 1, v.INT32_MAX, "a positive integer")
     st = v.choice("start", start, STARTS)

@@ -165,6 +165,7 @@ def _marginal(x: float) -> float:
     """x, or exactly 1 where x is within rounding of 1 (see _MARGINAL)."""
     return 1.0 if abs(x - 1.0) <= _MARGINAL else x
 
+
 # ---------------------------------------------------------------------------------------
 # Quadrature
 # ---------------------------------------------------------------------------------------
@@ -1626,7 +1627,8 @@ class BlockGradNormPrediction:
     between its top-level blocks (``h_0`` the input, each block's output after it) minus
     ``log10 ||dL/dy||``, with a seeded Gaussian gradient at ``y``: i.i.d. entries, as the
     last block's factor assumes. For a train-mode BatchNorm chain the norms are the whole
-    batch's, since its Jacobian couples the examples.
+    batch's, since its Jacobian couples the examples. :func:`gradchain.compare_theory` does
+    this for a :class:`~gradchain.Chain` (or an MLP with norm or residual layers).
     """
 
     kind: str
@@ -1971,6 +1973,7 @@ def norm_position_grad_norms(
     *,
     position: str = "pre",
     scale: float = 1.0,
+    branch: str = "linear_act_linear",
     q0: float = 1.0,
     negative_slope: float = 0.01,
     alpha: float = 1.0,
@@ -1979,25 +1982,28 @@ def norm_position_grad_norms(
     (post-LN) the residual sum (Xiong et al. 2020), in mean field.
 
     With ``F(x) = W' phi(W x + b) + b'`` (both layers ``sigma_w``, ``sigma_b``; any
-    hidden width) and ``LN`` a LayerNorm at initialization (``gamma = 1``,
-    ``beta = 0``, ``eps`` negligible), for l = 1..depth:
+    hidden width; ``branch="act_linear"``: ``F(x) = W phi(x) + b``, the layers of
+    ``gc.MLP(norm="layer", residual=True)``) and ``LN`` a LayerNorm at initialization
+    (``gamma = 1``, ``beta = 0``, ``eps`` negligible), for l = 1..depth:
 
     * ``position="pre"``: ``h_l = h_{l-1} + a F(LN(h_{l-1}))`` and the output
       ``y = LN(h_L)`` (the final LayerNorm of pre-LN Transformers);
     * ``position="post"``: ``h_l = LN(h_{l-1} + a F(h_{l-1}))`` and ``y = h_L``.
 
     Write ``r = sigma_w**2 + sigma_b**2`` (the variance at ``phi``'s input when the
-    block's input is normalized), ``v = a**2 (sigma_w**2 E[phi(sqrt(r) z)**2] +
-    sigma_b**2)`` (the branch's mean squared output) and ``x = a**2 sigma_w**4
-    E[phi'(sqrt(r) z)**2]`` (its squared gain on gradients). A LayerNorm divides
-    gradients by its input's root mean square; so, going back:
+    block's input is normalized; 1 for ``act_linear``), ``v = a**2 (sigma_w**2
+    E[phi(sqrt(r) z)**2] + sigma_b**2)`` (the branch's mean squared output) and ``x =
+    a**2 sigma_w**4 E[phi'(sqrt(r) z)**2]`` (its squared gain on gradients; ``sigma_w**2``
+    in place of ``sigma_w**4`` for ``act_linear``). A LayerNorm divides gradients by its
+    input's root mean square; so, going back:
 
     * pre: ``q_l = q0 + l v``; block l multiplies the squared gradient norm by
       ``1 + x / q_{l-1}`` and the final LayerNorm by ``1 / q_L``. The last block's
       weight gradient is ``||dL/dW'_L|| = a sqrt(fan_in E[phi**2] / (q0 + L v))
       ||dL/dy||``: it shrinks as ``1/sqrt(L)``.
     * post: ``q_l = 1``; block l multiplies by ``(1 + x) / (1 + v)`` (``q0 + v_1`` and
-      the input's ``x_1`` for the first block). The last block's weight gradient is
+      ``x_1`` for the first block, whose ``phi`` sees variance ``sigma_w**2 q0 +
+      sigma_b**2``, or ``q0`` for ``act_linear``). The last block's weight gradient is
       ``a sqrt(fan_in E[phi**2] / (1 + v)) ||dL/dy||`` whatever L. Going down from the
       output, gradients shrink geometrically where ``x < v`` (relu with bias, gelu with
       a bias...), stay level where ``x = v`` (relu or leaky_relu without bias) and grow
@@ -2021,6 +2027,8 @@ def norm_position_grad_norms(
     position : {"pre", "post"}
     scale : float
         The branch multiplier ``a`` (``|a| <= 1e150``).
+    branch : {"linear_act_linear", "act_linear"}
+        The two-layer MLP branch of Transformers (default), or ``W phi(x) + b``.
     q0 : float
         Mean squared entry of the input ``h_0`` (> 0; taken with zero mean over its
         entries).
@@ -2032,7 +2040,8 @@ def norm_position_grad_norms(
     BlockGradNormPrediction
         ``kind="pre_norm"`` or ``"post_norm"``; ``q[l]`` is the mean squared entry of
         ``h_l``; ``log10_weight_grad_norms`` are those of each block's second Linear
-        ``W'``, per ``sqrt(fan_in)`` and per ``||dL/dy||``, for one example whose
+        ``W'`` (the only one for ``act_linear``), per ``sqrt(fan_in)`` and per
+        ``||dL/dy||``, for one example whose
         ``dL/dy`` is independent of the weights (for a batch of examples with
         independent zero-mean ``dL/dy`` the squared norms add).
 
@@ -2058,11 +2067,13 @@ def norm_position_grad_norms(
     sw, sb = _std("sigma_w", sigma_w), _std("sigma_b", sigma_b)
     v.choice("position", position, _POSITIONS)
     a = _scale(scale)
+    v.choice("branch", branch, _BRANCHES)
+    two = branch == "linear_act_linear"
     q0 = _variance("q0", q0)
     if q0 <= 0.0:
         raise ValueError(f"q0 must be > 0 (a LayerNorm of a zero input is undefined); got {q0}")
     sw2, sb2 = sw * sw, sb * sb
-    r = sw2 + sb2
+    r = sw2 + sb2 if two else 1.0
     if r > _Q_HUGE:
         raise ValueError(
             f"sigma_w**2 + sigma_b**2 = {r:.6g}, the variance at the activation's input, must "
@@ -2070,13 +2081,13 @@ def norm_position_grad_norms(
         )
     la2, lsw2, lsb2 = 2 * _ln(a), 2 * _ln(sw), 2 * _ln(sb)
 
-    def branch(var: float) -> tuple[float, float, float]:
+    def branch_moments(var: float) -> tuple[float, float, float]:
         """ln v, ln x and ln E[phi**2] of a branch whose phi sees variance var."""
         e2, d2 = act.moments(var)
         le2 = _ln(e2)
-        return la2 + _lse(lsw2 + le2, lsb2), la2 + 2 * lsw2 + _ln(d2), le2
+        return la2 + _lse(lsw2 + le2, lsb2), la2 + (2 if two else 1) * lsw2 + _ln(d2), le2
 
-    lv, lx, le2 = branch(r)
+    lv, lx, le2 = branch_moments(r)
     lq0 = _ln(q0)
     n = np.arange(L + 1, dtype=np.float64)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
@@ -2087,7 +2098,8 @@ def norm_position_grad_norms(
             g = _suffix_half_sums(lc) - 0.5 * lq[-1] / _LN10
             w = np.full(L, (0.5 * la2 + 0.5 * le2) / _LN10) + g[1:]
         else:
-            lv1, lx1, le21 = branch(_first_variance(sw2, q0, sb2)) if q0 != 1.0 else (lv, lx, le2)
+            first = _first_variance(sw2, q0, sb2) if two else q0
+            lv1, lx1, le21 = branch_moments(first) if first != r else (lv, lx, le2)
             lq = np.zeros(L + 1)
             lq[0] = lq0
             ls = np.full(L, _lse(0.0, lv))  # ln of the mean square of h_{l-1} + a F
