@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 try:
     import torch
@@ -21,6 +22,33 @@ needs_torch = pytest.mark.skipif(
 sys.path.insert(0, os.path.dirname(__file__))  # make `import oracles` work everywhere
 
 import oracles
+
+# Hypothesis profiles. "ci" (the default) is reproducible (a fixed seed, no example
+# database) and reports a failing example as found, without minutes of shrinking; every
+# example prints its reproducer anyway. "long" (`pytest --hypothesis-profile=long`) draws
+# fresh examples on every run, 32 times as many (the fuzz suite then runs about 100,000: the
+# bad-input tests exhaust their small spaces sooner), and shrinks each failure to a minimal one.
+_PROFILE = {"deadline": None, "print_blob": True, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=100,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    **_PROFILE,
+)
+settings.register_profile("long", max_examples=3200, **_PROFILE)
+# Under AddressSanitizer (README, "Sanitizers"): a tenth of the ci profile's examples.
+settings.register_profile("sanitize", parent=settings.get_profile("ci"), max_examples=10)
+if settings.get_current_profile_name() == "default":  # no --hypothesis-profile given
+    settings.load_profile("ci")
+
+
+def fuzz_examples(n: int) -> int:
+    """max_examples for a test that runs `n` examples under the ci profile, scaled with the
+    loaded profile's max_examples."""
+    return max(1, round(n * settings.default.max_examples / 100))
+
 
 ACTIVATIONS = oracles.ACTIVATIONS
 INITS = oracles.INITS

@@ -853,6 +853,42 @@ def _np_backward_range(P, caches, lo, hi, inject, cut, acc):
     return sg, cg
 
 
+def numpy_rnn_step_values(cell, state_dict, x, *, h0=None, c0=None, absolute=False):
+    """The plain float64 forward pass step by step, to judge what float arithmetic can hold
+    (a flat list, in this order): per step and layer the input and recurrent pre-activations
+    (``x W_ih^T + b_ih``, ``h W_hh^T + b_hh``), the new state (and the LSTM's cell state),
+    and per step the read-out's output.  Overflow gives inf or NaN, not an error.  With
+    ``absolute``, the pre-activations are replaced by the same sums of absolute values
+    (``|x| |W_ih|^T + |b_ih|``...), which bound every partial sum of the products."""
+    P = _rnn_params(cell, state_dict)
+    x = _np64(x)
+    h, c = _initial_states(P, x, h0, c0)
+    hs = [h[l] for l in range(P.num_layers)]
+    cs = [c[l] for l in range(P.num_layers)] if c is not None else None
+    out = []
+    with np.errstate(all="ignore"):
+        for t in range(x.shape[0]):
+            inp = x[t]
+            for l, p in enumerate(P.layers):
+                if absolute:
+                    out += [np.abs(inp) @ np.abs(p.w_ih.T) + np.abs(p.b_ih),
+                            np.abs(hs[l]) @ np.abs(p.w_hh.T) + np.abs(p.b_hh)]  # fmt: skip
+                else:
+                    out += [inp @ p.w_ih.T + p.b_ih, hs[l] @ p.w_hh.T + p.b_hh]
+                hs[l], cn, _ = _np_cell_forward(cell, p, inp, hs[l], cs[l] if cs else None)
+                out.append(hs[l])
+                if cs is not None:
+                    cs[l] = cn
+                    out.append(cn)
+                inp = hs[l]
+            if P.readout is not None:
+                if absolute:
+                    out.append(np.abs(inp) @ np.abs(P.readout.w.T) + np.abs(P.readout.b))
+                else:
+                    out.append(inp @ P.readout.w.T + P.readout.b)
+    return out
+
+
 def numpy_rnn_forward(cell, state_dict, x, *, h0=None, c0=None, loss=None, target=None):
     """Reference forward pass in float64 NumPy (no backward).
 
@@ -1106,8 +1142,10 @@ def torch_rnn_backward(
     target=None,
     truncate=None,
     truncate_mode="detach",
+    dtype="float64",
 ):
-    """:func:`numpy_rnn_backward` by PyTorch autograd in float64.
+    """:func:`numpy_rnn_backward` by PyTorch autograd in float64 (or ``dtype``: the
+    parameters, inputs and initial states rounded to it and every operation in it).
 
     The chain is unrolled step by step with one ``torch.nn.RNNCell``/``LSTMCell``/
     ``GRUCell`` per layer, ``retain_grad()`` on every state.  ``"detach"`` truncation
@@ -1127,10 +1165,19 @@ def torch_rnn_backward(
     L, H = P.num_layers, P.hidden
     lstm = cell == "lstm"
     h0n, c0n = _initial_states(P, xn, h0, c0)
+    npdt = np.dtype(dtype)
+    tdt = {"float64": torch.float64, "float32": torch.float32}[npdt.name]
+    xn, h0n = xn.astype(npdt), h0n.astype(npdt)
+    c0n = None if c0n is None else c0n.astype(npdt)
     xt = torch.from_numpy(xn)
-    cells = _torch_cells(P)
+    cells = [m.to(tdt) for m in _torch_cells(P)]
     ro_w, ro_b = _torch_readout(P)
+    if ro_w is not None:
+        ro_w = ro_w.detach().to(tdt).requires_grad_()
+        ro_b = None if ro_b is None else ro_b.detach().to(tdt).requires_grad_()
     tgt = _torch_target(loss, target)
+    if tgt is not None and tgt.is_floating_point():
+        tgt = tgt.to(tdt)
 
     sg = np.zeros((L, T + 1, B, H))
     cg = np.zeros_like(sg) if lstm else None

@@ -604,7 +604,7 @@ def test_bad_backward_arguments():
         net.backward(x, np.array([0, 2]))
     with pytest.raises(ValueError, match="grad_output replaces the loss"):
         net.backward(x, np.ones((2, 2)), grad_output=np.ones((2, 2)))
-    with pytest.raises(TypeError, match="return_grads must be a bool"):
+    with pytest.raises(TypeError, match="return_grads must be True or False"):
         net.backward(x, return_grads=1)
     with pytest.raises(ValueError, match="norm_type"):
         net.backward(x, norm_type=-1)
@@ -840,3 +840,24 @@ def test_mlp_nonfinite_error_names_the_layer():
         net.log_scale_forward
         and not gc.MLP.from_weights(w, [np.ones(2)] * 3, activation="relu").log_scale_forward
     )
+
+
+@pytest.mark.parametrize("dtype,scale,bias_std", [("float32", 1e20, 1e-40), ("float64", 1e100, 1e-310)])
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "elu", "gelu", "gelu_tanh", "silu", "softplus"])
+def test_activation_derivative_at_a_carried_scale(act, dtype, scale, bias_std):
+    """Values far from 1 are carried at a power-of-two scale; an activation's derivative
+    must then be taken from its own input (or output) at the true scale, also where the
+    input decides it (elu at -1e19 has slope 0, not the slope at elu's output, -1)."""
+    net = gc.MLP(width=[3, 3, 2], activation=act, init="he_uniform", gain=0.5, sigma_w=2.0,
+                 bias_std=bias_std, dtype=dtype, seed=43)  # fmt: skip
+    x = (scale * (-1.0) ** np.arange(6).reshape(2, 3)).astype(dtype)
+    go = (np.random.default_rng(5).standard_normal((2, 2)) * 3.0).astype(dtype)
+    rep = net.backward(x, grad_output=go)
+    ws = [np.array(w) for w in net.weights]
+    ref = O.numpy_backward(ws, [np.array(b) for b in net.biases], x, act, loss="grad_output",
+                           grad_output=go)  # fmt: skip
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for l in range(2):
+        assert_log10(rep.log10_bias_grad_norms[l], np.linalg.norm(ref.db[l]), rtol=tol)
+    for l in range(3):
+        assert_log10(rep.log10_activation_grad_norms[l], np.linalg.norm(ref.dh[l]), rtol=tol)

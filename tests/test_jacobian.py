@@ -567,7 +567,7 @@ def test_spectrum_bad_arguments(gc, kwargs, exc, match):
         ({"max_iter": 0}, ValueError, r"max_iter must be a positive integer; got 0"),
         ({"exact_max_dim": -1}, ValueError,
          r"exact_max_dim must be a non-negative integer; got -1"),
-        ({"spectral": 1}, TypeError, r"spectral must be a bool"),
+        ({"spectral": 1}, TypeError, r"spectral must be True or False"),
     ],
 )
 def test_norms_bad_arguments(gc, kwargs, exc, match):

@@ -312,6 +312,11 @@ bool ActivationBlock<T>::can_zero() const {
 }
 
 template <class T>
+bool ActivationBlock<T>::absorbs_tiny_input() const {
+  return act_.kind == Act::sigmoid || act_.kind == Act::softplus;
+}
+
+template <class T>
 std::int64_t ActivationBlock<T>::forward(const ForwardArgs<T>& a) const {
   const std::size_t m = a.rows * static_cast<std::size_t>(this->in_);
   if (act_.positively_homogeneous()) {  // phi(2^k u) = 2^k phi(u)
@@ -339,20 +344,17 @@ std::int64_t ActivationBlock<T>::backward_input(const BackwardArgs<T>& a) const 
     if (a.dx != a.dy) std::copy(a.dy, a.dy + m, a.dx);
     return a.gy;
   }
-  const T* z = a.x;
-  const T* h = a.y;
-  if (!act_.positively_homogeneous()) {
+  // phi' is taken from the input z or from the output h, never both: only that one is read.
+  const bool from_z = act_.needs_input();
+  const T* z = from_z ? a.x : nullptr;
+  const T* h = from_z ? nullptr : a.y;
+  const std::int64_t e = from_z ? a.ex : a.ey;
+  if (!act_.positively_homogeneous() && e != 0 && (z || h)) {
     // phi' at the true scale (where a carried small value underflows there, phi'(0)).
-    if (z && a.ex != 0) {
-      std::copy(z, z + m, a.scratch);
-      scale_pow2(a.scratch, m, clamp_exp(a.ex));
-      z = a.scratch;
-    }
-    if (h && a.ey != 0) {
-      std::copy(h, h + m, a.scratch);
-      scale_pow2(a.scratch, m, clamp_exp(a.ey));
-      h = a.scratch;
-    }
+    const T* src = from_z ? z : h;
+    std::copy(src, src + m, a.scratch);
+    scale_pow2(a.scratch, m, clamp_exp(e));
+    (from_z ? z : h) = a.scratch;
   }
   act_.backward(z, h, a.dy, a.dx, m);
   return a.gy;

@@ -228,6 +228,21 @@ void Chain<T>::compile() {
     if (s.block->saves_input()) plan->stored[static_cast<std::size_t>(s.in)] = 1;
     if (s.block->saves_output()) plan->stored[static_cast<std::size_t>(s.out)] = 1;
   }
+  // A boundary below the normal floats is no underflow where every block reading it
+  // absorbs a tiny input (the chain's output is read by the loss, which does not).
+  std::vector<int> readers(nb, 0), absorbing(nb, 0);
+  for (const Step& s : plan->steps) {
+    if (s.kind == Step::Kind::join) {
+      for (int b : {s.in, s.skip, s.rin})
+        if (b >= 0) ++readers[static_cast<std::size_t>(b)];
+      continue;
+    }
+    ++readers[static_cast<std::size_t>(s.in)];
+    if (s.block->absorbs_tiny_input()) ++absorbing[static_cast<std::size_t>(s.in)];
+  }
+  plan->absorbed.assign(nb, 0);
+  for (std::size_t b = 0; b < nb; ++b)
+    plan->absorbed[b] = static_cast<int>(b) != cur && readers[b] > 0 && readers[b] == absorbing[b];
   plan->offset.assign(nb, 0);
   std::size_t off = 0;
   for (std::size_t b = 0; b < nb; ++b) {
@@ -490,8 +505,9 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       }
       // A subnormal input is exact (scaling it into the band loses nothing); only a block's
       // output can have underflowed.
-      if (si >= 0 && ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
-                      (s.maxabs == 0 && in_max > 0 && !can_zero))) {
+      if (si >= 0 && !P.absorbed[static_cast<std::size_t>(b)] &&
+          ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
+           (s.maxabs == 0 && in_max > 0 && !can_zero))) {
         p.bad_step = si;
         p.bad_underflow = true;
         p.bad_value = s.maxabs;

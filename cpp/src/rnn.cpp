@@ -472,15 +472,20 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     std::vector<T> bsum(nih);
     for (std::size_t j = 0; j < nih; ++j)
       bsum[j] = m_.b_ih[l][j] + (m_.cell == CellKind::gru && j >= 2 * H ? T(0) : m_.b_hh[l][j]);
+    // The first step whose input projection overflowed (Tn_ + 1: none).
+    std::size_t bad_in = Tn_ + 1;
     for (std::size_t r = 0; r < Tn_ * R; ++r) {
       T* g = G + r * GW;
       for (std::size_t j = 0; j < nih; ++j) g[j] += bsum[j];
+      if (bad_in > Tn_ && !scan(g, nih).finite) bad_in = r / R + 1;
     }
     for (std::size_t t = 1; t <= Tn_; ++t) {
-      cell_forward(p, l, t);
+      if (t < bad_in) cell_forward(p, l, t);
       // relu states can overflow; the bounded cells turn NaN only when products of huge
-      // weights overflow with opposite signs. Either way: stop at the first such step.
-      if (!scan(hs + t * n, n).finite) {
+      // weights overflow with opposite signs; and a gate saturated by an infinite
+      // pre-activation hides the overflow from the state but not from the backward pass
+      // (0 * inf). Either way: stop at the first such step.
+      if (t >= bad_in || !scan(p.S, R * m_.GH).finite || !scan(hs + t * n, n).finite) {
         p.bad_layer = static_cast<int>(l);
         p.bad_t = static_cast<std::int64_t>(t);
         return;

@@ -64,6 +64,13 @@ def finite_float(name: str, value: Any, *, minimum: float | None = None) -> floa
     return v
 
 
+def flag(name: str, value: Any) -> bool:
+    """True or False (NumPy's bool too); anything else is a TypeError naming `name`."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
 def real(name: str, value: Any) -> float:
     """Any real number (inf and NaN included); bools are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -227,7 +234,15 @@ def as_array(name: str, a: Any) -> Any:
                 "(and integer class labels): convert it with .double() or .float()"
             )
         return a.detach().cpu().numpy()
-    return np.asarray(a) if not isinstance(a, np.ndarray) else a
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+        raise TypeError(
+            f"{name} must be an array of real numbers (a NumPy array, a torch tensor or a "
+            f"rectangular nested list); got a {type(a).__name__} NumPy cannot make one of: {exc}"
+        ) from None
 
 
 def param_array(name: str, a: Any, dt: np.dtype, shape: tuple[int | None, ...]) -> np.ndarray:

@@ -45,10 +45,6 @@ def _prefix(value: Any) -> str | None:
     return value
 
 
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-    return value
 
 
 def _eps(value: Any) -> float:
@@ -224,7 +220,7 @@ class Linear(Block):
             self,
             _in=v.positive_int("in_features", in_features),
             _out_features=v.positive_int("out_features", out_features),
-            _bias=_bool("bias", bias),
+            _bias=v.flag("bias", bias),
         )
 
     @property
@@ -404,8 +400,8 @@ class LayerNorm(Block):
             self,
             _n=_features("normalized_shape", normalized_shape),
             _eps=_eps(eps),
-            _affine=_bool("elementwise_affine", elementwise_affine),
-            _bias=_bool("bias", bias),
+            _affine=v.flag("elementwise_affine", elementwise_affine),
+            _bias=v.flag("bias", bias),
         )
 
     @property
@@ -490,7 +486,7 @@ class RMSNorm(Block):
             self,
             _n=_features("normalized_shape", normalized_shape),
             _eps=None if eps is None else _eps(eps),
-            _affine=_bool("elementwise_affine", elementwise_affine),
+            _affine=v.flag("elementwise_affine", elementwise_affine),
         )
 
     @property
@@ -585,8 +581,8 @@ class BatchNorm(Block):
             _n=v.positive_int("num_features", num_features),
             _eps=_eps(eps),
             _momentum=mom,
-            _affine=_bool("affine", affine),
-            _track=_bool("track_running_stats", track_running_stats),
+            _affine=v.flag("affine", affine),
+            _track=v.flag("track_running_stats", track_running_stats),
         )
 
     @property

@@ -438,9 +438,7 @@ class Chain:
     def train(self, mode: bool = True) -> Chain:
         """Sets train mode (BatchNorm uses batch statistics and updates its running ones);
         returns the chain, as ``torch.nn.Module.train``."""
-        if not isinstance(mode, (bool, np.bool_)):
-            raise TypeError(f"mode must be True or False; got {mode!r}")
-        self._training = bool(mode)
+        self._training = v.flag("mode", mode)
         return self
 
     def eval(self) -> Chain:
@@ -566,11 +564,10 @@ class Chain:
         out_shape = (batch, self.out_features)
         p = v.norm_type(norm_type)
         mn = -1.0 if max_norm is None else v.non_negative("max_norm", max_norm)
-        if not isinstance(return_grads, (bool, np.bool_)):
-            raise TypeError(f"return_grads must be a bool; got {return_grads!r}")
+        return_grads = v.flag("return_grads", return_grads)
         tr = self._mode(train)
         if grad_output is not None:
-            if target is not None or loss not in (None, "grad_output"):
+            if target is not None or not (loss is None or (isinstance(loss, str) and loss == "grad_output")):
                 raise ValueError(
                     "grad_output replaces the loss: pass neither target nor loss with it"
                 )
@@ -684,9 +681,7 @@ class Chain:
         parameter gradient and the gradient at every top-level boundary.
         """
         b = v.positive_int("batch", batch)
-        if not isinstance(return_grads, (bool, np.bool_)):
-            raise TypeError(f"return_grads must be a bool; got {return_grads!r}")
-        return int(self._core.backward_bytes(b, bool(return_grads)))
+        return int(self._core.backward_bytes(b, v.flag("return_grads", return_grads)))
 
     # -- presentation -----------------------------------------------------------------------
     def _block_params(self) -> np.ndarray:

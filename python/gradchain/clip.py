@@ -124,7 +124,7 @@ def get_total_norm(
     arrays = _arrays(grads, writable=False)
     p = _v.norm_type(norm_type)
     work, _ = _contiguous(arrays)  # copies of strided arrays are only read
-    return _core.clip_total_norm(work, p, bool(error_if_nonfinite))
+    return _core.clip_total_norm(work, p, _v.flag("error_if_nonfinite", error_if_nonfinite))
 
 
 def clip_grad_norm_(
@@ -184,7 +184,7 @@ def clip_grad_norm_(
     mx = _v.non_negative("max_norm", max_norm)
     p = _v.norm_type(norm_type)
     work, copies = _contiguous(arrays)
-    total = _core.clip_grad_norm(work, mx, p, bool(error_if_nonfinite))
+    total = _core.clip_grad_norm(work, mx, p, _v.flag("error_if_nonfinite", error_if_nonfinite))
     for dst, src in copies:
         np.copyto(dst, src)
     return total

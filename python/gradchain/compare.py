@@ -1560,13 +1560,12 @@ def compare_theory(
     >>> cmp.sigma_source, round(cmp.chi_1, 12), cmp.measured.shape
     ('init', 1.0, (31,))
     """
-    if not isinstance(spectrum, (bool, np.bool_)):
-        raise TypeError(f"spectrum must be a bool; got {spectrum!r}")
+    spectrum = v.flag("spectrum", spectrum)
     sd = v.seed(seed)
     sbatch = v.positive_int("spectrum_batch", spectrum_batch)
     if isinstance(net, RNN):
         return _compare_rnn(
-            net, x, sigma_w, sigma_b, h0, batch, steps, sd, fit_start, bool(spectrum), k, sbatch
+            net, x, sigma_w, sigma_b, h0, batch, steps, sd, fit_start, spectrum, k, sbatch
         )
     if not isinstance(net, (MLP, Chain)):
         raise TypeError(
@@ -1578,11 +1577,11 @@ def compare_theory(
         )
     if isinstance(net, MLP) and net.norm is None and not net.residual:
         return _compare_mlp(
-            net, x, sigma_w, sigma_b, batch, sd, fit_start, bool(spectrum), k, sbatch
+            net, x, sigma_w, sigma_b, batch, sd, fit_start, spectrum, k, sbatch
         )
     chain = net._net if isinstance(net, MLP) else net
     return _compare_chain(
-        chain, repr(net), x, sigma_w, sigma_b, batch, sd, fit_start, bool(spectrum), k, sbatch
+        chain, repr(net), x, sigma_w, sigma_b, batch, sd, fit_start, spectrum, k, sbatch
     )
 
 

@@ -93,10 +93,6 @@ def _state_dim(net: RNN) -> int:
     return net.num_layers * net.hidden_size * (2 if net.cell == "lstm" else 1)
 
 
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool; got {value!r}")
-    return bool(value)
 
 
 def _mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +285,7 @@ def jacobian_norms(
     >>> r.log10_spectral.shape
     (4, 20)
     """
-    spec = _bool("spectral", spectral)
+    spec = v.flag("spectral", spectral)
     t = v.finite_float("tol", tol)
     if t <= 0:
         raise ValueError(f"tol must be a positive finite number; got {t}")

@@ -280,7 +280,7 @@ class MLP:
             "alpha": a,
             "norm": norm,
             "norm_position": norm_position,
-            "residual": bool(residual),
+            "residual": v.flag("residual", residual),
             "residual_scale": v.finite_float("residual_scale", residual_scale),
         }
 

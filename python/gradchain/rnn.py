@@ -140,7 +140,7 @@ class RNN:
         seed: int = 0,
     ) -> None:
         shape = self._shape(cell, input_size, hidden_size, num_layers, output_size, bias)
-        self._batch_first = _flag("batch_first", batch_first)
+        self._batch_first = v.flag("batch_first", batch_first)
         v.choice("init", init, RNN_INITS)
         self._dtype = v.dtype(dtype)
         gain = v.finite_float("gain", gain)
@@ -198,7 +198,7 @@ class RNN:
             "hidden_size": v.positive_int("hidden_size", hidden_size),
             "num_layers": v.positive_int("num_layers", num_layers),
             "output_size": _optional_positive_int("output_size", output_size) or None,
-            "bias": bool(bias),
+            "bias": v.flag("bias", bias),
         }
 
     # -- construction from arrays ------------------------------------------------------
@@ -241,7 +241,7 @@ class RNN:
             raise ValueError(f"weight_ih_l0 has {w0.shape[0]} rows, not a multiple of {g} gates for cell={cell!r}")
         bias = "bias_ih_l0" in arrays
         out = arrays.get("readout.weight")
-        shape = cls._shape(cell, int(w0.shape[1]), w0.shape[0] // g, len(layers), None if out is None else int(out.shape[0]) if out.ndim == 2 else -1, bias)
+        shape = cls._shape(cell, int(w0.shape[1]), w0.shape[0] // g, len(layers), None if out is None else _readout_rows(out), bias)
         if dtype is None:
             dtype = np.float32 if all(a.dtype == np.float32 for a in arrays.values()) else np.float64
         dt = v.dtype(dtype)
@@ -252,7 +252,7 @@ class RNN:
             raise ValueError(f"state_dict does not match a {cell} chain of this shape: missing {missing}, unexpected {extra}")
         params = [v.param_array(f"state_dict[{n!r}]", arrays[n], dt, s) for n, s in zip(names, shapes)]
         self = cls.__new__(cls)
-        self._batch_first = _flag("batch_first", batch_first)
+        self._batch_first = v.flag("batch_first", batch_first)
         self._dtype = dt
         self._config = dict(shape)
         self._config.update(init=None, gain=None, recurrent_gain=None, spectral_radius=None, forget_bias=None, seed=None)
@@ -579,7 +579,9 @@ class RNN:
         if truncate is not None:
             k = v.positive_int("truncate", truncate)
             mode = v.choice("truncate_mode", truncate_mode, TRUNCATE_MODES)
-        return int(self._chain.run_bytes(t, b, bool(return_grads), mode, k, bool(every_step), False))
+        return int(self._chain.run_bytes(
+            t, b, v.flag("return_grads", return_grads), mode, k, v.flag("every_step", every_step), False
+        ))
 
     def forward(self, x: Any, h0: Any = None, c0: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Run the chain over `x`; as ``torch.nn.RNN/LSTM/GRU``'s forward.
@@ -619,7 +621,14 @@ def _param_layout(shape: dict[str, Any]) -> tuple[list[str], list[tuple[int, ...
     return names, shapes
 
 
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-    return bool(value)
+
+
+def _readout_rows(out: Any) -> int:
+    """The read-out's output size, from the shape of ``state_dict['readout.weight']``."""
+    if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] < 1:
+        got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(
+            "state_dict['readout.weight'] must be a 2-d array (output_size, hidden_size); "
+            f"got {got}"
+        )
+    return int(out.shape[0])

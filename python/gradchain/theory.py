@@ -837,6 +837,7 @@ def mean_field(
     act = _activation(activation, negative_slope, alpha)
     sw, sb = _std("sigma_w", sigma_w), _std("sigma_b", sigma_b)
     q0 = _variance("q0", q0)
+    correlation = v.flag("correlation", correlation)
     sw2, sb2 = sw * sw, sb * sb
     qs = _fixed_point(act, sw2, sb2, sw2 * q0 + sb2)
     chi_1 = _marginal(sw2 * _chi_limit(act, qs))

@@ -67,6 +67,7 @@ class ActivationBlock final : public Block<T> {
   bool saves_output() const override { return !act_.needs_input(); }
   bool in_place() const override { return true; }
   bool can_zero() const override;
+  bool absorbs_tiny_input() const override;
 
   std::int64_t forward(const ForwardArgs<T>& a) const override;
   std::int64_t backward_input(const BackwardArgs<T>& a) const override;

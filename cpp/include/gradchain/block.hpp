@@ -101,6 +101,9 @@ class Block {
   // Output values can be exactly zero for a nonzero input (relu's dead units, a zero
   // weight row); otherwise an all-zero output from a nonzero input means underflow.
   virtual bool can_zero() const { return true; }
+  // The output does not depend on the precision of an input below the normal floats
+  // (phi(0) != 0 for a smooth phi: sigmoid, softplus), so such an input is no underflow.
+  virtual bool absorbs_tiny_input() const { return false; }
 
   // Parameters and buffers, their storage (contiguous, row-major) and sizes.
   virtual std::vector<ParamInfo> params() const { return {}; }

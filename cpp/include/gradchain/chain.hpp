@@ -125,6 +125,7 @@ class Chain {
     std::vector<Step> steps;
     std::vector<int> width;           // per boundary
     std::vector<char> stored;         // per boundary: kept for the backward pass (or the loss)
+    std::vector<char> absorbed;       // per boundary: only read by blocks that absorb a tiny input
     std::vector<int> top;             // per boundary: its top-level index, or -1
     std::vector<std::size_t> offset;  // per stored boundary: offset per example
     std::size_t stored_per_row = 0;
