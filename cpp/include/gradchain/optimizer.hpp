@@ -55,6 +55,10 @@ struct ParamState {
   std::vector<T>& get(const std::string& name, std::size_t n, T fill);  // created on first use
 };
 
+// The buffers one parameter's state holds once it has taken a step, in torch's order
+// (e.g. Adam with amsgrad: exp_avg, exp_avg_sq, max_exp_avg_sq; SGD without momentum: none).
+std::vector<std::string> state_buffer_names(const OptimizerSpec& spec);
+
 template <class T>
 class Optimizer {
  public:
@@ -69,6 +73,10 @@ class Optimizer {
 
   std::vector<ParamState<T>>& state() { return state_; }
   const std::vector<ParamState<T>>& state() const { return state_; }
+  // Replaces the state (one saved earlier, or loaded from torch): each parameter's holds no
+  // buffer (not stepped yet) or exactly state_buffer_names(spec()), all of one size, and a
+  // step count >= 0; std::invalid_argument naming the parameter and buffer otherwise.
+  void set_state(std::vector<ParamState<T>> state);
 
  protected:
   virtual void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) = 0;
