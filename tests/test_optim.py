@@ -799,6 +799,9 @@ def test_bad_state_dicts():
         ValueError, match=r"has a buffer 'momentum_buffer' that this optimizer does not keep"
     ):
         gc.optim.Adam().load_state_dict(extra)
+    stepless = {"state": {0: {"step": 3.0}}, "param_groups": sd["param_groups"]}
+    with pytest.raises(ValueError, match=r"state of parameter 0 has step 3 but no buffers"):
+        gc.optim.Adam().load_state_dict(stepless)
     with pytest.raises(ValueError, match=r"must hold one parameter group"):
         gc.optim.Adam().load_state_dict({"state": {}, "param_groups": [sd["param_groups"][0]] * 2})
     with pytest.raises(TypeError, match=r"mapping with keys 'state' and 'param_groups'"):

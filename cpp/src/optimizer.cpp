@@ -120,7 +120,12 @@ void Optimizer<T>::set_state(std::vector<ParamState<T>> state) {
     const std::string which = "the optimizer state of parameter " + std::to_string(i);
     require(std::isfinite(s.step) && s.step >= 0,
             which + " must have a finite step >= 0; got " + num(s.step));
-    if (s.buffers.empty()) continue;
+    if (s.buffers.empty()) {
+      // Adam's bias corrections (and Adagrad's, RMSprop's step count) would restart mid-way.
+      require(s.step == 0 || spec_.kind == OptimKind::sgd,
+              which + " has step " + num(s.step) + " but no buffers");
+      continue;
+    }
     for (const auto& b : s.buffers) {
       bool known = false;
       for (const auto& name : names) known = known || name == b.first;

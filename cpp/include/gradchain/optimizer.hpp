@@ -37,7 +37,8 @@ struct OptimizerSpec {
   double initial_accumulator_value = 0.0;  // Adagrad
 
   // std::invalid_argument naming the argument and the accepted values, as torch's own
-  // checks (lr >= 0, 0 <= beta < 1, nesterov needs momentum > 0 and dampening 0, ...).
+  // checks (0 <= beta < 1, nesterov needs momentum > 0 and dampening 0, ...), but stricter
+  // in two ways: lr must be > 0 (torch accepts 0) and every number finite.
   void validate() const;
 };
 
@@ -68,7 +69,8 @@ class Optimizer {
 
   // One update of parameter `i` (n numbers at p, gradient g) at learning rate `lr` (the
   // schedule's value for this step; spec().lr is the base). `g` is read only. Parameters
-  // are numbered by the caller, the same way on every step.
+  // are numbered by the caller, the same way on every step. std::invalid_argument if lr is
+  // negative or not finite, or n differs from the size of parameter i's state.
   void step(std::size_t i, T* p, const T* g, std::size_t n, double lr);
 
   std::vector<ParamState<T>>& state() { return state_; }
