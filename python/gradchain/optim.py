@@ -138,6 +138,7 @@ class Optimizer:
 
     @property
     def defaults(self) -> dict[str, Any]:
+        """A new dict of the hyperparameters, as torch's ``optimizer.defaults``."""
         out = {}
         for key in self._TORCH_KEYS:
             out[key] = self._hyper[key] if key in self._hyper else self._TORCH_FLAGS[key]
