@@ -2476,3 +2476,87 @@ def block_chain_backward(blocks, x, grad_output, *, eps=0.0, negative_slope=0.01
     return SimpleNamespace(
         output=h[-1], h=h, grads=grads[::-1], linears=[tuple(r) for r in linears]
     )
+
+
+# --------------------------------------------------------------------------------------
+# Optimizers and learning-rate schedules: torch.optim itself, single-tensor (foreach=False)
+
+TORCH_OPTIMIZERS = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+}
+
+
+def torch_optimizer(kind, params, **hyper):
+    """``torch.optim.<kind>(params, foreach=False, **hyper)`` (kind as gradchain names it)."""
+    import torch
+
+    return getattr(torch.optim, TORCH_OPTIMIZERS[kind])(params, foreach=False, **hyper)
+
+
+@_torch_one_thread
+def torch_optimizer_run(kind, hyper, params, grads, *, lrs=None, state_dict=None):
+    """Copies of the NumPy arrays `params` after ``len(grads)`` steps of torch.optim.<kind>
+    (``grads[t][i]`` the gradient of parameter i at step t, ``lrs[t]`` the step's rate if
+    given), starting from `state_dict` if given (NumPy arrays become tensors). Returns
+    ``(params, optimizer)``."""
+    import torch
+
+    tp = [torch.nn.Parameter(torch.tensor(np.array(p))) for p in params]
+    opt = torch_optimizer(kind, tp, **hyper)
+    if state_dict is not None:
+        opt.load_state_dict(numpy_to_torch(state_dict))
+    for t, gs in enumerate(grads):
+        for p, g in zip(tp, gs):
+            p.grad = torch.tensor(np.array(g))
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = float(lrs[t])
+        opt.step()
+    return [p.detach().numpy().copy() for p in tp], opt
+
+
+def numpy_to_torch(obj):
+    """NumPy arrays (and NumPy scalars) inside nested dicts and lists as tensors; a
+    "step" given as a number as a 0-d float32 tensor, as torch keeps it."""
+    import torch
+
+    if isinstance(obj, np.ndarray):
+        return torch.tensor(obj)
+    if isinstance(obj, dict):
+        return {
+            k: torch.tensor(float(v), dtype=torch.float32)
+            if k == "step" and not isinstance(v, (np.ndarray, torch.Tensor))
+            else numpy_to_torch(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [numpy_to_torch(v) for v in obj]
+    return obj
+
+
+@_torch_one_thread
+def torch_schedule_lrs(name, args, base_lr, steps, losses=None, state_dict=None):
+    """The rate of each of `steps` optimizer steps under ``torch.optim.lr_scheduler.<name>
+    (optimizer, **args)``, stepped once after each optimizer step (ReduceLROnPlateau with
+    ``losses[t]``); `state_dict`, if given, is loaded first (the optimizer's lr set to its
+    ``_last_lr``). Returns ``(lrs, scheduler)``."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([p], lr=base_lr)
+    sched = getattr(torch.optim.lr_scheduler, name)(opt, **args)
+    if state_dict is not None:
+        sched.load_state_dict(dict(state_dict))
+        opt.param_groups[0]["lr"] = state_dict["_last_lr"][0]
+    out = np.empty(steps)
+    for t in range(steps):
+        out[t] = opt.param_groups[0]["lr"]
+        opt.step()  # no gradient: nothing moves, but torch sees the order it expects
+        if name == "ReduceLROnPlateau":
+            sched.step(float(losses[t]))
+        else:
+            sched.step()
+    return out, sched

@@ -1,6 +1,7 @@
 #include "gradchain/optimizer.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 
 #include "gradchain/common.hpp"
@@ -28,7 +29,8 @@ std::string num(double v) {
 }  // namespace
 
 void OptimizerSpec::validate() const {
-  require(std::isfinite(lr) && lr >= 0, "lr must be a finite number >= 0; got " + num(lr));
+  // torch accepts lr = 0 (no update at all); gradchain refuses it as a likely mistake.
+  require(std::isfinite(lr) && lr > 0, "lr must be a finite number > 0; got " + num(lr));
   require(std::isfinite(weight_decay) && weight_decay >= 0,
           "weight_decay must be a finite number >= 0; got " + num(weight_decay));
   require(std::isfinite(momentum) && momentum >= 0,
@@ -48,6 +50,27 @@ void OptimizerSpec::validate() const {
   require(std::isfinite(initial_accumulator_value) && initial_accumulator_value >= 0,
           "initial_accumulator_value must be a finite number >= 0; got " +
               num(initial_accumulator_value));
+}
+
+std::vector<std::string> state_buffer_names(const OptimizerSpec& spec) {
+  switch (spec.kind) {
+    case OptimKind::sgd:
+      if (spec.momentum != 0) return {"momentum_buffer"};
+      return {};
+    case OptimKind::adam:
+    case OptimKind::adamw:
+      if (spec.amsgrad) return {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+      return {"exp_avg", "exp_avg_sq"};
+    case OptimKind::rmsprop: {
+      std::vector<std::string> names{"square_avg"};
+      if (spec.momentum > 0) names.emplace_back("momentum_buffer");
+      if (spec.centered) names.emplace_back("grad_avg");
+      return names;
+    }
+    case OptimKind::adagrad:
+      return {"sum"};
+  }
+  return {};
 }
 
 template <class T>
@@ -78,8 +101,54 @@ Optimizer<T>::Optimizer(const OptimizerSpec& spec) : spec_(spec) {
 
 template <class T>
 void Optimizer<T>::step(std::size_t i, T* p, const T* g, std::size_t n, double lr) {
+  // A schedule may reach 0 (cosine annealing to eta_min = 0), so the step's lr may be 0.
+  require(std::isfinite(lr) && lr >= 0, "lr must be a finite number >= 0; got " + num(lr));
   if (i >= state_.size()) state_.resize(i + 1);
+  for (const auto& b : state_[i].buffers)
+    if (b.second.size() != n)
+      throw std::invalid_argument("parameter " + std::to_string(i) + " has " + std::to_string(n) +
+                                  " numbers but its optimizer state '" + b.first + "' has " +
+                                  std::to_string(b.second.size()));
   update(state_[i], p, g, n, lr);
+}
+
+template <class T>
+void Optimizer<T>::set_state(std::vector<ParamState<T>> state) {
+  const std::vector<std::string> names = state_buffer_names(spec_);
+  for (std::size_t i = 0; i < state.size(); ++i) {
+    ParamState<T>& s = state[i];
+    const std::string which = "the optimizer state of parameter " + std::to_string(i);
+    require(std::isfinite(s.step) && s.step >= 0,
+            which + " must have a finite step >= 0; got " + num(s.step));
+    if (s.buffers.empty()) {
+      // Adam's bias corrections (and Adagrad's, RMSprop's step count) would restart mid-way.
+      require(s.step == 0 || spec_.kind == OptimKind::sgd,
+              which + " has step " + num(s.step) + " but no buffers");
+      continue;
+    }
+    for (const auto& b : s.buffers) {
+      bool known = false;
+      for (const auto& name : names) known = known || name == b.first;
+      std::string expected;
+      for (const auto& name : names) expected += (expected.empty() ? "'" : ", '") + name + "'";
+      require(known, which + " has a buffer '" + b.first + "' that this optimizer does not keep" +
+                         " (it keeps " + (expected.empty() ? "none" : expected) + ")");
+    }
+    require(s.buffers.size() <= names.size(), which + " names a buffer twice");
+    const std::string& first = s.buffers.front().first;
+    const std::size_t size = s.buffers.front().second.size();
+    std::vector<std::pair<std::string, std::vector<T>>> ordered;
+    for (const auto& name : names) {
+      std::vector<T>* b = s.find(name);
+      require(b != nullptr, which + " lacks the buffer '" + name + "'");
+      require(b->size() == size, which + ": its buffers must all have one size; '" + name +
+                                     "' has " + std::to_string(b->size()) + ", '" + first +
+                                     "' has " + std::to_string(size));
+      ordered.emplace_back(name, *b);
+    }
+    s.buffers = std::move(ordered);
+  }
+  state_ = std::move(state);
 }
 
 template <class T>

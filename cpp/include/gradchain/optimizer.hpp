@@ -37,7 +37,8 @@ struct OptimizerSpec {
   double initial_accumulator_value = 0.0;  // Adagrad
 
   // std::invalid_argument naming the argument and the accepted values, as torch's own
-  // checks (lr >= 0, 0 <= beta < 1, nesterov needs momentum > 0 and dampening 0, ...).
+  // checks (0 <= beta < 1, nesterov needs momentum > 0 and dampening 0, ...), but stricter
+  // in two ways: lr must be > 0 (torch accepts 0) and every number finite.
   void validate() const;
 };
 
@@ -55,6 +56,10 @@ struct ParamState {
   std::vector<T>& get(const std::string& name, std::size_t n, T fill);  // created on first use
 };
 
+// The buffers one parameter's state holds once it has taken a step, in torch's order
+// (e.g. Adam with amsgrad: exp_avg, exp_avg_sq, max_exp_avg_sq; SGD without momentum: none).
+std::vector<std::string> state_buffer_names(const OptimizerSpec& spec);
+
 template <class T>
 class Optimizer {
  public:
@@ -64,11 +69,16 @@ class Optimizer {
 
   // One update of parameter `i` (n numbers at p, gradient g) at learning rate `lr` (the
   // schedule's value for this step; spec().lr is the base). `g` is read only. Parameters
-  // are numbered by the caller, the same way on every step.
+  // are numbered by the caller, the same way on every step. std::invalid_argument if lr is
+  // negative or not finite, or n differs from the size of parameter i's state.
   void step(std::size_t i, T* p, const T* g, std::size_t n, double lr);
 
   std::vector<ParamState<T>>& state() { return state_; }
   const std::vector<ParamState<T>>& state() const { return state_; }
+  // Replaces the state (one saved earlier, or loaded from torch): each parameter's holds no
+  // buffer (not stepped yet) or exactly state_buffer_names(spec()), all of one size, and a
+  // step count >= 0; std::invalid_argument naming the parameter and buffer otherwise.
+  void set_state(std::vector<ParamState<T>> state);
 
  protected:
   virtual void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) = 0;
