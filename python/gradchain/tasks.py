@@ -404,6 +404,13 @@ class Dataset:
         The label.
     teacher : gradchain.MLP or None
         The network that made the targets (:func:`teacher_student`), else None.
+    baseline_loss : float
+        The loss of the best prediction that ignores the inputs, on the training
+        examples: for ``"mse"`` the variance of the targets (predicting their mean), for
+        ``"cross_entropy"`` the entropy of the label frequencies (predicting them); with
+        a target at every step, the mean over the steps of each step's value. A network
+        that does not get clearly below it has learned nothing from its inputs (pass it
+        to :func:`gradchain.diagnose.diagnose` as ``baseline``).
     bayes_error : float or None
         The lowest error rate any classifier can reach on the task's distribution
         (:func:`classification`), else None.
@@ -450,6 +457,7 @@ class Dataset:
     dtype: np.dtype
     name: str
     teacher: MLP | None
+    baseline_loss: float
     bayes_error: float | None
     class_means: np.ndarray | None
 
@@ -582,6 +590,7 @@ class Dataset:
         self.every_step = steps
         self.dtype = dt
         self.name = "dataset" if name is None else name
+        self.baseline_loss = _baseline_loss(y_tr, loss, steps)
         self.teacher = None
         self.bayes_error = None
         self.class_means = None
@@ -635,6 +644,21 @@ class Dataset:
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"loss={self.loss!r}{seq}, dtype={self.dtype.name!r})"
         )
+
+
+def _baseline_loss(y: np.ndarray, loss: str, every_step: bool) -> float:
+    """The loss of the best input-free prediction (per step when every_step)."""
+    axis = 1 if every_step else 0
+    if loss == "mse":
+        y64 = y.astype(np.float64)
+        return float(np.mean((y64 - y64.mean(axis=axis, keepdims=True)) ** 2))
+    labels = y if every_step else y[None, :]
+    total = 0.0
+    for row in labels:  # one step at a time
+        p = np.bincount(row) / row.size
+        p = p[p > 0]
+        total -= float(np.sum(p * np.log(p)))
+    return total / labels.shape[0]
 
 
 def as_dataset(obj: Any) -> Dataset:
