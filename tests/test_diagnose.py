@@ -9,7 +9,9 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import oracles
 import pytest
+from conftest import needs_torch
 from gradchain import Diagnosis
 from gradchain import diagnose as diagnose_module
 from gradchain.diagnose import KINDS, diagnose
@@ -593,3 +595,83 @@ def test_docstring_examples_run(fn):
     for test in finder.find(fn, fn.__name__, globs={}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 0
+
+
+def test_spikes_match_the_plain_definition():
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        R = int(rng.integers(2, 60))
+        loss = np.power(10.0, rng.standard_normal(R))
+        loss[rng.integers(0, R, 3)] *= 1e3
+        start = np.median(loss[:10])
+        want = [
+            i
+            for i in range(1, R)
+            if loss[i] > 10 * np.median(loss[max(0, i - 10) : i]) and loss[i] > start
+        ]
+        d = diagnose(history(np.full((R, 4), -1.0), loss=loss))
+        assert d.scores["spikes"] == len(want), trial
+        assert (d.kind == "exploding") == bool(want) or d.scores["growth"] >= 1, trial
+
+
+# --------------------------------------------------------------------------------------
+# real trajectories: small PyTorch runs recorded as a History would record them
+# --------------------------------------------------------------------------------------
+@oracles._torch_one_thread
+def torch_history(depth, activation, *, steps=120, width=16, lr=0.1, seed=0):
+    """SGD (momentum 0.9) on a teacher-student task, every step recorded."""
+    import torch
+    from gradchain import tasks
+
+    data = tasks.teacher_student(512, width, 2, out_features=1, seed=seed)
+    x, y = torch.tensor(data.x), torch.tensor(data.y)
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(depth - 1):
+        lin = torch.nn.Linear(width, width, dtype=torch.float64)
+        torch.nn.init.xavier_normal_(lin.weight, generator=gen)
+        torch.nn.init.zeros_(lin.bias)
+        layers += [lin, activation()]
+    layers.append(torch.nn.Linear(width, 1, dtype=torch.float64))
+    net = torch.nn.Sequential(*layers)
+    names, params = zip(*net.named_parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    rows = []
+    for _ in range(steps):
+        idx = torch.randperm(512, generator=gen)[:32]
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
+        loss.backward()
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        with torch.no_grad():
+            g = [float(p.grad.norm()) for p in params]
+            w = [float(p.norm()) for p in params]
+            u = [
+                float((p - b).norm() / b.norm()) if b.norm() > 0 else 0.0
+                for p, b in zip(params, before)
+            ]
+        rows.append((float(loss.detach()), g, w, u))
+    with np.errstate(divide="ignore"):
+        grads = np.log10([r[1] for r in rows])
+        attrs = {
+            "log10_param_norms": np.log10([r[2] for r in rows]),
+            "log10_update_ratios": np.log10([r[3] for r in rows]),
+        }
+    h = history(grads, loss=[r[0] for r in rows], names=list(names), lr=lr)
+    return StrictHistory(**{**h._attrs, **attrs})
+
+
+@needs_torch
+def test_real_deep_sigmoid_chain_vanishes_and_a_shallow_tanh_one_is_healthy():
+    d = diagnose(torch_history(24, lambda: __import__("torch").nn.Sigmoid()))
+    assert d.kind == "vanishing" and d.layer == "0.weight" and d.scores["layer_gap"] > 5
+    h = diagnose(torch_history(3, lambda: __import__("torch").nn.Tanh()))
+    assert h.kind == "healthy" and abs(h.scores["layer_gap"]) < 1.5
+    assert h.scores["loss_decades"] > 0.3
+
+
+@needs_torch
+def test_real_run_with_a_too_large_learning_rate_explodes_then_diverges():
+    d = diagnose(torch_history(6, lambda: __import__("torch").nn.ReLU(), lr=3.0, steps=200))
+    assert d.kind == "diverged" and "exploding" in d.also

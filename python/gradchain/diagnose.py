@@ -167,6 +167,7 @@ class _Run:
 
     steps: np.ndarray
     loss: np.ndarray
+    log10_loss: np.ndarray
     log10_total_norm: np.ndarray
     log10_clip_coef: np.ndarray
     lr: np.ndarray
@@ -183,7 +184,15 @@ class _Run:
         """The first `rows` rows."""
         cut = {
             k: getattr(self, k)[:rows]
-            for k in ("steps", "loss", "log10_total_norm", "log10_clip_coef", "lr", "grads")
+            for k in (
+                "steps",
+                "loss",
+                "log10_loss",
+                "log10_total_norm",
+                "log10_clip_coef",
+                "lr",
+                "grads",
+            )
         }
         cut.update(norms=self.norms[:rows], updates=self.updates[:rows])
         val = None if self.val_loss is None else self.val_loss[:rows]
@@ -241,6 +250,7 @@ def _read(history: Any) -> _Run:
     return _Run(
         steps=steps,
         loss=vec["loss"],
+        log10_loss=vec["log10_loss"],
         log10_total_norm=vec["log10_total_norm"],
         log10_clip_coef=vec["log10_clip_coef"],
         lr=vec["lr"],
@@ -271,6 +281,11 @@ def _weight_layers(names: Sequence[str]) -> list[list[int]]:
         key = f"{m.group(1)}l{m.group(2)}" if m else name
         layers.setdefault(key, []).append(i)
     return list(layers.values())
+
+
+def _weights(names: Sequence[str]) -> list[int]:
+    """The weight parameters' indices; every parameter's when none is named a weight."""
+    return [i for g in _weight_layers(names) for i in g] or list(range(len(names)))
 
 
 def _sides(names: Sequence[str]) -> tuple[list[int], list[int]] | None:
@@ -375,7 +390,10 @@ def _diverged(run: _Run) -> tuple[int, _Finding | None]:
     )
     if rows:
         last = int(run.steps[rows - 1])
-        text += f"; the last finite loss was {_fmt(float(run.loss[rows - 1]))} at step {last}"
+        text += (
+            f"; the last finite loss was {_fmt(float(run.loss[rows - 1]))} at step {last}, "
+            f"at a learning rate of {_fmt(float(run.lr[rows - 1]))}"
+        )
     return rows, _Finding("diverged", 0, step, where, text, what)
 
 
@@ -397,12 +415,13 @@ def _growth(
         return None
     first = int(steps[int(np.argmax(t > early + growth))])
     layer = None
-    g = run.grads[ok]
-    if g.shape[1]:
+    cols = _weights(run.names)
+    if cols:
+        g = run.grads[ok][:, cols]
         with np.errstate(invalid="ignore"):
             per = np.median(g[-q:], axis=0) - np.median(g[:q], axis=0)
         per = np.where(np.isnan(per), -np.inf, per)
-        layer = run.names[int(np.argmax(per))]
+        layer = run.names[cols[int(np.argmax(per))]]
     return _Finding(
         "exploding",
         1,
@@ -420,25 +439,29 @@ def _spikes(run: _Run, spike_factor: float, scores: dict[str, float]) -> _Findin
     if R < 2:
         scores["spikes"] = 0.0
         return None
-    start = float(np.median(loss[: min(_SPIKE_WINDOW, R)]))
-    hits = []
-    for i in range(1, R):
-        ref = float(np.median(loss[max(0, i - _SPIKE_WINDOW) : i]))
-        if loss[i] > spike_factor * ref and loss[i] > start:
-            hits.append(i)
-    scores["spikes"] = float(len(hits))
-    if not hits:
+    w = _SPIKE_WINDOW
+    start = float(np.median(loss[: min(w, R)]))
+    ref = np.empty(R - 1)  # ref[i - 1]: the median of the (up to) w points before point i
+    for i in range(1, min(w, R)):
+        ref[i - 1] = np.median(loss[:i])
+    if R > w:
+        ref[w - 1 :] = np.median(np.lib.stride_tricks.sliding_window_view(loss[:-1], w), axis=1)
+    with np.errstate(invalid="ignore"):
+        spike = (loss[1:] > spike_factor * ref) & (loss[1:] > start)
+    hits = np.flatnonzero(spike) + 1
+    scores["spikes"] = float(hits.size)
+    if not hits.size:
         return None
-    i = hits[0]
-    ref = float(np.median(loss[max(0, i - _SPIKE_WINDOW) : i]))
+    i = int(hits[0])
+    ref_i = float(ref[i - 1])
     return _Finding(
         "exploding",
         2,
         int(run.steps[i]),
         None,
-        f"the loss spiked {len(hits)} time(s), first at step {int(run.steps[i])}: "
-        f"{_fmt(float(loss[i]))}, {_fmt(float(loss[i]) / ref)} times the median of the "
-        f"{min(i, _SPIKE_WINDOW)} recorded points before (spike_factor={spike_factor})",
+        f"the loss spiked {hits.size} time(s), first at step {int(run.steps[i])}: "
+        f"{_fmt(float(loss[i]))}, {_fmt(float(loss[i]) / ref_i)} times the median of the "
+        f"{min(i, w)} recorded points before (spike_factor={spike_factor})",
     )
 
 
@@ -499,8 +522,7 @@ def _layers(
                 f"the input-side update ratios were {_fmt(ugap)} decades below the output side's"
                 if ugap >= 0
                 else f"the input-side update ratios were {_fmt(-ugap)} decades above the "
-                "output side's "
-                "(an adaptive optimizer rescales the small gradients)"
+                "output side's (an adaptive optimizer such as Adam rescales small gradients)"
             )
         if not math.isnan(scores["input_weight_change"]):
             notes.append(
@@ -555,7 +577,7 @@ def _stuck(
         return _Finding("stuck", 4, int(run.steps[0]), None, text), notes
     bad, at = _plateau(run.loss, th["plateau_threshold"])
     scores["plateau"] = float(bad)
-    weights = [i for g in _weight_layers(run.names) for i in g] or list(range(len(run.names)))
+    weights = _weights(run.names)
     ur = _median(run.updates[-patience:, weights].ravel()) if weights else math.nan
     scores["update_ratio"] = _float(ur)
     level = float(np.median(run.loss[-patience:]))
@@ -594,7 +616,10 @@ def _stuck(
             f"{flat}, but the updates were not tiny: {upd} (update_ratio={th['update_ratio']})"
         )
         return None, notes
-    text = f"{flat}, and the updates were tiny: {upd}, below update_ratio={th['update_ratio']}"
+    text = (
+        f"{flat}, and the updates were tiny: {upd}, below update_ratio={th['update_ratio']}, "
+        f"at a learning rate of {_fmt(float(run.lr[-1]))}"
+    )
     return _Finding("stuck", 4, int(run.steps[min(at + 1, R - 1)]), None, text), notes
 
 
@@ -850,16 +875,17 @@ _SCORES = (
 
 def _loss_notes(run: _Run, scores: dict[str, float]) -> list[str]:
     """How the loss went, in one sentence (and the validation loss, when recorded)."""
-    loss = run.loss
-    R = loss.size
-    k = max(1, R // 10)
-    first, last = float(np.median(loss[:k])), float(np.median(loss[-k:]))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dec = math.log10(first / last) if first > 0 and last > 0 else math.nan
+    lg = run.log10_loss  # exact where the float loss is 0 or inf
+    k = max(1, lg.size // 10)
+    first, last = float(np.median(lg[:k])), float(np.median(lg[-k:]))
+    with np.errstate(invalid="ignore"):
+        dec = first - last
     scores["loss_decades"] = dec
-    text = f"the loss went from {_fmt(first)} to {_fmt(last)} over {_steps_text(run)}"
-    if not math.isnan(dec):
-        text += f" ({_fmt(abs(dec))} decades {'down' if dec >= 0 else 'up'})"
+    change = "" if math.isnan(dec) else f", {_fmt(abs(dec))} decades {'down' if dec >= 0 else 'up'}"
+    text = (
+        f"the loss went from {_fmt(_float(first))} to {_fmt(_float(last))} (medians of the "
+        f"first and last tenth{change}) over {_steps_text(run)}"
+    )
     out = [text]
     if run.val_loss is not None and np.isfinite(run.val_loss).any():
         v = run.val_loss
