@@ -10,7 +10,7 @@ the same attributes) and names what happened, as a :class:`Diagnosis`:
 * ``"vanishing"``: input-side layers receiving gradients many decades below the
   output-side ones (with their update ratios and weight changes as evidence);
 * ``"stuck"``: the loss no longer improving (ReduceLROnPlateau's rule) while the updates
-  are tiny;
+  are tiny, or (given a baseline loss) ending where ignoring the inputs would;
 * ``"healthy"``: none of these.
 
 Every rule compares a measured score with a threshold the caller can change; the
