@@ -344,6 +344,8 @@ def test_teacher_student_noise_has_the_given_scale_and_is_the_best_loss():
     clean = tasks.teacher_student(20_000, 4, 2, out_features=1, seed=5)
     noisy = tasks.teacher_student(20_000, 4, 2, out_features=1, seed=5, noise=0.3)
     np.testing.assert_array_equal(clean.x, noisy.x)
+    louder = tasks.teacher_student(20_000, 4, 2, out_features=1, seed=5, noise=0.6)
+    np.testing.assert_allclose(louder.y - clean.y, 2 * (noisy.y - clean.y), rtol=1e-12, atol=1e-15)
     resid = noisy.y - noisy.teacher.forward(noisy.x)  # the teacher's own mse: noise ** 2
     assert abs(resid.mean()) < 5 * 0.3 / math.sqrt(20_000)
     assert abs(np.mean(resid**2) - 0.09) < 5 * 0.09 * math.sqrt(2 / 20_000)
@@ -363,6 +365,8 @@ def test_teacher_student_seeds():
 def test_teacher_student_validation_split():
     full = tasks.teacher_student(100, 3, seed=4)
     split = tasks.teacher_student(100, 3, seed=4, validation=0.25)
+    noisy = tasks.teacher_student(100, 3, seed=4, validation=0.25, noise=0.5)
+    np.testing.assert_array_equal(split.x_val, noisy.x_val)  # the split ignores the noise level
     assert (split.n, split.n_val) == (75, 25)
     assert split.x_val.shape == (25, 3) and split.y_val.shape == (25, 3)
     both = np.concatenate([split.x, split.x_val])

@@ -789,9 +789,11 @@ def teacher_student(
     teacher = MLP(depth=depth, width=[width] * depth + [out], activation=activation, seed=s)
     rng = np.random.default_rng(s)
     x = rng.standard_normal((n, width)).astype(dt)
+    # drawn for every noise level, so that the levels share inputs, draws and split
+    eps = rng.standard_normal((n, out))
     y = teacher.forward(x.astype(np.float64))
     if noise > 0:
-        y = y + noise * rng.standard_normal(y.shape)
+        y = y + noise * eps
     ds = _dataset(x, y.astype(dt), "mse", validation, rng, "teacher_student", out)
     ds.teacher = teacher
     return ds
