@@ -21,6 +21,7 @@ from .blocks import Activation, BatchNorm, Block, LayerNorm, Linear, Residual, R
 from .chain import Chain
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from .compare import TheoryComparison, compare_theory
+from .diagnose import Diagnosis
 from .errors import NonFiniteError
 from .jacobian import JacobianNorms, JacobianSpectrum, jacobian_norms, jacobian_spectrum
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP, NORM_POSITIONS, NORMS
@@ -50,6 +51,7 @@ __all__ = [
     "Block",
     "Chain",
     "ChainReport",
+    "Diagnosis",
     "JacobianNorms",
     "JacobianSpectrum",
     "LayerNorm",
