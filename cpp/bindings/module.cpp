@@ -63,5 +63,7 @@ memory, and which limit sets the first (MemAvailable, a cgroup limit, GRADCHAIN_
   bindings::bind_chain(m);
   bindings::bind_clip(m);
   bindings::bind_jacobian(m);
+  bindings::bind_optim(m);
   bindings::bind_rnn(m);
+  bindings::bind_train(m);
 }

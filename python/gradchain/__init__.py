@@ -16,16 +16,18 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "was the package built? Install it with `pip install .` from the source tree."
     ) from exc
 
-from . import tasks, theory
+from . import optim, tasks, theory
 from .blocks import Activation, BatchNorm, Block, LayerNorm, Linear, Residual, RMSNorm, Scale
 from .chain import Chain
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
 from .compare import TheoryComparison, compare_theory
 from .errors import NonFiniteError
+from .history import History
 from .jacobian import JacobianNorms, JacobianSpectrum, jacobian_norms, jacobian_spectrum
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP, NORM_POSITIONS, NORMS
 from .report import BackwardReport, ChainReport, RecurrentReport
 from .rnn import CELLS, RNN, RNN_INITS, RNN_LOSSES, TRUNCATE_MODES
+from .train import train
 
 try:
     __version__ = version("gradchain")
@@ -50,6 +52,7 @@ __all__ = [
     "Block",
     "Chain",
     "ChainReport",
+    "History",
     "JacobianNorms",
     "JacobianSpectrum",
     "LayerNorm",
@@ -68,6 +71,8 @@ __all__ = [
     "get_total_norm",
     "jacobian_norms",
     "jacobian_spectrum",
+    "optim",
     "tasks",
     "theory",
+    "train",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 from . import _core
 from . import _validate as v
 
-__all__ = ["Task", "adding_problem", "copy_task"]
+__all__ = ["Task", "adding_problem", "batch_order", "copy_task"]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -237,3 +237,43 @@ def copy_task(
         output_size=n_symbols + 1,
         name="copy",
     )
+
+
+def batch_order(n: Any, batch_size: Any, steps: Any, seed: Any = 0, *, shuffle: Any = True) -> np.ndarray:
+    """The example indices :func:`gradchain.train` uses, step by step.
+
+    Each epoch is a permutation of ``range(n)`` drawn from ``seed`` (Philox, the epoch
+    as its stream; a Fisher-Yates shuffle), or ``range(n)`` itself without shuffling;
+    its batches follow in order, and the last partial batch is dropped. A loop elsewhere
+    (PyTorch, say) that takes ``x[order[k]]`` at step k sees the batches gradchain saw.
+
+    Parameters
+    ----------
+    n : int
+        Number of training examples.
+    batch_size : int
+        Examples per step, at most `n`.
+    steps : int
+        Number of steps.
+    seed : int
+        The sampler's seed (``gc.train``'s `seed`).
+    shuffle : bool
+        ``gc.train``'s `shuffle`.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (steps, batch_size)
+
+    Examples
+    --------
+    >>> from gradchain import tasks
+    >>> order = tasks.batch_order(10, 4, 5, seed=0)
+    >>> order.shape, sorted(order[0].tolist() + order[1].tolist()) == sorted(set(order[:2].ravel().tolist()))
+    ((5, 4), True)
+    """
+    n = v.positive_int("n", n, maximum=2**62)
+    b = v.positive_int("batch_size", batch_size)
+    if b > n:
+        raise ValueError(f"batch_size={b} is larger than n={n}")
+    k = v.positive_int("steps", steps, maximum=2**62)
+    return _core.batch_order(n, b, k, v.seed(seed), v.flag("shuffle", shuffle))
