@@ -2492,6 +2492,7 @@ def torch_renorm_(params, max_norm):
                 p.copy_(torch.renorm(p, 2, 0, max_norm))
 
 
+@_torch_one_thread
 def torch_train_loop(
     step_loss,
     params,
@@ -2543,10 +2544,9 @@ def torch_train_loop(
                 scheduler.step()
         with torch.no_grad():
             rec["param_norms"].append([float(torch.linalg.vector_norm(p)) for p in params])
-            rec["update_ratios"].append(
-                [float(torch.linalg.vector_norm(p - b) / torch.linalg.vector_norm(b))
-                 for p, b in zip(params, before)]  # fmt: skip
-            )
+            ratios = [torch.linalg.vector_norm(p - b) / torch.linalg.vector_norm(b)
+                      for p, b in zip(params, before)]  # fmt: skip
+            rec["update_ratios"].append([float(r) for r in ratios])
     return {k: np.asarray(a, dtype=np.float64) for k, a in rec.items()}
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import types
 
+import gradchain as gc
 import numpy as np
+import oracles
 import pytest
 from checks import assert_close, run_python
 from conftest import gc_block
-
-import gradchain as gc
-import oracles
 
 RTOL = 1e-9  # float64 parity after 50 steps
 STEPS = 50
@@ -24,7 +24,10 @@ STEPS = 50
 OPTIMIZERS = {
     "sgd": ("SGD", {"lr": 0.05}),
     "sgd-momentum-dampening": ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.1}),
-    "sgd-nesterov-wd": ("SGD", {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 1e-2}),
+    "sgd-nesterov-wd": (
+        "SGD",
+        {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 1e-2},
+    ),
     "sgd-maximize": ("SGD", {"lr": 0.01, "weight_decay": 1e-3, "maximize": True}),
 }
 
@@ -68,7 +71,10 @@ def mlp_case(activation="tanh", seed=0, n=96, out=3):
                  bias_std=0.1, seed=seed)  # fmt: skip
     mods = []
     for a, b in zip(net.widths[:-1], net.widths[1:]):
-        mods += [torch.nn.Linear(a, b, dtype=torch.float64), {"tanh": torch.nn.Tanh(), "relu": torch.nn.ReLU()}[activation]]
+        mods += [
+            torch.nn.Linear(a, b, dtype=torch.float64),
+            {"tanh": torch.nn.Tanh(), "relu": torch.nn.ReLU()}[activation],
+        ]
     model = torch.nn.Sequential(*mods)
     model.load_state_dict({k: torch.as_tensor(a) for k, a in net.state_dict().items()})
     rng = np.random.default_rng(seed + 1)
@@ -119,15 +125,22 @@ def test_mlp_clipping_matches_torch(clip):
         coef = np.minimum(1.0, clip["max_norm"] / (h.total_norm + 1e-6))
         assert_close(h.clip_coef, coef, 1e-12, "clip_coef")
     if "max_weight_norm" in clip:
-        for name, w in net.named_parameters():
+        for _, w in net.named_parameters():
             if w.ndim == 2:
                 assert np.linalg.norm(w, axis=1).max() <= clip["max_weight_norm"] * (1 + 1e-12)
 
 
 def block_descs():
-    lin = lambda a, b, bias=True: {"kind": "linear", "in": a, "out": b, "bias": bias}  # noqa: E731
-    act = lambda name: {"kind": "activation", "name": name, "negative_slope": 0.01, "alpha": 1.0}  # noqa: E731
-    bn = {"kind": "batch_norm", "n": 12, "eps": 1e-5, "momentum": 0.1, "affine": True, "track": True}
+    lin = lambda a, b, bias=True: {"kind": "linear", "in": a, "out": b, "bias": bias}
+    act = lambda name: {"kind": "activation", "name": name, "negative_slope": 0.01, "alpha": 1.0}
+    bn = {
+        "kind": "batch_norm",
+        "n": 12,
+        "eps": 1e-5,
+        "momentum": 0.1,
+        "affine": True,
+        "track": True,
+    }
     ln = {"kind": "layer_norm", "n": 12, "eps": 1e-5, "affine": True, "bias": True}
     res = {"kind": "residual", "scale": 0.7, "shortcut": None,
            "body": [dict(ln), lin(12, 20), act("gelu"), lin(20, 12)]}  # fmt: skip
@@ -195,7 +208,9 @@ def test_second_call_continues_with_the_optimizer_state():
     opt, topt = optimizers("sgd-nesterov-wd", list(model.parameters()))
     h1 = gc.train(net, (x, y), optimizer=opt, steps=20, batch_size=12, seed=1)
     h2 = gc.train(net, (x, y), optimizer=opt, steps=15, batch_size=12, seed=2)
-    order = np.concatenate([gc.tasks.batch_order(96, 12, 20, 1), gc.tasks.batch_order(96, 12, 15, 2)])
+    order = np.concatenate(
+        [gc.tasks.batch_order(96, 12, 20, 1), gc.tasks.batch_order(96, 12, 15, 2)]
+    )
     ref = torch_rows_loop(model, x, y, "mse", order, topt)
     assert_close(np.concatenate([h1.loss, h2.loss]), ref["loss"], RTOL, "loss")
     assert_params(net, model, "two calls")
@@ -212,13 +227,19 @@ def rnn_case(cell, layers, loss, every, T=12, n=48, seed=0):
     torch = pytest.importorskip("torch")
     out = 3
     rnn = gc.RNN(cell, 2, 6, layers, output_size=out, seed=seed)
-    mod = {"tanh": torch.nn.RNN, "relu": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    mod = {"tanh": torch.nn.RNN, "relu": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[
+        cell
+    ]
     kw = {"nonlinearity": cell} if cell in ("tanh", "relu") else {}
     model = mod(2, 6, layers, dtype=torch.float64, **kw)
     readout = torch.nn.Linear(6, out, dtype=torch.float64)
     sd = rnn.state_dict()
-    model.load_state_dict({k: torch.as_tensor(a) for k, a in sd.items() if not k.startswith("readout")})
-    readout.load_state_dict({k[8:]: torch.as_tensor(a) for k, a in sd.items() if k.startswith("readout")})
+    model.load_state_dict(
+        {k: torch.as_tensor(a) for k, a in sd.items() if not k.startswith("readout")}
+    )
+    readout.load_state_dict(
+        {k[8:]: torch.as_tensor(a) for k, a in sd.items() if k.startswith("readout")}
+    )
     rng = np.random.default_rng(seed + 10)
     x = rng.standard_normal((T, n, 2))
     if loss == "cross_entropy":
@@ -271,8 +292,12 @@ def test_rnn_on_the_adding_problem_with_clipping_by_value():
     model = torch.nn.LSTM(2, 8, dtype=torch.float64)
     readout = torch.nn.Linear(8, 1, dtype=torch.float64)
     sd = rnn.state_dict()
-    model.load_state_dict({k: torch.as_tensor(a) for k, a in sd.items() if not k.startswith("readout")})
-    readout.load_state_dict({k[8:]: torch.as_tensor(a) for k, a in sd.items() if k.startswith("readout")})
+    model.load_state_dict(
+        {k: torch.as_tensor(a) for k, a in sd.items() if not k.startswith("readout")}
+    )
+    readout.load_state_dict(
+        {k[8:]: torch.as_tensor(a) for k, a in sd.items() if k.startswith("readout")}
+    )
     params = list(model.parameters()) + list(readout.parameters())
     opt, topt = optimizers("sgd-momentum-dampening", params)
     h = gc.train(rnn, task, optimizer=opt, steps=30, batch_size=16, truncate=10, clip_value=0.05)
@@ -368,17 +393,11 @@ def test_history_to_dict_pandas_xarray_and_diagnose(monkeypatch):
     df = h.to_pandas()
     assert list(df.index) == list(range(1, 11)) and df.index.name == "step"
     assert np.array_equal(df["loss"].to_numpy(), h.loss)
-    assert np.array_equal(df["log10_param_grad_norms[2.weight]"].to_numpy(), h.log10_param_grad_norms[:, 2])
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_optional(name, *args, **kwargs):
-        if name in ("pandas", "xarray"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_optional)
+    assert np.array_equal(
+        df["log10_param_grad_norms[2.weight]"].to_numpy(), h.log10_param_grad_norms[:, 2]
+    )
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "xarray", None)
     with pytest.raises(ImportError, match="pip install pandas"):
         h.to_pandas()
     with pytest.raises(ImportError, match="pip install xarray"):
@@ -394,14 +413,16 @@ def test_history_to_dict_pandas_xarray_and_diagnose(monkeypatch):
     import importlib.util
 
     if importlib.util.find_spec("gradchain.diagnose") is None:
-        with pytest.raises(ImportError, match="gradchain.diagnose"):
+        with pytest.raises(ImportError, match=r"gradchain\.diagnose"):
             h.diagnose()
     else:
         assert h.diagnose().kind in ("healthy", "vanishing", "exploding", "stuck", "diverged")
 
 
 def test_validation_loss_every_recorded_row():
-    net = gc.Chain([gc.Linear(4, 8), gc.BatchNorm(8), gc.Activation("tanh"), gc.Linear(8, 2)], seed=0)
+    net = gc.Chain(
+        [gc.Linear(4, 8), gc.BatchNorm(8), gc.Activation("tanh"), gc.Linear(8, 2)], seed=0
+    )
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((64, 4)), rng.standard_normal((64, 2))
     xv, yv = rng.standard_normal((1500, 4)), rng.standard_normal((1500, 2))  # two chunks
@@ -424,7 +445,9 @@ def exploding_run(**kw):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 16)), rng.standard_normal((64, 16))
     before = net.state_dict()
-    h = gc.train(net, (x, y), optimizer=gc.optim.SGD(lr=1e3, momentum=0.9), steps=200, batch_size=16, **kw)
+    h = gc.train(
+        net, (x, y), optimizer=gc.optim.SGD(lr=1e3, momentum=0.9), steps=200, batch_size=16, **kw
+    )
     return net, before, h
 
 
@@ -441,7 +464,9 @@ def test_divergence_is_reported():
     # the chain keeps the (finite) weights of the last step run
     assert all(np.isfinite(w).all() for _, w in net.named_parameters())
     last = h.log10_param_norms[-2] if nf["what"] == "weight" else h.log10_param_norms[-1]
-    assert_close([np.log10(np.linalg.norm(w)) for _, w in net.named_parameters()], last, 1e-13, "kept")
+    assert_close(
+        [np.log10(np.linalg.norm(w)) for _, w in net.named_parameters()], last, 1e-13, "kept"
+    )
 
 
 def test_error_if_nonfinite_raises_with_the_history():
@@ -580,7 +605,7 @@ def test_bad_input_names_the_argument():
 
     with pytest.raises(ValueError, match="batch_size=40 is larger than the 32"):
         run(batch_size=40)
-    with pytest.raises(ValueError, match="data.x must have shape"):
+    with pytest.raises(ValueError, match=r"data\.x must have shape"):
         run(data=(x[:, :3], y))
     with pytest.raises(ValueError, match=r"data.y for loss='mse' must have shape \(32, 2\)"):
         run(data=(x, y[:, :1]))
@@ -604,7 +629,7 @@ def test_bad_input_names_the_argument():
         run(max_weight_norm=math.inf)
     with pytest.raises(ValueError, match="norm_type"):
         run(norm_type=0)
-    with pytest.raises(ValueError, match="truncate applies to gc.RNN"):
+    with pytest.raises(ValueError, match=r"truncate applies to gc\.RNN"):
         run(truncate=5)
     with pytest.raises(ValueError, match="loss must be one of"):
         run(loss="probe")
@@ -612,13 +637,13 @@ def test_bad_input_names_the_argument():
         run(optimizer="sgd")
     with pytest.raises(TypeError, match="scheduler must be"):
         run(scheduler=0.1)
-    with pytest.raises(TypeError, match="net must be a gc.MLP"):
+    with pytest.raises(TypeError, match=r"net must be a gc\.MLP"):
         run(net="mlp")
     with pytest.raises(TypeError, match="data must be"):
         run(data=x)
     with pytest.raises(ValueError, match="contains NaN"):
         run(data=(np.full((32, 4), np.nan), y))
-    with pytest.raises(ValueError, match="x_val and data.y_val"):
+    with pytest.raises(ValueError, match=r"x_val and data\.y_val"):
         run(data=types.SimpleNamespace(x=x, y=y, loss="mse", x_val=x, y_val=None))
     with pytest.raises(TypeError, match="seed"):
         run(seed=-0.5)
@@ -644,5 +669,5 @@ def test_history_memory_is_checked_before_the_run(monkeypatch):
     monkeypatch.setenv("GRADCHAIN_MEMORY_LIMIT", str(10**8))
     net = gc.MLP(width=[4, 8, 2], seed=0)
     x, y = np.ones((32, 4)), np.ones((32, 2))
-    with pytest.raises(MemoryError, match="training run .* bytes|bytes .*training run"):
+    with pytest.raises(MemoryError, match=r"training run .* bytes"):
         gc.train(net, (x, y), optimizer=gc.optim.SGD(), steps=10**7, batch_size=8)

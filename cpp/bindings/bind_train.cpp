@@ -13,9 +13,12 @@ using Labels = py::array_t<std::int64_t, py::array::c_style | py::array::forceca
 // Views of the first `rows` rows of a history; each keeps the history alive.
 py::dict history_dict(std::shared_ptr<const TrainHistory> h, std::int64_t rows) {
   auto* keep = new std::shared_ptr<const TrainHistory>(h);
-  py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<const TrainHistory>*>(p); });
+  py::capsule owner(keep,
+                    [](void* p) { delete static_cast<std::shared_ptr<const TrainHistory>*>(p); });
   const auto R = static_cast<py::ssize_t>(rows);
-  auto vec = [&](const std::vector<double>& v) { return py::array_t<double>({R}, v.data(), owner); };
+  auto vec = [&](const std::vector<double>& v) {
+    return py::array_t<double>({R}, v.data(), owner);
+  };
   auto mat = [&](const std::vector<double>& v, std::size_t cols) {
     const auto C = static_cast<py::ssize_t>(cols);
     return py::array_t<double>({R, C}, v.data(), owner);
@@ -65,10 +68,10 @@ template <class T, class Net>
 py::dict train(Net& net, const std::vector<std::size_t>& order, CArray<T> x, py::object y,
                py::object x_val, py::object y_val, const std::string& loss, bool sequences,
                bool every_step, py::object optimizer, py::object schedule, std::int64_t steps,
-               int batch_size, std::uint64_t seed, bool shuffle, double max_norm,
-               double norm_type, double clip_value, double max_weight_norm,
-               std::int64_t record_every, bool record_activation_grads, bool train_mode,
-               const std::string& truncation, int window, py::object callback) {
+               int batch_size, std::uint64_t seed, bool shuffle, double max_norm, double norm_type,
+               double clip_value, double max_weight_norm, std::int64_t record_every,
+               bool record_activation_grads, bool train_mode, const std::string& truncation,
+               int window, py::object callback) {
   static const std::vector<std::string> truncations = {"none", "detach", "window"};
   TrainData<T> d;
   d.loss = parse_loss(loss);
@@ -93,8 +96,7 @@ py::dict train(Net& net, const std::vector<std::size_t>& order, CArray<T> x, py:
   if (ysize != ysteps * d.n * d.out) throw std::invalid_argument("y does not fit x");
   if (!x_val.is_none()) {
     xv = x_val.cast<CArray<T>>();
-    if (xv.ndim() != xdim || xv.shape(xdim - 1) != d.in ||
-        (sequences && xv.shape(0) != d.seq_len))
+    if (xv.ndim() != xdim || xv.shape(xdim - 1) != d.in || (sequences && xv.shape(0) != d.seq_len))
       throw std::invalid_argument("x_val does not fit x");
     d.x_val = xv.data();
     d.n_val = static_cast<std::int64_t>(xv.shape(sequences ? 1 : 0));
@@ -159,8 +161,8 @@ py::dict train(Net& net, const std::vector<std::size_t>& order, CArray<T> x, py:
 
 template <class T>
 void bind_dtype(py::module_& m) {
-  m.def("train", &train<T, Chain<T>>, py::arg("net"), py::arg("order"), py::arg("x"),
-        py::arg("y"), py::arg("x_val"), py::arg("y_val"), py::arg("loss"), py::arg("sequences"),
+  m.def("train", &train<T, Chain<T>>, py::arg("net"), py::arg("order"), py::arg("x"), py::arg("y"),
+        py::arg("x_val"), py::arg("y_val"), py::arg("loss"), py::arg("sequences"),
         py::arg("every_step"), py::arg("optimizer"), py::arg("schedule"), py::arg("steps"),
         py::arg("batch_size"), py::arg("seed"), py::arg("shuffle"), py::arg("max_norm"),
         py::arg("norm_type"), py::arg("clip_value"), py::arg("max_weight_norm"),

@@ -86,8 +86,8 @@ class ChainModel {
       throw std::invalid_argument("y must have " + std::to_string(c_.out_width()) +
                                   " columns; got " + std::to_string(d.out));
   }
-  void backward(const T* x, const void* y, int batch, const TrainData<T>& d,
-                const TrainOptions& o, StepPass<T>& out, Canceller& cancel) {
+  void backward(const T* x, const void* y, int batch, const TrainData<T>& d, const TrainOptions& o,
+                StepPass<T>& out, Canceller& cancel) {
     ChainRequest req;
     req.loss = d.loss;
     req.target = y;
@@ -143,7 +143,8 @@ class RecurrentModel {
   }
   std::string name(std::size_t i) const { return names_[i]; }
   std::size_t activations(const TrainData<T>& d) const {
-    return static_cast<std::size_t>(c_.shape().num_layers) * (static_cast<std::size_t>(d.seq_len) + 1);
+    return static_cast<std::size_t>(c_.shape().num_layers) *
+           (static_cast<std::size_t>(d.seq_len) + 1);
   }
   void check(const TrainData<T>& d) const {
     const RecurrentShape& s = c_.shape();
@@ -156,8 +157,8 @@ class RecurrentModel {
       throw std::invalid_argument("y must have " + std::to_string(n_out) + " columns; got " +
                                   std::to_string(d.out));
   }
-  void backward(const T* x, const void* y, int batch, const TrainData<T>& d,
-                const TrainOptions& o, StepPass<T>& out, Canceller& cancel) {
+  void backward(const T* x, const void* y, int batch, const TrainData<T>& d, const TrainOptions& o,
+                StepPass<T>& out, Canceller& cancel) {
     RecurrentRequest req;
     req.loss = d.loss;
     req.target = y;
@@ -311,8 +312,7 @@ void write_row(TrainHistory& h, const Row& r) {
   std::copy(r.grad.begin(), r.grad.end(), h.log10_param_grad_norms.begin() + i * h.P);
   std::copy(r.norm.begin(), r.norm.end(), h.log10_param_norms.begin() + i * h.P);
   std::copy(r.ratio.begin(), r.ratio.end(), h.log10_update_ratios.begin() + i * h.P);
-  if (h.A)
-    std::copy(r.act.begin(), r.act.end(), h.log10_activation_grad_norms.begin() + i * h.A);
+  if (h.A) std::copy(r.act.begin(), r.act.end(), h.log10_activation_grad_norms.begin() + i * h.A);
 }
 
 // ---- the loop -------------------------------------------------------------------------------

@@ -160,3 +160,46 @@ def jacobian_spectrum(
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 
 def jacobian_dims(chain: _Chain, batch: int, train: bool, layers: bool) -> list[int]: ...
+
+class _Optimizer:
+    def __init__(self, spec: dict[str, Any]) -> None: ...
+    def step(self, params: list[npt.NDArray[Any]], grads: list[npt.NDArray[Any]], lr: float) -> None: ...
+    def state(self) -> list[tuple[float, dict[str, npt.NDArray[Any]]]]: ...
+    def set_state(self, state: list[tuple[float, dict[str, npt.NDArray[Any]]]]) -> None: ...
+
+class Optimizer64(_Optimizer): ...
+class Optimizer32(_Optimizer): ...
+
+class LRSchedule:
+    def __init__(self, base_lr: float) -> None: ...
+    def lr(self) -> float: ...
+    def step(self, loss: float) -> None: ...
+
+def train(
+    net: _Chain | _RecurrentChain,
+    order: list[int],
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    x_val: npt.NDArray[Any] | None,
+    y_val: npt.NDArray[Any] | None,
+    loss: str,
+    sequences: bool,
+    every_step: bool,
+    optimizer: _Optimizer,
+    schedule: LRSchedule | None,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    max_norm: float,
+    norm_type: float,
+    clip_value: float,
+    max_weight_norm: float,
+    record_every: int,
+    record_activation_grads: bool,
+    train: bool,
+    truncation: str,
+    window: int,
+    callback: Any,
+) -> dict[str, Any]: ...
+def batch_order(n: int, batch_size: int, steps: int, seed: int, shuffle: bool) -> npt.NDArray[Any]: ...

@@ -230,7 +230,7 @@ class History:
 
         Needs pandas (``pip install pandas``)."""
         try:
-            import pandas as pd
+            pd = importlib.import_module("pandas")
         except ImportError:
             raise ImportError("History.to_pandas() needs pandas: pip install pandas") from None
         return pd.DataFrame(self._columns(), index=pd.Index(self.steps, name="step"))
@@ -241,7 +241,7 @@ class History:
 
         Needs xarray (``pip install xarray``)."""
         try:
-            import xarray as xr
+            xr = importlib.import_module("xarray")
         except ImportError:
             raise ImportError("History.to_xarray() needs xarray: pip install xarray") from None
         data: dict[str, Any] = {}
@@ -286,7 +286,9 @@ class History:
             if self.val_loss is not None:
                 items.append(("val_loss", _fmt(self.val_loss[-1])))
         if self.nonfinite is not None:
-            items.append(("nonfinite", f"{self.nonfinite['what']} at step {self.nonfinite['step']}"))
+            items.append(
+                ("nonfinite", f"{self.nonfinite['what']} at step {self.nonfinite['step']}")
+            )
         items.append(("optimizer", self.optimizer))
         return items
 

@@ -110,6 +110,12 @@ class SGD:
 
     def __repr__(self) -> str:
         args = [f"lr={self.defaults['lr']!r}"]
-        default = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+        default = {
+            "momentum": 0.0,
+            "dampening": 0.0,
+            "weight_decay": 0.0,
+            "nesterov": False,
+            "maximize": False,
+        }
         args += [f"{k}={self.defaults[k]!r}" for k, d in default.items() if self.defaults[k] != d]
         return f"SGD({', '.join(args)})"

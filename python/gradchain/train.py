@@ -9,9 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _core, tasks
 from . import _validate as v
-from . import tasks
 from .chain import Chain
 from .errors import NonFiniteError
 from .history import History
@@ -74,7 +73,9 @@ def _targets(
             )
         if arr.shape != lead:
             alt = f" or {(seq_len, n)} (a label at every step)" if seq_len is not None else ""
-            raise ValueError(f"{name} for loss='cross_entropy' must have shape {lead}{alt}; got {arr.shape}")
+            raise ValueError(
+                f"{name} for loss='cross_entropy' must have shape {lead}{alt}; got {arr.shape}"
+            )
         if arr.size and (arr.min() < 0 or arr.max() >= n_out):
             raise ValueError(
                 f"{name} labels must lie in [0, {n_out}) (the chain's outputs); got values in "
@@ -266,7 +267,11 @@ def train(
     d = _as_data(data)
     axis = 1 if recurrent else 0
     if d.batch_axis is not None and d.batch_axis != axis:
-        what = "an RNN trains on sequences (T, N, input_size)" if recurrent else "a chain trains on rows (N, in_features)"
+        what = (
+            "an RNN trains on sequences (T, N, input_size)"
+            if recurrent
+            else "a chain trains on rows (N, in_features)"
+        )
         raise ValueError(f"data.batch_axis must be {axis}: {what}; got {d.batch_axis!r}")
     x_shape: tuple[int | None, ...] = (None, None, n_in) if recurrent else (None, n_in)
     x = v.float_array("data.x", v.as_array("data.x", d.x), dt, x_shape)
@@ -281,10 +286,19 @@ def train(
     if d.x_val is not None or d.y_val is not None:
         if d.x_val is None or d.y_val is None:
             raise ValueError("data.x_val and data.y_val must be given together")
-        x_val = v.float_array("data.x_val", v.as_array("data.x_val", d.x_val), dt, (seq_len, None, n_in) if recurrent else (None, n_in))
-        y_val, every_val = _targets("data.y_val", d.y_val, loss_name, x_val.shape[axis], n_out, seq_len, dt)
+        x_val = v.float_array(
+            "data.x_val",
+            v.as_array("data.x_val", d.x_val),
+            dt,
+            (seq_len, None, n_in) if recurrent else (None, n_in),
+        )
+        y_val, every_val = _targets(
+            "data.y_val", d.y_val, loss_name, x_val.shape[axis], n_out, seq_len, dt
+        )
         if every_val != every:
-            raise ValueError("data.y_val must have a target at every step where data.y has one, and only there")
+            raise ValueError(
+                "data.y_val must have a target at every step where data.y has one, and only there"
+            )
 
     # -- the options ----------------------------------------------------------------------
     n_steps = _steps("steps", steps)
@@ -309,9 +323,17 @@ def train(
         mode, window = "none", 0
     else:
         if not recurrent:
-            raise ValueError("truncate applies to gc.RNN only (truncated backpropagation through time)")
-        if isinstance(truncate, bool) or not isinstance(truncate, numbers.Integral) or truncate <= 0:
-            raise ValueError(f"truncate must be a positive integer (the window k) or None; got {truncate!r}")
+            raise ValueError(
+                "truncate applies to gc.RNN only (truncated backpropagation through time)"
+            )
+        if (
+            isinstance(truncate, bool)
+            or not isinstance(truncate, numbers.Integral)
+            or truncate <= 0
+        ):
+            raise ValueError(
+                f"truncate must be a positive integer (the window k) or None; got {truncate!r}"
+            )
         mode = v.choice("truncate_mode", truncate_mode, TRUNCATE_MODES)
         window = int(min(int(truncate), 2**31 - 1))
     if not recurrent and flags["train_mode"] and b < 2 and core.couples_batch(True):
@@ -319,7 +341,9 @@ def train(
             "batch_size must be at least 2 for a chain with BatchNorm in train mode (batch statistics)"
         )
     if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be a callable callback(step, history) or None; got {callback!r}")
+        raise TypeError(
+            f"callback must be a callable callback(step, history) or None; got {callback!r}"
+        )
     if not hasattr(optimizer, "_core_for"):
         raise TypeError(
             f"optimizer must be a gradchain optimizer (gc.optim.SGD(...), ...); got {type(optimizer).__name__}"
@@ -333,7 +357,9 @@ def train(
 
     if recurrent:
         activation_names: tuple[str, ...] = tuple(
-            f"l{layer}.h{t}" for layer in range(net.num_layers) for t in range(int(seq_len or 0) + 1)
+            f"l{layer}.h{t}"
+            for layer in range(net.num_layers)
+            for t in range(int(seq_len or 0) + 1)
         )
     elif isinstance(net, MLP):
         activation_names = net._activation_names

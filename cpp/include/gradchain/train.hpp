@@ -83,9 +83,9 @@ const char* stopped_name(Stopped s);
 
 // The first step at which the loss, a gradient or a weight was NaN or infinite.
 struct NonFinite {
-  std::int64_t step = 0;  // 1-based
-  std::string what;       // "loss", "gradient" or "weight"
-  std::string where;      // a parameter's name, a block or timestep, or "loss"
+  std::int64_t step = 0;    // 1-based
+  std::string what;         // "loss", "gradient" or "weight"
+  std::string where;        // a parameter's name, a block or timestep, or "loss"
   std::int64_t index = -1;  // the parameter's index, or -1
   std::string message;
 };
@@ -97,8 +97,8 @@ struct TrainHistory : std::enable_shared_from_this<TrainHistory> {
   std::size_t P = 0, A = 0;
   std::int64_t capacity = 0, rows = 0;
   std::vector<std::int64_t> steps;
-  std::vector<double> loss, log10_loss, log10_total_norm, log10_clipped_total_norm,
-      log10_clip_coef, lr, val_loss;
+  std::vector<double> loss, log10_loss, log10_total_norm, log10_clipped_total_norm, log10_clip_coef,
+      lr, val_loss;
   std::vector<double> log10_param_grad_norms, log10_param_norms, log10_update_ratios,
       log10_activation_grad_norms;
   Stopped stopped = Stopped::completed;
