@@ -40,6 +40,46 @@ bool bad_log10(double v) {
   return std::isnan(v) || v == kInf;
 }
 
+bool in_band(double m) {
+  return m == 0.0 || (m >= 0x1p-400 && m <= 0x1p400);
+}
+
+// log10 ||p|| (NaN or +inf for a non-finite p) and log10 ||p - b|| / ||b|| of one update
+// (b the parameter before it), in one pass where no square that matters can overflow or
+// underflow; otherwise from scans at a power-of-two scale (`diff` holds n numbers).
+template <class T>
+bool update_norms(const T* p, const T* b, std::size_t n, double* diff, double& log10_p,
+                  double& log10_ratio) {
+  double mp = 0.0, mb = 0.0, md = 0.0, sp = 0.0, sb = 0.0, sd = 0.0, bad = 0.0;
+#pragma omp simd reduction(max : mp, mb, md) reduction(+ : sp, sb, sd, bad)
+  for (std::size_t i = 0; i < n; ++i) {
+    const double a = static_cast<double>(p[i]), c = static_cast<double>(b[i]), d = a - c;
+    const double fa = std::fabs(a), fc = std::fabs(c), fd = std::fabs(d);
+    mp = fa > mp ? fa : mp;
+    mb = fc > mb ? fc : mb;
+    md = fd > md ? fd : md;
+    sp += a * a;
+    sb += c * c;
+    sd += d * d;
+    bad += a * 0.0;  // NaN once any entry is NaN or inf
+  }
+  if (bad != 0.0) {
+    log10_p = std::isinf(mp) ? kInf : kNaN;
+    return false;
+  }
+  if (in_band(mp) && in_band(mb) && in_band(md)) {
+    log10_p = sp == 0.0 ? -kInf : 0.5 * std::log10(sp);
+    log10_ratio = sd == 0.0 ? -kInf : (sb == 0.0 ? kInf : 0.5 * (std::log10(sd) - std::log10(sb)));
+    return true;
+  }
+  for (std::size_t i = 0; i < n; ++i)
+    diff[i] = static_cast<double>(p[i]) - static_cast<double>(b[i]);
+  log10_p = log10_norm(scan(p, n), 0);
+  const double ld = log10_norm(scan(diff, n), 0);
+  log10_ratio = ld == -kInf ? -kInf : ld - log10_norm(scan(b, n), 0);
+  return true;
+}
+
 // One forward and backward pass, in the history's parameter order.
 template <class T>
 struct StepPass {
@@ -457,12 +497,18 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
                              ? 0.0
                              : std::min(0.0, row.log10_clipped - row.log10_total);
       }
-      // The first gradient the backward pass reached that is not finite (a norm or, where
-      // the norm is finite, an entry beyond the float range).
+      // The first gradient the backward pass reached that the update cannot take: NaN, or
+      // infinite (clip_grad_value_ clamps infinite entries), or, where its clipped norm
+      // exceeds the largest T, with an entry beyond the float range.
       std::int64_t bad = -1;
+      const double top = std::log10(double(std::numeric_limits<T>::max()));
       for (std::size_t i = P; i-- > 0;) {
         const std::vector<T>& g = pass.grads[i];
-        if (bad_log10(row.grad[i]) || !scan(g.data(), g.size()).finite) {
+        const double lg = row.grad[i];
+        const bool nonfinite = by_value ? std::isnan(lg)
+                                        : bad_log10(lg) || (lg + pass.log10_coef >= top &&
+                                                            !scan(g.data(), g.size()).finite);
+        if (nonfinite) {
           bad = static_cast<std::int64_t>(i);
           break;
         }
@@ -484,17 +530,10 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         std::copy(p, p + n, b);
         opt.step(i, p, pass.grads[i].data(), n, lr);
         if (renorm && model.rows(i) > 0) renorm_rows(p, model.rows(i), n, o.max_weight_norm);
-        const Scan after = scan(p, n);
-        row.norm[i] = log10_norm_of(after);
-        if (!after.finite) {
+        if (!update_norms(p, b, n, diff.data(), row.norm[i], row.ratio[i])) {
           bad_weight = static_cast<std::int64_t>(i);
           break;
         }
-        for (std::size_t j = 0; j < n; ++j)
-          diff[j] = static_cast<double>(p[j]) - static_cast<double>(b[j]);
-        const double ld = log10_norm(scan(diff.data(), n), 0);
-        const double lb = log10_norm(scan(b, n), 0);
-        row.ratio[i] = ld == -kInf ? -kInf : ld - lb;
       }
       if (bad_weight >= 0) {
         // The chain keeps the weights it had before this step.
