@@ -12,7 +12,7 @@ import gradchain as gc
 import numpy as np
 import oracles
 import pytest
-from checks import assert_close, run_python
+from checks import assert_close, run_python, ticks_while
 from conftest import gc_block
 
 RTOL = 1e-9  # float64 parity after 50 steps
@@ -440,13 +440,13 @@ def test_validation_loss_every_recorded_row():
 # divergence, callbacks, interruption
 
 
-def exploding_run(**kw):
+def exploding_run(lr=1e3, **kw):
     net = gc.MLP(depth=6, width=16, activation="relu", init="he_normal", bias_std=0.1, seed=0)
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 16)), rng.standard_normal((64, 16))
     before = net.state_dict()
     h = gc.train(
-        net, (x, y), optimizer=gc.optim.SGD(lr=1e3, momentum=0.9), steps=200, batch_size=16, **kw
+        net, (x, y), optimizer=gc.optim.SGD(lr=lr, momentum=0.9), steps=200, batch_size=16, **kw
     )
     return net, before, h
 
@@ -467,6 +467,28 @@ def test_divergence_is_reported():
     assert_close(
         [np.log10(np.linalg.norm(w)) for _, w in net.named_parameters()], last, 1e-13, "kept"
     )
+
+
+def test_nonfinite_gradient_and_weight():
+    # a loss beyond the float range whose gradient overflows
+    _, _, h = exploding_run(lr=1e6)
+    assert h.stopped == "diverged" and h.nonfinite["what"] == "gradient"
+    assert h.nonfinite["where"] == h.param_names[h.nonfinite["index"]]
+    assert np.isnan(h.update_ratios[-1]).all()
+    # an update that overflows float32: the chain keeps the weights from before the step
+    net = gc.MLP(width=[4, 8, 2], activation="tanh", dtype="float32", seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 4)).astype("float32"), np.full((32, 2), 100.0, "float32")
+    before = net.state_dict()
+    h = gc.train(net, (x, y), optimizer=gc.optim.SGD(lr=3e38), steps=5, batch_size=8)
+    assert h.stopped == "diverged" and h.steps_run == 1
+    assert h.nonfinite == {
+        "step": 1, "what": "weight", "where": "0.weight", "index": 0,
+        "message": "the update of step 1 made 0.weight non-finite (the weights of step 0 are kept)",
+    }  # fmt: skip
+    assert np.isposinf(h.log10_param_norms[0, 0]) and np.isfinite(h.loss).all()
+    for k, a in net.state_dict().items():
+        assert np.array_equal(a, before[k]), k
 
 
 def test_error_if_nonfinite_raises_with_the_history():
@@ -671,3 +693,70 @@ def test_history_memory_is_checked_before_the_run(monkeypatch):
     x, y = np.ones((32, 4)), np.ones((32, 2))
     with pytest.raises(MemoryError, match=r"training run .* bytes"):
         gc.train(net, (x, y), optimizer=gc.optim.SGD(), steps=10**7, batch_size=8)
+
+
+# ---------------------------------------------------------------------------------------
+# schedules, the GIL, float32, recurrent boundaries
+
+
+def test_scheduler_sets_the_learning_rate():
+    torch = pytest.importorskip("torch")
+    net, model, x, y = mlp_case(seed=2)
+    opt, topt = optimizers("sgd-momentum-dampening", list(model.parameters()))
+    schedules = getattr(gc.optim, "lr_scheduler", None)
+    if schedules is not None:
+        sched = schedules.StepLR(step_size=7, gamma=0.5)
+        tsched = torch.optim.lr_scheduler.StepLR(topt, step_size=7, gamma=0.5)
+    else:  # the constant schedule the core has
+
+        class Constant:
+            def _core_for(self, base_lr):
+                return gc._core.LRSchedule(base_lr)
+
+        sched, tsched = Constant(), None
+    h = gc.train(net, (x, y), optimizer=opt, steps=20, batch_size=16, scheduler=sched)
+    ref = torch_rows_loop(model, x, y, "mse", gc.tasks.batch_order(96, 16, 20, 0), topt,
+                          scheduler=tsched)  # fmt: skip
+    assert_history(h, ref, "scheduler")
+    assert_params(net, model, "scheduler")
+
+
+def test_the_gil_is_released_during_a_run():
+    net = gc.MLP(depth=10, width=64, activation="tanh", seed=0)
+    x = np.random.default_rng(0).standard_normal((256, 64))
+    ticks = ticks_while(
+        lambda: gc.train(net, (x, np.tanh(x)), optimizer=gc.optim.SGD(lr=0.01), steps=300)
+    )
+    assert ticks > 20
+
+
+def test_float32_runs_close_to_float64():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 5)), rng.standard_normal((64, 3))
+    hists = []
+    for dt in ("float64", "float32"):
+        net = gc.MLP(width=[5, 16, 3], activation="tanh", dtype=dt, seed=0)
+        hists.append(gc.train(net, (x.astype(dt), y.astype(dt)), optimizer=gc.optim.SGD(lr=0.1),
+                              steps=10, batch_size=16, max_norm=0.5, max_weight_norm=1.0))  # fmt: skip
+    np.testing.assert_allclose(hists[1].loss, hists[0].loss, rtol=1e-4)
+    np.testing.assert_allclose(hists[1].param_grad_norms, hists[0].param_grad_norms, rtol=1e-3)
+
+
+def test_rnn_records_every_state_gradient():
+    rnn = gc.RNN("gru", 2, 5, num_layers=2, output_size=1, seed=0)
+    task = gc.tasks.adding_problem(6, batch=16, seed=0)
+    h = gc.train(rnn, task, optimizer=gc.optim.SGD(lr=0.1), steps=3, batch_size=8,
+                 record_activation_grads=True)  # fmt: skip
+    assert h.activation_names[:2] == ("l0.h0", "l0.h1") and h.activation_names[-1] == "l1.h6"
+    assert h.log10_activation_grad_norms.shape == (3, 14)
+    assert np.isfinite(h.log10_activation_grad_norms).all()
+
+
+def test_keyboard_interrupt_in_a_callback_is_an_interrupted_run():
+    def cb(step, hist):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        small_run(callback=cb)
+    assert info.value.history.stopped == "interrupted" and info.value.history.steps_run == 2
