@@ -13,6 +13,16 @@
 #include "gradchain/scaled.hpp"
 #include "gradchain/system.hpp"
 
+// The one-pass reductions get an AVX2 clone, picked at load time where the CPU has it.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define GC_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef GC_CLONES
+#define GC_CLONES
+#endif
+
 namespace gradchain {
 
 namespace {
@@ -44,12 +54,14 @@ bool in_band(double m) {
   return m == 0.0 || (m >= 0x1p-400 && m <= 0x1p400);
 }
 
-// log10 ||p|| (NaN or +inf for a non-finite p) and log10 ||p - b|| / ||b|| of one update
-// (b the parameter before it), in one pass where no square that matters can overflow or
-// underflow; otherwise from scans at a power-of-two scale (`diff` holds n numbers).
+struct UpdateSums {
+  double mp = 0.0, mb = 0.0, md = 0.0, sp = 0.0, sb = 0.0, sd = 0.0, bad = 0.0;
+};
+
+// The largest entries and sums of squares of p, b and p - b, in one pass.
 template <class T>
-bool update_norms(const T* p, const T* b, std::size_t n, double* diff, double& log10_p,
-                  double& log10_ratio) {
+__attribute__((always_inline)) inline UpdateSums update_sums_impl(const T* p, const T* b,
+                                                                  std::size_t n) {
   double mp = 0.0, mb = 0.0, md = 0.0, sp = 0.0, sb = 0.0, sd = 0.0, bad = 0.0;
 #pragma omp simd reduction(max : mp, mb, md) reduction(+ : sp, sb, sd, bad)
   for (std::size_t i = 0; i < n; ++i) {
@@ -63,7 +75,25 @@ bool update_norms(const T* p, const T* b, std::size_t n, double* diff, double& l
     sd += d * d;
     bad += a * 0.0;  // NaN once any entry is NaN or inf
   }
-  if (bad != 0.0) {
+  return {mp, mb, md, sp, sb, sd, bad};
+}
+
+GC_CLONES UpdateSums update_sums(const float* p, const float* b, std::size_t n) {
+  return update_sums_impl(p, b, n);
+}
+GC_CLONES UpdateSums update_sums(const double* p, const double* b, std::size_t n) {
+  return update_sums_impl(p, b, n);
+}
+
+// log10 ||p|| (NaN or +inf for a non-finite p) and log10 ||p - b|| / ||b|| of one update
+// (b the parameter before it), in one pass where no square that matters can overflow or
+// underflow; otherwise from scans at a power-of-two scale (`diff` holds n numbers).
+template <class T>
+bool update_norms(const T* p, const T* b, std::size_t n, double* diff, double& log10_p,
+                  double& log10_ratio) {
+  const UpdateSums u = update_sums(p, b, n);
+  const double mp = u.mp, mb = u.mb, md = u.md, sp = u.sp, sb = u.sb, sd = u.sd;
+  if (u.bad != 0.0) {
     log10_p = std::isinf(mp) ? kInf : kNaN;
     return false;
   }
