@@ -1,6 +1,7 @@
 #include "gradchain/train.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -12,6 +13,10 @@
 #include "gradchain/rng.hpp"
 #include "gradchain/scaled.hpp"
 #include "gradchain/system.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // The one-pass reductions get an AVX2 clone, picked at load time where the CPU has it.
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
@@ -267,6 +272,55 @@ class RecurrentModel {
   std::vector<std::vector<std::int64_t>> shapes_;
 };
 
+// ---- threads ------------------------------------------------------------------------------
+
+// The passes of a run go on the core's threads or on one: the numbers are the same either
+// way (a pass splits its work by the problem's size alone), but a run of many small passes
+// can be faster on one thread, and on a loaded machine the hand-offs between two threads
+// wait for a core. Every kCycle steps the loop times a few passes each way and keeps the
+// faster for the rest of the cycle.
+class PassThreads {
+ public:
+  PassThreads() : full_(max_threads()) {}
+  ~PassThreads() {
+    if (full_ > 1) set(full_);
+  }
+  PassThreads(const PassThreads&) = delete;
+  PassThreads& operator=(const PassThreads&) = delete;
+
+  // Before the pass of step s (0-based).
+  void begin(std::int64_t s) {
+    if (full_ <= 1) return;
+    const std::int64_t k = s % kCycle;
+    if (k == 0) best_[0] = best_[1] = kInf;
+    trial_ = k < 2 * kTrial ? static_cast<int>(k / kTrial) : -1;
+    set(trial_ == 0 ? full_ : trial_ == 1 ? 1 : chosen_);
+    if (trial_ >= 0) t0_ = std::chrono::steady_clock::now();
+  }
+  // After it: the first pass of each trial warms up (workspaces, caches) and is not counted.
+  void end(std::int64_t s) {
+    if (trial_ < 0) return;
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    if (s % kTrial != 0) best_[trial_] = std::min(best_[trial_], t);
+    if (s % kCycle == 2 * kTrial - 1) chosen_ = best_[1] < best_[0] ? 1 : full_;
+  }
+
+ private:
+  static constexpr std::int64_t kCycle = 1000, kTrial = 4;
+  static void set(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+  }
+  int full_;
+  int chosen_ = 1;
+  int trial_ = -1;
+  double best_[2] = {kInf, kInf};
+  std::chrono::steady_clock::time_point t0_;
+};
+
 // ---- batches ------------------------------------------------------------------------------
 
 // Copies the examples idx[0..B) of the training split (or the validation split) into
@@ -481,6 +535,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
     return sum / double(d.n_val);
   };
 
+  PassThreads threads;
   try {
     for (std::int64_t s = 0; s < o.steps; ++s) {
       const std::int64_t step = s + 1;
@@ -493,7 +548,9 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
 
       // ---- forward and backward --------------------------------------------------------------
       try {
+        threads.begin(s);
         model.backward(batch.x.data(), batch.target(), o.batch_size, d, o, pass, cancel);
+        threads.end(s);
       } catch (const NonFiniteError& e) {
         weight_norms();
         diverge(step, "loss", model.where(e), -1, e.what());
