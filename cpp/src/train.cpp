@@ -536,6 +536,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
   };
 
   PassThreads threads;
+  BlasThreads blas(1);  // as every pass sets it: no thread-count changes between passes
   try {
     for (std::int64_t s = 0; s < o.steps; ++s) {
       const std::int64_t step = s + 1;
