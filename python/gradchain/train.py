@@ -231,7 +231,7 @@ def train(
 
     Examples
     --------
-    >>> import gradchain as gc
+    >>> import numpy as np, gradchain as gc
     >>> net = gc.MLP(depth=4, width=[8, 32, 32, 32, 1], activation="tanh", seed=0)
     >>> x = np.random.default_rng(0).standard_normal((256, 8))
     >>> y = np.sin(x.sum(axis=1, keepdims=True))
