@@ -277,8 +277,8 @@ class RecurrentModel {
 // The passes of a run go on the core's threads or on one: the numbers are the same either
 // way (a pass splits its work by the problem's size alone), but a run of many small passes
 // can be faster on one thread, and on a loaded machine the hand-offs between two threads
-// wait for a core. Every kCycle steps the loop times a few passes each way and keeps the
-// faster for the rest of the cycle.
+// wait for a core. The loop times a few passes each way at the start, again once the
+// threads and buffers are warm (step kRetry), and every kCycle steps, and keeps the faster.
 class PassThreads {
  public:
   PassThreads() : full_(max_threads()) {}
@@ -291,22 +291,26 @@ class PassThreads {
   // Before the pass of step s (0-based).
   void begin(std::int64_t s) {
     if (full_ <= 1) return;
-    const std::int64_t k = s % kCycle;
-    if (k == 0) best_[0] = best_[1] = kInf;
+    if (s == kRetry || s % kCycle == 0) {
+      start_ = s;
+      best_[0] = best_[1] = kInf;
+    }
+    const std::int64_t k = s - start_;
     trial_ = k < 2 * kTrial ? static_cast<int>(k / kTrial) : -1;
     set(trial_ == 0 ? full_ : trial_ == 1 ? 1 : chosen_);
     if (trial_ >= 0) t0_ = std::chrono::steady_clock::now();
   }
-  // After it: the first pass of each trial warms up (workspaces, caches) and is not counted.
+  // After it: the first pass of each trial (a change of threads) is not counted.
   void end(std::int64_t s) {
     if (trial_ < 0) return;
     const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
-    if (s % kTrial != 0) best_[trial_] = std::min(best_[trial_], t);
-    if (s % kCycle == 2 * kTrial - 1) chosen_ = best_[1] < best_[0] ? 1 : full_;
+    const std::int64_t k = s - start_;
+    if (k % kTrial != 0) best_[trial_] = std::min(best_[trial_], t);
+    if (k == 2 * kTrial - 1) chosen_ = best_[1] < best_[0] ? 1 : full_;
   }
 
  private:
-  static constexpr std::int64_t kCycle = 1000, kTrial = 4;
+  static constexpr std::int64_t kCycle = 1000, kRetry = 50, kTrial = 4;
   static void set(int n) {
 #ifdef _OPENMP
     omp_set_num_threads(n);
@@ -317,6 +321,7 @@ class PassThreads {
   int full_;
   int chosen_ = 1;
   int trial_ = -1;
+  std::int64_t start_ = 0;
   double best_[2] = {kInf, kInf};
   std::chrono::steady_clock::time_point t0_;
 };
