@@ -52,9 +52,13 @@ class TorchTrainLoop:
 
     def load(self):
         with self.torch.no_grad():
-            self.model.load_state_dict({k: v for k, v in self.state.items() if not k.startswith("readout.")})
+            self.model.load_state_dict(
+                {k: v for k, v in self.state.items() if not k.startswith("readout.")}
+            )
             if self.readout is not None:
-                self.readout.load_state_dict({k[8:]: v for k, v in self.state.items() if k.startswith("readout.")})
+                self.readout.load_state_dict(
+                    {k[8:]: v for k, v in self.state.items() if k.startswith("readout.")}
+                )
 
     def loss(self, idx):
         F = self.torch.nn.functional
