@@ -232,15 +232,15 @@ def test_task_is_frozen_and_repr_is_short():
 
 
 def test_public_names_have_numpy_docstrings():
-    assert set(tasks.__all__) == {"Task", "adding_problem", "copy_task"}
-    for fn in (tasks.adding_problem, tasks.copy_task):
+    assert set(tasks.__all__) == {"Task", "adding_problem", "batch_order", "copy_task"}
+    for fn in (tasks.adding_problem, tasks.copy_task, tasks.batch_order):
         for section in ("Parameters", "Returns", "Raises", "Examples"):
             assert section in fn.__doc__, (fn.__name__, section)
     assert "Attributes" in tasks.Task.__doc__
     assert tasks.__doc__
 
 
-@pytest.mark.parametrize("fn", [tasks.adding_problem, tasks.copy_task])
+@pytest.mark.parametrize("fn", [tasks.adding_problem, tasks.copy_task, tasks.batch_order])
 def test_docstring_examples_run(fn):
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
