@@ -760,3 +760,14 @@ def test_keyboard_interrupt_in_a_callback_is_an_interrupted_run():
     with pytest.raises(KeyboardInterrupt) as info:
         small_run(callback=cb)
     assert info.value.history.stopped == "interrupted" and info.value.history.steps_run == 2
+
+
+def test_rnn_validation_loss():
+    rnn = gc.RNN("lstm", 2, 4, output_size=1, seed=0)
+    task = gc.tasks.adding_problem(8, batch=40, seed=0)
+    val = gc.tasks.adding_problem(8, batch=30, seed=1)
+    data = types.SimpleNamespace(x=task.x, y=task.target, loss="mse", batch_axis=1,
+                                 x_val=val.x, y_val=val.target)  # fmt: skip
+    h = gc.train(rnn, data, optimizer=gc.optim.SGD(lr=0.1), steps=4, batch_size=8, truncate=3)
+    assert h.val_loss.shape == (4,)
+    assert_close(h.val_loss[-1], rnn.backward(val.x, val.target).loss, 1e-13, "val_loss")
