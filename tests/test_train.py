@@ -771,3 +771,16 @@ def test_rnn_validation_loss():
     h = gc.train(rnn, data, optimizer=gc.optim.SGD(lr=0.1), steps=4, batch_size=8, truncate=3)
     assert h.val_loss.shape == (4,)
     assert_close(h.val_loss[-1], rnn.backward(val.x, val.target).loss, 1e-13, "val_loss")
+
+
+def test_bound_optimizer_steps_arrays_in_place():
+    core = gc.optim.SGD(lr=0.1, momentum=0.9)._core_for(np.float64, 1)
+    p, g = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    core.step([p], [g], 0.1)  # the buffer starts as the gradient
+    core.step([p], [g], 0.1)  # then 0.9 * buffer + gradient
+    assert_close(p, np.array([1.0, -2.0]) - 0.1 * g - 0.1 * 1.9 * g, 1e-15, "sgd")
+    ((step, buffers),) = core.state()
+    assert step == 2.0 and set(buffers) == {"momentum_buffer"}
+    assert_close(buffers["momentum_buffer"], 1.9 * g, 1e-15, "buffer")
+    core.set_state([(0.0, {})])
+    assert core.state()[0][0] == 0.0
