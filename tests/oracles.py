@@ -2560,3 +2560,112 @@ def torch_schedule_lrs(name, args, base_lr, steps, losses=None, state_dict=None)
         else:
             sched.step()
     return out, sched
+
+
+# ---------------------------------------------------------------------------------------
+# Training loops: what gradchain.train computes, by torch autograd and torch.optim.
+
+
+def torch_renorm_(params, max_norm):
+    """``w.copy_(torch.renorm(w, 2, 0, max_norm))`` for every 2-d parameter."""
+    import torch
+
+    with torch.no_grad():
+        for p in params:
+            if p.dim() == 2:
+                p.copy_(torch.renorm(p, 2, 0, max_norm))
+
+
+@_torch_one_thread
+def torch_train_loop(
+    step_loss,
+    params,
+    order,
+    optimizer,
+    *,
+    max_norm=None,
+    norm_type=2.0,
+    clip_value=None,
+    max_weight_norm=None,
+    scheduler=None,
+):
+    """A plain torch training loop over the batches `order` (steps x batch indices):
+    ``loss = step_loss(indices)``, ``backward``, the recorded norms, ``clip_grad_norm_`` or
+    ``clip_grad_value_``, ``optimizer.step()``, ``torch.renorm`` on every 2-d parameter,
+    ``scheduler.step()`` (with the loss for ReduceLROnPlateau). Returns per-step arrays:
+    loss, lr, total_norm, clipped_total_norm, param_grad_norms, param_norms, update_ratios."""
+    import torch
+
+    rec = {k: [] for k in ("loss", "lr", "total_norm", "clipped_total_norm", "param_grad_norms",
+                           "param_norms", "update_ratios")}  # fmt: skip
+
+    def total(grads):
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads])
+        return float(torch.linalg.vector_norm(norms, norm_type))
+
+    for idx in order:
+        optimizer.zero_grad(set_to_none=False)
+        loss = step_loss(torch.as_tensor(np.asarray(idx)))
+        loss.backward()
+        grads = [p.grad for p in params]
+        rec["loss"].append(float(loss.detach()))
+        rec["lr"].append(optimizer.param_groups[0]["lr"])
+        rec["param_grad_norms"].append([float(torch.linalg.vector_norm(g)) for g in grads])
+        rec["total_norm"].append(total(grads))
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=False)
+        elif clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, clip_value, foreach=False)
+        rec["clipped_total_norm"].append(total(grads))
+        before = [p.detach().clone() for p in params]
+        optimizer.step()
+        if max_weight_norm is not None:
+            torch_renorm_(params, max_weight_norm)
+        if scheduler is not None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(rec["loss"][-1])
+            else:
+                scheduler.step()
+        with torch.no_grad():
+            rec["param_norms"].append([float(torch.linalg.vector_norm(p)) for p in params])
+            ratios = [torch.linalg.vector_norm(p - b) / torch.linalg.vector_norm(b)
+                      for p, b in zip(params, before)]  # fmt: skip
+            rec["update_ratios"].append([float(r) for r in ratios])
+    return {k: np.asarray(a, dtype=np.float64) for k, a in rec.items()}
+
+
+def torch_sequence_loss(model, readout, x, y, loss, truncate=None, truncate_mode="detach"):
+    """The loss of a batch of sequences ``x`` (T, B, in) through a torch ``nn.RNN``/
+    ``LSTM``/``GRU`` `model` and a ``nn.Linear`` `readout`, with gradchain's truncation:
+    ``detach`` carries the states detached after every `truncate` steps; ``window``
+    (a loss at the last step only) runs the first ``T - truncate`` steps without a graph.
+    `y`: the last step's targets (B, ...) or every step's (T, B, ...)."""
+    import torch
+    import torch.nn.functional as F
+
+    T = x.shape[0]
+    every = y.dim() == (2 if loss == "cross_entropy" else 3)
+    if truncate is None:
+        out, _ = model(x)
+    elif truncate_mode == "detach":
+        outs, state = [], None
+        for t0 in range(0, T, truncate):
+            o, state = model(x[t0 : t0 + truncate], state)
+            outs.append(o)
+            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        out = torch.cat(outs)
+    else:
+        if every:
+            raise ValueError("the window oracle takes a loss at the last step only")
+        s0 = max(0, T - truncate)
+        state = None
+        if s0 > 0:
+            with torch.no_grad():
+                _, state = model(x[:s0])
+        out, _ = model(x[s0:], state)
+    z = readout(out)
+    if every:
+        if loss == "cross_entropy":
+            return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+        return F.mse_loss(z, y)
+    return F.cross_entropy(z[-1], y) if loss == "cross_entropy" else F.mse_loss(z[-1], y)

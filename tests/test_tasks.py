@@ -240,6 +240,7 @@ def test_public_names_have_numpy_docstrings():
         "Task",
         "adding_problem",
         "as_dataset",
+        "batch_order",
         "classification",
         "copy_task",
         "teacher_student",
@@ -250,6 +251,7 @@ def test_public_names_have_numpy_docstrings():
         tasks.teacher_student,
         tasks.classification,
         tasks.as_dataset,
+        tasks.batch_order,
         tasks.Dataset,
     ):
         for section in (
@@ -272,6 +274,7 @@ def test_public_names_have_numpy_docstrings():
         tasks.teacher_student,
         tasks.classification,
         tasks.as_dataset,
+        tasks.batch_order,
         tasks.Dataset,
         tasks.Task.to_dataset,
     ],

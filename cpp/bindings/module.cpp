@@ -65,4 +65,5 @@ memory, and which limit sets the first (MemAvailable, a cgroup limit, GRADCHAIN_
   bindings::bind_jacobian(m);
   bindings::bind_optim(m);
   bindings::bind_rnn(m);
+  bindings::bind_train(m);
 }

@@ -24,6 +24,7 @@ void bind_clip(py::module_& m);
 void bind_jacobian(py::module_& m);
 void bind_optim(py::module_& m);
 void bind_rnn(py::module_& m);
+void bind_train(py::module_& m);
 
 // Hands a std::vector's buffer to NumPy without copying.
 template <class T>

@@ -776,6 +776,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     }
     add_to(P.last, g, gamma);
   }
+  if (req.loss_only) return res;
 
   // Parameter gradients of step si from its dL/dy (in the band): nothing downstream needs
   // them, so with two threads a second thread computes them while the first carries dL/dx

@@ -1454,7 +1454,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     pass.forward(p, polls);
     if (p.bad_layer >= 0 || req.forward_only || abort.load()) return;
     pass.loss(p);
-    if (p.bad_layer >= 0) return;
+    if (p.bad_layer >= 0 || req.loss_only) return;
     for (std::size_t t = 0; t <= Tn; ++t)
       if (p.topnz[t] && !scan(p.Utop + t * p.R * H, p.R * H).finite) {
         p.bad_layer = static_cast<int>(L) - 1;
@@ -1537,6 +1537,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     res.loss = loss.value(divisor);
     res.log10_loss = loss.log10(divisor);
   }
+  if (req.loss_only) return res;
   const std::size_t nn = L * (Tn + 1);
   res.log10_state_grad_norms.assign(nn, kNegInf);
   if (lstm) res.log10_cell_grad_norms.assign(nn, kNegInf);
@@ -1577,7 +1578,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   res.clipped = lc.clipped;
   res.max_norm = lc.clipped ? req.max_norm : 0.0;
   res.log10_clip_coef = lc.log10_coef;
-  if (req.keep_grads) {
+  if (req.keep_grads || req.keep_param_grads) {
     for (std::size_t i = 0; i < np; ++i)
       write_scaled(grads[i].data(), grads[i].size(), gexp[i], lc.coef, grads[i].data());
     res.param_grads = std::move(grads);

@@ -23,10 +23,12 @@ from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total
 from .compare import TheoryComparison, compare_theory
 from .diagnose import Diagnosis
 from .errors import NonFiniteError
+from .history import History
 from .jacobian import JacobianNorms, JacobianSpectrum, jacobian_norms, jacobian_spectrum
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP, NORM_POSITIONS, NORMS
 from .report import BackwardReport, ChainReport, RecurrentReport
 from .rnn import CELLS, RNN, RNN_INITS, RNN_LOSSES, TRUNCATE_MODES
+from .train import train
 
 try:
     __version__ = version("gradchain")
@@ -52,6 +54,7 @@ __all__ = [
     "Chain",
     "ChainReport",
     "Diagnosis",
+    "History",
     "JacobianNorms",
     "JacobianSpectrum",
     "LayerNorm",
@@ -73,4 +76,5 @@ __all__ = [
     "optim",
     "tasks",
     "theory",
+    "train",
 ]

@@ -186,3 +186,32 @@ class LRSchedule:
     def state(self) -> dict[str, Any]: ...
     def set_state(self, state: dict[str, Any]) -> None: ...
     def lrs(self, steps: int, losses: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]: ...
+
+def train(
+    net: _Chain | _RecurrentChain,
+    order: list[int],
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    x_val: npt.NDArray[Any] | None,
+    y_val: npt.NDArray[Any] | None,
+    loss: str,
+    sequences: bool,
+    every_step: bool,
+    optimizer: _Optimizer,
+    schedule: LRSchedule | None,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    max_norm: float,
+    norm_type: float,
+    clip_value: float,
+    max_weight_norm: float,
+    record_every: int,
+    record_activation_grads: bool,
+    train: bool,
+    truncation: str,
+    window: int,
+    callback: Any,
+) -> dict[str, Any]: ...
+def batch_order(n: int, batch_size: int, steps: int, seed: int, shuffle: bool) -> npt.NDArray[Any]: ...

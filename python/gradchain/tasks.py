@@ -40,6 +40,7 @@ __all__ = [
     "Task",
     "adding_problem",
     "as_dataset",
+    "batch_order",
     "classification",
     "copy_task",
     "teacher_student",
@@ -918,3 +919,52 @@ def classification(
     ds.bayes_error = _simplex_bayes_error(k, d)
     ds.class_means = means
     return ds
+
+
+def batch_order(n: Any, batch_size: Any, steps: Any, seed: Any = 0, *, shuffle: Any = True) -> np.ndarray:
+    """The example indices :func:`gradchain.train` uses, step by step.
+
+    Each epoch is a permutation of ``range(n)`` drawn from ``seed`` (Philox, the epoch
+    as its stream; a Fisher-Yates shuffle), or ``range(n)`` itself without shuffling;
+    its batches follow in order, and the last partial batch is dropped. A loop elsewhere
+    (PyTorch, say) that takes ``x[order[k]]`` at step k sees the batches gradchain saw.
+
+    Parameters
+    ----------
+    n : int
+        Number of training examples.
+    batch_size : int
+        Examples per step, at most `n`.
+    steps : int
+        Number of steps.
+    seed : int
+        The sampler's seed (``gc.train``'s `seed`).
+    shuffle : bool
+        ``gc.train``'s `shuffle`.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (steps, batch_size)
+
+    Raises
+    ------
+    TypeError
+        If `n`, `batch_size`, `steps` or `seed` is not an integer.
+    ValueError
+        If one of them is out of range, or `batch_size` exceeds `n`.
+
+    Examples
+    --------
+    >>> from gradchain import tasks
+    >>> order = tasks.batch_order(10, 4, 5, seed=0)
+    >>> order.shape
+    (5, 4)
+    >>> len(set(order[:2].ravel().tolist()))  # an epoch: two batches of distinct examples
+    8
+    """
+    n = v.positive_int("n", n, maximum=2**62)
+    b = v.positive_int("batch_size", batch_size)
+    if b > n:
+        raise ValueError(f"batch_size={b} is larger than n={n}")
+    k = v.positive_int("steps", steps, maximum=2**62)
+    return _core.batch_order(n, b, k, v.seed(seed), v.flag("shuffle", shuffle))

@@ -24,7 +24,8 @@ struct ChainRequest {
   double max_norm = -1.0;  // < 0: no clipping
   double norm_type = 2.0;  // for the total norm and clipping; inf allowed
   bool forward_only = false;
-  bool train = true;  // BatchNorm: batch statistics (and running-stat updates) or running ones
+  bool loss_only = false;  // forward and loss, no backward (a validation pass)
+  bool train = true;       // BatchNorm: batch statistics (and running-stat updates) or running ones
   // Forward only, keeping every boundary (inner ones too) in the result: the point at which
   // the Jacobian tools take each block's Jacobian. The batch is not split.
   bool trace = false;

@@ -51,8 +51,10 @@ struct RecurrentRequest {
   int window = 0;
   double max_norm = -1.0;  // < 0: no clipping
   double norm_type = 2.0;
-  bool keep_grads = false;    // parameter gradients and every state gradient
-  bool forward_only = false;  // stop after the forward pass (output, h_n, c_n)
+  bool keep_grads = false;        // parameter gradients and every state gradient
+  bool keep_param_grads = false;  // parameter gradients only
+  bool forward_only = false;      // stop after the forward pass (output, h_n, c_n)
+  bool loss_only = false;         // forward and loss, no backward (a validation pass)
 };
 
 template <class T>

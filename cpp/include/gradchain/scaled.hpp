@@ -94,12 +94,21 @@ inline double log10_add(double a, double b) {
 }
 
 // Multiplies every entry by m * 2^e, where the product is formed by one rounding in T.
+// Where 2^k is a normal double, x * 2^k is the correctly rounded x 2^k that ldexp gives.
 template <class T>
 void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
+  constexpr int kNormal = std::numeric_limits<double>::max_exponent - 1;  // 2^1023
   if (coef == 1.0) {  // one rounding at most, and none for subnormal inputs scaled up
     const int k = static_cast<int>(std::clamp<std::int64_t>(e, -100000, 100000));
-    for (std::size_t i = 0; i < n; ++i)
-      dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
+    if (k == 0) {
+      if (dst != src) std::copy(src, src + n, dst);
+    } else if (k >= 1 - kNormal && k <= kNormal) {
+      const double f = std::ldexp(1.0, k);
+      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<double>(src[i]) * f);
+    } else {
+      for (std::size_t i = 0; i < n; ++i)
+        dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
+    }
     return;
   }
   int ce = 0;
@@ -107,6 +116,12 @@ void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* d
   const std::int64_t total = e + ce;
   const int k = static_cast<int>(std::clamp<std::int64_t>(total, -100000, 100000));
   const T mt = static_cast<T>(cm);
+  if (k >= 1 - kNormal && k <= kNormal) {
+    const double f = std::ldexp(1.0, k);
+    for (std::size_t i = 0; i < n; ++i)
+      dst[i] = static_cast<T>(static_cast<double>(src[i] * mt) * f);
+    return;
+  }
   for (std::size_t i = 0; i < n; ++i)
     dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i] * mt), k));
 }
