@@ -457,3 +457,51 @@ def test_weights_near_the_ends_of_the_float_range(gc, act, bias):
     rep = net.backward(x)
     ref = O.longdouble_backward(ws, bs, x, act)
     check_against_renormalised(rep, ref, atol=1e-12, what=act)
+
+
+def _log10_norm_scaled(a):
+    """log10 ||a|| without underflow (for gradients near the bottom of the doubles)."""
+    a = np.abs(np.asarray(a, dtype=np.float64)).ravel()
+    m = a.max(initial=0.0)
+    if m == 0:
+        return -math.inf
+    k = math.frexp(m)[1]
+    return math.log10(np.linalg.norm(np.ldexp(a, -k))) + k * math.log10(2.0)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_clipped_gradients_of_a_total_norm_beyond_the_doubles(gc, norm_type):
+    """A total norm of about 1e397 gives a clip coefficient of about 1e-397, below the
+    doubles; the clipped gradients are ordinary numbers and must be returned as such."""
+    net = gc.MLP(width=[2, 1, 7, 2, 7, 8, 7, 2], activation="leaky_relu", negative_slope=0.2,
+                 init="he_normal", gain=0.5, sigma_w=0.5, bias_std=1e200, seed=2313)  # fmt: skip
+    x = np.random.default_rng(10540).standard_normal((1, 2)) * 0.5
+    rep = net.backward(x, return_grads=True, max_norm=10.0, norm_type=norm_type)
+    assert rep.log10_total_norm > 390 and rep.log10_clip_coef < -380
+    for l in range(1, net.depth):
+        want = rep.log10_weight_grad_norms[l] + rep.log10_clip_coef
+        assert abs(_log10_norm_scaled(rep.weight_grads[l]) - want) < 1e-12 * max(1.0, abs(want))
+
+
+def test_recurrent_clipped_gradients_below_the_doubles_coefficient(gc):
+    sd = {
+        "weight_ih_l0": np.array([[0.3], [-0.2], [0.4]]) * 1e-200,
+        "weight_hh_l0": np.array([[0.0], [0.5], [0.0]]),
+        "weight_ih_l1": np.array([[0.7], [-1.1], [0.2]]) * 1e-300,
+        "weight_hh_l1": np.full((3, 1), 1e40),
+        "readout.weight": np.array([[1.0], [-0.5], [0.3], [0.8]]),
+        "readout.bias": np.array([0.1, -0.2, 0.3, 0.05]),
+    }
+    rnn = gc.RNN.from_state_dict(sd, "gru")
+    x = np.array([0.4, -0.3, 0.6]).reshape(3, 1, 1)
+    h0 = np.array([0.8, -1.2]).reshape(2, 1, 1)
+    target = np.full((3, 1, 4), 1e-310)
+    rep = rnn.backward(x, target=target, loss="mse", h0=h0, return_grads=True, max_norm=1e-250)
+    assert rep.log10_clip_coef < -320
+    checked = 0
+    for name, g in rep.param_grads.items():
+        want = rep.log10_param_grad_norms[name] + rep.log10_clip_coef
+        if want > -300:  # representable without subnormal rounding
+            assert abs(_log10_norm_scaled(g) - want) < 1e-12 * abs(want), name
+            checked += 1
+    assert checked >= 1

@@ -65,8 +65,12 @@ void forward_block(const Activation& a, const T* z, T* h, std::size_t n) {
       for (std::size_t i = 0; i < n; ++i) h[i] = (z[i] < T(0) ? tmp[i] : T(1)) / (T(1) + tmp[i]);
       break;
     case Act::relu:
-      // NaN must propagate as in torch.relu.
-      for (std::size_t i = 0; i < n; ++i) h[i] = z[i] < T(0) ? T(0) : z[i];
+      // NaN must propagate as in torch.relu. Through tmp, as in backward_block.
+      for (std::size_t i = 0; i < n; ++i) {
+        const T zi = z[i];
+        tmp[i] = zi < T(0) ? T(0) : zi;
+      }
+      std::copy(tmp, tmp + n, h);
       break;
     case Act::leaky_relu: {
       const T s = static_cast<T>(a.negative_slope);
@@ -120,7 +124,13 @@ void backward_block(const Activation& a, const T* z, const T* h, const T* g, T* 
       for (std::size_t i = 0; i < n; ++i) out[i] = g[i] * (T(1) - h[i]) * h[i];
       break;
     case Act::relu:
-      for (std::size_t i = 0; i < n; ++i) out[i] = h[i] > T(0) ? g[i] : T(0);
+      // Loaded before the select and stored to tmp, which aliases nothing (out may be g),
+      // so that the loop becomes vector blends instead of a branch per element.
+      for (std::size_t i = 0; i < n; ++i) {
+        const T gi = g[i];
+        tmp[i] = h[i] > T(0) ? gi : T(0);
+      }
+      std::copy(tmp, tmp + n, out);
       break;
     case Act::leaky_relu: {
       const T s = static_cast<T>(a.negative_slope);

@@ -307,7 +307,6 @@ void BatchNorm<T>::jvp(const JacobianArgs<T>& a, const T* v, int k, T* out) cons
 
 template <class T>
 void BatchNorm<T>::vjp(const JacobianArgs<T>& a, const T* u, int k, T* out) const {
-  const std::size_t n = static_cast<std::size_t>(this->in_);
   if (batch_stats(a.train)) {
     jacobian_batch(a, u, k, true, out);
     return;

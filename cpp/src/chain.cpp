@@ -924,7 +924,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   if (req.keep_param_grads)
     for (std::size_t i = 0; i < n_trainable_; ++i) {
       auto& v = res.param_grads[i];
-      write_scaled(v.data(), v.size(), gexp[i], lc.coef, v.data());
+      write_scaled(v.data(), v.size(), gexp[i], lc.coef, v.data(), lc.coef_exp);
     }
   if (req.keep_boundary_grads)
     for (std::size_t t = 0; t < ntop; ++t) {

@@ -1580,7 +1580,8 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   res.log10_clip_coef = lc.log10_coef;
   if (req.keep_grads || req.keep_param_grads) {
     for (std::size_t i = 0; i < np; ++i)
-      write_scaled(grads[i].data(), grads[i].size(), gexp[i], lc.coef, grads[i].data());
+      write_scaled(grads[i].data(), grads[i].size(), gexp[i], lc.coef, grads[i].data(),
+                   lc.coef_exp);
     res.param_grads = std::move(grads);
   }
   return res;

@@ -611,6 +611,16 @@ def _chi_limit(act: _Act, q: float) -> float:
     return act.moments(_Q_HUGE if math.isinf(q) else q)[1]
 
 
+
+def _fields_table(obj: Any, extra: Sequence[str], width: int) -> str:
+    """A result's fields and the named properties as an aligned two-column text table."""
+    d = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    d.update((name, getattr(obj, name)) for name in extra)
+    return "\n".join(
+        f"{k:>{width}}  {val:.10g}" if isinstance(val, float) else f"{k:>{width}}  {val}"
+        for k, val in d.items()
+    )
+
 @dataclass(frozen=True, eq=False)
 class MeanField:
     """Mean-field state of a deep chain at the fixed point of its length map.
@@ -690,12 +700,7 @@ class MeanField:
 
     def table(self) -> str:
         """The fields as an aligned two-column text table."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["phase"] = self.phase
-        return "\n".join(
-            f"{k:>24}  {val:.10g}" if isinstance(val, float) else f"{k:>24}  {val}"
-            for k, val in d.items()
-        )
+        return _fields_table(self, ("phase",), 24)
 
     def __str__(self) -> str:
         head = f"MeanField({self.activation}, sigma_w={self.sigma_w:g}, sigma_b={self.sigma_b:g})"
@@ -1476,12 +1481,7 @@ class BatchNormMeanField:
 
     def table(self) -> str:
         """The fields as an aligned two-column text table."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["depth_scale"] = self.depth_scale
-        return "\n".join(
-            f"{k:>18}  {val:.10g}" if isinstance(val, float) else f"{k:>18}  {val}"
-            for k, val in d.items()
-        )
+        return _fields_table(self, ("depth_scale",), 18)
 
     def __str__(self) -> str:
         return f"BatchNormMeanField({self.activation}, batch={self.batch})\n{self.table()}"

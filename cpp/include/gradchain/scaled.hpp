@@ -93,13 +93,15 @@ inline double log10_add(double a, double b) {
   return m + std::log10(1.0 + std::pow(10.0, d));
 }
 
-// Multiplies every entry by m * 2^e, where the product is formed by one rounding in T.
-// Where 2^k is a normal double, x * 2^k is the correctly rounded x 2^k that ldexp gives.
+// Multiplies every entry by coef * 2^(e + coef_exp), where the product is formed by one
+// rounding in T. Where 2^k is a normal double, x * 2^k is the correctly rounded x 2^k that
+// ldexp gives.
 template <class T>
-void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst) {
+void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* dst,
+                  std::int64_t coef_exp = 0) {
   constexpr int kNormal = std::numeric_limits<double>::max_exponent - 1;  // 2^1023
   if (coef == 1.0) {  // one rounding at most, and none for subnormal inputs scaled up
-    const int k = static_cast<int>(std::clamp<std::int64_t>(e, -100000, 100000));
+    const int k = static_cast<int>(std::clamp<std::int64_t>(e + coef_exp, -100000, 100000));
     if (k == 0) {
       if (dst != src) std::copy(src, src + n, dst);
     } else if (k >= 1 - kNormal && k <= kNormal) {
@@ -113,7 +115,7 @@ void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* d
   }
   int ce = 0;
   const double cm = coef == 0.0 ? 0.0 : std::frexp(coef, &ce);
-  const std::int64_t total = e + ce;
+  const std::int64_t total = e + ce + coef_exp;
   const int k = static_cast<int>(std::clamp<std::int64_t>(total, -100000, 100000));
   const T mt = static_cast<T>(cm);
   if (k >= 1 - kNormal && k <= kNormal) {
@@ -157,7 +159,10 @@ struct LogClip {
   double log10_total = 0.0;
   bool clipped = false;
   double log10_coef = 0.0;
-  double coef = 1.0;  // as torch applies it: rounded to the gradients' dtype
+  // The coefficient as torch applies it (rounded to the gradients' dtype), times
+  // 2^coef_exp: a coefficient below the doubles (a total norm beyond them) is carried.
+  double coef = 1.0;
+  std::int64_t coef_exp = 0;
 };
 
 template <class T>
@@ -177,6 +182,12 @@ LogClip log_clip(const std::vector<double>& log10_norms, double p, double max_no
     const double total = std::pow(10.0, r.log10_total);
     if (std::isfinite(total) && total > 0)
       r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
+  }
+  if (r.coef == 0.0 && std::isfinite(r.log10_coef)) {  // below the doubles: m * 2^k
+    const double l2 = r.log10_coef / kLog10_2;
+    const double k = std::floor(l2);
+    r.coef = std::exp2(l2 - k);
+    r.coef_exp = static_cast<std::int64_t>(k);
   }
   return r;
 }
