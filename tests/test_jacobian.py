@@ -414,7 +414,8 @@ RANK_LOSS = {
     "row, then column": [_with_zeros(4, 6, rows=[2]), _with_zeros(4, 7, cols=[0])],
     "both, then full": [_with_zeros(4, 8, rows=[0], cols=[0]), _with_zeros(4, 9)],
     "full, then both": [_with_zeros(4, 10), _with_zeros(4, 11, rows=[3], cols=[1])],
-    "both, then both": [_with_zeros(4, 12, rows=[1], cols=[0]), _with_zeros(4, 13, rows=[2], cols=[3])],
+    "both, then both": [_with_zeros(4, 12, rows=[1], cols=[0]),
+                        _with_zeros(4, 13, rows=[2], cols=[3])],
 }  # fmt: skip
 
 
@@ -454,8 +455,21 @@ def test_rank_loss_counts_exact_zeros_once(gc):
     np.testing.assert_array_equal(np.abs(np.diag(np.linalg.qr(W)[1])), [0.0, 1.0])
     net = gc.MLP.from_weights([W], activation="linear")
     x = np.random.default_rng(0).standard_normal((1, 2))
-    np.testing.assert_array_equal(jacobian_spectrum(net, x, k=2).log_singular_values, [[[-np.inf, 0.0]]])
-    np.testing.assert_array_equal(jacobian_spectrum(net, x, k=1).log_singular_values, [[[-np.inf]]])
+    got = [jacobian_spectrum(net, x, k=k).log_singular_values for k in (2, 1)]
+    np.testing.assert_array_equal(got[0], [[[-np.inf, 0.0]]])
+    np.testing.assert_array_equal(got[1], [[[-np.inf]]])
+
+
+def test_directions_after_an_exact_zero_follow_the_factored_product(gc):
+    """A zero first column and no zero row, then a rotation: the QR is no longer unique,
+    and each interval gives NumPy's QR of the products it factors (the README's example)."""
+    W = np.array([[0.0, 1.0], [0.0, 1.0]])
+    rot = np.array([[0.6, -0.8], [0.8, 0.6]])
+    net = gc.MLP.from_weights([W, rot], activation="linear")
+    for interval, want in ((1, [[-np.inf, 0.0], [-np.inf, 0.0]]), (2, [[-np.inf, math.log(1.4)]])):
+        got = jacobian_spectrum(net, np.ones(2), interval=interval).log_singular_values[0]
+        np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(np.abs(np.diag(np.linalg.qr(rot @ W)[1])), [0.0, 1.4], rtol=1e-15)
 
 
 @pytest.mark.parametrize("exact_max_dim", [0, 256])
