@@ -115,13 +115,6 @@ def trusted(arrays, dtype: str = "float64") -> bool:
     return True
 
 
-def in_range(pairs, dtype: str) -> bool:
-    """Whether arrays given as (array, log2 shift) pairs have max |.| inside TRUSTED[dtype]."""
-    lo, hi = TRUSTED[dtype]
-    m = max(log10_pnorm(a, math.inf) + s * LOG2 for a, s in pairs)
-    return math.log10(lo) <= m <= math.log10(hi)
-
-
 def perturbed(a, rel: float, rng):
     """a * (1 + rel * u), u uniform in [-1, 1], in float64; None stays None."""
     if a is None:
@@ -365,33 +358,41 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
     ws = [np.asarray(w, dtype=np.float64) for w in ws]
     bs = [np.asarray(b, dtype=np.float64) for b in bs]
     x = np.asarray(x, dtype=np.float64)
-    homogeneous = act in O.HOMOGENEOUS and not any(np.any(b) for b in bs)
-    scale_forward = homogeneous and loss in ("probe", "grad_output")
-    c = [exponent(w) if scale_forward else 0 for w in ws]
-    ex = exponent(x) if scale_forward else 0
+    # Above the last nonzero bias a positively homogeneous chain scales with each weight
+    # (and, with no bias at all, with its input): those factors are taken out as powers of
+    # two, exactly, and carried alongside, so that torch sees moderate numbers.
+    first = 1 + max((l for l, b in enumerate(bs) if np.any(b)), default=-1)
+    scale_forward = act in O.HOMOGENEOUS and loss in ("probe", "grad_output")
+    c = [exponent(w) if scale_forward and l >= first else 0 for l, w in enumerate(ws)]
+    ex = exponent(x) if scale_forward and first == 0 else 0
     F = np.cumsum([ex, *c])  # h_l = h_l(scaled) * 2**F[l]
-    g = None
-    if loss == "grad_output":
-        eg = exponent(grad_output)
-        g = np.ldexp(np.asarray(grad_output, dtype=np.float64), -eg)
-        top = eg
-    else:
-        top = int(F[L]) if loss == "probe" else 0
-    G = [0] * (L + 1)  # dL/dh_l = (scaled) * 2**G[l]
-    G[L] = top
-    for l in range(L, 0, -1):
-        G[l - 1] = G[l] + c[l - 1]
     wsc = [np.ldexp(w, -e) for w, e in zip(ws, c)]
     xsc = np.ldexp(x, -ex)
     zs, hs = O.numpy_forward(wsc, bs, xsc, act, slope, alpha)
     if not trusted(zs + hs):
         return None
+    g, top, oloss = None, 0, loss
+    if loss == "grad_output":
+        top = exponent(grad_output)
+        g = np.ldexp(np.asarray(grad_output, dtype=np.float64), -top)
+    elif loss == "probe":
+        top = int(F[L])
+        eo = exponent(hs[-1])
+        if abs(eo) > 200:
+            # dL/dh_L = h_L far from 1, where the products g h^T of the backward pass
+            # would leave float64: handed over as grad_output = h_L * 2**-eo (the
+            # backward pass is linear in it), the loss then taken from the output
+            g, top, oloss = np.ldexp(hs[-1], -eo), top + eo, "grad_output"
+    G = [0] * (L + 1)  # dL/dh_l = (scaled) * 2**G[l]
+    G[L] = top
+    for l in range(L, 0, -1):
+        G[l - 1] = G[l] + c[l - 1]
     if dtype == "numpy":  # the second oracle: its sums run in another order
         with np.errstate(all="ignore"):
-            ref = O.numpy_backward(wsc, bs, xsc, act, loss, target, g, slope, alpha)
+            ref = O.numpy_backward(wsc, bs, xsc, act, oloss, target, g, slope, alpha)
     else:
         with np.errstate(all="ignore"):  # a float32 twin may overflow: then it is untrusted
-            ref = O.torch_backward(wsc, bs, xsc, act, loss, target, g, slope, alpha, dtype=dtype)
+            ref = O.torch_backward(wsc, bs, xsc, act, oloss, target, g, slope, alpha, dtype=dtype)
     if not trusted(ref.dh + ref.dW + ref.db):
         return None
     arrays = {
@@ -403,7 +404,9 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
     log10 = {k: np.array([log10_pnorm(a) + s * LOG2 for a, s in v]) for k, v in arrays.items()}
     lv = ref.loss  # NaN for grad_output; compared where torch holds it to full precision
     lv_log = math.nan
-    if lv == 0 and loss == "probe":
+    if loss == "probe" and oloss != loss:
+        lv_log = math.log10(0.5) + 2 * float(log10["output"][0])
+    elif lv == 0 and loss == "probe":
         lv_log = -math.inf
     elif 1e-290 <= lv <= 1e290:
         lv_log = math.log10(lv) + (2 * int(F[L]) * LOG2 if loss == "probe" else 0.0)
@@ -829,11 +832,22 @@ def check_mlp(case: MLPCase) -> None:
             f, name, getattr(rep, name), getattr(rep, "log10_" + name), "float64", 1e-12
         )
     loss_matches(f, rep, case.loss, dt)
-    out = np.asarray(rep.output, dtype=np.float64)
-    f.check(out.shape == (case.batch, case.widths[-1]), "output shape")
-    f.check(not np.isnan(out).any(), "NaN in the output")
-    if not net.log_scale_forward:
-        f.check(np.isfinite(out).all(), "inf in the output of a pass without a carried scale")
+    out, mant, oe = rep.output, rep.output_mantissa, rep.output_log2_scale
+    shape = (case.batch, case.widths[-1])
+    f.check(out.shape == shape and mant.shape == shape, "output shape")
+    f.check(out.dtype == mant.dtype == np.dtype(dt), "output dtype")
+    f.check(bool(np.isfinite(mant).all()), "NaN or inf in output_mantissa")
+    f.check(oe == 0 or trusted([mant], dt), lambda: f"output_mantissa outside the band at 2**{oe}")
+    # The output is its mantissa at the true scale, rounded once: inf or 0 exactly where a
+    # carried exponent takes it beyond the float range, and only there (without one, a
+    # pass that overflows raises NonFiniteError).
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = np.ldexp(mant.astype(np.float64), oe).astype(dt)
+    f.check(
+        np.array_equal(out, scaled),
+        lambda: f"output != output_mantissa * 2**{oe}: {out.ravel()[:3]} vs {scaled.ravel()[:3]}",
+    )
+    lout = log10_pnorm(mant) + oe * LOG2  # -inf for a zero output
 
     # closed forms at the top of the chain
     if case.loss == "grad_output":
@@ -842,9 +856,8 @@ def check_mlp(case: MLPCase) -> None:
             close(la[L], want, 1e-12),
             lambda: f"log10 ||dL/dh_L|| = {la[L]!r}, but ||grad_output|| = 10**{want!r}",
         )
-    elif case.loss == "probe" and trusted([out], dt) and out.any():
-        # (an all-zero output may have underflowed in a chain that carries its scale)
-        want = log10_pnorm(out)
+    elif case.loss == "probe":
+        want = lout
         f.check(
             close(la[L], want, 1e-10),
             lambda: f"probe: log10 ||dL/dh_L|| = {la[L]!r}, but ||h_L|| = 10**{want!r}",
@@ -913,9 +926,7 @@ def check_mlp(case: MLPCase) -> None:
             "log10_total_norm": total,
             "log10_clip_coef": log10_clip_coef(total, case.max_norm),
             "log10_loss": t.loss,
-            "log10 ||output||": t.log10["output"][0]
-            if in_range(t.arrays["output"], dt)
-            else math.nan,
+            "log10 ||output||": t.log10["output"][0],
         }
 
     got = {
@@ -925,7 +936,7 @@ def check_mlp(case: MLPCase) -> None:
         "log10_total_norm": rep.log10_total_norm,
         "log10_clip_coef": rep.log10_clip_coef,
         "log10_loss": rep.log10_loss,
-        "log10 ||output||": log10_pnorm(out),
+        "log10 ||output||": lout,
     }
     zs, hs = O.numpy_forward(ws, bs, xs, *acts)
     ulps = sum(cancellation(case.activation, z) for z in zs)
@@ -1332,9 +1343,12 @@ def log10_spectral(j) -> float:
 
 def qr_log_diagonals(jacobians, k: int, interval: int) -> tuple:
     """The textbook loop Q, R = qr(J_l Q) from the first k columns of the identity, with a QR
-    every `interval` steps and after the last: cumulative log|R_ii| at those steps, and the
-    smallest |R_ii| met by each direction relative to the product of the ||J_l||_2 since the
-    previous QR (how close to exact rank loss rounding may have brought it)."""
+    every `interval` steps and after the last, and, as in the core, wherever the k vectors
+    have fewer than k nonzero rows (there the rank loss is exact; after a direction that is
+    exactly zero the QR is not unique, so the same products must be factored): cumulative
+    log|R_ii| at the recorded steps, and the smallest |R_ii| met by each direction relative
+    to the product of the ||J_l||_2 since the previous QR (how close to exact rank loss
+    rounding may have brought it)."""
     n0 = jacobians[0].shape[1]
     q = np.eye(n0)[:, :k]
     acc = np.zeros(k)
@@ -1346,7 +1360,8 @@ def qr_log_diagonals(jacobians, k: int, interval: int) -> tuple:
         q = js @ q
         shift += e * math.log(2.0)
         bound *= np.linalg.norm(js, 2) if np.any(js) else 0.0
-        if step % interval and step != len(jacobians):
+        record = step % interval == 0 or step == len(jacobians)
+        if not record and np.count_nonzero(np.any(q != 0, axis=1)) >= k:
             continue
         q, r = np.linalg.qr(q)
         d = np.abs(np.diag(r))
@@ -1354,7 +1369,8 @@ def qr_log_diagonals(jacobians, k: int, interval: int) -> tuple:
             acc = acc + np.log(d) + shift
             worst = np.minimum(worst, np.nan_to_num(d / bound, nan=0.0))
         shift, bound = 0.0, 1.0
-        out.append(acc.copy())
+        if record:
+            out.append(acc.copy())
     return np.array(out), worst
 
 

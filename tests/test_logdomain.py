@@ -459,6 +459,40 @@ def test_weights_near_the_ends_of_the_float_range(gc, act, bias):
     check_against_renormalised(rep, ref, atol=1e-12, what=act)
 
 
+@needs_ld
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_output_beyond_the_float_range_above_a_biased_layer(gc, dtype):
+    """Linear layers, the third with a bias, the last without one and with weights of
+    about 4e154 (4e19 in float32): the output of the first example is beyond the float
+    range, that of the second is not. The exponent is carried to the output, which is inf
+    exactly where its true value overflows and the true value elsewhere, while
+    output_mantissa * 2**output_log2_scale holds it exactly and the loss and every norm
+    are those of the long-double reference."""
+    big = 1e155 if dtype == "float64" else 1e20
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((3, 1)), rng.standard_normal((1, 3)) * 0.5,
+          rng.standard_normal((7, 1)), rng.standard_normal((1, 7)) * big / 3]  # fmt: skip
+    bs = [np.zeros(3), np.zeros(1), rng.standard_normal(7), np.zeros(1)]
+    ws, bs = ([a.astype(dtype) for a in v] for v in (ws, bs))
+    x = np.array([[big], [big * 1e-10]], dtype=dtype)
+    net = gc.MLP.from_weights(ws, bs, activation="linear", dtype=dtype)
+    assert not net.log_scale_forward
+    rep = net.backward(x)
+    h = x.astype(O.LD)
+    for w, b in zip(ws, bs):
+        h = h @ w.astype(O.LD).T + b.astype(O.LD)
+    fmax = np.finfo(dtype).max
+    assert abs(h[0, 0]) > fmax and abs(h[1, 0]) < fmax / 1e5
+    assert rep.output_log2_scale > 0 and rep.output.dtype == rep.output_mantissa.dtype == dtype
+    assert np.isinf(rep.output[0, 0]) and np.sign(rep.output[0, 0]) == np.sign(h[0, 0])
+    rtol = 1e-15 if dtype == "float64" else 1e-6
+    np.testing.assert_allclose(float(rep.output[1, 0]), float(h[1, 0]), rtol=rtol)
+    exact = np.ldexp(rep.output_mantissa.astype(O.LD), rep.output_log2_scale)
+    assert np.all(np.abs(exact / h - 1) < rtol), (exact, h)
+    ref = O.longdouble_backward(ws, bs, x, "linear")
+    check_against_renormalised(rep, ref, atol=1e-12 if dtype == "float64" else 1e-6)
+
+
 def _log10_norm_scaled(a):
     """log10 ||a|| without underflow (for gradients near the bottom of the doubles)."""
     a = np.abs(np.asarray(a, dtype=np.float64)).ravel()
