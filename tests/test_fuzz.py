@@ -1903,6 +1903,23 @@ def test_tanh_parameter_norms_with_inputs_near_1e_60():
         )
 
 
+def test_output_beyond_the_float_range_above_a_biased_layer():
+    """A bias at layer 3 of 4, weights near 4e154 at layer 4 and an input of 1e155: the
+    output, 10^308.5, lies beyond float64; the exponent carried above the bias makes it
+    inf in rep.output and exact in rep.output_mantissa, and the norms and the loss are
+    torch's on the chain with its last weight scaled by a power of two."""
+    case = MLPCase(
+        "float64", "linear", (1, 3, 1, 7, 1), 1,
+        ("arrays", [Arr("normal", 1.0), Arr("normal", 1.0), Arr("normal", 1.0),
+                    Arr("normal", 1e155)], [None, None, Arr("normal", 1.0), None]),
+        0.01, 1.0, Arr("normal", 1e155), "probe", None, False, None, 2.0,
+    )  # fmt: skip
+    check_mlp(case)
+    rep = run_code(case.code())["rep"]
+    assert np.isinf(rep.output).all() and rep.output_log2_scale == 820
+    assert close(log10_pnorm(rep.output_mantissa) + 820 * LOG2, 308.49548436, 1e-10)
+
+
 def test_lstm_cell_gradient_through_a_saturated_tanh():
     """Recurrent weights of ones saturate every gate and grow the cells by about 1 a step:
     from step 31 on layer 1's cells lie above 19, where tanh(c) = 1 - 6e-17 rounds to 1 or
