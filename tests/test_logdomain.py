@@ -517,6 +517,41 @@ def test_clipped_gradients_of_a_total_norm_beyond_the_doubles(gc, norm_type):
         assert abs(_log10_norm_scaled(rep.weight_grads[l]) - want) < 1e-12 * max(1.0, abs(want))
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 0.5])
+@pytest.mark.parametrize(
+    "dtype,bias,max_norm",
+    [("float64", 1e155, 1e-6), ("float64", 1e150, 1e-15), ("float32", 1e18, 1e-4)],
+    ids=["float64-total-beyond-the-doubles", "float64-total-1e300", "float32-total-1e36"],
+)
+def test_clip_coefficient_below_the_normal_floats(gc, dtype, bias, max_norm, norm_type):
+    """A bias of 1e155 (1e150; 1e18 in float32) makes the last layer's weight gradient
+    about 1e310 (1e300; 1e36), and max_norm puts the clipping coefficient near 1e-317
+    (1e-315; 1e-40): a subnormal, with some 20 of its 53 bits (6 of 24). It is carried as
+    m * 2^k instead, so every clipped gradient is the unclipped one times the coefficient
+    to rounding, and its norm is the reported one."""
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((1, 1)), rng.standard_normal((1, 1)), rng.standard_normal((4, 1)),
+          rng.standard_normal((1, 4)) * 1.5]  # fmt: skip
+    bs = [np.zeros(1), np.zeros(1), rng.standard_normal(4) * bias, np.zeros(1)]
+    net = gc.MLP.from_weights(ws, bs, activation="linear", dtype=dtype)
+    x = np.full((1, 1), 0.5, dtype)
+    kw = {"target": np.full((1, 1), 0.25, dtype), "loss": "mse", "return_grads": True}
+    full = net.backward(x, **kw)
+    rep = net.backward(x, max_norm=max_norm, norm_type=norm_type, **kw)
+    tiny = np.finfo(dtype)
+    assert math.log10(tiny.smallest_subnormal) < rep.log10_clip_coef < math.log10(tiny.tiny)
+    tol = 1e-11 if dtype == "float64" else 2e-7  # decades
+    for l in range(net.depth):
+        got, want = _log10_norm_scaled(rep.weight_grads[l]), rep.log10_clipped_weight_grad_norms[l]
+        assert abs(got - want) < tol, (l, got, want)
+        unclipped = np.asarray(full.weight_grads[l], np.float64)
+        if np.isfinite(unclipped).all():  # entry by entry (the ratio itself is subnormal)
+            clipped = np.asarray(rep.weight_grads[l], np.float64)
+            assert np.array_equal(np.sign(clipped), np.sign(unclipped))
+            ratio = np.log10(np.abs(clipped)) - np.log10(np.abs(unclipped))
+            np.testing.assert_allclose(ratio, rep.log10_clip_coef, rtol=0, atol=tol)
+
+
 def test_recurrent_clipped_gradients_below_the_doubles_coefficient(gc):
     sd = {
         "weight_ih_l0": np.array([[0.3], [-0.2], [0.4]]) * 1e-200,
