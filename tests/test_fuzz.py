@@ -352,6 +352,39 @@ class Truth:
     log10: dict
     arrays: dict  # name -> list of (array, shift): the value is array * 2**shift
     loss: float  # log10 of the loss (NaN: not comparable)
+    floor: dict  # name -> log10 of the rounding-error bound of each value (see noise_floor)
+
+
+def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch) -> dict:
+    """log10 of a bound on the rounding error of every norm a float backward pass forms,
+    in the units of the arrays given (the caller adds the same log2 shifts): the backward
+    pass run on absolute values, from the terms of dL/dh_L (|h_L| for the probe, |g| for a
+    given gradient, |h| + |y| for mse, p + onehot for cross-entropy) through
+    |W_l|^T |phi'(z_l)|, times (depth + 1) (width + batch) eps. A value below it is rounding
+    noise around zero (a sum that cancels exactly, such as W^T (p - onehot) with equal
+    columns of W): an exact zero, or anything no larger, is as right as the float value."""
+    L = len(ws)
+    hl = hs[-1]
+    with np.errstate(all="ignore"):
+        if loss == "mse":
+            t = 2.0 * (np.abs(hl) + np.abs(np.asarray(target, dtype=np.float64))) / hl.size
+        elif loss == "cross_entropy":
+            e = np.exp(hl - hl.max(axis=1, keepdims=True))
+            t = e / e.sum(axis=1, keepdims=True)
+            t[np.arange(batch), np.asarray(target)] += 1.0
+            t /= batch
+        else:  # probe (dL/dh_L = h_L) or a given gradient
+            t = np.abs(g_top)
+        c = math.log10((L + 1) * (max(w.shape[0] for w in ws) + batch) * EPS64)
+        floor = {"weight": [0.0] * L, "bias": [0.0] * L, "activation": [0.0] * (L + 1)}
+        floor["activation"][L] = log10_pnorm(t) + c
+        for l in range(L - 1, -1, -1):
+            dz = np.abs(O.act_derivative(act, zs[l], slope, alpha)) * t
+            floor["weight"][l] = log10_pnorm(dz.T @ np.abs(hs[l])) + c
+            floor["bias"][l] = log10_pnorm(dz.sum(axis=0)) + c
+            t = dz @ np.abs(ws[l])
+            floor["activation"][l] = log10_pnorm(t) + c
+    return floor
 
 
 def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="float64"):
@@ -406,6 +439,9 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
         "output": [(ref.output, int(F[L]))],
     }
     log10 = {k: np.array([log10_pnorm(a) + s * LOG2 for a, s in v]) for k, v in arrays.items()}
+    top_g = g if oloss == "grad_output" else hs[-1]
+    floor = noise_floor(wsc, zs, hs, act, oloss, target, top_g, slope, alpha, x.shape[0])
+    floor = {k: np.array(v) + np.array([s * LOG2 for _, s in arrays[k]]) for k, v in floor.items()}
     lv = ref.loss  # NaN for grad_output; compared where torch holds it to full precision
     lv_log = math.nan
     if loss == "probe" and oloss != loss:
@@ -414,7 +450,7 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
         lv_log = -math.inf
     elif 1e-290 <= lv <= 1e290:
         lv_log = math.log10(lv) + (2 * int(F[L]) * LOG2 if loss == "probe" else 0.0)
-    return Truth(log10, arrays, lv_log)
+    return Truth(log10, arrays, lv_log, floor)
 
 
 def forward_extent(ws, bs, x, act, slope, alpha) -> float:
@@ -748,6 +784,7 @@ def compare_all(f: Failures, got: dict, want_fn, dtype: str, depth: int, ulps: f
     want = want_fn(0.0, None, "float64")
     if want is None:
         return
+    floor = want.pop("floor", {})  # name -> rounding-error bounds (see noise_floor)
     off = {n: compare_log10(f, n, got[n], want[n], base) for n in want}
     if not any(off.values()):
         return
@@ -797,8 +834,13 @@ def compare_all(f: Failures, got: dict, want_fn, dtype: str, depth: int, ulps: f
             idx = compare_log10(f, n, got[n], want[n], base + spread[n])
             g = np.atleast_1d(np.asarray(got[n], dtype=np.float64)).ravel()
             w = np.atleast_1d(np.asarray(want[n], dtype=np.float64)).ravel()
-            z = np.broadcast_to(noisy[n], np.shape(np.atleast_1d(want[n]))).ravel()
-            sp = np.broadcast_to(spread[n], np.shape(np.atleast_1d(want[n]))).ravel()
+            shape = np.shape(np.atleast_1d(want[n]))
+            z = np.broadcast_to(noisy[n], shape).ravel()
+            sp = np.broadcast_to(spread[n], shape).ravel()
+            fl = np.broadcast_to(floor.get(n, -math.inf), shape).ravel()
+            # a value at or below the rounding-error bound of the float computation cannot be
+            # told from zero: there an exact zero, or anything up to the bound, is right
+            idx = [i for i in idx if not (w[i] <= fl[i] and g[i] <= fl[i] + base + sp[i])]
             idx = [i for i in idx if not (z[i] and g[i] <= w[i] + base + sp[i])]
             f.check(not idx, lambda n=n, idx=idx: report_mismatches(n, got[n], want[n], idx))
 
@@ -943,6 +985,11 @@ def check_mlp(case: MLPCase) -> None:
             "log10_clip_coef": log10_clip_coef(total, case.max_norm),
             "log10_loss": t.loss,
             "log10 ||output||": t.log10["output"][0],
+            "floor": {
+                "log10_weight_grad_norms": t.floor["weight"],
+                "log10_bias_grad_norms": t.floor["bias"],
+                "log10_activation_grad_norms": t.floor["activation"],
+            },
         }
 
     got = {
@@ -1918,6 +1965,20 @@ def test_output_beyond_the_float_range_above_a_biased_layer():
     rep = run_code(case.code())["rep"]
     assert np.isinf(rep.output).all() and rep.output_log2_scale == 820
     assert close(log10_pnorm(rep.output_mantissa) + 820 * LOG2, 308.49548436, 1e-10)
+
+
+def test_cross_entropy_gradient_that_cancels_exactly():
+    """Three equal logits: dL/dh_1 = W^T (p - onehot) = 3 p - 1 is exactly 0, which the
+    core's cross-entropy (1 - p_label formed from the log-sum-exp) gives; torch's and
+    NumPy's p = 1/3 rounded leave 1e-17 alike. That lies below the rounding-error bound
+    of the float backward pass, so the exact zero is right."""
+    case = MLPCase(
+        "float64", "linear", (1, 1, 3), 1,
+        ("arrays", [Arr("normal", 1.0), Arr("const", 1.0)], [None, None]),
+        0.01, 1.0, Arr("normal", 1.0), "cross_entropy", 0, False, None, 2.0,
+    )  # fmt: skip
+    check_mlp(case)
+    assert np.isneginf(run_code(case.code())["rep"].log10_activation_grad_norms[:2]).all()
 
 
 def test_lstm_cell_gradient_through_a_saturated_tanh():
