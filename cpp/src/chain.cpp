@@ -620,6 +620,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   const std::int64_t eL = e[static_cast<std::size_t>(P.last)];
   res.output.resize(mL);
   write_scaled(hL, mL, eL, 1.0, res.output.data());
+  res.output_mantissa.assign(hL, hL + mL);
   res.output_log2_scale = eL;
   if (req.trace) {
     for (std::size_t b = 0; b < NB; ++b)

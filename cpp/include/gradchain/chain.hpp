@@ -46,7 +46,10 @@ struct ChainResult {
   bool clipped = false;
   double max_norm = 0.0;
   double log10_clip_coef = 0.0;
-  std::vector<T> output;  // the last boundary as floats
+  // The last boundary as the forward pass holds it (output_mantissa, within the float
+  // range) and at its true scale (output = output_mantissa * 2^output_log2_scale, rounded
+  // once: 0 or inf where that leaves the float range).
+  std::vector<T> output, output_mantissa;
   std::int64_t output_log2_scale = 0;
   std::vector<std::vector<T>> param_grads, boundary_grads;  // on request (clipped)
   // With ChainRequest::trace: every boundary (rows x width, times 2^exp) and every step's

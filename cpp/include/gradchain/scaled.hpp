@@ -178,16 +178,25 @@ LogClip log_clip(const std::vector<double>& log10_norms, double p, double max_no
   const double denom = log10_add(r.log10_total, -6.0);
   r.log10_coef = std::min(0.0, (max_norm > 0 ? std::log10(max_norm) : kNegInf) - denom);
   r.coef = std::pow(10.0, r.log10_coef);
-  if (r.log10_coef < 0.0) {
-    const double total = std::pow(10.0, r.log10_total);
-    if (std::isfinite(total) && total > 0)
-      r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
-  }
-  if (r.coef == 0.0 && std::isfinite(r.log10_coef)) {  // below the doubles: m * 2^k
-    const double l2 = r.log10_coef / kLog10_2;
-    const double k = std::floor(l2);
-    r.coef = std::exp2(l2 - k);
-    r.coef_exp = static_cast<std::int64_t>(k);
+  const double total = std::pow(10.0, r.log10_total);
+  const bool finite_total = std::isfinite(total) && total > 0;
+  if (r.log10_coef < 0.0 && finite_total)
+    r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
+  // Below T's normal numbers the coefficient would keep only part of its digits (or none):
+  // it is carried as m * 2^k instead, m the same quotient formed between mantissas (from
+  // the log10 where the total lies beyond the doubles), rounded to T.
+  if (r.coef < std::numeric_limits<T>::min() && std::isfinite(r.log10_coef)) {
+    if (finite_total) {
+      int a = 0, b = 0;
+      const double fm = std::frexp(max_norm, &a), fd = std::frexp(total + 1e-6, &b);
+      r.coef = double(static_cast<T>(fm / fd));
+      r.coef_exp = std::int64_t{a} - b;
+    } else {
+      const double l2 = r.log10_coef / kLog10_2;
+      const double k = std::floor(l2);
+      r.coef = double(static_cast<T>(std::exp2(l2 - k)));
+      r.coef_exp = static_cast<std::int64_t>(k);
+    }
   }
   return r;
 }
