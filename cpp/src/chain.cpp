@@ -496,7 +496,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     auto settle = [&](int si, int b, std::int64_t eb, double in_max, bool can_zero) {
       T* y = at[static_cast<std::size_t>(b)];
       const std::size_t m = R * w(b);
-      const Scan s = scan(y, m);
+      const MaxAbs s = max_abs(y, m);
       if (!s.finite) {
         p.bad_step = si;
         for (std::size_t i = 0; i < m; ++i)
@@ -506,17 +506,17 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       // A subnormal input is exact (scaling it into the band loses nothing); only a block's
       // output can have underflowed.
       if (si >= 0 && !P.absorbed[static_cast<std::size_t>(b)] &&
-          ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
-           (s.maxabs == 0 && in_max > 0 && !can_zero))) {
+          ((s.value > 0 && s.value < std::numeric_limits<T>::min()) ||
+           (s.value == 0 && in_max > 0 && !can_zero))) {
         p.bad_step = si;
         p.bad_underflow = true;
-        p.bad_value = s.maxabs;
+        p.bad_value = s.value;
         return false;
       }
-      const int k = rescale_exponent<T>(s.maxabs);
+      const int k = rescale_exponent<T>(s.value);
       scale_pow2(y, m, -k);
       p.e[static_cast<std::size_t>(b)] = eb + k;
-      p.mx[static_cast<std::size_t>(b)] = std::ldexp(s.maxabs, -k);
+      p.mx[static_cast<std::size_t>(b)] = std::ldexp(s.value, -k);
       return true;
     };
     at[0] = stored(0) + p.r0 * w(0);
@@ -700,8 +700,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       L.zero = false;
       return;
     }
-    const bool vz = scan(v, m).maxabs == 0;
-    const bool lz = scan(L.buf, m).maxabs == 0;
+    const bool vz = max_abs(v, m).value == 0;
+    const bool lz = max_abs(L.buf, m).value == 0;
     if (!vz) {
       const std::int64_t E = lz ? ev : std::max(L.e, ev);
       const int dl = clamp_exp(L.e - E), dv = clamp_exp(ev - E);
@@ -727,7 +727,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   std::vector<std::int64_t> gexp(n_trainable_, 0);
   const std::size_t ntop =
       static_cast<std::size_t>(*std::max_element(P.top.begin(), P.top.end())) + 1;
-  res.log10_boundary_grad_norms.assign(ntop, kNegInf);
+  res.log10_boundary_grad_norms.assign(
+      ntop, req.boundary_norms ? kNegInf : std::numeric_limits<double>::quiet_NaN());
   std::vector<std::int64_t> bexp(ntop, 0);
   if (req.keep_param_grads) {
     res.param_grads.resize(n_trainable_);
@@ -745,13 +746,19 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       std::fill(L.buf, L.buf + m, T(0));
       L.e = 0;
     }
-    const Scan s = scan(L.buf, m);
+    const int t = P.top[static_cast<std::size_t>(b)];
+    const bool norm = t >= 0 && req.boundary_norms;
+    Scan s;
+    if (norm) {
+      s = scan(L.buf, m);
+    } else {
+      s.maxabs = max_abs(L.buf, m).value;
+    }
     const int k = rescale_exponent<T>(s.maxabs);
     scale_pow2(L.buf, m, -k);
     L.e += k;
-    const int t = P.top[static_cast<std::size_t>(b)];
     if (t >= 0) {
-      res.log10_boundary_grad_norms[static_cast<std::size_t>(t)] = log10_norm(s, L.e - k);
+      if (norm) res.log10_boundary_grad_norms[static_cast<std::size_t>(t)] = log10_norm(s, L.e - k);
       if (req.keep_boundary_grads) {
         res.boundary_grads[static_cast<std::size_t>(t)].assign(L.buf, L.buf + m);
         bexp[static_cast<std::size_t>(t)] = L.e;

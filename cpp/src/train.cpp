@@ -167,6 +167,7 @@ class ChainModel {
     req.loss = d.loss;
     req.target = y;
     req.keep_param_grads = true;
+    req.boundary_norms = o.record_activation_grads;
     req.max_norm = o.max_norm;
     req.norm_type = o.norm_type;
     req.train = o.train;

@@ -21,6 +21,8 @@ struct ChainRequest {
   const void* target = nullptr;  // T[B*out] (mse, grad_output) or int64[B] (cross_entropy)
   bool keep_param_grads = false;
   bool keep_boundary_grads = false;
+  // false: log10_boundary_grad_norms is left NaN (the pass then skips those sums)
+  bool boundary_norms = true;
   double max_norm = -1.0;  // < 0: no clipping
   double norm_type = 2.0;  // for the total norm and clipping; inf allowed
   bool forward_only = false;

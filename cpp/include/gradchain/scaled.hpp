@@ -28,6 +28,17 @@ struct Scan {
 Scan scan(const double* x, std::size_t n);
 Scan scan(const float* x, std::size_t n);
 
+// max|x| (NaN entries skipped, as scan() skips them) and whether every entry is finite:
+// what rescaling needs, without the sum of squares. Taken on the bit patterns, so it is
+// exact and costs a fraction of scan().
+struct MaxAbs {
+  double value = 0.0;
+  bool finite = true;
+};
+
+MaxAbs max_abs(const double* x, std::size_t n);
+MaxAbs max_abs(const float* x, std::size_t n);
+
 // The binary exponent k with 2^k <= m < 2^(k+1); 0 for m == 0.
 inline int exponent_of(double m) {
   return m > 0.0 ? std::ilogb(m) : 0;
