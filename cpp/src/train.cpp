@@ -255,6 +255,7 @@ class RecurrentModel {
     req.max_norm = o.max_norm;
     req.norm_type = o.norm_type;
     req.keep_param_grads = true;
+    req.state_norms = o.record_activation_grads;
     RecurrentResult<T> r = c_.run(x, d.seq_len, batch, req, cancel);
     out.loss = r.loss;
     out.log10_loss = r.log10_loss;
