@@ -46,6 +46,7 @@ int clamp_exp(std::int64_t k) {
 template <class T>
 struct Chain<T>::Workspace {
   Buffer<T> h, s, g, dy, pg, pg2;
+  std::vector<std::vector<T>> param_grads;  // handed back by recycle_param_grads
   double bytes() const {
     return h.bytes() + s.bytes() + g.bytes() + dy.bytes() + pg.bytes() + pg2.bytes();
   }
@@ -384,6 +385,12 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
     r.pipeline = dy * sizeof(T);
   }
   return r;
+}
+
+template <class T>
+void Chain<T>::recycle_param_grads(std::vector<std::vector<T>>&& grads) {
+  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
+  if (lock.owns_lock() && ws_) ws_->param_grads = std::move(grads);
 }
 
 template <class T>
@@ -731,6 +738,12 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       ntop, req.boundary_norms ? kNegInf : std::numeric_limits<double>::quiet_NaN());
   std::vector<std::int64_t> bexp(ntop, 0);
   if (req.keep_param_grads) {
+    // Every entry is written below: recycled arrays of the right sizes need no zeroing.
+    bool reuse = keep_ws && ws.param_grads.size() == n_trainable_;
+    for (std::size_t i = 0; reuse && i < n_trainable_; ++i)
+      reuse = ws.param_grads[i].size() == params_[i].size;
+    if (reuse) res.param_grads = std::move(ws.param_grads);
+    ws.param_grads.clear();
     res.param_grads.resize(n_trainable_);
     for (std::size_t i = 0; i < n_trainable_; ++i) res.param_grads[i].resize(params_[i].size);
   }

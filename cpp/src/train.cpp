@@ -206,6 +206,12 @@ class ChainModel {
     return c_.backward(x, batch, req, cancel).loss;
   }
   void changed() { c_.params_changed(); }
+  // The step's gradients, once applied, back to the chain for the next pass to write into.
+  void recycle(StepPass<T>& out) {
+    std::vector<std::vector<T>> grads(order_.size());
+    for (std::size_t i = 0; i < order_.size(); ++i) grads[order_[i]] = std::move(out.grads[i]);
+    c_.recycle_param_grads(std::move(grads));
+  }
   std::string where(const NonFiniteError& e) const {
     if (e.where() == "forward" && e.index() >= 1 && std::size_t(e.index()) <= c_.size())
       return "block '" + c_.block(std::size_t(e.index() - 1)).name() + "'";
@@ -274,6 +280,7 @@ class RecurrentModel {
     return c_.run(x, d.seq_len, batch, req, cancel).loss;
   }
   void changed() {}
+  void recycle(StepPass<T>&) {}
   std::string where(const NonFiniteError& e) const {
     if (e.where() == "forward") return "timestep " + std::to_string(e.index());
     return e.where();
@@ -654,6 +661,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         break;
       }
       model.changed();
+      model.recycle(pass);
       if (schedule) schedule->step(pass.loss);
       stage();
 

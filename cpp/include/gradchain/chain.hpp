@@ -102,6 +102,9 @@ class Chain {
 
   // Bytes a pass with this batch would allocate.
   double backward_bytes(int batch, const ChainRequest& req) const;
+  // Hands a result's param_grads back once read: the next pass that keeps its parameter
+  // gradients writes them there instead of allocating (and zeroing) new ones.
+  void recycle_param_grads(std::vector<std::vector<T>>&& grads);
   struct PassBytes {
     double needed = 0.0, pipeline = 0.0;
   };
