@@ -852,6 +852,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   std::exception_ptr error;
   const std::size_t pg_size = std::max<std::size_t>(1, P.max_param * 2);
 
+  // The gradient at the input is wanted for its norm or its values only.
+  const bool input_grad = req.boundary_norms || req.keep_boundary_grads;
   auto chain = [&] {
     T* pg = PGbuf.get(pg_size);
     for (std::size_t k = nsteps; k-- > 0;) {
@@ -881,6 +883,11 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
             param_grads(k, dy.buf, dy.e, pg);
           }
         }
+        if (s.in == 0 && !input_grad) {  // nothing reads dL/dx
+          release(dy.buf);
+          if (abort.load(std::memory_order_relaxed)) return;
+          continue;
+        }
         BackwardArgs<T> a;
         a.rows = B;
         a.x = P.stored[static_cast<std::size_t>(s.in)] ? stored(s.in) : nullptr;
@@ -900,8 +907,13 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       if (abort.load(std::memory_order_relaxed)) return;
       cancel.poll();
     }
-    Live d0 = take(0);
-    release(d0.buf);
+    if (input_grad) {
+      Live d0 = take(0);
+      release(d0.buf);
+    } else if (live[0].buf) {
+      release(live[0].buf);
+      live[0] = Live{};
+    }
   };
 
   if (!pipelined) {
