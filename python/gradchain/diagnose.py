@@ -517,7 +517,12 @@ def _layers(
             f"the input-side weights received gradients {gap_txt} the output-side ones "
             f"(median over the run, {side_text}; layer_gap={layer_gap}); weakest: {layer}"
         )
-        if not math.isnan(ugap):
+        if ugap == math.inf:
+            notes.append(
+                "the input-side updates were exactly zero (median over the run): too small to "
+                "change a weight in the chain's precision"
+            )
+        elif not math.isnan(ugap):
             notes.append(
                 f"the input-side update ratios were {_fmt(ugap)} decades below the output side's"
                 if ugap >= 0
@@ -689,7 +694,8 @@ def diagnose(
 
     Once the gradient norm has grown or the loss has spiked, vanishing and stuck are judged
     on the steps before that only (a blown-up network saturates and stalls as a
-    consequence). The kind is the first that applies of: diverged, exploding (by growth,
+    consequence), and stuck only if more than `patience` recorded points came before (the
+    first points are the untrained network's loss, above any baseline). The kind is the first that applies of: diverged, exploding (by growth,
     spikes or layers), vanishing, exploding by clipping alone, stuck; the others that
     apply are listed in ``also``.
 
@@ -825,22 +831,31 @@ def diagnose(
         if clip is not None:
             findings.append(clip)
         # vanishing and stuck: judged before any blow-up
-        before = finite
+        before, stall = finite, True
         if blowup:
             start = min(f.step for f in blowup if f.step is not None)
             before = finite.head(int(np.searchsorted(finite.steps, start)))
+            n = before.steps.size
+            # A loss measured over the first `patience` points is the untrained network's,
+            # above the baseline and not yet on a plateau: it says nothing about stalling.
+            stall = n > pat
             notes.append(
-                f"vanishing and stalling are judged on the {before.steps.size} recorded "
-                f"step(s) before step {start}, where the blow-up began"
+                f"vanishing and stalling are judged on the {n} recorded step(s) before step "
+                f"{start}, where the blow-up began"
+                if stall
+                else f"vanishing is judged on the {n} recorded step(s) before step {start}, "
+                f"where the blow-up began; stalling is not judged on so few (it needs more "
+                f"than patience={pat})"
             )
         f, more = _layers(before, th["layer_gap"], scores)
         notes += more
         if f is not None:
             findings.append(f)
-        f, more = _stuck(before, pat, th, base, scores)
-        notes += more
-        if f is not None:
-            findings.append(f)
+        if stall:
+            f, more = _stuck(before, pat, th, base, scores)
+            notes += more
+            if f is not None:
+                findings.append(f)
     findings.sort(key=lambda f: f.strength)
 
     if not findings:
