@@ -315,6 +315,20 @@ def test_diverged_from_the_history_record(what):
     )
 
 
+def test_a_forward_pass_that_broke_down_is_named():
+    h = diverged_case(what="loss")
+    nf = {"step": 40, "what": "loss", "where": "block '10'", "index": -1}
+    d = diagnose(history(h.log10_param_grad_norms, loss=h.loss, nonfinite=nf))
+    assert (d.kind, d.step, d.layer) == ("diverged", 40, "block '10'")
+    assert d.summary == (
+        "Training diverged: the loss became non-finite at step 40, in the forward pass "
+        "through block '10'."
+    )
+    assert d.evidence[0].startswith(
+        "the loss became non-finite (NaN or inf) in the forward pass through block '10' at step 40"
+    )
+
+
 def test_diverged_found_in_the_rows_when_the_record_is_missing():
     # NaN loss rows without history.nonfinite: the first non-finite row is the step
     R = 50

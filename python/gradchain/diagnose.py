@@ -366,6 +366,14 @@ def _first_nonfinite(run: _Run) -> tuple[int, int | None, str, str | None]:
     return first, int(run.steps[first]), what, where
 
 
+def _where(what: str, where: str | None) -> str:
+    """Where a non-finite value arose, as a phrase: a non-finite loss names the block or
+    timestep whose forward pass broke down, a gradient or weight its parameter."""
+    if not where:
+        return ""
+    return f" in the forward pass through {where}" if what == "loss" else f" in {where}"
+
+
 def _diverged(run: _Run) -> tuple[int, _Finding | None]:
     """Rows to analyse (before any non-finite one) and the divergence finding, if any."""
     rows, step, what, where = _first_nonfinite(run)
@@ -383,8 +391,7 @@ def _diverged(run: _Run) -> tuple[int, _Finding | None]:
     if what == "":  # only the run's own account: stopped as diverged
         text = f"the run stopped as diverged at step {step}"
         return rows, _Finding("diverged", 0, step, None, text, "the run")
-    at = f" in {where}" if where else ""
-    text = f"the {what} became non-finite (NaN or inf){at} at step {step}"
+    text = f"the {what} became non-finite (NaN or inf){_where(what, where)} at step {step}"
     text += (
         "; the loss came first" if what == "loss" else f"; the {what} came first (before the loss)"
     )
@@ -920,6 +927,11 @@ def _summary(kind: str, findings: list[_Finding], also: tuple[str, ...]) -> str:
         else:
             what = f"the {top.what}" + (f" of {top.layer}" if top.layer else "")
             text = f"Training diverged: {what} became non-finite at step {top.step}."
+            if top.what == "loss" and top.layer:
+                text = (
+                    f"Training diverged: the loss became non-finite at step {top.step},"
+                    f"{_where('loss', top.layer)}."
+                )
     elif kind == "exploding":
         where = f" (most in {top.layer})" if top is not None and top.layer else ""
         text = f"Gradients exploded{where}."
