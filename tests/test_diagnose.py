@@ -277,7 +277,7 @@ def test_loss_spike_is_exploding():
     assert diagnose(history(np.full((R, 4), -1.0), loss=loss), spike_factor=1e4).kind == "healthy"
 
 
-def test_stalling_is_judged_before_a_blow_up_only_with_more_than_patience_points():
+def test_stalling_is_judged_before_a_blow_up_or_divergence_only_on_more_than_patience_points():
     R = 200
     loss = decreasing_loss(R, start=0.15, decades=1.0)
     loss[1] = 50.0  # an overshoot at step 2, from which the run recovers
@@ -291,6 +291,16 @@ def test_stalling_is_judged_before_a_blow_up_only_with_more_than_patience_points
     flat[100] = 50.0
     d = diagnose(history(np.full((R, 4), -1.0), loss=flat), baseline=1 / 6)
     assert d.kind == "exploding" and d.also == ("stuck",) and d.step == 101
+    # the same for a divergence: three recorded rows far above the baseline, then NaN
+    nf = {"step": 20, "what": "loss", "where": "loss", "index": -1}
+    rows = history(np.full((3, 4), -1.0), loss=[5.0, 4.0, 6.0], nonfinite=nf, record_every=5)
+    d = diagnose(rows, baseline=1 / 6)
+    assert (d.kind, d.also) == ("diverged", ())
+    assert any("stalling is not judged on the 3 recorded step(s) before the divergence" in e
+               for e in d.evidence)  # fmt: skip
+    # and a completed run of as few rows is still judged
+    done = history(np.full((3, 4), -1.0), loss=[5.0, 4.0, 6.0], record_every=5)
+    assert diagnose(done, baseline=1 / 6).kind == "stuck"
 
 
 def test_a_low_loss_jumping_back_below_its_start_is_no_spike():

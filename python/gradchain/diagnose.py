@@ -701,8 +701,9 @@ def diagnose(
 
     Once the gradient norm has grown or the loss has spiked, vanishing and stuck are judged
     on the steps before that only (a blown-up network saturates and stalls as a
-    consequence), and stuck only if more than `patience` recorded points came before (the
-    first points are the untrained network's loss, above any baseline). The kind is the first that applies of: diverged, exploding (by growth,
+    consequence); stuck is judged on the steps before a blow-up or a divergence only if
+    more than `patience` recorded points came before (the first points are the untrained
+    network's loss, above any baseline). The kind is the first that applies of: diverged, exploding (by growth,
     spikes or layers), vanishing, exploding by clipping alone, stuck; the others that
     apply are listed in ``also``.
 
@@ -838,14 +839,16 @@ def diagnose(
         if clip is not None:
             findings.append(clip)
         # vanishing and stuck: judged before any blow-up
-        before, stall = finite, True
+        before = finite
         if blowup:
             start = min(f.step for f in blowup if f.step is not None)
             before = finite.head(int(np.searchsorted(finite.steps, start)))
-            n = before.steps.size
-            # A loss measured over the first `patience` points is the untrained network's,
-            # above the baseline and not yet on a plateau: it says nothing about stalling.
-            stall = n > pat
+        n = before.steps.size
+        # Where a blow-up or a divergence cut the run short, a loss over its first `patience`
+        # points is the untrained network's (above the baseline, not yet on a plateau) or
+        # already the blow-up's: it says nothing about stalling.
+        stall = n > pat or (not blowup and div is None)
+        if blowup:
             notes.append(
                 f"vanishing and stalling are judged on the {n} recorded step(s) before step "
                 f"{start}, where the blow-up began"
@@ -853,6 +856,11 @@ def diagnose(
                 else f"vanishing is judged on the {n} recorded step(s) before step {start}, "
                 f"where the blow-up began; stalling is not judged on so few (it needs more "
                 f"than patience={pat})"
+            )
+        elif not stall:
+            notes.append(
+                f"stalling is not judged on the {n} recorded step(s) before the divergence "
+                f"(it needs more than patience={pat})"
             )
         f, more = _layers(before, th["layer_gap"], scores)
         notes += more
