@@ -198,6 +198,17 @@ def test_vanishing_and_stuck():
     assert d.summary == "Gradients vanished towards the input (0.weight is starved). Also: stuck."
 
 
+def test_input_side_updates_exactly_zero_are_said_so():
+    R, layers = 100, 9
+    depth_from_out = np.repeat(np.arange(layers)[::-1], 2)
+    grads = -1.0 - depth_from_out + np.zeros((R, 1))  # a decade per layer
+    updates = -3.0 - depth_from_out + np.zeros((R, 1))
+    updates[:, :6] = -np.inf  # the first three layers: too small to change a weight
+    d = diagnose(history(grads, loss=decreasing_loss(R), updates=updates))
+    assert d.kind == "vanishing" and d.scores["update_gap"] == math.inf
+    assert "the input-side updates were exactly zero (median over the run)" in "\n".join(d.evidence)
+
+
 def test_vanishing_while_still_learning_is_not_stuck():
     d = diagnose(vanishing_case(stuck=False))
     assert d.kind == "vanishing" and d.also == ()
@@ -266,6 +277,32 @@ def test_loss_spike_is_exploding():
     assert diagnose(history(np.full((R, 4), -1.0), loss=loss), spike_factor=1e4).kind == "healthy"
 
 
+def test_stalling_is_judged_before_a_blow_up_or_divergence_only_on_more_than_patience_points():
+    R = 200
+    loss = decreasing_loss(R, start=0.15, decades=1.0)
+    loss[1] = 50.0  # an overshoot at step 2, from which the run recovers
+    h = history(np.full((R, 4), -1.0), loss=loss)
+    # a single (untrained) point before the spike: above the baseline, but not stuck
+    d = diagnose(h, baseline=1 / 6)
+    assert d.kind == "exploding" and d.also == () and math.isnan(d.scores["baseline_ratio"])
+    assert any("stalling is not judged on so few" in e for e in d.evidence)
+    # a run at the baseline for 100 points, then a spike: stuck before it
+    flat = noisy(np.full(R, 0.169), scale=0.02)
+    flat[100] = 50.0
+    d = diagnose(history(np.full((R, 4), -1.0), loss=flat), baseline=1 / 6)
+    assert d.kind == "exploding" and d.also == ("stuck",) and d.step == 101
+    # the same for a divergence: three recorded rows far above the baseline, then NaN
+    nf = {"step": 20, "what": "loss", "where": "loss", "index": -1}
+    rows = history(np.full((3, 4), -1.0), loss=[5.0, 4.0, 6.0], nonfinite=nf, record_every=5)
+    d = diagnose(rows, baseline=1 / 6)
+    assert (d.kind, d.also) == ("diverged", ())
+    assert any("stalling is not judged on the 3 recorded step(s) before the divergence" in e
+               for e in d.evidence)  # fmt: skip
+    # and a completed run of as few rows is still judged
+    done = history(np.full((3, 4), -1.0), loss=[5.0, 4.0, 6.0], record_every=5)
+    assert diagnose(done, baseline=1 / 6).kind == "stuck"
+
+
 def test_a_low_loss_jumping_back_below_its_start_is_no_spike():
     R = 120
     loss = decreasing_loss(R, decades=4.0)
@@ -285,6 +322,20 @@ def test_diverged_from_the_history_record(what):
     where = " of 2.weight" if what != "loss" else ""
     assert d.summary.startswith(
         f"Training diverged: the {what}{where} became non-finite at step 40"
+    )
+
+
+def test_a_forward_pass_that_broke_down_is_named():
+    h = diverged_case(what="loss")
+    nf = {"step": 40, "what": "loss", "where": "block '10'", "index": -1}
+    d = diagnose(history(h.log10_param_grad_norms, loss=h.loss, nonfinite=nf))
+    assert (d.kind, d.step, d.layer) == ("diverged", 40, "block '10'")
+    assert d.summary == (
+        "Training diverged: the loss became non-finite at step 40, in the forward pass "
+        "through block '10'."
+    )
+    assert d.evidence[0].startswith(
+        "the loss became non-finite (NaN or inf) in the forward pass through block '10' at step 40"
     )
 
 
@@ -627,12 +678,12 @@ def torch_history(depth, activation, *, steps=120, width=16, lr=0.1, seed=0):
     x, y = torch.tensor(data.x), torch.tensor(data.y)
     gen = torch.Generator().manual_seed(seed)
     layers = []
-    for _ in range(depth - 1):
-        lin = torch.nn.Linear(width, width, dtype=torch.float64)
+    for i in range(depth):
+        lin = torch.nn.Linear(width, 1 if i == depth - 1 else width, dtype=torch.float64)
+        # every layer from `gen`: torch's global generator is seeded anew in every process
         torch.nn.init.xavier_normal_(lin.weight, generator=gen)
         torch.nn.init.zeros_(lin.bias)
-        layers += [lin, activation()]
-    layers.append(torch.nn.Linear(width, 1, dtype=torch.float64))
+        layers += [lin, activation()] if i < depth - 1 else [lin]
     net = torch.nn.Sequential(*layers)
     names, params = zip(*net.named_parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)

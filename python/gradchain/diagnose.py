@@ -366,6 +366,14 @@ def _first_nonfinite(run: _Run) -> tuple[int, int | None, str, str | None]:
     return first, int(run.steps[first]), what, where
 
 
+def _where(what: str, where: str | None) -> str:
+    """Where a non-finite value arose, as a phrase: a non-finite loss names the block or
+    timestep whose forward pass broke down, a gradient or weight its parameter."""
+    if not where:
+        return ""
+    return f" in the forward pass through {where}" if what == "loss" else f" in {where}"
+
+
 def _diverged(run: _Run) -> tuple[int, _Finding | None]:
     """Rows to analyse (before any non-finite one) and the divergence finding, if any."""
     rows, step, what, where = _first_nonfinite(run)
@@ -383,8 +391,7 @@ def _diverged(run: _Run) -> tuple[int, _Finding | None]:
     if what == "":  # only the run's own account: stopped as diverged
         text = f"the run stopped as diverged at step {step}"
         return rows, _Finding("diverged", 0, step, None, text, "the run")
-    at = f" in {where}" if where else ""
-    text = f"the {what} became non-finite (NaN or inf){at} at step {step}"
+    text = f"the {what} became non-finite (NaN or inf){_where(what, where)} at step {step}"
     text += (
         "; the loss came first" if what == "loss" else f"; the {what} came first (before the loss)"
     )
@@ -517,7 +524,12 @@ def _layers(
             f"the input-side weights received gradients {gap_txt} the output-side ones "
             f"(median over the run, {side_text}; layer_gap={layer_gap}); weakest: {layer}"
         )
-        if not math.isnan(ugap):
+        if ugap == math.inf:
+            notes.append(
+                "the input-side updates were exactly zero (median over the run): too small to "
+                "change a weight in the chain's precision"
+            )
+        elif not math.isnan(ugap):
             notes.append(
                 f"the input-side update ratios were {_fmt(ugap)} decades below the output side's"
                 if ugap >= 0
@@ -689,7 +701,9 @@ def diagnose(
 
     Once the gradient norm has grown or the loss has spiked, vanishing and stuck are judged
     on the steps before that only (a blown-up network saturates and stalls as a
-    consequence). The kind is the first that applies of: diverged, exploding (by growth,
+    consequence); stuck is judged on the steps before a blow-up or a divergence only if
+    more than `patience` recorded points came before (the first points are the untrained
+    network's loss, above any baseline). The kind is the first that applies of: diverged, exploding (by growth,
     spikes or layers), vanishing, exploding by clipping alone, stuck; the others that
     apply are listed in ``also``.
 
@@ -829,18 +843,34 @@ def diagnose(
         if blowup:
             start = min(f.step for f in blowup if f.step is not None)
             before = finite.head(int(np.searchsorted(finite.steps, start)))
+        n = before.steps.size
+        # Where a blow-up or a divergence cut the run short, a loss over its first `patience`
+        # points is the untrained network's (above the baseline, not yet on a plateau) or
+        # already the blow-up's: it says nothing about stalling.
+        stall = n > pat or (not blowup and div is None)
+        if blowup:
             notes.append(
-                f"vanishing and stalling are judged on the {before.steps.size} recorded "
-                f"step(s) before step {start}, where the blow-up began"
+                f"vanishing and stalling are judged on the {n} recorded step(s) before step "
+                f"{start}, where the blow-up began"
+                if stall
+                else f"vanishing is judged on the {n} recorded step(s) before step {start}, "
+                f"where the blow-up began; stalling is not judged on so few (it needs more "
+                f"than patience={pat})"
+            )
+        elif not stall:
+            notes.append(
+                f"stalling is not judged on the {n} recorded step(s) before the divergence "
+                f"(it needs more than patience={pat})"
             )
         f, more = _layers(before, th["layer_gap"], scores)
         notes += more
         if f is not None:
             findings.append(f)
-        f, more = _stuck(before, pat, th, base, scores)
-        notes += more
-        if f is not None:
-            findings.append(f)
+        if stall:
+            f, more = _stuck(before, pat, th, base, scores)
+            notes += more
+            if f is not None:
+                findings.append(f)
     findings.sort(key=lambda f: f.strength)
 
     if not findings:
@@ -905,6 +935,11 @@ def _summary(kind: str, findings: list[_Finding], also: tuple[str, ...]) -> str:
         else:
             what = f"the {top.what}" + (f" of {top.layer}" if top.layer else "")
             text = f"Training diverged: {what} became non-finite at step {top.step}."
+            if top.what == "loss" and top.layer:
+                text = (
+                    f"Training diverged: the loss became non-finite at step {top.step},"
+                    f"{_where('loss', top.layer)}."
+                )
     elif kind == "exploding":
         where = f" (most in {top.layer})" if top is not None and top.layer else ""
         text = f"Gradients exploded{where}."
