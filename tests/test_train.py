@@ -397,12 +397,17 @@ def test_history_to_dict_pandas_xarray_and_diagnose(monkeypatch):
     json.dumps(d)
     assert d["steps"] == list(range(1, 11)) and d["stopped"] == "completed"
     assert len(d["update_ratios"]) == 10 and len(d["update_ratios"][0]) == 6
-    df = h.to_pandas()
-    assert list(df.index) == list(range(1, 11)) and df.index.name == "step"
-    assert np.array_equal(df["loss"].to_numpy(), h.loss)
-    assert np.array_equal(
-        df["log10_param_grad_norms[2.weight]"].to_numpy(), h.log10_param_grad_norms[:, 2]
-    )
+    try:
+        import pandas  # noqa: F401
+    except ImportError:  # optional: only the message when it is missing is checked below
+        pass
+    else:
+        df = h.to_pandas()
+        assert list(df.index) == list(range(1, 11)) and df.index.name == "step"
+        assert np.array_equal(df["loss"].to_numpy(), h.loss)
+        assert np.array_equal(
+            df["log10_param_grad_norms[2.weight]"].to_numpy(), h.log10_param_grad_norms[:, 2]
+        )
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "xarray", None)
     with pytest.raises(ImportError, match="pip install pandas"):
@@ -417,13 +422,7 @@ def test_history_to_dict_pandas_xarray_and_diagnose(monkeypatch):
     else:
         ds = h.to_xarray()
         assert ds["log10_param_grad_norms"].shape == (10, 6)
-    import importlib.util
-
-    if importlib.util.find_spec("gradchain.diagnose") is None:
-        with pytest.raises(ImportError, match=r"gradchain\.diagnose"):
-            h.diagnose()
-    else:
-        assert h.diagnose().kind in ("healthy", "vanishing", "exploding", "stuck", "diverged")
+    assert h.diagnose().kind in ("healthy", "vanishing", "exploding", "stuck", "diverged")
 
 
 def test_validation_loss_every_recorded_row():
