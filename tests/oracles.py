@@ -65,6 +65,15 @@ def _sigmoid(z):
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+def saturated(v, ulps=0):
+    """v with the entries within `ulps` units in the last place (of float64, below 1) of
+    +-1 rounded to +-1: another faithful rounding of a tanh or sigmoid output, one that
+    makes the derivatives formed from it (1 - t^2, s (1 - s)) exactly 0."""
+    if not ulps:
+        return v
+    return np.where(np.abs(v) >= 1.0 - ulps * 2.0**-53, np.sign(v), v)
+
+
 def act_forward(name, z, negative_slope=0.01, alpha=1.0):
     z = np.asarray(z, dtype=np.float64)
     if name == "linear":
@@ -90,17 +99,18 @@ def act_forward(name, z, negative_slope=0.01, alpha=1.0):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def act_derivative(name, z, negative_slope=0.01, alpha=1.0):
+def act_derivative(name, z, negative_slope=0.01, alpha=1.0, saturate=0):
     """phi'(z), with torch's conventions at the kinks (relu'(0) = 0, leaky'(0) = slope,
-    elu'(0) = alpha)."""
+    elu'(0) = alpha). Formed as torch forms it, from the rounded tanh or sigmoid output;
+    `saturate`: that output rounded to +-1 within so many ulps (see `saturated`)."""
     z = np.asarray(z, dtype=np.float64)
     if name == "linear":
         return np.ones_like(z)
     if name == "sigmoid":
-        s = _sigmoid(z)
+        s = saturated(_sigmoid(z), saturate)
         return s * (1.0 - s)
     if name == "tanh":
-        t = np.tanh(z)
+        t = saturated(np.tanh(z), saturate)
         return 1.0 - t * t
     if name == "relu":
         return np.where(z > 0, 1.0, 0.0)
@@ -114,12 +124,12 @@ def act_derivative(name, z, negative_slope=0.01, alpha=1.0):
         return cdf + z * pdf
     if name == "gelu_tanh":
         inner = _SQRT_2_OVER_PI * (z + _GELU_KAPPA * z**3)
-        t = np.tanh(inner)
+        t = saturated(np.tanh(inner), saturate)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (
             1.0 + 3.0 * _GELU_KAPPA * z * z
         )
     if name == "silu":
-        s = _sigmoid(z)
+        s = saturated(_sigmoid(z), saturate)
         return s * (1.0 + z * (1.0 - s))
     if name == "softplus":
         return np.where(z > 20.0, 1.0, _sigmoid(z))
@@ -200,11 +210,13 @@ def numpy_backward(
     grad_output=None,
     negative_slope=0.01,
     alpha=1.0,
+    saturate=0,
 ):
     """Reference forward + backward in float64 NumPy.
 
     Returns a namespace with ``loss``, ``output`` (h_L), ``dW`` and ``db`` (lists of length
-    depth) and ``dh`` (length depth + 1, dh[0] = dL/dx).
+    depth) and ``dh`` (length depth + 1, dh[0] = dL/dx). ``saturate``: tanh and sigmoid
+    outputs within so many ulps of +-1 are taken as +-1 in the derivatives (`saturated`).
     """
     if biases is None:
         biases = _zeros_biases(weights)
@@ -214,7 +226,7 @@ def numpy_backward(
     dW, db, dh = [None] * depth, [None] * depth, [None] * (depth + 1)
     dh[depth] = g
     for l in range(depth - 1, -1, -1):
-        dz = g * act_derivative(activation, zs[l], negative_slope, alpha)
+        dz = g * act_derivative(activation, zs[l], negative_slope, alpha, saturate)
         dW[l] = dz.T @ hs[l]
         db[l] = dz.sum(axis=0)
         g = dz @ _as64(weights[l])
@@ -647,27 +659,35 @@ def _check_truncate(truncate, truncate_mode):
     return None if truncate is None else int(truncate)
 
 
-def _np_cell_forward(cell, p, xin, h, c):
-    """One step of one layer: (h', c' or None, cache for the backward step)."""
+def _np_cell_forward(cell, p, xin, h, c, saturate=0):
+    """One step of one layer: (h', c' or None, cache for the backward step). `saturate`:
+    tanh and sigmoid outputs within so many ulps of +-1 are rounded to +-1 (`saturated`)."""
     gi = xin @ p.w_ih.T + p.b_ih
     gh = h @ p.w_hh.T + p.b_hh
+
+    def tanh(v):
+        return saturated(np.tanh(v), saturate)
+
+    def sigmoid(v):
+        return saturated(_sigmoid(v), saturate)
+
     if cell in ("tanh", "relu"):
         z = gi + gh
-        hn = np.tanh(z) if cell == "tanh" else np.where(z > 0, z, 0.0)
+        hn = tanh(z) if cell == "tanh" else np.where(z > 0, z, 0.0)
         return hn, None, (xin, h, z, hn)
     if cell == "lstm":
         a = gi + gh
         ai, af, ag, ao = np.split(a, 4, axis=1)
-        i, f, g, o = _sigmoid(ai), _sigmoid(af), np.tanh(ag), _sigmoid(ao)
+        i, f, g, o = sigmoid(ai), sigmoid(af), tanh(ag), sigmoid(ao)
         cn = f * c + i * g
-        tc = np.tanh(cn)
+        tc = tanh(cn)
         return o * tc, cn, (xin, h, c, i, f, g, o, tc)
     # gru
     gi_r, gi_z, gi_n = np.split(gi, 3, axis=1)
     gh_r, gh_z, gh_n = np.split(gh, 3, axis=1)
-    r = _sigmoid(gi_r + gh_r)
-    z = _sigmoid(gi_z + gh_z)
-    n = np.tanh(gi_n + r * gh_n)
+    r = sigmoid(gi_r + gh_r)
+    z = sigmoid(gi_z + gh_z)
+    n = tanh(gi_n + r * gh_n)
     return (1.0 - z) * n + z * h, None, (xin, h, r, z, n, gh_n)
 
 
@@ -714,7 +734,7 @@ def _np_cell_backward(cell, p, cache, dh, dc, acc):
     return dgi @ p.w_ih, dh_direct + dgh @ p.w_hh, dc_prev, dc_total
 
 
-def _np_rnn_forward(P, x, h, c):
+def _np_rnn_forward(P, x, h, c, saturate=0):
     """Full forward from the initial states.  hs[l][t], cs[l][t] for t = 0..T; caches[t][l]
     for t = 1..T (caches[0] is unused)."""
     T = x.shape[0]
@@ -726,7 +746,7 @@ def _np_rnn_forward(P, x, h, c):
         step = []
         for l, p in enumerate(P.layers):
             hn, cn, cache = _np_cell_forward(
-                P.cell, p, inp, hs[l][t - 1], cs[l][t - 1] if cs else None
+                P.cell, p, inp, hs[l][t - 1], cs[l][t - 1] if cs else None, saturate
             )
             hs[l].append(hn)
             if cs is not None:
@@ -923,6 +943,7 @@ def numpy_rnn_backward(
     target=None,
     truncate=None,
     truncate_mode="detach",
+    saturate=0,
 ):
     """Reference forward + backward of a recurrent chain in float64 NumPy.
 
@@ -940,6 +961,9 @@ def numpy_rnn_backward(
       leaves; parameter and state gradients are summed over t.  (Implemented directly:
       one backward pass per loss term.)
 
+    ``saturate``: tanh and sigmoid outputs within so many ulps of +-1 are rounded to +-1
+    (:func:`saturated`), so that the derivatives formed from them are exactly 0.
+
     Returns a dict with ``loss`` (NaN for ``"grad"``), ``state_grads`` (L, T + 1, B, H),
     ``cell_grads`` (LSTM, same shape) or None, ``grads`` (name -> array for every entry of
     the state dict), ``h_n`` (L, B, H) and ``c_n`` (LSTM) or None.
@@ -951,7 +975,7 @@ def numpy_rnn_backward(
         raise ValueError(f"x must be (T >= 1, B, {P.input_size}); got {x.shape}")
     T, B = x.shape[:2]
     h, c = _initial_states(P, x, h0, c0)
-    hs, cs, caches = _np_rnn_forward(P, x, h, c)
+    hs, cs, caches = _np_rnn_forward(P, x, h, c, saturate)
     val, inject, d_ro_w, d_ro_b = _np_loss_terms(P, hs[-1], loss, target)
 
     acc = [

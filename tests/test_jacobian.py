@@ -368,6 +368,110 @@ def test_zero_column_gives_minus_inf_in_its_direction(gc):
     assert np.isneginf(got[2]) and np.isfinite(np.delete(got, 2)).all()
 
 
+def numpy_qr_loop(Js, k, interval):
+    """The textbook loop Q, R = qr(J_l Q) from the first k columns of the identity, with a
+    NumPy (LAPACK) QR every `interval` layers, after the last, and wherever the vectors
+    have fewer than k nonzero rows (as the core factors them). At each recorded depth: the
+    depth, the cumulative log|R_ii|, whether each direction was clear of rank loss (every
+    |R_ii| so far either exactly 0 or above 1e-8 of the norm of the vectors factored), and
+    the largest rank loss that zero rows have shown so far (k minus their nonzero rows)."""
+    q = np.eye(Js[0].shape[1])[:, :k]
+    acc, clear, lost, out = np.zeros(k), np.ones(k, dtype=bool), 0, []
+    for l, J in enumerate(Js, start=1):
+        q = J @ q
+        rows = np.count_nonzero(np.any(q != 0, axis=1))
+        record = l % interval == 0 or l == len(Js)
+        if not record and rows >= k:
+            continue
+        lost = max(lost, k - rows)
+        norm = np.linalg.norm(q, 2)
+        q, r = np.linalg.qr(q)
+        d = np.abs(np.diag(r))
+        with np.errstate(divide="ignore"):
+            acc = acc + np.log(d)
+        clear &= (d == 0) | (d > 1e-8 * norm)
+        if record:
+            out.append((l, acc.copy(), clear.copy(), lost))
+    return out
+
+
+def _with_zeros(n, seed, rows=(), cols=()):
+    w = np.random.default_rng(seed).standard_normal((n, n))
+    w[list(rows)] = 0.0
+    w[:, list(cols)] = 0.0
+    return w
+
+
+# one-layer and two-layer products with zero rows and zero columns, at the same index and
+# at different ones, in the same layer and in different layers
+RANK_LOSS = {
+    "2x2 zero column and row": [np.array([[0.0, 0.0], [0.0, 1.0]])],
+    "column 1 and row 1": [_with_zeros(4, 0, rows=[0], cols=[0])],
+    "column 2 and row 4": [_with_zeros(4, 1, rows=[3], cols=[1])],
+    "columns 1, 3 and row 2": [_with_zeros(4, 2, rows=[1], cols=[0, 2])],
+    "rows 1, 2 and column 3": [_with_zeros(4, 3, rows=[0, 1], cols=[2])],
+    "column, then row": [_with_zeros(4, 4, cols=[0]), _with_zeros(4, 5, rows=[0])],
+    "row, then column": [_with_zeros(4, 6, rows=[2]), _with_zeros(4, 7, cols=[0])],
+    "both, then full": [_with_zeros(4, 8, rows=[0], cols=[0]), _with_zeros(4, 9)],
+    "full, then both": [_with_zeros(4, 10), _with_zeros(4, 11, rows=[3], cols=[1])],
+    "both, then both": [_with_zeros(4, 12, rows=[1], cols=[0]),
+                        _with_zeros(4, 13, rows=[2], cols=[3])],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+@pytest.mark.parametrize("name", list(RANK_LOSS))
+def test_rank_loss_against_numpy_qr_of_the_same_products(gc, name, interval):
+    """Linear layers with exactly zero rows and columns, for every k: the values are
+    NumPy's QR of the products that are factored (every `interval` layers, after the last,
+    and where the vectors have fewer than k nonzero rows). Where NumPy's R_ii is exactly 0
+    the direction is -inf; where it is rounding noise, the direction is -inf or noise too;
+    at least as many directions are -inf as zero rows imply, and no more than that or the
+    exact zeros: a direction that is exactly zero in its own place counts towards the loss
+    that the zero rows imply."""
+    Ws = RANK_LOSS[name]
+    net = gc.MLP.from_weights(Ws, activation="linear")
+    n = Ws[0].shape[0]
+    for k in range(1, n + 1):
+        s = jacobian_spectrum(net, np.ones(n), k=k, interval=interval)
+        ref = numpy_qr_loop(Ws, k, interval)
+        assert list(s.depths) == [l for l, *_ in ref]
+        for t, (_, want, clear, lost) in enumerate(ref):
+            got = s.log_singular_values[0, t]
+            ok = clear & np.isfinite(want)
+            np.testing.assert_allclose(got[ok], want[ok], rtol=1e-12, atol=1e-12, err_msg=name)
+            assert np.isneginf(got[np.isneginf(want)]).all(), (name, k, t, got, want)
+            # rank lost in exact arithmetic only: -inf, or rounding noise as NumPy's
+            noise = got[~ok & np.isfinite(got)]
+            assert (noise < want[ok].min(initial=0.0) - 25).all(), (name, k, t, got, want)
+            assert np.isneginf(got).sum() >= lost, (name, k, t, got, lost)
+
+
+def test_rank_loss_counts_exact_zeros_once(gc):
+    """W = [[0, 0], [0, 1]] has rank 1: its first column is zero (direction 1 is -inf in
+    its own place) and direction 2, after it, grows by exactly 1 (NumPy's R is W itself).
+    One zero row and one zero column make one direction -inf, not two."""
+    W = np.array([[0.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(np.abs(np.diag(np.linalg.qr(W)[1])), [0.0, 1.0])
+    net = gc.MLP.from_weights([W], activation="linear")
+    x = np.random.default_rng(0).standard_normal((1, 2))
+    got = [jacobian_spectrum(net, x, k=k).log_singular_values for k in (2, 1)]
+    np.testing.assert_array_equal(got[0], [[[-np.inf, 0.0]]])
+    np.testing.assert_array_equal(got[1], [[[-np.inf]]])
+
+
+def test_directions_after_an_exact_zero_follow_the_factored_product(gc):
+    """A zero first column and no zero row, then a rotation: the QR is no longer unique,
+    and each interval gives NumPy's QR of the products it factors (the README's example)."""
+    W = np.array([[0.0, 1.0], [0.0, 1.0]])
+    rot = np.array([[0.6, -0.8], [0.8, 0.6]])
+    net = gc.MLP.from_weights([W, rot], activation="linear")
+    for interval, want in ((1, [[-np.inf, 0.0], [-np.inf, 0.0]]), (2, [[-np.inf, math.log(1.4)]])):
+        got = jacobian_spectrum(net, np.ones(2), interval=interval).log_singular_values[0]
+        np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(np.abs(np.diag(np.linalg.qr(rot @ W)[1])), [0.0, 1.4], rtol=1e-15)
+
+
 @pytest.mark.parametrize("exact_max_dim", [0, 256])
 def test_saturated_gelu_tanh_jacobian_is_finite(gc, exact_max_dim):
     """Pre-activations of 1e200 and beyond, where the cubic inside gelu_tanh overflows:

@@ -459,6 +459,40 @@ def test_weights_near_the_ends_of_the_float_range(gc, act, bias):
     check_against_renormalised(rep, ref, atol=1e-12, what=act)
 
 
+@needs_ld
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_output_beyond_the_float_range_above_a_biased_layer(gc, dtype):
+    """Linear layers, the third with a bias, the last without one and with weights of
+    about 4e154 (4e19 in float32): the output of the first example is beyond the float
+    range, that of the second is not. The exponent is carried to the output, which is inf
+    exactly where its true value overflows and the true value elsewhere, while
+    output_mantissa * 2**output_log2_scale holds it exactly and the loss and every norm
+    are those of the long-double reference."""
+    big = 1e155 if dtype == "float64" else 1e20
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((3, 1)), rng.standard_normal((1, 3)) * 0.5,
+          rng.standard_normal((7, 1)), rng.standard_normal((1, 7)) * big / 3]  # fmt: skip
+    bs = [np.zeros(3), np.zeros(1), rng.standard_normal(7), np.zeros(1)]
+    ws, bs = ([a.astype(dtype) for a in v] for v in (ws, bs))
+    x = np.array([[big], [big * 1e-10]], dtype=dtype)
+    net = gc.MLP.from_weights(ws, bs, activation="linear", dtype=dtype)
+    assert not net.log_scale_forward
+    rep = net.backward(x)
+    h = x.astype(O.LD)
+    for w, b in zip(ws, bs):
+        h = h @ w.astype(O.LD).T + b.astype(O.LD)
+    fmax = np.finfo(dtype).max
+    assert abs(h[0, 0]) > fmax and abs(h[1, 0]) < fmax / 1e5
+    assert rep.output_log2_scale > 0 and rep.output.dtype == rep.output_mantissa.dtype == dtype
+    assert np.isinf(rep.output[0, 0]) and np.sign(rep.output[0, 0]) == np.sign(h[0, 0])
+    rtol = 1e-15 if dtype == "float64" else 1e-6
+    np.testing.assert_allclose(float(rep.output[1, 0]), float(h[1, 0]), rtol=rtol)
+    exact = np.ldexp(rep.output_mantissa.astype(O.LD), rep.output_log2_scale)
+    assert np.all(np.abs(exact / h - 1) < rtol), (exact, h)
+    ref = O.longdouble_backward(ws, bs, x, "linear")
+    check_against_renormalised(rep, ref, atol=1e-12 if dtype == "float64" else 1e-6)
+
+
 def _log10_norm_scaled(a):
     """log10 ||a|| without underflow (for gradients near the bottom of the doubles)."""
     a = np.abs(np.asarray(a, dtype=np.float64)).ravel()
@@ -481,6 +515,41 @@ def test_clipped_gradients_of_a_total_norm_beyond_the_doubles(gc, norm_type):
     for l in range(1, net.depth):
         want = rep.log10_weight_grad_norms[l] + rep.log10_clip_coef
         assert abs(_log10_norm_scaled(rep.weight_grads[l]) - want) < 1e-12 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 0.5])
+@pytest.mark.parametrize(
+    "dtype,bias,max_norm",
+    [("float64", 1e155, 1e-6), ("float64", 1e150, 1e-15), ("float32", 1e18, 1e-4)],
+    ids=["float64-total-beyond-the-doubles", "float64-total-1e300", "float32-total-1e36"],
+)
+def test_clip_coefficient_below_the_normal_floats(gc, dtype, bias, max_norm, norm_type):
+    """A bias of 1e155 (1e150; 1e18 in float32) makes the last layer's weight gradient
+    about 1e310 (1e300; 1e36), and max_norm puts the clipping coefficient near 1e-317
+    (1e-315; 1e-40): a subnormal, with some 20 of its 53 bits (6 of 24). It is carried as
+    m * 2^k instead, so every clipped gradient is the unclipped one times the coefficient
+    to rounding, and its norm is the reported one."""
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((1, 1)), rng.standard_normal((1, 1)), rng.standard_normal((4, 1)),
+          rng.standard_normal((1, 4)) * 1.5]  # fmt: skip
+    bs = [np.zeros(1), np.zeros(1), rng.standard_normal(4) * bias, np.zeros(1)]
+    net = gc.MLP.from_weights(ws, bs, activation="linear", dtype=dtype)
+    x = np.full((1, 1), 0.5, dtype)
+    kw = {"target": np.full((1, 1), 0.25, dtype), "loss": "mse", "return_grads": True}
+    full = net.backward(x, **kw)
+    rep = net.backward(x, max_norm=max_norm, norm_type=norm_type, **kw)
+    tiny = np.finfo(dtype)
+    assert math.log10(tiny.smallest_subnormal) < rep.log10_clip_coef < math.log10(tiny.tiny)
+    tol = 1e-11 if dtype == "float64" else 2e-7  # decades
+    for l in range(net.depth):
+        got, want = _log10_norm_scaled(rep.weight_grads[l]), rep.log10_clipped_weight_grad_norms[l]
+        assert abs(got - want) < tol, (l, got, want)
+        unclipped = np.asarray(full.weight_grads[l], np.float64)
+        if np.isfinite(unclipped).all():  # entry by entry (the ratio itself is subnormal)
+            clipped = np.asarray(rep.weight_grads[l], np.float64)
+            assert np.array_equal(np.sign(clipped), np.sign(unclipped))
+            ratio = np.log10(np.abs(clipped)) - np.log10(np.abs(unclipped))
+            np.testing.assert_allclose(ratio, rep.log10_clip_coef, rtol=0, atol=tol)
 
 
 def test_recurrent_clipped_gradients_below_the_doubles_coefficient(gc):

@@ -140,6 +140,7 @@ py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::objec
   d["log10_boundary_grad_norms"] = to_numpy_d(std::move(r.log10_boundary_grad_norms));
   put_loss_and_clip(d, r);
   d["output"] = to_numpy(std::move(r.output), {batch, net.out_width()});
+  d["output_mantissa"] = to_numpy(std::move(r.output_mantissa), {batch, net.out_width()});
   d["output_log2_scale"] = r.output_log2_scale;
   if (keep_grads) {
     py::list pg, bg;

@@ -46,6 +46,7 @@ int clamp_exp(std::int64_t k) {
 template <class T>
 struct Chain<T>::Workspace {
   Buffer<T> h, s, g, dy, pg, pg2;
+  std::vector<std::vector<T>> param_grads;  // handed back by recycle_param_grads
   double bytes() const {
     return h.bytes() + s.bytes() + g.bytes() + dy.bytes() + pg.bytes() + pg2.bytes();
   }
@@ -387,6 +388,12 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
 }
 
 template <class T>
+void Chain<T>::recycle_param_grads(std::vector<std::vector<T>>&& grads) {
+  std::unique_lock<std::mutex> lock(ws_mutex_, std::try_to_lock);
+  if (lock.owns_lock() && ws_) ws_->param_grads = std::move(grads);
+}
+
+template <class T>
 double Chain<T>::backward_bytes(int batch, const ChainRequest& req) const {
   const PassBytes p = pass_bytes(batch, req);
   return p.needed + p.pipeline;
@@ -496,7 +503,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     auto settle = [&](int si, int b, std::int64_t eb, double in_max, bool can_zero) {
       T* y = at[static_cast<std::size_t>(b)];
       const std::size_t m = R * w(b);
-      const Scan s = scan(y, m);
+      const MaxAbs s = max_abs(y, m);
       if (!s.finite) {
         p.bad_step = si;
         for (std::size_t i = 0; i < m; ++i)
@@ -506,17 +513,17 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       // A subnormal input is exact (scaling it into the band loses nothing); only a block's
       // output can have underflowed.
       if (si >= 0 && !P.absorbed[static_cast<std::size_t>(b)] &&
-          ((s.maxabs > 0 && s.maxabs < std::numeric_limits<T>::min()) ||
-           (s.maxabs == 0 && in_max > 0 && !can_zero))) {
+          ((s.value > 0 && s.value < std::numeric_limits<T>::min()) ||
+           (s.value == 0 && in_max > 0 && !can_zero))) {
         p.bad_step = si;
         p.bad_underflow = true;
-        p.bad_value = s.maxabs;
+        p.bad_value = s.value;
         return false;
       }
-      const int k = rescale_exponent<T>(s.maxabs);
+      const int k = rescale_exponent<T>(s.value);
       scale_pow2(y, m, -k);
       p.e[static_cast<std::size_t>(b)] = eb + k;
-      p.mx[static_cast<std::size_t>(b)] = std::ldexp(s.maxabs, -k);
+      p.mx[static_cast<std::size_t>(b)] = std::ldexp(s.value, -k);
       return true;
     };
     at[0] = stored(0) + p.r0 * w(0);
@@ -620,6 +627,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   const std::int64_t eL = e[static_cast<std::size_t>(P.last)];
   res.output.resize(mL);
   write_scaled(hL, mL, eL, 1.0, res.output.data());
+  res.output_mantissa.assign(hL, hL + mL);
   res.output_log2_scale = eL;
   if (req.trace) {
     for (std::size_t b = 0; b < NB; ++b)
@@ -700,8 +708,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       L.zero = false;
       return;
     }
-    const bool vz = scan(v, m).maxabs == 0;
-    const bool lz = scan(L.buf, m).maxabs == 0;
+    const bool vz = max_abs(v, m).value == 0;
+    const bool lz = max_abs(L.buf, m).value == 0;
     if (!vz) {
       const std::int64_t E = lz ? ev : std::max(L.e, ev);
       const int dl = clamp_exp(L.e - E), dv = clamp_exp(ev - E);
@@ -727,9 +735,16 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   std::vector<std::int64_t> gexp(n_trainable_, 0);
   const std::size_t ntop =
       static_cast<std::size_t>(*std::max_element(P.top.begin(), P.top.end())) + 1;
-  res.log10_boundary_grad_norms.assign(ntop, kNegInf);
+  res.log10_boundary_grad_norms.assign(
+      ntop, req.boundary_norms ? kNegInf : std::numeric_limits<double>::quiet_NaN());
   std::vector<std::int64_t> bexp(ntop, 0);
   if (req.keep_param_grads) {
+    // Every entry is written below: recycled arrays of the right sizes need no zeroing.
+    bool reuse = keep_ws && ws.param_grads.size() == n_trainable_;
+    for (std::size_t i = 0; reuse && i < n_trainable_; ++i)
+      reuse = ws.param_grads[i].size() == params_[i].size;
+    if (reuse) res.param_grads = std::move(ws.param_grads);
+    ws.param_grads.clear();
     res.param_grads.resize(n_trainable_);
     for (std::size_t i = 0; i < n_trainable_; ++i) res.param_grads[i].resize(params_[i].size);
   }
@@ -745,13 +760,19 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       std::fill(L.buf, L.buf + m, T(0));
       L.e = 0;
     }
-    const Scan s = scan(L.buf, m);
+    const int t = P.top[static_cast<std::size_t>(b)];
+    const bool norm = t >= 0 && req.boundary_norms;
+    Scan s;
+    if (norm) {
+      s = scan(L.buf, m);
+    } else {
+      s.maxabs = max_abs(L.buf, m).value;
+    }
     const int k = rescale_exponent<T>(s.maxabs);
     scale_pow2(L.buf, m, -k);
     L.e += k;
-    const int t = P.top[static_cast<std::size_t>(b)];
     if (t >= 0) {
-      res.log10_boundary_grad_norms[static_cast<std::size_t>(t)] = log10_norm(s, L.e - k);
+      if (norm) res.log10_boundary_grad_norms[static_cast<std::size_t>(t)] = log10_norm(s, L.e - k);
       if (req.keep_boundary_grads) {
         res.boundary_grads[static_cast<std::size_t>(t)].assign(L.buf, L.buf + m);
         bexp[static_cast<std::size_t>(t)] = L.e;
@@ -832,6 +853,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   std::exception_ptr error;
   const std::size_t pg_size = std::max<std::size_t>(1, P.max_param * 2);
 
+  // The gradient at the input is wanted for its norm or its values only.
+  const bool input_grad = req.boundary_norms || req.keep_boundary_grads;
   auto chain = [&] {
     T* pg = PGbuf.get(pg_size);
     for (std::size_t k = nsteps; k-- > 0;) {
@@ -861,6 +884,11 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
             param_grads(k, dy.buf, dy.e, pg);
           }
         }
+        if (s.in == 0 && !input_grad) {  // nothing reads dL/dx
+          release(dy.buf);
+          if (abort.load(std::memory_order_relaxed)) return;
+          continue;
+        }
         BackwardArgs<T> a;
         a.rows = B;
         a.x = P.stored[static_cast<std::size_t>(s.in)] ? stored(s.in) : nullptr;
@@ -880,8 +908,13 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       if (abort.load(std::memory_order_relaxed)) return;
       cancel.poll();
     }
-    Live d0 = take(0);
-    release(d0.buf);
+    if (input_grad) {
+      Live d0 = take(0);
+      release(d0.buf);
+    } else if (live[0].buf) {
+      release(live[0].buf);
+      live[0] = Live{};
+    }
   };
 
   if (!pipelined) {

@@ -1241,8 +1241,8 @@ class QRRun {
   }
 
   // How many of the first n entries are nonzero in at least one of the k vectors in a,
-  // counted up to k: with r < k such rows, R_ii = 0 exactly for i >= r (the QR of the
-  // vectors is that of their r nonzero rows, which has r rows).
+  // counted up to k: with r < k such rows, at most r of the R_ii are nonzero (the QR of
+  // the vectors is that of their r nonzero rows, which has r rows).
   int nonzero_rows(const double* a, int n) const {
     int r = 0;
     for (int i = 0; i < n && r < k_; ++i)
@@ -1262,14 +1262,25 @@ class QRRun {
     const int rank = nonzero_rows(a, n);
     householder_qr(a, ld_, n, k_, v_, ld_, tau_.data(), t_.data(), logabs_.data(), published, base,
                    cancel_);
+    int zero = 0;  // directions whose vector is exactly zero in its own place
     for (int c = 0; c < k_; ++c) {
       const double g = logabs_[sz(c)];
       if (std::isnan(g) || g == std::numeric_limits<double>::infinity())
         throw NonFiniteError("jacobian", l,
                              "the product of Jacobians became non-finite at " + layer_msg(l, L_) +
                                  (opt_.interval > 1 ? "; lower interval" : ""));
-      // Rounding leaves about eps |R| where the exact R_ii is 0.
-      acc_[sz(c)] += c < rank ? g + double(colexp_[sz(c)]) * kLn2 : kNegInf;
+      zero += g == kNegInf ? 1 : 0;
+    }
+    // With `rank` nonzero rows at most `rank` of the R_ii are nonzero. The exact zeros count
+    // towards that loss; the rest of it is taken from the last directions, where rounding
+    // leaves about eps |R| in place of the exact 0.
+    for (int c = k_ - 1, extra = k_ - rank - zero; c >= 0 && extra > 0; --c)
+      if (logabs_[sz(c)] != kNegInf) {
+        logabs_[sz(c)] = kNegInf;
+        --extra;
+      }
+    for (int c = 0; c < k_; ++c) {
+      acc_[sz(c)] += logabs_[sz(c)] + double(colexp_[sz(c)]) * kLn2;
       colexp_[sz(c)] = 0;
     }
     if (record) {

@@ -55,17 +55,17 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
 
 template <class T>
 void Linear<T>::params_changed() {
-  const Scan s = scan(w_.data(), w_.size());
+  const MaxAbs s = max_abs(w_.data(), w_.size());
   if (!s.finite)
     throw std::invalid_argument(describe() + ": weight must be finite; got NaN or inf");
-  wexp_ = rescale_exponent<T>(s.maxabs);
+  wexp_ = rescale_exponent<T>(s.value);
   wscaled_.clear();
   if (wexp_ != 0) {
     wscaled_ = w_;
     scale_pow2(wscaled_.data(), wscaled_.size(), -wexp_);
   }
   zero_bias_ = std::all_of(b_.begin(), b_.end(), [](T v) { return v == T(0); });
-  if (!scan(b_.data(), b_.size()).finite)
+  if (!max_abs(b_.data(), b_.size()).finite)
     throw std::invalid_argument(describe() + ": bias must be finite; got NaN or inf");
 }
 

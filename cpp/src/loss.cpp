@@ -159,15 +159,23 @@ void loss_rows(LossKind kind, const T* y, std::int64_t ey, std::size_t rows, std
       // (y - t) at a common power-of-two scale c, the larger of y's and t's, so that it
       // can neither overflow nor square to inf: exact where y and t overlap.
       const T* t = static_cast<const T*>(target);
-      const Scan st = scan(t, m), sy = scan(y, m);
+      const MaxAbs st = max_abs(t, m), sy = max_abs(y, m);
       constexpr std::int64_t kNone = std::numeric_limits<int>::min() / 2;
-      const std::int64_t et = st.maxabs > 0 ? exponent_of(st.maxabs) : kNone;
-      const std::int64_t eyy = sy.maxabs > 0 ? ey + exponent_of(sy.maxabs) : kNone;
+      const std::int64_t et = st.value > 0 ? exponent_of(st.value) : kNone;
+      const std::int64_t eyy = sy.value > 0 ? ey + exponent_of(sy.value) : kNone;
       const std::int64_t c = std::max(eyy, et);
       const int shy = clamp_exp(ey - c), sht = clamp_exp(-c);
-      for (std::size_t i = 0; i < m; ++i)
-        dy[i] = static_cast<T>(std::ldexp(double(y[i]), shy)) -
-                static_cast<T>(std::ldexp(double(t[i]), sht));
+      // A product with a normal power of two rounds as ldexp does.
+      constexpr int kNormal = std::numeric_limits<double>::max_exponent - 1;
+      if (shy >= 1 - kNormal && shy <= kNormal && sht >= 1 - kNormal && sht <= kNormal) {
+        const double fy = std::ldexp(1.0, shy), ft = std::ldexp(1.0, sht);
+        for (std::size_t i = 0; i < m; ++i)
+          dy[i] = static_cast<T>(double(y[i]) * fy) - static_cast<T>(double(t[i]) * ft);
+      } else {
+        for (std::size_t i = 0; i < m; ++i)
+          dy[i] = static_cast<T>(std::ldexp(double(y[i]), shy)) -
+                  static_cast<T>(std::ldexp(double(t[i]), sht));
+      }
       const Scan s = scan(dy, m);
       sum.add(s.sumsq, 2 * (c + s.sq_shift));
       const T f = static_cast<T>(2.0 * scale);

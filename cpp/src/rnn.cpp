@@ -82,9 +82,9 @@ void add_pow2(T* acc, const T* x, std::size_t n, std::int64_t d) {
 
 // The exponent of the largest entry of x * 2^e (kNone for a zero array; e for a non-finite
 // one, whose NaN or inf then travels on).
-inline std::int64_t top_exponent(const Scan& s, std::int64_t e) {
+inline std::int64_t top_exponent(const MaxAbs& s, std::int64_t e) {
   if (!s.finite) return e;
-  return s.maxabs > 0 ? e + exponent_of(s.maxabs) : kNone;
+  return s.value > 0 ? e + exponent_of(s.value) : kNone;
 }
 
 // A scaled array a * 2^e (nz false: a is zero and its contents are undefined) gets x * 2^ex
@@ -98,7 +98,7 @@ void accumulate(T* a, std::int64_t& e, char& nz, const T* x, std::int64_t ex, st
     nz = 1;
     return;
   }
-  const std::int64_t ta = top_exponent(scan(a, n), e), tx = top_exponent(scan(x, n), ex);
+  const std::int64_t ta = top_exponent(max_abs(a, n), e), tx = top_exponent(max_abs(x, n), ex);
   if (tx == kNone) return;
   const std::int64_t c = std::max(ta, tx);
   scale_pow2(a, n, clamp_shift(e - c));
@@ -159,8 +159,8 @@ struct Model {
   std::vector<std::vector<T>> scaled;  // the scaled copies
 
   Weight<T> weight(const std::vector<T>& w) {
-    const Scan s = scan(w.data(), w.size());
-    const int e = s.finite ? rescale_exponent<T>(s.maxabs) : 0;
+    const MaxAbs s = max_abs(w.data(), w.size());
+    const int e = s.finite ? rescale_exponent<T>(s.value) : 0;
     if (e == 0) return {w.data(), 0};
     scaled.emplace_back(w);
     scale_pow2(scaled.back().data(), w.size(), -e);
@@ -477,7 +477,7 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
     for (std::size_t r = 0; r < Tn_ * R; ++r) {
       T* g = G + r * GW;
       for (std::size_t j = 0; j < nih; ++j) g[j] += bsum[j];
-      if (bad_in > Tn_ && !scan(g, nih).finite) bad_in = r / R + 1;
+      if (bad_in > Tn_ && !max_abs(g, nih).finite) bad_in = r / R + 1;
     }
     for (std::size_t t = 1; t <= Tn_; ++t) {
       if (t < bad_in) cell_forward(p, l, t);
@@ -485,7 +485,7 @@ void Pass<T>::forward(Part<T>& p, bool polls) const {
       // weights overflow with opposite signs; and a gate saturated by an infinite
       // pre-activation hides the overflow from the state but not from the backward pass
       // (0 * inf). Either way: stop at the first such step.
-      if (t >= bad_in || !scan(p.S, R * m_.GH).finite || !scan(hs + t * n, n).finite) {
+      if (t >= bad_in || !max_abs(p.S, R * m_.GH).finite || !max_abs(hs + t * n, n).finite) {
         p.bad_layer = static_cast<int>(l);
         p.bad_t = static_cast<std::int64_t>(t);
         return;
@@ -544,7 +544,7 @@ void Pass<T>::loss(Part<T>& p) const {
   } else {
     std::copy(hs, hs + rows * O, Y.begin());
   }
-  if (!scan(Y.data(), rows * O).finite) {  // read-out outputs beyond the float range
+  if (!max_abs(Y.data(), rows * O).finite) {  // read-out outputs beyond the float range
     p.bad_layer = static_cast<int>(L) - 1;
     p.bad_t = -2;
     return;
@@ -591,7 +591,8 @@ void Pass<T>::record(Grad which, Part<T>& p, std::size_t l, std::size_t t, const
                  (cell ? p.canz : p.sanz)[l][t], d, g, n);
     return;
   }
-  (cell ? p.lc : p.ls)[l * (Tn_ + 1) + t] = have ? 2.0 * log10_norm(scan(d, n), g) : kNegInf;
+  if (req_.state_norms)
+    (cell ? p.lc : p.ls)[l * (Tn_ + 1) + t] = have ? 2.0 * log10_norm(scan(d, n), g) : kNegInf;
   if (req_.keep_grads) {
     T* dst = (cell ? res_.cell_grads : res_.state_grads).data() +
              ((l * (Tn_ + 1) + t) * B_ + p.r0) * m_.H;
@@ -642,7 +643,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
   // dc (at gc) += dh (at gh) through h_t
   auto cell_from_state = [&](const T* G, const T* tc) {
     if (th == kNone) return;
-    const std::int64_t tcx = gc == gh ? kNone : top_exponent(scan(dc, n), gc);
+    const std::int64_t tcx = gc == gh ? kNone : top_exponent(max_abs(dc, n), gc);
     if (gc == gh || tcx == kNone) {  // a zero dc takes dh's exponent
       gc = gh;
       add_from_h(dc, dh, G, tc, Pow2<T>(0));
@@ -661,7 +662,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       if (!have || th == kNone) {
         std::copy(u, u + n, dh);
         gh = ue;
-        th = top_exponent(scan(u, n), ue);
+        th = top_exponent(max_abs(u, n), ue);
         if (lstm && !have) {
           std::fill(dc, dc + n, T(0));
           gc = ue;
@@ -670,13 +671,13 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       } else if (ue == gh) {
         add_pow2(dh, u, n, 0);
       } else {
-        const std::int64_t tu = top_exponent(scan(u, n), ue);
+        const std::int64_t tu = top_exponent(max_abs(u, n), ue);
         if (tu != kNone) {
           const std::int64_t c = std::max(th, tu);
           scale_pow2(dh, n, clamp_shift(gh - c));
           gh = c;
           add_pow2(dh, u, n, ue - c);
-          th = top_exponent(scan(dh, n), gh);
+          th = top_exponent(max_abs(dh, n), gh);
         }
       }
     }
@@ -706,7 +707,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       if (have) {
         std::copy(u, u + n, dh);
         gh = ue;
-        th = top_exponent(scan(u, n), ue);
+        th = top_exponent(max_abs(u, n), ue);
       }
     } else if (lstm && have) {
       cell_from_state(G, tc);
@@ -754,7 +755,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
           const auto same = [](T v) { return v; };
           gates(same, same);
         } else {
-          const std::int64_t tcx = top_exponent(scan(dc, n), gc);
+          const std::int64_t tcx = top_exponent(max_abs(dc, n), gc);
           const std::int64_t e = std::max(th, tcx) == kNone ? gh : std::max(th, tcx);
           *dge = e;
           gates(tcx == kNone ? Pow2<T>::zero() : Pow2<T>(gc - e),
@@ -790,7 +791,8 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     if (gru && ep == gh) {
       for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
     } else if (gru) {
-      const std::int64_t ta = top_exponent(scan(dhn, n), ep), tb = top_exponent(scan(tmp, n), gh);
+      const std::int64_t ta = top_exponent(max_abs(dhn, n), ep),
+                         tb = top_exponent(max_abs(tmp, n), gh);
       const std::int64_t c = std::max(ta, tb) == kNone ? ep : std::max(ta, tb);
       scale_pow2(dhn, n, clamp_shift(ep - c));
       add_pow2(dhn, tmp, n, gh - c);
@@ -798,16 +800,16 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     }
     if (!gru) gh = ep;
     std::swap(dh, dhn);
-    const Scan sh = scan(dh, n);
-    int kk = sh.finite ? rescale_exponent<T>(sh.maxabs) : 0;
+    const MaxAbs sh = max_abs(dh, n);
+    int kk = sh.finite ? rescale_exponent<T>(sh.value) : 0;
     if (kk != 0) {
       scale_pow2(dh, n, -kk);
       gh += kk;
     }
     th = top_exponent(sh, gh - kk);
     if (lstm) {
-      const Scan sc = scan(dc, n);
-      kk = sc.finite ? rescale_exponent<T>(sc.maxabs) : 0;
+      const MaxAbs sc = max_abs(dc, n);
+      kk = sc.finite ? rescale_exponent<T>(sc.value) : 0;
       if (kk != 0) {
         scale_pow2(dc, n, -kk);
         gc += kk;
@@ -852,7 +854,7 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
       std::fill(d, d + blk, T(0));
       continue;
     }
-    a[t] = top_exponent(scan(d, blk), ex[t]);
+    a[t] = top_exponent(max_abs(d, blk), ex[t]);
     C = std::max(C, a[t]);
   }
   const bool any = C != kNone;
@@ -887,10 +889,10 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
       std::vector<std::int64_t> me(steps, kNone);
       std::int64_t P = kNone;
       for (std::size_t t = 0; t < steps; ++t) {
-        const Scan s = scan(q.M + t * qb, qb);
-        if (s.finite && s.maxabs > 0 && a[t] != kNone) {
-          me[t] = exponent_of(s.maxabs);
-          if (rescale_exponent<T>(s.maxabs) != 0) in_band[qi] = 0;
+        const MaxAbs s = max_abs(q.M + t * qb, qb);
+        if (s.finite && s.value > 0 && a[t] != kNone) {
+          me[t] = exponent_of(s.value);
+          if (rescale_exponent<T>(s.value) != 0) in_band[qi] = 0;
           P = std::max(P, a[t] + me[t]);
         }
       }
@@ -1456,7 +1458,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     pass.loss(p);
     if (p.bad_layer >= 0 || req.loss_only) return;
     for (std::size_t t = 0; t <= Tn; ++t)
-      if (p.topnz[t] && !scan(p.Utop + t * p.R * H, p.R * H).finite) {
+      if (p.topnz[t] && !max_abs(p.Utop + t * p.R * H, p.R * H).finite) {
         p.bad_layer = static_cast<int>(L) - 1;
         p.bad_t = -2;
         return;
@@ -1539,9 +1541,10 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
   }
   if (req.loss_only) return res;
   const std::size_t nn = L * (Tn + 1);
-  res.log10_state_grad_norms.assign(nn, kNegInf);
-  if (lstm) res.log10_cell_grad_norms.assign(nn, kNegInf);
-  for (std::size_t i = 0; i < nn; ++i) {
+  const double unset = req.state_norms ? kNegInf : std::numeric_limits<double>::quiet_NaN();
+  res.log10_state_grad_norms.assign(nn, unset);
+  if (lstm) res.log10_cell_grad_norms.assign(nn, unset);
+  for (std::size_t i = 0; i < (req.state_norms ? nn : 0); ++i) {
     double s = kNegInf, c = kNegInf;
     for (const Part<T>& p : parts) {
       s = log10_add(s, p.ls[i]);
@@ -1565,7 +1568,7 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
         accumulate(grads[i].data(), gexp[i], nz, p.pg[i].data(), p.pexp[i], grads[i].size());
     if (!nz) continue;
     {  // into the band, so that the sum of squares can neither underflow nor overflow
-      const int k = exponent_of(scan(grads[i].data(), grads[i].size()).maxabs);
+      const int k = exponent_of(max_abs(grads[i].data(), grads[i].size()).value);
       scale_pow2(grads[i].data(), grads[i].size(), -k);
       gexp[i] += k;
     }

@@ -1,5 +1,9 @@
 #include "gradchain/scaled.hpp"
 
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
 // The reductions are written for `omp simd` so that they vectorize without -ffast-math;
 // on x86-64 an AVX2 clone is picked at load time where the CPU has it.
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
@@ -44,7 +48,74 @@ __attribute__((always_inline)) inline Scan scan_impl(const T* x, std::size_t n) 
   }
   return r;
 }
+
+// |x| as a (non-negative) integer orders like |x| itself; above the bits of inf lie the NaNs.
+template <class T, class I>
+__attribute__((always_inline)) inline MaxAbs max_abs_impl(const T* x, std::size_t n) {
+  static_assert(sizeof(T) == sizeof(I));
+  constexpr I kMag = std::numeric_limits<I>::max();
+  constexpr I kInf = sizeof(T) == 4 ? I(0x7f800000) : I(0x7ff0000000000000);
+  I top = 0;
+#pragma omp simd reduction(max : top)
+  for (std::size_t i = 0; i < n; ++i) {
+    I b;
+    std::memcpy(&b, x + i, sizeof b);
+    b &= kMag;
+    top = b > top ? b : top;
+  }
+  const bool finite = top < kInf;
+  if (top > kInf) {  // a NaN: the largest of the other entries
+    top = 0;
+#pragma omp simd reduction(max : top)
+    for (std::size_t i = 0; i < n; ++i) {
+      I b;
+      std::memcpy(&b, x + i, sizeof b);
+      b &= kMag;
+      b = b > kInf ? I(0) : b;
+      top = b > top ? b : top;
+    }
+  }
+  T m;
+  std::memcpy(&m, &top, sizeof m);
+  return {static_cast<double>(m), finite};
+}
 }  // namespace
+
+GC_CLONES MaxAbs max_abs(const double* x, std::size_t n) {
+  return max_abs_impl<double, std::int64_t>(x, n);
+}
+GC_CLONES MaxAbs max_abs(const float* x, std::size_t n) {
+  return max_abs_impl<float, std::int32_t>(x, n);
+}
+
+namespace {
+template <class T>
+__attribute__((always_inline)) inline void mul_pow2_impl(const T* src, std::size_t n, double f,
+                                                         T* dst) {
+#pragma omp simd
+  for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<double>(src[i]) * f);
+}
+
+template <class T>
+__attribute__((always_inline)) inline void mul_coef_pow2_impl(const T* src, std::size_t n, T m,
+                                                              double f, T* dst) {
+#pragma omp simd
+  for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<double>(src[i] * m) * f);
+}
+}  // namespace
+
+GC_CLONES void mul_pow2(const float* src, std::size_t n, double f, float* dst) {
+  mul_pow2_impl(src, n, f, dst);
+}
+GC_CLONES void mul_pow2(const double* src, std::size_t n, double f, double* dst) {
+  mul_pow2_impl(src, n, f, dst);
+}
+GC_CLONES void mul_coef_pow2(const float* src, std::size_t n, float m, double f, float* dst) {
+  mul_coef_pow2_impl(src, n, m, f, dst);
+}
+GC_CLONES void mul_coef_pow2(const double* src, std::size_t n, double m, double f, double* dst) {
+  mul_coef_pow2_impl(src, n, m, f, dst);
+}
 
 GC_CLONES Scan scan(const double* x, std::size_t n) {
   return scan_impl(x, n);

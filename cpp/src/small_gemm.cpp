@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -62,6 +63,19 @@ struct VF {
   GC_AVX2 static __m256i mask(int valid) {
     const __m256i idx = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), idx);
+  }
+  // {hsum(a), hsum(b), hsum(c), hsum(d)}: the same additions of the same pairs as hsum,
+  // four at a time (so the same numbers).
+  GC_AVX2 static __m128 hsum4(V a, V b, V c, V d) {
+    const V ab =
+        _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    const V cd =
+        _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+    const V r = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    const V h = _mm256_add_ps(_mm256_shuffle_ps(r, r, _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm256_shuffle_ps(r, r, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   }
 };
 
@@ -162,8 +176,15 @@ GC_AVX2 void dot_tile(int k, const typename S::T* a, std::ptrdiff_t lda, const t
       for (int r = 0; r < MR; ++r) acc[r][s] = S::fma(av[r], bv, acc[r][s]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int s = 0; s < NR; ++s) c[r * ldc + s] = alpha * S::hsum(acc[r][s]);
+  if constexpr (std::is_same_v<S, VF> && NR == 4) {
+    const __m128 al = _mm_set1_ps(alpha);
+    for (int r = 0; r < MR; ++r)
+      _mm_storeu_ps(c + r * ldc,
+                    _mm_mul_ps(al, S::hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3])));
+  } else {
+    for (int r = 0; r < MR; ++r)
+      for (int s = 0; s < NR; ++s) c[r * ldc + s] = alpha * S::hsum(acc[r][s]);
+  }
 }
 
 template <class S, int MR>

@@ -60,27 +60,25 @@ bool in_band(double m) {
 }
 
 struct UpdateSums {
-  double mp = 0.0, mb = 0.0, md = 0.0, sp = 0.0, sb = 0.0, sd = 0.0, bad = 0.0;
+  double mp = 0.0, md = 0.0, sp = 0.0, sd = 0.0;
 };
 
-// The largest entries and sums of squares of p, b and p - b, in one pass.
+// The largest entries and sums of squares of p and p - b, in one pass. A NaN in p makes sp
+// NaN, an inf makes mp inf.
 template <class T>
 __attribute__((always_inline)) inline UpdateSums update_sums_impl(const T* p, const T* b,
                                                                   std::size_t n) {
-  double mp = 0.0, mb = 0.0, md = 0.0, sp = 0.0, sb = 0.0, sd = 0.0, bad = 0.0;
-#pragma omp simd reduction(max : mp, mb, md) reduction(+ : sp, sb, sd, bad)
+  double mp = 0.0, md = 0.0, sp = 0.0, sd = 0.0;
+#pragma omp simd reduction(max : mp, md) reduction(+ : sp, sd)
   for (std::size_t i = 0; i < n; ++i) {
-    const double a = static_cast<double>(p[i]), c = static_cast<double>(b[i]), d = a - c;
-    const double fa = std::fabs(a), fc = std::fabs(c), fd = std::fabs(d);
+    const double a = static_cast<double>(p[i]), d = a - static_cast<double>(b[i]);
+    const double fa = std::fabs(a), fd = std::fabs(d);
     mp = fa > mp ? fa : mp;
-    mb = fc > mb ? fc : mb;
     md = fd > md ? fd : md;
     sp += a * a;
-    sb += c * c;
     sd += d * d;
-    bad += a * 0.0;  // NaN once any entry is NaN or inf
   }
-  return {mp, mb, md, sp, sb, sd, bad};
+  return {mp, md, sp, sd};
 }
 
 GC_CLONES UpdateSums update_sums(const float* p, const float* b, std::size_t n) {
@@ -90,16 +88,29 @@ GC_CLONES UpdateSums update_sums(const double* p, const double* b, std::size_t n
   return update_sums_impl(p, b, n);
 }
 
+// max|p| and sum p^2 as the last update's pass left them, the ones of the next update's b.
+struct Sums {
+  double m = 0.0, s = 0.0;
+  bool valid = false;
+};
+
 // log10 ||p|| (NaN or +inf for a non-finite p) and log10 ||p - b|| / ||b|| of one update
-// (b the parameter before it), in one pass where no square that matters can overflow or
-// underflow; otherwise from scans at a power-of-two scale (`diff` holds n numbers).
+// (b the parameter before it, `last` its sums where known), in one pass where no square
+// that matters can overflow or underflow; otherwise from scans at a power-of-two scale
+// (`diff` holds n numbers).
 template <class T>
-bool update_norms(const T* p, const T* b, std::size_t n, double* diff, double& log10_p,
+bool update_norms(const T* p, const T* b, std::size_t n, double* diff, Sums& last, double& log10_p,
                   double& log10_ratio) {
+  if (!last.valid) {  // b through the same pass, as p
+    const UpdateSums u = update_sums(b, b, n);
+    last = {u.mp, u.sp, true};
+  }
   const UpdateSums u = update_sums(p, b, n);
-  const double mp = u.mp, mb = u.mb, md = u.md, sp = u.sp, sb = u.sb, sd = u.sd;
-  if (u.bad != 0.0) {
+  const double mp = u.mp, mb = last.m, md = u.md, sp = u.sp, sb = last.s, sd = u.sd;
+  last = {mp, sp, true};
+  if (std::isnan(sp) || std::isinf(mp)) {
     log10_p = std::isinf(mp) ? kInf : kNaN;
+    last.valid = false;
     return false;
   }
   if (in_band(mp) && in_band(mb) && in_band(md)) {
@@ -167,6 +178,7 @@ class ChainModel {
     req.loss = d.loss;
     req.target = y;
     req.keep_param_grads = true;
+    req.boundary_norms = o.record_activation_grads;
     req.max_norm = o.max_norm;
     req.norm_type = o.norm_type;
     req.train = o.train;
@@ -194,6 +206,12 @@ class ChainModel {
     return c_.backward(x, batch, req, cancel).loss;
   }
   void changed() { c_.params_changed(); }
+  // The step's gradients, once applied, back to the chain for the next pass to write into.
+  void recycle(StepPass<T>& out) {
+    std::vector<std::vector<T>> grads(order_.size());
+    for (std::size_t i = 0; i < order_.size(); ++i) grads[order_[i]] = std::move(out.grads[i]);
+    c_.recycle_param_grads(std::move(grads));
+  }
   std::string where(const NonFiniteError& e) const {
     if (e.where() == "forward" && e.index() >= 1 && std::size_t(e.index()) <= c_.size())
       return "block '" + c_.block(std::size_t(e.index() - 1)).name() + "'";
@@ -243,6 +261,7 @@ class RecurrentModel {
     req.max_norm = o.max_norm;
     req.norm_type = o.norm_type;
     req.keep_param_grads = true;
+    req.state_norms = o.record_activation_grads;
     RecurrentResult<T> r = c_.run(x, d.seq_len, batch, req, cancel);
     out.loss = r.loss;
     out.log10_loss = r.log10_loss;
@@ -261,6 +280,7 @@ class RecurrentModel {
     return c_.run(x, d.seq_len, batch, req, cancel).loss;
   }
   void changed() {}
+  void recycle(StepPass<T>&) {}
   std::string where(const NonFiniteError& e) const {
     if (e.where() == "forward") return "timestep " + std::to_string(e.index());
     return e.where();
@@ -497,6 +517,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
   Row row;
   std::vector<T> before(offset[P]);
   std::vector<double> diff(largest);
+  std::vector<Sums> last(P);
   std::vector<std::int64_t> vidx;
   if (val) {
     vidx.resize(static_cast<std::size_t>(chunk));
@@ -623,7 +644,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         std::copy(p, p + n, b);
         opt.step(i, p, pass.grads[i].data(), n, lr);
         if (renorm && model.rows(i) > 0) renorm_rows(p, model.rows(i), n, o.max_weight_norm);
-        if (!update_norms(p, b, n, diff.data(), row.norm[i], row.ratio[i])) {
+        if (!update_norms(p, b, n, diff.data(), last[i], row.norm[i], row.ratio[i])) {
           bad_weight = static_cast<std::int64_t>(i);
           break;
         }
@@ -640,6 +661,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         break;
       }
       model.changed();
+      model.recycle(pass);
       if (schedule) schedule->step(pass.loss);
       stage();
 
@@ -650,6 +672,8 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         h.val_loss[static_cast<std::size_t>(h.rows)] = row.val_loss;
       }
       commit();
+      // The callback may change the weights.
+      if (callback) std::fill(last.begin(), last.end(), Sums{});
       if (callback && callback(step, h) && step < o.steps) {
         h.stopped = Stopped::callback;
         break;

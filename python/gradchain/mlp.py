@@ -522,7 +522,9 @@ class MLP:
     @property
     def log_scale_forward(self) -> bool:
         """True when the forward pass carries its scale in log space (positively
-        homogeneous activation and all biases zero): it then never overflows."""
+        homogeneous activation and all biases zero): it then never overflows. The layers
+        above the last nonzero bias carry it too, so an output beyond the float range is
+        possible either way (``rep.output`` inf, ``rep.output_mantissa`` exact)."""
         return self.activation in _HOMOGENEOUS and self._zero_bias
 
     @property

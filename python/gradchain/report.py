@@ -228,10 +228,18 @@ class ChainReport(_Report):
     log10_clip_coef : float
         log10 of the factor the gradients were multiplied by (0 without clipping).
     output : ndarray, shape (batch, out_features)
-        The chain's output (0 or inf where a log-scale forward pass left the float range).
+        The chain's output at its true scale, ``output_mantissa * 2**output_log2_scale``
+        rounded once to the chain's dtype: inf (or 0, or subnormal) exactly where the
+        value lies beyond the float range, which only a pass that carries its scale to the
+        output can reach (a plain float pass raises :class:`~gradchain.NonFiniteError`
+        instead of overflowing).
+    output_mantissa : ndarray, shape (batch, out_features)
+        The output as the forward pass holds it, largest entry inside the float range:
+        nothing of it is lost where ``output`` is inf or 0. The loss, ``dL/dh`` at the
+        output and every log10 norm are computed from it.
     output_log2_scale : int
-        Binary exponent carried in log space: the exact output is ``output_mantissa *
-        2**output_log2_scale``.
+        The binary exponent carried to the output: 0 unless its largest entry lies beyond
+        about 2**±204 (2**±25 in float32), where the mantissa is scaled back into that band.
     train : bool
         Whether the pass ran in train mode (BatchNorm with batch statistics).
     param_grads : dict of str to ndarray, or None
@@ -251,6 +259,7 @@ class ChainReport(_Report):
     max_norm: float | None
     log10_clip_coef: float
     output: np.ndarray
+    output_mantissa: np.ndarray
     output_log2_scale: int
     train: bool
     _param_grads: list[np.ndarray] | None
@@ -271,7 +280,7 @@ class ChainReport(_Report):
     ) -> dict[str, Any]:
         lp = d["log10_param_grad_norms"]
         lb = d["log10_boundary_grad_norms"]
-        _readonly(lp, lb, d["output"])
+        _readonly(lp, lb, d["output"], d["output_mantissa"])
         grads = d.get("param_grads")
         acts = d.get("boundary_grads")
         return {
@@ -286,6 +295,7 @@ class ChainReport(_Report):
             "max_norm": float(d["max_norm"]) if d["clipped"] else None,
             "log10_clip_coef": float(d["log10_clip_coef"]),
             "output": d["output"],
+            "output_mantissa": d["output_mantissa"],
             "output_log2_scale": int(d["output_log2_scale"]),
             "train": bool(train),
             "_param_grads": grads,

@@ -21,6 +21,8 @@ struct ChainRequest {
   const void* target = nullptr;  // T[B*out] (mse, grad_output) or int64[B] (cross_entropy)
   bool keep_param_grads = false;
   bool keep_boundary_grads = false;
+  // false: log10_boundary_grad_norms is left NaN (the pass then skips those sums)
+  bool boundary_norms = true;
   double max_norm = -1.0;  // < 0: no clipping
   double norm_type = 2.0;  // for the total norm and clipping; inf allowed
   bool forward_only = false;
@@ -46,7 +48,10 @@ struct ChainResult {
   bool clipped = false;
   double max_norm = 0.0;
   double log10_clip_coef = 0.0;
-  std::vector<T> output;  // the last boundary as floats
+  // The last boundary as the forward pass holds it (output_mantissa, within the float
+  // range) and at its true scale (output = output_mantissa * 2^output_log2_scale, rounded
+  // once: 0 or inf where that leaves the float range).
+  std::vector<T> output, output_mantissa;
   std::int64_t output_log2_scale = 0;
   std::vector<std::vector<T>> param_grads, boundary_grads;  // on request (clipped)
   // With ChainRequest::trace: every boundary (rows x width, times 2^exp) and every step's
@@ -100,6 +105,9 @@ class Chain {
 
   // Bytes a pass with this batch would allocate.
   double backward_bytes(int batch, const ChainRequest& req) const;
+  // Hands a result's param_grads back once read: the next pass that keeps its parameter
+  // gradients writes them there instead of allocating (and zeroing) new ones.
+  void recycle_param_grads(std::vector<std::vector<T>>&& grads);
   struct PassBytes {
     double needed = 0.0, pipeline = 0.0;
   };

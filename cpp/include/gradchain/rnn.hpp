@@ -53,6 +53,7 @@ struct RecurrentRequest {
   double norm_type = 2.0;
   bool keep_grads = false;        // parameter gradients and every state gradient
   bool keep_param_grads = false;  // parameter gradients only
+  bool state_norms = true;        // false: the state and cell gradient norms are left NaN
   bool forward_only = false;      // stop after the forward pass (output, h_n, c_n)
   bool loss_only = false;         // forward and loss, no backward (a validation pass)
 };

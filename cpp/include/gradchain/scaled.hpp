@@ -28,6 +28,17 @@ struct Scan {
 Scan scan(const double* x, std::size_t n);
 Scan scan(const float* x, std::size_t n);
 
+// max|x| (NaN entries skipped, as scan() skips them) and whether every entry is finite:
+// what rescaling needs, without the sum of squares. Taken on the bit patterns, so it is
+// exact and costs a fraction of scan().
+struct MaxAbs {
+  double value = 0.0;
+  bool finite = true;
+};
+
+MaxAbs max_abs(const double* x, std::size_t n);
+MaxAbs max_abs(const float* x, std::size_t n);
+
 // The binary exponent k with 2^k <= m < 2^(k+1); 0 for m == 0.
 inline int exponent_of(double m) {
   return m > 0.0 ? std::ilogb(m) : 0;
@@ -70,9 +81,9 @@ void scale_pow2(T* x, std::size_t n, int k) {
 // Non-finite or all-zero arrays are left as they are.
 template <class T>
 void into_band(T* x, std::size_t n, std::int64_t& e) {
-  const Scan s = scan(x, n);
+  const MaxAbs s = max_abs(x, n);
   if (!s.finite) return;
-  const int k = rescale_exponent<T>(s.maxabs);
+  const int k = rescale_exponent<T>(s.value);
   if (k != 0) {
     scale_pow2(x, n, -k);
     e += k;
@@ -93,6 +104,13 @@ inline double log10_add(double a, double b) {
   return m + std::log10(1.0 + std::pow(10.0, d));
 }
 
+// dst[i] = T(double(src[i]) * f) and dst[i] = T(double(src[i] * m) * f): the loops of
+// write_scaled, vectorized where the CPU allows.
+void mul_pow2(const float* src, std::size_t n, double f, float* dst);
+void mul_pow2(const double* src, std::size_t n, double f, double* dst);
+void mul_coef_pow2(const float* src, std::size_t n, float m, double f, float* dst);
+void mul_coef_pow2(const double* src, std::size_t n, double m, double f, double* dst);
+
 // Multiplies every entry by coef * 2^(e + coef_exp), where the product is formed by one
 // rounding in T. Where 2^k is a normal double, x * 2^k is the correctly rounded x 2^k that
 // ldexp gives.
@@ -105,8 +123,7 @@ void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* d
     if (k == 0) {
       if (dst != src) std::copy(src, src + n, dst);
     } else if (k >= 1 - kNormal && k <= kNormal) {
-      const double f = std::ldexp(1.0, k);
-      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<double>(src[i]) * f);
+      mul_pow2(src, n, std::ldexp(1.0, k), dst);
     } else {
       for (std::size_t i = 0; i < n; ++i)
         dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]), k));
@@ -119,9 +136,7 @@ void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* d
   const int k = static_cast<int>(std::clamp<std::int64_t>(total, -100000, 100000));
   const T mt = static_cast<T>(cm);
   if (k >= 1 - kNormal && k <= kNormal) {
-    const double f = std::ldexp(1.0, k);
-    for (std::size_t i = 0; i < n; ++i)
-      dst[i] = static_cast<T>(static_cast<double>(src[i] * mt) * f);
+    mul_coef_pow2(src, n, mt, std::ldexp(1.0, k), dst);
     return;
   }
   for (std::size_t i = 0; i < n; ++i)
@@ -178,16 +193,25 @@ LogClip log_clip(const std::vector<double>& log10_norms, double p, double max_no
   const double denom = log10_add(r.log10_total, -6.0);
   r.log10_coef = std::min(0.0, (max_norm > 0 ? std::log10(max_norm) : kNegInf) - denom);
   r.coef = std::pow(10.0, r.log10_coef);
-  if (r.log10_coef < 0.0) {
-    const double total = std::pow(10.0, r.log10_total);
-    if (std::isfinite(total) && total > 0)
-      r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
-  }
-  if (r.coef == 0.0 && std::isfinite(r.log10_coef)) {  // below the doubles: m * 2^k
-    const double l2 = r.log10_coef / kLog10_2;
-    const double k = std::floor(l2);
-    r.coef = std::exp2(l2 - k);
-    r.coef_exp = static_cast<std::int64_t>(k);
+  const double total = std::pow(10.0, r.log10_total);
+  const bool finite_total = std::isfinite(total) && total > 0;
+  if (r.log10_coef < 0.0 && finite_total)
+    r.coef = double(static_cast<T>(max_norm / (total + 1e-6)));
+  // Below T's normal numbers the coefficient would keep only part of its digits (or none):
+  // it is carried as m * 2^k instead, m the same quotient formed between mantissas (from
+  // the log10 where the total lies beyond the doubles), rounded to T.
+  if (r.coef < std::numeric_limits<T>::min() && std::isfinite(r.log10_coef)) {
+    if (finite_total) {
+      int a = 0, b = 0;
+      const double fm = std::frexp(max_norm, &a), fd = std::frexp(total + 1e-6, &b);
+      r.coef = double(static_cast<T>(fm / fd));
+      r.coef_exp = std::int64_t{a} - b;
+    } else {
+      const double l2 = r.log10_coef / kLog10_2;
+      const double k = std::floor(l2);
+      r.coef = double(static_cast<T>(std::exp2(l2 - k)));
+      r.coef_exp = static_cast<std::int64_t>(k);
+    }
   }
   return r;
 }
