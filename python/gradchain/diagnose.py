@@ -703,9 +703,9 @@ def diagnose(
     on the steps before that only (a blown-up network saturates and stalls as a
     consequence); stuck is judged on the steps before a blow-up or a divergence only if
     more than `patience` recorded points came before (the first points are the untrained
-    network's loss, above any baseline). The kind is the first that applies of: diverged, exploding (by growth,
-    spikes or layers), vanishing, exploding by clipping alone, stuck; the others that
-    apply are listed in ``also``.
+    network's loss, above any baseline). The kind is the first that applies of: diverged,
+    exploding (by growth, spikes or layers), vanishing, exploding by clipping alone, stuck;
+    the others that apply are listed in ``also``.
 
     Parameters
     ----------
