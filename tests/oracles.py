@@ -731,6 +731,12 @@ def _np_cell_backward(cell, p, cache, dh, dc, acc):
     acc["w_hh"] += dgh.T @ h
     acc["b_ih"] += dgi.sum(axis=0)
     acc["b_hh"] += dgh.sum(axis=0)
+    if "abs" in acc:  # the same sums over absolute values (see numpy_rnn_backward)
+        a = acc["abs"]
+        a["w_ih"] += np.abs(dgi).T @ np.abs(xin)
+        a["w_hh"] += np.abs(dgh).T @ np.abs(h)
+        a["b_ih"] += np.abs(dgi).sum(axis=0)
+        a["b_hh"] += np.abs(dgh).sum(axis=0)
     return dgi @ p.w_ih, dh_direct + dgh @ p.w_hh, dc_prev, dc_total
 
 
@@ -944,6 +950,7 @@ def numpy_rnn_backward(
     truncate=None,
     truncate_mode="detach",
     saturate=0,
+    sums=False,
 ):
     """Reference forward + backward of a recurrent chain in float64 NumPy.
 
@@ -966,7 +973,10 @@ def numpy_rnn_backward(
 
     Returns a dict with ``loss`` (NaN for ``"grad"``), ``state_grads`` (L, T + 1, B, H),
     ``cell_grads`` (LSTM, same shape) or None, ``grads`` (name -> array for every entry of
-    the state dict), ``h_n`` (L, B, H) and ``c_n`` (LSTM) or None.
+    the state dict), ``h_n`` (L, B, H) and ``c_n`` (LSTM) or None. With ``sums``, also
+    ``abs_sums``: name -> the cells' parameter-gradient sums taken over absolute values
+    (sum over steps and examples of |dL/dgates|^T |input|), which bound the rounding error
+    of those sums in any order; the read-out's are None.
     """
     P = _rnn_params(cell, state_dict)
     k = _check_truncate(truncate, truncate_mode)
@@ -987,6 +997,9 @@ def numpy_rnn_backward(
         }
         for p in P.layers
     ]
+    if sums:
+        for a in acc:
+            a["abs"] = {n: np.zeros_like(v) for n, v in a.items()}
     if k is None or truncate_mode == "detach":
         cut = set() if k is None else set(range(k, T, k))  # empty when k >= T
         sg, cg = _np_backward_range(P, caches, 0, T, inject, cut, acc)
@@ -1008,7 +1021,20 @@ def numpy_rnn_backward(
     if P.readout is not None:
         grads["readout.weight"] = d_ro_w
         grads["readout.bias"] = d_ro_b
-    return {
+    out = {}
+    if sums:
+        out["abs_sums"] = {
+            f"{n}_l{l}": a["abs"][k]
+            for l, a in enumerate(acc)
+            for n, k in (
+                ("weight_ih", "w_ih"),
+                ("weight_hh", "w_hh"),
+                ("bias_ih", "b_ih"),
+                ("bias_hh", "b_hh"),
+            )
+        }
+        out["abs_sums"] = {n: out["abs_sums"].get(n) for n in P.names}
+    return out | {
         "loss": val,
         "state_grads": sg,
         "cell_grads": cg,
@@ -2120,7 +2146,13 @@ def torch_module(desc, dtype="float64"):
     if k == "scale":
         return TorchScale(desc["value"])
     if k == "layer_norm":
-        return nn.LayerNorm(desc["n"], eps=desc["eps"], elementwise_affine=desc["affine"], bias=desc["bias"], dtype=tdt)
+        return nn.LayerNorm(
+            desc["n"],
+            eps=desc["eps"],
+            elementwise_affine=desc["affine"],
+            bias=desc["bias"],
+            dtype=tdt,
+        )
     if k == "rms_norm":
         return nn.RMSNorm(desc["n"], eps=desc["eps"], elementwise_affine=desc["affine"], dtype=tdt)
     if k == "batch_norm":
@@ -2184,7 +2216,9 @@ def torch_chain(descs, state_dict=None, dtype="float64", train=True):
     return model
 
 
-def torch_chain_backward(model, x, loss="probe", target=None, grad_output=None, max_norm=None, norm_type=2.0):
+def torch_chain_backward(
+    model, x, loss="probe", target=None, grad_output=None, max_norm=None, norm_type=2.0
+):
     """Autograd through a torch ``nn.Sequential`` (any torch model whose top-level children
     run in order), keeping the gradient at every top-level boundary.
 
@@ -2229,12 +2263,17 @@ def torch_chain_backward(model, x, loss="probe", target=None, grad_output=None, 
     res = SimpleNamespace(
         loss=float("nan") if lv is None else float(lv.detach()),
         output=h.detach().numpy().copy(),
-        dh=[t.grad.detach().numpy().copy() if t.grad is not None else np.zeros(tuple(t.shape)) for t in hs],
+        dh=[
+            t.grad.detach().numpy().copy() if t.grad is not None else np.zeros(tuple(t.shape))
+            for t in hs
+        ],
         total_norm=None,
     )
     res.grads = res.grads_unclipped = grads()
     if max_norm is not None:
-        res.total_norm = float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm, norm_type=norm_type))
+        res.total_norm = float(
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm, norm_type=norm_type)
+        )
         res.grads = grads()
     res.state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return res
@@ -2281,7 +2320,9 @@ def _np_forward(d, p, x, train, name, caches, eps_default):
                 p[f"{name}.num_batches_tracked"] = np.asarray(nbt, dtype=np.int64)
                 m = 1.0 / nbt if d["momentum"] is None else d["momentum"]
                 p[f"{name}.running_mean"] = (1 - m) * p[f"{name}.running_mean"] + m * mu
-                p[f"{name}.running_var"] = (1 - m) * p[f"{name}.running_var"] + m * var * n / (n - 1)
+                p[f"{name}.running_var"] = (1 - m) * p[f"{name}.running_var"] + m * var * n / (
+                    n - 1
+                )
         else:
             mu, var = p[f"{name}.running_mean"], p[f"{name}.running_var"]
         r = 1.0 / np.sqrt(var + d["eps"])
@@ -2295,7 +2336,11 @@ def _np_forward(d, p, x, train, name, caches, eps_default):
         for j, b in enumerate(d["body"]):
             h = _np_forward(b, p, h, train, f"{name}.block.{j}", sub, eps_default)
         sc = []
-        s = x if d["shortcut"] is None else _np_forward(d["shortcut"], p, x, train, f"{name}.shortcut", sc, eps_default)
+        s = (
+            x
+            if d["shortcut"] is None
+            else _np_forward(d["shortcut"], p, x, train, f"{name}.shortcut", sc, eps_default)
+        )
         caches.append((d, name, (sub, sc)))
         return s + d["scale"] * h
     raise ValueError(f"unknown block kind {k!r}")
@@ -2311,7 +2356,9 @@ def _np_backward(cache, p, dy, grads):
             grads[f"{name}.bias"] = dy.sum(axis=0)
         return dy @ p[f"{name}.weight"]
     if k == "activation":
-        return dy * act_derivative(d["name"], saved, d.get("negative_slope", 0.01), d.get("alpha", 1.0))
+        return dy * act_derivative(
+            d["name"], saved, d.get("negative_slope", 0.01), d.get("alpha", 1.0)
+        )
     if k == "scale":
         return d["value"] * dy
     if k in ("layer_norm", "rms_norm"):
@@ -2324,7 +2371,9 @@ def _np_backward(cache, p, dy, grads):
         else:
             g = dy
         if k == "layer_norm":
-            return r * (g - g.mean(axis=1, keepdims=True) - xh * np.mean(g * xh, axis=1, keepdims=True))
+            return r * (
+                g - g.mean(axis=1, keepdims=True) - xh * np.mean(g * xh, axis=1, keepdims=True)
+            )
         return r * (g - xh * np.mean(g * xh, axis=1, keepdims=True))
     if k == "batch_norm":
         xh, r, batch_stats = saved
@@ -2349,7 +2398,9 @@ def _np_backward(cache, p, dy, grads):
     raise ValueError(f"unknown block kind {k!r}")
 
 
-def numpy_chain_backward(descs, state_dict, x, loss="probe", target=None, grad_output=None, train=True, eps_default=None):
+def numpy_chain_backward(
+    descs, state_dict, x, loss="probe", target=None, grad_output=None, train=True, eps_default=None
+):
     """Forward and backward through a chain of block descriptions in float64 NumPy, with
     hand-written derivatives for every block kind.
 
@@ -2358,7 +2409,10 @@ def numpy_chain_backward(descs, state_dict, x, loss="probe", target=None, grad_o
     train mode). ``eps_default`` is RMSNorm's eps when its description says None (torch:
     the machine epsilon of the dtype).
     """
-    p = {k: np.array(v, dtype=np.int64 if k.endswith("num_batches_tracked") else np.float64) for k, v in state_dict.items()}
+    p = {
+        k: np.array(v, dtype=np.int64 if k.endswith("num_batches_tracked") else np.float64)
+        for k, v in state_dict.items()
+    }
     eps_default = np.finfo(np.float64).eps if eps_default is None else eps_default
     h = np.asarray(x, dtype=np.float64)
     tops = []

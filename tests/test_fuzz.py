@@ -93,6 +93,22 @@ def log10_combine(values, p: float = 2.0) -> float:
     return O.log10_sum_pow10(p * v) / p
 
 
+def total_interval(params, bounds, p: float) -> tuple[float, float]:
+    """log10 of the p-norm of all parameter gradients with every entry moved by up to its
+    rounding-error bound, down (towards zero) and up: the norm is monotone in each |entry|,
+    so these bracket every total a float pass can form. For p < 1 the norm is not Lipschitz
+    at zero (a rounding error d in an exact zero adds d**p), and an exact zero is as right
+    as the oracle's rounding noise. `params`: (array, log2 shift) pairs; `bounds`: arrays in
+    the same units (None: no bound)."""
+    lo, hi = [], []
+    for (a, s), b in zip(params, bounds):
+        a = np.abs(np.asarray(a, dtype=np.float64))
+        b = np.zeros_like(a) if b is None else np.asarray(b, dtype=np.float64)
+        lo.append(log10_pnorm(np.maximum(a - b, 0.0), p) + s * LOG2)
+        hi.append(log10_pnorm(a + b, p) + s * LOG2)
+    return log10_combine(lo, p), log10_combine(hi, p)
+
+
 def log10_clip_coef(log10_total: float, max_norm: float | None) -> float:
     """torch's min(1, max_norm / (total + 1e-6)) in log10."""
     if max_norm is None:
@@ -375,13 +391,18 @@ def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch) -> di
             t /= batch
         else:  # probe (dL/dh_L = h_L) or a given gradient
             t = np.abs(g_top)
-        c = math.log10((L + 1) * (max(w.shape[0] for w in ws) + batch) * EPS64)
+        k = (L + 1) * (max(w.shape[0] for w in ws) + batch) * EPS64
+        c = math.log10(k)
         floor = {"weight": [0.0] * L, "bias": [0.0] * L, "activation": [0.0] * (L + 1)}
         floor["activation"][L] = log10_pnorm(t) + c
+        # the same bounds entry by entry, for norms that are not Lipschitz at zero
+        floor["entries"] = [None] * (2 * L)
         for l in range(L - 1, -1, -1):
             dz = np.abs(O.act_derivative(act, zs[l], slope, alpha)) * t
-            floor["weight"][l] = log10_pnorm(dz.T @ np.abs(hs[l])) + c
-            floor["bias"][l] = log10_pnorm(dz.sum(axis=0)) + c
+            aw, ab = dz.T @ np.abs(hs[l]), dz.sum(axis=0)
+            floor["weight"][l] = log10_pnorm(aw) + c
+            floor["bias"][l] = log10_pnorm(ab) + c
+            floor["entries"][2 * l : 2 * l + 2] = [k * aw, k * ab]
             t = dz @ np.abs(ws[l])
             floor["activation"][l] = log10_pnorm(t) + c
     return floor
@@ -441,7 +462,9 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
     log10 = {k: np.array([log10_pnorm(a) + s * LOG2 for a, s in v]) for k, v in arrays.items()}
     top_g = g if oloss == "grad_output" else hs[-1]
     floor = noise_floor(wsc, zs, hs, act, oloss, target, top_g, slope, alpha, x.shape[0])
+    entries = floor.pop("entries")
     floor = {k: np.array(v) + np.array([s * LOG2 for _, s in arrays[k]]) for k, v in floor.items()}
+    floor["entries"] = entries
     lv = ref.loss  # NaN for grad_output; compared where torch holds it to full precision
     lv_log = math.nan
     if loss == "probe" and oloss != loss:
@@ -785,6 +808,7 @@ def compare_all(f: Failures, got: dict, want_fn, dtype: str, depth: int, ulps: f
     if want is None:
         return
     floor = want.pop("floor", {})  # name -> rounding-error bounds (see noise_floor)
+    interval = want.pop("interval", {})  # name -> (lo, hi): see total_interval
     off = {n: compare_log10(f, n, got[n], want[n], base) for n in want}
     if not any(off.values()):
         return
@@ -845,6 +869,10 @@ def compare_all(f: Failures, got: dict, want_fn, dtype: str, depth: int, ulps: f
             # told from zero: there an exact zero, or anything up to the bound, is right
             idx = [i for i in idx if not (w[i] <= fl[i] and g[i] <= fl[i] + base + sp[i])]
             idx = [i for i in idx if not (z[i] and g[i] <= w[i] + base + sp[i])]
+            if n in interval:
+                # a total within the interval that rounding-error bounds on every entry allow
+                lo, hi = interval[n]
+                idx = [i for i in idx if not (lo - base - sp[i] <= g[i] <= hi + base + sp[i])]
             f.check(not idx, lambda n=n, idx=idx: report_mismatches(n, got[n], want[n], idx))
 
 
@@ -980,6 +1008,7 @@ def check_mlp(case: MLPCase) -> None:
         total = log10_combine(
             [log10_pnorm(a, case.norm_type) + s * LOG2 for a, s in params], case.norm_type
         )
+        lo, hi = total_interval(params, t.floor["entries"], case.norm_type)
         return {
             "log10_weight_grad_norms": t.log10["weight"],
             "log10_bias_grad_norms": t.log10["bias"],
@@ -992,6 +1021,13 @@ def check_mlp(case: MLPCase) -> None:
                 "log10_weight_grad_norms": t.floor["weight"],
                 "log10_bias_grad_norms": t.floor["bias"],
                 "log10_activation_grad_norms": t.floor["activation"],
+            },
+            "interval": {
+                "log10_total_norm": (lo, hi),
+                "log10_clip_coef": (
+                    log10_clip_coef(hi, case.max_norm),
+                    log10_clip_coef(lo, case.max_norm),
+                ),
             },
         }
 
@@ -1348,7 +1384,37 @@ def check_rnn(case: RNNCase) -> None:
             [log10_pnorm(ref["grads"][n], case.norm_type) + s for n in names], case.norm_type
         )
         lv = ref["loss"]
-        out = {
+        extra = {}
+        if tdtype == "float64" and not rel:
+            # the parameter gradients are sums over steps and examples: their rounding error
+            # in any order is bounded by the same sums over absolute values times
+            # (T L + 1) (T B + H + inputs) eps (the gates' own errors, relative to the
+            # carried gradients, accumulate over the T L cells they pass)
+            with np.errstate(all="ignore"):
+                nt = np.ldexp(pt, -ref["shift"]) if oloss == "grad" else pt
+                num = O.numpy_rnn_backward(
+                    case.cell, psd, px, h0=ph, c0=pc, loss=oloss, target=nt,
+                    truncate=case.truncate, truncate_mode=case.truncate_mode, sums=True,
+                )  # fmt: skip
+            k = (T * L + 1) * (T * B + H + xs.shape[2]) * EPS64
+            sums = [num["abs_sums"][n] for n in names]
+            bounds = [None if a is None else k * a for a in sums]
+            if all(b is None or np.all(np.isfinite(b)) for b in bounds):
+                extra["floor"] = {
+                    "log10_weight_grad_norms": np.array(
+                        [-math.inf if b is None else log10_pnorm(b) + s for b in bounds]
+                    )
+                }
+                params = [(ref["grads"][n], ref["shift"]) for n in names]
+                lo, hi = total_interval(params, bounds, case.norm_type)
+                extra["interval"] = {
+                    "log10_total_norm": (lo, hi),
+                    "log10_clip_coef": (
+                        log10_clip_coef(hi, case.max_norm),
+                        log10_clip_coef(lo, case.max_norm),
+                    ),
+                }
+        out = extra | {
             "log10_layer_state_grad_norms": np.array(
                 [[log10_pnorm(sg[l, t]) + s for t in range(T + 1)] for l in range(L)]
             ),

@@ -699,3 +699,24 @@ def test_bad_x(gc, fn, x, exc, match):
 def test_net_must_be_mlp(gc):
     with pytest.raises(TypeError, match=r"net must be a gradchain.MLP"):
         jacobian_spectrum(object(), np.ones(6))
+
+
+@pytest.mark.parametrize("exact_max_dim", [0, 64])
+@pytest.mark.parametrize("shift", [-1070, -1040, 1000])
+def test_norms_of_weights_beyond_the_normal_range(gc, shift, exact_max_dim):
+    """A layer's Jacobian formed from subnormal (or huge) weights keeps every bit the
+    weights hold: its norms are those of the same weights scaled into range, shifted back."""
+    rng = np.random.default_rng(3)
+    w = [rng.standard_normal((5, 3)), rng.standard_normal((4, 5))]
+    scaled = [np.ldexp(a, shift) for a in w]  # rounded once, where the weights are stored
+    net = gc.MLP.from_weights(scaled, [None, None], activation="linear")
+    jn = jacobian_norms(net, rng.standard_normal((2, 3)), exact_max_dim=exact_max_dim)
+    back = [np.ldexp(a, -shift) for a in scaled]  # exact
+    s = shift * math.log10(2.0)
+    for l, a in enumerate(back):
+        assert np.allclose(jn.log10_frobenius[:, l], np.log10(np.linalg.norm(a)) + s, rtol=1e-13)
+        assert np.allclose(jn.log10_spectral[:, l], np.log10(np.linalg.norm(a, 2)) + s, rtol=1e-9)
+    # a 1 x 1 Jacobian has one singular value: both norms are it
+    one = gc.MLP.from_weights([np.array([[1.255e-321]])], [None], activation="sigmoid")
+    n1 = jacobian_norms(one, np.array([[0.12573022]]), exact_max_dim=exact_max_dim)
+    assert n1.log10_spectral[0, 0] == pytest.approx(n1.log10_frobenius[0, 0], abs=1e-12)

@@ -433,6 +433,24 @@ void zero_padding(double* out, std::size_t ldo, int n, int k) {
   for (int c = 0; c < k; ++c) std::fill(out + sz(c) * ldo + sz(n), out + sz(c + 1) * ldo, 0.0);
 }
 
+// ilogb of the largest |x_i| (0 when x is zero or not finite).
+int top_exponent(const double* x, std::size_t n) {
+  double mx = 0.0;
+  for (std::size_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(x[i]));
+  return mx > 0.0 && std::isfinite(mx) ? std::ilogb(mx) : 0;
+}
+
+// ||x|| 2^s without overflow or underflow of the squares, where the result is in range.
+double scaled_norm(const double* x, std::size_t n, int s) {
+  const int e = top_exponent(x, n);
+  double ss = 0.0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double y = std::ldexp(x[i], -e);
+    ss += y * y;
+  }
+  return std::ldexp(std::sqrt(ss), e + s);
+}
+
 // Euclidean norm without overflow or underflow of the squares.
 double safe_norm(const double* x, std::size_t n) {
   double mx = 0.0;
@@ -469,26 +487,29 @@ std::string layer_msg(int l, int depth) {
 
 // ---- JacobianChain defaults ------------------------------------------------------------
 
-void JacobianChain::dense(int l, double* J) const {
+int JacobianChain::dense(int l, double* J) const {
   const int n = dim(l), m = dim(l - 1);
   std::vector<double> eye(sz(m) * sz(m), 0.0), cols(sz(m) * sz(n));
   for (int j = 0; j < m; ++j) eye[sz(j) * sz(m) + sz(j)] = 1.0;
   apply(l, eye.data(), m, cols.data());  // row j of cols = J e_j
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < m; ++j) J[sz(i) * sz(m) + sz(j)] = cols[sz(j) * sz(n) + sz(i)];
+  return 0;
 }
 
 double JacobianChain::log10_frobenius(int l) const {
   const std::size_t size = sz(dim(l)) * sz(dim(l - 1));
   std::vector<double> J(size);
-  dense(l, J.data());
+  const int e = dense(l, J.data());
   const double nrm = safe_norm(J.data(), size);
-  return nrm > 0.0 ? std::log10(nrm) : kNegInf;
+  return nrm > 0.0 ? std::log10(nrm) + double(e) * kLog10Of2 : kNegInf;
 }
 
 const double* JacobianChain::row_form(int l, const double** d, std::vector<double>& storage) const {
   storage.resize(sz(dim(l)) * sz(dim(l - 1)));
-  dense(l, storage.data());
+  const int e = dense(l, storage.data());
+  if (e != 0)
+    for (double& a : storage) a = std::ldexp(a, e);
   *d = nullptr;
   return storage.data();
 }
@@ -553,6 +574,9 @@ void MLPLayers::take(const std::vector<const T*>& wsrc, const std::vector<const 
       bo += n;
     }
   }
+  wexp_.assign(sz(L) + 1, 0);
+  for (int l = 1; l <= L; ++l)
+    wexp_[sz(l)] = top_exponent(w_[sz(l)], sz(widths_[sz(l)]) * sz(widths_[sz(l) - 1]));
   if (!row_norms) return;
   rownorm_.resize(roff_.back());
 #pragma omp parallel for schedule(static) \
@@ -560,7 +584,7 @@ void MLPLayers::take(const std::vector<const T*>& wsrc, const std::vector<const 
   for (int l = 1; l <= L; ++l) {
     const int n = widths_[sz(l)], m = widths_[sz(l) - 1];
     for (int i = 0; i < n; ++i)
-      rownorm_[roff_[sz(l)] + sz(i)] = safe_norm(w_[sz(l)] + sz(i) * sz(m), sz(m));
+      rownorm_[roff_[sz(l)] + sz(i)] = scaled_norm(w_[sz(l)] + sz(i) * sz(m), sz(m), -wexp_[sz(l)]);
   }
 }
 
@@ -740,12 +764,29 @@ void MLPJacobians::apply_transpose(int l, const double* u, int k, double* out) c
              out, m);
 }
 
-void MLPJacobians::dense(int l, double* J) const {
+bool MLPJacobians::dense_needed(int l) const {
+  return top_exponent(derivative(l), sz(dim(l))) + layers_.weight_exponent(l) <= -900;
+}
+
+int MLPJacobians::dense(int l, double* J) const {
   const int n = dim(l), m = dim(l - 1);
   const double* W = layers_.weight(l);
   const double* d = derivative(l);
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < m; ++j) J[sz(i) * sz(m) + sz(j)] = d[i] * W[sz(i) * sz(m) + sz(j)];
+  const int ed = top_exponent(d, sz(n)), ew = layers_.weight_exponent(l);
+  // (Entries that overflow stay inf: rescale_dense reports them.)
+  if (ed + ew > -900) {
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < m; ++j) J[sz(i) * sz(m) + sz(j)] = d[i] * W[sz(i) * sz(m) + sz(j)];
+    return 0;
+  }
+  // Products formed where they lie would lose the bits a subnormal cannot hold: both
+  // factors go to about 1 first, exactly, and 2^(ed + ew) is returned.
+  for (int i = 0; i < n; ++i) {
+    const double di = std::ldexp(d[i], -ed);
+    for (int j = 0; j < m; ++j)
+      J[sz(i) * sz(m) + sz(j)] = di * std::ldexp(W[sz(i) * sz(m) + sz(j)], -ew);
+  }
+  return ed + ew;
 }
 
 double MLPJacobians::log10_frobenius(int l) const {
@@ -771,7 +812,7 @@ double MLPJacobians::log10_frobenius(int l) const {
     const double t = std::ldexp(md * mr, ed + er - emax);
     ss += t * t;
   }
-  return 0.5 * std::log10(ss) + double(emax) * kLog10Of2;
+  return 0.5 * std::log10(ss) + double(emax + layers_.weight_exponent(l)) * kLog10Of2;
 }
 
 const double* MLPJacobians::row_form(int l, const double** d, std::vector<double>&) const {
@@ -891,14 +932,15 @@ void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNo
     r = LayerNorms{};
     const int n = chain.dim(l), m = chain.dim(l - 1);
     const bool exact = opt.spectral && std::max(n, m) <= opt.exact_max_dim;
+    const bool form = native || exact || (opt.spectral && chain.dense_needed(l));
     // A chain whose own norms and products go through dense() has it formed once here,
     // scaled by a power of two (exactly) so that neither its norms nor the SVD's
     // intermediate values leave the double range; log10 2^e is added back to every norm.
     double shift = 0.0;
-    if (native || exact) {
+    if (form) {
       w.J.resize(sz(n) * sz(m));
-      chain.dense(l, w.J.data());
-      shift = double(rescale_dense(w.J, l, L)) * kLog10Of2;
+      const int e = chain.dense(l, w.J.data());
+      shift = double(e + rescale_dense(w.J, l, L)) * kLog10Of2;
     }
     if (native) {
       const double nrm = safe_norm(w.J.data(), w.J.size());
@@ -920,7 +962,7 @@ void jacobian_norms(const JacobianChain& chain, const NormsOptions& opt, LayerNo
       }
     }
     if (!done) {
-      if (native || exact) {
+      if (form) {
         power_iteration(DenseStep(w.J.data(), l, n, m), l, opt, r, cancel);
         if (std::isfinite(r.log10_spectral)) r.log10_spectral += shift;
       } else {

@@ -188,7 +188,7 @@ RecurrentJacobians::RecurrentJacobians(const RecurrentLayers& layers, const doub
   }
 }
 
-void RecurrentJacobians::dense(int t, double* J) const {
+int RecurrentJacobians::dense(int t, double* J) const {
   const RecurrentLayers& L = layers_;
   const int H = L.hidden(), G = L.gates(), S = L.layer_state(), n = n_;
   const bool lstm = L.cell() == CellKind::lstm;
@@ -225,6 +225,7 @@ void RecurrentJacobians::dense(int t, double* J) const {
         rows[sz(H + j) * sz(n) + sz(o + H + j)] += co.c_cp[sz(j)];
       }
   }
+  return 0;
 }
 
 void RecurrentJacobians::apply(int t, const double* v, int k, double* out) const {

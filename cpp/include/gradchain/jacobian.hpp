@@ -34,8 +34,9 @@ class JacobianChain {
   virtual void apply(int l, const double* v, int k, double* out) const = 0;
   // out = J_l^T u for k vectors: u is k x dim(l), out is k x dim(l-1).
   virtual void apply_transpose(int l, const double* u, int k, double* out) const = 0;
-  // J_l, dim(l) x dim(l-1) row-major. Default: J_l applied to the identity.
-  virtual void dense(int l, double* J) const;
+  // J_l = J * 2^e, J dim(l) x dim(l-1) row-major; returns e. Default: J_l applied to the
+  // identity, e = 0.
+  virtual int dense(int l, double* J) const;
   // log10 ||J_l||_F (-inf when J_l = 0). Default: from dense().
   virtual double log10_frobenius(int l) const;
   // J_l = diag(d) B with B dim(l) x dim(l-1) row-major: returns B and sets d (nullptr for
@@ -45,6 +46,9 @@ class JacobianChain {
   // True when apply() and log10_frobenius() form dense(l) on every call: jacobian_norms()
   // then forms it once per step and works on that.
   virtual bool dense_native() const { return false; }
+  // True when apply() at step l would round its products below the normal range, where
+  // dense(l) keeps their bits: jacobian_norms() then works on dense(l).
+  virtual bool dense_needed(int) const { return false; }
 };
 
 // A [Linear, Activation] chain's weights in double (a copy for float chains), and what every
@@ -63,9 +67,13 @@ class MLPLayers {
   bool log_scale_forward() const { return homog_; }
   const double* weight(int l) const { return w_[static_cast<std::size_t>(l)]; }
   const double* bias(int l) const { return b_[static_cast<std::size_t>(l)]; }
+  // The row norms of W_l times 2^-weight_exponent(l), so that rows of weights below the
+  // normal range keep their bits.
   const double* row_norms(int l) const {
     return rownorm_.data() + roff_[static_cast<std::size_t>(l)];
   }
+  // ilogb of the largest |entry| of W_l (0 for a zero W_l).
+  int weight_exponent(int l) const { return wexp_[static_cast<std::size_t>(l)]; }
 
  private:
   std::vector<int> widths_;
@@ -77,6 +85,7 @@ class MLPLayers {
   std::vector<const double*> w_, b_;
   std::vector<double> rownorm_;
   std::vector<std::size_t> roff_;
+  std::vector<int> wexp_;
 };
 
 // J_l = diag(phi'(z_l)) W_l for one example. The forward pass runs in double and keeps only
@@ -95,7 +104,8 @@ class MLPJacobians final : public JacobianChain {
   int dim(int l) const override { return layers_.widths()[static_cast<std::size_t>(l)]; }
   void apply(int l, const double* v, int k, double* out) const override;
   void apply_transpose(int l, const double* u, int k, double* out) const override;
-  void dense(int l, double* J) const override;
+  int dense(int l, double* J) const override;
+  bool dense_needed(int l) const override;
   double log10_frobenius(int l) const override;
   const double* row_form(int l, const double** d, std::vector<double>& storage) const override;
 

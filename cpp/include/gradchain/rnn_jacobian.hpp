@@ -53,7 +53,7 @@ class RecurrentJacobians final : public JacobianChain {
   int dim(int) const override { return n_; }
   void apply(int t, const double* v, int k, double* out) const override;
   void apply_transpose(int t, const double* u, int k, double* out) const override;
-  void dense(int t, double* J) const override;
+  int dense(int t, double* J) const override;
   bool dense_native() const override { return true; }
 
   // s_t, t = 0..steps.
