@@ -171,9 +171,12 @@ def _zeros_biases(weights):
     return [np.zeros(np.shape(w)[0]) for w in weights]
 
 
-def numpy_forward(weights, biases, x, activation, negative_slope=0.01, alpha=1.0, dtype=np.float64):
+def numpy_forward(
+    weights, biases, x, activation, negative_slope=0.01, alpha=1.0, dtype=np.float64, flush=None
+):
     """Plain forward (float64 unless `dtype`: then the affine maps run in that precision
-    and each activation output is rounded to it).  Returns (zs, hs) with hs[0] = x."""
+    and each activation output is rounded to it).  Returns (zs, hs) with hs[0] = x.
+    ``flush``: pre-activations more than 2**flush below their layer's largest are set to 0."""
     dt = np.dtype(dtype)
     if biases is None:
         biases = _zeros_biases(weights)
@@ -182,6 +185,10 @@ def numpy_forward(weights, biases, x, activation, negative_slope=0.01, alpha=1.0
     with np.errstate(all="ignore"):
         for w, b in zip(weights, biases):
             z = h @ np.asarray(w, dtype=dt).T + np.asarray(b, dtype=dt)
+            if flush is not None:
+                m = float(np.max(np.abs(z), initial=0.0))
+                if math.isfinite(m):
+                    z = np.where(np.abs(z) < math.ldexp(m, -flush), 0.0 * z, z)
             h = act_forward(activation, z, negative_slope, alpha).astype(dt)
             zs.append(z)
             hs.append(h)
@@ -211,16 +218,18 @@ def numpy_backward(
     negative_slope=0.01,
     alpha=1.0,
     saturate=0,
+    flush=None,
 ):
     """Reference forward + backward in float64 NumPy.
 
     Returns a namespace with ``loss``, ``output`` (h_L), ``dW`` and ``db`` (lists of length
     depth) and ``dh`` (length depth + 1, dh[0] = dL/dx). ``saturate``: tanh and sigmoid
-    outputs within so many ulps of +-1 are taken as +-1 in the derivatives (`saturated`).
+    outputs within so many ulps of +-1 are taken as +-1 in the derivatives (`saturated`);
+    ``flush`` as in :func:`numpy_forward`.
     """
     if biases is None:
         biases = _zeros_biases(weights)
-    zs, hs = numpy_forward(weights, biases, x, activation, negative_slope, alpha)
+    zs, hs = numpy_forward(weights, biases, x, activation, negative_slope, alpha, flush=flush)
     loss_val, g = _loss_and_grad(hs[-1], loss, target, grad_output)
     depth = len(weights)
     dW, db, dh = [None] * depth, [None] * depth, [None] * (depth + 1)

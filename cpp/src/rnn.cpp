@@ -765,13 +765,29 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
       case CellKind::gru: {
         const T* hp = p.Hs[l] + (t - 1) * n;
+        // dL/dr carries W_hn h + b_hn, which may lie far above the band: where dh times it
+        // could overflow, the step's gates are formed from dh * 2^-s and kept at 2^(gh + s).
+        Pow2<T> ds(0);
+        if (th != kNone) {
+          T mg = T(0);
+          for (std::size_t r = 0; r < R; ++r)
+            for (std::size_t j = 0; j < H; ++j) mg = std::max(mg, std::abs(G[r * GW + 3 * H + j]));
+          if (mg > T(0) && std::isfinite(mg)) {
+            constexpr int room = std::numeric_limits<T>::max_exponent - 8;
+            const std::int64_t top = th - gh + exponent_of(mg) + exponent_of(double(m_.GH));
+            if (top > room) {
+              ds = Pow2<T>(room - top);
+              *dge = gh + (top - room);
+            }
+          }
+        }
         for (std::size_t r = 0; r < R; ++r) {
           const T* gr = G + r * GW;
           T* dr = dG + r * GW;
           for (std::size_t j = 0; j < H; ++j) {
             const std::size_t i = r * H + j;
             const T rr = gr[j], z = gr[H + j], nn = gr[2 * H + j], ghn = gr[3 * H + j];
-            const T d = dh[i];
+            const T d = ds(dh[i]);
             const T dzn = d * (T(1) - z) * (T(1) - nn * nn);
             const T dzz = d * (hp[i] - nn) * z * (T(1) - z);
             const T dzr = dzn * ghn * rr * (T(1) - rr);
@@ -779,7 +795,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
             dr[H + j] = dzz;
             dr[2 * H + j] = dzn * rr;  // through W_hn h + b_hn
             dr[3 * H + j] = dzn;       // through W_in x + b_in
-            tmp[i] = d * z;
+            tmp[i] = dh[i] * z;
           }
         }
         break;
