@@ -344,3 +344,28 @@ def test_theory_broadcasts_and_keeps_scalars():
         gc.theory.chi_1("tanh", [1.0, -1.0])
     with pytest.raises(TypeError, match="sigma_b must hold real numbers"):
         gc.theory.chi_1("tanh", [1.0], ["a"])
+
+
+def residual_chain(scale, width=8, seed=0):
+    """A factory a sweep may take: a residual chain of blocks, built from its arguments."""
+    blocks = [gc.Residual([gc.Activation("relu"), gc.Linear(width, width)], scale=scale)] * 6
+    return gc.Chain(blocks, init="he_normal", seed=seed)
+
+
+def test_chain_targets():
+    g = gc.sweep(residual_chain, dims={"scale": [0.1, 1.0]}, measure="backward", batch=4)
+    chain_seed, rng = point_inputs(0, 1, 0)
+    rep = residual_chain(1.0, seed=chain_seed).backward(rng.standard_normal((4, 8)))
+    assert g.values["log10_total_norm"][1, 0] == rep.log10_total_norm
+    assert_close(
+        g.values["growth"][1, 0], slope_from_output(rep.log10_activation_grad_norms), rtol=1e-9
+    )
+    assert (
+        g.values["log10_first_weight_grad_norm"][1, 0]
+        == rep.log10_param_grad_norms["0.block.1.weight"]
+    )
+    blocks = [gc.Linear(8, 8), gc.Activation("tanh")] * 4
+    c = gc.sweep(gc.Chain, dims={"gain": [0.5, 2.0]}, fixed={"blocks": blocks}, batch=4)
+    chain_seed, rng = point_inputs(0, 0, 0)
+    rep = gc.Chain(blocks, gain=0.5, seed=chain_seed).backward(rng.standard_normal((4, 8)))
+    assert c.values["log10_first"][0, 0] == rep.log10_activation_grad_norms[0]

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _core
 from . import _validate as v
+from ._progress import progress_bar
 from .mlp import MLP
 from .rnn import RNN
 
@@ -367,8 +368,7 @@ def _as_values(out: Any) -> dict[str, float]:
 # Checking the request
 # ---------------------------------------------------------------------------------------
 def _signature_defaults(target: Any) -> dict[str, Any]:
-    fn = target.__init__ if isinstance(target, type) else target
-    sig = inspect.signature(fn)
+    sig = inspect.signature(target)
     return {
         k: p.default
         for k, p in sig.parameters.items()
@@ -378,7 +378,7 @@ def _signature_defaults(target: Any) -> dict[str, Any]:
 
 def _accepts_any(fn: Any) -> bool:
     try:
-        sig = inspect.signature(fn.__init__ if isinstance(fn, type) else fn)
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return True
     return any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
@@ -466,15 +466,7 @@ def _chunks(tasks: list[_Task], size: int) -> list[list[_Task]]:
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        raise ImportError(
-            "progress=True needs tqdm: pip install 'gradchain[progress]' (or tqdm)"
-        ) from None
-    return tqdm(total=total, desc="sweep", unit="point")
+    return progress_bar(total, "sweep", "point") if enabled else None
 
 
 def _run_threads(
@@ -710,7 +702,7 @@ class SweepResult:
                     "use numbers or strings as dimension values"
                 )
         with open(path, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SweepResult:
