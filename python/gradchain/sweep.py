@@ -465,6 +465,12 @@ def _point_bytes(target: Any, build: dict[str, Any], kw: dict[str, Any]) -> floa
 # ---------------------------------------------------------------------------------------
 # Running the tasks
 # ---------------------------------------------------------------------------------------
+def _chunk_size(n: int, workers: int) -> int:
+    """Points per task: some 32 tasks per worker, so that round trips stay few and the
+    workers still finish within a thirty-second of the run of each other."""
+    return max(1, n // (32 * workers))
+
+
 def _chunks(tasks: list[_Task], size: int) -> list[list[_Task]]:
     return [tasks[i : i + size] for i in range(0, len(tasks), size)]
 
@@ -492,8 +498,7 @@ def _run_executor(
     plan: _Plan, tasks: list[_Task], ex: Executor, done: Callable[[list[Any]], bool]
 ) -> None:
     workers = getattr(ex, "_max_workers", None) or _local_workers()
-    # A few chunks per worker: few round trips, yet the load stays balanced.
-    size = max(1, len(tasks) // (4 * int(workers)))
+    size = _chunk_size(len(tasks), int(workers))
     futures = [ex.submit(_evaluate_many, plan, c) for c in _chunks(tasks, size)]
     try:
         for f in as_completed(futures):
@@ -510,7 +515,7 @@ def _run_dask(
     from distributed import as_completed as dask_completed
 
     workers = max(1, sum(client.nthreads().values()))
-    size = max(1, len(tasks) // (4 * workers))
+    size = _chunk_size(len(tasks), workers)
     chunks = _chunks(tasks, size)
     [plan_future] = client.scatter([plan], broadcast=True, hash=False)
     keys = [f"gradchain-sweep-{plan.token}-{i}" for i in range(len(chunks))]
