@@ -465,14 +465,16 @@ def _point_bytes(target: Any, build: dict[str, Any], kw: dict[str, Any]) -> floa
 # ---------------------------------------------------------------------------------------
 # Running the tasks
 # ---------------------------------------------------------------------------------------
-def _chunk_size(n: int, workers: int) -> int:
-    """Points per task: some 32 tasks per worker, so that round trips stay few and the
-    workers still finish within a thirty-second of the run of each other."""
-    return max(1, n // (32 * workers))
-
-
-def _chunks(tasks: list[_Task], size: int) -> list[list[_Task]]:
-    return [tasks[i : i + size] for i in range(0, len(tasks), size)]
+def _guided_chunks(tasks: list[_Task], workers: int) -> list[list[_Task]]:
+    """The tasks in chunks of decreasing size, each a quarter of what is left per worker:
+    few round trips through an executor or a scheduler (a few dozen for a thousand
+    points), and chunks of one point at the end, so that the workers finish together."""
+    out, i = [], 0
+    while i < len(tasks):
+        size = max(1, (len(tasks) - i) // (4 * workers))
+        out.append(tasks[i : i + size])
+        i += size
+    return out
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -483,7 +485,7 @@ def _run_threads(
     plan: _Plan, tasks: list[_Task], workers: int, done: Callable[[list[Any]], bool]
 ) -> None:
     with ThreadPoolExecutor(workers, thread_name_prefix="gradchain-sweep") as ex:
-        futures = [ex.submit(_evaluate_many, plan, c) for c in _chunks(tasks, 1)]
+        futures = [ex.submit(_evaluate_many, plan, [t]) for t in tasks]
         try:
             for f in as_completed(futures):
                 if done(f.result()):
@@ -498,8 +500,7 @@ def _run_executor(
     plan: _Plan, tasks: list[_Task], ex: Executor, done: Callable[[list[Any]], bool]
 ) -> None:
     workers = getattr(ex, "_max_workers", None) or _local_workers()
-    size = _chunk_size(len(tasks), int(workers))
-    futures = [ex.submit(_evaluate_many, plan, c) for c in _chunks(tasks, size)]
+    futures = [ex.submit(_evaluate_many, plan, c) for c in _guided_chunks(tasks, int(workers))]
     try:
         for f in as_completed(futures):
             if done(f.result()):
@@ -515,8 +516,7 @@ def _run_dask(
     from distributed import as_completed as dask_completed
 
     workers = max(1, sum(client.nthreads().values()))
-    size = _chunk_size(len(tasks), workers)
-    chunks = _chunks(tasks, size)
+    chunks = _guided_chunks(tasks, workers)
     [plan_future] = client.scatter([plan], broadcast=True, hash=False)
     keys = [f"gradchain-sweep-{plan.token}-{i}" for i in range(len(chunks))]
     futures = client.map(_evaluate_many, [plan_future] * len(chunks), chunks, key=keys)
