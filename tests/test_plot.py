@@ -264,8 +264,10 @@ def test_spectrum_convergence_and_exponents():
         np.testing.assert_array_equal(line.get_xdata(), spec.depths)
         np.testing.assert_array_equal(ydata(line), spec.convergence.mean(axis=0)[:, i])
         np.testing.assert_allclose(ydata(line), np.log(1.5), rtol=1e-10)  # orthogonal: ln gain
-    ax = gc.plot.spectrum(spec, kind="exponents")
+    ax = gc.plot.spectrum(spec, kind="exponents", label="orthogonal")
     np.testing.assert_array_equal(ydata(ax.get_lines()[0]), spec.lyapunov_exponents_mean)
+    np.testing.assert_array_equal(ax.get_lines()[0].get_xdata(), [1, 2, 3])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["orthogonal"]
     assert len(gc.plot.spectrum(spec, directions=1).get_lines()) == 2  # one direction, zero line
     with pytest.raises(ValueError, match="kind must be"):
         gc.plot.spectrum(spec, kind="volume")
