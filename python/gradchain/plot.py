@@ -79,8 +79,9 @@ def _powers_of_ten(axis: Any) -> None:
     """Ticks of an axis that holds log10 values, labelled as powers of ten."""
     from matplotlib.ticker import FuncFormatter, Locator
 
-    class PowerLocator(Locator):  # type: ignore[misc]
+    class PowerLocator(Locator):
         def __call__(self) -> Any:
+            assert self.axis is not None  # set by set_major_locator
             return self.tick_values(*self.axis.get_view_interval())
 
         def tick_values(self, vmin: float, vmax: float) -> Any:
@@ -218,7 +219,7 @@ def scalar_chain(
     matplotlib Axes
     """
     plt = _pyplot("scalar_chain")
-    ws = [w] if np.ndim(w) == 0 else list(w)  # type: ignore[arg-type]
+    ws = np.atleast_1d(np.asarray(w, dtype=np.float64))
     chains = [_theory.scalar_chain(float(wi), depth) for wi in ws]
     ax = _axes(plt, ax)
     for c in chains:
@@ -273,9 +274,9 @@ def phase_diagram(
     """A heat map of a sweep over two dimensions, with the order-to-chaos boundary.
 
     The colours are ``grid.mean(var)`` (the seed mean) on the sweep's grid, with
-    ``sigma_w`` across and the bias std up; for ``var="growth"`` (log10 of the per-layer
-    gradient factor) a diverging map centred on 0, blue where gradients vanish, red where
-    they explode. The mean-field boundary ``chi_1 = 1``
+    ``sigma_w`` across and the bias std up; for values of both signs (``var="growth"``,
+    log10 of the per-layer gradient factor) a diverging map, white at 0, blue where
+    gradients vanish and red where they explode. The mean-field boundary ``chi_1 = 1``
     (:func:`gradchain.theory.order_chaos_boundary`, for the activation in ``grid.fixed``)
     is drawn over it as a black line.
 
@@ -313,9 +314,10 @@ def phase_diagram(
     finite = img[np.isfinite(img)]
     both_signs = finite.size > 0 and finite.min() < 0 < finite.max()
     kw: dict[str, Any] = {"cmap": cmap or ("RdBu_r" if both_signs else "viridis")}
-    if both_signs:
-        lim = float(np.abs(finite).max())
-        kw.update(vmin=-lim, vmax=lim)
+    if both_signs:  # white at 0, full colour at either extreme: the sign is the phase
+        from matplotlib.colors import TwoSlopeNorm
+
+        kw["norm"] = TwoSlopeNorm(0.0, float(finite.min()), float(finite.max()))
     mesh = ax.pcolormesh(x, y, img, shading="nearest", **kw)
     label = "growth: log10 of the gradient factor per layer" if var == "growth" else var
     ax.figure.colorbar(mesh, ax=ax, label=label)
@@ -324,7 +326,7 @@ def phase_diagram(
         b = _theory.order_chaos_boundary(act, np.linspace(y.min(), y.max(), 101), **akw)
         ax.plot(b.sigma_w, b.sigma_b, color="black", label="mean field: chi_1 = 1")
         ax.set_xlim(x.min() - _half_step(x), x.max() + _half_step(x))
-        ax.legend(loc="upper left")
+        ax.legend(loc="best", framealpha=0.8)
     ax.set_xlabel(xdim)
     ax.set_ylabel(ydim)
     fixed = getattr(grid, "fixed", {}) or {}
