@@ -424,8 +424,10 @@ class Chain:
     @property
     def param_names(self) -> Sequence[str]:
         """Parameter names in ``named_parameters()`` order (buffers excluded)."""
-        if self._layout_cache is None and not self._python_names and not getattr(
-            self, "_key_order", None
+        if (
+            self._layout_cache is None
+            and not self._python_names
+            and not getattr(self, "_key_order", None)
         ):
             return _CoreNames(self._core, int(self._core.num_params))
         return self._layout().param_names
@@ -556,8 +558,11 @@ class Chain:
         max_norm: Any,
         norm_type: Any,
         train: Any,
+        param_grads: bool = True,
     ) -> tuple[dict[str, Any], bool]:
-        """Checks the arguments and runs the core's pass: (its result, the mode)."""
+        """Checks the arguments and runs the core's pass: (its result, the mode). Without
+        `param_grads` the pass skips the parameter gradients (their norms come back NaN),
+        for callers that read the boundary norms only."""
         dt = self._dtype
         xa = self._x(x)
         batch = xa.shape[0]
@@ -567,7 +572,9 @@ class Chain:
         return_grads = v.flag("return_grads", return_grads)
         tr = self._mode(train)
         if grad_output is not None:
-            if target is not None or not (loss is None or (isinstance(loss, str) and loss == "grad_output")):
+            if target is not None or not (
+                loss is None or (isinstance(loss, str) and loss == "grad_output")
+            ):
                 raise ValueError(
                     "grad_output replaces the loss: pass neither target nor loss with it"
                 )
@@ -588,7 +595,7 @@ class Chain:
                 tgt = v.float_array("target", v.as_array("target", target), dt, out_shape)
             else:
                 tgt = _labels(target, batch, self.out_features)
-        d = self._core.backward(xa, name, tgt, bool(return_grads), mn, p, tr)
+        d = self._core.backward(xa, name, tgt, bool(return_grads), mn, p, tr, bool(param_grads))
         return d, tr
 
     def backward(
@@ -659,9 +666,7 @@ class Chain:
                     d["param_grads"] = [d["param_grads"][i] for i in lay.param_perm]
                 block = block[lay.param_perm]
         return ChainReport(
-            **ChainReport._fields_from_core(
-                d, self.param_names, block, self._activation_names, tr
-            )
+            **ChainReport._fields_from_core(d, self.param_names, block, self._activation_names, tr)
         )
 
     def forward(self, x: Any, *, train: bool | None = None) -> np.ndarray:
