@@ -222,6 +222,21 @@ def test_phase_diagram_draws_the_mean_field_boundary():
     assert gc.plot.phase_diagram(grid, theory=False).get_lines() == []
 
 
+def test_phase_diagram_of_a_real_sweep():
+    grid = gc.sweep(
+        gc.MLP,
+        dims={"sigma_w": [0.5, 1.0, 2.0, 3.0], "bias_std": [0.0, 0.5, 1.0]},
+        fixed=dict(depth=12, width=16, activation="tanh", init="normal"),
+        seeds=2,
+        batch=4,
+    )
+    ax = gc.plot.phase_diagram(grid, theory=True)
+    np.testing.assert_array_equal(mesh_values(mesh_of(ax), (3, 4)), grid.mean("growth").T)
+    (line,) = ax.get_lines()
+    assert line.get_xdata()[0] == pytest.approx(1.0, rel=1e-8)  # tanh at sigma_b = 0
+    assert ax.get_title() == "activation=tanh, depth=12, width=16"
+
+
 def test_phase_diagram_theory_needs_sigma_w_and_bias_dims():
     grid = growth_grid()
     grid.dims = {"width": grid.dims["sigma_w"], "bias_std": grid.dims["bias_std"],
