@@ -226,7 +226,7 @@ def test_phase_diagram_of_a_real_sweep():
     grid = gc.sweep(
         gc.MLP,
         dims={"sigma_w": [0.5, 1.0, 2.0, 3.0], "bias_std": [0.0, 0.5, 1.0]},
-        fixed=dict(depth=12, width=16, activation="tanh", init="normal"),
+        fixed={"depth": 12, "width": 16, "activation": "tanh", "init": "normal"},
         seeds=2,
         batch=4,
     )
