@@ -93,9 +93,12 @@ def dask_client():
     distributed = pytest.importorskip("distributed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster, distributed.Client(cluster) as client:
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
             # Imports and first allocations in the workers, outside the timed part.
             gc.sweep(gc.MLP, dims={"sigma_w": [1.0, 2.0]}, fixed=FIXED, executor=client)
             yield client

@@ -424,10 +424,8 @@ class Chain:
     @property
     def param_names(self) -> Sequence[str]:
         """Parameter names in ``named_parameters()`` order (buffers excluded)."""
-        if (
-            self._layout_cache is None
-            and not self._python_names
-            and not getattr(self, "_key_order", None)
+        if self._layout_cache is None and not self._python_names and not getattr(
+            self, "_key_order", None
         ):
             return _CoreNames(self._core, int(self._core.num_params))
         return self._layout().param_names
@@ -572,9 +570,7 @@ class Chain:
         return_grads = v.flag("return_grads", return_grads)
         tr = self._mode(train)
         if grad_output is not None:
-            if target is not None or not (
-                loss is None or (isinstance(loss, str) and loss == "grad_output")
-            ):
+            if target is not None or not (loss is None or (isinstance(loss, str) and loss == "grad_output")):
                 raise ValueError(
                     "grad_output replaces the loss: pass neither target nor loss with it"
                 )
@@ -666,7 +662,9 @@ class Chain:
                     d["param_grads"] = [d["param_grads"][i] for i in lay.param_perm]
                 block = block[lay.param_perm]
         return ChainReport(
-            **ChainReport._fields_from_core(d, self.param_names, block, self._activation_names, tr)
+            **ChainReport._fields_from_core(
+                d, self.param_names, block, self._activation_names, tr
+            )
         )
 
     def forward(self, x: Any, *, train: bool | None = None) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _core
 from . import _validate as v
+from ._progress import progress_bar
 from .mlp import MLP
 from .rnn import RNN
 
@@ -288,29 +289,33 @@ class _Task:
     measure: dict[str, Any]
 
 
-_local = threading.local()
+# The chain each worker thread keeps between the points of a sweep, by thread id: a dict
+# (not thread-local storage) so that _release can drop them all from any thread, as
+# dask's Client.run does on each worker once the sweep is over.
+_held: dict[int, tuple[tuple[str, str], MLP]] = {}
 
 
 def _cached_chain(plan: _Plan, build: dict[str, Any]) -> Any:
-    """An MLP of this point's shape with this point's parameters: the worker's previous
-    chain redrawn when its shape matches, else a new one (which it then keeps)."""
+    """An MLP of this point's shape with this point's parameters: the thread's previous
+    chain redrawn when its shape matches, else a new one (which the thread then keeps)."""
     shape = {k: x for k, x in build.items() if k not in _REDRAWN}
     key = (plan.token, repr(sorted(shape.items())))
-    held = getattr(_local, "chain", None)
+    me = threading.get_ident()
+    held = _held.get(me)
     if held is not None and held[0] == key:
         net = held[1]
         defaults = _signature_defaults(MLP)
         net._reinit(**{k: build.get(k, defaults[k]) for k in _REDRAWN})
         return net
-    _local.chain = None  # free the old chain before building the new one
+    _held.pop(me, None)  # free the old chain before building the new one
     net = MLP(**build)
-    _local.chain = (key, net)
+    _held[me] = (key, net)
     return net
 
 
 def _release() -> None:
-    """Drops the chain this thread keeps between points."""
-    _local.chain = None
+    """Drops the chains the threads of this process keep between points."""
+    _held.clear()
 
 
 def _point_seeds(plan: _Plan, task: _Task) -> tuple[int, np.random.Generator]:
@@ -367,8 +372,7 @@ def _as_values(out: Any) -> dict[str, float]:
 # Checking the request
 # ---------------------------------------------------------------------------------------
 def _signature_defaults(target: Any) -> dict[str, Any]:
-    fn = target.__init__ if isinstance(target, type) else target
-    sig = inspect.signature(fn)
+    sig = inspect.signature(target)
     return {
         k: p.default
         for k, p in sig.parameters.items()
@@ -378,7 +382,7 @@ def _signature_defaults(target: Any) -> dict[str, Any]:
 
 def _accepts_any(fn: Any) -> bool:
     try:
-        sig = inspect.signature(fn.__init__ if isinstance(fn, type) else fn)
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return True
     return any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
@@ -466,15 +470,7 @@ def _chunks(tasks: list[_Task], size: int) -> list[list[_Task]]:
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        raise ImportError(
-            "progress=True needs tqdm: pip install 'gradchain[progress]' (or tqdm)"
-        ) from None
-    return tqdm(total=total, desc="sweep", unit="point")
+    return progress_bar(total, "sweep", "point") if enabled else None
 
 
 def _run_threads(
@@ -489,10 +485,7 @@ def _run_threads(
         finally:
             for f in futures:
                 f.cancel()
-            # The chains the workers keep go with their threads; drop them first anyway
-            # so that memory is back before this returns.
-            for _ in range(workers):
-                ex.submit(_release)
+    _release()
 
 
 def _run_executor(
@@ -710,7 +703,7 @@ class SweepResult:
                     "use numbers or strings as dimension values"
                 )
         with open(path, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SweepResult:
@@ -751,7 +744,7 @@ class SweepResult:
                 "theory() needs init='normal' among the fixed arguments (W ~ N(0, sigma_w**2 / n)); "
                 f"got init={self.fixed.get('init')!r}"
             )
-        extra = [k for k in self.dims if k not in ("sigma_w", "bias_std", "sigma_b", "seed")]
+        extra = [k for k in self.dims if k not in ("sigma_w", "bias_std", "seed")]
         if extra:
             raise ValueError(
                 f"theory() needs dims among sigma_w and bias_std only; got also {extra}"
