@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import numpy as np
 
 RTOL = 1e-10  # the project's parity tolerance in float64
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def assert_close(actual, expected, rtol=RTOL, what=""):
@@ -109,3 +111,20 @@ def run_python(code: str, env: dict | None = None, timeout: float = 120) -> str:
         raise
     assert proc.returncode == 0, f"the child exited with {proc.returncode}:\n{err[-3000:]}"
     return out
+
+
+def assert_same_output(printed: str, shown: str, where: str) -> None:
+    """`printed` against the text `shown` for it (a README block, a notebook's stored
+    output): the words must match exactly; each number to within one unit of the last
+    digit shown (so that a rounding flip or a last-bit BLAS difference does not fail)."""
+    words = [NUMBER.sub("#", t).strip("[](),") for t in shown.split()]
+    assert [NUMBER.sub("#", t).strip("[](),") for t in printed.split()] == words, (
+        f"{where}: printed\n{printed}\nshown\n{shown}"
+    )
+    got, want = NUMBER.findall(printed), NUMBER.findall(shown)
+    assert len(got) == len(want), f"{where}: printed\n{printed}\nshown\n{shown}"
+    for g, w in zip(got, want):
+        mantissa, _, exp = w.lower().partition("e")
+        decimals = len(mantissa.partition(".")[2])
+        tol = 10.0 ** (int(exp or 0) - decimals) * 1.01
+        assert abs(float(g) - float(w)) <= tol, f"{where}: printed {g}, shown {w}"

@@ -8,11 +8,11 @@ import io
 import pathlib
 import re
 
+from checks import assert_same_output
 from conftest import core_has
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"```(\w*)\n(.*?)```", flags=re.DOTALL)
-NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str, bool]]:
@@ -26,22 +26,6 @@ def fenced_blocks(text: str) -> list[tuple[str, str, bool]]:
     return out
 
 
-def assert_same_output(printed: str, shown: str, where: str) -> None:
-    """The words must match exactly; each number to within one unit of the last digit the
-    README shows (so that a rounding flip or a last-bit BLAS difference does not fail)."""
-    words = [NUMBER.sub("#", t).strip("[](),") for t in shown.split()]
-    assert [NUMBER.sub("#", t).strip("[](),") for t in printed.split()] == words, (
-        f"{where}: printed\n{printed}\nREADME shows\n{shown}"
-    )
-    got, want = NUMBER.findall(printed), NUMBER.findall(shown)
-    assert len(got) == len(want), f"{where}: printed\n{printed}\nREADME shows\n{shown}"
-    for g, w in zip(got, want):
-        mantissa, _, exp = w.lower().partition("e")
-        decimals = len(mantissa.partition(".")[2])
-        tol = 10.0 ** (int(exp or 0) - decimals) * 1.01
-        assert abs(float(g) - float(w)) <= tol, f"{where}: printed {g}, README shows {w}"
-
-
 _NEEDS = {
     "layer_norm": ("LayerNorm(", 'norm="layer"'),
     "rms_norm": ("RMSNorm(", 'norm="rms"'),
@@ -51,7 +35,9 @@ _NEEDS = {
 
 def _needs_missing_block(block: str) -> bool:
     """An example that builds a block kind this build's core does not have."""
-    return any(any(t in block for t in texts) and not core_has(kind) for kind, texts in _NEEDS.items())
+    return any(
+        any(t in block for t in texts) and not core_has(kind) for kind, texts in _NEEDS.items()
+    )
 
 
 def test_readme_python_examples_run():

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "was the package built? Install it with `pip install .` from the source tree."
     ) from exc
 
-from . import optim, tasks, theory
+from . import optim, plot, tasks, theory
 from .blocks import Activation, BatchNorm, Block, LayerNorm, Linear, Residual, RMSNorm, Scale
 from .chain import Chain
 from .clip import clip_coefficient, clip_grad_norm_, clip_grad_value_, get_total_norm
@@ -74,6 +74,7 @@ __all__ = [
     "jacobian_norms",
     "jacobian_spectrum",
     "optim",
+    "plot",
     "tasks",
     "theory",
     "train",

@@ -462,7 +462,8 @@ class TheoryComparison:
         return f"{self._summary()}\n{self.table()}"
 
     def plot(self, ax: Any = None) -> Any:
-        """Plot the measured and predicted curves against the index (matplotlib).
+        """Plot the measured and predicted curves against the index (matplotlib); the same
+        as :func:`gradchain.plot.theory`.
 
         Parameters
         ----------
@@ -476,35 +477,11 @@ class TheoryComparison:
         Raises
         ------
         ImportError
-            When matplotlib is not installed (``pip install matplotlib``).
+            When matplotlib is not installed (``pip install "gradchain[plot]"``).
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError(
-                "TheoryComparison.plot needs matplotlib, an optional dependency: "
-                "pip install matplotlib"
-            ) from exc
-        if ax is None:
-            _, ax = plt.subplots()
-        name = self._labels()[0]
-        top = {"rnn": "T", "mlp": "L"}.get(self.kind, "y")
-        sub = "t" if self.kind == "rnn" else "l"
-        ax.plot(self.index, self.measured, label="measured")
-        ax.plot(self.index, self.predicted, linestyle="--", label="mean field")
-        ax.set_xlabel(name)
-        ax.set_ylabel(f"log10 ||dL/dh_{sub}|| / ||dL/dh_{top}||")
-        if self.kind in ("mlp", "rnn"):
-            title = (
-                f"{self.activation}, sigma_w={self.sigma_w:.3g}, "
-                f"sigma_b={self.effective_sigma_b:.3g} ({self.phase})"
-            )
-        else:
-            title = f"{self.kind.replace('_', ' ')}, {self.activation}, sigma_w={self.sigma_w:.3g}"
-            title += "" if self.scale is None else f", scale={self.scale:.3g}"
-        ax.set_title(title)
-        ax.legend()
-        return ax
+        from . import plot
+
+        return plot.theory(self, ax)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1576,9 +1553,7 @@ def compare_theory(
             f"h0 is the initial state of a gradchain.RNN; a {type(net).__name__} has none"
         )
     if isinstance(net, MLP) and net.norm is None and not net.residual:
-        return _compare_mlp(
-            net, x, sigma_w, sigma_b, batch, sd, fit_start, spectrum, k, sbatch
-        )
+        return _compare_mlp(net, x, sigma_w, sigma_b, batch, sd, fit_start, spectrum, k, sbatch)
     chain = net._net if isinstance(net, MLP) else net
     return _compare_chain(
         chain, repr(net), x, sigma_w, sigma_b, batch, sd, fit_start, spectrum, k, sbatch
