@@ -7,9 +7,12 @@ import argparse
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import gradchain as gc
 import numpy as np
@@ -395,3 +398,30 @@ def test_bad_input_is_one_line_and_status_2(capsys, argv, words):
     assert err.startswith("gradchain: error: ") and err.count("\n") == 1, err
     assert words in err, err
     assert out == ""
+
+
+def test_readme_commands_parse_and_its_errors_are_printed_as_shown(capsys):
+    """Every ``gradchain ...`` line of the README's Command line section parses, and each
+    ``$ gradchain ...`` there prints the error shown under it."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.is_file():
+        pytest.skip("no source tree next to the tests")
+    text = readme.read_text()
+    section = text[text.index("## Command line") :]
+    section = section[: section.index("\n## ", 1)]
+    commands = set(re.findall(r"^gradchain (.+)$", section, flags=re.MULTILINE))
+    commands |= set(re.findall(r"`gradchain ([a-z][^`]*)`", section))
+    assert {c.split()[0] for c in commands} == set(
+        cli._parser()._subparsers._group_actions[0].choices
+    )
+    parser = cli._parser()
+    for line in commands:
+        argv = shlex.split(line.split(">")[0])
+        if "--plot" in argv:  # the file type checks its folder: the README writes to "."
+            argv[argv.index("--plot") + 1] = "x.png"
+        assert parser.parse_args(argv).func
+    shown = re.findall(r"^\$ gradchain (.+)\n(gradchain: error: .+)$", section, flags=re.MULTILINE)
+    assert len(shown) == 2
+    for line, error in shown:
+        status, out, err = run(capsys, *shlex.split(line))
+        assert (status, out, err) == (2, "", error + "\n")
