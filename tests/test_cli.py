@@ -312,6 +312,25 @@ def test_plot_writes_the_file(capsys, tmp_path, argv):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@needs_plot
+def test_plot_draws_the_values_printed(capsys, tmp_path, monkeypatch):
+    """The figure --plot saves holds the report's exact log10 norms."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    real = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), real(fig, *a, **k))
+    )
+    path = tmp_path / "run.svg"
+    argv = ["run", "--depth", "40", "--width", "4", "--batch", "2", "--activation", "sigmoid"]
+    assert run(capsys, *argv, "--plot", str(path))[0] == 0
+    assert path.read_text().lstrip().startswith("<?xml")
+    (line,) = saved[0].axes[0].get_lines()
+    rep = gc.MLP(40, 4, activation="sigmoid").backward(normal_inputs(0, 2, 4))
+    np.testing.assert_array_equal(line.get_ydata(), rep.log10_activation_grad_norms)
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
