@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -889,6 +890,16 @@ def history_table(hist: Any, rows: int) -> str:
     return "\n".join(out)
 
 
+def _option_of(args: argparse.Namespace, message: str) -> str:
+    """``"argument --sigma-w: "`` for a library message about ``sigma_w``, as argparse
+    names the option of a value it refuses itself ("" when the message names none)."""
+    first = re.match(r"\w*", message).group()
+    for action in args._parser._actions:
+        if action.dest == first and action.option_strings:
+            return f"argument {action.option_strings[-1]}: "
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradchain`` command (``demo`` when no command is given).
 
@@ -917,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # What the library refuses or cannot compute for these options: one line, no
         # traceback (a bug in gradchain still shows one).
         msg = " ".join(str(exc).split())
-        print(f"gradchain: error: {msg}", file=sys.stderr)
+        print(f"gradchain: error: {_option_of(args, msg)}{msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gradchain: interrupted", file=sys.stderr)
