@@ -90,7 +90,11 @@ def test_help_documents_every_option_with_its_default(capsys):
             if action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0:
                 assert "default" in sub.formatter_class("x")._get_help_string(action)
     assert "(default: 60)" in run(capsys, "demo", "--help")[1]
-    assert "sigma_w=0.5:3:11" in run(capsys, "--help")[1]
+    top = run(capsys, "--help")[1]
+    examples = re.findall(r"^  gradchain (.+)$", top, flags=re.M)
+    assert {e.split()[0] for e in examples} == set(commands)
+    for e in examples:
+        assert parser.parse_args(shlex.split(e)).func
 
 
 # -- each subcommand against the API ----------------------------------------------------

@@ -344,6 +344,30 @@ def _add_clipping(g: Any, *, value: bool = False) -> None:
     g.add_argument("--norm-type", type=_norm_type, default=2.0, help="order of the total norm")
 
 
+DESCRIPTIONS = {
+    "demo": "Two MLPs on the same N(0, 1) inputs with the probe loss 0.5 ||h_L||^2: a sigmoid\n"
+    "chain with Xavier weights, whose gradient vanishes towards the input, and a ReLU\n"
+    "chain with He weights, whose gradient keeps its size.",
+    "run": "gc.MLP(...).backward(x) on N(0, 1) inputs with the probe loss 0.5 ||h_L||^2:\n"
+    "log10 of ||dL/dW_l||, ||dL/db_l|| and ||dL/dh_l|| at every layer, exact where the\n"
+    "float norm would be 0 or inf.",
+    "rnn": "gc.RNN(...).backward(x) through time: log10 ||dL/dh_t|| (and an LSTM's\n"
+    "||dL/dc_t||) at every step. Without a task: N(0, 1) inputs and the probe loss\n"
+    "0.5 ||h_T||^2; with --task adding or copy, the task's sequences and loss through a\n"
+    "read-out.",
+    "jacobian": "gc.jacobian_norms: the Frobenius and spectral norm of every layer's (or time\n"
+    "step's) Jacobian at every example; with --spectrum, gc.jacobian_spectrum: the\n"
+    "Lyapunov exponents of the product J_l ... J_1 from its QR decompositions.",
+    "theory": "gc.compare_theory: one backward pass of a gc.MLP beside the mean-field\n"
+    "prediction (chi_1, the depth scale, the per-layer slope and the spectrum).",
+    "sweep": "gc.sweep: the --measure at every point of the grid spanned by the --dim options,\n"
+    "with the other arguments from --fixed, for --seeds seeds each.",
+    "train": "gc.train on a task with known answers, then History.diagnose(): whether the\n"
+    "gradients vanished, exploded or the run diverged or got stuck. The data are drawn\n"
+    "from --seed + 1 (a teacher_student student of the teacher's shape would otherwise\n"
+    "start as the teacher).",
+}
+
 EPILOG = """\
 examples:
   gradchain demo
@@ -371,7 +395,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands (default: demo)")
 
     def command(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> Any:
-        c = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+        more = DESCRIPTIONS[name]
+        c = sub.add_parser(name, help=help, description=f"{help}.\n\n{more}", formatter_class=_Help)
         c.set_defaults(func=func, _parser=c)
         return c
 
