@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -918,7 +917,7 @@ def history_table(hist: Any, rows: int) -> str:
 def _option_of(args: argparse.Namespace, message: str) -> str:
     """``"argument --sigma-w: "`` for a library message about ``sigma_w``, as argparse
     names the option of a value it refuses itself ("" when the message names none)."""
-    first = re.match(r"\w*", message).group()
+    first = message.split(" ", 1)[0].split("=", 1)[0]
     for action in args._parser._actions:
         if action.dest == first and action.option_strings:
             return f"argument {action.option_strings[-1]}: "
