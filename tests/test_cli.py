@@ -91,7 +91,7 @@ def test_help_documents_every_option_with_its_default(capsys):
                 assert "default" in sub.formatter_class("x")._get_help_string(action)
     assert "(default: 60)" in run(capsys, "demo", "--help")[1]
     top = run(capsys, "--help")[1]
-    examples = re.findall(r"^  gradchain (.+)$", top, flags=re.M)
+    examples = re.findall(r"^  gradchain (.+)$", top, flags=re.MULTILINE)
     assert {e.split()[0] for e in examples} == set(commands)
     for e in examples:
         assert parser.parse_args(shlex.split(e)).func
@@ -379,7 +379,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
         (["sweep"], "sweep needs at least one --dim NAME=VALUES"),
         (["sweep", "--dim", "depth=2,3", "--dim", "depth=4"], "--dim depth is given twice"),
         (["sweep", "--dim", "depth=2,3", "--fixed", "depth=4"], "--dim and --fixed both set depth"),
-        (["sweep", "--dim", "depth=2", "--workers", "2"], "--workers applies to --executor threads or processes only"),
+        (["sweep", "--dim", "depth=2", "--executor", "serial", "--workers", "2"], "--workers applies to --executor threads or processes only"),
         (["sweep", "--dim", "depth=2", "--plot", "a.png"], "--plot draws a phase diagram: it needs exactly two --dim"),
         (["sweep", "--dim", "depth=2", "--out", "/nonexistent-folder/g.npz"], "--out: the folder does not exist"),
         # options that do not go together

@@ -42,7 +42,7 @@ OPTIMIZERS: dict[str, Any] = {
     "adagrad": optim.Adagrad,
 }
 TASKS = {"teacher_student": "mlp", "classification": "mlp", "adding": "rnn", "copy": "rnn"}
-EXECUTORS = ("serial", "threads", "processes")
+EXECUTORS = ("threads", "serial", "processes")
 MEASURES = ("growth", "backward", "spectrum", "train")
 
 
@@ -465,12 +465,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="an argument held fixed (int, float, true/false, none or text); repeat")  # fmt: skip
     s.add_argument("--measure", choices=MEASURES, default="growth", help="what each point measures")
     s.add_argument("--seeds", type=_count("seeds"), default=1, help="seeds per point")
-    s.add_argument("--batch", type=_count("batch"), default=32, help="examples per point")
-    s.add_argument("--executor", choices=EXECUTORS, default="serial", help=(
-        "serial: one point after another, each on the core's own threads; threads, "
-        "processes: a pool of --workers"))  # fmt: skip
-    s.add_argument("--workers", type=_count("workers"), default=None,
-                   help="pool size for --executor threads|processes (default: the CPU count)")  # fmt: skip
+    s.add_argument("--batch", type=_count("batch"), default=None, help=(
+        "examples per point (default: 32; 1 for --measure spectrum)"))  # fmt: skip
+    s.add_argument("--executor", choices=EXECUTORS, default="threads", help=(
+        "threads: --workers points at once in this process, one core each; serial: one "
+        "point after another; processes: a pool of --workers processes"))  # fmt: skip
+    s.add_argument("--workers", type=_count("workers"), default=None, help=(
+        "points at once for --executor threads or processes (default: the cores "
+        "this process may use)"))  # fmt: skip
     s.add_argument("--on-error", choices=("record", "raise"), default="record",
                    help="a failing point: record it (NaN) or stop")  # fmt: skip
     s.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
@@ -755,22 +757,23 @@ def _theory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _executor(args: argparse.Namespace) -> Any:
+def _executor(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """gc.sweep's executor and workers for --executor and --workers."""
     if args.executor == "serial":
         if args.workers is not None:
             raise UsageError("--workers applies to --executor threads or processes only")
-        return None
+        return None, {"workers": 1}
+    if args.executor == "threads":
+        return None, {} if args.workers is None else {"workers": args.workers}
     import concurrent.futures as cf
+    import multiprocessing as mp
 
     workers = args.workers or os.cpu_count() or 1
-    if args.executor == "threads":
-        return cf.ThreadPoolExecutor(workers)
-    import multiprocessing as mp
 
     # forkserver workers start afresh with all of the core's threads (a forked one runs
     # on one; see the README's Threads section).
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    return cf.ProcessPoolExecutor(workers, mp_context=ctx)
+    return cf.ProcessPoolExecutor(workers, mp_context=ctx), {}
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -793,11 +796,17 @@ def _sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"--out: the folder does not exist: {str(parent)!r}")
     gc = importlib.import_module("gradchain")
     target = gc.MLP if args.target == "mlp" else gc.RNN
-    executor = _executor(args)
+    executor, workers = _executor(args)
     try:
         grid = gc.sweep(target, dims=dims, fixed=fixed, measure=args.measure, seeds=args.seeds,
                         executor=executor, batch=args.batch, seed=args.seed,
-                        progress=args.progress, on_error=args.on_error)  # fmt: skip
+                        progress=args.progress, on_error=args.on_error, **workers)  # fmt: skip
+    except RuntimeError as exc:
+        if args.on_error != "raise":
+            raise
+        # The failure the user asked to stop at: the point and its error, no traceback.
+        print(f"gradchain: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     finally:
         if executor is not None:
             executor.shutdown()
