@@ -793,3 +793,15 @@ def test_bound_optimizer_steps_arrays_in_place():
     assert_close(buffers["momentum_buffer"], 1.9 * g, 1e-15, "buffer")
     core.set_state([(0.0, {})])
     assert core.state()[0][0] == 0.0
+
+
+def test_progress_bar_counts_the_steps(capsys):
+    pytest.importorskip("tqdm")
+    net = gc.MLP(depth=3, width=4, seed=0)
+    data = gc.tasks.teacher_student(64, 4, out_features=4)
+    plain = gc.train(net.to_chain(), data, optimizer=gc.optim.SGD(lr=0.01), steps=7)
+    shown = gc.train(net.to_chain(), data, optimizer=gc.optim.SGD(lr=0.01), steps=7, progress=True)
+    assert "7/7" in capsys.readouterr().err
+    np.testing.assert_array_equal(shown.loss, plain.loss)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        gc.train(net, data, optimizer=gc.optim.SGD(lr=0.01), steps=1, progress="yes")

@@ -114,7 +114,8 @@ std::unique_ptr<Block<T>> make_block(const py::dict& d) {
 
 template <class T>
 py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::object target,
-                  bool keep_grads, double max_norm, double norm_type, bool train) {
+                  bool keep_grads, double max_norm, double norm_type, bool train,
+                  bool param_grads) {
   if (x.ndim() != 2 || x.shape(1) != net.in_width())
     throw std::invalid_argument("x must have shape (batch, " + std::to_string(net.in_width()) +
                                 ")");
@@ -125,6 +126,7 @@ py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::objec
   req.max_norm = max_norm;
   req.norm_type = norm_type;
   req.train = train;
+  req.param_grads = param_grads;
   TargetArrays<T> tgt;
   req.target =
       target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
@@ -324,7 +326,8 @@ void bind(py::module_& m, const char* name) {
           },
           py::arg("x"), py::arg("train"))
       .def("backward", &backward<T>, py::arg("x"), py::arg("loss"), py::arg("target"),
-           py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"), py::arg("train"))
+           py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"), py::arg("train"),
+           py::arg("param_grads") = true)
       .def("block_jacobian_product", &block_jacobian_product<T>, py::arg("index"), py::arg("x"),
            py::arg("x_log2_scale"), py::arg("v"), py::arg("transpose"), py::arg("train"),
            "J v (transpose: J^T v) of top-level block `index` at x * 2^x_log2_scale; v has "

@@ -51,6 +51,9 @@ memory, and which limit sets the first (MemAvailable, a cgroup limit, GRADCHAIN_
         "True in a process forked after the forking thread ran one of the core's parallel "
         "loops: the core then runs on one thread.");
   m.def("max_threads", &max_threads, "Threads the core's own parallel loops use.");
+  m.def("set_thread_limit", &set_thread_limit, py::arg("threads"),
+        "Caps the threads of the core's runs started from the calling thread (0: no cap); "
+        "returns the previous cap.");
   m.def("blas_threads", &blas_threads,
         "Threads the core may give OpenBLAS: its count now (1 in a forked single-threaded child).");
   m.def("vectorized_math", &vm::vectorized, "Whether activations use glibc's vector math library.");

@@ -663,8 +663,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       dy_off[si] = dy_total;
       dy_total += B * w(P.steps[si].out);
     }
-  bool pipelined = th.two_threads && P.any_params && dy_total > 0 && need.pipeline > 0 &&
-                   memory_allows(bytes - held, 2.0);
+  bool pipelined = th.two_threads && P.any_params && req.param_grads && dy_total > 0 &&
+                   need.pipeline > 0 && memory_allows(bytes - held, 2.0);
   T* DY = nullptr;
   if (pipelined) {
     try {
@@ -730,7 +730,11 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     release(v);
   };
 
-  res.log10_param_grad_norms.assign(n_trainable_, kNegInf);
+  if (!req.param_grads && (req.keep_param_grads || req.max_norm >= 0))
+    throw std::invalid_argument(
+        "a pass without parameter gradients can neither return nor clip them");
+  res.log10_param_grad_norms.assign(
+      n_trainable_, req.param_grads ? kNegInf : std::numeric_limits<double>::quiet_NaN());
   std::vector<double> lp(n_trainable_, kNegInf);  // norm_type norms, for the total
   std::vector<std::int64_t> gexp(n_trainable_, 0);
   const std::size_t ntop =
@@ -870,7 +874,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         add_to(s.in, df, ef);
         release(dy.buf);
       } else {
-        if (s.nparams > 0) {
+        if (s.nparams > 0 && req.param_grads) {
           if (pipelined) {
             T* slot = DY + dy_off[k];
             if (dy.buf != slot) {  // a residual join summed it elsewhere
@@ -949,6 +953,10 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   if (error) std::rethrow_exception(error);
 
   // ---- total norm and clipping (torch.nn.utils.clip_grad_norm_ over parameters()) ------------
+  if (!req.param_grads) {
+    res.log10_total_norm = std::numeric_limits<double>::quiet_NaN();
+    return res;
+  }
   const LogClip lc = log_clip<T>(lp, req.norm_type, req.max_norm);
   res.log10_total_norm = lc.log10_total;
   res.clipped = lc.clipped;

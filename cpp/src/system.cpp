@@ -279,13 +279,26 @@ void after_fork_in_child() {
 
 }  // namespace
 
+namespace {
+thread_local int t_thread_limit = 0;
+}  // namespace
+
 int max_threads() {
   if (g_single.load(std::memory_order_relaxed)) return 1;
 #ifdef _OPENMP
-  return omp_get_max_threads();
+  const int n = omp_get_max_threads();
+  return t_thread_limit > 0 && t_thread_limit < n ? t_thread_limit : n;
 #else
   return 1;
 #endif
+}
+
+int set_thread_limit(int n) {
+  if (n < 0)
+    throw std::invalid_argument("threads must be >= 0 (0: no limit); got " + std::to_string(n));
+  const int old = t_thread_limit;
+  t_thread_limit = n;
+  return old;
 }
 
 int team_threads(int n) {

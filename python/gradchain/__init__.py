@@ -28,6 +28,7 @@ from .jacobian import JacobianNorms, JacobianSpectrum, jacobian_norms, jacobian_
 from .mlp import ACTIVATIONS, INITS, LOSSES, MLP, NORM_POSITIONS, NORMS
 from .report import BackwardReport, ChainReport, RecurrentReport
 from .rnn import CELLS, RNN, RNN_INITS, RNN_LOSSES, TRUNCATE_MODES
+from .sweep import SweepResult, sweep
 from .train import train
 
 try:
@@ -64,6 +65,7 @@ __all__ = [
     "RecurrentReport",
     "Residual",
     "Scale",
+    "SweepResult",
     "TheoryComparison",
     "__version__",
     "clip_coefficient",
@@ -75,6 +77,7 @@ __all__ = [
     "jacobian_spectrum",
     "optim",
     "plot",
+    "sweep",
     "tasks",
     "theory",
     "train",

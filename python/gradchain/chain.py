@@ -556,8 +556,11 @@ class Chain:
         max_norm: Any,
         norm_type: Any,
         train: Any,
+        param_grads: bool = True,
     ) -> tuple[dict[str, Any], bool]:
-        """Checks the arguments and runs the core's pass: (its result, the mode)."""
+        """Checks the arguments and runs the core's pass: (its result, the mode). Without
+        `param_grads` the pass skips the parameter gradients (their norms come back NaN),
+        for callers that read the boundary norms only."""
         dt = self._dtype
         xa = self._x(x)
         batch = xa.shape[0]
@@ -588,7 +591,7 @@ class Chain:
                 tgt = v.float_array("target", v.as_array("target", target), dt, out_shape)
             else:
                 tgt = _labels(target, batch, self.out_features)
-        d = self._core.backward(xa, name, tgt, bool(return_grads), mn, p, tr)
+        d = self._core.backward(xa, name, tgt, bool(return_grads), mn, p, tr, bool(param_grads))
         return d, tr
 
     def backward(

@@ -255,6 +255,31 @@ class MLP:
         self._net._config = {k: config[k] for k in ("init", "gain", "sigma_w", "bias_std", "seed")}
         self._zero_bias = config["bias_std"] == 0.0
 
+    def _reinit(self, *, gain: Any, sigma_w: Any, bias_std: Any, seed: Any) -> None:
+        """Draws new parameters into this MLP as ``MLP(..., gain=, sigma_w=, bias_std=,
+        seed=)`` of the same shape would, with the same checks: a sweep reuses one chain's
+        memory from point to point instead of allocating (and page-faulting) it anew."""
+        c = dict(self._config)
+        if c["init"] is None or c["norm"] == "batch":
+            raise AssertionError("only an initialised MLP without BatchNorm is redrawn")
+        c.update(
+            gain=v.finite_float("gain", gain),
+            sigma_w=v.finite_float("sigma_w", sigma_w, minimum=0.0),
+            bias_std=v.finite_float("bias_std", bias_std, minimum=0.0),
+            seed=v.seed(seed),
+        )
+        dt, reach = self._dtype, _weight_reach(c["init"], list(self._widths))
+        if c["init"] == "normal":
+            v.representable("gain * sigma_w", c["gain"] * c["sigma_w"], dt, reach, "the weights")
+        else:
+            v.representable("gain", c["gain"], dt, reach, "the weights")
+        v.representable("bias_std", c["bias_std"], dt, v.NORMAL_DRAW_MAX, "the biases")
+        self._net._core.init(c["init"], c["gain"], c["sigma_w"], c["bias_std"], c["seed"])
+        self._config = c
+        self._net._config = {k: c[k] for k in ("init", "gain", "sigma_w", "bias_std", "seed")}
+        self._zero_bias = c["bias_std"] == 0.0
+        self._net._training = True
+
     @staticmethod
     def _shape_config(
         activation: Any,

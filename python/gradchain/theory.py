@@ -120,6 +120,7 @@ __all__ = [
     "batchnorm_grad_norms",
     "batchnorm_mean_field",
     "chi",
+    "chi_1",
     "correlation_map",
     "critical_sigma_w",
     "fuss_catalan_moments",
@@ -611,7 +612,6 @@ def _chi_limit(act: _Act, q: float) -> float:
     return act.moments(_Q_HUGE if math.isinf(q) else q)[1]
 
 
-
 def _fields_table(obj: Any, extra: Sequence[str], width: int) -> str:
     """A result's fields and the named properties as an aligned two-column text table."""
     d = {f.name: getattr(obj, f.name) for f in fields(obj)}
@@ -620,6 +620,7 @@ def _fields_table(obj: Any, extra: Sequence[str], width: int) -> str:
         f"{k:>{width}}  {val:.10g}" if isinstance(val, float) else f"{k:>{width}}  {val}"
         for k, val in d.items()
     )
+
 
 @dataclass(frozen=True, eq=False)
 class MeanField:
@@ -708,14 +709,14 @@ class MeanField:
 
 
 def length_map(
-    q: float,
+    q: Any,
     activation: str,
-    sigma_w: float,
-    sigma_b: float = 0.0,
+    sigma_w: Any,
+    sigma_b: Any = 0.0,
     *,
     negative_slope: float = 0.01,
     alpha: float = 1.0,
-) -> float:
+) -> Any:
     """One step of the length map, ``sigma_w**2 E_z[phi(sqrt(q) z)**2] + sigma_b**2``.
 
     Parameters
@@ -731,26 +732,118 @@ def length_map(
 
     Returns
     -------
-    float
+    float or ndarray
         The next layer's pre-activation variance (Poole et al. 2016, eq. 3); ``inf``
-        where it exceeds the double range.
+        where it exceeds the double range. `q`, `sigma_w` and `sigma_b` may be arrays:
+        the result is then an ndarray of their broadcast shape.
     """
     act = _activation(activation, negative_slope, alpha)
-    q = _variance("q", q)
-    return _std("sigma_w", sigma_w) ** 2 * act.moments(q)[0] + _std("sigma_b", sigma_b) ** 2
+
+    def one(q: Any, sigma_w: Any, sigma_b: Any) -> float:
+        q = _variance("q", q)
+        return _std("sigma_w", sigma_w) ** 2 * act.moments(q)[0] + _std("sigma_b", sigma_b) ** 2
+
+    return _broadcast(one, ("q", "sigma_w", "sigma_b"), q, sigma_w, sigma_b)
+
+
+def _is_array(value: Any) -> bool:
+    """True for arguments given as arrays or sequences (scalars keep their scalar path)."""
+    return isinstance(value, (np.ndarray, Sequence)) and not isinstance(value, (str, bytes))
+
+
+def _broadcast(fn: Callable[..., float], names: Sequence[str], *args: Any) -> Any:
+    """`fn` of scalars, applied over the broadcast shape of `args` when any is an array:
+    an ndarray of float64 then, else `fn`'s own scalar result. Each element goes through
+    `fn`'s checks, so a bad entry is reported as a scalar would be (with its index)."""
+    if not any(_is_array(a) for a in args):
+        return fn(*args)
+    arrays = []
+    for name, a in zip(names, args):
+        arr = np.asarray(a)
+        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+            raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+        arrays.append(arr.astype(np.float64))
+    try:
+        bc = np.broadcast_arrays(*arrays)
+    except ValueError:
+        shapes = ", ".join(f"{n}: {a.shape}" for n, a in zip(names, arrays))
+        raise ValueError(f"the array arguments do not broadcast together ({shapes})") from None
+    out = np.empty(bc[0].shape)
+    for idx in np.ndindex(out.shape):
+        try:
+            out[idx] = fn(*(float(a[idx]) for a in bc))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (at index {idx})") from None
+    return out
 
 
 def chi(
-    q: float, activation: str, sigma_w: float, *, negative_slope: float = 0.01, alpha: float = 1.0
-) -> float:
+    q: Any, activation: str, sigma_w: Any, *, negative_slope: float = 0.01, alpha: float = 1.0
+) -> Any:
     """``sigma_w**2 E_z[phi'(sqrt(q) z)**2]``: the mean factor by which a layer with
     pre-activation variance ``q`` multiplies squared gradient norms; ``chi_1`` at ``q*``.
 
     At ``q = 0`` this is the limit ``q -> 0+`` (relu: ``sigma_w**2 / 2``, not 0); ``inf``
-    where it exceeds the double range.
+    where it exceeds the double range. `q` and `sigma_w` may be arrays: the result is
+    then an ndarray of their broadcast shape (a float for scalars).
     """
     act = _activation(activation, negative_slope, alpha)
-    return _marginal(_std("sigma_w", sigma_w) ** 2 * act.moments(_variance("q", q))[1])
+
+    def one(q: Any, sigma_w: Any) -> float:
+        return _marginal(_std("sigma_w", sigma_w) ** 2 * act.moments(_variance("q", q))[1])
+
+    return _broadcast(one, ("q", "sigma_w"), q, sigma_w)
+
+
+@functools.lru_cache(maxsize=65536)
+def _chi_1(act: _Act, sw: float, sb: float, q0: float) -> float:
+    sw2, sb2 = sw * sw, sb * sb
+    qs = _fixed_point(act, sw2, sb2, sw2 * q0 + sb2)
+    return _marginal(sw2 * _chi_limit(act, qs))
+
+
+def chi_1(
+    activation: str,
+    sigma_w: Any,
+    sigma_b: Any = 0.0,
+    *,
+    q0: float = 1.0,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> Any:
+    """``chi_1`` of :func:`mean_field` (the factor by which squared gradient norms change
+    per layer at the fixed point ``q*``), over arrays of ``sigma_w`` and ``sigma_b``.
+
+    Parameters
+    ----------
+    activation : str
+        One of :data:`ACTIVATIONS`.
+    sigma_w, sigma_b : float or array_like
+        Weight and bias standard deviations; arrays broadcast against each other (e.g.
+        ``sigma_w[:, None]`` and ``sigma_b[None, :]`` for a phase diagram).
+    q0, negative_slope, alpha
+        As in :func:`mean_field`.
+
+    Returns
+    -------
+    float or ndarray
+        A float for scalar arguments, else an ndarray of the broadcast shape; equal to
+        ``mean_field(activation, sw, sb, q0=q0).chi_1`` entry by entry.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradchain import theory
+    >>> theory.chi_1("tanh", np.array([0.5, 1.0, 1.5]), 0.3).round(4)
+    array([0.2085, 0.7003, 1.061 ])
+    """
+    act = _activation(activation, negative_slope, alpha)
+    q0 = _variance("q0", q0)
+
+    def one(sigma_w: Any, sigma_b: Any) -> float:
+        return _chi_1(act, _std("sigma_w", sigma_w), _std("sigma_b", sigma_b), q0)
+
+    return _broadcast(one, ("sigma_w", "sigma_b"), sigma_w, sigma_b)
 
 
 def _correlation_fixed_point(

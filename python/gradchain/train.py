@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _core, tasks
 from . import _validate as v
+from ._progress import progress_bar
 from .chain import Chain
 from .errors import NonFiniteError
 from .history import History
@@ -127,6 +128,7 @@ def train(
     record_every: int = 1,
     record_activation_grads: bool = False,
     callback: Callable[[int, History], Any] | None = None,
+    progress: bool = False,
     seed: int = 0,
     truncate: int | None = None,
     truncate_mode: str = "detach",
@@ -191,6 +193,9 @@ def train(
         ``callback(step, history)`` after every recorded row, with the history so far.
         Returning True stops the run (``stopped="callback"``). An exception it raises
         stops the run and is re-raised with the history as its ``history`` attribute.
+    progress : bool
+        Show a tqdm progress bar of the steps, advanced at every recorded row
+        (``pip install gradchain[progress]``).
     seed : int
         Seeds the sampler; the run is reproducible for any thread count.
     truncate : int, optional
@@ -379,11 +384,14 @@ def train(
     }
 
     hook = None
-    if callback is not None:
+    bar = progress_bar(n_steps, "train", "step") if v.flag("progress", progress) else None
+    if callback is not None or bar is not None:
         user = callback
 
         def hook(step: int, partial: dict[str, Any]) -> bool:
-            return bool(user(int(step), History._from_core(partial, meta)))
+            if bar is not None:
+                bar.update(min(int(step), n_steps) - bar.n)
+            return user is not None and bool(user(int(step), History._from_core(partial, meta)))
 
     try:
         d_out = _core.train(
@@ -393,6 +401,8 @@ def train(
         )  # fmt: skip
     finally:
         _trained(net)
+        if bar is not None:
+            bar.close()
     exc = d_out["exception"]
     if isinstance(exc, KeyboardInterrupt):
         d_out["stopped"] = "interrupted"

@@ -23,6 +23,9 @@ struct ChainRequest {
   bool keep_boundary_grads = false;
   // false: log10_boundary_grad_norms is left NaN (the pass then skips those sums)
   bool boundary_norms = true;
+  // false: no parameter gradients at all (their norms and the total norm are left NaN), for
+  // callers that want the boundary norms only; not with keep_param_grads or clipping
+  bool param_grads = true;
   double max_norm = -1.0;  // < 0: no clipping
   double norm_type = 2.0;  // for the total norm and clipping; inf allowed
   bool forward_only = false;

@@ -49,6 +49,9 @@ bool memory_allows(double bytes, double factor);
 // process forked from a thread that had run one of those loops (libgomp's threads do not
 // survive fork, and entering a parallel region there would wait for them forever).
 int max_threads();
+// Caps max_threads() for the calling thread only (0: no cap) and returns the previous cap:
+// concurrent runs on threads of their own (a sweep's points) then do not compete for cores.
+int set_thread_limit(int n);
 // Threads for one of the core's OpenMP regions that would like `n`: every region's
 // num_threads goes through it, so that the fork guard knows which threads have a pool.
 int team_threads(int n);
