@@ -27,6 +27,8 @@ from .errors import NonFiniteError
 from .jacobian import jacobian_norms, jacobian_spectrum
 from .mlp import ACTIVATIONS, INITS, MLP, NORM_POSITIONS, NORMS
 from .rnn import CELLS, RNN, RNN_INITS, TRUNCATE_MODES
+from .sweep import _VALUES as SWEEP_VALUES
+from .sweep import MEASURES, sweep
 from .theory import ConvergenceError
 from .train import train
 
@@ -43,7 +45,6 @@ OPTIMIZERS: dict[str, Any] = {
 }
 TASKS = {"teacher_student": "mlp", "classification": "mlp", "adding": "rnn", "copy": "rnn"}
 EXECUTORS = ("threads", "serial", "processes")
-MEASURES = ("growth", "backward", "spectrum", "train")
 
 
 class UsageError(Exception):
@@ -794,11 +795,15 @@ def _sweep(args: argparse.Namespace) -> int:
         parent = Path(args.out).parent
         if not parent.is_dir():
             raise UsageError(f"--out: the folder does not exist: {str(parent)!r}")
-    gc = importlib.import_module("gradchain")
-    target = gc.MLP if args.target == "mlp" else gc.RNN
+    names = SWEEP_VALUES[args.measure]
+    if args.var is not None and args.var not in names:
+        raise UsageError(
+            f"--var must be one of {', '.join(names)} for --measure {args.measure}; got {args.var!r}"
+        )
+    target = MLP if args.target == "mlp" else RNN
     executor, workers = _executor(args)
     try:
-        grid = gc.sweep(target, dims=dims, fixed=fixed, measure=args.measure, seeds=args.seeds,
+        grid = sweep(target, dims=dims, fixed=fixed, measure=args.measure, seeds=args.seeds,
                         executor=executor, batch=args.batch, seed=args.seed,
                         progress=args.progress, on_error=args.on_error, **workers)  # fmt: skip
     except RuntimeError as exc:
@@ -810,9 +815,7 @@ def _sweep(args: argparse.Namespace) -> int:
     finally:
         if executor is not None:
             executor.shutdown()
-    var = args.var or next(iter(grid.values))
-    if var not in grid.values:
-        raise UsageError(f"--var must be one of {', '.join(grid.values)}; got {var!r}")
+    var = args.var or names[0]
     if args.out:
         grid.save(args.out)
         print(f"gradchain: saved the grid to {args.out}", file=sys.stderr)
@@ -830,18 +833,32 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def sweep_table(grid: Any) -> str:
-    """One row per point of the grid (seeds averaged): its coordinates, then every value."""
+    """One row per point of the grid: its coordinates, then every value averaged over the
+    seeds (a training diagnosis by its name, or the names of the seeds' diagnoses where
+    they differ)."""
     names = [n for n in grid.dims if n != "seed"]
     shape = [len(grid.dims[n]) for n in names]
+    kinds = grid.attrs.get("diagnosis_kinds")
+    cols: dict[str, list[str]] = {n: [] for n in [*names, *grid.values]}
     means = {k: np.asarray(grid.mean(k), dtype=np.float64) for k in grid.values}
-    cols = [*names, *means]
-    width = max(12, *(len(c) for c in cols))
-    rows = ["  ".join(f"{c:>{width}}" for c in cols)]
+    codes = None
+    if kinds is not None and "diagnosis_code" in grid.values:
+        codes = np.moveaxis(grid.values["diagnosis_code"], list(grid.dims).index("seed"), -1)
+        cols["diagnosis"] = cols.pop("diagnosis_code")
     for idx in np.ndindex(*shape):
-        cells = [_cell(grid.dims[n][i]) for n, i in zip(names, idx)]
-        cells += [f"{float(m[idx]):.6g}" for m in means.values()]
-        rows.append("  ".join(f"{c:>{width}}" for c in cells))
-    return "\n".join(rows)
+        for n, i in zip(names, idx):
+            cols[n].append(_cell(grid.dims[n][i]))
+        for k, m in means.items():
+            if k == "diagnosis_code" and codes is not None:
+                seen = [kinds[int(c)] if np.isfinite(c) else "failed" for c in codes[idx]]
+                cols["diagnosis"].append("/".join(dict.fromkeys(seen)))
+            else:
+                cols[k].append(f"{float(m[idx]):.6g}")
+    widths = {c: max(len(c), *(len(x) for x in v)) for c, v in cols.items()}
+    lines = ["  ".join(f"{c:>{widths[c]}}" for c in cols)]
+    for r in range(len(next(iter(cols.values())))):
+        lines.append("  ".join(f"{v[r]:>{widths[c]}}" for c, v in cols.items()))
+    return "\n".join(lines)
 
 
 def _cell(x: Any) -> str:
