@@ -285,6 +285,89 @@ def test_train_an_rnn_on_a_sequence_task(capsys, task):
     _same_history(run_json(capsys, *argv)["history"], hist)
 
 
+def _same_grid(cli_grid, grid):
+    """A sweep's --json against the API's to_dict(), but for the time it took."""
+    d = plain(grid.to_dict())
+    for g in (cli_grid, d):
+        g["attrs"].pop("elapsed")
+    assert cli_grid == d
+
+
+def test_sweep_linspace_and_list_dims_and_typed_fixed_values(capsys):
+    argv = ["sweep", "--dim", "sigma_w=0.5:2.5:3", "--dim", "bias_std=0,0.5", "--fixed", "depth=6",
+            "--fixed", "width=8", "--fixed", "init=normal", "--fixed", "residual=false",
+            "--fixed", "norm=none", "--seeds", "2", "--batch", "4", "--seed", "3"]  # fmt: skip
+    grid = gc.sweep(gc.MLP, dims={"sigma_w": [0.5, 1.5, 2.5], "bias_std": [0, 0.5]},
+                    fixed={"depth": 6, "width": 8, "init": "normal", "residual": False, "norm": None},
+                    seeds=2, batch=4, seed=3)  # fmt: skip
+    d = run_json(capsys, *argv)
+    _same_grid(d, grid)
+    assert (
+        d["fixed"]["depth"] == 6 and d["fixed"]["residual"] is False and d["fixed"]["norm"] is None
+    )
+    status, out, _ = run(capsys, *argv)
+    assert status == 0 and out.startswith(repr(grid).split(", elapsed")[0][:40])
+    head = out.splitlines()[1].split()
+    assert head == ["sigma_w", "bias_std", *grid.values]
+    body = np.array([[float(x) for x in line.split()] for line in out.splitlines()[2:]])
+    assert body.shape == (6, 6)
+    np.testing.assert_allclose(body[:, :2], [[a, b] for a in (0.5, 1.5, 2.5) for b in (0, 0.5)])
+    np.testing.assert_allclose(body[:, 2], grid.mean("growth").ravel(), rtol=1e-5)
+    np.testing.assert_allclose(body[:, 5], grid.mean("log10_last").ravel(), rtol=1e-5)
+
+
+def test_sweep_of_an_rnn_with_text_dims_serial_and_saved(capsys, tmp_path):
+    out_file = tmp_path / "grid.npz"
+    argv = ["sweep", "--target", "rnn", "--dim", "cell=tanh,gru", "--fixed", "hidden_size=4",
+            "--fixed", "steps=5", "--measure", "backward", "--executor", "serial", "--out",
+            str(out_file)]  # fmt: skip
+    grid = gc.sweep(gc.RNN, dims={"cell": ["tanh", "gru"]}, fixed={"hidden_size": 4, "steps": 5},
+                    measure="backward")  # fmt: skip
+    status, out, err = run(capsys, *argv)
+    assert status == 0 and f"saved the grid to {out_file}" in err
+    saved = gc.SweepResult.load(out_file)
+    for k, a in grid.values.items():
+        np.testing.assert_array_equal(saved.values[k], a)
+    body = [line.split() for line in out.splitlines()[2:]]
+    assert [b[0] for b in body] == ["tanh", "gru"]
+    np.testing.assert_allclose([float(b[1]) for b in body], grid.mean("loss"), rtol=1e-5)
+
+
+def test_sweep_names_each_points_diagnosis(capsys):
+    argv = ["sweep", "--dim", "depth=2,25", "--fixed", "width=6", "--fixed", "activation=sigmoid",
+            "--fixed", "steps=12", "--measure", "train"]  # fmt: skip
+    grid = gc.sweep(gc.MLP, dims={"depth": [2, 25]}, measure="train",
+                    fixed={"width": 6, "activation": "sigmoid", "steps": 12})  # fmt: skip
+    kinds = [grid.attrs["diagnosis_kinds"][int(c)] for c in grid.values["diagnosis_code"][:, 0]]
+    assert kinds[1] == "vanishing"
+    out = run(capsys, *argv)[1]
+    assert [line.split()[-1] for line in out.splitlines()[2:]] == kinds
+
+
+def test_sweep_failures_recorded_or_raised(capsys):
+    argv = ["sweep", "--dim", "sigma_w=1,-2", "--fixed", "depth=3", "--fixed", "width=4",
+            "--fixed", "init=normal"]  # fmt: skip
+    status, out, err = run(capsys, *argv)
+    assert status == 0 and out.splitlines()[-1].split()[1:] == ["nan"] * 4
+    assert err == ("gradchain: 1 point(s) failed (NaN in the table), e.g. ValueError: sigma_w "
+                   "must be >= 0.0; got -2.0\n")  # fmt: skip
+    status, out, err = run(capsys, *argv, "--on-error", "raise")
+    assert (status, out, err.count("\n")) == (1, "", 1)
+    assert err.startswith("gradchain: error: ") and "(sigma_w=-2, seed=0) failed" in err
+
+
+def test_sweep_executor_processes_starts_fresh_workers():
+    args = cli._parser().parse_args(["sweep", "--executor", "processes", "--workers", "3"])
+    executor, kw = cli._executor(args)
+    try:
+        assert kw == {} and executor._max_workers == 3
+        assert executor._mp_context.get_start_method() in ("forkserver", "spawn")
+    finally:
+        executor.shutdown()
+    args = cli._parser().parse_args(["sweep", "--workers", "3"])
+    assert cli._executor(args) == (None, {"workers": 3})
+
+
 # -- --plot --------------------------------------------------------------------------------
 
 needs_plot = pytest.mark.skipif(
@@ -304,6 +387,8 @@ needs_plot = pytest.mark.skipif(
         ["jacobian", "--depth", "5", "--width", "4", "--batch", "2", "--spectrum"],
         ["theory", "--depth", "5", "--width", "16", "--batch", "2", "--no-spectrum"],
         ["train", "--examples", "32", "--depth", "2", "--width", "4", "--steps", "4", "--batch-size", "8"],
+        ["sweep", "--dim", "sigma_w=1,2", "--dim", "bias_std=0,1", "--fixed", "depth=3", "--fixed", "width=4",
+         "--fixed", "init=normal"],
     ],
     ids=lambda a: a[0],
 )  # fmt: skip
@@ -384,6 +469,9 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
         (["sweep", "--dim", "depth=2", "--out", "/nonexistent-folder/g.npz"], "--out: the folder does not exist"),
         # options that do not go together
         (["run", "--sigma-w", "2"], "--sigma-w sets the scale of --init normal; got --init xavier_normal"),
+        (["sweep", "--dim", "sigma_w=1,2"], "sigma_w sets the scale of init normal; add --fixed init=normal"),
+        (["sweep", "--dim", "depth=1,2", "--var", "loss"], "--var must be one of growth, growth_stderr"),
+        (["sweep", "--dim", "sigma=1,2"], "unknown dimension or argument 'sigma' for gradchain.mlp.MLP"),
         (["train", "--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd or rmsprop; got adam"),
         (["train", "--task", "adding", "--depth", "3"], "--depth applies to the MLP tasks (teacher_student, classification) only"),
         (["train", "--cell", "gru"], "--cell applies to the sequence tasks (adding, copy) only"),

@@ -795,6 +795,13 @@ def _sweep(args: argparse.Namespace) -> int:
         parent = Path(args.out).parent
         if not parent.is_dir():
             raise UsageError(f"--out: the folder does not exist: {str(parent)!r}")
+    init = dims.get("init", [fixed.get("init", "xavier_normal")])
+    mlp_sigma_w = args.target == "mlp" and ("sigma_w" in dims or "sigma_w" in fixed)
+    if mlp_sigma_w and "normal" not in init:
+        raise UsageError(
+            "sigma_w sets the scale of init normal; add --fixed init=normal (or sweep gain "
+            "for another initializer)"
+        )
     names = SWEEP_VALUES[args.measure]
     if args.var is not None and args.var not in names:
         raise UsageError(
