@@ -375,7 +375,7 @@ examples:
   gradchain rnn --cell lstm --T 200 --task adding --truncate 50
   gradchain jacobian --depth 50 --activation tanh --spectrum
   gradchain theory --activation relu --sigma-w 1.5 --depth 30 --width 128
-  gradchain sweep --dim sigma_w=0.5:3:11 --dim bias_std=0,0.5 --fixed depth=50
+  gradchain sweep --dim sigma_w=0.5:3:6 --dim bias_std=0,0.5 --fixed init=normal --seeds 3
   gradchain train --task classification --depth 20 --optimizer adam --lr 1e-3
 
 The core's thread count follows OMP_NUM_THREADS; results do not depend on it.
