@@ -344,6 +344,18 @@ def test_sweep_names_each_points_diagnosis(capsys):
     assert [line.split()[-1] for line in out.splitlines()[2:]] == kinds
 
 
+def test_sweep_trains_an_rnn_on_a_task_with_an_optimizer(capsys):
+    argv = ["sweep", "--target", "rnn", "--measure", "train", "--task", "adding", "--T", "5",
+            "--examples", "32", "--dim", "cell=tanh,gru", "--fixed", "hidden_size=4",
+            "--fixed", "steps=6", "--batch", "8", "--optimizer", "adam", "--lr", "0.01"]  # fmt: skip
+    data = cli.rnn_task("adding", 5, 32, 1)
+    grid = gc.sweep(gc.RNN, dims={"cell": ["tanh", "gru"]}, measure="train", batch=8,
+                    fixed={"hidden_size": 4, "steps": 6, "input_size": 2, "output_size": 1},
+                    measure_kwargs={"data": data, "optimizer": gc.optim.Adam(lr=0.01)})  # fmt: skip
+    assert not grid.errors
+    _same_grid(run_json(capsys, *argv), grid)
+
+
 def test_sweep_failures_recorded_or_raised(capsys):
     argv = ["sweep", "--dim", "sigma_w=1,-2", "--fixed", "depth=3", "--fixed", "width=4",
             "--fixed", "init=normal"]  # fmt: skip
@@ -470,6 +482,10 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
         # options that do not go together
         (["run", "--sigma-w", "2"], "--sigma-w sets the scale of --init normal; got --init xavier_normal"),
         (["sweep", "--dim", "sigma_w=1,2"], "sigma_w sets the scale of init normal; add --fixed init=normal"),
+        (["sweep", "--dim", "depth=1,2", "--lr", "0.1"], "--lr applies to --measure train only"),
+        (["sweep", "--dim", "depth=1,2", "--measure", "train", "--task", "copy"], "--task applies to --target rnn only"),
+        (["sweep", "--target", "rnn", "--dim", "cell=gru", "--measure", "train"],
+         "--measure train of --target rnn needs --task adding or copy"),
         (["sweep", "--dim", "depth=1,2", "--var", "loss"], "--var must be one of growth, growth_stderr"),
         (["sweep", "--dim", "sigma=1,2"], "unknown dimension or argument 'sigma' for gradchain.mlp.MLP"),
         (["train", "--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd or rmsprop; got adam"),

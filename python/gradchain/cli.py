@@ -315,6 +315,18 @@ def _add_rnn(
         )
 
 
+def _add_optimizer(g: Any, default: str | None) -> None:
+    g.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=default, help=(
+        "gc.optim class" if default else "gc.optim class (default: gc.sweep's, sgd at lr 0.01)"))  # fmt: skip
+    g.add_argument("--lr", type=_real("lr"), default=None, help=(
+        "learning rate (default: the optimizer's, 1e-3 for sgd, adam, adamw; 1e-2 for "
+        "rmsprop, adagrad)"))  # fmt: skip
+    g.add_argument("--momentum", type=_real("momentum"), default=None,
+                   help="sgd, rmsprop: momentum (default: 0)")  # fmt: skip
+    g.add_argument("--weight-decay", type=_real("weight_decay"), default=None,
+                   help="L2 penalty (default: the optimizer's, 1e-2 for adamw, else 0)")  # fmt: skip
+
+
 def _add_truncation(g: Any) -> None:
     g.add_argument(
         "--truncate",
@@ -480,6 +492,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--var", default=None, help=(
         "the value shown by --plot (default: the measure's first, e.g. growth)"))  # fmt: skip
     s.add_argument("--out", metavar="FILE", default=None, help="save the grid (SweepResult.save)")
+    g = s.add_argument_group("--measure train (steps, max_norm, clip_value: --fixed)")
+    _add_optimizer(g, None)
+    g.add_argument("--task", choices=("adding", "copy"), default=None, help=(
+        "--target rnn: the sequence task to train on (required there; an MLP trains on "
+        "gc.sweep's teacher-student regression)"))  # fmt: skip
+    g.add_argument("--T", type=_count("T"), default=20, help="--task: time steps (copy: the delay)")
+    g.add_argument("--examples", type=_count("examples"), default=256, help="--task: sequences")
     _add_common(s, plot="the phase diagram of --var over the two swept dims")
 
     tr = command("train", "train a chain on a task and diagnose its gradients", _train)
@@ -494,14 +513,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_mlp(tr, depth=10, width=32, title="MLP tasks (gc.MLP)", alone=False)
     _add_rnn(tr, title="sequence tasks (gc.RNN)", T=20, alone=False, input_size=False)
     o = tr.add_argument_group("optimizer")
-    o.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="sgd", help="gc.optim class")
-    o.add_argument("--lr", type=_real("lr"), default=None, help=(
-        "learning rate (default: the optimizer's, 1e-3 for sgd, adam, adamw; 1e-2 for "
-        "rmsprop, adagrad)"))  # fmt: skip
-    o.add_argument("--momentum", type=_real("momentum"), default=None,
-                   help="sgd, rmsprop: momentum (default: 0)")  # fmt: skip
-    o.add_argument("--weight-decay", type=_real("weight_decay"), default=None,
-                   help="L2 penalty (default: the optimizer's, 1e-2 for adamw, else 0)")  # fmt: skip
+    _add_optimizer(o, "sgd")
     o.add_argument("--steps", type=_count("steps"), default=200, help="optimizer steps")
     o.add_argument("--batch-size", type=_count("batch_size"), default=32, help="examples per step")
     o.add_argument("--record-every", type=_count("record_every"), default=1, help=(
@@ -678,17 +690,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def rnn_task(name: str, T: int, batch: int, seed: int) -> tasks.Task | None:
-    """The task of ``gradchain rnn --task``/``train --task`` (None: no task)."""
+def rnn_task(name: str, T: int, batch: int, seed: int) -> tasks.Task:
+    """The sequence task ``adding`` or ``copy`` of ``gradchain rnn``, ``train`` and
+    ``sweep``."""
     if name == "adding":
         return tasks.adding_problem(T, batch, seed=seed)
-    if name == "copy":
-        return tasks.copy_task(T, batch, seed=seed)
-    return None
+    return tasks.copy_task(T, batch, seed=seed)
 
 
 def _rnn_cmd(args: argparse.Namespace) -> int:
-    task = rnn_task(args.task, args.T, args.batch, args.seed)
+    task = None if args.task == "none" else rnn_task(args.task, args.T, args.batch, args.seed)
     if task is None:
         net = _rnn(args, args.input_size)
         x, target, loss = _inputs(args.seed, args.T, args.batch, args.input_size), None, None
@@ -802,6 +813,24 @@ def _sweep(args: argparse.Namespace) -> int:
             "sigma_w sets the scale of init normal; add --fixed init=normal (or sweep gain "
             "for another initializer)"
         )
+    mkw: dict[str, Any] = {}
+    if args.measure == "train":
+        if any(_given(args, d) for d in ("optimizer", "lr", "momentum", "weight_decay")):
+            mkw["optimizer"] = train_optimizer(args)
+        if args.task is not None:
+            if args.target != "rnn":
+                raise UsageError("--task applies to --target rnn only")
+            data = rnn_task(args.task, args.T, args.examples, args.seed + 1)
+            mkw["data"] = data
+            fixed.setdefault("input_size", data.input_size)
+            fixed.setdefault("output_size", data.output_size)
+        elif args.target == "rnn":
+            raise UsageError("--measure train of --target rnn needs --task adding or copy")
+        else:
+            _only(args, ("T", "examples"), "--task")
+    else:
+        _only(args, ("optimizer", "lr", "momentum", "weight_decay", "task", "T", "examples"),
+              "--measure train")  # fmt: skip
     names = SWEEP_VALUES[args.measure]
     if args.var is not None and args.var not in names:
         raise UsageError(
@@ -812,7 +841,8 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         grid = sweep(target, dims=dims, fixed=fixed, measure=args.measure, seeds=args.seeds,
                         executor=executor, batch=args.batch, seed=args.seed,
-                        progress=args.progress, on_error=args.on_error, **workers)  # fmt: skip
+                        progress=args.progress, on_error=args.on_error, measure_kwargs=mkw,
+                        **workers)  # fmt: skip
     except RuntimeError as exc:
         if args.on_error != "raise":
             raise
@@ -890,15 +920,14 @@ def train_optimizer(args: argparse.Namespace) -> Any:
     kw: dict[str, Any] = {}
     if args.lr is not None:
         kw["lr"] = args.lr
+    name = args.optimizer or "sgd"
     if args.momentum is not None:
-        if args.optimizer not in ("sgd", "rmsprop"):
-            raise UsageError(
-                f"--momentum applies to --optimizer sgd or rmsprop; got {args.optimizer}"
-            )
+        if name not in ("sgd", "rmsprop"):
+            raise UsageError(f"--momentum applies to --optimizer sgd or rmsprop; got {name}")
         kw["momentum"] = args.momentum
     if args.weight_decay is not None:
         kw["weight_decay"] = args.weight_decay
-    return OPTIMIZERS[args.optimizer](**kw)
+    return OPTIMIZERS[name](**kw)
 
 
 def _train(args: argparse.Namespace) -> int:
