@@ -479,6 +479,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
         (["sweep", "--dim", "depth=2", "--executor", "serial", "--workers", "2"], "--workers applies to --executor threads or processes only"),
         (["sweep", "--dim", "depth=2", "--plot", "a.png"], "--plot draws a phase diagram: it needs exactly two --dim"),
         (["sweep", "--dim", "depth=2", "--out", "/nonexistent-folder/g.npz"], "--out: the folder does not exist"),
+        (["sweep", "--dim", "depth=2", "--fixed", "width=4", "--out", "."], "--out could not write '.': Is a directory"),
         # options that do not go together
         (["run", "--sigma-w", "2"], "--sigma-w sets the scale of --init normal; got --init xavier_normal"),
         (["sweep", "--dim", "sigma_w=1,2"], "sigma_w sets the scale of init normal; add --fixed init=normal"),

@@ -854,7 +854,10 @@ def _sweep(args: argparse.Namespace) -> int:
             executor.shutdown()
     var = args.var or names[0]
     if args.out:
-        grid.save(args.out)
+        try:
+            grid.save(args.out)
+        except OSError as exc:
+            raise UsageError(f"--out could not write {args.out!r}: {exc.strerror or exc}") from None
         print(f"gradchain: saved the grid to {args.out}", file=sys.stderr)
     if args.json:
         _print_json(grid.to_dict())
@@ -1019,6 +1022,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradchain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``gradchain sweep ... | head``): nothing more to say, and
+        # nothing for Python to flush into the closed pipe at exit either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover
