@@ -200,8 +200,8 @@ def test_phase_diagram_heat_map_is_the_seed_mean(order):
     mesh = mesh_of(ax)
     np.testing.assert_array_equal(mesh_values(mesh, (4, 6)), want)
     assert ax.get_xlabel() == "sigma_w" and ax.get_ylabel() == "bias_std"
-    lo, hi = mesh.get_clim()
-    assert lo == -hi and hi == np.abs(want).max()  # centred on 0: vanishing vs exploding
+    assert mesh.get_clim() == (want.min(), want.max())
+    assert mesh.norm(0.0) == 0.5  # white at 0: vanishing against exploding
     assert mesh.colorbar is not None
 
 
@@ -220,6 +220,21 @@ def test_phase_diagram_draws_the_mean_field_boundary():
         crit = gc.theory.order_chaos_boundary("tanh", [b]).sigma_w[0]
         assert np.all((z[:, j] < 0) == (grid.dims["sigma_w"] < crit))
     assert gc.plot.phase_diagram(grid, theory=False).get_lines() == []
+
+
+def test_phase_diagram_of_a_real_sweep():
+    grid = gc.sweep(
+        gc.MLP,
+        dims={"sigma_w": [0.5, 1.0, 2.0, 3.0], "bias_std": [0.0, 0.5, 1.0]},
+        fixed={"depth": 12, "width": 16, "activation": "tanh", "init": "normal"},
+        seeds=2,
+        batch=4,
+    )
+    ax = gc.plot.phase_diagram(grid, theory=True)
+    np.testing.assert_array_equal(mesh_values(mesh_of(ax), (3, 4)), grid.mean("growth").T)
+    (line,) = ax.get_lines()
+    assert line.get_xdata()[0] == pytest.approx(1.0, rel=1e-8)  # tanh at sigma_b = 0
+    assert ax.get_title() == "activation=tanh, depth=12, width=16"
 
 
 def test_phase_diagram_theory_needs_sigma_w_and_bias_dims():
@@ -264,8 +279,10 @@ def test_spectrum_convergence_and_exponents():
         np.testing.assert_array_equal(line.get_xdata(), spec.depths)
         np.testing.assert_array_equal(ydata(line), spec.convergence.mean(axis=0)[:, i])
         np.testing.assert_allclose(ydata(line), np.log(1.5), rtol=1e-10)  # orthogonal: ln gain
-    ax = gc.plot.spectrum(spec, kind="exponents")
+    ax = gc.plot.spectrum(spec, kind="exponents", label="orthogonal")
     np.testing.assert_array_equal(ydata(ax.get_lines()[0]), spec.lyapunov_exponents_mean)
+    np.testing.assert_array_equal(ax.get_lines()[0].get_xdata(), [1, 2, 3])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["orthogonal"]
     assert len(gc.plot.spectrum(spec, directions=1).get_lines()) == 2  # one direction, zero line
     with pytest.raises(ValueError, match="kind must be"):
         gc.plot.spectrum(spec, kind="volume")

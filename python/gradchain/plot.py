@@ -45,20 +45,49 @@ def _axes(plt: Any, ax: Any) -> Any:
 
 
 def _power_label(value: float, _pos: Any = None) -> str:
-    """Tick label of a log10 value: ``10^k``."""
+    """Tick label of a log10 value: ``10^k``, or ``m x 10^k`` between whole powers."""
     if not math.isfinite(value):
         return ""
-    k = round(value)
-    text = str(int(k)) if abs(value - k) < 1e-9 * max(1.0, abs(value)) else f"{value:.3g}"
-    return f"$10^{{{text}}}$"
+    k = math.floor(value + 1e-9)
+    if abs(value - k) < 1e-9:
+        return f"$10^{{{k}}}$"
+    m = 10.0 ** (value - k)
+    return f"${m:.2g}\\times10^{{{k}}}$"
+
+
+def _power_ticks(vmin: float, vmax: float) -> np.ndarray:
+    """log10 tick positions: whole powers of ten where the range holds at least three,
+    else the 1-2-5 (or 1-9) mantissas of each decade, as a log axis would place them."""
+    from matplotlib.ticker import MaxNLocator
+
+    lo, hi = min(vmin, vmax), max(vmin, vmax)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return np.array([])
+    if hi - lo >= 2:
+        locator = MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True)
+        return np.asarray(locator.tick_values(lo, hi))
+    decades = range(math.floor(lo) - 1, math.ceil(hi) + 1)
+    for mantissas in ((1, 2, 5), range(1, 10)):
+        ticks = np.array([k + math.log10(m) for k in decades for m in mantissas])
+        ticks = ticks[(ticks >= lo - 1e-9) & (ticks <= hi + 1e-9)]
+        if ticks.size >= 3:
+            return ticks
+    return np.asarray(MaxNLocator(nbins=4).tick_values(lo, hi))
 
 
 def _powers_of_ten(axis: Any) -> None:
-    """Ticks of an axis that holds log10 values, on whole powers of ten where the range
-    has at least two of them, labelled ``10^k``."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    """Ticks of an axis that holds log10 values, labelled as powers of ten."""
+    from matplotlib.ticker import FuncFormatter, Locator
 
-    axis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True))
+    class PowerLocator(Locator):
+        def __call__(self) -> Any:
+            assert self.axis is not None  # set by set_major_locator
+            return self.tick_values(*self.axis.get_view_interval())
+
+        def tick_values(self, vmin: float, vmax: float) -> Any:
+            return _power_ticks(vmin, vmax)
+
+    axis.set_major_locator(PowerLocator())
     axis.set_major_formatter(FuncFormatter(_power_label))
 
 
@@ -190,7 +219,7 @@ def scalar_chain(
     matplotlib Axes
     """
     plt = _pyplot("scalar_chain")
-    ws = [w] if np.ndim(w) == 0 else list(w)  # type: ignore[arg-type]
+    ws = np.atleast_1d(np.asarray(w, dtype=np.float64))
     chains = [_theory.scalar_chain(float(wi), depth) for wi in ws]
     ax = _axes(plt, ax)
     for c in chains:
@@ -245,9 +274,9 @@ def phase_diagram(
     """A heat map of a sweep over two dimensions, with the order-to-chaos boundary.
 
     The colours are ``grid.mean(var)`` (the seed mean) on the sweep's grid, with
-    ``sigma_w`` across and the bias std up; for ``var="growth"`` (log10 of the per-layer
-    gradient factor) a diverging map centred on 0, blue where gradients vanish, red where
-    they explode. The mean-field boundary ``chi_1 = 1``
+    ``sigma_w`` across and the bias std up; for values of both signs (``var="growth"``,
+    log10 of the per-layer gradient factor) a diverging map, white at 0, blue where
+    gradients vanish and red where they explode. The mean-field boundary ``chi_1 = 1``
     (:func:`gradchain.theory.order_chaos_boundary`, for the activation in ``grid.fixed``)
     is drawn over it as a black line.
 
@@ -285,9 +314,10 @@ def phase_diagram(
     finite = img[np.isfinite(img)]
     both_signs = finite.size > 0 and finite.min() < 0 < finite.max()
     kw: dict[str, Any] = {"cmap": cmap or ("RdBu_r" if both_signs else "viridis")}
-    if both_signs:
-        lim = float(np.abs(finite).max())
-        kw.update(vmin=-lim, vmax=lim)
+    if both_signs:  # white at 0, full colour at either extreme: the sign is the phase
+        from matplotlib.colors import TwoSlopeNorm
+
+        kw["norm"] = TwoSlopeNorm(0.0, float(finite.min()), float(finite.max()))
     mesh = ax.pcolormesh(x, y, img, shading="nearest", **kw)
     label = "growth: log10 of the gradient factor per layer" if var == "growth" else var
     ax.figure.colorbar(mesh, ax=ax, label=label)
@@ -296,7 +326,7 @@ def phase_diagram(
         b = _theory.order_chaos_boundary(act, np.linspace(y.min(), y.max(), 101), **akw)
         ax.plot(b.sigma_w, b.sigma_b, color="black", label="mean field: chi_1 = 1")
         ax.set_xlim(x.min() - _half_step(x), x.max() + _half_step(x))
-        ax.legend(loc="upper left")
+        ax.legend(loc="best", framealpha=0.8)
     ax.set_xlabel(xdim)
     ax.set_ylabel(ydim)
     fixed = getattr(grid, "fixed", {}) or {}
@@ -311,7 +341,11 @@ def _half_step(a: np.ndarray) -> float:
 
 
 def spectrum(
-    spec: Any, kind: str = "convergence", directions: int | None = None, ax: Any = None
+    spec: Any,
+    kind: str = "convergence",
+    directions: int | None = None,
+    label: str | None = None,
+    ax: Any = None,
 ) -> Any:
     """Lyapunov exponents of a :class:`~gradchain.JacobianSpectrum`, or their convergence.
 
@@ -325,6 +359,9 @@ def spectrum(
         depth (batch mean) against i = 1..k.
     directions : int, optional
         Draw the first this many directions (convergence only); all k by default.
+    label : str, optional
+        Legend entry (convergence: prefixed to ``i = 1``, ...), e.g. to draw two spectra on
+        one Axes.
     ax : matplotlib Axes, optional
 
     Returns
@@ -337,17 +374,20 @@ def spectrum(
     ax = _axes(plt, ax)
     if kind == "exponents":
         lam = np.asarray(spec.lyapunov_exponents_mean, dtype=np.float64)
-        ax.plot(np.arange(1, lam.size + 1), lam, marker="o", linestyle="none")
+        ax.plot(np.arange(1, lam.size + 1), lam, marker=".", linestyle="none", label=label)
         ax.axhline(0.0, color="gray", linewidth=0.8)
         ax.set_xlabel("direction i")
         ax.set_ylabel(f"Lyapunov exponent (ln per layer, depth {spec.depth})")
+        if label is not None:
+            ax.legend()
         return ax
     with np.errstate(invalid="ignore"):
         conv = np.asarray(spec.convergence, dtype=np.float64).mean(axis=0)
     n = conv.shape[1] if directions is None else min(int(directions), conv.shape[1])
     depths = np.asarray(spec.depths)
+    prefix = "" if label is None else f"{label}, "
     for i in range(n):
-        ax.plot(depths, conv[:, i], label=f"i = {i + 1}" if n <= 8 else None)
+        ax.plot(depths, conv[:, i], label=f"{prefix}i = {i + 1}" if n <= 8 else None)
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.set_xlabel("depth l")
     ax.set_ylabel("log|R_ii| / l (ln per layer)")
