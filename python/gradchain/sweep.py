@@ -289,29 +289,33 @@ class _Task:
     measure: dict[str, Any]
 
 
-_local = threading.local()
+# The chain each worker thread keeps between the points of a sweep, by thread id: a dict
+# (not thread-local storage) so that _release can drop them all from any thread, as
+# dask's Client.run does on each worker once the sweep is over.
+_held: dict[int, tuple[tuple[str, str], MLP]] = {}
 
 
 def _cached_chain(plan: _Plan, build: dict[str, Any]) -> Any:
-    """An MLP of this point's shape with this point's parameters: the worker's previous
-    chain redrawn when its shape matches, else a new one (which it then keeps)."""
+    """An MLP of this point's shape with this point's parameters: the thread's previous
+    chain redrawn when its shape matches, else a new one (which the thread then keeps)."""
     shape = {k: x for k, x in build.items() if k not in _REDRAWN}
     key = (plan.token, repr(sorted(shape.items())))
-    held = getattr(_local, "chain", None)
+    me = threading.get_ident()
+    held = _held.get(me)
     if held is not None and held[0] == key:
         net = held[1]
         defaults = _signature_defaults(MLP)
         net._reinit(**{k: build.get(k, defaults[k]) for k in _REDRAWN})
         return net
-    _local.chain = None  # free the old chain before building the new one
+    _held.pop(me, None)  # free the old chain before building the new one
     net = MLP(**build)
-    _local.chain = (key, net)
+    _held[me] = (key, net)
     return net
 
 
 def _release() -> None:
-    """Drops the chain this thread keeps between points."""
-    _local.chain = None
+    """Drops the chains the threads of this process keep between points."""
+    _held.clear()
 
 
 def _point_seeds(plan: _Plan, task: _Task) -> tuple[int, np.random.Generator]:
@@ -481,10 +485,7 @@ def _run_threads(
         finally:
             for f in futures:
                 f.cancel()
-            # The chains the workers keep go with their threads; drop them first anyway
-            # so that memory is back before this returns.
-            for _ in range(workers):
-                ex.submit(_release)
+    _release()
 
 
 def _run_executor(
@@ -743,7 +744,7 @@ class SweepResult:
                 "theory() needs init='normal' among the fixed arguments (W ~ N(0, sigma_w**2 / n)); "
                 f"got init={self.fixed.get('init')!r}"
             )
-        extra = [k for k in self.dims if k not in ("sigma_w", "bias_std", "sigma_b", "seed")]
+        extra = [k for k in self.dims if k not in ("sigma_w", "bias_std", "seed")]
         if extra:
             raise ValueError(
                 f"theory() needs dims among sigma_w and bias_std only; got also {extra}"
