@@ -432,6 +432,19 @@ def test_plot_draws_the_values_printed(capsys, tmp_path, monkeypatch):
     np.testing.assert_array_equal(line.get_ydata(), rep.log10_activation_grad_norms)
 
 
+def test_progress_without_tqdm_says_how_to_get_it(capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tqdm" else real(name, *a))  # fmt: skip
+    for command in ("sweep", "train"):
+        status, out, err = run(capsys, command, "--progress")
+        assert (status, out) == (2, "")
+        assert err == (
+            "gradchain: error: --progress needs tqdm, an optional dependency: "
+            f"pip install 'gradchain[progress]' (see gradchain {command} --help)\n"
+        )
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -521,6 +521,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_clipping(o, value=True)
     _add_truncation(o)
     tr.add_argument("--rows", type=_count("rows"), default=10, help="about how many steps to print")
+    tr.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     _add_common(tr, plot="the run: loss, total norm, per-parameter norms")
     return p
 
@@ -600,11 +601,15 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj))
 
 
-def _check_plotting(args: argparse.Namespace) -> None:
-    """Before any work: --plot needs matplotlib."""
+def _check_extras(args: argparse.Namespace) -> None:
+    """Before any work: --plot needs matplotlib, --progress tqdm."""
     if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
         raise UsageError(
             "--plot needs matplotlib, an optional dependency: pip install 'gradchain[plot]'"
+        )
+    if getattr(args, "progress", False) and importlib.util.find_spec("tqdm") is None:
+        raise UsageError(
+            "--progress needs tqdm, an optional dependency: pip install 'gradchain[progress]'"
         )
 
 
@@ -954,7 +959,7 @@ def _train(args: argparse.Namespace) -> int:
     hist = train(net, data, optimizer=opt, steps=args.steps, batch_size=args.batch_size,
                  max_norm=args.max_norm, norm_type=args.norm_type, clip_value=args.clip_value,
                  record_every=args.record_every, seed=args.seed, truncate=args.truncate,
-                 truncate_mode=args.truncate_mode)  # fmt: skip
+                 truncate_mode=args.truncate_mode, progress=args.progress)  # fmt: skip
     diagnosis = hist.diagnose()
     if args.json:
         _print_json({"history": hist.to_dict(), "diagnosis": diagnosis.to_dict()})
@@ -1008,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["demo"])
     try:
-        _check_plotting(args)
+        _check_extras(args)
         return int(args.func(args))
     except UsageError as exc:
         print(f"gradchain: error: {exc} (see {args._parser.prog} --help)", file=sys.stderr)
