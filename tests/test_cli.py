@@ -316,6 +316,17 @@ def test_sweep_linspace_and_list_dims_and_typed_fixed_values(capsys):
     np.testing.assert_allclose(body[:, 5], grid.mean("log10_last").ravel(), rtol=1e-5)
 
 
+def test_dim_values():
+    assert cli._dim("sigma_w=0.5:2.5:3") == ("sigma_w", [0.5, 1.5, 2.5])
+    assert cli._dim("depth=10:50:5") == ("depth", [10, 20, 30, 40, 50])
+    assert cli._dim("x=0:1:3") == ("x", [0.0, 0.5, 1.0])
+    assert cli._dim("x=1.0:3.0:3") == ("x", [1.0, 2.0, 3.0])
+    assert cli._dim("a=tanh,relu,1,2.5,true,none") == ("a", ["tanh", "relu", 1, 2.5, True, None])
+    assert cli._fixed("norm=None") == ("norm", None) and cli._fixed("w=1e-3") == ("w", 1e-3)
+    depths = [type(d) for d in cli._dim("depth=1:3:3")[1]]
+    assert depths == [int] * 3
+
+
 def test_sweep_of_an_rnn_with_text_dims_serial_and_saved(capsys, tmp_path):
     out_file = tmp_path / "grid.npz"
     argv = ["sweep", "--target", "rnn", "--dim", "cell=tanh,gru", "--fixed", "hidden_size=4",

@@ -142,7 +142,8 @@ def _name_value(option: str, text: str) -> tuple[str, str]:
 
 
 def _dim(text: str) -> tuple[str, list[Any]]:
-    """``NAME=START:STOP:NUM`` (numpy.linspace) or ``NAME=a,b,c``."""
+    """``NAME=START:STOP:NUM`` (numpy.linspace; integers where the ends are integers and
+    every value is one, as for ``depth=10:50:5``) or ``NAME=a,b,c``."""
     name, spec = _name_value("--dim", text)
     if ":" in spec:
         parts = spec.split(":")
@@ -155,7 +156,11 @@ def _dim(text: str) -> tuple[str, list[Any]]:
                 f"--dim {name}=START:STOP:NUM takes two finite numbers and a count >= 1 "
                 f"(numpy.linspace); got {spec!r}"
             ) from None
-        return name, np.linspace(start, stop, num).tolist()
+        grid = np.linspace(start, stop, num)
+        ends_int = all(isinstance(_value(p), int) for p in parts[:2])
+        if ends_int and np.array_equal(grid, np.round(grid)):
+            return name, [int(x) for x in grid]
+        return name, grid.tolist()
     values = [_value(s) for s in spec.split(",")]
     if any(s == "" for s in spec.split(",")):
         raise argparse.ArgumentTypeError(f"--dim {name}=a,b,c has an empty value; got {spec!r}")
