@@ -192,19 +192,17 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
         return super()._get_help_string(action)
 
 
-def _add_common(p: argparse.ArgumentParser, *, plot: str | None, seed: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, *, plot: str) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the result's to_dict() as JSON")
-    if plot is not None:
-        g.add_argument(
-            "--plot",
-            metavar="FILE.png",
-            type=_plot_file,
-            default=None,
-            help=f"also draw {plot} into FILE (.png, .pdf, .svg, ...; needs matplotlib)",
-        )
-    if seed:
-        p.add_argument("--seed", type=_seed, default=0, help="seed of the weights and inputs")
+    g.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=_plot_file,
+        default=None,
+        help=f"also draw {plot} into this file (.png, .pdf, .svg, ...; needs matplotlib)",
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the weights and inputs")
 
 
 def _add_every(p: argparse.ArgumentParser) -> None:
@@ -231,7 +229,9 @@ def _add_mlp(
     g = p.add_argument_group(title)
     g.add_argument("--depth", type=_count("depth"), default=depth, help="number of layers L")
     g.add_argument("--width", type=_count("width"), default=width, help="units in every layer")
-    g.add_argument("--activation", choices=ACTIVATIONS, default=activation, help="phi")
+    g.add_argument(
+        "--activation", choices=ACTIVATIONS, default=activation, help="phi in h = phi(W h + b)"
+    )
     if alone:
         g.add_argument("--init", choices=INITS, default=init, help="weight initializer")
         g.add_argument(
