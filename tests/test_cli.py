@@ -144,6 +144,18 @@ def test_run_takes_every_mlp_option(capsys):
     assert run_json(capsys, *argv) == plain(rep.to_dict())
 
 
+def test_threads_caps_the_core_and_leaves_the_results_alone(capsys, monkeypatch):
+    argv = ["run", "--depth", "30", "--width", "64", "--batch", "16"]
+    seen = []
+    real = gc.MLP.backward
+    monkeypatch.setattr(gc.MLP, "backward",
+                        lambda self, *a, **k: (seen.append(gc._core.max_threads()), real(self, *a, **k))[1])  # fmt: skip
+    before = gc._core.max_threads()
+    default = run_json(capsys, *argv)
+    assert run_json(capsys, *argv, "--threads", "1") == default
+    assert seen == [before, 1] and gc._core.max_threads() == before
+
+
 def test_run_float32_leaky_relu(capsys):
     d = run_json(capsys, "run", "--depth", "4", "--width", "5", "--batch", "2", "--dtype",
                  "float32", "--activation", "leaky_relu", "--negative-slope", "0.2",
@@ -486,6 +498,8 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
         (["rnn", "--cell", "lstm2"], "argument --cell: invalid choice: 'lstm2'"),
         (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs' (choose from 'sgd', 'adam', 'adamw'"),
         (["demo", "--nonesuch"], "unrecognized arguments: --nonesuch"),
+        (["run", "--threads", "0"], "argument --threads: threads must be a positive integer; got '0'"),
+        (["sweep", "--threads", "2"], "unrecognized arguments: --threads 2"),
         (["bogus"], "invalid choice: 'bogus'"),
         # --plot and --out files
         (["run", "--plot", "out.txt"], "the plot file must end in one of .png, .pdf, .svg"),

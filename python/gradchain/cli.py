@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from . import _core, optim, tasks
 from . import _validate as v
-from . import optim, tasks
 from .compare import compare_theory
 from .errors import NonFiniteError
 from .jacobian import jacobian_norms, jacobian_spectrum
@@ -203,6 +203,16 @@ def _add_common(p: argparse.ArgumentParser, *, plot: str) -> None:
         help=f"also draw {plot} into this file (.png, .pdf, .svg, ...; needs matplotlib)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the weights and inputs")
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=_count("threads"),
+        default=None,
+        help="at most N threads of the core (default: OMP_NUM_THREADS, or one per core); "
+        "the results do not depend on it",
+    )
 
 
 def _add_every(p: argparse.ArgumentParser) -> None:
@@ -415,6 +425,8 @@ def _parser() -> argparse.ArgumentParser:
         more = DESCRIPTIONS[name]
         c = sub.add_parser(name, help=help, description=f"{help}.\n\n{more}", formatter_class=_Help)
         c.set_defaults(func=func, _parser=c)
+        if name != "sweep":  # a sweep's threads are its --workers
+            _add_threads(c)
         return c
 
     d = command("demo", "per-layer gradient norms of a sigmoid chain beside a ReLU/He chain", _demo)
@@ -1017,6 +1029,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo"])
+    threads = getattr(args, "threads", None)
+    previous = None if threads is None else _core.set_thread_limit(threads)
     try:
         _check_extras(args)
         return int(args.func(args))
@@ -1038,6 +1052,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    finally:
+        if previous is not None:  # main() may be called again in this thread
+            _core.set_thread_limit(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
