@@ -208,6 +208,7 @@ def _add_common(p: argparse.ArgumentParser, *, plot: str) -> None:
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
+        metavar="N",
         type=_count("threads"),
         default=None,
         help="at most N threads of the core (default: OMP_NUM_THREADS, or one per core); "
@@ -218,6 +219,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 def _add_every(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--every",
+        metavar="N",
         type=_count("every"),
         default=None,
         help="print every N-th row of the table (default: about 20 rows)",
@@ -405,7 +407,8 @@ examples:
   gradchain sweep --dim sigma_w=0.5:3:6 --dim bias_std=0,0.5 --fixed init=normal --seeds 3
   gradchain train --task classification --depth 20 --optimizer adam --lr 1e-3
 
-The core's thread count follows OMP_NUM_THREADS; results do not depend on it.
+The core's thread count follows OMP_NUM_THREADS (--threads N caps it); results do not
+depend on it.
 """
 
 
