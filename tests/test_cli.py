@@ -234,6 +234,18 @@ def test_theory_table_and_json(capsys):
     np.testing.assert_allclose(table[:, 2], np.asarray(cmp.predicted)[::2], atol=5e-5)
 
 
+def test_theory_of_an_rnn(capsys):
+    argv = ["theory", "--target", "rnn", "--cell", "relu", "--hidden", "16", "--T", "12",
+            "--input-size", "3", "--recurrent-gain", "1.1", "--batch", "3", "--no-spectrum"]  # fmt: skip
+    net = gc.RNN("relu", 3, 16, init="normal", recurrent_gain=1.1)
+    cmp = gc.compare_theory(net, batch=3, steps=12, spectrum=False)
+    assert run_json(capsys, *argv) == plain(cmp.to_dict())
+    table = rows(run(capsys, *argv)[1], 4)
+    np.testing.assert_allclose(
+        table[:, 1], np.asarray(cmp.measured)[table[:, 0].astype(int)], atol=5e-5
+    )
+
+
 def test_theory_of_norm_and_residual_layers(capsys):
     d = run_json(capsys, "theory", "--depth", "6", "--width", "32", "--activation", "relu",
                  "--sigma-w", "1.4", "--norm", "layer", "--norm-position", "post", "--residual",
@@ -495,6 +507,8 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
         (["run", "--norm-type", "two"], "argument --norm-type: norm_type must be a number p > 0 or 'inf'"),
         (["run", "--activation", "swish"], "argument --activation: invalid choice: 'swish' (choose from"),
         (["theory", "--norm", "group"], "argument --norm: invalid choice: 'group'"),
+        (["theory", "--target", "rnn", "--cell", "gru", "--T", "3"], "compare_theory covers the vanilla cells 'tanh' and 'relu'"),
+        (["theory", "--hidden", "4"], "--hidden applies to --target rnn only"),
         (["rnn", "--cell", "lstm2"], "argument --cell: invalid choice: 'lstm2'"),
         (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs' (choose from 'sgd', 'adam', 'adamw'"),
         (["demo", "--nonesuch"], "unrecognized arguments: --nonesuch"),

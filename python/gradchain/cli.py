@@ -278,12 +278,15 @@ def _add_mlp(
         )
 
 
-def _add_shared(p: argparse.ArgumentParser) -> None:
+def _add_shared(
+    p: argparse.ArgumentParser, mlp_init: str = "xavier_normal", rnn_init: str = "default"
+) -> None:
     """--init, --gain and --dtype of a command that builds a gc.MLP or a gc.RNN."""
     g = p.add_argument_group("either chain")
     g.add_argument("--init", choices=(*INITS, "default"), default=None, help=(
-        "initializer (default: xavier_normal for an MLP, default, PyTorch's, for an RNN; "
-        "an RNN takes default, xavier_uniform, xavier_normal, orthogonal, normal)"))  # fmt: skip
+        f"initializer (default: {mlp_init} for an MLP, {rnn_init} for an RNN, where "
+        "default is PyTorch's; an RNN takes default, xavier_uniform, xavier_normal, "
+        "orthogonal, normal)"))  # fmt: skip
     g.add_argument("--gain", type=_real("gain"), default=1.0, help=(
         "multiplies the init's scale (an RNN's weight_ih)"))  # fmt: skip
     g.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision")
@@ -387,8 +390,9 @@ DESCRIPTIONS = {
     "jacobian": "gc.jacobian_norms: the Frobenius and spectral norm of every layer's (or time\n"
     "step's) Jacobian at every example; with --spectrum, gc.jacobian_spectrum: the\n"
     "Lyapunov exponents of the product J_l ... J_1 from its QR decompositions.",
-    "theory": "gc.compare_theory: one backward pass of a gc.MLP beside the mean-field\n"
-    "prediction (chi_1, the depth scale, the per-layer slope and the spectrum).",
+    "theory": "gc.compare_theory: one backward pass of a gc.MLP (or a tanh or relu gc.RNN)\n"
+    "beside the mean-field prediction (chi_1, the depth scale, the per-layer slope and the\n"
+    "spectrum).",
     "sweep": "gc.sweep: the --measure at every point of the grid spanned by the --dim options,\n"
     "with the other arguments from --fixed, for --seeds seeds each.",
     "train": "gc.train on a task with known answers, then History.diagnose(): whether the\n"
@@ -483,7 +487,10 @@ def _parser() -> argparse.ArgumentParser:
     t = command(
         "theory", "measured per-layer gradient norms beside the mean-field prediction", _theory
     )
-    _add_mlp(t, depth=50, width=256, init="normal")
+    t.add_argument("--target", choices=("mlp", "rnn"), default="mlp", help="the chain")
+    _add_shared(t, "normal", "normal")
+    _add_mlp(t, depth=50, width=256, title="--target mlp (gc.MLP)", alone=False)
+    _add_rnn(t, title="--target rnn (gc.RNN: tanh or relu, one layer)", T=100, alone=False)
     t.add_argument("--batch", type=_count("batch"), default=32, help="examples")
     t.add_argument("--no-spectrum", action="store_true", help="skip the QR spectrum")
     _add_every(t)
@@ -600,14 +607,19 @@ def _mlp(args: argparse.Namespace, widths: Any = None, init: str | None = None) 
     )
 
 
-def _rnn(args: argparse.Namespace, input_size: int, output_size: int | None = None) -> RNN:
+def _rnn(
+    args: argparse.Namespace,
+    input_size: int,
+    output_size: int | None = None,
+    init: str | None = None,
+) -> RNN:
     return RNN(
         args.cell,
         input_size,
         args.hidden,
         args.layers,
         output_size=output_size,
-        init=getattr(args, "init", None) or "default",
+        init=init or getattr(args, "init", None) or "default",
         gain=args.gain,
         recurrent_gain=args.recurrent_gain,
         spectral_radius=args.spectral_radius,
@@ -783,8 +795,16 @@ def _jacobian(args: argparse.Namespace) -> int:
 
 
 def _theory(args: argparse.Namespace) -> int:
-    net = _mlp(args)
-    cmp = compare_theory(net, batch=args.batch, seed=args.seed, spectrum=not args.no_spectrum)
+    if args.target == "mlp":
+        _only(args, (*_RNN_ONLY, "input_size"), "--target rnn")
+        net: Any = _mlp(args, init=args.init or "normal")
+        steps = {}
+    else:
+        _only(args, _MLP_ONLY, "--target mlp")
+        net = _rnn(args, args.input_size, init=args.init or "normal")
+        steps = {"steps": args.T}
+    cmp = compare_theory(net, batch=args.batch, seed=args.seed, spectrum=not args.no_spectrum,
+                         **steps)  # fmt: skip
     if args.json:
         _print_json(cmp.to_dict())
     else:
