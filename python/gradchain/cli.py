@@ -192,7 +192,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
         return super()._get_help_string(action)
 
 
-def _add_common(p: argparse.ArgumentParser, *, plot: str) -> None:
+def _add_common(
+    p: argparse.ArgumentParser, *, plot: str, seed: str = "seed of the weights and inputs"
+) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the result's to_dict() as JSON")
     g.add_argument(
@@ -202,7 +204,7 @@ def _add_common(p: argparse.ArgumentParser, *, plot: str) -> None:
         default=None,
         help=f"also draw {plot} into this file (.png, .pdf, .svg, ...; needs matplotlib)",
     )
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the weights and inputs")
+    p.add_argument("--seed", type=_seed, default=0, help=seed)
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
@@ -526,7 +528,8 @@ def _parser() -> argparse.ArgumentParser:
         "gc.sweep's teacher-student regression)"))  # fmt: skip
     g.add_argument("--T", type=_count("T"), default=20, help="--task: time steps (copy: the delay)")
     g.add_argument("--examples", type=_count("examples"), default=256, help="--task: sequences")
-    _add_common(s, plot="the phase diagram of --var over the two swept dims")
+    _add_common(s, plot="the phase diagram of --var over the two swept dims",
+                seed="the root of every point's seeds (numpy SeedSequence)")  # fmt: skip
 
     tr = command("train", "train a chain on a task and diagnose its gradients", _train)
     tr.add_argument("--task", choices=tuple(TASKS), default="teacher_student", help=(
