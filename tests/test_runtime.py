@@ -1,8 +1,7 @@
-"""Run-time behaviour: Ctrl-C, the GIL, thread-count independence, the command line."""
+"""Run-time behaviour: Ctrl-C, the GIL, thread-count independence, formatting."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -259,124 +258,6 @@ def test_results_do_not_depend_on_the_thread_count():
     two = run_python(code, env={"OMP_NUM_THREADS": "2"})
     assert one.splitlines() == two.splitlines()
     assert len(one.splitlines()) == 7
-
-
-def test_cli_demo_prints_a_table():
-    out = subprocess.run(
-        [sys.executable, "-m", "gradchain", "demo", "--depth", "30", "--rows", "5"],
-        capture_output=True, text=True, check=True, timeout=120,
-    ).stdout
-    assert "sigmoid / xavier_normal" in out and "relu / he_normal" in out
-    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    layers = [int(r[0]) for r in rows]
-    assert layers[0] == 1 and layers[-1] == 30
-    sigmoid = [float(r[1]) for r in rows]
-    # The sigmoid chain's gradient vanishes towards the input.
-    assert sigmoid[0] < sigmoid[-1] - 10
-
-
-def test_cli_run_json_and_errors():
-    out = subprocess.run(
-        [sys.executable, "-m", "gradchain", "run", "--depth", "7", "--width", "5", "--json"],
-        capture_output=True, text=True, check=True, timeout=120,
-    ).stdout
-    d = json.loads(out)
-    assert len(d["log10_weight_grad_norms"]) == 7
-    bad = subprocess.run(
-        [sys.executable, "-m", "gradchain", "run", "--depth", "0"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert bad.returncode == 2 and "depth must be a positive integer" in bad.stderr
-
-
-def test_cli_theory_table_json_and_errors():
-    out = subprocess.run(
-        [sys.executable, "-m", "gradchain", "theory", "--depth", "12", "--width", "64",
-         "--activation", "relu", "--sigma-w", "1.3", "--json"],
-        capture_output=True, text=True, check=True, timeout=120,
-    ).stdout
-    d = json.loads(out)
-    assert d["sigma_w"] == 1.3 and len(d["measured"]) == 13
-    # relu: chi_1 = sigma_w^2 / 2 exactly
-    assert abs(d["chi_1"] - 1.3**2 / 2) < 1e-12
-    text = subprocess.run(
-        [sys.executable, "-m", "gradchain", "theory", "--depth", "12", "--width", "64", "--no-spectrum"],
-        capture_output=True, text=True, check=True, timeout=120,
-    ).stdout
-    assert "predicted" in text and "chi_1" in text
-    bad = subprocess.run(
-        [sys.executable, "-m", "gradchain", "theory", "--sigma-w", "-1"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert bad.returncode == 2 and "sigma_w" in bad.stderr
-
-
-def test_cli_theory_of_norm_and_residual_layers(capsys):
-    """--norm, --norm-position, --residual and --residual-scale build the MLP as gc.MLP's
-    options do, and the comparison is that of its blocks."""
-    from gradchain.cli import main
-
-    argv = ["theory", "--depth", "6", "--width", "32", "--activation", "relu", "--sigma-w",
-            "1.4", "--norm", "layer", "--norm-position", "post", "--residual",
-            "--residual-scale", "0.5", "--batch", "4", "--json"]  # fmt: skip
-    assert main(argv) == 0
-    d = json.loads(capsys.readouterr().out)
-    assert (d["kind"], d["branch"], d["scale"], d["sigma_w"]) == ("post_norm", "act_linear", 0.5, 1.4)
-    assert len(d["measured"]) == 7 and d["chi_1"] is None
-    assert main(["theory", "--depth", "6", "--width", "32", "--norm", "batch", "--norm-position",
-                 "post", "--batch", "8"]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "batchnorm_grad_norms" in out and "no spectrum" in out
-
-
-def test_cli_demo_with_every_relu_gradient_zero(capsys):
-    """A width-4 relu chain whose gradients all vanish exactly: no RuntimeWarning (errors
-    here) and no "10^+nan"; the ratio says both norms are 0."""
-    from gradchain.cli import main
-
-    assert main(["demo", "--depth", "100", "--width", "4", "--batch", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "nan" not in out
-    assert "relu / he_normal: |dL/dW_1| / |dL/dW_100| = undefined: both are exactly 0" in out
-
-
-@pytest.mark.parametrize(
-    "argv, words",
-    [
-        (["demo", "--rows", "0"], "argument --rows: rows must be a positive integer; got '0'"),
-        (["demo", "--batch", "-2"], "batch must be a positive integer; got '-2'"),
-        (["demo", "--depth", "x"], "depth must be a positive integer; got 'x'"),
-        (["demo", "--seed", "-1"], "seed must be a non-negative integer below 2**64"),
-        (["demo", "--nonesuch"], "unrecognized arguments: --nonesuch"),
-        (["bogus"], "invalid choice: 'bogus'"),
-        (["run", "--activation", "swish"], "argument --activation: invalid choice: 'swish'"),
-        (["run", "--dtype", "float32", "--gain", "1e40"], "gain must be at most"),
-        (["run", "--max-norm", "-1"], "max_norm must be a non-negative number"),
-        (["run", "--depth", "2000", "--width", "1000000"], "bytes"),
-        (["run", "--depth", "3", "--width", "4", "--activation", "linear", "--gain", "1e300",
-          "--bias-std", "1"], "the forward pass"),
-        (["theory", "--depth", "3", "--width", "4", "--sigma-w", "1e300"],
-         "sigma_w must be between 0 and 1e+150"),
-        (["theory", "--depth", "3", "--width", "4", "--sigma-w", "nan"], "sigma_w must be finite"),
-        (["theory", "--depth", "3", "--width", "4", "--norm", "rms", "--residual"],
-         "compare_theory has no theory for this chain"),
-        (["theory", "--norm", "group"], "argument --norm: invalid choice: 'group'"),
-    ],
-)  # fmt: skip
-def test_cli_bad_input_is_one_line_and_status_2(argv, words, capsys):
-    """Bad options and what the library refuses for them (ValueError, MemoryError,
-    NonFiniteError): "gradchain: error: ..." on one line of stderr, exit status 2, no
-    traceback."""
-    from gradchain.cli import main
-
-    try:
-        status = main(argv)
-    except SystemExit as exc:  # argparse exits itself
-        status = exc.code
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert err.startswith("gradchain: error: ") and err.count("\n") == 1, err
-    assert words in err, err
 
 
 def test_cpp_is_formatted():
