@@ -117,7 +117,9 @@ def test_a_kept_workspace_counts_as_available(gc, monkeypatch):
 def test_constructors_are_checked(gc, monkeypatch):
     monkeypatch.setenv("GRADCHAIN_MEMORY_LIMIT", "1000000")
     with pytest.raises(MemoryError, match="storing the chain's weights needs"):
-        gc.MLP(depth=10, width=128)
+        gc.MLP(depth=10, width=128, store_weights=True)
+    # By default a chain whose weights would not fit draws them for each pass instead.
+    assert not gc.MLP(depth=10, width=128).store_weights
     with pytest.raises(MemoryError, match="storing the chain's parameters needs"):
         gc.RNN("lstm", 8, 256)
     ws = [np.ones((300, 300))] * 3

@@ -21,10 +21,11 @@ namespace {
 // A block from its spec (a dict with "kind" and the block's arguments, as gradchain's
 // Python block classes write it). Adding a block kind is one entry here.
 template <class T>
-std::unique_ptr<Block<T>> make_block(const py::dict& d);
+std::unique_ptr<Block<T>> make_block(const py::dict& d, bool store = true);
 
+// store = false: the Linear blocks keep no weights (they draw them for each pass).
 template <class T>
-std::vector<std::unique_ptr<Block<T>>> make_blocks(const py::list& specs) {
+std::vector<std::unique_ptr<Block<T>>> make_blocks(const py::list& specs, bool store = true) {
   std::vector<std::unique_ptr<Block<T>>> out;
   std::size_t i = 0;
   for (const py::handle& h : specs) {
@@ -37,13 +38,13 @@ std::vector<std::unique_ptr<Block<T>>> make_blocks(const py::list& specs) {
       }
       if (PyErr_CheckSignals() != 0) throw py::error_already_set();
     }
-    out.push_back(make_block<T>(h.cast<py::dict>()));
+    out.push_back(make_block<T>(h.cast<py::dict>(), store));
   }
   return out;
 }
 
 template <class T>
-using Factory = std::function<std::unique_ptr<Block<T>>(const py::dict&)>;
+using Factory = std::function<std::unique_ptr<Block<T>>(const py::dict&, bool)>;
 
 std::optional<double> optional_double(const py::dict& d, const char* key) {
   if (d[key].is_none()) return std::nullopt;
@@ -54,43 +55,45 @@ template <class T>
 const std::map<std::string, Factory<T>>& factories() {
   static const std::map<std::string, Factory<T>> table = {
       {"linear",
-       [](const py::dict& d) {
+       [](const py::dict& d, bool store) {
          return std::make_unique<Linear<T>>(d["in_features"].cast<int>(),
-                                            d["out_features"].cast<int>(), d["bias"].cast<bool>());
+                                            d["out_features"].cast<int>(), d["bias"].cast<bool>(),
+                                            store);
        }},
       {"activation",
-       [](const py::dict& d) {
+       [](const py::dict& d, bool store) {
          return std::make_unique<ActivationBlock<T>>(
              d["width"].cast<int>(),
              Activation::parse(d["activation"].cast<std::string>(),
                                d["negative_slope"].cast<double>(), d["alpha"].cast<double>()));
        }},
       {"layer_norm",
-       [](const py::dict& d) {
+       [](const py::dict& d, bool store) {
          return std::make_unique<LayerNorm<T>>(d["width"].cast<int>(), d["eps"].cast<double>(),
                                                d["elementwise_affine"].cast<bool>(),
                                                d["bias"].cast<bool>());
        }},
       {"rms_norm",
-       [](const py::dict& d) {
+       [](const py::dict& d, bool store) {
          return std::make_unique<RMSNorm<T>>(d["width"].cast<int>(), optional_double(d, "eps"),
                                              d["elementwise_affine"].cast<bool>());
        }},
       {"batch_norm",
-       [](const py::dict& d) {
+       [](const py::dict& d, bool store) {
          return std::make_unique<BatchNorm<T>>(
              d["width"].cast<int>(), d["eps"].cast<double>(), optional_double(d, "momentum"),
              d["affine"].cast<bool>(), d["track_running_stats"].cast<bool>());
        }},
       {"scale",
-       [](const py::dict& d) {
+       [](const py::dict& d, bool store) {
          return std::make_unique<Scale<T>>(d["width"].cast<int>(), d["value"].cast<double>());
        }},
       {"residual",
-       [](const py::dict& d) {
+       [](const py::dict& d, bool store) {
          std::unique_ptr<Block<T>> shortcut;
-         if (!d["shortcut"].is_none()) shortcut = make_block<T>(d["shortcut"].cast<py::dict>());
-         return std::make_unique<Residual<T>>(make_blocks<T>(d["body"].cast<py::list>()),
+         if (!d["shortcut"].is_none())
+           shortcut = make_block<T>(d["shortcut"].cast<py::dict>(), store);
+         return std::make_unique<Residual<T>>(make_blocks<T>(d["body"].cast<py::list>(), store),
                                               d["scale"].cast<double>(), std::move(shortcut));
        }},
   };
@@ -98,7 +101,7 @@ const std::map<std::string, Factory<T>>& factories() {
 }
 
 template <class T>
-std::unique_ptr<Block<T>> make_block(const py::dict& d) {
+std::unique_ptr<Block<T>> make_block(const py::dict& d, bool store) {
   const auto kind = d["kind"].cast<std::string>();
   const auto& table = factories<T>();
   const auto it = table.find(kind);
@@ -107,15 +110,21 @@ std::unique_ptr<Block<T>> make_block(const py::dict& d) {
     for (const auto& [k, f] : table) names += (names.empty() ? "'" : ", '") + k + "'";
     throw std::invalid_argument("block kind must be one of " + names + "; got '" + kind + "'");
   }
-  std::unique_ptr<Block<T>> b = it->second(d);
+  std::unique_ptr<Block<T>> b = it->second(d, store);
   if (d.contains("name") && !d["name"].is_none()) b->set_name(d["name"].cast<std::string>());
   return b;
+}
+
+std::string drawn_message(const std::string& name) {
+  return name +
+         " is drawn for each pass (a chain built with store_weights=False) and cannot be "
+         "written; build the chain with store_weights=True to set its parameters";
 }
 
 template <class T>
 py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::object target,
                   bool keep_grads, double max_norm, double norm_type, bool train,
-                  bool param_grads) {
+                  bool param_grads, int checkpoint) {
   if (x.ndim() != 2 || x.shape(1) != net.in_width())
     throw std::invalid_argument("x must have shape (batch, " + std::to_string(net.in_width()) +
                                 ")");
@@ -127,6 +136,7 @@ py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::objec
   req.norm_type = norm_type;
   req.train = train;
   req.param_grads = param_grads;
+  req.checkpoint = checkpoint;
   TargetArrays<T> tgt;
   req.target =
       target_ptr(req.loss == LossKind::cross_entropy, req.loss == LossKind::probe, target, tgt);
@@ -213,9 +223,11 @@ template <class T>
 void bind(py::module_& m, const char* name) {
   using C = Chain<T>;
   py::class_<C>(m, name, "A chain of blocks (see gradchain.Chain).")
-      .def(py::init(
-               [](const py::list& specs) { return std::make_unique<C>(make_blocks<T>(specs)); }),
-           py::arg("specs"))
+      .def(py::init([](const py::list& specs, bool store_weights) {
+             return std::make_unique<C>(make_blocks<T>(specs, store_weights));
+           }),
+           py::arg("specs"), py::arg("store_weights") = true)
+      .def_property_readonly("draws_params", &C::draws_params)
       .def(
           "init",
           [](C& c, const std::string& init, double gain, double sigma_w, double bias_std,
@@ -259,14 +271,28 @@ void bind(py::module_& m, const char* name) {
             if (i >= c.parameters().size()) throw py::index_error("parameter index out of range");
             const auto& p = c.parameters()[i];
             std::vector<py::ssize_t> shape(p.shape.begin(), p.shape.end());
+            if (p.block->draw_size() > 0) {  // drawn now, into a new array
+              const auto& lin = static_cast<const Linear<T>&>(*p.block);
+              std::vector<T> w(static_cast<std::size_t>(lin.in_width()) *
+                               static_cast<std::size_t>(lin.out_width())),
+                  b(static_cast<std::size_t>(lin.out_width()));
+              without_gil([&] {
+                lin.draw_params(w.data(), b.data());
+                return 0;
+              });
+              return to_numpy(std::move(p.index == 0 ? w : b), shape);
+            }
             return py::array_t<T>(shape, p.data(), self);
           },
-          py::arg("index"), "A view of parameter `index` (write through set_param).")
+          py::arg("index"),
+          "A view of parameter `index` (write through set_param); a new array where the chain "
+          "draws it for each pass.")
       .def(
           "set_param",
           [](C& c, std::size_t i, CArray<T> a) {
             if (i >= c.parameters().size()) throw py::index_error("parameter index out of range");
             const auto& p = c.parameters()[i];
+            if (p.block->draw_size() > 0) throw std::invalid_argument(drawn_message(p.name));
             if (static_cast<std::size_t>(a.size()) != p.size)
               throw std::invalid_argument(p.name + " needs " + std::to_string(p.size) +
                                           " values; got " + std::to_string(a.size()));
@@ -286,6 +312,8 @@ void bind(py::module_& m, const char* name) {
               const auto pair = h.cast<py::tuple>();
               const auto i = pair[0].cast<std::size_t>();
               if (i >= ps.size()) throw py::index_error("parameter index out of range");
+              if (ps[i].block->draw_size() > 0)
+                throw std::invalid_argument(drawn_message(ps[i].name));
               auto a = pair[1].cast<CArray<T>>();
               if (static_cast<std::size_t>(a.size()) != ps[i].size)
                 throw std::invalid_argument(ps[i].name + " needs " + std::to_string(ps[i].size) +
@@ -299,12 +327,13 @@ void bind(py::module_& m, const char* name) {
       .def("couples_batch", &C::couples_batch, py::arg("train"))
       .def(
           "backward_bytes",
-          [](const C& c, int batch, bool keep_grads) {
+          [](const C& c, int batch, bool keep_grads, int checkpoint) {
             ChainRequest req;
             req.keep_param_grads = req.keep_boundary_grads = keep_grads;
+            req.checkpoint = checkpoint;
             return c.backward_bytes(batch, req);
           },
-          py::arg("batch"), py::arg("keep_grads"))
+          py::arg("batch"), py::arg("keep_grads"), py::arg("checkpoint") = 0)
       .def(
           "forward",
           [](C& c, CArray<T> x, bool train) {
@@ -327,7 +356,7 @@ void bind(py::module_& m, const char* name) {
           py::arg("x"), py::arg("train"))
       .def("backward", &backward<T>, py::arg("x"), py::arg("loss"), py::arg("target"),
            py::arg("keep_grads"), py::arg("max_norm"), py::arg("norm_type"), py::arg("train"),
-           py::arg("param_grads") = true)
+           py::arg("param_grads") = true, py::arg("checkpoint") = 0)
       .def("block_jacobian_product", &block_jacobian_product<T>, py::arg("index"), py::arg("x"),
            py::arg("x_log2_scale"), py::arg("v"), py::arg("transpose"), py::arg("train"),
            "J v (transpose: J^T v) of top-level block `index` at x * 2^x_log2_scale; v has "

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #include "gradchain/blas.hpp"
 #include "gradchain/buffer.hpp"
@@ -45,10 +46,11 @@ int clamp_exp(std::int64_t k) {
 
 template <class T>
 struct Chain<T>::Workspace {
-  Buffer<T> h, s, g, dy, pg, pg2;
+  Buffer<T> h, s, g, dy, pg, pg2, ck, dr;
   std::vector<std::vector<T>> param_grads;  // handed back by recycle_param_grads
   double bytes() const {
-    return h.bytes() + s.bytes() + g.bytes() + dy.bytes() + pg.bytes() + pg2.bytes();
+    return h.bytes() + s.bytes() + g.bytes() + dy.bytes() + pg.bytes() + pg2.bytes() + ck.bytes() +
+           dr.bytes();
   }
 };
 
@@ -255,6 +257,9 @@ void Chain<T>::compile() {
   plan->stored_per_row = off;
   for (const ParamRef<T>& p : params_) plan->max_param = std::max(plan->max_param, p.size);
   plan->any_params = n_trainable_ > 0;
+  for (const Step& s : plan->steps)
+    if (s.kind == Step::Kind::leaf && s.block->draw_size() > 0) plan->drawn = true;
+  plan->top_boundary = top_of_boundary;
   auto all = std::make_shared<Plan>(*plan);
   all->stored.assign(nb, 1);
   off = 0;
@@ -339,6 +344,131 @@ Threading decide_threads(const Steps& steps, std::size_t B, bool coupled) {
   return t;
 }
 
+// How a pass walks the chain: in segments of whole top-level blocks. A chain that draws its
+// parameters draws one segment's at a time (once for the forward pass, once more for the
+// backward pass, which a recomputed segment shares). With checkpointing only each segment's
+// first boundary outlives the forward pass, and the boundaries of one segment at a time are
+// kept (recomputed from it in the backward pass).
+struct Schedule {
+  std::vector<std::size_t> step0;  // each segment's first step, then the number of steps
+  std::vector<int> start;          // each segment's input boundary
+  bool recompute = false;
+  bool per_segment = false;           // boundaries are kept one segment at a time
+  std::vector<char> keep;             // per boundary: kept in the storage
+  std::vector<std::size_t> off;       // per kept boundary: offset per example
+  std::size_t seg_per_row = 0;        // the storage per example (the largest segment's)
+  std::vector<std::size_t> ck_off;    // per segment: its input's offset per example
+  std::size_t ck_per_row = 0;         // the checkpoints per example
+  std::vector<std::size_t> draw_off;  // per step: offset of its drawn parameters
+  std::size_t draw_max = 0;           // the largest segment's drawn parameters
+  std::size_t segments() const { return start.size(); }
+  // The boundaries of segment i: its input up to the next segment's input.
+  int first(std::size_t i) const { return start[i]; }
+};
+
+// A segment's parameters drawn at once: up to this many entries (unless one block has more).
+constexpr std::size_t kDrawChunk = 1 << 20;
+
+template <class Plan>
+Schedule make_schedule(const Plan& P, std::size_t B, const ChainRequest& req) {
+  Schedule S;
+  const std::size_t nsteps = P.steps.size();
+  const std::size_t NB = P.width.size();
+  const std::size_t nblocks = P.top_boundary.size() - 1;
+  std::vector<std::size_t> draw(nblocks, 0), kept(nblocks, 0);  // per top-level block
+  for (const auto& s : P.steps)
+    if (s.kind == std::decay_t<decltype(s)>::Kind::leaf)
+      draw[static_cast<std::size_t>(s.top_block)] += s.block->draw_size();
+  for (std::size_t si = 0; si < nsteps; ++si) {
+    const auto& s = P.steps[si];
+    if (P.stored[static_cast<std::size_t>(s.out)])
+      kept[static_cast<std::size_t>(s.top_block)] +=
+          static_cast<std::size_t>(P.width[static_cast<std::size_t>(s.out)]);
+  }
+  const int k_req = (req.trace || req.loss_only) ? 0 : req.checkpoint;
+  std::size_t k = nblocks;  // top-level blocks per segment
+  bool recompute = false;
+  if (k_req > 0) {
+    k = static_cast<std::size_t>(k_req);
+  } else if (k_req < 0) {
+    // Memory ~ (n / k) checkpoints + k blocks' storage and parameters: least at
+    // k = sqrt(n c / m).
+    double c = 0, m = 0;
+    for (std::size_t t = 0; t < nblocks; ++t) {
+      c += double(P.width[static_cast<std::size_t>(P.top_boundary[t])]) * double(B);
+      m += double(kept[t]) * double(B) + double(draw[t]);
+    }
+    c /= double(nblocks);
+    m /= double(nblocks);
+    k = static_cast<std::size_t>(std::llround(std::sqrt(double(nblocks) * c / std::max(m, 1.0))));
+    k = std::max<std::size_t>(k, 1);
+  }
+  if (k < nblocks && !req.forward_only) recompute = true;
+  // Cut points (top-level indices).
+  std::vector<std::size_t> cuts{0};
+  if (k < nblocks) {
+    for (std::size_t t = k; t < nblocks; t += k) cuts.push_back(t);
+  } else if (P.drawn) {
+    std::size_t acc = 0;
+    for (std::size_t t = 0; t < nblocks; ++t) {
+      if (acc > 0 && acc + draw[t] > kDrawChunk) {
+        cuts.push_back(t);
+        acc = 0;
+      }
+      acc += draw[t];
+    }
+  }
+  S.recompute = recompute;
+  // A forward-only pass keeps nothing past the segment it is in.
+  S.per_segment = recompute || (req.forward_only && !req.trace && cuts.size() > 1);
+  for (std::size_t t : cuts) S.start.push_back(P.top_boundary[t]);
+  S.step0.assign(cuts.size() + 1, nsteps);
+  {
+    std::size_t seg = 0;
+    for (std::size_t si = 0; si < nsteps; ++si) {
+      const std::size_t t = static_cast<std::size_t>(P.steps[si].top_block);
+      while (seg < cuts.size() && cuts[seg] <= t) S.step0[seg++] = si;
+    }
+  }
+  S.draw_off.assign(nsteps, 0);
+  for (std::size_t i = 0; i + 1 < S.step0.size(); ++i) {
+    std::size_t acc = 0;
+    for (std::size_t si = S.step0[i]; si < S.step0[i + 1]; ++si) {
+      const auto& s = P.steps[si];
+      S.draw_off[si] = acc;
+      if (s.kind == std::decay_t<decltype(s)>::Kind::leaf) acc += s.block->draw_size();
+    }
+    S.draw_max = std::max(S.draw_max, acc);
+  }
+  if (!S.per_segment) {
+    S.keep = P.stored;
+    S.off = P.offset;
+    S.seg_per_row = P.stored_per_row;
+    return S;
+  }
+  S.keep = P.stored;
+  for (int b : S.start) S.keep[static_cast<std::size_t>(b)] = 1;
+  S.off.assign(NB, 0);
+  std::size_t off = 0;
+  for (std::size_t b = 0; b < NB; ++b) {
+    if (!S.keep[b]) continue;
+    S.off[b] = off;
+    off += static_cast<std::size_t>(P.width[b]);
+  }
+  for (std::size_t i = 0; i < S.start.size(); ++i) {
+    const std::size_t b0 = static_cast<std::size_t>(S.start[i]);
+    const std::size_t end =
+        i + 1 < S.start.size()
+            ? S.off[static_cast<std::size_t>(S.start[i + 1])] +
+                  static_cast<std::size_t>(P.width[static_cast<std::size_t>(S.start[i + 1])])
+            : off;
+    S.seg_per_row = std::max(S.seg_per_row, end - S.off[b0]);
+    S.ck_off.push_back(S.ck_per_row);
+    if (recompute) S.ck_per_row += static_cast<std::size_t>(P.width[b0]);
+  }
+  return S;
+}
+
 }  // namespace
 
 // What a pass allocates: the part it cannot do without, and the store of dL/dy that lets
@@ -351,8 +481,10 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
   const Threading th = decide_threads<T>(p.steps, static_cast<std::size_t>(batch),
                                          couples_batch(req.train) || req.trace);
   const double parts = th.split_forward ? 2 : 1;
-  double elems = B * double(p.stored_per_row) + 1;  // stored boundaries
-  elems += 3 * B * W + 1;                           // the parts' transients and block scratch
+  const Schedule S = make_schedule(p, static_cast<std::size_t>(batch), req);
+  // Kept boundaries (one segment's with checkpointing), checkpoints, drawn parameters.
+  double elems = B * double(S.seg_per_row) + B * double(S.ck_per_row) + double(S.draw_max) + 1;
+  elems += 3 * B * W + 1;  // the parts' transients and block scratch
   int joins = 0;
   for (const Step& s : p.steps) joins += s.kind == Step::Kind::join ? 1 : 0;
   if (!req.forward_only || req.trace) {
@@ -376,12 +508,16 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
     if (s.kind == Step::Kind::leaf && s.block->couples_batch(req.train))
       local += 16.0 * s.block->out_width();
   PassBytes r;
-  r.needed = elems * sizeof(T) + NB * (8 + parts * 24 + 24 + 4) + nsteps * (24 + 16) + local +
+  r.needed = elems * sizeof(T) + NB * (8 + parts * 32 + 24 + 4) + nsteps * (24 + 16 + 8) + local +
              double(n_trainable_) * 24 + NB * 8 + 4096;
   if (th.two_threads && p.any_params && !req.forward_only) {
-    double dy = 0;
-    for (const Step& s : p.steps)
-      if (s.nparams > 0) dy += B * p.width[static_cast<std::size_t>(s.out)];
+    double dy = 0;  // the largest segment's
+    for (std::size_t i = 0; i + 1 < S.step0.size(); ++i) {
+      double d = 0;
+      for (std::size_t si = S.step0[i]; si < S.step0[i + 1]; ++si)
+        if (p.steps[si].nparams > 0) d += B * p.width[static_cast<std::size_t>(p.steps[si].out)];
+      dy = std::max(dy, d);
+    }
     r.pipeline = dy * sizeof(T);
   }
   return r;
@@ -445,15 +581,47 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   auto& DYbuf = ws.dy;
   auto& PGbuf = ws.pg;
   auto& PG2 = ws.pg2;
+  const Schedule SC = make_schedule(P, B, req);
+  const std::size_t nseg = SC.segments();
   T* H;
+  T* CK;
+  T* D;
   try {
-    H = Hbuf.get(std::max<std::size_t>(1, B * P.stored_per_row));
+    H = Hbuf.get(std::max<std::size_t>(1, B * SC.seg_per_row));
+    CK = ws.ck.get(std::max<std::size_t>(1, B * SC.ck_per_row));
+    D = ws.dr.get(std::max<std::size_t>(1, SC.draw_max));
   } catch (const std::bad_alloc&) {
     throw MemoryRequestError("could not allocate " + std::to_string(bytes) +
                              " bytes for this backward pass");
   }
   const std::size_t W = static_cast<std::size_t>(P.maxw);
-  auto stored = [&](int b) { return H + B * P.offset[static_cast<std::size_t>(b)]; };
+  // The segment whose boundaries the storage holds (with per-segment storage) and whose
+  // parameters D holds.
+  std::size_t cur = 0;
+  auto stored = [&](int b) {
+    const std::size_t base = SC.per_segment ? SC.off[static_cast<std::size_t>(SC.first(cur))] : 0;
+    return H + B * (SC.off[static_cast<std::size_t>(b)] - base);
+  };
+  auto drawn = [&](const Step& s, std::size_t si) -> const T* {
+    if (s.kind != Step::Kind::leaf || s.block->draw_size() == 0) return nullptr;
+    return D + SC.draw_off[si];
+  };
+  // Draws the parameters of segment i (its blocks on the core's threads).
+  auto draw_segment = [&](std::size_t i) {
+    if (!P.drawn) return;
+    struct Scratch {};
+    // A few small layers are drawn sooner than a second thread wakes up.
+    std::size_t n = 0;
+    for (std::size_t si = SC.step0[i]; si < SC.step0[i + 1]; ++si)
+      if (P.steps[si].kind == Step::Kind::leaf) n += P.steps[si].block->draw_size();
+    parallel_indices<Scratch>(static_cast<int>(SC.step0[i]), static_cast<int>(SC.step0[i + 1]),
+                              n >= kOwnThreadsWork ? max_threads() : 1, &cancel,
+                              [&](int k, Scratch&) {
+                                const Step& s = P.steps[static_cast<std::size_t>(k)];
+                                if (s.kind == Step::Kind::leaf && s.block->draw_size() > 0)
+                                  s.block->draw(D + SC.draw_off[static_cast<std::size_t>(k)]);
+                              });
+  };
   // Boundary exponents (after the forward pass: one per boundary) and each boundary's
   // largest entry (for underflow checks).
   std::vector<std::int64_t> e(NB, 0);
@@ -470,6 +638,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     std::size_t r0 = 0, r1 = 0;
     std::vector<std::int64_t> e;
     std::vector<double> mx;
+    std::vector<T*> at;    // where each boundary's rows of this part live
     T* scratch = nullptr;  // 3 x rows x W: two transient values and the block's scratch
     int bad_step = -1;
     bool bad_nan = false, bad_underflow = false;
@@ -486,16 +655,20 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   }
   std::atomic<bool> abort{false};
 
-  auto forward_rows = [&](Part& p, bool polls) {
-    const std::size_t R = p.r1 - p.r0;
+  for (Part& p : parts) {
     p.e.assign(NB, 0);
     p.mx.assign(NB, 0.0);
+    p.at.assign(NB, nullptr);
+  }
+  // Segment `seg` of the forward pass for one part's rows; the first reads them from x,
+  // any other from its input boundary where the storage holds it.
+  auto forward_rows = [&](Part& p, bool polls, std::size_t seg, bool from_x) {
+    const std::size_t R = p.r1 - p.r0;
     T* tr[2] = {p.scratch, p.scratch + R * W};
     T* bscratch = p.scratch + 2 * R * W;
-    // Where boundary b's rows of this part live.
-    std::vector<T*> at(NB, nullptr);
+    std::vector<T*>& at = p.at;
     auto place = [&](int b, int avoid_slot) -> T* {
-      if (P.stored[static_cast<std::size_t>(b)]) return stored(b) + p.r0 * w(b);
+      if (SC.keep[static_cast<std::size_t>(b)]) return stored(b) + p.r0 * w(b);
       return tr[avoid_slot == 0 ? 1 : 0];
     };
     auto slot_of = [&](const T* ptr) { return ptr == tr[0] ? 0 : (ptr == tr[1] ? 1 : -1); };
@@ -526,10 +699,13 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       p.mx[static_cast<std::size_t>(b)] = std::ldexp(s.value, -k);
       return true;
     };
-    at[0] = stored(0) + p.r0 * w(0);
-    std::copy(x + p.r0 * w(0), x + p.r1 * w(0), at[0]);
-    if (!settle(-1, 0, 0, 1.0, true)) return;
-    for (std::size_t si = 0; si < P.steps.size(); ++si) {
+    const int b0 = SC.first(seg);
+    at[static_cast<std::size_t>(b0)] = stored(b0) + p.r0 * w(b0);
+    if (from_x) {
+      std::copy(x + p.r0 * w(0), x + p.r1 * w(0), at[0]);
+      if (!settle(-1, 0, 0, 1.0, true)) return;
+    }
+    for (std::size_t si = SC.step0[seg]; si < SC.step0[seg + 1]; ++si) {
       const Step& s = P.steps[si];
       const int in_slot = slot_of(at[static_cast<std::size_t>(s.in)]);
       T* y = place(s.out, in_slot);
@@ -549,6 +725,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         a.scratch = bscratch;
         a.train = req.train;
         a.local = &locals[si];
+        a.drawn = drawn(s, si);
         ey = s.block->forward(a);
         can_zero = s.block->can_zero();
       }
@@ -559,24 +736,63 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     }
   };
 
-  if (!th.parallel_forward) {
-    for (Part& p : parts) forward_rows(p, true);
-  } else {
+  // Checkpoint i holds segment i's input boundary as each part left it (its rows at the
+  // part's own exponent), from which the segment is recomputed exactly.
+  auto save_checkpoint = [&](std::size_t i) {
+    if (!SC.recompute) return;
+    const int b = SC.first(i);
+    for (const Part& p : parts)
+      std::copy(stored(b) + p.r0 * w(b), stored(b) + p.r1 * w(b),
+                CK + B * SC.ck_off[i] + p.r0 * w(b));
+  };
+  auto load_checkpoint = [&](std::size_t i) {
+    const int b = SC.first(i);
+    for (Part& p : parts) {
+      T* dst = stored(b) + p.r0 * w(b);
+      const T* src = CK + B * SC.ck_off[i] + p.r0 * w(b);
+      std::copy(src, src + (p.r1 - p.r0) * w(b), dst);
+    }
+  };
+  auto run_parts = [&](std::size_t seg, bool from_x) {
+    if (!th.parallel_forward) {
+      for (Part& p : parts) forward_rows(p, true, seg, from_x);
+    } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(team_threads(2))
-    {
-      const auto t = static_cast<std::size_t>(omp_get_thread_num());
-      try {
-        forward_rows(parts[t], t == 0);
-      } catch (...) {
-        parts[t].error = std::current_exception();
-        abort.store(true);
+      {
+        const auto t = static_cast<std::size_t>(omp_get_thread_num());
+        try {
+          forward_rows(parts[t], t == 0, seg, from_x);
+        } catch (...) {
+          parts[t].error = std::current_exception();
+          abort.store(true);
+        }
       }
-    }
 #endif
+    }
+    for (const Part& p : parts)
+      if (p.error) std::rethrow_exception(p.error);
+  };
+  auto failed = [&] {
+    for (const Part& p : parts)
+      if (p.bad_step != -1) return true;
+    return false;
+  };
+  for (std::size_t i = 0; i < nseg; ++i) {
+    if (i > 0 && SC.per_segment) {
+      // The storage moves on to segment i: its input goes to the segment's start.
+      const int b = SC.first(i);
+      std::vector<T> carry(stored(b), stored(b) + B * w(b));
+      cur = i;
+      std::copy(carry.begin(), carry.end(), stored(b));
+    }
+    cur = i;
+    draw_segment(i);
+    run_parts(i, i == 0);
+    if (failed()) break;
+    if (i == 0) save_checkpoint(0);
+    if (i + 1 < nseg) save_checkpoint(i + 1);
   }
-  for (const Part& p : parts)
-    if (p.error) std::rethrow_exception(p.error);
   {
     const Part* first = nullptr;
     for (const Part& p : parts)
@@ -611,12 +827,21 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     std::int64_t eb = parts[0].e[b];
     for (const Part& p : parts) eb = std::max(eb, p.e[b]);
     e[b] = eb;
-    if (!P.stored[b]) continue;
-    for (const Part& p : parts)
-      if (p.e[b] != eb)
-        scale_pow2(stored(static_cast<int>(b)) + p.r0 * w(static_cast<int>(b)),
-                   (p.r1 - p.r0) * w(static_cast<int>(b)), clamp_exp(p.e[b] - eb));
   }
+  // The kept boundaries of segment i (all of them without per-segment storage) at e.
+  auto reconcile = [&](std::size_t i) {
+    const std::size_t b0 = SC.per_segment ? static_cast<std::size_t>(SC.first(i)) : 0;
+    const std::size_t b1 =
+        SC.per_segment && i + 1 < nseg ? static_cast<std::size_t>(SC.first(i + 1)) + 1 : NB;
+    for (std::size_t b = b0; b < b1; ++b) {
+      if (!SC.keep[b]) continue;
+      for (const Part& p : parts)
+        if (p.e[b] != e[b])
+          scale_pow2(stored(static_cast<int>(b)) + p.r0 * w(static_cast<int>(b)),
+                     (p.r1 - p.r0) * w(static_cast<int>(b)), clamp_exp(p.e[b] - e[b]));
+    }
+  };
+  reconcile(cur);
   if (req.train && !req.trace)
     for (std::size_t si = 0; si < P.steps.size(); ++si)
       if (!locals[si].empty()) P.steps[si].block->after_forward(locals[si], B);
@@ -656,13 +881,18 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     return p;
   };
 
+  // dL/dy slots of one segment at a time.
   std::size_t dy_total = 0;
   std::vector<std::size_t> dy_off(nsteps, 0);
-  for (std::size_t si = 0; si < nsteps; ++si)
-    if (P.steps[si].nparams > 0) {
-      dy_off[si] = dy_total;
-      dy_total += B * w(P.steps[si].out);
-    }
+  for (std::size_t i = 0; i < nseg; ++i) {
+    std::size_t acc = 0;
+    for (std::size_t si = SC.step0[i]; si < SC.step0[i + 1]; ++si)
+      if (P.steps[si].nparams > 0) {
+        dy_off[si] = acc;
+        acc += B * w(P.steps[si].out);
+      }
+    dy_total = std::max(dy_total, acc);
+  }
   bool pipelined = th.two_threads && P.any_params && req.param_grads && dy_total > 0 &&
                    need.pipeline > 0 && memory_allows(bytes - held, 2.0);
   T* DY = nullptr;
@@ -690,7 +920,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   auto dest_for = [&](int b) -> T* {
     const int pr = producer[static_cast<std::size_t>(b)];
     if (pipelined && pr >= 0 && P.steps[static_cast<std::size_t>(pr)].nparams > 0 &&
-        !live[static_cast<std::size_t>(b)].buf)
+        static_cast<std::size_t>(pr) >= SC.step0[cur] && !live[static_cast<std::size_t>(b)].buf)
       return DY + dy_off[static_cast<std::size_t>(pr)];
     return pool_get();
   };
@@ -834,6 +1064,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     a.gy = gy;
     a.train = req.train;
     a.local = &locals[si];
+    a.drawn = drawn(s, si);
     ParamGradArgs opt;
     opt.norm_type = req.norm_type;
     opt.need_values = need_values;
@@ -859,9 +1090,10 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
 
   // The gradient at the input is wanted for its norm or its values only.
   const bool input_grad = req.boundary_norms || req.keep_boundary_grads;
+  // The backward pass through segment cur.
   auto chain = [&] {
     T* pg = PGbuf.get(pg_size);
-    for (std::size_t k = nsteps; k-- > 0;) {
+    for (std::size_t k = SC.step0[cur + 1]; k-- > SC.step0[cur];) {
       const Step& s = P.steps[k];
       Live dy = take(s.out);
       if (s.kind == Step::Kind::join) {
@@ -905,6 +1137,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         a.scratch = bwd_scratch;
         a.train = req.train;
         a.local = &locals[k];
+        a.drawn = drawn(s, k);
         const std::int64_t gx = s.block->backward_input(a);
         add_to(s.in, a.dx, gx);
         release(dy.buf);
@@ -912,6 +1145,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       if (abort.load(std::memory_order_relaxed)) return;
       cancel.poll();
     }
+    if (cur > 0) return;
     if (input_grad) {
       Live d0 = take(0);
       release(d0.buf);
@@ -921,36 +1155,48 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     }
   };
 
-  if (!pipelined) {
-    chain();
-  } else {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(team_threads(2))
-    {
-      try {
-        if (omp_get_thread_num() == 0) {
-          chain();
-        } else {
-          T* pg = PG2.get(pg_size);
-          for (std::size_t k = nsteps; k-- > 0;) {
-            if (P.steps[k].nparams == 0) continue;
-            while (ready.load(std::memory_order_acquire) > static_cast<int>(k)) {
-              if (abort.load(std::memory_order_relaxed)) break;
-              std::this_thread::yield();
-            }
-            if (abort.load(std::memory_order_relaxed)) break;
-            param_grads(k, DY + dy_off[k], dy_exp[k], pg);
-          }
-        }
-      } catch (...) {
-        abort.store(true);
-#pragma omp critical(gradchain_chain_error)
-        if (!error) error = std::current_exception();
+  for (std::size_t i = nseg; i-- > 0;) {
+    if (i + 1 < nseg) {  // the last segment's parameters and boundaries are at hand
+      cur = i;
+      draw_segment(i);
+      if (SC.recompute) {
+        load_checkpoint(i);
+        run_parts(i, false);
+        reconcile(i);
       }
     }
+    ready.store(static_cast<int>(SC.step0[i + 1]));
+    if (!pipelined) {
+      chain();
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team_threads(2))
+      {
+        try {
+          if (omp_get_thread_num() == 0) {
+            chain();
+          } else {
+            T* pg = PG2.get(pg_size);
+            for (std::size_t k = SC.step0[cur + 1]; k-- > SC.step0[cur];) {
+              if (P.steps[k].nparams == 0) continue;
+              while (ready.load(std::memory_order_acquire) > static_cast<int>(k)) {
+                if (abort.load(std::memory_order_relaxed)) break;
+                std::this_thread::yield();
+              }
+              if (abort.load(std::memory_order_relaxed)) break;
+              param_grads(k, DY + dy_off[k], dy_exp[k], pg);
+            }
+          }
+        } catch (...) {
+          abort.store(true);
+#pragma omp critical(gradchain_chain_error)
+          if (!error) error = std::current_exception();
+        }
+      }
 #endif
+    }
+    if (error) std::rethrow_exception(error);
   }
-  if (error) std::rethrow_exception(error);
 
   // ---- total norm and clipping (torch.nn.utils.clip_grad_norm_ over parameters()) ------------
   if (!req.param_grads) {

@@ -529,6 +529,10 @@ MLPLayers::MLPLayers(const Chain<T>& chain, bool row_norms) {
     if (!lin || !act || !lin->has_bias() || (i > 0 && act->activation().kind != act_.kind))
       throw std::invalid_argument(
           "per-layer Jacobians need a chain of [Linear, Activation] layers with one activation");
+    if (lin->drawn())
+      throw std::invalid_argument(
+          "per-layer Jacobians read every layer's weights: build the chain with "
+          "store_weights=True (this one draws them for each pass)");
     act_ = act->activation();
     widths_.push_back(lin->out_width());
     w.push_back(lin->weight());

@@ -1,7 +1,9 @@
 #include "gradchain/linear.hpp"
 
 #include <algorithm>
+#include <cstddef>
 #include <stdexcept>
+#include <vector>
 
 #include "gradchain/blas.hpp"
 #include "gradchain/scaled.hpp"
@@ -17,12 +19,13 @@ int clamp_exp(std::int64_t k) {
 }  // namespace
 
 template <class T>
-Linear<T>::Linear(int in_features, int out_features, bool bias)
-    : Block<T>(in_features, out_features), has_bias_(bias) {
+Linear<T>::Linear(int in_features, int out_features, bool bias, bool store)
+    : Block<T>(in_features, out_features), has_bias_(bias), store_(store) {
   if (in_features <= 0 || out_features <= 0)
     throw std::invalid_argument("Linear needs positive in_features and out_features; got " +
                                 std::to_string(in_features) + " and " +
                                 std::to_string(out_features));
+  if (!store) return;
   w_.assign(static_cast<std::size_t>(in_features) * static_cast<std::size_t>(out_features), T(0));
   if (bias) b_.assign(static_cast<std::size_t>(out_features), T(0));
 }
@@ -43,6 +46,13 @@ std::vector<ParamInfo> Linear<T>::params() const {
 template <class T>
 void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stream,
                      Canceller* cancel) {
+  if (!store_) {
+    spec_ = spec;
+    rng_ = rng;
+    stream_ = stream;
+    has_spec_ = true;
+    return;
+  }
   std::vector<double> w(w_.size()), b(static_cast<std::size_t>(this->out_));
   init_weight(w.data(), this->out_, this->in_, spec, rng, stream, cancel);
   std::transform(w.begin(), w.end(), w_.begin(), [](double v) { return static_cast<T>(v); });
@@ -51,6 +61,46 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
     std::transform(b.begin(), b.end(), b_.begin(), [](double v) { return static_cast<T>(v); });
   }
   params_changed();
+}
+
+template <class T>
+void Linear<T>::draw_params(T* w, T* b) const {
+  if (!has_spec_)
+    throw std::logic_error("gradchain: " + describe() + " keeps no weights and has no initializer");
+  const std::size_t n = static_cast<std::size_t>(this->in_) * static_cast<std::size_t>(this->out_);
+  const std::size_t nb = static_cast<std::size_t>(this->out_);
+  // The same doubles as init() draws, rounded the same way.
+  thread_local std::vector<double> d;
+  d.resize(std::max(n, nb));
+  init_weight(d.data(), this->out_, this->in_, spec_, rng_, stream_);
+  std::transform(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(n), w,
+                 [](double v) { return static_cast<T>(v); });
+  if (!has_bias_ || !b) return;
+  init_bias(d.data(), this->out_, spec_, rng_, stream_);
+  std::transform(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(nb), b,
+                 [](double v) { return static_cast<T>(v); });
+}
+
+// Layout: W * 2^-wexp (the matrix the products use), b, wexp, zero_bias.
+template <class T>
+std::size_t Linear<T>::draw_size() const {
+  if (store_) return 0;
+  return static_cast<std::size_t>(this->in_) * static_cast<std::size_t>(this->out_) +
+         static_cast<std::size_t>(this->out_) + 2;
+}
+
+template <class T>
+void Linear<T>::draw(T* out) const {
+  const std::size_t n = static_cast<std::size_t>(this->in_) * static_cast<std::size_t>(this->out_);
+  const std::size_t nb = static_cast<std::size_t>(this->out_);
+  T* b = out + n;
+  draw_params(out, b);
+  if (!has_bias_) std::fill(b, b + nb, T(0));
+  // As params_changed() derives them from kept weights.
+  const int wexp = rescale_exponent<T>(max_abs(out, n).value);
+  if (wexp != 0) scale_pow2(out, n, -wexp);
+  out[n + nb] = static_cast<T>(wexp);
+  out[n + nb + 1] = std::all_of(b, b + nb, [](T v) { return v == T(0); }) ? T(1) : T(0);
 }
 
 template <class T>
@@ -72,16 +122,22 @@ void Linear<T>::params_changed() {
 template <class T>
 std::int64_t Linear<T>::forward(const ForwardArgs<T>& a) const {
   const int in = this->in_, out = this->out_;
-  blas::gemm(Trans::N, Trans::T, static_cast<int>(a.rows), out, in, T(1), a.x, in, gemm_weight(),
-             in, T(0), a.y, out);
-  const std::int64_t s = a.ex + wexp_;
-  if (zero_bias_) return s;  // homogeneous: the scale is carried
+  const std::size_t n = static_cast<std::size_t>(in) * static_cast<std::size_t>(out);
+  const T* W = a.drawn ? a.drawn : gemm_weight();
+  const T* bias = a.drawn ? a.drawn + n : b_.data();
+  const int wexp = a.drawn ? static_cast<int>(a.drawn[n + static_cast<std::size_t>(out)]) : wexp_;
+  const bool zero_bias =
+      a.drawn ? a.drawn[n + static_cast<std::size_t>(out) + 1] != T(0) : zero_bias_;
+  blas::gemm(Trans::N, Trans::T, static_cast<int>(a.rows), out, in, T(1), a.x, in, W, in, T(0), a.y,
+             out);
+  const std::int64_t s = a.ex + wexp;
+  if (zero_bias) return s;  // homogeneous: the scale is carried
   // b is added at the true scale (where x W^T underflows, b dominates anyway).
   const std::size_t m = a.rows * static_cast<std::size_t>(out);
   scale_pow2(a.y, m, clamp_exp(s));
   for (std::size_t r = 0; r < a.rows; ++r) {
     T* row = a.y + r * static_cast<std::size_t>(out);
-    for (int j = 0; j < out; ++j) row[j] += b_[static_cast<std::size_t>(j)];
+    for (int j = 0; j < out; ++j) row[j] += bias[static_cast<std::size_t>(j)];
   }
   return 0;
 }
@@ -89,9 +145,12 @@ std::int64_t Linear<T>::forward(const ForwardArgs<T>& a) const {
 template <class T>
 std::int64_t Linear<T>::backward_input(const BackwardArgs<T>& a) const {
   const int in = this->in_, out = this->out_;
-  blas::gemm(Trans::N, Trans::N, static_cast<int>(a.rows), in, out, T(1), a.dy, out, gemm_weight(),
-             in, T(0), a.dx, in);
-  return a.gy + wexp_;
+  const std::size_t n = static_cast<std::size_t>(in) * static_cast<std::size_t>(out);
+  const T* W = a.drawn ? a.drawn : gemm_weight();
+  const int wexp = a.drawn ? static_cast<int>(a.drawn[n + static_cast<std::size_t>(out)]) : wexp_;
+  blas::gemm(Trans::N, Trans::N, static_cast<int>(a.rows), in, out, T(1), a.dy, out, W, in, T(0),
+             a.dx, in);
+  return a.gy + wexp;
 }
 
 template <class T>
@@ -129,23 +188,43 @@ void Linear<T>::backward_params(const BackwardArgs<T>& a, const ParamGradArgs& o
 template <class T>
 std::unique_ptr<Block<double>> Linear<T>::to_double() const {
   auto d = std::make_unique<Linear<double>>(this->in_, this->out_, has_bias_);
-  std::copy(w_.begin(), w_.end(), d->weight());
-  if (has_bias_) std::copy(b_.begin(), b_.end(), d->bias());
+  if (!store_) {  // the copy keeps them: this precision's weights, drawn once
+    std::vector<T> w(static_cast<std::size_t>(this->in_) * static_cast<std::size_t>(this->out_));
+    std::vector<T> b(static_cast<std::size_t>(this->out_));
+    draw_params(w.data(), b.data());
+    std::copy(w.begin(), w.end(), d->weight());
+    if (has_bias_) std::copy(b.begin(), b.end(), d->bias());
+  } else {
+    std::copy(w_.begin(), w_.end(), d->weight());
+    if (has_bias_) std::copy(b_.begin(), b_.end(), d->bias());
+  }
   d->params_changed();
   d->set_name(this->name_);
   return d;
 }
 
 template <class T>
+const T* Linear<T>::weight_for_jacobian(std::vector<T>& drawn) const {
+  if (store_) return w_.data();
+  drawn.resize(static_cast<std::size_t>(this->in_) * static_cast<std::size_t>(this->out_));
+  draw_params(drawn.data(), nullptr);
+  return drawn.data();
+}
+
+template <class T>
 void Linear<T>::jvp(const JacobianArgs<T>& a, const T* v, int k, T* out) const {
   const int rows = static_cast<int>(a.rows) * k, in = this->in_, o = this->out_;
-  blas::gemm(Trans::N, Trans::T, rows, o, in, T(1), v, in, w_.data(), in, T(0), out, o);
+  std::vector<T> drawn;
+  blas::gemm(Trans::N, Trans::T, rows, o, in, T(1), v, in, weight_for_jacobian(drawn), in, T(0),
+             out, o);
 }
 
 template <class T>
 void Linear<T>::vjp(const JacobianArgs<T>& a, const T* u, int k, T* out) const {
   const int rows = static_cast<int>(a.rows) * k, in = this->in_, o = this->out_;
-  blas::gemm(Trans::N, Trans::N, rows, in, o, T(1), u, o, w_.data(), in, T(0), out, in);
+  std::vector<T> drawn;
+  blas::gemm(Trans::N, Trans::N, rows, in, o, T(1), u, o, weight_for_jacobian(drawn), in, T(0), out,
+             in);
 }
 
 template class Linear<float>;

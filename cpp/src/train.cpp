@@ -757,6 +757,10 @@ std::shared_ptr<TrainHistory> train(Chain<T>& chain, const std::vector<std::size
                                     const TrainData<T>& data, Optimizer<T>& optimizer,
                                     LRSchedule* schedule, const TrainOptions& options,
                                     Canceller& cancel, const TrainCallback& callback) {
+  if (chain.draws_params())
+    throw std::invalid_argument(
+        "net draws its weights for each pass (store_weights=False): training updates them, so "
+        "build it with store_weights=True");
   ChainModel<T> model(chain, order);
   return run(model, data, optimizer, schedule, options, cancel, callback);
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+import numbers
 import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -23,6 +24,39 @@ LOSSES: tuple[str, ...] = ("probe", "mse", "cross_entropy")
 
 # The compiled chain for each dtype: the one place that chooses it.
 _CORE = {np.dtype(np.float64): _core.Chain64, np.dtype(np.float32): _core.Chain32}
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_CHECKPOINT_ACCEPTED = (
+    "None, 'auto', 'sqrt', a segment length (a positive int) or a memory budget such as '2GB' "
+    "or '512MiB'"
+)
+
+
+def _budget(value: str) -> float | None:
+    """Bytes of a budget written '2GB', '1.5GiB', '512MB' (None if it is not one)."""
+    t = value.strip().lower().replace(" ", "")
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                n = float(t[: -len(unit)])
+            except ValueError:
+                return None
+            return n * _UNITS[unit] if math.isfinite(n) and n > 0 else None
+    return None
+
+
+def _store_weights(value: Any, nbytes: float, largest: float, overhead: float = 0.0) -> bool:
+    """Whether to keep the weights (`nbytes` in all, `largest` for one block, `overhead`
+    what the chain takes besides them): ``"auto"`` keeps them unless they would not fit in
+    the memory available while the chain without them would (drawing them then saves it;
+    otherwise storing raises the clearer error)."""
+    if isinstance(value, str) and value == "auto":
+        avail = float(_core.memory_limit()[0])
+        return nbytes <= avail or largest > 0.25 * avail or overhead > 0.5 * avail
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"store_weights must be True, False or 'auto'; got {value!r}")
+    return bool(value)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -158,6 +192,13 @@ class Chain:
         Every weight follows from it, the same for any thread count.
     dtype : {"float64", "float32"}
         Precision of parameters and arithmetic (norms are accumulated in double).
+    store_weights : bool or "auto"
+        False: the Linear weights and biases are not kept but drawn again from (seed,
+        layer) whenever a pass needs them, twice per backward pass; every result is
+        bit-identical to the stored chain's. Such a chain cannot be trained or loaded, its
+        :meth:`parameters` are drawn anew on each access, and the Jacobian tools need a
+        stored chain. ``"auto"`` (the default) keeps them unless they would not fit in the
+        memory available (and one block's would).
 
     Notes
     -----
@@ -191,17 +232,18 @@ class Chain:
         bias_std: float = 0.0,
         seed: int = 0,
         dtype: Any = "float64",
+        store_weights: bool | str = "auto",
     ) -> None:
         v.choice("init", init, INITS)
         g = v.finite_float("gain", gain)
         sw = v.finite_float("sigma_w", sigma_w, minimum=0.0)
         bs = v.finite_float("bias_std", bias_std, minimum=0.0)
         sd = v.seed(seed)
-        self._build(blocks, v.dtype(dtype))
+        self._build(blocks, v.dtype(dtype), store_weights)
         self._config = {"init": init, "gain": g, "sigma_w": sw, "bias_std": bs, "seed": sd}
         self._core.init(init, g, sw, bs, sd)
 
-    def _build(self, blocks: Sequence[Block], dt: np.dtype) -> None:
+    def _build(self, blocks: Sequence[Block], dt: np.dtype, store_weights: Any = True) -> None:
         """Checks the blocks and their widths and builds the compiled chain (parameters at
         zero for Linear, at torch's defaults for the norms)."""
         if (
@@ -233,6 +275,7 @@ class Chain:
         spec_list = []
         counts = []
         nbytes = 0.0
+        largest = 0.0
         buffers = 0
         named = False
         for b, w in zip(blocks, widths):
@@ -248,10 +291,12 @@ class Chain:
             counts.append(t[1])
             buffers += t[2]
             nbytes += t[3]
+            largest = max(largest, t[3])
             named = named or t[4]
         nbytes *= dt.itemsize
+        store = _store_weights(store_weights, nbytes, largest * dt.itemsize)
         avail = float(_core.physical_memory_bytes())
-        if 0 < avail < nbytes:
+        if store and 0 < avail < nbytes:
             raise MemoryError(
                 f"this chain's parameters need {nbytes:.0f} bytes ({nbytes / 2**30:.3g} GiB), more than "
                 f"the {avail / 2**30:.3g} GiB of memory this machine has"
@@ -260,7 +305,7 @@ class Chain:
         self._blocks = tuple(blocks)
         self._widths = tuple(widths)
         self._names = tuple(names)
-        self._core = _CORE[dt](spec_list)
+        self._core = _CORE[dt](spec_list, store)
         self._training = True
         self._loaded = False
         if self._core.num_params != sum(counts):  # pragma: no cover - a core/Python mismatch
@@ -536,6 +581,51 @@ class Chain:
         return IncompatibleKeys(missing, unexpected)
 
     # -- computation ------------------------------------------------------------------------
+    @property
+    def store_weights(self) -> bool:
+        """False when the Linear weights are drawn for each pass instead of kept."""
+        return not self._core.draws_params
+
+    def _require_stored(self, what: str) -> None:
+        if self._core.draws_params:
+            raise ValueError(
+                f"{what} needs the weights stored: this chain draws them for each pass "
+                "(store_weights=False); build it with store_weights=True"
+            )
+
+    def _checkpoint(self, checkpoint: Any, batch: int, return_grads: bool, per: int = 1) -> int:
+        """The core's segment length in top-level blocks (0: none, -1: the least memory)
+        for a ``checkpoint`` argument; `per` top-level blocks make one unit of a length."""
+        if checkpoint is None:
+            return 0
+        if isinstance(checkpoint, (bool, np.bool_)) or not isinstance(
+            checkpoint, (str, numbers.Integral)
+        ):
+            raise TypeError(f"checkpoint must be {_CHECKPOINT_ACCEPTED}; got {checkpoint!r}")
+        if isinstance(checkpoint, numbers.Integral):
+            if checkpoint < 1:
+                raise ValueError(f"checkpoint must be {_CHECKPOINT_ACCEPTED}; got {checkpoint!r}")
+            return int(min(int(checkpoint) * per, 2**31 - 1))
+        if checkpoint == "sqrt":
+            return -1
+        if checkpoint == "auto" and not self._core.draws_params:
+            return 0
+        full = float(self._core.backward_bytes(batch, return_grads, 0))
+        if checkpoint == "auto":
+            return 0 if full <= 0.8 * float(_core.memory_limit()[0]) else -1
+        budget = _budget(checkpoint)
+        if budget is None:
+            raise ValueError(f"checkpoint must be {_CHECKPOINT_ACCEPTED}; got {checkpoint!r}")
+        if full <= budget:
+            return 0
+        least = float(self._core.backward_bytes(batch, return_grads, -1))
+        if least > budget:
+            raise MemoryError(
+                f"a backward pass with batch {batch} needs {least:.0f} bytes even with "
+                f"checkpointing (checkpoint='sqrt'), more than the budget {checkpoint!r}"
+            )
+        return -1
+
     def _x(self, x: Any) -> np.ndarray:
         return v.float_array("x", v.as_array("x", x), self._dtype, (None, self.in_features))
 
@@ -557,6 +647,8 @@ class Chain:
         norm_type: Any,
         train: Any,
         param_grads: bool = True,
+        checkpoint: Any = None,
+        per: int = 1,
     ) -> tuple[dict[str, Any], bool]:
         """Checks the arguments and runs the core's pass: (its result, the mode). Without
         `param_grads` the pass skips the parameter gradients (their norms come back NaN),
@@ -570,7 +662,9 @@ class Chain:
         return_grads = v.flag("return_grads", return_grads)
         tr = self._mode(train)
         if grad_output is not None:
-            if target is not None or not (loss is None or (isinstance(loss, str) and loss == "grad_output")):
+            if target is not None or not (
+                loss is None or (isinstance(loss, str) and loss == "grad_output")
+            ):
                 raise ValueError(
                     "grad_output replaces the loss: pass neither target nor loss with it"
                 )
@@ -591,7 +685,10 @@ class Chain:
                 tgt = v.float_array("target", v.as_array("target", target), dt, out_shape)
             else:
                 tgt = _labels(target, batch, self.out_features)
-        d = self._core.backward(xa, name, tgt, bool(return_grads), mn, p, tr, bool(param_grads))
+        ck = self._checkpoint(checkpoint, batch, return_grads, per)
+        d = self._core.backward(
+            xa, name, tgt, bool(return_grads), mn, p, tr, bool(param_grads), ck
+        )
         return d, tr
 
     def backward(
@@ -605,6 +702,7 @@ class Chain:
         norm_type: float | str = 2.0,
         return_grads: bool = False,
         train: bool | None = None,
+        checkpoint: int | str | None = "auto",
     ) -> ChainReport:
         """Forward and backward pass; every parameter and boundary gradient norm, exact in
         log space.
@@ -636,6 +734,16 @@ class Chain:
             Run in train (True) or eval (False) mode; default: the chain's mode. In train
             mode BatchNorm normalises with batch statistics and updates its running
             statistics, as a torch forward pass would.
+        checkpoint : None, "auto", "sqrt", int or str
+            Activation checkpointing: the forward pass keeps only the input of every
+            segment of top-level blocks, and the backward pass recomputes each segment
+            from it (one more forward pass in all). ``None``: every boundary is kept;
+            ``"sqrt"``: segments of about ``sqrt(len(blocks))`` blocks, sized for the
+            least memory; an int: segments of that many top-level blocks; a budget such
+            as ``"2GB"`` or ``"512MiB"``: no checkpointing if the pass fits in it, else
+            ``"sqrt"`` (a MemoryError if even that does not fit); ``"auto"``: none for a
+            chain that keeps its weights; for one that draws them (``store_weights=False``),
+            none if the pass fits in 80% of the memory available, else ``"sqrt"``. The results are bit-identical whatever the choice.
 
         Returns
         -------
@@ -652,7 +760,9 @@ class Chain:
             When the forward pass overflows, produces NaN or underflows where its scale
             cannot be carried (naming the block; ``index`` is the 1-based top-level block).
         """
-        d, tr = self._run(x, target, loss, grad_output, return_grads, max_norm, norm_type, train)
+        d, tr = self._run(
+            x, target, loss, grad_output, return_grads, max_norm, norm_type, train, checkpoint
+        )
         block = self._param_block
         if getattr(self, "_key_order", None):
             lay = self._layout()
@@ -662,9 +772,7 @@ class Chain:
                     d["param_grads"] = [d["param_grads"][i] for i in lay.param_perm]
                 block = block[lay.param_perm]
         return ChainReport(
-            **ChainReport._fields_from_core(
-                d, self.param_names, block, self._activation_names, tr
-            )
+            **ChainReport._fields_from_core(d, self.param_names, block, self._activation_names, tr)
         )
 
     def forward(self, x: Any, *, train: bool | None = None) -> np.ndarray:
@@ -676,15 +784,21 @@ class Chain:
         out, _ = self._core.forward(self._x(x), self._mode(train))
         return np.asarray(out)
 
-    def backward_memory(self, batch: int, return_grads: bool = False) -> int:
+    def backward_memory(
+        self, batch: int, return_grads: bool = False, checkpoint: int | str | None = "auto"
+    ) -> int:
         """Bytes a :meth:`backward` pass with this batch allocates (besides the parameters).
 
-        The pass keeps the boundaries the backward pass reads (each block's input or
-        output), about ``batch * sum(widths)`` numbers, and with ``return_grads`` every
-        parameter gradient and the gradient at every top-level boundary.
+        Without checkpointing the pass keeps the boundaries the backward pass reads (each
+        block's input or output), about ``batch * sum(widths)`` numbers; with it (see
+        :meth:`backward`), one segment's boundaries and each segment's input. A chain
+        built with ``store_weights=False`` adds one segment's drawn weights. With
+        ``return_grads`` the pass also keeps every parameter gradient and the gradient at
+        every top-level boundary.
         """
         b = v.positive_int("batch", batch)
-        return int(self._core.backward_bytes(b, v.flag("return_grads", return_grads)))
+        rg = v.flag("return_grads", return_grads)
+        return int(self._core.backward_bytes(b, rg, self._checkpoint(checkpoint, b, rg)))
 
     # -- presentation -----------------------------------------------------------------------
     def _block_params(self) -> np.ndarray:

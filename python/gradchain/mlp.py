@@ -12,7 +12,7 @@ import numpy as np
 from . import _core
 from . import _validate as v
 from .blocks import ACTIVATIONS, Activation, BatchNorm, Block, LayerNorm, Linear, Residual, RMSNorm
-from .chain import INITS, LOSSES, Chain, _entries, _Entry
+from .chain import INITS, LOSSES, Chain, _entries, _Entry, _store_weights
 from .errors import NonFiniteError
 from .report import BackwardReport
 
@@ -180,6 +180,15 @@ class MLP:
         Every weight follows from it, the same for any thread count; float32 weights are
         the float64 ones rounded. Layer l's weights are those of the l-th Linear of
         ``gc.Chain(net.blocks, init, gain, sigma_w, bias_std, seed)``.
+    store_weights : bool or "auto"
+        False: no weight or bias is kept; each pass draws layer l's again from
+        (seed, l) when it needs them (twice in a backward pass), with results
+        bit-identical to a stored chain's. Memory then no longer grows with
+        ``depth * width**2``. :attr:`weights` and :attr:`biases` draw them anew on each
+        access; such an MLP cannot be trained, loaded or handed to the Jacobian tools.
+        ``"auto"`` (the default) keeps them unless they would not fit in the memory
+        available (while one layer's would). The orthogonal initializer's QR per layer (about
+        ``(8/3) width**3`` flops) is then paid twice per pass as well.
 
     Raises
     ------
@@ -224,11 +233,21 @@ class MLP:
         residual_scale: float = 1.0,
         dtype: Any = "float64",
         seed: int = 0,
+        store_weights: bool | str = "auto",
     ) -> None:
         dt = v.dtype(dtype)
         if isinstance(width, numbers.Integral) and isinstance(depth, numbers.Integral):
-            _check_uniform_chain(v.positive_int("depth", depth), v.positive_int("width", width), dt)
+            d, w = v.positive_int("depth", depth), v.positive_int("width", width)
+            layer = float((w * w + w) * dt.itemsize)
+            store = _store_weights(store_weights, d * layer, layer, 600.0 * (d + 1))
+            if store:
+                _check_uniform_chain(d, w, dt)
         widths = _widths(depth, width)
+        if not (isinstance(width, numbers.Integral) and isinstance(depth, numbers.Integral)):
+            sizes = [a * b + b for a, b in zip(widths[:-1], widths[1:])]
+            store = _store_weights(
+                store_weights, float(sum(sizes) * dt.itemsize), float(max(sizes) * dt.itemsize)
+            )
         v.choice("init", init, INITS)
         config = self._shape_config(
             activation, negative_slope, alpha, norm, norm_position, residual, residual_scale
@@ -248,7 +267,7 @@ class MLP:
             v.representable("gain", config["gain"], dt, reach, "the weights")
         v.representable("bias_std", config["bias_std"], dt, v.NORMAL_DRAW_MAX, "the biases")
         _activation_parameters(config, dt)
-        self._setup(widths, config, dt)
+        self._setup(widths, config, dt, store)
         self._net._core.init(
             init, config["gain"], config["sigma_w"], config["bias_std"], config["seed"]
         )
@@ -309,7 +328,9 @@ class MLP:
             "residual_scale": v.finite_float("residual_scale", residual_scale),
         }
 
-    def _setup(self, widths: list[int], config: dict[str, Any], dt: np.dtype) -> None:
+    def _setup(
+        self, widths: list[int], config: dict[str, Any], dt: np.dtype, store: bool = True
+    ) -> None:
         """Builds the blocks and the chain (parameters not yet drawn or loaded)."""
         act = Activation(config["activation"], config["negative_slope"], config["alpha"])
         blocks: list[Block] = []
@@ -325,7 +346,7 @@ class MLP:
             per_layer.append(len(layer))
             offsets.append(pos)
         net = Chain.__new__(Chain)
-        net._build(blocks, dt)
+        net._build(blocks, dt, store)
         self._net = net
         self._dtype = dt
         self._config = config
@@ -553,8 +574,16 @@ class MLP:
         return self.activation in _HOMOGENEOUS and self._zero_bias
 
     @property
+    def store_weights(self) -> bool:
+        """False when the weights are drawn for each pass instead of kept."""
+        return self._net.store_weights
+
+    @property
     def weights(self) -> list[np.ndarray]:
-        """Read-only views of ``W_l`` (each layer's Linear), shape ``(out, in)``, l = 1..depth."""
+        """Read-only views of ``W_l`` (each layer's Linear), shape ``(out, in)``, l = 1..depth.
+
+        With ``store_weights=False`` they are drawn anew on each access (read-only copies,
+        the same values each time)."""
         return [self._view(i) for i in self._weight_index.tolist()]
 
     @property
@@ -661,6 +690,7 @@ class MLP:
         max_norm: float | None = None,
         norm_type: float | str = 2.0,
         train: bool | None = None,
+        checkpoint: int | str | None = "auto",
     ) -> BackwardReport:
         """Forward and backward pass; per-layer gradient norms, exact in log space.
 
@@ -690,6 +720,16 @@ class MLP:
             Order of the total norm: 2, ``inf`` or any p > 0.
         train : bool, optional
             Train or eval mode for this pass (default: the MLP's; only BatchNorm reads it).
+        checkpoint : None, "auto", "sqrt", int or str
+            Activation checkpointing: the forward pass keeps only the input of every
+            segment of layers and the backward pass recomputes each segment from it (one
+            more forward pass in all), so memory grows as ``sqrt(depth)``. ``None``: every
+            layer's output is kept; ``"sqrt"``: segments of about ``sqrt(depth)`` layers,
+            sized for the least memory; an int: segments of that many layers; a budget
+            such as ``"2GB"`` or ``"512MiB"``: no checkpointing if the pass fits in it, else
+            ``"sqrt"`` (MemoryError if even that does not fit); ``"auto"``: none for a
+            chain that keeps its weights; for one that draws them (``store_weights=False``),
+            none if the pass fits in 80% of the memory available, else ``"sqrt"``. Every result is bit-identical whatever the choice.
 
         Returns
         -------
@@ -706,7 +746,16 @@ class MLP:
         """
         try:
             d, tr = self._net._run(
-                x, target, loss, grad_output, return_grads, max_norm, norm_type, train
+                x,
+                target,
+                loss,
+                grad_output,
+                return_grads,
+                max_norm,
+                norm_type,
+                train,
+                checkpoint,
+                self._blocks_per_layer,
             )
         except NonFiniteError as err:
             raise self._layer_error(err) from None
@@ -722,17 +771,30 @@ class MLP:
             tr,
         )
 
-    def backward_memory(self, batch: int, return_grads: bool = False) -> int:
+    def backward_memory(
+        self, batch: int, return_grads: bool = False, checkpoint: int | str | None = "auto"
+    ) -> int:
         """Bytes a :meth:`backward` pass with this batch size allocates (besides the weights).
 
-        The forward pass keeps every layer's output (and its pre-activation for ``elu``,
-        ``gelu``, ``gelu_tanh``, ``silu``, ``softplus``): about ``batch * sum(widths)``
-        numbers. With two threads on small layers the pass also keeps every layer's
-        gradient dL/dz_l (as much again) when that fits in half the machine's memory.
-        With ``return_grads`` the pass keeps every parameter's gradient and the gradient
-        at every block boundary (the layer outputs and the Linear outputs).
+        Without checkpointing the forward pass keeps every layer's output (and its
+        pre-activation for ``elu``, ``gelu``, ``gelu_tanh``, ``silu``, ``softplus``): about
+        ``batch * sum(widths)`` numbers. With two threads on small layers the pass also
+        keeps every layer's gradient dL/dz_l (as much again) when that fits in half the
+        machine's memory. With `checkpoint` (as in :meth:`backward`) all of this is kept
+        for one segment of layers at a time, plus each segment's input; with
+        ``store_weights=False``, one segment's weights drawn. With ``return_grads`` the
+        pass keeps every parameter's gradient and the gradient at every block boundary
+        (the layer outputs and the Linear outputs).
         """
-        return self._net.backward_memory(batch, return_grads)
+        b = v.positive_int("batch", batch)
+        rg = v.flag("return_grads", return_grads)
+        ck = self._net._checkpoint(checkpoint, b, rg, self._blocks_per_layer)
+        return int(self._net._core.backward_bytes(b, rg, ck))
+
+    @property
+    def _blocks_per_layer(self) -> int:
+        """Top-level blocks per layer (the same in every layer)."""
+        return max(1, (len(self._layer_ends) and int(self._layer_ends[1])))
 
     def forward(self, x: Any, *, train: bool | None = None) -> np.ndarray:
         """The output ``h_L`` for inputs `x`: a new array (0 or inf where a log-scale pass

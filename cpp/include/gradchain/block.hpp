@@ -33,6 +33,8 @@ struct ForwardArgs {
   bool train = true;
   // Per-pass data a block keeps besides its boundaries (BatchNorm's batch statistics).
   std::vector<double>* local = nullptr;
+  // The block's parameters as draw() wrote them, for a block that keeps none.
+  const T* drawn = nullptr;
 };
 
 // The backward pass of one block: dx from dy; x and y are the stored boundaries (nullptr
@@ -50,6 +52,7 @@ struct BackwardArgs {
   T* scratch = nullptr;
   bool train = true;
   const std::vector<double>* local = nullptr;
+  const T* drawn = nullptr;  // as in ForwardArgs
 };
 
 // A parameter's gradient as a block hands it to the driver: a mantissa array (grads[i],
@@ -112,6 +115,11 @@ class Block {
   // Called after parameters changed (initialisation, load, training): refreshes what the
   // block derives from them.
   virtual void params_changed() {}
+  // A block that keeps no parameters draws them for each pass that needs them: draw_size()
+  // entries written by draw(), which forward and backward then read from their args'
+  // `drawn`. 0: the block keeps its parameters.
+  virtual std::size_t draw_size() const { return 0; }
+  virtual void draw(T* /*out*/) const {}
 
   // y = f(x) for a.rows examples; returns y's exponent.
   virtual std::int64_t forward(const ForwardArgs<T>& a) const = 0;

@@ -34,6 +34,11 @@ struct ChainRequest {
   // Forward only, keeping every boundary (inner ones too) in the result: the point at which
   // the Jacobian tools take each block's Jacobian. The batch is not split.
   bool trace = false;
+  // Activation checkpointing: the forward pass keeps the boundary at every k-th top-level
+  // block (and nothing else), and the backward pass recomputes each segment of k blocks
+  // from it. 0: every boundary is kept; -1: k chosen to need the least memory (about
+  // sqrt(blocks)). The results are the same either way.
+  int checkpoint = 0;
 };
 
 template <class T>
@@ -103,6 +108,8 @@ class Chain {
   void init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel = nullptr);
   // After parameters were written from outside.
   void params_changed();
+  // Some block keeps no parameters and draws them for each pass (Linear(..., store=false)).
+  bool draws_params() const { return plan_->drawn; }
   // Some block mixes the examples of a batch in this mode.
   bool couples_batch(bool train) const;
 
@@ -145,6 +152,8 @@ class Chain {
     std::size_t max_param = 0;  // largest parameter (entries)
     int last = 0;               // the output boundary
     bool any_params = false;
+    bool drawn = false;             // some block draws its parameters for each pass
+    std::vector<int> top_boundary;  // per top-level index: its boundary
   };
   const Plan& plan() const { return *plan_; }
   struct Workspace;

@@ -15,7 +15,9 @@ namespace gradchain {
 template <class T>
 class Linear final : public Block<T> {
  public:
-  Linear(int in_features, int out_features, bool bias);
+  // store = false: the block keeps no weights; init() then only records how to draw them
+  // (draw_size(), draw()), for chains too deep to store theirs.
+  Linear(int in_features, int out_features, bool bias, bool store = true);
   std::unique_ptr<Block<T>> clone() const override { return std::make_unique<Linear>(*this); }
   std::unique_ptr<Block<double>> to_double() const override;
   BlockKind kind() const override { return BlockKind::linear; }
@@ -34,6 +36,12 @@ class Linear final : public Block<T> {
   // W~ = W * 2^-weight_exponent(), the matrix the products use.
   const T* gemm_weight() const { return wscaled_.empty() ? w_.data() : wscaled_.data(); }
   bool zero_bias() const { return zero_bias_; }
+  // Whether the weights are drawn for each pass instead of kept.
+  bool drawn() const { return !store_; }
+  // W and b as init() draws them (b: out_features entries, or nullptr).
+  void draw_params(T* w, T* b) const;
+  std::size_t draw_size() const override;
+  void draw(T* out) const override;
 
   bool saves_input() const override { return true; }
   bool saves_output() const override { return false; }
@@ -51,6 +59,12 @@ class Linear final : public Block<T> {
 
  private:
   bool has_bias_;
+  bool store_ = true;
+  // How a block that keeps no weights draws them.
+  bool has_spec_ = false;
+  InitSpec spec_;
+  Philox rng_{0};
+  std::uint64_t stream_ = 0;
   std::vector<T> w_, b_;
   // Weights whose largest entry lies outside the safe band (near 1e300 or 1e-300) are used
   // as a power-of-two scaled copy, so that no product overflows or underflows before its
@@ -58,6 +72,8 @@ class Linear final : public Block<T> {
   int wexp_ = 0;
   std::vector<T> wscaled_;
   bool zero_bias_ = true;
+  // W itself: the kept weights, or drawn into `drawn`.
+  const T* weight_for_jacobian(std::vector<T>& drawn) const;
 };
 
 extern template class Linear<float>;
