@@ -123,8 +123,8 @@ std::string drawn_message(const std::string& name) {
 
 template <class T>
 py::dict backward(Chain<T>& net, CArray<T> x, const std::string& loss, py::object target,
-                  bool keep_grads, double max_norm, double norm_type, bool train,
-                  bool param_grads, int checkpoint) {
+                  bool keep_grads, double max_norm, double norm_type, bool train, bool param_grads,
+                  int checkpoint) {
   if (x.ndim() != 2 || x.shape(1) != net.in_width())
     throw std::invalid_argument("x must have shape (batch, " + std::to_string(net.in_width()) +
                                 ")");

@@ -469,8 +469,10 @@ class Chain:
     @property
     def param_names(self) -> Sequence[str]:
         """Parameter names in ``named_parameters()`` order (buffers excluded)."""
-        if self._layout_cache is None and not self._python_names and not getattr(
-            self, "_key_order", None
+        if (
+            self._layout_cache is None
+            and not self._python_names
+            and not getattr(self, "_key_order", None)
         ):
             return _CoreNames(self._core, int(self._core.num_params))
         return self._layout().param_names
@@ -646,9 +648,9 @@ class Chain:
         max_norm: Any,
         norm_type: Any,
         train: Any,
-        param_grads: bool = True,
         checkpoint: Any = None,
         per: int = 1,
+        param_grads: bool = True,
     ) -> tuple[dict[str, Any], bool]:
         """Checks the arguments and runs the core's pass: (its result, the mode). Without
         `param_grads` the pass skips the parameter gradients (their norms come back NaN),
@@ -686,9 +688,7 @@ class Chain:
             else:
                 tgt = _labels(target, batch, self.out_features)
         ck = self._checkpoint(checkpoint, batch, return_grads, per)
-        d = self._core.backward(
-            xa, name, tgt, bool(return_grads), mn, p, tr, bool(param_grads), ck
-        )
+        d = self._core.backward(xa, name, tgt, bool(return_grads), mn, p, tr, bool(param_grads), ck)
         return d, tr
 
     def backward(
