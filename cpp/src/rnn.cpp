@@ -17,6 +17,7 @@
 #include "gradchain/init.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/scaled.hpp"
+#include "gradchain/step_gemm.hpp"
 #include "gradchain/system.hpp"
 
 #ifdef _OPENMP
@@ -157,6 +158,9 @@ struct Model {
   std::size_t n_params = 0;
   std::vector<Block> ih, hh, out;
   std::vector<std::vector<T>> scaled;  // the scaled copies
+  // Per layer: W~_hh transposed (H x G H), so that the forward step's product reads the
+  // weight row by row as the backward step's does, with no repacking per step.
+  std::vector<std::vector<T>> whh_t;
 
   Weight<T> weight(const std::vector<T>& w) {
     const MaxAbs s = max_abs(w.data(), w.size());
@@ -258,6 +262,10 @@ class Pass {
 
   void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, const T* a,
             std::size_t lda, const T* b, std::size_t ldb, T beta, T* c, std::size_t ldc) const;
+  // C = A B of one step (A: R rows of the states or gate gradients; B: the recurrent weight
+  // or its transpose, row-major).
+  void step_gemm(std::size_t m, std::size_t n, std::size_t k, const T* a, std::size_t lda,
+                 const T* b, std::size_t ldb, T* c, std::size_t ldc) const;
 
   const Model<T>& m_;
   const RecurrentRequest& req_;
@@ -295,6 +303,27 @@ void Pass<T>::gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t
 #endif
   half(0);
   half(1);
+}
+
+// Every entry is the same chain of fused multiply-adds however the columns are split, so
+// the halves of a large product may go to two threads.
+template <class T>
+void Pass<T>::step_gemm(std::size_t m, std::size_t n, std::size_t k, const T* a, std::size_t lda,
+                        const T* b, std::size_t ldb, T* c, std::size_t ldc) const {
+#ifdef _OPENMP
+  if (team_ && n >= 2) {
+    const std::size_t n0 = n / 2;
+#pragma omp parallel num_threads(team_threads(2))
+    {
+      const bool h = omp_get_thread_num() == 1 || omp_get_num_threads() == 1;
+      const bool l = omp_get_thread_num() == 0;
+      if (l) step::gemm(I(m), I(n0), I(k), a, I(lda), b, I(ldb), c, I(ldc));
+      if (h) step::gemm(I(m), I(n - n0), I(k), a, I(lda), b + n0, I(ldb), c + n0, I(ldc));
+    }
+    return;
+  }
+#endif
+  step::gemm(I(m), I(n), I(k), a, I(lda), b, I(ldb), c, I(ldc));
 }
 
 template <class T>
@@ -379,7 +408,7 @@ void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
   T* G = p.Gt[l] + (t - 1) * R * GW;  // holds the input projection on entry
   T* S = p.S;
   const Weight<T>& whh = m_.w_hh[l];
-  gemm(Trans::N, Trans::T, R, GH, H, hp, H, whh.w, H, T(0), S, GH);
+  step_gemm(R, GH, H, hp, H, m_.whh_t[l].data(), GH, S, GH);
   scale_pow2(S, R * GH, whh.e);
   switch (m_.cell) {
     case CellKind::tanh:
@@ -786,7 +815,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
     }
     // dL/dh_{t-1} = dL/dgates_hh W~_hh at 2^(dge + e) (+ z * dL/dh_t for GRU, at 2^gh).
-    gemm(Trans::N, Trans::N, R, H, m_.GH, dG, GW, whh.w, H, T(0), dhn, H);
+    step_gemm(R, H, m_.GH, dG, GW, whh.w, H, dhn, H);
     const std::int64_t ep = *dge + whh.e;
     if (gru && ep == gh) {
       for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
@@ -1337,6 +1366,7 @@ double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest
   }
   e += L * B * H * (lstm ? 2 : 1);  // h_n, c_n
   bytes += params * sizeof(T);      // scaled copies of out-of-band weights
+  bytes += L * GW * H * sizeof(T);  // transposed recurrent weights
   return (e + 16 * pieces * P) * sizeof(T) + bytes;
 }
 
@@ -1375,6 +1405,9 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     m.pi.push_back(ix[0]);
     m.w_ih.push_back(m.weight(params_[static_cast<std::size_t>(ix[0])]));
     m.w_hh.push_back(m.weight(params_[static_cast<std::size_t>(ix[1])]));
+    std::vector<T>& wt = m.whh_t.emplace_back(m.GH * m.H);
+    for (std::size_t j = 0; j < m.GH; ++j)
+      for (std::size_t i = 0; i < m.H; ++i) wt[i * m.GH + j] = m.w_hh.back().w[j * m.H + i];
     m.b_ih.push_back(ix[2] >= 0 ? params_[static_cast<std::size_t>(ix[2])].data() : zeros_.data());
     m.b_hh.push_back(ix[3] >= 0 ? params_[static_cast<std::size_t>(ix[3])].data() : zeros_.data());
   }
