@@ -175,10 +175,11 @@ struct Model {
 template <class T>
 struct Part {
   std::size_t r0 = 0, R = 0;
-  T* X = nullptr;                               // (steps, R, in_0)
-  std::vector<T*> Hs, Cs;                       // per layer: (steps + 1, R, H)
-  std::vector<T*> TC;                           // LSTM: tanh(c_t), (steps, R, H)
-  std::vector<T*> Gt;                           // (steps, R, GW): gates, then dL/dgates
+  T* X = nullptr;          // (steps, R, in_0)
+  std::vector<T*> Hs, Cs;  // per layer: (steps + 1, R, H)
+  std::vector<T*> TC;      // LSTM: tanh(c_t), (steps, R, H)
+  std::vector<T*>
+      Gt;  // (steps, R, GW): gates, then dL/dgates (a block flagged zero in gnz: undefined)
   std::vector<std::vector<std::int64_t>> gexp;  // per layer, per step: exponent of Gt's rows
   std::vector<std::vector<char>> gnz;
   T *U = nullptr, *V = nullptr,
@@ -751,7 +752,9 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     *dgnz = have ? 1 : 0;
     *dge = gh;
     if (!have) {
-      std::fill(dG, dG + R * GW, T(0));
+      // Flagged zero: the weight gradients skip the row block; the product into the layer
+      // below (l > 0) reads it.
+      if (l > 0) std::fill(dG, dG + R * GW, T(0));
       continue;
     }
     // dL/dgates of step t; G and dG may be the same array.
@@ -877,15 +880,19 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
   const std::size_t R = p.R, blk = R * ld;
   std::vector<std::int64_t> a(steps, kNone);  // exponent of max|D_t| * 2^ex[t]
   std::int64_t C = kNone;
+  // The products run over the steps lo..hi between the first and the last nonzero block
+  // (truncation leaves the steps before a boundary without gradient); zero blocks in
+  // between are written as zeros.
+  std::size_t lo = steps, hi = 0;
   for (std::size_t t = 0; t < steps; ++t) {
-    T* d = D + t * blk;
-    if (!nz[t]) {
-      std::fill(d, d + blk, T(0));
-      continue;
-    }
-    a[t] = top_exponent(max_abs(d, blk), ex[t]);
+    if (!nz[t]) continue;
+    a[t] = top_exponent(max_abs(D + t * blk, blk), ex[t]);
     C = std::max(C, a[t]);
+    lo = std::min(lo, t);
+    hi = t;
   }
+  for (std::size_t t = lo; t < hi; ++t)
+    if (!nz[t]) std::fill(D + t * blk, D + (t + 1) * blk, T(0));
   const bool any = C != kNone;
   std::size_t rows_out = 0;
   for (const StepProduct<T>& q : products) {
@@ -930,8 +937,8 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
         const std::size_t cs = std::max<std::size_t>(1, kChunkEntries / (blk + qb));
         std::vector<T> Gs(std::min(cs, steps) * blk), Ms(std::min(cs, steps) * qb);
         bool first = true;
-        for (std::size_t t0 = 0; t0 < steps && P != kNone; t0 += cs) {
-          const std::size_t t1 = std::min(steps, t0 + cs);
+        for (std::size_t t0 = lo; t0 <= hi && P != kNone; t0 += cs) {
+          const std::size_t t1 = std::min(hi + 1, t0 + cs);
           for (std::size_t t = t0; t < t1; ++t) {
             T* gs = Gs.data() + (t - t0) * blk;
             T* ms = Ms.data() + (t - t0) * qb;
@@ -961,11 +968,11 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
     if (!in_band[qi++]) continue;
     p.pexp[q.index] = C;
     if (q.M) {
-      gemm_blocks(q, D, q.M, steps * R, true);
+      gemm_blocks(q, D + lo * blk, q.M + lo * R * q.width, (hi + 1 - lo) * R, true);
       continue;
     }
     std::vector<double> s(p.pg[q.index].size(), 0.0);
-    for (std::size_t r = 0; r < steps * R; ++r) {
+    for (std::size_t r = lo * R; r < (hi + 1) * R; ++r) {
       const T* d = D + r * ld;
       for (const Block& b : *q.blocks)
         for (std::size_t j = 0; j < b.width; ++j) s[b.row + j] += double(d[b.col + j]);
