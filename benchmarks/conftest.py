@@ -24,11 +24,27 @@ def torch_peer():
         yield worker
 
 
+@pytest.fixture(scope="session")
+def jax_peer():
+    """A JAX worker process (peers.JaxProcess), shared by the JAX benchmarks: JAX is
+    imported only there, never next to gradchain or PyTorch. Skips when jax is not
+    installed (it is optional, as torch is)."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    with peers.JaxProcess() as worker:
+        yield worker
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """PyTorch entries last (stable, so the files' order stays otherwise): the worker
-    process starts with the first of them and stays up, and gradchain and the NumPy peers
-    are timed before it exists."""
-    items.sort(key=lambda item: "torch_peer" in getattr(item, "fixturenames", ()))
+    """PyTorch entries, then JAX entries, last (stable, so the files' order stays
+    otherwise): each worker process starts with the first of its entries and stays up, and
+    gradchain and the NumPy peers are timed before either exists."""
+
+    def rank(item):
+        names = getattr(item, "fixturenames", ())
+        return 2 if "jax_peer" in names else 1 if "torch_peer" in names else 0
+
+    items.sort(key=rank)
 
 
 # --------------------------------------------------------------------------- ratios

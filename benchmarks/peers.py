@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 __all__ = [
+    "JaxProcess",
     "Norms",
     "NumpyChain",
     "TorchChain",
@@ -197,7 +198,25 @@ class TorchChain:
         return Norms(wn.double().numpy(), bn.double().numpy(), an.double().numpy())
 
 
-def _torch_worker(conn):
+def _framework_info(framework, threads):
+    """Imports the worker's framework (PyTorch or JAX) and sets it up; returns its version
+    and thread count."""
+    if framework == "jax":
+        import jax
+
+        # float64 arrays stay float64 (the float64 configurations); float32 ones stay float32.
+        jax.config.update("jax_enable_x64", True)
+        return {
+            "jax": jax.__version__,
+            "threads": available_cores(),
+            "backend": jax.default_backend(),
+        }
+    import torch
+
+    return {"torch": torch.__version__, "threads": set_torch_threads(threads)}
+
+
+def _torch_worker(conn, framework="torch"):
     """Child process: builds a peer on request (any callable class, named by module and
     attribute, e.g. ``peers.TorchChain``) and runs it; results go back pickled."""
     peer = None
@@ -210,12 +229,12 @@ def _torch_worker(conn):
                 _, module, name, args, kwargs, threads = msg
                 import importlib
 
-                import torch
-
                 peer = None
-                n = set_torch_threads(threads)
+                info = _framework_info(framework, threads)
                 peer = getattr(importlib.import_module(module), name)(*args, **kwargs)
-                conn.send(("ok", {"torch": torch.__version__, "threads": n}))
+                conn.send(("ok", info))
+            elif msg[0] == "attr":
+                conn.send(("ok", getattr(peer, msg[1], None)))
             else:
                 conn.send(("ok", peer(msg[1])))
         except Exception as exc:  # noqa: BLE001 - sent back to the parent process
@@ -224,8 +243,8 @@ def _torch_worker(conn):
     conn.close()
 
 
-def _serve(fd):
-    _torch_worker(Connection(fd))
+def _serve(fd, framework="torch"):
+    _torch_worker(Connection(fd), framework)
 
 
 class TorchProcess:
@@ -243,11 +262,13 @@ class TorchProcess:
     previous peer, so one process serves several configurations and benchmark files.
     """
 
+    framework = "torch"
+
     def __init__(self):
         parent, child = socket.socketpair()
         here = os.path.dirname(os.path.abspath(__file__))
         code = (f"import sys; sys.path.insert(0, {here!r}); import peers; "
-                f"peers._serve({child.fileno()})")
+                f"peers._serve({child.fileno()}, {self.framework!r})")
         self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(),))
         child.close()
         self._conn = Connection(parent.detach())
@@ -257,9 +278,9 @@ class TorchProcess:
         self._conn.send(msg)
         kind, payload = self._conn.recv()
         if kind == "import":
-            raise ImportError(f"torch could not be imported in the worker:\n{payload}")
+            raise ImportError(f"{self.framework} could not be imported in the worker:\n{payload}")
         if kind == "error":
-            raise RuntimeError(f"torch worker failed:\n{payload}")
+            raise RuntimeError(f"{self.framework} worker failed:\n{payload}")
         return payload
 
     def build(self, module, name, *args, threads=None, **kwargs):
@@ -272,6 +293,10 @@ class TorchProcess:
     def run(self, x):
         """Call the peer on ``x``; returns what the peer returns."""
         return self._call("run", np.ascontiguousarray(x))
+
+    def attr(self, name):
+        """An attribute of the peer (None if it has none), e.g. a JAX peer's ``compile_s``."""
+        return self._call("attr", name)
 
     def load(self, weights, biases, activation="tanh", threads=None):
         """Build a :class:`TorchChain` in the child."""
@@ -299,6 +324,82 @@ class TorchProcess:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class JaxProcess(TorchProcess):
+    """A JAX peer in a child process (the same protocol as :class:`TorchProcess`).
+
+    The child imports JAX (never gradchain nor PyTorch) with ``jax_enable_x64`` on, so
+    float64 inputs stay float64; XLA's CPU backend uses the cores available. ``build``
+    returns {"jax": version, "threads": n, "backend": "cpu"}. JAX peers compile on their
+    first call for an input shape and keep the compiled function; that call is the
+    untimed validation, and the peer's ``compile_s`` attribute (``attr("compile_s")``)
+    holds the compile time, reported apart from the timed calls.
+    """
+
+    framework = "jax"
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+class JaxChain:
+    """``jax.jit`` of ``jax.grad`` over a ``lax.scan`` of the layers (``h = act(h W^T + b)``
+    with the weights stacked ``(depth, out, in)``), probe loss ``0.5 * ||h_L||^2``. The
+    activation gradients come from the same call: a zero array added to every ``h_l``
+    (``l = 0..L``) is a third argument of the loss, and its gradient is ``dL/dh_l``. The
+    weight, bias and activation gradient norms are taken inside the compiled function, each
+    scaled by its largest entry."""
+
+    def __init__(self, weights, biases, activation="tanh"):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+        self.W = jnp.asarray(np.stack([np.asarray(w) for w in weights]))
+        self.b = jnp.asarray(np.stack([np.asarray(b) for b in biases]))
+        act = {"tanh": jnp.tanh, "relu": jax.nn.relu}[activation]
+
+        def loss(W, b, eps, x):
+            def layer(h, wbe):
+                w, bb, e = wbe
+                h = act(h @ w.T + bb) + e
+                return h, None
+
+            h, _ = jax.lax.scan(layer, x + eps[0], (W, b, eps[1:]))
+            return 0.5 * jnp.sum(h * h)
+
+        def norms(W, b, x):
+            eps = jnp.zeros((W.shape[0] + 1, *x.shape), x.dtype)
+            gW, gb, ge = jax.grad(loss, argnums=(0, 1, 2))(W, b, eps, x)
+            # Scaled by the largest entry: the squares of entries below ~1e-154 (a deep
+            # float64 chain's vanished gradients) would underflow.
+            def flat(g):
+                g = g.reshape(g.shape[0], -1)
+                m = jnp.max(jnp.abs(g), axis=1, keepdims=True)
+                m = jnp.where(m > 0, m, 1)
+                return m[:, 0] * jnp.sqrt(jnp.sum((g / m) ** 2, axis=1))
+
+            return flat(gW), flat(gb), flat(ge)
+
+        self.fn = jax.jit(norms)
+        self.compiled, self.compile_s = {}, None
+
+    def _compiled(self, x):
+        key = (x.shape, x.dtype.str)
+        if key not in self.compiled:
+            import time
+
+            t0 = time.perf_counter()
+            self.compiled[key] = self.fn.lower(self.W, self.b, x).compile()
+            self.compile_s = time.perf_counter() - t0
+        return self.compiled[key]
+
+    def __call__(self, x):
+        x = self.jnp.asarray(np.asarray(x, dtype=self.W.dtype))
+        wn, bn, an = self.jax.block_until_ready(self._compiled(x)(self.W, self.b, x))
+        f = lambda a: np.asarray(a, dtype=np.float64)
+        return Norms(f(wn), f(bn), f(an))
 
 
 # --------------------------------------------------------------------------- self-check

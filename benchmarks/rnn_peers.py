@@ -18,6 +18,8 @@ constructor, outside the timed part) and then called with the input ``x`` of sha
 * :class:`TorchFused` - ``torch.nn.RNN`` / ``LSTM`` / ``GRU`` forward + backward (parameter
   gradients only: the module does not expose the intermediate states to autograd).
 * :class:`NumpyRecurrent` - explicit forward / backward formulas in NumPy.
+* :class:`JaxRecurrent` - ``jax.jit`` of ``jax.grad`` over a ``lax.scan`` of the cell,
+  per-timestep state gradient norms from the same call (runs in ``peers.JaxProcess``).
 
 PyTorch peers run in a worker process in the benchmarks (``peers.TorchProcess``, see its
 docstring).  Run ``python benchmarks/rnn_peers.py`` to check that the peers agree with
@@ -34,6 +36,7 @@ import peers
 
 __all__ = [
     "CELLS",
+    "JaxRecurrent",
     "NumpyRecurrent",
     "RecurrentNorms",
     "TorchCellLoop",
@@ -223,6 +226,97 @@ class TorchFused:
         with torch.no_grad():
             pn = torch.stack(torch._foreach_norm([p.grad for p in self.params]))
         return RecurrentNorms(loss.detach().item(), None, dict(zip(self.names, pn.double().tolist())))
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+class JaxRecurrent:
+    """``jax.jit`` of ``jax.grad`` over a ``lax.scan`` of the cell (one layer), compiled once
+    per input shape (the first call; its compile time is kept in ``compile_s``).
+
+    The input projections of all steps are one product before the scan. The per-timestep
+    state gradients come from the same call: a zero array ``e`` of shape ``(T + 1, batch,
+    H)`` enters the loss as ``h_t + e_t`` wherever ``h_t`` is used, so ``dL/de_t =
+    dL/dh_t``. All norms (states in float64, as the PyTorch cell loop's) are taken inside
+    the compiled function.
+    """
+
+    def __init__(self, cell, state_dict):
+        import jax
+        import jax.numpy as jnp
+
+        sd, num_layers, _, hidden_size, bias = _check_state_dict(cell, state_dict)
+        if num_layers != 1:
+            raise ValueError("JaxRecurrent supports one layer")
+        self.jax, self.jnp = jax, jnp
+        self.names = [
+            n for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0") if n in sd
+        ]
+        self.params = tuple(jnp.asarray(sd[n]) for n in self.names)
+        self.dtype = sd["weight_ih_l0"].dtype
+        H = hidden_size
+
+        def step(p, carry, a, e):
+            w_hh = p[1]
+            b_hh = p[3] if bias else 0
+            if cell == "lstm":
+                h, c = carry
+                g = a + (h + e) @ w_hh.T + b_hh
+                i, f = jax.nn.sigmoid(g[:, :H]), jax.nn.sigmoid(g[:, H : 2 * H])
+                gg, o = jnp.tanh(g[:, 2 * H : 3 * H]), jax.nn.sigmoid(g[:, 3 * H :])
+                c = f * c + i * gg
+                return (o * jnp.tanh(c), c)
+            (h,) = carry
+            hh = h + e
+            if cell == "gru":
+                gh = hh @ w_hh.T + b_hh
+                r = jax.nn.sigmoid(a[:, :H] + gh[:, :H])
+                z = jax.nn.sigmoid(a[:, H : 2 * H] + gh[:, H : 2 * H])
+                n = jnp.tanh(a[:, 2 * H :] + r * gh[:, 2 * H :])
+                return ((1 - z) * n + z * hh,)
+            pre = a + hh @ w_hh.T + b_hh
+            return (jnp.tanh(pre) if cell == "tanh" else jax.nn.relu(pre),)
+
+        def loss(p, e, x):
+            a = x @ p[0].T + (p[2] if bias else 0)
+            zero = jnp.zeros((x.shape[1], H), x.dtype)
+            carry0 = (zero, zero) if cell == "lstm" else (zero,)
+
+            def body(carry, ae):
+                carry = step(p, carry, *ae)
+                return carry, None
+
+            carry, _ = jax.lax.scan(body, carry0, (a, e[:-1]))
+            h = carry[0] + e[-1]
+            return 0.5 * jnp.sum(h * h)
+
+        def norms(p, x):
+            e = jnp.zeros((x.shape[0] + 1, x.shape[1], H), x.dtype)
+            value, (gp, ge) = jax.value_and_grad(loss, argnums=(0, 1))(p, e, x)
+            ge = ge.astype(jnp.float64)
+            sn = jnp.sqrt(jnp.sum(ge * ge, axis=(1, 2)))
+            pn = jnp.stack([jnp.sqrt(jnp.sum(g.astype(jnp.float64) ** 2)) for g in gp])
+            return value, sn, pn
+
+        self.fn = jax.jit(norms)
+        self.compiled, self.compile_s = {}, None
+
+    def __call__(self, x):
+        import time
+
+        x = self.jnp.asarray(np.ascontiguousarray(x, dtype=self.dtype))
+        key = (x.shape, x.dtype.str)
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = self.fn.lower(self.params, x).compile()
+            self.compile_s = time.perf_counter() - t0
+        value, sn, pn = self.jax.block_until_ready(self.compiled[key](self.params, x))
+        return RecurrentNorms(
+            float(value),
+            np.asarray(sn, dtype=np.float64),
+            dict(zip(self.names, np.asarray(pn, dtype=np.float64).tolist())),
+        )
 
 
 # --------------------------------------------------------------------------- NumPy

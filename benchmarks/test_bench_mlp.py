@@ -40,18 +40,18 @@ CONFIGS = [
     Config(
         "d1000-w64-b32-tanh-f64", 1000, 64, 32, "float64",
         speedup_targets={"numpy": 5.0, "torch": 50.0},
-        peer_rounds={"numpy": None, "torch": None},
+        peer_rounds={"numpy": None, "torch": None, "jax": None},
     ),
     Config(
         "d10000-w32-b16-tanh-f64", 10_000, 32, 16, "float64",
         speedup_targets={"numpy": 5.0, "torch": 100.0},
-        peer_rounds={"numpy": 5, "torch": 3},
+        peer_rounds={"numpy": 5, "torch": 3, "jax": 5},
     ),
     Config(
         "d100-w1024-b128-tanh-f32", 100, 1024, 128, "float32",
         speedup_targets={"numpy": None, "torch": 1.0},
         floor_target=1.3,
-        peer_rounds={"numpy": 5, "torch": 5},
+        peer_rounds={"numpy": 5, "torch": 5, "jax": 5},
     ),
 ]
 
@@ -183,3 +183,30 @@ def test_torch(benchmark, cfg, torch_peer):
         torch_threads=info["threads"], torch_version=info["torch"])
     got = run(benchmark, torch_peer, case.x, cfg.peer_rounds.get("torch"))
     check_norms(got, case, "torch (timed run)")
+
+
+# --------------------------------------------------------------------------- JAX
+# (after PyTorch, in the worker process of conftest.jax_peer)
+
+
+@by_id(CONFIGS)
+def test_jax(benchmark, cfg, jax_peer):
+    case = get_case(cfg)
+    try:  # JAX runs in a worker process: see peers.JaxProcess
+        info = jax_peer.build("peers", "JaxChain", case.weights, case.biases, cfg.activation)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    check_norms(jax_peer(case.x), case, "jax")  # compiles; validation and warm-up, not timed
+    compile_s = jax_peer.attr("compile_s")
+    tag(
+        benchmark,
+        cfg,
+        "jax",
+        target_speedup=cfg.speedup_targets.get("jax"),
+        jax_threads=info["threads"],
+        jax_version=info["jax"],
+        compile_s=compile_s,
+        note=f"compile {compile_s:.2f} s, not timed",
+    )
+    got = run(benchmark, jax_peer, case.x, cfg.peer_rounds.get("jax"))
+    check_norms(got, case, "jax (timed run)")

@@ -54,7 +54,7 @@ class Config:
         return rnn_peers.norm_floor(self.dtype)
 
 
-ROUNDS = {"numpy": 5, "torch-cells": 7, "torch-fused": 7}
+ROUNDS = {"numpy": 5, "torch-cells": 7, "torch-fused": 7, "jax": 7}
 
 CONFIGS = [
     Config(
@@ -233,3 +233,32 @@ def test_torch_cells(benchmark, cfg, torch_peer):
 def test_torch_fused(benchmark, cfg, torch_peer):
     _torch(benchmark, cfg, torch_peer, "torch-fused", "TorchFused", per_step=False,
            note="parameter grads only, no per-timestep norms")
+
+
+# --------------------------------------------------------------------------- JAX
+# (after PyTorch, in the worker process of conftest.jax_peer)
+
+
+@by_id(CONFIGS)
+def test_jax(benchmark, cfg, jax_peer):
+    case = get_case(cfg)
+    try:  # JAX runs in a worker process: see peers.JaxProcess
+        info = jax_peer.build("rnn_peers", "JaxRecurrent", cfg.cell, case.weights)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    n = check_peer(jax_peer.run(case.x), case, "jax")  # compiles; validation + warm-up
+    compile_s = jax_peer.attr("compile_s")
+    tag(
+        benchmark,
+        cfg,
+        case,
+        "jax",
+        target_speedup=cfg.speedup_targets.get("jax"),
+        jax_threads=info["threads"],
+        jax_version=info["jax"],
+        timesteps_compared=n,
+        compile_s=compile_s,
+        note=f"compile {compile_s:.2f} s, not timed",
+    )
+    got = run(benchmark, jax_peer.run, case.x, cfg.peer_rounds.get("jax"))
+    check_peer(got, case, "jax (timed run)")

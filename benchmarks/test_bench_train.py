@@ -133,19 +133,23 @@ def test_gradchain(benchmark, cfg):
     _histories[cfg.id] = hist
 
 
+def _peer_args(case: Case, cfg: Config) -> tuple:
+    kw = dict(cfg.kw)
+    if cfg.kind == "lstm":
+        kw = {"hidden": kw["hidden"], "truncate": kw["truncate"], "input_size": 2, "output_size": 1}
+    args = (cfg.kind, case.state, "float32", case.x, case.y, OPTIMIZER[0], OPTIMIZER[1], 1.0)
+    return args, kw
+
+
 @by_id(CONFIGS)
 @pytest.mark.parametrize("threads", [None, 1], ids=["torch", "torch-1thread"])
 def test_torch(benchmark, cfg, threads, torch_peer):
     case = get_case(cfg)
     restore(case)
     hist = _histories[cfg.id] if cfg.id in _histories else run_gradchain(case)
-    kw = dict(cfg.kw)
-    if cfg.kind == "lstm":
-        kw = {"hidden": kw["hidden"], "truncate": kw["truncate"], "input_size": 2, "output_size": 1}
+    args, kw = _peer_args(case, cfg)
     try:  # PyTorch runs in a worker process: see peers.TorchProcess
-        info = torch_peer.build("train_peers", "TorchTrainLoop", cfg.kind, case.state, "float32",
-                                case.x, case.y, OPTIMIZER[0], OPTIMIZER[1], 1.0, threads=threads,
-                                **kw)  # fmt: skip
+        info = torch_peer.build("train_peers", "TorchTrainLoop", *args, threads=threads, **kw)
     except ImportError as exc:
         pytest.skip(str(exc))
     order = gc.tasks.batch_order(case.n, cfg.batch, cfg.steps, 0)
@@ -154,3 +158,23 @@ def test_torch(benchmark, cfg, threads, torch_peer):
         torch_threads=info["threads"], torch_version=info["torch"])  # fmt: skip
     got = benchmark.pedantic(torch_peer.run, args=(order,), rounds=cfg.rounds, iterations=1)
     check(got, hist, "torch")
+
+
+@by_id(CONFIGS)
+def test_jax(benchmark, cfg, jax_peer):
+    case = get_case(cfg)
+    restore(case)
+    hist = _histories[cfg.id] if cfg.id in _histories else run_gradchain(case)
+    args, kw = _peer_args(case, cfg)
+    try:  # JAX runs in a worker process: see peers.JaxProcess
+        info = jax_peer.build("train_peers", "JaxTrainLoop", *args, **kw)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    order = gc.tasks.batch_order(case.n, cfg.batch, cfg.steps, 0)
+    check(jax_peer.run(order), hist, "jax")  # compiles; validation and warm-up, not timed
+    compile_s = jax_peer.attr("compile_s")
+    tag(benchmark, cfg, "jax", target_speedup=cfg.speedup_targets.get("jax"),
+        jax_threads=info["threads"], jax_version=info["jax"], compile_s=compile_s,
+        note=f"compile {compile_s:.2f} s, not timed")  # fmt: skip
+    got = benchmark.pedantic(jax_peer.run, args=(order,), rounds=cfg.rounds, iterations=1)
+    check(got, hist, "jax")

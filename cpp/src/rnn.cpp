@@ -17,6 +17,7 @@
 #include "gradchain/init.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/scaled.hpp"
+#include "gradchain/step_gemm.hpp"
 #include "gradchain/system.hpp"
 
 #ifdef _OPENMP
@@ -157,6 +158,9 @@ struct Model {
   std::size_t n_params = 0;
   std::vector<Block> ih, hh, out;
   std::vector<std::vector<T>> scaled;  // the scaled copies
+  // Per layer: W~_hh transposed (H x G H), so that the forward step's product reads the
+  // weight row by row as the backward step's does, with no repacking per step.
+  std::vector<std::vector<T>> whh_t;
 
   Weight<T> weight(const std::vector<T>& w) {
     const MaxAbs s = max_abs(w.data(), w.size());
@@ -171,10 +175,11 @@ struct Model {
 template <class T>
 struct Part {
   std::size_t r0 = 0, R = 0;
-  T* X = nullptr;                               // (steps, R, in_0)
-  std::vector<T*> Hs, Cs;                       // per layer: (steps + 1, R, H)
-  std::vector<T*> TC;                           // LSTM: tanh(c_t), (steps, R, H)
-  std::vector<T*> Gt;                           // (steps, R, GW): gates, then dL/dgates
+  T* X = nullptr;          // (steps, R, in_0)
+  std::vector<T*> Hs, Cs;  // per layer: (steps + 1, R, H)
+  std::vector<T*> TC;      // LSTM: tanh(c_t), (steps, R, H)
+  std::vector<T*>
+      Gt;  // (steps, R, GW): gates, then dL/dgates (a block flagged zero in gnz: undefined)
   std::vector<std::vector<std::int64_t>> gexp;  // per layer, per step: exponent of Gt's rows
   std::vector<std::vector<char>> gnz;
   T *U = nullptr, *V = nullptr,
@@ -258,6 +263,10 @@ class Pass {
 
   void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, const T* a,
             std::size_t lda, const T* b, std::size_t ldb, T beta, T* c, std::size_t ldc) const;
+  // C = A B of one step (A: R rows of the states or gate gradients; B: the recurrent weight
+  // or its transpose, row-major).
+  void step_gemm(std::size_t m, std::size_t n, std::size_t k, const T* a, std::size_t lda,
+                 const T* b, std::size_t ldb, T* c, std::size_t ldc) const;
 
   const Model<T>& m_;
   const RecurrentRequest& req_;
@@ -295,6 +304,27 @@ void Pass<T>::gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t
 #endif
   half(0);
   half(1);
+}
+
+// Every entry is the same chain of fused multiply-adds however the columns are split, so
+// the halves of a large product may go to two threads.
+template <class T>
+void Pass<T>::step_gemm(std::size_t m, std::size_t n, std::size_t k, const T* a, std::size_t lda,
+                        const T* b, std::size_t ldb, T* c, std::size_t ldc) const {
+#ifdef _OPENMP
+  if (team_ && n >= 2) {
+    const std::size_t n0 = n / 2;
+#pragma omp parallel num_threads(team_threads(2))
+    {
+      const bool h = omp_get_thread_num() == 1 || omp_get_num_threads() == 1;
+      const bool l = omp_get_thread_num() == 0;
+      if (l) step::gemm(I(m), I(n0), I(k), a, I(lda), b, I(ldb), c, I(ldc));
+      if (h) step::gemm(I(m), I(n - n0), I(k), a, I(lda), b + n0, I(ldb), c + n0, I(ldc));
+    }
+    return;
+  }
+#endif
+  step::gemm(I(m), I(n), I(k), a, I(lda), b, I(ldb), c, I(ldc));
 }
 
 template <class T>
@@ -379,7 +409,7 @@ void Pass<T>::cell_forward(Part<T>& p, std::size_t l, std::size_t t) const {
   T* G = p.Gt[l] + (t - 1) * R * GW;  // holds the input projection on entry
   T* S = p.S;
   const Weight<T>& whh = m_.w_hh[l];
-  gemm(Trans::N, Trans::T, R, GH, H, hp, H, whh.w, H, T(0), S, GH);
+  step_gemm(R, GH, H, hp, H, m_.whh_t[l].data(), GH, S, GH);
   scale_pow2(S, R * GH, whh.e);
   switch (m_.cell) {
     case CellKind::tanh:
@@ -722,7 +752,9 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
     *dgnz = have ? 1 : 0;
     *dge = gh;
     if (!have) {
-      std::fill(dG, dG + R * GW, T(0));
+      // Flagged zero: the weight gradients skip the row block; the product into the layer
+      // below (l > 0) reads it.
+      if (l > 0) std::fill(dG, dG + R * GW, T(0));
       continue;
     }
     // dL/dgates of step t; G and dG may be the same array.
@@ -802,7 +834,7 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
     }
     // dL/dh_{t-1} = dL/dgates_hh W~_hh at 2^(dge + e) (+ z * dL/dh_t for GRU, at 2^gh).
-    gemm(Trans::N, Trans::N, R, H, m_.GH, dG, GW, whh.w, H, T(0), dhn, H);
+    step_gemm(R, H, m_.GH, dG, GW, whh.w, H, dhn, H);
     const std::int64_t ep = *dge + whh.e;
     if (gru && ep == gh) {
       for (std::size_t i = 0; i < n; ++i) dhn[i] += tmp[i];
@@ -864,15 +896,19 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
   const std::size_t R = p.R, blk = R * ld;
   std::vector<std::int64_t> a(steps, kNone);  // exponent of max|D_t| * 2^ex[t]
   std::int64_t C = kNone;
+  // The products run over the steps lo..hi between the first and the last nonzero block
+  // (truncation leaves the steps before a boundary without gradient); zero blocks in
+  // between are written as zeros.
+  std::size_t lo = steps, hi = 0;
   for (std::size_t t = 0; t < steps; ++t) {
-    T* d = D + t * blk;
-    if (!nz[t]) {
-      std::fill(d, d + blk, T(0));
-      continue;
-    }
-    a[t] = top_exponent(max_abs(d, blk), ex[t]);
+    if (!nz[t]) continue;
+    a[t] = top_exponent(max_abs(D + t * blk, blk), ex[t]);
     C = std::max(C, a[t]);
+    lo = std::min(lo, t);
+    hi = t;
   }
+  for (std::size_t t = lo; t < hi; ++t)
+    if (!nz[t]) std::fill(D + t * blk, D + (t + 1) * blk, T(0));
   const bool any = C != kNone;
   std::size_t rows_out = 0;
   for (const StepProduct<T>& q : products) {
@@ -917,8 +953,8 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
         const std::size_t cs = std::max<std::size_t>(1, kChunkEntries / (blk + qb));
         std::vector<T> Gs(std::min(cs, steps) * blk), Ms(std::min(cs, steps) * qb);
         bool first = true;
-        for (std::size_t t0 = 0; t0 < steps && P != kNone; t0 += cs) {
-          const std::size_t t1 = std::min(steps, t0 + cs);
+        for (std::size_t t0 = lo; t0 <= hi && P != kNone; t0 += cs) {
+          const std::size_t t1 = std::min(hi + 1, t0 + cs);
           for (std::size_t t = t0; t < t1; ++t) {
             T* gs = Gs.data() + (t - t0) * blk;
             T* ms = Ms.data() + (t - t0) * qb;
@@ -948,11 +984,11 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
     if (!in_band[qi++]) continue;
     p.pexp[q.index] = C;
     if (q.M) {
-      gemm_blocks(q, D, q.M, steps * R, true);
+      gemm_blocks(q, D + lo * blk, q.M + lo * R * q.width, (hi + 1 - lo) * R, true);
       continue;
     }
     std::vector<double> s(p.pg[q.index].size(), 0.0);
-    for (std::size_t r = 0; r < steps * R; ++r) {
+    for (std::size_t r = lo * R; r < (hi + 1) * R; ++r) {
       const T* d = D + r * ld;
       for (const Block& b : *q.blocks)
         for (std::size_t j = 0; j < b.width; ++j) s[b.row + j] += double(d[b.col + j]);
@@ -1353,6 +1389,7 @@ double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest
   }
   e += L * B * H * (lstm ? 2 : 1);  // h_n, c_n
   bytes += params * sizeof(T);      // scaled copies of out-of-band weights
+  bytes += L * GW * H * sizeof(T);  // transposed recurrent weights
   return (e + 16 * pieces * P) * sizeof(T) + bytes;
 }
 
@@ -1391,6 +1428,9 @@ RecurrentResult<T> RecurrentChain<T>::run(const T* x, int steps, int batch,
     m.pi.push_back(ix[0]);
     m.w_ih.push_back(m.weight(params_[static_cast<std::size_t>(ix[0])]));
     m.w_hh.push_back(m.weight(params_[static_cast<std::size_t>(ix[1])]));
+    std::vector<T>& wt = m.whh_t.emplace_back(m.GH * m.H);
+    for (std::size_t j = 0; j < m.GH; ++j)
+      for (std::size_t i = 0; i < m.H; ++i) wt[i * m.GH + j] = m.w_hh.back().w[j * m.H + i];
     m.b_ih.push_back(ix[2] >= 0 ? params_[static_cast<std::size_t>(ix[2])].data() : zeros_.data());
     m.b_hh.push_back(ix[3] >= 0 ? params_[static_cast<std::size_t>(ix[3])].data() : zeros_.data());
   }
