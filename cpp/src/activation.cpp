@@ -281,6 +281,32 @@ void Activation::forward_scaled(const T* z, T* h, std::size_t n, int s, T* tmp) 
   const double sn = slope_at_zero(true), sp = slope_at_zero(false);
   const double tn = std::ldexp(1.0, lo) / std::min(1.0, sn);
   const double tp = std::ldexp(1.0, lo) / std::min(1.0, sp);
+  const MaxAbs mz = max_abs(z, n);
+  if (mz.finite && std::ldexp(mz.value, s) < std::min(tn, tp)) {
+    // Every entry is in the linear part (a signal that has vanished far below the floats):
+    // the branch below for each, without phi.
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) {
+      const double zi = static_cast<double>(z[i]);
+      h[i] = static_cast<T>(zi * (zi < 0 ? sn : sp));
+    }
+    return;
+  }
+  if (s >= std::numeric_limits<double>::min_exponent - 1) {
+    // 2^s and 2^-s are normal doubles: each ldexp below is one correctly rounded product.
+    const double f = std::ldexp(1.0, s), g = std::ldexp(1.0, -s);
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) tmp[i] = static_cast<T>(static_cast<double>(z[i]) * f);
+    forward(tmp, tmp, n);
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) {
+      const double zi = static_cast<double>(z[i]);
+      const bool neg = zi < 0;
+      h[i] = std::fabs(zi * f) >= (neg ? tn : tp) ? static_cast<T>(static_cast<double>(tmp[i]) * g)
+                                                  : static_cast<T>(zi * (neg ? sn : sp));
+    }
+    return;
+  }
   for (std::size_t i = 0; i < n; ++i) tmp[i] = std::ldexp(z[i], s);
   forward(tmp, tmp, n);
   for (std::size_t i = 0; i < n; ++i) {
