@@ -13,6 +13,7 @@ struct VD {
   using V = __m256d;
   using M = __m256i;
   static constexpr int W = 4, kWide = 2, kWideRows = 4, kDotRows = 3;
+  static constexpr bool kSums16 = false;
   static V zero() { return _mm256_setzero_pd(); }
   static V set1(T x) { return _mm256_set1_pd(x); }
   static V load(const T* p) { return _mm256_loadu_pd(p); }
@@ -36,6 +37,7 @@ struct VF {
   using V = __m256;
   using M = __m256i;
   static constexpr int W = 8, kWide = 2, kWideRows = 4, kDotRows = 3;
+  static constexpr bool kSums16 = false;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(T x) { return _mm256_set1_ps(x); }
   static V load(const T* p) { return _mm256_loadu_ps(p); }

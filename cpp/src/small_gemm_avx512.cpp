@@ -18,6 +18,7 @@ struct ZD {
   using V = __m512d;
   using M = __mmask8;
   static constexpr int W = 8, kWide = 4, kWideRows = 4, kDotRows = 4;
+  static constexpr bool kSums16 = false;
   static V zero() { return _mm512_setzero_pd(); }
   static V set1(T x) { return _mm512_set1_pd(x); }
   static V load(const T* p) { return _mm512_loadu_pd(p); }
@@ -50,6 +51,7 @@ struct ZF {
   using V = __m512;
   using M = __mmask16;
   static constexpr int W = 16, kWide = 4, kWideRows = 4, kDotRows = 4;
+  static constexpr bool kSums16 = true;
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(T x) { return _mm512_set1_ps(x); }
   static V load(const T* p) { return _mm512_loadu_ps(p); }
@@ -64,6 +66,30 @@ struct ZF {
   static __m256 halves(V v) {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+  }
+  // The 16 sums of a 4 x 4 tile by one tree of pairwise additions over all 16 vectors (fewer
+  // shuffles than a tree per vector): halves, quarters, then pairs within the quarters.
+  static void store_sums16(T* c, std::ptrdiff_t ldc, const V (*acc)[4], T alpha) {
+    V x[8], y[4], z[2];
+    for (int i = 0; i < 8; ++i) {  // the vectors v[4 s + r] = acc[r][s] in pairs
+      const V a = acc[(2 * i) % 4][(2 * i) / 4], b = acc[(2 * i + 1) % 4][(2 * i + 1) / 4];
+      x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+    }
+    for (int j = 0; j < 4; ++j)
+      y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0x88),
+                           _mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0xdd));
+    for (int k = 0; k < 2; ++k)
+      z[k] = _mm512_add_ps(_mm512_shuffle_ps(y[2 * k], y[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(y[2 * k], y[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // Quarter q: row q, columns 0..3.
+    const V t =
+        _mm512_mul_ps(_mm512_set1_ps(alpha),
+                      _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1))));
+    _mm_storeu_ps(c, _mm512_castps512_ps128(t));
+    _mm_storeu_ps(c + ldc, _mm512_extractf32x4_ps(t, 1));
+    _mm_storeu_ps(c + 2 * ldc, _mm512_extractf32x4_ps(t, 2));
+    _mm_storeu_ps(c + 3 * ldc, _mm512_extractf32x4_ps(t, 3));
   }
   template <int NR>
   static void store_sums(T* c, const V* acc, T alpha) {

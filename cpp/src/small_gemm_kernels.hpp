@@ -7,7 +7,8 @@
 //
 // S provides T, V (a vector of W lanes), M (a lane mask), and zero, set1, load, mload,
 // store, mstore, fma, mul, mask(valid) and store_sums(c, acc[NR], alpha) (c[s] =
-// alpha * the sum of acc[s]'s lanes, for 1 <= NR <= 4).
+// alpha * the sum of acc[s]'s lanes, for 1 <= NR <= 4); with kSums16 also
+// store_sums16(c, ldc, acc[4][4], alpha), the same for a whole 4 x 4 tile at once.
 #pragma once
 
 #include <cstddef>
@@ -184,7 +185,11 @@ inline __attribute__((always_inline)) void dot_tile(int k, const typename S::T* 
       for (int r = 0; r < MR; ++r) acc[r][s] = S::fma(av[r], bv, acc[r][s]);
     }
   }
-  for (int r = 0; r < MR; ++r) S::template store_sums<NR>(c + r * ldc, acc[r], alpha);
+  if constexpr (S::kSums16 && MR == 4 && NR == 4) {
+    S::store_sums16(c, ldc, acc, alpha);
+  } else {
+    for (int r = 0; r < MR; ++r) S::template store_sums<NR>(c + r * ldc, acc[r], alpha);
+  }
 }
 
 // Columns [0, NR) of C: every row tile against the same NR rows of B, which stay in L1
