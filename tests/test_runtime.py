@@ -264,10 +264,7 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_cli_demo_prints_a_table():
     out = subprocess.run(
         [sys.executable, "-m", "gradchain", "demo", "--depth", "30", "--rows", "5"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+        capture_output=True, text=True, check=True, timeout=120,
     ).stdout
     assert "sigmoid / xavier_normal" in out and "relu / he_normal" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
@@ -281,73 +278,35 @@ def test_cli_demo_prints_a_table():
 def test_cli_run_json_and_errors():
     out = subprocess.run(
         [sys.executable, "-m", "gradchain", "run", "--depth", "7", "--width", "5", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+        capture_output=True, text=True, check=True, timeout=120,
     ).stdout
     d = json.loads(out)
     assert len(d["log10_weight_grad_norms"]) == 7
     bad = subprocess.run(
         [sys.executable, "-m", "gradchain", "run", "--depth", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert bad.returncode == 2 and "depth must be a positive integer" in bad.stderr
 
 
 def test_cli_theory_table_json_and_errors():
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gradchain",
-            "theory",
-            "--depth",
-            "12",
-            "--width",
-            "64",
-            "--activation",
-            "relu",
-            "--sigma-w",
-            "1.3",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+        [sys.executable, "-m", "gradchain", "theory", "--depth", "12", "--width", "64",
+         "--activation", "relu", "--sigma-w", "1.3", "--json"],
+        capture_output=True, text=True, check=True, timeout=120,
     ).stdout
     d = json.loads(out)
     assert d["sigma_w"] == 1.3 and len(d["measured"]) == 13
     # relu: chi_1 = sigma_w^2 / 2 exactly
     assert abs(d["chi_1"] - 1.3**2 / 2) < 1e-12
     text = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gradchain",
-            "theory",
-            "--depth",
-            "12",
-            "--width",
-            "64",
-            "--no-spectrum",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+        [sys.executable, "-m", "gradchain", "theory", "--depth", "12", "--width", "64", "--no-spectrum"],
+        capture_output=True, text=True, check=True, timeout=120,
     ).stdout
     assert "predicted" in text and "chi_1" in text
     bad = subprocess.run(
         [sys.executable, "-m", "gradchain", "theory", "--sigma-w", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert bad.returncode == 2 and "sigma_w" in bad.stderr
 
@@ -362,12 +321,7 @@ def test_cli_theory_of_norm_and_residual_layers(capsys):
             "--residual-scale", "0.5", "--batch", "4", "--json"]  # fmt: skip
     assert main(argv) == 0
     d = json.loads(capsys.readouterr().out)
-    assert (d["kind"], d["branch"], d["scale"], d["sigma_w"]) == (
-        "post_norm",
-        "act_linear",
-        0.5,
-        1.4,
-    )
+    assert (d["kind"], d["branch"], d["scale"], d["sigma_w"]) == ("post_norm", "act_linear", 0.5, 1.4)
     assert len(d["measured"]) == 7 and d["chi_1"] is None
     assert main(["theory", "--depth", "6", "--width", "32", "--norm", "batch", "--norm-position",
                  "post", "--batch", "8"]) == 0  # fmt: skip
@@ -438,10 +392,7 @@ def test_cpp_is_formatted():
     files = sorted(str(p) for p in root.rglob("*") if p.suffix in (".cpp", ".hpp"))
     assert files
     out = subprocess.run(
-        [exe, "--dry-run", "--Werror", *files],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [exe, "--dry-run", "--Werror", *files], capture_output=True, text=True, timeout=120,
         check=False,
     )
     assert out.returncode == 0, out.stderr[:3000]
