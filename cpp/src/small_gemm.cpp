@@ -54,7 +54,12 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
   const bool at = ta == blas::Trans::T, bt = tb == blas::Trans::T;
   if (at && bt) return false;
 #ifdef GC_SMALL_GEMM
-  if (i == Isa::avx512) {
+  // The A B^T form sums each dot product in as many lanes as a vector holds, so its
+  // numbers depend on the vector width; it keeps the AVX2 kernel on every CPU, so that a
+  // pass gives the same numbers on AVX-512 and AVX2 CPUs (training runs, whose trajectories
+  // amplify last-bit differences, included). The other forms sum in the same order at any
+  // width.
+  if (i == Isa::avx512 && !bt) {
     avx512::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc);
   } else {
     avx2::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc);

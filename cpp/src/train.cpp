@@ -21,7 +21,7 @@
 // The one-pass reductions get an AVX2 clone, picked at load time where the CPU has it.
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
-#define GC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define GC_CLONES __attribute__((target_clones("avx2", "default")))
 #endif
 #endif
 #ifndef GC_CLONES

@@ -28,17 +28,11 @@ GC_DECL(log)
 GC_DECL(sin)
 GC_DECL(cos)
 #undef GC_DECL
-__m512d _ZGVeN8v_expm1(__m512d);
-__m512 _ZGVeN16v_tanhf(__m512);
 }
 
 namespace {
 bool have_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
 }
 }  // namespace
@@ -67,9 +61,8 @@ bool have_avx512() {
 // The tail of fewer than a vector's lanes goes through the same kernel, padded: every
 // element's result depends on its value alone, never on its position in the array or on
 // how a caller split the array (between threads or batch halves).
-#define GC_DISPATCH(name) GC_DISPATCH_AS(name, name)
-#define GC_DISPATCH_AS(name, fn)                                                              \
-  void fn(const double* x, double* y, std::size_t n) {                                        \
+#define GC_DISPATCH(name)                                                                     \
+  void name(const double* x, double* y, std::size_t n) {                                      \
     std::size_t i = 0;                                                                        \
     if (have_avx2()) {                                                                        \
       i = name##_d4(x, y, n);                                                                 \
@@ -89,7 +82,7 @@ bool have_avx512() {
       y[i] = by[0];                                                                           \
     }                                                                                         \
   }                                                                                           \
-  void fn(const float* x, float* y, std::size_t n) {                                          \
+  void name(const float* x, float* y, std::size_t n) {                                        \
     std::size_t i = 0;                                                                        \
     if (have_avx2()) {                                                                        \
       i = name##_f8(x, y, n);                                                                 \
@@ -137,46 +130,9 @@ __attribute__((target("avx2,fma"))) std::size_t tanh_d4(const double* x, double*
 }  // namespace
 // Single precision keeps libmvec's own tanhf: the expm1 form loses too much near +-1 there.
 GC_KERNEL_F(tanh)
-namespace {
-GC_DISPATCH_AS(tanh, tanh_any)
-}  // namespace
-
-// The same two on CPUs with AVX-512, twice the lanes at a time, with padded tails as above.
-namespace {
-__attribute__((target("avx512f"))) void tanh_d8(const double* x, double* y, std::size_t n) {
-  const __m512d hi = _mm512_set1_pd(20.0), lo = _mm512_set1_pd(-20.0), two = _mm512_set1_pd(2.0);
-  for (std::size_t i = 0; i < n; i += 8) {
-    const __mmask8 m = n - i >= 8 ? __mmask8(0xff) : __mmask8((1u << (n - i)) - 1u);
-    __m512d v = _mm512_max_pd(lo, _mm512_min_pd(hi, _mm512_maskz_loadu_pd(m, x + i)));
-    const __m512d e = _ZGVeN8v_expm1(_mm512_add_pd(v, v));
-    _mm512_mask_storeu_pd(y + i, m, _mm512_div_pd(e, _mm512_add_pd(e, two)));
-  }
-}
-__attribute__((target("avx512f"))) void tanh_f16(const float* x, float* y, std::size_t n) {
-  for (std::size_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-    _mm512_mask_storeu_ps(y + i, m, _ZGVeN16v_tanhf(_mm512_maskz_loadu_ps(m, x + i)));
-  }
-}
-}  // namespace
-
-void tanh(const double* x, double* y, std::size_t n) {
-  if (have_avx512()) {
-    tanh_d8(x, y, n);
-  } else {
-    tanh_any(x, y, n);
-  }
-}
-void tanh(const float* x, float* y, std::size_t n) {
-  if (have_avx512()) {
-    tanh_f16(x, y, n);
-  } else {
-    tanh_any(x, y, n);
-  }
-}
+GC_DISPATCH(tanh)
 #undef GC_DEFINE
 #undef GC_DISPATCH
-#undef GC_DISPATCH_AS
 #undef GC_KERNEL_F
 #undef GC_KERNEL_D
 
