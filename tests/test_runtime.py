@@ -277,3 +277,72 @@ def test_cpp_is_formatted():
         check=False,
     )
     assert out.returncode == 0, out.stderr[:3000]
+
+
+# ---- the small-product kernels -------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_isas(gc):
+    """Every kernel variant this CPU runs (the widest first, 'blas' last); the variant in
+    use is restored afterwards."""
+    from gradchain import _core
+
+    order = ["avx512", "avx2", "blas"]
+    widest = _core.kernel_isa()
+    yield order[order.index(widest) :]
+    _core.set_kernel_isa(widest)
+
+
+def _product_shapes(rng, n):
+    """Random small shapes: odd sizes, batch 1, widths off the vector lengths."""
+    fixed = [(1, 64, 64), (1, 1, 1), (31, 17, 33), (16, 64, 64), (7, 5, 129), (33, 31, 1)]
+    return fixed + [tuple(int(v) for v in rng.integers(1, 80, 3)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_kernels_match_blas_at_float_rounding(gc, kernel_isas, dtype):
+    from gradchain import _core
+
+    rng = np.random.default_rng(7)
+    eps = np.finfo(dtype).eps
+    for m, n, k in _product_shapes(rng, 40):
+        for ta, tb in ((False, False), (True, False), (False, True)):
+            a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+            b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+            a_, b_ = (a.T if ta else a).astype(np.float64), (b.T if tb else b).astype(np.float64)
+            exact = 0.75 * (a_ @ b_)
+            bound = (k + 2) * eps * 0.75 * (np.abs(a_) @ np.abs(b_))
+            for isa in kernel_isas:
+                _core.set_kernel_isa(isa)
+                got = _core.gemm(a, b, ta, tb, 0.75)
+                assert got.dtype == dtype and got.shape == (m, n)
+                assert np.all(np.abs(got - exact) <= bound), (isa, m, n, k, ta, tb)
+
+
+def test_kernel_variants_give_the_same_chain_results_within_rounding(gc, kernel_isas):
+    """A whole pass on each variant: the same norms to ~1e-12 (only the order of the forward
+    product's sums differs between the vector widths)."""
+    from gradchain import _core
+
+    rng = np.random.default_rng(3)
+    for depth, width, batch, dt in ((40, 37, 5, "float64"), (20, 64, 1, "float64"),
+                                    (30, 16, 9, "float32")):  # fmt: skip
+        net = gc.MLP(depth=depth, width=width, activation="tanh", bias_std=0.1, dtype=dt, seed=1)
+        x = rng.standard_normal((batch, width)).astype(dt)
+        reps = {}
+        for isa in kernel_isas:
+            _core.set_kernel_isa(isa)
+            reps[isa] = net.backward(x)
+        tol = 1e-12 if dt == "float64" else 1e-4
+        for isa, r in reps.items():
+            for f in ("log10_weight_grad_norms", "log10_activation_grad_norms"):
+                np.testing.assert_allclose(getattr(r, f), getattr(reps["blas"], f), rtol=tol,
+                                           atol=tol, err_msg=f"{isa}: {f}")  # fmt: skip
+
+
+def test_set_kernel_isa_rejects_unknown_names(gc):
+    from gradchain import _core
+
+    with pytest.raises(ValueError, match="isa must be 'avx512', 'avx2' or 'blas'; got 'sse9'"):
+        _core.set_kernel_isa("sse9")

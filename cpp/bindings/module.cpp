@@ -1,8 +1,37 @@
+#include "gradchain/blas.hpp"
+#include "gradchain/small_gemm.hpp"
 #include "gradchain/system.hpp"
 #include "gradchain/vecmath.hpp"
 #include "pybind.hpp"
 
 namespace gradchain::bindings {
+
+namespace {
+small::Isa parse_isa(const std::string& name) {
+  for (small::Isa i : {small::Isa::blas, small::Isa::avx2, small::Isa::avx512})
+    if (name == small::isa_name(i)) return i;
+  throw std::invalid_argument("isa must be 'avx512', 'avx2' or 'blas'; got '" + name + "'");
+}
+
+// op(a) op(b) through the core's product (the small-product kernels where they apply).
+template <class T>
+py::array_t<T> product(const py::array_t<T, py::array::c_style | py::array::forcecast>& a,
+                       const py::array_t<T, py::array::c_style | py::array::forcecast>& b, bool ta,
+                       bool tb, double alpha) {
+  if (a.ndim() != 2 || b.ndim() != 2) throw std::invalid_argument("a and b must be 2-d");
+  const int ar = static_cast<int>(a.shape(0)), ac = static_cast<int>(a.shape(1));
+  const int br = static_cast<int>(b.shape(0)), bc = static_cast<int>(b.shape(1));
+  const int m = ta ? ac : ar, k = ta ? ar : ac, kb = tb ? bc : br, n = tb ? br : bc;
+  if (k != kb)
+    throw std::invalid_argument("op(a) has " + std::to_string(k) + " columns but op(b) has " +
+                                std::to_string(kb) + " rows");
+  py::array_t<T> c({m, n});
+  if (m > 0 && n > 0)
+    blas::gemm(ta ? blas::Trans::T : blas::Trans::N, tb ? blas::Trans::T : blas::Trans::N, m, n, k,
+               static_cast<T>(alpha), a.data(), ac, b.data(), bc, T(0), c.mutable_data(), n);
+  return c;
+}
+}  // namespace
 
 Canceller signal_canceller() {
   return Canceller([] {
@@ -57,6 +86,23 @@ memory, and which limit sets the first (MemAvailable, a cgroup limit, GRADCHAIN_
   m.def("blas_threads", &blas_threads,
         "Threads the core may give OpenBLAS: its count now (1 in a forked single-threaded child).");
   m.def("vectorized_math", &vm::vectorized, "Whether activations use glibc's vector math library.");
+  m.def(
+      "kernel_isa", [] { return std::string(small::isa_name(small::isa())); },
+      "The instruction set of the small-product kernels in use: 'avx512', 'avx2' or 'blas'.");
+  m.def(
+      "set_kernel_isa",
+      [](const std::string& name) {
+        return std::string(small::isa_name(small::set_isa(bindings::parse_isa(name))));
+      },
+      py::arg("isa"),
+      "Uses the small-product kernels of `isa` (one the CPU has; 'blas': none) from now on; "
+      "returns the one used before. For comparing the variants.");
+  m.def("gemm", &bindings::product<double>, py::arg("a").noconvert(), py::arg("b").noconvert(),
+        py::arg("trans_a") = false, py::arg("trans_b") = false, py::arg("alpha") = 1.0,
+        "alpha op(a) op(b) in float64 through the core's product (for tests).");
+  m.def("gemm", &bindings::product<float>, py::arg("a").noconvert(), py::arg("b").noconvert(),
+        py::arg("trans_a") = false, py::arg("trans_b") = false, py::arg("alpha") = 1.0,
+        "alpha op(a) op(b) in float32 through the core's product (for tests).");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -22,6 +22,14 @@ namespace {
 const std::vector<std::string> kNames = {"linear", "sigmoid", "tanh",      "relu", "leaky_relu",
                                          "elu",    "gelu",    "gelu_tanh", "silu", "softplus"};
 
+// Below these, tanh(x) is x in T: x^3 / 3 is far below half an ulp of x, and vm::tanh's
+// expm1(2x) / (expm1(2x) + 2) is 2x / 2 (float: libmvec's tanhf returns x).
+template <class T>
+constexpr double kTanhIsX = sizeof(T) == 8 ? 0x1p-60 : 0x1p-30;
+// Below these, 1 - h^2 rounds to 1 in T, so tanh's backward pass gives dL/dz = dL/dh.
+template <class T>
+constexpr double kTanhFlat = sizeof(T) == 8 ? 0x1p-27 : 0x1p-13;
+
 // Elementwise work runs in blocks of this many elements, so that temporaries stay in L1.
 constexpr std::size_t kBlock = 512;
 
@@ -281,6 +289,38 @@ void Activation::forward_scaled(const T* z, T* h, std::size_t n, int s, T* tmp) 
   const double sn = slope_at_zero(true), sp = slope_at_zero(false);
   const double tn = std::ldexp(1.0, lo) / std::min(1.0, sn);
   const double tp = std::ldexp(1.0, lo) / std::min(1.0, sp);
+  const MaxAbs mz = max_abs(z, n);
+  if (kind == Act::tanh && mz.finite && std::ldexp(mz.value, s) < kTanhIsX<T>) {
+    // tanh of every entry is the entry itself (vm::tanh included), and so is the result of
+    // both branches below.
+    if (h != z) std::copy(z, z + n, h);
+    return;
+  }
+  if (mz.finite && std::ldexp(mz.value, s) < std::min(tn, tp)) {
+    // Every entry is in the linear part (a signal that has vanished far below the floats):
+    // the branch below for each, without phi.
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) {
+      const double zi = static_cast<double>(z[i]);
+      h[i] = static_cast<T>(zi * (zi < 0 ? sn : sp));
+    }
+    return;
+  }
+  if (s >= std::numeric_limits<double>::min_exponent - 1) {
+    // 2^s and 2^-s are normal doubles: each ldexp below is one correctly rounded product.
+    const double f = std::ldexp(1.0, s), g = std::ldexp(1.0, -s);
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) tmp[i] = static_cast<T>(static_cast<double>(z[i]) * f);
+    forward(tmp, tmp, n);
+#pragma omp simd
+    for (std::size_t i = 0; i < n; ++i) {
+      const double zi = static_cast<double>(z[i]);
+      const bool neg = zi < 0;
+      h[i] = std::fabs(zi * f) >= (neg ? tn : tp) ? static_cast<T>(static_cast<double>(tmp[i]) * g)
+                                                  : static_cast<T>(zi * (neg ? sn : sp));
+    }
+    return;
+  }
   for (std::size_t i = 0; i < n; ++i) tmp[i] = std::ldexp(z[i], s);
   forward(tmp, tmp, n);
   for (std::size_t i = 0; i < n; ++i) {
@@ -359,6 +399,13 @@ std::int64_t ActivationBlock<T>::backward_input(const BackwardArgs<T>& a) const 
   const T* z = from_z ? a.x : nullptr;
   const T* h = from_z ? nullptr : a.y;
   const std::int64_t e = from_z ? a.ex : a.ey;
+  if (act_.kind == Act::tanh && h && e < 0) {
+    const MaxAbs mh = max_abs(h, m);
+    if (mh.finite && std::ldexp(mh.value, clamp_exp(e)) < kTanhFlat<T>) {
+      if (a.dx != a.dy) std::copy(a.dy, a.dy + m, a.dx);
+      return a.gy;
+    }
+  }
   if (!act_.positively_homogeneous() && e != 0 && (z || h)) {
     // phi' at the true scale (where a carried small value underflows there, phi'(0)).
     const T* src = from_z ? z : h;

@@ -1,15 +1,26 @@
-// Register-blocked AVX2 kernels for the small matrix products of narrow chains, where
-// OpenBLAS spends much of its time packing operands. They read the operands where they
-// lie (all fit in L1) and are used only when the CPU has AVX2 and FMA.
+// Register-blocked kernels for the small matrix products of narrow chains, where OpenBLAS
+// spends much of its time packing operands. They read the operands where they lie (all
+// fit in L1 or L2). One build carries an AVX-512 and an AVX2 variant, each compiled with
+// its own flags; the widest that the CPU has is chosen once, at the first product. Elsewhere
+// (no AVX2, not x86-64) products go to BLAS.
 #pragma once
 
 #include "gradchain/blas.hpp"
 
 namespace gradchain::small {
 
+enum class Isa { blas, avx2, avx512 };
+
+// The variant in use: the widest the CPU has, unless set_isa chose a narrower one.
+Isa isa();
+const char* isa_name(Isa i);
+// Uses `i` from now on (a narrower one than the CPU's, to compare variants); a variant the
+// CPU lacks throws std::invalid_argument. Returns the one in use before.
+Isa set_isa(Isa i);
+
 // C = alpha * op(A) op(B), row-major, beta = 0. Returns false (and does nothing) when the
-// product is too large for these kernels, op(B) = B^T with op(A) = A^T, or the CPU lacks
-// AVX2/FMA: the caller then uses BLAS.
+// product is too large for these kernels, op(B) = B^T with op(A) = A^T, or the variant in
+// use is blas: the caller then uses BLAS.
 bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, double alpha, const double* a,
           int lda, const double* b, int ldb, double* c, int ldc);
 bool gemm(blas::Trans ta, blas::Trans tb, int m, int n, int k, float alpha, const float* a, int lda,
