@@ -55,6 +55,13 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_KAPPA = 0.044715
 _erf = np.vectorize(math.erf, otypes=[np.float64])
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+
+def _normal_cdf(z):
+    """Phi(z) as erfc(-z / sqrt 2) / 2, accurate in the lower tail (torch's
+    (1 + erf(z / sqrt 2)) / 2 keeps about |Phi| / eps of its digits there)."""
+    return 0.5 * _erfc(-np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -89,7 +96,7 @@ def act_forward(name, z, negative_slope=0.01, alpha=1.0):
     if name == "elu":
         return np.where(z > 0, z, alpha * np.expm1(np.minimum(z, 0.0)))
     if name == "gelu":
-        return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+        return z * _normal_cdf(z)
     if name == "gelu_tanh":
         return 0.5 * z * (1.0 + np.tanh(_SQRT_2_OVER_PI * (z + _GELU_KAPPA * z**3)))
     if name == "silu":
@@ -119,7 +126,7 @@ def act_derivative(name, z, negative_slope=0.01, alpha=1.0, saturate=0):
     if name == "elu":
         return np.where(z > 0, 1.0, alpha * np.exp(np.minimum(z, 0.0)))
     if name == "gelu":
-        cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+        cdf = _normal_cdf(z)
         pdf = _INV_SQRT_2PI * np.exp(-0.5 * z * z)
         return cdf + z * pdf
     if name == "gelu_tanh":

@@ -515,6 +515,63 @@ def forward_extent(ws, bs, x, act, slope, alpha) -> float:
     return (math.log10(m) + shift * LOG2) if m > 0 else -math.inf
 
 
+# activations linear near 0: their slope there on each side (act(z) = slope z to relative
+# 1e-150 for |z| < 2**-500)
+NEAR_ZERO_SLOPE = {"tanh": (1.0, 1.0), "gelu": (0.5, 0.5), "gelu_tanh": (0.5, 0.5),
+                   "silu": (0.5, 0.5)}  # fmt: skip
+
+
+def carried_extent(ws, bs, x, act, slope, alpha) -> float:
+    """log10 of the largest |value| of the exact forward pass (pre-activations, activations,
+    the partial sums' bound |h| |W|^T + |b|) where a signal below the floats passes through
+    layers without bias and activations linear near 0 as a mantissa times 2**e, as the
+    chain carries it: inf where a true value lies beyond the doubles (a float forward pass
+    that underflows first never sees it)."""
+    slopes = NEAR_ZERO_SLOPE.get(act)
+    if act == "elu":
+        slopes = (1.0, alpha)
+    if slopes is None:
+        return -math.inf
+    h = np.asarray(x, dtype=np.float64)
+    e = exponent(h)
+    h = np.ldexp(h, -e)
+    top = -math.inf
+
+    def note(m, ex):
+        nonlocal top
+        v = float(np.max(np.abs(m), initial=0.0))
+        if v > 0:
+            top = max(top, math.log10(v) + ex * LOG2)
+
+    with np.errstate(all="ignore"):
+        for w, b in zip(ws, bs):
+            ew = exponent(w)
+            wm = np.ldexp(np.asarray(w, dtype=np.float64), -ew)
+            zm, ez = h @ wm.T, e + ew
+            note(np.abs(h) @ np.abs(wm).T, ez)
+            note(zm, ez)
+            if not np.isfinite(zm).all():
+                return math.inf
+            biased = bool(np.any(b))
+            tz = float(np.max(np.abs(zm), initial=0.0))
+            if not biased and tz > 0 and math.log2(tz) + ez < -500:
+                h = np.where(zm > 0, slopes[0] * zm, slopes[1] * zm)  # exponent carried
+                e = ez
+                note(h, e)
+                continue
+            if tz > 0 and math.log2(tz) + ez > 1023:
+                return math.inf
+            z = np.ldexp(zm, ez) + np.asarray(b, dtype=np.float64)
+            note(z, 0)
+            hv = O.act_forward(act, z, slope, alpha)
+            if not np.isfinite(hv).all():
+                return math.inf
+            e = exponent(hv)
+            h = np.ldexp(hv, -e)
+            note(h, e)
+    return top
+
+
 def underflows(ws, bs, x, acts, dtype: str) -> bool:
     """Whether some layer's whole output falls below the smallest normal float of the chain's
     dtype although its pre-activations are not all zero (a scale the chain cannot carry:
@@ -913,7 +970,7 @@ def check_mlp(case: MLPCase) -> None:
     try:
         rep = net.backward(x, **kw)
     except NonFiniteError as err:
-        both = forward_extent(ws, bs, xs, *acts)
+        both = max(forward_extent(ws, bs, xs, *acts), carried_extent(ws, bs, xs, *acts))
         edge = math.log10(0.25 * FMAX[dt])
         if tgt is not None and case.loss == "mse":
             both = max(both, log10_pnorm(np.asarray(tgt, dtype=np.float64), math.inf))

@@ -93,8 +93,6 @@ def _state_dim(net: RNN) -> int:
     return net.num_layers * net.hidden_size * (2 if net.cell == "lstm" else 1)
 
 
-
-
 def _mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation over the batch (axis 0); -inf entries (zero norms) give
     a mean of -inf and a NaN spread."""
@@ -531,7 +529,8 @@ def jacobian_spectrum(
         accepted = f"None or an integer between 1 and the state size, {kmax}"
     elif isinstance(net, (MLP, Chain)):
         core, _, train, layers = _chain_and_x(net, np.zeros((1, net.widths[0])))
-        batch = np.shape(x)[0] if np.ndim(x) == 2 else 1
+        xa = np.asarray(v.as_array("x", x))  # a ragged list: the TypeError names x
+        batch = xa.shape[0] if xa.ndim == 2 else 1
         kmax = min(_core.jacobian_dims(core, batch, train, layers))
         what = "width" if layers else "state size"
         accepted = f"None or an integer between 1 and the smallest {what}, {kmax}"
