@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 from checks import run_python
 from conftest import ChainCase
-
-INITS = (
-    "xavier_normal",
-    "xavier_uniform",
-    "he_normal",
-    "he_uniform",
-    "lecun_normal",
-    "orthogonal",
-    "normal",
-)
+from gradchain import INITS
 
 
 def report_arrays(rep):
