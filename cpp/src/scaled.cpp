@@ -4,16 +4,7 @@
 #include <cstring>
 #include <limits>
 
-// The reductions are written for `omp simd` so that they vectorize without -ffast-math;
-// on x86-64 an AVX2 clone is picked at load time where the CPU has it.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define GC_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef GC_CLONES
-#define GC_CLONES
-#endif
+#include "gradchain/clones.hpp"
 
 namespace gradchain {
 

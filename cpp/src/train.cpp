@@ -10,22 +10,13 @@
 #include <utility>
 
 #include "gradchain/clip.hpp"
+#include "gradchain/clones.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/scaled.hpp"
 #include "gradchain/system.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-// The one-pass reductions get an AVX2 clone, picked at load time where the CPU has it.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define GC_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef GC_CLONES
-#define GC_CLONES
 #endif
 
 namespace gradchain {
