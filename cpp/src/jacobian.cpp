@@ -180,8 +180,7 @@ GC_AVX2_FN void block_avx2(const double* v, std::size_t ldv, const double* T, in
 
 bool have_avx2() {
 #ifdef GC_HH_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  return cpu_vector_isa() != VectorIsa::none;
 #else
   return false;
 #endif

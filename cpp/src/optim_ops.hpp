@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstddef>
 
+#include "gradchain/system.hpp"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define GC_OPTIM_FMA_BUILD 1
@@ -126,8 +128,7 @@ struct Lerp {
 
 inline bool cpu_has_fma() {
 #ifdef GC_OPTIM_FMA_BUILD
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  return cpu_vector_isa() != VectorIsa::none;
 #else
   return false;
 #endif

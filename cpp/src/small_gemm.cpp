@@ -1,4 +1,5 @@
 #include "gradchain/small_gemm.hpp"
+#include "gradchain/system.hpp"
 
 #include <atomic>
 #include <stdexcept>
@@ -34,8 +35,14 @@ constexpr double kMaxWork = 1 << 19;
 
 Isa widest() {
 #ifdef GC_SMALL_GEMM
-  if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  switch (cpu_vector_isa()) {
+    case VectorIsa::avx512:
+      return Isa::avx512;
+    case VectorIsa::avx2:
+      return Isa::avx2;
+    case VectorIsa::none:
+      break;
+  }
 #endif
   return Isa::blas;
 }

@@ -1,4 +1,5 @@
 #include "gradchain/step_gemm.hpp"
+#include "gradchain/system.hpp"
 
 #include <cmath>
 #include <cstddef>
@@ -35,11 +36,15 @@ enum class Isa { plain, avx2, avx512 };
 
 Isa isa() {
 #ifdef GRADCHAIN_STEP_SIMD
-  static const Isa v = __builtin_cpu_supports("avx512f") ? Isa::avx512
-                       : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                           ? Isa::avx2
-                           : Isa::plain;
-  return v;
+  switch (cpu_vector_isa()) {
+    case VectorIsa::avx512:
+      return Isa::avx512;
+    case VectorIsa::avx2:
+      return Isa::avx2;
+    case VectorIsa::none:
+      break;
+  }
+  return Isa::plain;
 #else
   return Isa::plain;
 #endif

@@ -25,6 +25,18 @@
 
 namespace gradchain {
 
+VectorIsa cpu_vector_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const VectorIsa v = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return VectorIsa::none;
+    return __builtin_cpu_supports("avx512f") ? VectorIsa::avx512 : VectorIsa::avx2;
+  }();
+  return v;
+#else
+  return VectorIsa::none;
+#endif
+}
+
 namespace {
 
 std::int64_t now_ns() {

@@ -1,4 +1,5 @@
 #include "gradchain/vecmath.hpp"
+#include "gradchain/system.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -32,8 +33,7 @@ GC_DECL(cos)
 
 namespace {
 bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  return cpu_vector_isa() != VectorIsa::none;
 }
 }  // namespace
 

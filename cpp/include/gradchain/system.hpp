@@ -8,6 +8,11 @@
 
 namespace gradchain {
 
+// The widest vector instruction set of this CPU that the core has kernels for, detected
+// once: avx2 means AVX2 with FMA, avx512 AVX-512F with both (none off x86-64 or without).
+enum class VectorIsa { none, avx2, avx512 };
+VectorIsa cpu_vector_isa();
+
 // Physical memory of the machine in bytes (0 if unknown).
 std::uint64_t physical_memory_bytes();
 
