@@ -481,26 +481,8 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return progress_bar(total, "sweep", "point") if enabled else None
 
 
-def _run_threads(
-    plan: _Plan, tasks: list[_Task], workers: int, done: Callable[[list[Any]], bool]
-) -> None:
-    with ThreadPoolExecutor(workers, thread_name_prefix="gradchain-sweep") as ex:
-        futures = [ex.submit(_evaluate_many, plan, [t]) for t in tasks]
-        try:
-            for f in as_completed(futures):
-                if done(f.result()):
-                    break
-        finally:
-            for f in futures:
-                f.cancel()
-    _release()
-
-
-def _run_executor(
-    plan: _Plan, tasks: list[_Task], ex: Executor, done: Callable[[list[Any]], bool]
-) -> None:
-    workers = getattr(ex, "_max_workers", None) or _local_workers()
-    futures = [ex.submit(_evaluate_many, plan, c) for c in _guided_chunks(tasks, int(workers))]
+def _drain(futures: list[Any], done: Callable[[list[Any]], bool]) -> None:
+    """Hand each finished task's results to `done` until it says stop; cancel the rest."""
     try:
         for f in as_completed(futures):
             if done(f.result()):
@@ -508,6 +490,21 @@ def _run_executor(
     finally:
         for f in futures:
             f.cancel()
+
+
+def _run_threads(
+    plan: _Plan, tasks: list[_Task], workers: int, done: Callable[[list[Any]], bool]
+) -> None:
+    with ThreadPoolExecutor(workers, thread_name_prefix="gradchain-sweep") as ex:
+        _drain([ex.submit(_evaluate_many, plan, [t]) for t in tasks], done)
+    _release()
+
+
+def _run_executor(
+    plan: _Plan, tasks: list[_Task], ex: Executor, done: Callable[[list[Any]], bool]
+) -> None:
+    workers = getattr(ex, "_max_workers", None) or _local_workers()
+    _drain([ex.submit(_evaluate_many, plan, c) for c in _guided_chunks(tasks, int(workers))], done)
 
 
 def _run_dask(
