@@ -410,3 +410,14 @@ def test_points_release_the_gil():
     fresh = gc.MLP(depth=50, width=512, init="normal", sigma_w=2.0, bias_std=0.1, seed=2)
     for a, b in zip(net.weights + net.biases, fresh.weights + fresh.biases):
         np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_points_leave_the_blas_threads_as_they_were():
+    """OpenBLAS's thread count is one setting per process: the points running at once on
+    the sweep's threads share one guard that sets it to 1 and restores it once the last
+    pass is over (two guards each restoring what it found would leave it at 1)."""
+    before = gc._core.blas_threads()
+    for _ in range(3):
+        gc.sweep(gc.MLP, dims={"sigma_w": np.linspace(0.5, 2, 12)}, workers=2, batch=64,
+                 fixed={"depth": 30, "width": 192, "init": "normal"}, draws="independent")  # fmt: skip
+        assert gc._core.blas_threads() == before
