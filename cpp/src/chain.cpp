@@ -95,9 +95,10 @@ struct Compiler {
     s.nparams = trainable(*b);
     param_index += s.nparams;
     s.top_block = top_block;
-    s.where = where;
-    steps.push_back(s);
-    return s.out;
+    s.where_in = where;
+    const int out = s.out;
+    steps.push_back(std::move(s));
+    return out;
   }
 
   int subtree_params(const Block<T>& b) {
@@ -135,9 +136,10 @@ struct Compiler {
     s.out = boundary(b->out_width());
     s.param0 = param_index;
     s.top_block = top_block;
-    s.where = where;
-    steps.push_back(s);
-    return s.out;
+    s.where_in = where;
+    const int out = s.out;
+    steps.push_back(std::move(s));
+    return out;
   }
 };
 
@@ -209,9 +211,7 @@ void Chain<T>::compile() {
   std::vector<int> top_of_boundary{0};
   for (std::size_t i = 0; i < blocks_.size(); ++i) {
     c.top_block = static_cast<int>(i);
-    cur = c.block(blocks_[i].get(), cur,
-                  "block " + std::to_string(i) + " (" + blocks_[i]->describe() + ", '" +
-                      blocks_[i]->name() + "')");
+    cur = c.block(blocks_[i].get(), cur, "");
     top_of_boundary.push_back(cur);
   }
   const std::size_t nb = plan->width.size();
@@ -270,6 +270,13 @@ void Chain<T>::compile() {
   all->stored_per_row = off;
   plan_ = std::move(plan);
   trace_plan_ = std::move(all);
+}
+
+template <class T>
+std::string Chain<T>::where(const Step& s) const {
+  const Block<T>& b = *blocks_[static_cast<std::size_t>(s.top_block)];
+  return "block " + std::to_string(s.top_block) + " (" + b.describe() + ", '" + b.name() + "')" +
+         s.where_in;
 }
 
 template <class T>
@@ -549,7 +556,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   const bool coupled = couples_batch(req.train);
   for (const Step& s : P.steps)
     if (s.kind == Step::Kind::leaf && req.train && s.block->couples_batch(true) && B < 2)
-      throw std::invalid_argument(s.where +
+      throw std::invalid_argument(where(s) +
                                   ": Expected more than 1 value per channel when training "
                                   "(a train-mode BatchNorm needs a batch of 2 or more)");
 
@@ -799,8 +806,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       if (p.bad_step != -1 && (!first || p.bad_step < first->bad_step)) first = &p;
     if (first) {
       const int si = first->bad_step;
-      const std::string where =
-          si < 0 ? std::string("the input") : P.steps[static_cast<std::size_t>(si)].where;
+      const std::string at =
+          si < 0 ? std::string("the input") : where(P.steps[static_cast<std::size_t>(si)]);
       // The top-level block (1-based) it happened in; 0 for the input.
       const std::int64_t index = si < 0 ? 0 : P.steps[static_cast<std::size_t>(si)].top_block + 1;
       if (first->bad_underflow) {
@@ -808,7 +815,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         std::snprintf(buf, sizeof buf, "%.3g", first->bad_value);
         throw NonFiniteError(
             "forward", index,
-            "the forward pass underflowed in " + where + ": its largest value is " + buf +
+            "the forward pass underflowed in " + at + ": its largest value is " + buf +
                 ", below the smallest normal " + (sizeof(T) == 4 ? "float32" : "float64") +
                 ", so the signal has lost its precision. A vanishing signal is carried in log "
                 "space through Linear layers without bias (or with zero bias), homogeneous "
@@ -818,7 +825,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       throw NonFiniteError(
           "forward", index,
           std::string("the forward pass ") +
-              (first->bad_nan ? "produced NaN" : "overflowed to inf") + " in " + where +
+              (first->bad_nan ? "produced NaN" : "overflowed to inf") + " in " + at +
               (first->bad_nan ? "" : "; lower the gain, the weights or the input scale"));
     }
   }

@@ -140,7 +140,10 @@ class Chain {
     int param0 = 0;  // index of its first parameter gradient (trainable parameters only)
     int nparams = 0;
     int top_block = 0;  // the top-level block (0-based) this step belongs to
-    std::string where;  // for messages: "block 3 (Linear(64, 256), '3')"
+    // For messages, after its top-level block's description (see where()): "" or
+    // " body block 1 shortcut"; no text kept per layer for the plain chains that have
+    // a million of them.
+    std::string where_in;
   };
   struct Plan {
     std::vector<Step> steps;
@@ -158,6 +161,8 @@ class Chain {
     std::vector<int> top_boundary;  // per top-level index: its boundary
   };
   const Plan& plan() const { return *plan_; }
+  // "block 3 (Linear(64, 256), '3')", and where inside it.
+  std::string where(const Step& s) const;
   struct Workspace;
 
  private:
