@@ -218,6 +218,9 @@ def test_redrawn_chain_equals_a_fresh_one(gc):
         steps += [("lecun_normal", 0.5, 1.0, 0.7, 3), ("orthogonal", 1.0, 1.0, 0.1, 3)]
         steps += [("orthogonal", 2.5, 1.0, 0.4, 3), ("xavier_uniform", 1.0, 1.0, 0.0, 4)]
         steps += [("he_uniform", 0.3, 1.0, 0.2, 4), ("normal", 1.0, 0.8, 0.5, 4)]
+        # Weights far outside the products' safe band (kept as a power-of-two scaled copy).
+        big = 1e290 if dtype == "float64" else 1e30
+        steps += [("normal", big, 1.0, 0.0, 4), ("he_normal", 1 / big, 1.0, 0.0, 4)]
         for _ in range(12):
             init = str(rng.choice(gc.INITS))
             seed = int(rng.choice([3, 4]))
@@ -231,5 +234,12 @@ def test_redrawn_chain_equals_a_fresh_one(gc):
                 depth=3, width=widths, init=init, gain=gain, sigma_w=sigma_w,
                 bias_std=bias_std, dtype=dtype, seed=seed,
             )  # fmt: skip
+            what = f"{init} {dtype} seed {seed} gain {gain}"
             for a, b in zip(net.weights + net.biases, fresh.weights + fresh.biases):
-                np.testing.assert_array_equal(a, b, err_msg=f"{init} {dtype} seed {seed}")
+                np.testing.assert_array_equal(a, b, err_msg=what)
+            x = rng.standard_normal((2, 5))
+            np.testing.assert_array_equal(
+                net.backward(x).log10_activation_grad_norms,
+                fresh.backward(x).log10_activation_grad_norms,
+                err_msg=what,
+            )

@@ -1,6 +1,7 @@
 #include "gradchain/linear.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <stdexcept>
 #include <type_traits>
@@ -63,6 +64,7 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
                                            std::vector<double>(has_bias_ ? b_.size() : 0)});
     init_weight_unit(u->w.data(), this->out_, this->in_, family, rng, stream, cancel);
     if (has_bias_) init_bias_unit(u->b.data(), this->out_, rng, stream);
+    u->w_max = max_abs(u->w.data(), u->w.size()).value;
     units_ = std::move(u);
   } else if (!keep_units) {
     units_.reset();
@@ -91,7 +93,15 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
     if constexpr (!std::is_same_v<T, double>)
       std::transform(w, w + nb, b_.begin(), [](double v) { return static_cast<T>(v); });
   }
-  params_changed();
+  if (!units_) {
+    params_changed();
+    return;
+  }
+  // The largest weight without reading the weights again: T(fl(w_max * |scale|)), as
+  // rounding (to double, then to T) never reorders magnitudes.
+  const T w_max =
+      static_cast<T>(units_->w_max * std::abs(weight_scale(this->out_, this->in_, spec)));
+  weight_changed(MaxAbs{static_cast<double>(w_max), std::isfinite(w_max)});
 }
 
 template <class T>
@@ -136,7 +146,11 @@ void Linear<T>::draw(T* out) const {
 
 template <class T>
 void Linear<T>::params_changed() {
-  const MaxAbs s = max_abs(w_.data(), w_.size());
+  weight_changed(max_abs(w_.data(), w_.size()));
+}
+
+template <class T>
+void Linear<T>::weight_changed(MaxAbs s) {
   if (!s.finite)
     throw std::invalid_argument(describe() + ": weight must be finite; got NaN or inf");
   wexp_ = rescale_exponent<T>(s.value);

@@ -9,6 +9,7 @@
 #include "gradchain/block.hpp"
 #include "gradchain/common.hpp"
 #include "gradchain/init.hpp"
+#include "gradchain/scaled.hpp"
 
 namespace gradchain {
 
@@ -74,6 +75,7 @@ class Linear final : public Block<T> {
     Philox rng;
     std::uint64_t stream;
     std::vector<double> w, b;
+    double w_max = 0.0;  // max |w|: rounding is monotone, so max |w * s| = fl(w_max * |s|)
   };
   // Never changed once drawn, so copies of the block share them.
   std::shared_ptr<const Units> units_;
@@ -83,6 +85,8 @@ class Linear final : public Block<T> {
   int wexp_ = 0;
   std::vector<T> wscaled_;
   bool zero_bias_ = true;
+  // params_changed() given the weight's largest magnitude.
+  void weight_changed(MaxAbs w_max);
   // W itself: the kept weights, or drawn into `drawn`.
   const T* weight_for_jacobian(std::vector<T>& drawn) const;
 };
