@@ -89,6 +89,23 @@ def test_vector_variants_draw_the_scalar_bits(rng_isas, kind):
         assert np.array_equal(_bits(fill(seed, stream, n + 3)[:n]), _bits(want)), n
 
 
+@pytest.mark.parametrize("kind", ["normal", "uniform_pm1"])
+def test_a_long_draw_is_the_same_on_any_number_of_threads(rng_isas, kind):
+    """Past 2^17 pairs one draw is split over the threads, in chunks of 8192 pairs."""
+    fill = getattr(_core, f"fill_{kind}")
+    n = 2 * (1 << 17) + 2 * 8192 * 3 + 2 * 100 + 1
+    want = _on("scalar", fill, 9, 2**33 + 1, n)
+    previous = _core.set_thread_limit(1)
+    try:
+        for threads in (1, 2, 3):
+            _core.set_thread_limit(threads)
+            for isa in rng_isas:
+                got = _on(isa, fill, 9, 2**33 + 1, n)
+                assert np.array_equal(_bits(got), _bits(want)), (isa, threads)
+    finally:
+        _core.set_thread_limit(previous)
+
+
 def test_draws_follow_their_definition(gc):
     """Element i from block i // 2, in NumPy's libm: uniforms exactly, normals to libm's
     last bits."""

@@ -1,6 +1,7 @@
 #include "gradchain/linear.hpp"
 
 #include <algorithm>
+#include <type_traits>
 #include <cstddef>
 #include <stdexcept>
 #include <vector>
@@ -53,12 +54,24 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
     has_spec_ = true;
     return;
   }
-  std::vector<double> w(w_.size()), b(static_cast<std::size_t>(this->out_));
-  init_weight(w.data(), this->out_, this->in_, spec, rng, stream, cancel);
-  std::transform(w.begin(), w.end(), w_.begin(), [](double v) { return static_cast<T>(v); });
-  if (has_bias_) {
-    init_bias(b.data(), this->out_, spec, rng, stream);
-    std::transform(b.begin(), b.end(), b_.begin(), [](double v) { return static_cast<T>(v); });
+  if constexpr (std::is_same_v<T, double>) {
+    // Straight into place: a wide layer's copy would cost as much as drawing it. Interrupted,
+    // the layer keeps the numbers drawn so far, with its derived state matching them.
+    try {
+      init_weight(w_.data(), this->out_, this->in_, spec, rng, stream, cancel);
+    } catch (...) {
+      params_changed();
+      throw;
+    }
+    if (has_bias_) init_bias(b_.data(), this->out_, spec, rng, stream);
+  } else {
+    std::vector<double> w(w_.size()), b(static_cast<std::size_t>(this->out_));
+    init_weight(w.data(), this->out_, this->in_, spec, rng, stream, cancel);
+    std::transform(w.begin(), w.end(), w_.begin(), [](double v) { return static_cast<T>(v); });
+    if (has_bias_) {
+      init_bias(b.data(), this->out_, spec, rng, stream);
+      std::transform(b.begin(), b.end(), b_.begin(), [](double v) { return static_cast<T>(v); });
+    }
   }
   params_changed();
 }

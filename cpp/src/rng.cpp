@@ -8,6 +8,7 @@
 #include <string>
 
 #include "gradchain/common.hpp"
+#include "gradchain/parallel.hpp"
 #include "gradchain/vecmath.hpp"
 #include "rng_kernels.hpp"
 
@@ -22,6 +23,10 @@ std::atomic<VectorIsa>& current() {
 
 // Pairs between two looks at the Canceller (a few tens of microseconds of work).
 constexpr std::uint64_t kPollPairs = 8192;
+// From this many pairs (a millisecond or so) one draw is split over the core's threads when
+// nothing else runs in parallel: the layers of a chain are already spread over the threads,
+// but a single wide layer is not.
+constexpr std::uint64_t kSplitPairs = std::uint64_t{1} << 17;
 
 using Pairs = void (*)(const rng_kernels::Stream&, std::uint64_t, std::size_t, double*);
 
@@ -88,9 +93,25 @@ void fill_pairs(Pairs pairs, const Philox& rng, std::uint64_t stream, double* ou
                 Canceller* cancel) {
   const rng_kernels::Stream st{rng.key0(), rng.key1(), stream};
   const std::uint64_t whole = n / 2;
-  for (std::uint64_t p = 0; p < whole; p += kPollPairs) {
-    if (cancel) cancel->poll();
+  auto chunk = [&](std::uint64_t p) {
     pairs(st, p, static_cast<std::size_t>(std::min(kPollPairs, whole - p)), out + 2 * p);
+  };
+  int threads = elementwise_threads > 0 ? elementwise_threads : max_threads();
+#ifdef _OPENMP
+  if (omp_in_parallel()) threads = 1;
+#endif
+  if (threads > 1 && whole >= kSplitPairs && whole / kPollPairs < (1u << 30)) {
+    // Every number depends on its counter alone, so any split gives the same bits.
+    struct Scratch {};
+    const auto chunks = static_cast<int>((whole + kPollPairs - 1) / kPollPairs);
+    parallel_indices<Scratch>(0, chunks, threads, cancel, [&](int c, Scratch&) {
+      chunk(static_cast<std::uint64_t>(c) * kPollPairs);
+    });
+  } else {
+    for (std::uint64_t p = 0; p < whole; p += kPollPairs) {
+      if (cancel) cancel->poll();
+      chunk(p);
+    }
   }
   if (n % 2) {
     double last[2];
