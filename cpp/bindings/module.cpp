@@ -25,10 +25,10 @@ VectorIsa parse_rng_isa(const std::string& name) {
 }
 
 // n numbers of one stream through fill(Philox(seed), stream, ...).
-template <void (*fill)(const Philox&, std::uint64_t, double*, std::uint64_t, Canceller*)>
+template <void (*fill)(const Philox&, std::uint64_t, double*, std::uint64_t, Canceller*, double)>
 py::array_t<double> draw(std::uint64_t seed, std::uint64_t stream, std::uint64_t n) {
   py::array_t<double> out(static_cast<py::ssize_t>(n));
-  fill(Philox(seed), stream, out.mutable_data(), n, nullptr);
+  fill(Philox(seed), stream, out.mutable_data(), n, nullptr, 1.0);
   return out;
 }
 

@@ -103,8 +103,7 @@ void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const
     case InitKind::he_uniform: {
       // U(-a, a) has std a / sqrt(3).
       const double a = std::sqrt(3.0) * spec.weight_std(fan_out, fan_in);
-      fill_uniform_pm1(rng, stream, w, n, cancel);
-      for (std::uint64_t i = 0; i < n; ++i) w[i] *= a;
+      fill_uniform_pm1(rng, stream, w, n, cancel, a);
       return;
     }
     case InitKind::orthogonal: {
@@ -148,9 +147,7 @@ void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const
       return;
     }
     default: {
-      const double s = spec.weight_std(fan_out, fan_in);
-      fill_normal(rng, stream, w, n, cancel);
-      for (std::uint64_t i = 0; i < n; ++i) w[i] *= s;
+      fill_normal(rng, stream, w, n, cancel, spec.weight_std(fan_out, fan_in));
       return;
     }
   }
@@ -162,8 +159,7 @@ void init_bias(double* b, int n, const InitSpec& spec, const Philox& rng, std::u
     std::fill(b, b + m, 0.0);
     return;
   }
-  fill_normal(rng, bias_stream(layer), b, m);
-  for (std::uint64_t i = 0; i < m; ++i) b[i] *= spec.bias_std;
+  fill_normal(rng, bias_stream(layer), b, m, nullptr, spec.bias_std);
 }
 
 }  // namespace gradchain

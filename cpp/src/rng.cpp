@@ -28,11 +28,11 @@ constexpr std::uint64_t kPollPairs = 8192;
 // but a single wide layer is not.
 constexpr std::uint64_t kSplitPairs = std::uint64_t{1} << 17;
 
-using Pairs = void (*)(const rng_kernels::Stream&, std::uint64_t, std::size_t, double*);
+using Pairs = void (*)(const rng_kernels::Stream&, std::uint64_t, std::size_t, double, double*);
 
 // The portable Box-Muller: the definition the kernels reproduce bit for bit.
 void normal_pairs_portable(const rng_kernels::Stream& st, std::uint64_t first, std::size_t n,
-                           double* out) {
+                           double scale, double* out) {
   const Philox rng((std::uint64_t{st.k1} << 32) | st.k0);
   constexpr std::size_t kPairs = 256;
   double r[kPairs], t[kPairs], c[kPairs], s[kPairs];
@@ -49,20 +49,20 @@ void normal_pairs_portable(const rng_kernels::Stream& st, std::uint64_t first, s
     vm::sin(t, s, m);
     for (std::size_t j = 0; j < m; ++j) {
       const double rad = std::sqrt(-2.0 * r[j]);
-      out[2 * (p + j)] = rad * c[j];
-      out[2 * (p + j) + 1] = rad * s[j];
+      out[2 * (p + j)] = rad * c[j] * scale;
+      out[2 * (p + j) + 1] = rad * s[j] * scale;
     }
   }
 }
 
 void uniform_pm1_pairs_portable(const rng_kernels::Stream& st, std::uint64_t first, std::size_t n,
-                                double* out) {
+                                double scale, double* out) {
   const Philox rng((std::uint64_t{st.k1} << 32) | st.k0);
   for (std::size_t j = 0; j < n; ++j) {
     double u[2];
     rng.uniform2(st.stream, first + j, u);
-    out[2 * j] = 2.0 * u[0] - 1.0;
-    out[2 * j + 1] = 2.0 * u[1] - 1.0;
+    out[2 * j] = (2.0 * u[0] - 1.0) * scale;
+    out[2 * j + 1] = (2.0 * u[1] - 1.0) * scale;
   }
 }
 
@@ -90,11 +90,11 @@ Pairs uniform_pm1_pairs(VectorIsa isa) {
 // out[0..n) from pairs 0, 1, ...: whole pairs in place, the odd last number through a
 // buffer (its pair's second number is dropped).
 void fill_pairs(Pairs pairs, const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                Canceller* cancel) {
+                Canceller* cancel, double scale) {
   const rng_kernels::Stream st{rng.key0(), rng.key1(), stream};
   const std::uint64_t whole = n / 2;
   auto chunk = [&](std::uint64_t p) {
-    pairs(st, p, static_cast<std::size_t>(std::min(kPollPairs, whole - p)), out + 2 * p);
+    pairs(st, p, static_cast<std::size_t>(std::min(kPollPairs, whole - p)), scale, out + 2 * p);
   };
   int threads = elementwise_threads > 0 ? elementwise_threads : max_threads();
 #ifdef _OPENMP
@@ -115,7 +115,7 @@ void fill_pairs(Pairs pairs, const Philox& rng, std::uint64_t stream, double* ou
   }
   if (n % 2) {
     double last[2];
-    pairs(st, whole, 1, last);
+    pairs(st, whole, 1, scale, last);
     out[n - 1] = last[0];
   }
 }
@@ -152,13 +152,13 @@ void philox_blocks(const Philox& rng, std::uint64_t stream, std::uint64_t first,
 }
 
 void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                 Canceller* cancel) {
-  fill_pairs(normal_pairs(rng_isa()), rng, stream, out, n, cancel);
+                 Canceller* cancel, double scale) {
+  fill_pairs(normal_pairs(rng_isa()), rng, stream, out, n, cancel, scale);
 }
 
 void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                      Canceller* cancel) {
-  fill_pairs(uniform_pm1_pairs(rng_isa()), rng, stream, out, n, cancel);
+                      Canceller* cancel, double scale) {
+  fill_pairs(uniform_pm1_pairs(rng_isa()), rng, stream, out, n, cancel, scale);
 }
 
 }  // namespace gradchain

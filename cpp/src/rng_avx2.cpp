@@ -38,12 +38,13 @@ struct Y {
 void blocks(const Stream& s, std::uint64_t first, std::size_t n, std::uint32_t* out) {
   rng_kernels::blocks<Y>(s, first, n, out);
 }
-void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out) {
-  rng_kernels::uniform_pm1_pairs<Y>(s, first, n, out);
+void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale,
+                       double* out) {
+  rng_kernels::uniform_pm1_pairs<Y>(s, first, n, scale, out);
 }
 #ifdef GRADCHAIN_HAVE_LIBMVEC
-void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out) {
-  rng_kernels::normal_pairs<Y>(s, first, n, out);
+void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale, double* out) {
+  rng_kernels::normal_pairs<Y>(s, first, n, scale, out);
 }
 #endif
 

@@ -4,6 +4,11 @@
 #if defined(__AVX512F__) && defined(__FMA__)
 #include "rng_simd.hpp"
 
+// GCC 12 flags the deliberately undefined upper lanes inside its own shift intrinsics.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace gradchain::rng_kernels::avx512 {
 namespace {
 
@@ -39,12 +44,13 @@ struct Z {
 void blocks(const Stream& s, std::uint64_t first, std::size_t n, std::uint32_t* out) {
   rng_kernels::blocks<Z>(s, first, n, out);
 }
-void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out) {
-  rng_kernels::uniform_pm1_pairs<Z>(s, first, n, out);
+void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale,
+                       double* out) {
+  rng_kernels::uniform_pm1_pairs<Z>(s, first, n, scale, out);
 }
 #ifdef GRADCHAIN_HAVE_LIBMVEC
-void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out) {
-  rng_kernels::normal_pairs<Z>(s, first, n, out);
+void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale, double* out) {
+  rng_kernels::normal_pairs<Z>(s, first, n, scale, out);
 }
 #endif
 

@@ -14,11 +14,13 @@ struct Stream {
 };
 
 // blocks: as philox_blocks. normal_pairs / uniform_pm1_pairs: out[2 i], out[2 i + 1] are the
-// two numbers of block first + i, for i < n (normal_pairs only with libmvec).
-#define GC_RNG_KERNELS                                                                  \
-  void blocks(const Stream& s, std::uint64_t first, std::size_t n, std::uint32_t* out); \
-  void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out);  \
-  void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out);
+// two numbers of block first + i times `scale`, for i < n (normal_pairs only with libmvec).
+#define GC_RNG_KERNELS                                                                      \
+  void blocks(const Stream& s, std::uint64_t first, std::size_t n, std::uint32_t* out);     \
+  void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale,      \
+                    double* out);                                                           \
+  void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale, \
+                         double* out);
 namespace avx2 {
 GC_RNG_KERNELS
 }

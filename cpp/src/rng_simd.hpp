@@ -114,16 +114,17 @@ void blocks(const Stream& s, std::uint64_t first, std::size_t n, std::uint32_t* 
 }
 
 template <class A>
-void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out) {
+void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale,
+                       double* out) {
   Rounds<A> g;
   alignas(64) double a[g.G], b[g.G];
-  const typename A::D two = A::set1d(2.0), one = A::set1d(1.0);
+  const typename A::D two = A::set1d(2.0), one = A::set1d(1.0), c = A::set1d(scale);
   for (std::size_t j = 0; j < n; j += g.G) {
     g.run(s, first + j);
     for (int u = 0; u < A::U; ++u) {
       // 2 u - 1 is exact, so a fused multiply-add would round it the same.
-      A::stored(a + u * A::W, A::sub(A::muld(two, unit<A>(g.w[0][u], g.w[1][u])), one));
-      A::stored(b + u * A::W, A::sub(A::muld(two, unit<A>(g.w[2][u], g.w[3][u])), one));
+      A::stored(a + u * A::W, A::muld(A::sub(A::muld(two, unit<A>(g.w[0][u], g.w[1][u])), one), c));
+      A::stored(b + u * A::W, A::muld(A::sub(A::muld(two, unit<A>(g.w[2][u], g.w[3][u])), one), c));
     }
     const std::size_t m = std::min(g.G, n - j);
     for (std::size_t k = 0; k < m; k += 4)
@@ -135,12 +136,12 @@ void uniform_pm1_pairs(const Stream& s, std::uint64_t first, std::size_t n, doub
 // Box-Muller as the scalar path computes it: sqrt(-2 log(1 - u0)) times cos and sin of
 // 2 pi u1, a block of pairs at a time so that the uniforms stay in L1 between the steps.
 template <class A>
-void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* out) {
+void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double scale, double* out) {
   constexpr std::size_t kPairs = 256;  // a multiple of every G
   Rounds<A> g;
   alignas(64) double r[kPairs], t[kPairs];
   const typename A::D one = A::set1d(1.0), two_pi = A::set1d(6.283185307179586476925);
-  const __m256d minus_two = _mm256_set1_pd(-2.0);
+  const __m256d minus_two = _mm256_set1_pd(-2.0), c = _mm256_set1_pd(scale);
   for (std::size_t p = 0; p < n; p += kPairs) {
     const std::size_t m = std::min(kPairs, n - p);
     for (std::size_t j = 0; j < m; j += g.G) {
@@ -156,8 +157,8 @@ void normal_pairs(const Stream& s, std::uint64_t first, std::size_t n, double* o
       const __m256d rad =
           _mm256_sqrt_pd(_mm256_mul_pd(minus_two, _ZGVdN4v_log(_mm256_load_pd(r + k))));
       const __m256d tk = _mm256_load_pd(t + k);
-      interleave(_mm256_mul_pd(rad, _ZGVdN4v_cos(tk)), _mm256_mul_pd(rad, _ZGVdN4v_sin(tk)),
-                 out + 2 * (p + k), m - k);
+      interleave(_mm256_mul_pd(_mm256_mul_pd(rad, _ZGVdN4v_cos(tk)), c),
+                 _mm256_mul_pd(_mm256_mul_pd(rad, _ZGVdN4v_sin(tk)), c), out + 2 * (p + k), m - k);
     }
   }
 }

@@ -61,12 +61,13 @@ VectorIsa set_rng_isa(VectorIsa isa);
 void philox_blocks(const Philox& rng, std::uint64_t stream, std::uint64_t first, std::uint64_t n,
                    std::uint32_t* out);
 
-// Fills out[0..n) with standard normals (or uniforms on [-1, 1)) of one stream, polling
-// `cancel` (if given) every few thousand numbers. Element i comes from block i / 2 (Box-Muller
-// on its two 53-bit uniforms), so that any element can be drawn on its own.
+// Fills out[0..n) with standard normals (or uniforms on [-1, 1)) of one stream, each times
+// `scale` (one rounding after the number's own), polling `cancel` (if given) every few
+// thousand numbers. Element i comes from block i / 2 (Box-Muller on its two 53-bit
+// uniforms), so that any element can be drawn on its own.
 void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                 Canceller* cancel = nullptr);
+                 Canceller* cancel = nullptr, double scale = 1.0);
 void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                      Canceller* cancel = nullptr);
+                      Canceller* cancel = nullptr, double scale = 1.0);
 
 }  // namespace gradchain
