@@ -333,6 +333,10 @@ def test_sweep_linspace_and_list_dims_and_typed_fixed_values(capsys):
     assert status == 0 and out.startswith(repr(grid).split(", elapsed")[0][:40])
     head = out.splitlines()[1].split()
     assert head == ["sigma_w", "bias_std", *grid.values]
+    independent = gc.sweep(gc.MLP, dims={"sigma_w": [0.5, 1.5, 2.5], "bias_std": [0, 0.5]},
+                           fixed={"depth": 6, "width": 8, "init": "normal", "residual": False,
+                                  "norm": None}, seeds=2, batch=4, seed=3, draws="independent")  # fmt: skip
+    _same_grid(run_json(capsys, *argv, "--draws", "independent"), independent)
     body = np.array([[float(x) for x in line.split()] for line in out.splitlines()[2:]])
     assert body.shape == (6, 6)
     np.testing.assert_allclose(body[:, :2], [[a, b] for a in (0.5, 1.5, 2.5) for b in (0, 0.5)])

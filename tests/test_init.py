@@ -203,3 +203,33 @@ def test_orthogonal_rectangular_haar_entries(gc, shape):
     var_q2 = 2 * (m - 1) / (m * m * (m + 2))
     sq = (ws**2).mean(axis=0)
     assert np.max(np.abs(sq - 1 / m)) <= (Z + 1.5) * math.sqrt(var_q2 / (d / 2))
+
+
+def test_redrawn_chain_equals_a_fresh_one(gc):
+    """A chain redrawn in place (as gc.sweep does from point to point) holds the weights
+    of a fresh chain bit for bit: when only the scale changes it rescales the unit draws
+    it keeps; a new seed or another family of initializer draws anew."""
+    rng = np.random.default_rng(7)
+    widths = [5, 7, 3, 4]
+    for dtype in ("float64", "float32"):
+        net = gc.MLP(depth=3, width=widths, init="normal", dtype=dtype, seed=3)
+        # Same family and seed in a row (rescaled), then random changes.
+        steps = [("normal", 1.0, 1.5, 0.3, 3), ("he_normal", 2.0, 1.0, 0.0, 3)]
+        steps += [("lecun_normal", 0.5, 1.0, 0.7, 3), ("orthogonal", 1.0, 1.0, 0.1, 3)]
+        steps += [("orthogonal", 2.5, 1.0, 0.4, 3), ("xavier_uniform", 1.0, 1.0, 0.0, 4)]
+        steps += [("he_uniform", 0.3, 1.0, 0.2, 4), ("normal", 1.0, 0.8, 0.5, 4)]
+        for _ in range(12):
+            init = str(rng.choice(gc.INITS))
+            seed = int(rng.choice([3, 4]))
+            gain, sigma_w = float(rng.uniform(0.2, 3)), float(rng.uniform(0.2, 3))
+            bias_std = float(rng.choice([0.0, rng.uniform(0.01, 1)]))
+            steps.append((init, gain, sigma_w, bias_std, seed))
+        for init, gain, sigma_w, bias_std, seed in steps:
+            net._config["init"] = init
+            net._reinit(gain=gain, sigma_w=sigma_w, bias_std=bias_std, seed=seed)
+            fresh = gc.MLP(
+                depth=3, width=widths, init=init, gain=gain, sigma_w=sigma_w,
+                bias_std=bias_std, dtype=dtype, seed=seed,
+            )  # fmt: skip
+            for a, b in zip(net.weights + net.biases, fresh.weights + fresh.biases):
+                np.testing.assert_array_equal(a, b, err_msg=f"{init} {dtype} seed {seed}")

@@ -24,9 +24,10 @@ def small_sweep(**kw):
     return gc.sweep(gc.MLP, **args)
 
 
-def point_inputs(root, point, seed):
+def point_inputs(root, point, seed, draws="common"):
     """The chain seed and generator of a point, as gc.sweep documents them."""
-    ss = np.random.SeedSequence(root, spawn_key=(point, seed))
+    key = (seed,) if draws == "common" else (point, seed)
+    ss = np.random.SeedSequence(root, spawn_key=key)
     return int(ss.generate_state(1, np.uint64)[0]), np.random.default_rng(ss.spawn(1)[0])
 
 
@@ -65,26 +66,42 @@ def test_dims_coords_and_shapes(reference):
     assert "<table>" in g._repr_html_()
 
 
-def test_values_equal_direct_calls(reference):
-    """Three points recomputed with the public API from the documented seeds."""
-    for i, j, s in [(0, 0, 0), (1, 1, 1), (2, 0, 1)]:
-        point = i * 2 + j
-        chain_seed, rng = point_inputs(0, point, s)
+def check_direct_calls(grid, draws):
+    """Every point recomputed with the public API from the documented seeds: the values
+    are bit for bit those of a fresh chain (the sweep's kept chain, redrawn or only
+    rescaled from point to point, holds the same weights)."""
+    for i, j, s in np.ndindex(grid.shape):
+        chain_seed, rng = point_inputs(0, i * 2 + j, s, draws)
         net = gc.MLP(
             **MLP_FIXED, sigma_w=DIMS["sigma_w"][i], bias_std=DIMS["bias_std"][j], seed=chain_seed
         )
         rep = net.backward(rng.standard_normal((4, 16)))
         la = rep.log10_activation_grad_norms
-        assert reference.values["log10_first"][i, j, s] == la[0]
-        assert reference.values["log10_last"][i, j, s] == la[-1]
-        assert_close(reference.values["growth"][i, j, s], slope_from_output(la), rtol=1e-9)
+        assert grid.values["log10_first"][i, j, s] == la[0]
+        assert grid.values["log10_last"][i, j, s] == la[-1]
+        assert_close(grid.values["growth"][i, j, s], slope_from_output(la), rtol=1e-9)
+
+
+def test_values_equal_direct_calls(reference):
+    check_direct_calls(reference, "common")
+
+
+def test_independent_draws_equal_direct_calls(reference):
+    grid = small_sweep(draws="independent")
+    check_direct_calls(grid, "independent")
+    assert not np.array_equal(grid.values["growth"], reference.values["growth"])
+    # The seed label, not its position, picks the draws.
+    relabelled = small_sweep(seeds=[1, 0])
+    np.testing.assert_array_equal(
+        relabelled.values["growth"][..., 0], reference.values["growth"][..., 1]
+    )
 
 
 def test_growth_sign_follows_the_phase(reference):
     """Vanishing (ordered) chains shrink gradients on the way back: growth < 0; the
     mean-field prediction is 0.5 log10(chi_1) per layer."""
     g = reference.mean("growth")
-    assert g[0, 0] < -0.2 and g[2, 0] > 0
+    assert g[0, 0] < -0.15 and g[2, 0] > 0
     th = reference.theory()
     assert th["chi_1"].shape == (3, 2)
     assert_close(th["chi_1"][1, 1], gc.theory.mean_field("tanh", 1.0, 0.4).chi_1, rtol=1e-12)
@@ -330,7 +347,7 @@ def test_theory_of_a_sweep_needs_its_setting():
         gc.sweep(gc.MLP, dims={"sigma_w": [1.0]}, fixed={"depth": 2, "width": 3}).theory()
     with pytest.raises(ValueError, match=r"sigma_w and bias_std only; got also \['width'\]"):
         gc.sweep(gc.MLP, dims={"width": [3]}, fixed={"depth": 2, "init": "normal"}).theory()
-    with pytest.raises(ValueError, match="needs a sweep of gc.MLP"):
+    with pytest.raises(ValueError, match=r"needs a sweep of gc\.MLP"):
         gc.sweep(residual_chain, dims={"scale": [0.5]}).theory()
 
 
@@ -393,3 +410,14 @@ def test_points_release_the_gil():
     fresh = gc.MLP(depth=50, width=512, init="normal", sigma_w=2.0, bias_std=0.1, seed=2)
     for a, b in zip(net.weights + net.biases, fresh.weights + fresh.biases):
         np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_points_leave_the_blas_threads_as_they_were():
+    """OpenBLAS's thread count is one setting per process: the points running at once on
+    the sweep's threads share one guard that sets it to 1 and restores it once the last
+    pass is over (two guards each restoring what it found would leave it at 1)."""
+    before = gc._core.blas_threads()
+    for _ in range(3):
+        gc.sweep(gc.MLP, dims={"sigma_w": np.linspace(0.5, 2, 12)}, workers=2, batch=64,
+                 fixed={"depth": 30, "width": 192, "init": "normal"}, draws="independent")  # fmt: skip
+        assert gc._core.blas_threads() == before

@@ -231,7 +231,7 @@ void bind(py::module_& m, const char* name) {
       .def(
           "init",
           [](C& c, const std::string& init, double gain, double sigma_w, double bias_std,
-             std::uint64_t seed) {
+             std::uint64_t seed, bool keep_units) {
             InitSpec spec;
             spec.kind = InitSpec::parse_kind(init);
             spec.gain = gain;
@@ -240,12 +240,12 @@ void bind(py::module_& m, const char* name) {
             // All arguments are C++ values by now.
             without_gil([&] {
               Canceller cancel = signal_canceller();
-              c.init(spec, seed, &cancel);
+              c.init(spec, seed, &cancel, keep_units);
               return 0;
             });
           },
           py::arg("init"), py::arg("gain"), py::arg("sigma_w"), py::arg("bias_std"),
-          py::arg("seed"))
+          py::arg("seed"), py::arg("keep_units") = false)
       .def_property_readonly("in_width", &C::in_width)
       .def_property_readonly("out_width", &C::out_width)
       .def_property_readonly("num_params", &C::num_params)

@@ -273,7 +273,7 @@ void Chain<T>::compile() {
 }
 
 template <class T>
-void Chain<T>::init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel) {
+void Chain<T>::init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel, bool keep_units) {
   spec.validate();
   // In parameters() order (a residual's body before its shortcut), not in the order the
   // steps run.
@@ -289,7 +289,7 @@ void Chain<T>::init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel)
   parallel_indices<Scratch>(0, static_cast<int>(linears.size()), max_threads(), cancel,
                             [&](int k, Scratch&) {
                               linears[static_cast<std::size_t>(k)]->init(
-                                  spec, rng, static_cast<std::uint64_t>(k), cancel);
+                                  spec, rng, static_cast<std::uint64_t>(k), cancel, keep_units);
                             });
 }
 

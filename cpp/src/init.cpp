@@ -94,63 +94,102 @@ double InitSpec::weight_std(int fan_out, int fan_in) const {
   return 0.0;
 }
 
+UnitFamily unit_family(InitKind kind) {
+  switch (kind) {
+    case InitKind::xavier_uniform:
+    case InitKind::he_uniform:
+      return UnitFamily::uniform;
+    case InitKind::orthogonal:
+      return UnitFamily::orthogonal;
+    default:
+      return UnitFamily::normal;
+  }
+}
+
+double weight_scale(int fan_out, int fan_in, const InitSpec& spec) {
+  switch (unit_family(spec.kind)) {
+    case UnitFamily::uniform:
+      // U(-a, a) has std a / sqrt(3).
+      return std::sqrt(3.0) * spec.weight_std(fan_out, fan_in);
+    case UnitFamily::orthogonal:
+      return spec.gain;
+    case UnitFamily::normal:
+      break;
+  }
+  return spec.weight_std(fan_out, fan_in);
+}
+
+void init_weight_unit(double* w, int fan_out, int fan_in, UnitFamily family, const Philox& rng,
+                      std::uint64_t layer, Canceller* cancel) {
+  const std::uint64_t n = static_cast<std::uint64_t>(fan_out) * static_cast<std::uint64_t>(fan_in);
+  const std::uint64_t stream = weight_stream(layer);
+  switch (family) {
+    case UnitFamily::uniform:
+      fill_uniform_pm1(rng, stream, w, n, cancel);
+      return;
+    case UnitFamily::normal:
+      fill_normal(rng, stream, w, n, cancel);
+      return;
+    case UnitFamily::orthogonal:
+      break;
+  }
+  // Haar measure: QR of a Gaussian matrix with the signs of diag(R) folded into Q
+  // (Mezzadri 2007), taken on the tall orientation as torch.nn.init.orthogonal_ does.
+  const int m = std::max(fan_out, fan_in), k = std::min(fan_out, fan_in);
+  const auto K = static_cast<std::size_t>(k), FI = static_cast<std::size_t>(fan_in);
+  const auto M = static_cast<std::size_t>(m);
+  std::vector<double> a(n), tau(K), sign(K);
+  fill_normal(rng, stream, a.data(), n, cancel);
+  // q(i, j): entry (i, j) of the tall factor Q (m x k); W = Q diag(sign), transposed when wide.
+  auto store = [&](auto q) {
+    for (std::size_t i = 0; i < M; ++i)
+      for (std::size_t j = 0; j < K; ++j) {
+        const double x = q(i, j) * sign[j];
+        if (fan_out >= fan_in)
+          w[i * FI + j] = x;
+        else
+          w[j * FI + i] = x;
+      }
+  };
+  if (k >= kSplitColumns) {
+    std::vector<double> c(n);  // column-major
+    for (std::size_t i = 0; i < M; ++i)
+      for (std::size_t j = 0; j < K; ++j) c[j * M + i] = a[i * K + j];
+    std::vector<double>().swap(a);
+    qr_in_panels(m, k, c.data(), tau.data(), sign.data(), cancel);
+    store([&](std::size_t i, std::size_t j) { return c[j * M + i]; });
+    return;
+  }
+  if (blas::geqrf(m, k, a.data(), k, tau.data()) != 0)
+    throw std::runtime_error("LAPACK geqrf failed in the orthogonal initializer");
+  for (std::size_t j = 0; j < K; ++j) sign[j] = a[j * K + j] < 0.0 ? -1.0 : 1.0;
+  if (blas::orgqr(m, k, k, a.data(), k, tau.data()) != 0)
+    throw std::runtime_error("LAPACK orgqr failed in the orthogonal initializer");
+  store([&](std::size_t i, std::size_t j) { return a[i * K + j]; });
+}
+
+void scale_draws(const double* unit, double scale, double* out, std::uint64_t n) {
+  // unit * scale: the orthogonal weight gain * q * sign is the same double, as sign = +-1.
+  for (std::uint64_t i = 0; i < n; ++i) out[i] = unit[i] * scale;
+}
+
 void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const Philox& rng,
                  std::uint64_t layer, Canceller* cancel) {
   const std::uint64_t n = static_cast<std::uint64_t>(fan_out) * static_cast<std::uint64_t>(fan_in);
-  const std::uint64_t stream = weight_stream(layer);
-  switch (spec.kind) {
-    case InitKind::xavier_uniform:
-    case InitKind::he_uniform: {
-      // U(-a, a) has std a / sqrt(3).
-      const double a = std::sqrt(3.0) * spec.weight_std(fan_out, fan_in);
-      fill_uniform_pm1(rng, stream, w, n, cancel, a);
-      return;
-    }
-    case InitKind::orthogonal: {
-      // Haar measure: QR of a Gaussian matrix with the signs of diag(R) folded into Q
-      // (Mezzadri 2007), taken on the tall orientation as torch.nn.init.orthogonal_ does.
-      const int m = std::max(fan_out, fan_in), k = std::min(fan_out, fan_in);
-      const auto K = static_cast<std::size_t>(k), FI = static_cast<std::size_t>(fan_in);
-      std::vector<double> a(n), tau(K), sign(K);
-      fill_normal(rng, stream, a.data(), n, cancel);
-      if (k >= kSplitColumns) {
-        std::vector<double> c(n);  // column-major
-        const auto M = static_cast<std::size_t>(m);
-        for (std::size_t i = 0; i < M; ++i)
-          for (std::size_t j = 0; j < K; ++j) c[j * M + i] = a[i * K + j];
-        std::vector<double>().swap(a);
-        qr_in_panels(m, k, c.data(), tau.data(), sign.data(), cancel);
-        for (std::size_t i = 0; i < M; ++i)
-          for (std::size_t j = 0; j < K; ++j) {
-            const double q = spec.gain * c[j * M + i] * sign[j];
-            if (fan_out >= fan_in)
-              w[i * FI + j] = q;
-            else
-              w[j * FI + i] = q;
-          }
-        return;
-      }
-      if (blas::geqrf(m, k, a.data(), k, tau.data()) != 0)
-        throw std::runtime_error("LAPACK geqrf failed in the orthogonal initializer");
-      for (std::size_t j = 0; j < K; ++j) sign[j] = a[j * K + j] < 0.0 ? -1.0 : 1.0;
-      if (blas::orgqr(m, k, k, a.data(), k, tau.data()) != 0)
-        throw std::runtime_error("LAPACK orgqr failed in the orthogonal initializer");
-      // a holds Q (m x k, orthonormal columns); W = Q diag(sign), transposed when wide.
-      for (std::size_t i = 0; i < static_cast<std::size_t>(m); ++i)
-        for (std::size_t j = 0; j < K; ++j) {
-          const double q = spec.gain * a[i * K + j] * sign[j];
-          if (fan_out >= fan_in)
-            w[i * FI + j] = q;
-          else
-            w[j * FI + i] = q;
-        }
-      return;
-    }
-    default: {
-      fill_normal(rng, stream, w, n, cancel, spec.weight_std(fan_out, fan_in));
-      return;
-    }
-  }
+  const UnitFamily family = unit_family(spec.kind);
+  const double scale = weight_scale(fan_out, fan_in, spec);
+  // The generator applies the scale as it writes (the same rounding of unit * scale), which
+  // saves a pass over a weight that no longer fits in cache.
+  if (family == UnitFamily::normal)
+    return fill_normal(rng, weight_stream(layer), w, n, cancel, scale);
+  if (family == UnitFamily::uniform)
+    return fill_uniform_pm1(rng, weight_stream(layer), w, n, cancel, scale);
+  init_weight_unit(w, fan_out, fan_in, family, rng, layer, cancel);
+  scale_draws(w, scale, w, n);
+}
+
+void init_bias_unit(double* b, int n, const Philox& rng, std::uint64_t layer) {
+  fill_normal(rng, bias_stream(layer), b, static_cast<std::uint64_t>(n));
 }
 
 void init_bias(double* b, int n, const InitSpec& spec, const Philox& rng, std::uint64_t layer) {

@@ -1,9 +1,9 @@
 #include "gradchain/linear.hpp"
 
 #include <algorithm>
-#include <type_traits>
 #include <cstddef>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "gradchain/blas.hpp"
@@ -46,7 +46,7 @@ std::vector<ParamInfo> Linear<T>::params() const {
 
 template <class T>
 void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stream,
-                     Canceller* cancel) {
+                     Canceller* cancel, bool keep_units) {
   if (!store_) {
     spec_ = spec;
     rng_ = rng;
@@ -54,24 +54,42 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
     has_spec_ = true;
     return;
   }
+  const UnitFamily family = unit_family(spec.kind);
+  const bool reuse = keep_units && units_ && units_->family == family && units_->rng == rng &&
+                     units_->stream == stream;
+  if (keep_units && !reuse) {
+    units_.reset();  // before drawing the new ones
+    auto u = std::make_shared<Units>(Units{family, rng, stream, std::vector<double>(w_.size()),
+                                           std::vector<double>(has_bias_ ? b_.size() : 0)});
+    init_weight_unit(u->w.data(), this->out_, this->in_, family, rng, stream, cancel);
+    if (has_bias_) init_bias_unit(u->b.data(), this->out_, rng, stream);
+    units_ = std::move(u);
+  } else if (!keep_units) {
+    units_.reset();
+  }
+  const std::size_t n = w_.size(), nb = static_cast<std::size_t>(this->out_);
+  std::vector<double> scratch;
+  double* w;
   if constexpr (std::is_same_v<T, double>) {
-    // Straight into place: a wide layer's copy would cost as much as drawing it. Interrupted,
-    // the layer keeps the numbers drawn so far, with its derived state matching them.
-    try {
-      init_weight(w_.data(), this->out_, this->in_, spec, rng, stream, cancel);
-    } catch (...) {
-      params_changed();
-      throw;
-    }
-    if (has_bias_) init_bias(b_.data(), this->out_, spec, rng, stream);
+    w = w_.data();
   } else {
-    std::vector<double> w(w_.size()), b(static_cast<std::size_t>(this->out_));
-    init_weight(w.data(), this->out_, this->in_, spec, rng, stream, cancel);
-    std::transform(w.begin(), w.end(), w_.begin(), [](double v) { return static_cast<T>(v); });
-    if (has_bias_) {
-      init_bias(b.data(), this->out_, spec, rng, stream);
-      std::transform(b.begin(), b.end(), b_.begin(), [](double v) { return static_cast<T>(v); });
-    }
+    scratch.resize(std::max(n, nb));
+    w = scratch.data();
+  }
+  if (units_)
+    scale_draws(units_->w.data(), weight_scale(this->out_, this->in_, spec), w, n);
+  else
+    init_weight(w, this->out_, this->in_, spec, rng, stream, cancel);
+  if constexpr (!std::is_same_v<T, double>)
+    std::transform(w, w + n, w_.begin(), [](double v) { return static_cast<T>(v); });
+  if (has_bias_) {
+    if constexpr (std::is_same_v<T, double>) w = b_.data();
+    if (units_ && spec.bias_std != 0.0)
+      scale_draws(units_->b.data(), spec.bias_std, w, nb);
+    else
+      init_bias(w, this->out_, spec, rng, stream);
+    if constexpr (!std::is_same_v<T, double>)
+      std::transform(w, w + nb, b_.begin(), [](double v) { return static_cast<T>(v); });
   }
   params_changed();
 }

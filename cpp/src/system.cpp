@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -327,6 +328,32 @@ int set_blas_threads(int n) {
   const int old = blas::get_num_threads();
   if (n != old) blas::set_num_threads(n);
   return old;
+}
+
+namespace {
+std::mutex g_blas_mutex;
+int g_blas_runs = 0;    // runs inside a BlasThreads guard
+int g_blas_before = 0;  // the count the first of them found
+int g_blas_count = 0;   // the count they run with
+// A fork never lands inside the critical section: the child's copy of the mutex is free.
+[[maybe_unused]] const int kBlasForkHandler = pthread_atfork(
+    [] { g_blas_mutex.lock(); }, [] { g_blas_mutex.unlock(); }, [] { g_blas_mutex.unlock(); });
+}  // namespace
+
+BlasThreads::BlasThreads(int n) {
+  const std::lock_guard<std::mutex> lock(g_blas_mutex);
+  if (g_blas_runs == 0) {
+    g_blas_before = set_blas_threads(n);
+    g_blas_count = n;
+  } else if (n != g_blas_count) {
+    throw std::logic_error("gradchain: concurrent runs asked for different BLAS thread counts");
+  }
+  ++g_blas_runs;
+}
+
+BlasThreads::~BlasThreads() {
+  const std::lock_guard<std::mutex> lock(g_blas_mutex);
+  if (--g_blas_runs == 0) set_blas_threads(g_blas_before);
 }
 
 int blas_threads() {

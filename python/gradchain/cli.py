@@ -507,6 +507,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="an argument held fixed (int, float, true/false, none or text); repeat")  # fmt: skip
     s.add_argument("--measure", choices=MEASURES, default="growth", help="what each point measures")
     s.add_argument("--seeds", type=_count("seeds"), default=1, help="seeds per point")
+    s.add_argument("--draws", choices=("common", "independent"), default="common", help=(
+        "common: the points of one seed share their random draws; independent: every "
+        "point draws its own"))  # fmt: skip
     s.add_argument("--batch", type=_count("batch"), default=None, help=(
         "examples per point (default: 32; 1 for --measure spectrum)"))  # fmt: skip
     s.add_argument("--executor", choices=EXECUTORS, default="threads", help=(
@@ -888,7 +891,7 @@ def _sweep(args: argparse.Namespace) -> int:
     executor, workers = _executor(args)
     try:
         grid = sweep(target, dims=dims, fixed=fixed, measure=args.measure, seeds=args.seeds,
-                        executor=executor, batch=args.batch, seed=args.seed,
+                        draws=args.draws, executor=executor, batch=args.batch, seed=args.seed,
                         progress=args.progress, on_error=args.on_error, measure_kwargs=mkw,
                         **workers)  # fmt: skip
     except RuntimeError as exc:

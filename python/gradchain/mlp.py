@@ -293,7 +293,9 @@ class MLP:
         else:
             v.representable("gain", c["gain"], dt, reach, "the weights")
         v.representable("bias_std", c["bias_std"], dt, v.NORMAL_DRAW_MAX, "the biases")
-        self._net._core.init(c["init"], c["gain"], c["sigma_w"], c["bias_std"], c["seed"])
+        self._net._core.init(
+            c["init"], c["gain"], c["sigma_w"], c["bias_std"], c["seed"], keep_units=True
+        )
         self._config = c
         self._net._config = {k: c[k] for k in ("init", "gain", "sigma_w", "bias_std", "seed")}
         self._zero_bias = c["bias_std"] == 0.0

@@ -62,6 +62,7 @@ _MEASURE_ARGS: dict[str, tuple[str, ...]] = {
 }
 _DEFAULT_BATCH = {"growth": 32, "backward": 32, "spectrum": 1, "train": 32}
 _ON_ERROR = ("record", "raise")
+_DRAWS = ("common", "independent")
 # The arguments of gc.MLP that only change the drawn values: a worker redraws them into
 # the chain it already holds.
 _REDRAWN = ("gain", "sigma_w", "bias_std", "seed")
@@ -276,7 +277,9 @@ class _Plan:
     fixed_measure: dict[str, Any]
     takes_seed: bool
     root_seed: int
-    reuse: bool
+    common: bool  # draws="common": the seed label alone picks the draws
+    reuse: bool  # keep one chain per thread between points, redrawn or rescaled
+    release: bool  # drop it at the end of each task (an executor's workers outlive a sweep)
     token: str
 
 
@@ -297,7 +300,8 @@ _held: dict[int, tuple[tuple[str, str], MLP]] = {}
 
 def _cached_chain(plan: _Plan, build: dict[str, Any]) -> Any:
     """An MLP of this point's shape with this point's parameters: the thread's previous
-    chain redrawn when its shape matches, else a new one (which the thread then keeps)."""
+    chain redrawn when its shape matches (only rescaled when the seed is the same too),
+    else a new one (which the thread then keeps)."""
     shape = {k: x for k, x in build.items() if k not in _REDRAWN}
     key = (plan.token, repr(sorted(shape.items())))
     me = threading.get_ident()
@@ -319,9 +323,10 @@ def _release() -> None:
 
 
 def _point_seeds(plan: _Plan, task: _Task) -> tuple[int, np.random.Generator]:
-    """(the chain's seed, the generator of its inputs): the point's SeedSequence is the
-    root's child `point`, the seed's its child `seed_label`."""
-    ss = np.random.SeedSequence(plan.root_seed, spawn_key=(task.point, task.seed_label))
+    """(the chain's seed, the generator of its inputs), from the root's child
+    ``spawn_key=(seed_label,)`` with common draws, else ``(point, seed_label)``."""
+    key = (task.seed_label,) if plan.common else (task.point, task.seed_label)
+    ss = np.random.SeedSequence(plan.root_seed, spawn_key=key)
     chain_seed = int(ss.generate_state(1, np.uint64)[0])
     return chain_seed, np.random.default_rng(ss.spawn(1)[0])
 
@@ -355,7 +360,11 @@ def _evaluate(plan: _Plan, task: _Task) -> tuple[int, dict[str, float] | None, s
 
 def _evaluate_many(plan: _Plan, tasks: Sequence[_Task]) -> list[tuple[int, Any, Any]]:
     """A chunk of points in one task (fewer round trips through an executor)."""
-    return [_evaluate(plan, t) for t in tasks]
+    try:
+        return [_evaluate(plan, t) for t in tasks]
+    finally:
+        if plan.release:
+            _held.pop(threading.get_ident(), None)
 
 
 def _as_values(out: Any) -> dict[str, float]:
@@ -436,10 +445,13 @@ def _local_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _point_bytes(target: Any, build: dict[str, Any], kw: dict[str, Any]) -> float:
-    """Memory one point of an MLP or RNN sweep takes: its parameters and its pass (the
-    boundaries it keeps, a few times over for the backward pass and the scratch); 0 where
-    it is not known in advance (the core still checks as it allocates)."""
+def _point_bytes(
+    target: Any, build: dict[str, Any], kw: dict[str, Any], units: bool = False
+) -> float:
+    """Memory one point of an MLP or RNN sweep takes: its parameters (and the unit draws
+    a reused MLP keeps, in double) and its pass (the boundaries it keeps, a few times over
+    for the backward pass and the scratch); 0 where it is not known in advance (the core
+    still checks as it allocates)."""
     try:
         dt = np.dtype(build.get("dtype", "float64")).itemsize
         batch = int(kw.get("batch", 32))
@@ -449,7 +461,7 @@ def _point_bytes(target: Any, build: dict[str, Any], kw: dict[str, Any]) -> floa
                 [int(width)] * (int(depth) + 1) if depth is not None else [int(w) for w in width]
             )
             params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-            return float(dt * (params + 3 * batch * sum(widths)))
+            return float(dt * (params + 3 * batch * sum(widths)) + (8 * params if units else 0))
         if target is RNN:
             gates = {"tanh": 1, "relu": 1, "lstm": 4, "gru": 3}[build.get("cell", "tanh")]
             h, i = int(build.get("hidden_size", 64)), int(build.get("input_size", 1))
@@ -805,6 +817,7 @@ def sweep(
     executor: Any = None,
     batch: int | None = None,
     seed: int = 0,
+    draws: str = "common",
     progress: bool = False,
     on_error: str = "record",
     measure_kwargs: Mapping[str, Any] | None = None,
@@ -852,9 +865,17 @@ def sweep(
     batch : int, optional
         Examples per pass (default 32; 1 for ``"spectrum"``).
     seed : int
-        The root of every point's seeds: point ``p``, seed ``s`` uses the child
-        ``SeedSequence(seed, spawn_key=(p, s))`` of ``numpy.random.SeedSequence(seed)``,
-        which gives the chain's seed and the point's generator (its inputs).
+        The root of every point's seeds: seed label ``s`` uses the child
+        ``SeedSequence(seed, spawn_key=(s,))`` of ``numpy.random.SeedSequence(seed)``
+        (``spawn_key=(p, s)`` at point ``p`` with ``draws="independent"``), which gives
+        the chain's seed and the point's generator (its inputs).
+    draws : {"common", "independent"}
+        ``"common"``: the points of one seed label share their random draws (common
+        random numbers, as a loop passing ``seed=s`` to every chain would): two points
+        differ by their arguments only, which keeps a phase diagram's boundary sharp, and
+        an MLP redrawn with another ``sigma_w``, ``gain`` or ``bias_std`` from the same
+        seed only rescales the draws it keeps (the same weights, bit for bit).
+        ``"independent"``: every point draws its own.
     progress : bool
         Show a tqdm progress bar (``pip install gradchain[progress]``).
     on_error : {"record", "raise"}
@@ -909,6 +930,7 @@ def sweep(
             f"measure must be one of {', '.join(map(repr, MEASURES))} or a callable; got {measure!r}"
         )
     v.choice("on_error", on_error, _ON_ERROR)
+    v.choice("draws", draws, _DRAWS)
     root = v.seed(seed)
     progress = v.flag("progress", progress)
     if not callable(target):
@@ -983,14 +1005,18 @@ def sweep(
     n_points = math.prod(shape[:-1])
     n_total = n_points * shape[-1]
 
-    tasks: list[_Task] = []
+    by_seed: list[list[_Task]] = [[] for _ in range(shape[-1])]
     for flat, idx in enumerate(itertools.product(*(range(len(coords[k])) for k in names))):
         b: dict[str, Any] = {}
         m: dict[str, Any] = {}
         for k, i in zip(names, idx):
             (b if place(k) == "build" else m)[k] = _item(coords[k], i)
         for s, label in enumerate(labels.tolist()):
-            tasks.append(_Task(flat * shape[-1] + s, flat, int(label), b, m))
+            by_seed[s].append(_Task(flat * shape[-1] + s, flat, int(label), b, m))
+    # With common draws the points of one seed run one after another, so that a worker's
+    # chain keeps its draws from point to point.
+    order = zip(*by_seed) if draws == "independent" else by_seed
+    tasks = [t for ts in order for t in ts]
 
     # Memory: the points that run at once, and the results.
     if kind == "threads":
@@ -1001,10 +1027,18 @@ def sweep(
             raise ValueError("workers= is for executor=None; an executor has its own workers")
         n_workers = int(getattr(executor, "_max_workers", 0) or 0) if kind == "executor" else 0
         concurrent = min(n_workers, n_total) if n_workers else 1
+    reuse = (
+        target is MLP
+        and isinstance(measure, str)
+        and measure in ("growth", "backward", "spectrum")
+        and fixed_build.get("norm") != "batch"
+        and "norm" not in names
+        and fixed_build.get("init", "xavier_normal") is not None
+    )
     per_point = max(
         (
-            _point_bytes(target, {**fixed_build, **t.build}, {**fixed_measure, **t.measure})
-            for t in tasks[:: shape[-1]]
+            _point_bytes(target, {**fixed_build, **t.build}, {**fixed_measure, **t.measure}, reuse)
+            for t in by_seed[0]
         ),
         default=0.0,
     )
@@ -1019,15 +1053,6 @@ def sweep(
             "of memory available"
         )
 
-    reuse = (
-        target is MLP
-        and isinstance(measure, str)
-        and measure in ("growth", "backward", "spectrum")
-        and kind in ("threads", "dask")
-        and fixed_build.get("norm") != "batch"
-        and "norm" not in names
-        and fixed_build.get("init", "xavier_normal") is not None
-    )
     plan = _Plan(
         target=target,
         measure=measure,
@@ -1035,7 +1060,9 @@ def sweep(
         fixed_measure=fixed_measure,
         takes_seed=takes_seed,
         root_seed=root,
+        common=draws == "common",
         reuse=reuse,
+        release=kind == "executor",
         token=uuid.uuid4().hex,
     )
 

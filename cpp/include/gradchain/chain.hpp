@@ -104,8 +104,10 @@ class Chain {
   const std::vector<ParamRef<T>>& parameters() const { return params_; }
   std::size_t num_params() const { return n_trainable_; }
   // Draws every Linear's weights: the k-th Linear in order uses stream k, so an MLP's
-  // layer l has the same weights as ever. `cancel` is polled between layers.
-  void init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel = nullptr);
+  // layer l has the same weights as ever. `cancel` is polled between layers. keep_units:
+  // see Linear::init (a chain redrawn with the same seed and a new scale only rescales).
+  void init(const InitSpec& spec, std::uint64_t seed, Canceller* cancel = nullptr,
+            bool keep_units = false);
   // After parameters were written from outside.
   void params_changed();
   // Some block keeps no parameters and draws them for each pass (Linear(..., store=false)).

@@ -50,4 +50,19 @@ void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const
 // Writes the n biases of layer `layer`: zero, or N(0, bias_std^2).
 void init_bias(double* b, int n, const InitSpec& spec, const Philox& rng, std::uint64_t layer);
 
+// A weight is its unit draws times one factor: N(0, 1) entries for the normal
+// initializers, U(-1, 1) for the uniform ones, a Haar-orthogonal matrix (signs folded in)
+// for orthogonal. Initializers of one family draw the same units from the same seed, so a
+// chain redrawn with another gain, sigma_w or bias_std may keep its units and rescale them:
+// unit * scale is bit for bit the weight init_weight writes.
+enum class UnitFamily { normal, uniform, orthogonal };
+UnitFamily unit_family(InitKind kind);
+double weight_scale(int fan_out, int fan_in, const InitSpec& spec);
+void init_weight_unit(double* w, int fan_out, int fan_in, UnitFamily family, const Philox& rng,
+                      std::uint64_t layer, Canceller* cancel = nullptr);
+// The biases' units: N(0, 1), scaled by bias_std.
+void init_bias_unit(double* b, int n, const Philox& rng, std::uint64_t layer);
+// out[i] = unit[i] * scale (out may be unit).
+void scale_draws(const double* unit, double scale, double* out, std::uint64_t n);
+
 }  // namespace gradchain

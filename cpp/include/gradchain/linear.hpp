@@ -24,9 +24,12 @@ class Linear final : public Block<T> {
   std::string describe() const override;
 
   bool has_bias() const { return has_bias_; }
-  // Draws W (and b) as layer `stream` of the counter-based generator, in double.
+  // Draws W (and b) as layer `stream` of the counter-based generator, in double. With
+  // keep_units the block keeps the unit draws (see init_weight_unit: twice the weights'
+  // memory), and a later init from the same generator and stream in the same family only
+  // rescales them, to the same doubles.
   void init(const InitSpec& spec, const Philox& rng, std::uint64_t stream,
-            Canceller* cancel = nullptr);
+            Canceller* cancel = nullptr, bool keep_units = false);
   T* weight() { return w_.data(); }
   T* bias() { return has_bias_ ? b_.data() : nullptr; }
   const T* weight() const { return w_.data(); }
@@ -66,6 +69,14 @@ class Linear final : public Block<T> {
   Philox rng_{0};
   std::uint64_t stream_ = 0;
   std::vector<T> w_, b_;
+  struct Units {
+    UnitFamily family;
+    Philox rng;
+    std::uint64_t stream;
+    std::vector<double> w, b;
+  };
+  // Never changed once drawn, so copies of the block share them.
+  std::shared_ptr<const Units> units_;
   // Weights whose largest entry lies outside the safe band (near 1e300 or 1e-300) are used
   // as a power-of-two scaled copy, so that no product overflows or underflows before its
   // scale is applied.

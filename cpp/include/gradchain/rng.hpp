@@ -36,6 +36,8 @@ class Philox {
   std::uint32_t key0() const { return k0_; }
   std::uint32_t key1() const { return k1_; }
 
+  bool operator==(const Philox& o) const { return k0_ == o.k0_ && k1_ == o.k1_; }
+
   // Two doubles uniform on [0, 1) with 53 random bits each.
   void uniform2(std::uint64_t stream, std::uint64_t index, double out[2]) const {
     const Block b = (*this)(stream, index);

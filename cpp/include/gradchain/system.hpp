@@ -69,16 +69,16 @@ int set_blas_threads(int n);
 // because of a fork (the child runs single-threaded throughout).
 int blas_threads();
 
-// Restores OpenBLAS's thread count when a run ends, however it ends.
+// Runs OpenBLAS on one thread while a run lasts and restores its count when the run ends,
+// however it ends. The count is one setting for the whole process, so runs on several
+// threads at once (a sweep's points) share it: the first to start sets it, the last to
+// end restores it; none changes it under another's BLAS call.
 class BlasThreads {
  public:
-  explicit BlasThreads(int n) : old_(set_blas_threads(n)) {}
-  ~BlasThreads() { set_blas_threads(old_); }
+  explicit BlasThreads(int n);
+  ~BlasThreads();
   BlasThreads(const BlasThreads&) = delete;
   BlasThreads& operator=(const BlasThreads&) = delete;
-
- private:
-  int old_;
 };
 
 }  // namespace gradchain
