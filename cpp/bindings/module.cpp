@@ -14,10 +14,6 @@ small::Isa parse_isa(const std::string& name) {
   throw std::invalid_argument("isa must be 'avx512', 'avx2' or 'blas'; got '" + name + "'");
 }
 
-const char* rng_isa_name(VectorIsa i) {
-  return i == VectorIsa::avx512 ? "avx512" : i == VectorIsa::avx2 ? "avx2" : "scalar";
-}
-
 VectorIsa parse_rng_isa(const std::string& name) {
   for (VectorIsa i : {VectorIsa::none, VectorIsa::avx2, VectorIsa::avx512})
     if (name == rng_isa_name(i)) return i;
@@ -117,13 +113,13 @@ memory, and which limit sets the first (MemAvailable, a cgroup limit, GRADCHAIN_
       "Uses the small-product kernels of `isa` (one the CPU has; 'blas': none) from now on; "
       "returns the one used before. For comparing the variants.");
   m.def(
-      "rng_isa", [] { return std::string(bindings::rng_isa_name(rng_isa())); },
+      "rng_isa", [] { return std::string(rng_isa_name(rng_isa())); },
       "The instruction set of the random number generators in use: 'avx512', 'avx2' or "
       "'scalar'.");
   m.def(
       "set_rng_isa",
       [](const std::string& name) {
-        return std::string(bindings::rng_isa_name(set_rng_isa(bindings::parse_rng_isa(name))));
+        return std::string(rng_isa_name(set_rng_isa(bindings::parse_rng_isa(name))));
       },
       py::arg("isa"),
       "Uses the generators of `isa` (one the CPU has; 'scalar': none) from now on; returns the "

@@ -126,9 +126,15 @@ VectorIsa rng_isa() {
   return current().load(std::memory_order_relaxed);
 }
 
+const char* rng_isa_name(VectorIsa isa) {
+  return isa == VectorIsa::avx512 ? "avx512" : isa == VectorIsa::avx2 ? "avx2" : "scalar";
+}
+
 VectorIsa set_rng_isa(VectorIsa isa) {
   if (static_cast<int>(isa) > static_cast<int>(cpu_vector_isa()))
-    throw std::invalid_argument("isa must be one this CPU has; got one wider than it has");
+    throw std::invalid_argument(std::string("isa must be one this CPU has (up to '") +
+                                rng_isa_name(cpu_vector_isa()) + "'); got '" + rng_isa_name(isa) +
+                                "'");
   return current().exchange(isa);
 }
 

@@ -58,6 +58,8 @@ class Canceller;
 // for comparing them.
 VectorIsa rng_isa();
 VectorIsa set_rng_isa(VectorIsa isa);
+// 'avx512', 'avx2' or 'scalar'.
+const char* rng_isa_name(VectorIsa isa);
 
 // out[4 i + w] = word w of rng(stream, first + i) for i < n.
 void philox_blocks(const Philox& rng, std::uint64_t stream, std::uint64_t first, std::uint64_t n,
