@@ -2763,3 +2763,45 @@ def torch_sequence_loss(model, readout, x, y, loss, truncate=None, truncate_mode
             return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
         return F.mse_loss(z, y)
     return F.cross_entropy(z[-1], y) if loss == "cross_entropy" else F.mse_loss(z[-1], y)
+
+
+# ---- counter-based random numbers ----------------------------------------------------------
+
+
+def philox4x32(seed, stream, index):
+    """Philox4x32-10 blocks (Salmon et al. 2011) of the uint64 counters `index` of one
+    stream, as an (n, 4) uint32 array: counter words (index low, index high, stream low,
+    stream high), key (seed low, seed high)."""
+    m32, s32, s = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint64(stream)
+    index = np.asarray(index, dtype=np.uint64)
+    c = [index & m32, index >> s32, np.full_like(index, s & m32), np.full_like(index, s >> s32)]
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for _ in range(10):
+        p0 = c[0] * np.uint64(0xD2511F53)  # < 2^64: no wrap-around
+        p1 = c[2] * np.uint64(0xCD9E8D57)
+        c = [
+            (p1 >> s32) ^ c[1] ^ np.uint64(k0),
+            p1 & m32,
+            (p0 >> s32) ^ c[3] ^ np.uint64(k1),
+            p0 & m32,
+        ]
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return np.stack(c, axis=1).astype(np.uint32)
+
+
+def philox_normals(seed, stream, n):
+    """The first n normals of a stream as gradchain defines them, in NumPy's libm: number i
+    is Box-Muller on block i // 2's two 53-bit uniforms (1 - u0 into the log)."""
+    b = philox4x32(seed, stream, np.arange((n + 1) // 2, dtype=np.uint64)).astype(np.uint64)
+    u0 = ((b[:, 1] << np.uint64(32) | b[:, 0]) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    u1 = ((b[:, 3] << np.uint64(32) | b[:, 2]) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    rad, t = np.sqrt(-2.0 * np.log(1.0 - u0)), 2.0 * np.pi * u1
+    return np.stack([rad * np.cos(t), rad * np.sin(t)], axis=1).ravel()[:n]
+
+
+def philox_uniform_pm1(seed, stream, n):
+    """The first n uniforms on [-1, 1) of a stream: 2 u - 1 for the 53-bit uniforms of
+    blocks 0, 1, ... (two per block)."""
+    b = philox4x32(seed, stream, np.arange((n + 1) // 2, dtype=np.uint64)).astype(np.uint64)
+    u = np.stack([b[:, 1] << np.uint64(32) | b[:, 0], b[:, 3] << np.uint64(32) | b[:, 2]], axis=1)
+    return ((u >> np.uint64(11)).astype(np.float64) * 2.0**-53 * 2.0 - 1.0).ravel()[:n]

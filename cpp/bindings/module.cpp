@@ -1,4 +1,5 @@
 #include "gradchain/blas.hpp"
+#include "gradchain/rng.hpp"
 #include "gradchain/small_gemm.hpp"
 #include "gradchain/system.hpp"
 #include "gradchain/vecmath.hpp"
@@ -11,6 +12,20 @@ small::Isa parse_isa(const std::string& name) {
   for (small::Isa i : {small::Isa::blas, small::Isa::avx2, small::Isa::avx512})
     if (name == small::isa_name(i)) return i;
   throw std::invalid_argument("isa must be 'avx512', 'avx2' or 'blas'; got '" + name + "'");
+}
+
+VectorIsa parse_rng_isa(const std::string& name) {
+  for (VectorIsa i : {VectorIsa::none, VectorIsa::avx2, VectorIsa::avx512})
+    if (name == rng_isa_name(i)) return i;
+  throw std::invalid_argument("isa must be 'avx512', 'avx2' or 'scalar'; got '" + name + "'");
+}
+
+// n numbers of one stream through fill(Philox(seed), stream, ...).
+template <void (*fill)(const Philox&, std::uint64_t, double*, std::uint64_t, Canceller*, double)>
+py::array_t<double> draw(std::uint64_t seed, std::uint64_t stream, std::uint64_t n) {
+  py::array_t<double> out(static_cast<py::ssize_t>(n));
+  fill(Philox(seed), stream, out.mutable_data(), n, nullptr, 1.0);
+  return out;
 }
 
 // op(a) op(b) through the core's product (the small-product kernels where they apply).
@@ -97,6 +112,33 @@ memory, and which limit sets the first (MemAvailable, a cgroup limit, GRADCHAIN_
       py::arg("isa"),
       "Uses the small-product kernels of `isa` (one the CPU has; 'blas': none) from now on; "
       "returns the one used before. For comparing the variants.");
+  m.def(
+      "rng_isa", [] { return std::string(rng_isa_name(rng_isa())); },
+      "The instruction set of the random number generators in use: 'avx512', 'avx2' or "
+      "'scalar'.");
+  m.def(
+      "set_rng_isa",
+      [](const std::string& name) {
+        return std::string(rng_isa_name(set_rng_isa(bindings::parse_rng_isa(name))));
+      },
+      py::arg("isa"),
+      "Uses the generators of `isa` (one the CPU has; 'scalar': none) from now on; returns the "
+      "one used before. All give the same numbers; for comparing them.");
+  m.def(
+      "philox_blocks",
+      [](std::uint64_t seed, std::uint64_t stream, std::uint64_t first, std::uint64_t n) {
+        py::array_t<std::uint32_t> out({static_cast<py::ssize_t>(n), py::ssize_t{4}});
+        philox_blocks(Philox(seed), stream, first, n, out.mutable_data());
+        return out;
+      },
+      py::arg("seed"), py::arg("stream"), py::arg("first"), py::arg("n"),
+      "Philox4x32-10 blocks first .. first + n - 1 of a stream as an (n, 4) uint32 array: "
+      "counter (index low, index high, stream low, stream high), key (seed low, seed high).");
+  m.def("fill_normal", &bindings::draw<fill_normal>, py::arg("seed"), py::arg("stream"),
+        py::arg("n"), "The first n standard normals of a stream, as the initializers draw them.");
+  m.def("fill_uniform_pm1", &bindings::draw<fill_uniform_pm1>, py::arg("seed"), py::arg("stream"),
+        py::arg("n"),
+        "The first n uniforms on [-1, 1) of a stream, as the initializers draw them.");
   m.def("gemm", &bindings::product<double>, py::arg("a").noconvert(), py::arg("b").noconvert(),
         py::arg("trans_a") = false, py::arg("trans_b") = false, py::arg("alpha") = 1.0,
         "alpha op(a) op(b) in float64 through the core's product (for tests).");

@@ -8,7 +8,6 @@
 
 #include "gradchain/blas.hpp"
 #include "gradchain/common.hpp"
-#include "gradchain/vecmath.hpp"
 
 namespace gradchain {
 
@@ -57,45 +56,6 @@ const std::vector<std::string> kInitNames = {"xavier_normal", "xavier_uniform", 
                                              "he_uniform",    "lecun_normal",   "orthogonal",
                                              "normal"};
 }  // namespace
-
-void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                 Canceller* cancel) {
-  // Box-Muller over blocks of pairs, with vector log/sin/cos: element i depends only on
-  // (seed, stream, i), whatever the block boundaries.
-  constexpr std::size_t kPairs = 256;
-  double r[kPairs], t[kPairs], c[kPairs], s[kPairs];
-  const std::uint64_t pairs = (n + 1) / 2;
-  for (std::uint64_t p0 = 0; p0 < pairs; p0 += kPairs) {
-    if (cancel && (p0 & 0x1fff) == 0) cancel->poll();
-    const std::size_t m = static_cast<std::size_t>(std::min<std::uint64_t>(kPairs, pairs - p0));
-    for (std::size_t j = 0; j < m; ++j) {
-      double u[2];
-      rng.uniform2(stream, p0 + j, u);
-      r[j] = 1.0 - u[0];  // in (0, 1]
-      t[j] = 6.283185307179586476925 * u[1];
-    }
-    vm::log(r, r, m);
-    vm::cos(t, c, m);
-    vm::sin(t, s, m);
-    for (std::size_t j = 0; j < m; ++j) {
-      const double rad = std::sqrt(-2.0 * r[j]);
-      const std::uint64_t i = 2 * (p0 + j);
-      out[i] = rad * c[j];
-      if (i + 1 < n) out[i + 1] = rad * s[j];
-    }
-  }
-}
-
-void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                      Canceller* cancel) {
-  double pair[2];
-  for (std::uint64_t i = 0; i < n; i += 2) {
-    if (cancel && (i & 0xffff) == 0) cancel->poll();
-    rng.uniform2(stream, i / 2, pair);
-    out[i] = 2.0 * pair[0] - 1.0;
-    if (i + 1 < n) out[i + 1] = 2.0 * pair[1] - 1.0;
-  }
-}
 
 const std::vector<std::string>& InitSpec::names() {
   return kInitNames;
@@ -216,8 +176,16 @@ void scale_draws(const double* unit, double scale, double* out, std::uint64_t n)
 void init_weight(double* w, int fan_out, int fan_in, const InitSpec& spec, const Philox& rng,
                  std::uint64_t layer, Canceller* cancel) {
   const std::uint64_t n = static_cast<std::uint64_t>(fan_out) * static_cast<std::uint64_t>(fan_in);
-  init_weight_unit(w, fan_out, fan_in, unit_family(spec.kind), rng, layer, cancel);
-  scale_draws(w, weight_scale(fan_out, fan_in, spec), w, n);
+  const UnitFamily family = unit_family(spec.kind);
+  const double scale = weight_scale(fan_out, fan_in, spec);
+  // The generator applies the scale as it writes (the same rounding of unit * scale), which
+  // saves a pass over a weight that no longer fits in cache.
+  if (family == UnitFamily::normal)
+    return fill_normal(rng, weight_stream(layer), w, n, cancel, scale);
+  if (family == UnitFamily::uniform)
+    return fill_uniform_pm1(rng, weight_stream(layer), w, n, cancel, scale);
+  init_weight_unit(w, fan_out, fan_in, family, rng, layer, cancel);
+  scale_draws(w, scale, w, n);
 }
 
 void init_bias_unit(double* b, int n, const Philox& rng, std::uint64_t layer) {
@@ -230,8 +198,7 @@ void init_bias(double* b, int n, const InitSpec& spec, const Philox& rng, std::u
     std::fill(b, b + m, 0.0);
     return;
   }
-  init_bias_unit(b, n, rng, layer);
-  scale_draws(b, spec.bias_std, b, m);
+  fill_normal(rng, bias_stream(layer), b, m, nullptr, spec.bias_std);
 }
 
 }  // namespace gradchain

@@ -110,7 +110,12 @@ void Linear<T>::draw_params(T* w, T* b) const {
     throw std::logic_error("gradchain: " + describe() + " keeps no weights and has no initializer");
   const std::size_t n = static_cast<std::size_t>(this->in_) * static_cast<std::size_t>(this->out_);
   const std::size_t nb = static_cast<std::size_t>(this->out_);
-  // The same doubles as init() draws, rounded the same way.
+  // The same doubles as init() draws, rounded the same way (float64 straight into place).
+  if constexpr (std::is_same_v<T, double>) {
+    init_weight(w, this->out_, this->in_, spec_, rng_, stream_);
+    if (has_bias_ && b) init_bias(b, this->out_, spec_, rng_, stream_);
+    return;
+  }
   thread_local std::vector<double> d;
   d.resize(std::max(n, nb));
   init_weight(d.data(), this->out_, this->in_, spec_, rng_, stream_);

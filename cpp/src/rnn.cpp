@@ -1260,8 +1260,7 @@ RecurrentChain<T>::RecurrentChain(const RecurrentShape& shape, const RecurrentIn
   };
   auto uniform = [&](std::size_t n, double a, std::uint64_t id) {
     buf.resize(n);
-    fill_uniform_pm1(rng, weight_stream(id), buf.data(), n, cancel);
-    for (double& v : buf) v *= a;
+    fill_uniform_pm1(rng, weight_stream(id), buf.data(), n, cancel, a);
   };
   for (std::size_t l = 0; l < static_cast<std::size_t>(shape.num_layers); ++l) {
     for (std::size_t which = 0; which < (shape.bias ? 4u : 2u); ++which, ++i) {

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "gradchain/system.hpp"
+
 namespace gradchain {
 
 class Philox {
@@ -31,6 +33,9 @@ class Philox {
     return c;
   }
 
+  std::uint32_t key0() const { return k0_; }
+  std::uint32_t key1() const { return k1_; }
+
   bool operator==(const Philox& o) const { return k0_ == o.k0_ && k1_ == o.k1_; }
 
   // Two doubles uniform on [0, 1) with 53 random bits each.
@@ -47,11 +52,26 @@ class Philox {
 
 class Canceller;
 
-// Fills out[0..n) with standard normals (or uniforms on [-1, 1)) of one stream, polling
-// `cancel` (if given) every few thousand numbers.
+// The generators below run vector kernels (VectorIsa::avx512 / avx2) where the CPU has
+// them, else the scalar Philox; every variant gives the same bits. rng_isa() is the one in
+// use; set_rng_isa() picks another the CPU has (none: scalar) and returns the previous one,
+// for comparing them.
+VectorIsa rng_isa();
+VectorIsa set_rng_isa(VectorIsa isa);
+// 'avx512', 'avx2' or 'scalar'.
+const char* rng_isa_name(VectorIsa isa);
+
+// out[4 i + w] = word w of rng(stream, first + i) for i < n.
+void philox_blocks(const Philox& rng, std::uint64_t stream, std::uint64_t first, std::uint64_t n,
+                   std::uint32_t* out);
+
+// Fills out[0..n) with standard normals (or uniforms on [-1, 1)) of one stream, each times
+// `scale` (one rounding after the number's own), polling `cancel` (if given) every few
+// thousand numbers. Element i comes from block i / 2 (Box-Muller on its two 53-bit
+// uniforms), so that any element can be drawn on its own.
 void fill_normal(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                 Canceller* cancel = nullptr);
+                 Canceller* cancel = nullptr, double scale = 1.0);
 void fill_uniform_pm1(const Philox& rng, std::uint64_t stream, double* out, std::uint64_t n,
-                      Canceller* cancel = nullptr);
+                      Canceller* cancel = nullptr, double scale = 1.0);
 
 }  // namespace gradchain
