@@ -207,7 +207,7 @@ def test_ctrl_c_stops_a_drawn_checkpointed_backward(gc):
     code = """
         import os, signal, threading, time
         import numpy as np, gradchain as gc
-        net = gc.MLP(depth=20_000, width=64, store_weights=False, seed=0)
+        net = gc.MLP(depth=200_000, width=64, store_weights=False, seed=0)  # seconds of work
         x = np.ones((8, 64))
         threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         t0 = time.perf_counter()
