@@ -218,6 +218,10 @@ def test_redrawn_chain_equals_a_fresh_one(gc):
         steps += [("lecun_normal", 0.5, 1.0, 0.7, 3), ("orthogonal", 1.0, 1.0, 0.1, 3)]
         steps += [("orthogonal", 2.5, 1.0, 0.4, 3), ("xavier_uniform", 1.0, 1.0, 0.0, 4)]
         steps += [("he_uniform", 0.3, 1.0, 0.2, 4), ("normal", 1.0, 0.8, 0.5, 4)]
+        # New biases only (the weights stay as they are), then weights written from
+        # outside between two redraws of the same scale.
+        steps += [("normal", 1.0, 0.8, 0.0, 4), ("normal", 1.0, 0.8, 0.9, 4), "write"]
+        steps += [("normal", 1.0, 0.8, 0.9, 4), ("normal", 1.0, 0.8, 0.2, 4)]
         # Weights far outside the products' safe band (kept as a power-of-two scaled copy).
         big = 1e290 if dtype == "float64" else 1e30
         steps += [("normal", big, 1.0, 0.0, 4), ("he_normal", 1 / big, 1.0, 0.0, 4)]
@@ -227,7 +231,12 @@ def test_redrawn_chain_equals_a_fresh_one(gc):
             gain, sigma_w = float(rng.uniform(0.2, 3)), float(rng.uniform(0.2, 3))
             bias_std = float(rng.choice([0.0, rng.uniform(0.01, 1)]))
             steps.append((init, gain, sigma_w, bias_std, seed))
-        for init, gain, sigma_w, bias_std, seed in steps:
+        for step in steps:
+            if step == "write":
+                sd = net.state_dict()
+                net._net.load_state_dict({k: v * 0.5 for k, v in sd.items()})
+                continue
+            init, gain, sigma_w, bias_std, seed = step
             net._config["init"] = init
             net._reinit(gain=gain, sigma_w=sigma_w, bias_std=bias_std, seed=seed)
             fresh = gc.MLP(

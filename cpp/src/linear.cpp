@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -70,20 +71,26 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
     units_.reset();
   }
   const std::size_t n = w_.size(), nb = static_cast<std::size_t>(this->out_);
+  const double scale = weight_scale(this->out_, this->in_, spec);
+  // A chain redrawn with only new biases (a sweep over bias_std) keeps its weights as
+  // they are: they are already its units times this scale.
+  const bool same_weights = reuse && scale == applied_scale_;
   std::vector<double> scratch;
   double* w;
   if constexpr (std::is_same_v<T, double>) {
     w = w_.data();
   } else {
-    scratch.resize(std::max(n, nb));
+    scratch.resize(same_weights ? nb : std::max(n, nb));
     w = scratch.data();
   }
-  if (units_)
-    scale_draws(units_->w.data(), weight_scale(this->out_, this->in_, spec), w, n);
-  else
-    init_weight(w, this->out_, this->in_, spec, rng, stream, cancel);
-  if constexpr (!std::is_same_v<T, double>)
-    std::transform(w, w + n, w_.begin(), [](double v) { return static_cast<T>(v); });
+  if (!same_weights) {
+    if (units_)
+      scale_draws(units_->w.data(), scale, w, n);
+    else
+      init_weight(w, this->out_, this->in_, spec, rng, stream, cancel);
+    if constexpr (!std::is_same_v<T, double>)
+      std::transform(w, w + n, w_.begin(), [](double v) { return static_cast<T>(v); });
+  }
   if (has_bias_) {
     if constexpr (std::is_same_v<T, double>) w = b_.data();
     if (units_ && spec.bias_std != 0.0)
@@ -99,9 +106,9 @@ void Linear<T>::init(const InitSpec& spec, const Philox& rng, std::uint64_t stre
   }
   // The largest weight without reading the weights again: T(fl(w_max * |scale|)), as
   // rounding (to double, then to T) never reorders magnitudes.
-  const T w_max =
-      static_cast<T>(units_->w_max * std::abs(weight_scale(this->out_, this->in_, spec)));
+  const T w_max = static_cast<T>(units_->w_max * std::abs(scale));
   weight_changed(MaxAbs{static_cast<double>(w_max), std::isfinite(w_max)});
+  applied_scale_ = scale;
 }
 
 template <class T>
@@ -151,6 +158,7 @@ void Linear<T>::draw(T* out) const {
 
 template <class T>
 void Linear<T>::params_changed() {
+  applied_scale_ = std::numeric_limits<double>::quiet_NaN();  // written from outside
   weight_changed(max_abs(w_.data(), w_.size()));
 }
 

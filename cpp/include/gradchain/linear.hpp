@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,6 +80,8 @@ class Linear final : public Block<T> {
   };
   // Never changed once drawn, so copies of the block share them.
   std::shared_ptr<const Units> units_;
+  // The scale of units_ that w_ holds; NaN once the weights were written from outside.
+  double applied_scale_ = std::numeric_limits<double>::quiet_NaN();
   // Weights whose largest entry lies outside the safe band (near 1e300 or 1e-300) are used
   // as a power-of-two scaled copy, so that no product overflows or underflows before its
   // scale is applied.
