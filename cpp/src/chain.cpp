@@ -19,6 +19,7 @@
 #include "gradchain/residual.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/scaled.hpp"
+#include "gradchain/small_gemm.hpp"
 #include "gradchain/system.hpp"
 
 #ifdef _OPENMP
@@ -626,6 +627,24 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   // largest entry (for underflow checks).
   std::vector<std::int64_t> e(NB, 0);
   std::vector<std::vector<double>> locals(P.steps.size());
+  // For each step, the nearest step after it (up) and before it (down) that reads
+  // parameters: a step with parameters has the next one's loaded during its own product.
+  const int nst = static_cast<int>(P.steps.size());
+  std::vector<int> up(P.steps.size(), nst), down(P.steps.size(), -1);
+  for (int si = nst - 1, next = nst; si >= 0; --si) {
+    up[static_cast<std::size_t>(si)] = next;
+    if (P.steps[static_cast<std::size_t>(si)].nparams > 0) next = si;
+  }
+  for (int si = 0, prev = -1; si < nst; ++si) {
+    down[static_cast<std::size_t>(si)] = prev;
+    if (P.steps[static_cast<std::size_t>(si)].nparams > 0) prev = si;
+  }
+  // Step `to`'s parameters, where it lies in the segment at hand (whose drawn ones D holds).
+  auto prefetch_step = [&](int to) {
+    if (to < static_cast<int>(SC.step0[cur]) || to >= static_cast<int>(SC.step0[cur + 1])) return;
+    const Step& s = P.steps[static_cast<std::size_t>(to)];
+    if (s.kind == Step::Kind::leaf) s.block->prefetch(drawn(s, static_cast<std::size_t>(to)));
+  };
 
   ChainResult<T> res;
   res.norm_type = req.norm_type;
@@ -717,6 +736,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         ey = r->join(R, at[static_cast<std::size_t>(s.skip)], p.e[static_cast<std::size_t>(s.skip)],
                      at[static_cast<std::size_t>(s.in)], p.e[static_cast<std::size_t>(s.in)], y);
       } else {
+        if (s.nparams > 0) prefetch_step(up[si]);
         ForwardArgs<T> a;
         a.rows = R;
         a.x = at[static_cast<std::size_t>(s.in)];
@@ -1068,6 +1088,12 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     ParamGradArgs opt;
     opt.norm_type = req.norm_type;
     opt.need_values = need_values;
+    const int next = down[si];  // the input of the next step with parameters
+    if (next >= 0 && next >= static_cast<int>(SC.step0[cur])) {
+      const int in = P.steps[static_cast<std::size_t>(next)].in;
+      if (P.stored[static_cast<std::size_t>(in)])
+        small::prefetch_during_next(stored(in), B * w(in) * sizeof(T));
+    }
     s.block->backward_params(a, opt, bufs, out);
     for (std::size_t i = 0; i < np; ++i) {
       const std::size_t k = n0 + i;
@@ -1138,6 +1164,10 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         a.train = req.train;
         a.local = &locals[k];
         a.drawn = drawn(s, k);
+        if (s.nparams > 0) {  // the next layer's parameters, and the input read next
+          prefetch_step(down[k]);
+          if (a.x) small::prefetch_during_next(a.x, B * w(s.in) * sizeof(T));
+        }
         const std::int64_t gx = s.block->backward_input(a);
         add_to(s.in, a.dx, gx);
         release(dy.buf);
