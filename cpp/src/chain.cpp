@@ -36,6 +36,10 @@ constexpr double kKeptWorkspaceBytes = 512.0 * 1024 * 1024;
 // Below this many multiply-adds in a whole pass, waking a second thread costs more than
 // it saves.
 constexpr double kOwnThreadsWork = 1 << 16;
+// A pass over less data than this (about a core's L2 cache) does not prefetch.
+constexpr double kCachedBytes = 1 << 20;
+// Forward products of fewer multiply-adds than this do not prefetch (measured: they lose).
+constexpr double kPrefetchWork = 1 << 15;
 // Below this many multiply-adds per GEMM, OpenBLAS threads cost more than they save.
 constexpr double kThreadedGemmWork = 1 << 20;
 
@@ -639,8 +643,14 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     down[static_cast<std::size_t>(si)] = prev;
     if (P.steps[static_cast<std::size_t>(si)].nparams > 0) prev = si;
   }
+  // A chain whose parameters and kept boundaries fit in a core's cache has nothing to wait
+  // for: it skips the prefetches (they cost a little in every product).
+  double data_bytes = double(B) * double(SC.seg_per_row) + double(SC.draw_max);
+  for (const ParamRef<T>& r : params_) data_bytes += double(r.size);
+  const bool prefetching = data_bytes * sizeof(T) > kCachedBytes;
   // Step `to`'s parameters, where it lies in the segment at hand (whose drawn ones D holds).
   auto prefetch_step = [&](int to) {
+    if (!prefetching) return;
     if (to < static_cast<int>(SC.step0[cur]) || to >= static_cast<int>(SC.step0[cur + 1])) return;
     const Step& s = P.steps[static_cast<std::size_t>(to)];
     if (s.kind == Step::Kind::leaf) s.block->prefetch(drawn(s, static_cast<std::size_t>(to)));
@@ -736,7 +746,16 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         ey = r->join(R, at[static_cast<std::size_t>(s.skip)], p.e[static_cast<std::size_t>(s.skip)],
                      at[static_cast<std::size_t>(s.in)], p.e[static_cast<std::size_t>(s.in)], y);
       } else {
-        if (s.nparams > 0) prefetch_step(up[si]);
+        // The next layer's parameters, and where the next step writes, during a product long
+        // enough to hide their loads.
+        if (s.nparams > 0 && double(R) * w(s.in) * w(s.out) >= kPrefetchWork) {
+          prefetch_step(up[si]);
+          if (prefetching && si + 1 < SC.step0[seg + 1]) {
+            const int o = P.steps[si + 1].out;
+            if (SC.keep[static_cast<std::size_t>(o)])
+              small::prefetch_during_next(stored(o) + p.r0 * w(o), R * w(o) * sizeof(T));
+          }
+        }
         ForwardArgs<T> a;
         a.rows = R;
         a.x = at[static_cast<std::size_t>(s.in)];
@@ -1089,7 +1108,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     opt.norm_type = req.norm_type;
     opt.need_values = need_values;
     const int next = down[si];  // the input of the next step with parameters
-    if (next >= 0 && next >= static_cast<int>(SC.step0[cur])) {
+    if (prefetching && next >= 0 && next >= static_cast<int>(SC.step0[cur])) {
       const int in = P.steps[static_cast<std::size_t>(next)].in;
       if (P.stored[static_cast<std::size_t>(in)])
         small::prefetch_during_next(stored(in), B * w(in) * sizeof(T));
@@ -1166,7 +1185,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         a.drawn = drawn(s, k);
         if (s.nparams > 0) {  // the next layer's parameters, and the input read next
           prefetch_step(down[k]);
-          if (a.x) small::prefetch_during_next(a.x, B * w(s.in) * sizeof(T));
+          if (prefetching && a.x) small::prefetch_during_next(a.x, B * w(s.in) * sizeof(T));
         }
         const std::int64_t gx = s.block->backward_input(a);
         add_to(s.in, a.dx, gx);
