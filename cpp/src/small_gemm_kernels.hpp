@@ -22,6 +22,9 @@ namespace {
 
 // One line of pf's ranges into cache per step of a product's inner loop: loads spread over
 // the product overlap with its arithmetic.
+// Products with nothing to prefetch run without the check.
+struct NoPrefetch {};
+inline __attribute__((always_inline)) void prefetch_step(NoPrefetch&) {}
 inline __attribute__((always_inline)) void prefetch_step(Prefetch& pf) {
   for (int r = 0; r < 2; ++r)
     if (pf.p[r] < pf.end[r]) {
@@ -63,13 +66,10 @@ inline __attribute__((always_inline)) __m256d hsum4(__m256d a, __m256d b, __m256
 // columns valid (all of them when FULL). Each step broadcasts one A entry per row against
 // the NV vectors of a B row: every C entry is the sum over p in order, one fused
 // multiply-add at a time, so the numbers are the same for any vector width.
-template <class S, int MR, int NV, bool FULL>
-inline __attribute__((always_inline)) void broadcast_tile(int k, const typename S::T* a,
-                                                          std::ptrdiff_t sai, std::ptrdiff_t sak,
-                                                          const typename S::T* b,
-                                                          std::ptrdiff_t ldb, typename S::T* c,
-                                                          std::ptrdiff_t ldc, typename S::T alpha,
-                                                          int nr, Prefetch& pf) {
+template <class S, int MR, int NV, bool FULL, class P>
+inline __attribute__((always_inline)) void broadcast_tile(
+    int k, const typename S::T* a, std::ptrdiff_t sai, std::ptrdiff_t sak, const typename S::T* b,
+    std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, int nr, P& pf) {
   using V = typename S::V;
   using M = typename S::M;
   V acc[MR][NV];
@@ -103,13 +103,13 @@ inline __attribute__((always_inline)) void broadcast_tile(int k, const typename 
 }
 
 // Rows [0, MR) of C, the columns in tiles of NV vectors (a narrower last tile).
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 inline __attribute__((always_inline)) void broadcast_rows(int n, int k, const typename S::T* a,
                                                           std::ptrdiff_t sai, std::ptrdiff_t sak,
                                                           const typename S::T* b,
                                                           std::ptrdiff_t ldb, typename S::T* c,
                                                           std::ptrdiff_t ldc, typename S::T alpha,
-                                                          Prefetch& pf) {
+                                                          P& pf) {
   constexpr int NR = NV * S::W;
   int j = 0;
   for (; j + NR <= n; j += NR)
@@ -118,15 +118,15 @@ inline __attribute__((always_inline)) void broadcast_rows(int n, int k, const ty
     broadcast_tile<S, MR, NV, false>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, n - j, pf);
 }
 
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 void broadcast_rows_tail(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                          std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, Prefetch& pf);
+                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf);
 
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 void broadcast_rows_of(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                        std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                       typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, Prefetch& pf) {
+                       typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf) {
   int i = 0;
   for (; i + MR <= m; i += MR)
     broadcast_rows<S, MR, NV>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha, pf);
@@ -138,10 +138,10 @@ void broadcast_rows_of(int m, int n, int k, const typename S::T* a, std::ptrdiff
 }
 
 // The last m < MR + 1 rows.
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 void broadcast_rows_tail(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                          std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, Prefetch& pf) {
+                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf) {
   if (m == MR) {
     broadcast_rows<S, MR, NV>(n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
     return;
@@ -152,10 +152,10 @@ void broadcast_rows_tail(int m, int n, int k, const typename S::T* a, std::ptrdi
 
 // C = alpha * A B, the tile shape chosen by how many vectors a row of C takes: wide rows
 // in tiles of S::kWideRows rows x S::kWide vectors, narrower ones in taller tiles.
-template <class S>
+template <class S, class P>
 void broadcast_gemm(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                     std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                    typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, Prefetch& pf) {
+                    typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf) {
   const int nv = (n + S::W - 1) / S::W;
   if (nv >= S::kWide) {
     broadcast_rows_of<S, S::kWideRows, S::kWide>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
@@ -177,12 +177,12 @@ void broadcast_gemm(int m, int n, int k, const typename S::T* a, std::ptrdiff_t 
 }
 
 // C[MR x NR] tile of C = alpha * A B^T with A, B row-major: MR x NR dot products over k.
-template <class S, int MR, int NR>
+template <class S, int MR, int NR, class P>
 inline __attribute__((always_inline)) void dot_tile(int k, const typename S::T* a,
                                                     std::ptrdiff_t lda, const typename S::T* b,
                                                     std::ptrdiff_t ldb, typename S::T* c,
                                                     std::ptrdiff_t ldc, typename S::T alpha,
-                                                    Prefetch& pf) {
+                                                    P& pf) {
   using V = typename S::V;
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
@@ -215,10 +215,10 @@ inline __attribute__((always_inline)) void dot_tile(int k, const typename S::T* 
 
 // Columns [0, NR) of C: every row tile against the same NR rows of B, which stay in L1
 // while A (the smaller operand in a layer's forward product) streams past them.
-template <class S, int NR>
+template <class S, int NR, class P>
 void dot_cols(int m, int k, const typename S::T* a, std::ptrdiff_t lda, const typename S::T* b,
               std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha,
-              Prefetch& pf) {
+              P& pf) {
   constexpr int MR = S::kDotRows;
   int i = 0;
   for (; i + MR <= m; i += MR)
@@ -239,10 +239,10 @@ void dot_cols(int m, int k, const typename S::T* a, std::ptrdiff_t lda, const ty
   }
 }
 
-template <class S>
+template <class S, class P>
 void dot_gemm(int m, int n, int k, const typename S::T* a, std::ptrdiff_t lda,
               const typename S::T* b, std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc,
-              typename S::T alpha, Prefetch& pf) {
+              typename S::T alpha, P& pf) {
   int j = 0;
   for (; j + 4 <= n; j += 4) dot_cols<S, 4>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha, pf);
   switch (n - j) {
@@ -267,9 +267,19 @@ void run(bool ta, bool tb, int m, int n, int k, typename S::T alpha, const typen
   if (!tb) {
     const std::ptrdiff_t sai = ta ? 1 : lda;
     const std::ptrdiff_t sak = ta ? lda : 1;
-    broadcast_gemm<S>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
+    if (pf.p[0] == pf.end[0]) {
+      NoPrefetch none;
+      broadcast_gemm<S>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, none);
+    } else {
+      broadcast_gemm<S>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
+    }
   } else {
-    dot_gemm<S>(m, n, k, a, lda, b, ldb, c, ldc, alpha, pf);
+    if (pf.p[0] == pf.end[0]) {
+      NoPrefetch none;
+      dot_gemm<S>(m, n, k, a, lda, b, ldb, c, ldc, alpha, none);
+    } else {
+      dot_gemm<S>(m, n, k, a, lda, b, ldb, c, ldc, alpha, pf);
+    }
   }
 }
 
