@@ -631,18 +631,20 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   // largest entry (for underflow checks).
   std::vector<std::int64_t> e(NB, 0);
   std::vector<std::vector<double>> locals(P.steps.size());
-  // For each step, the nearest step after it (up) and before it (down) that reads
-  // parameters: a step with parameters has the next one's loaded during its own product.
-  const int nst = static_cast<int>(P.steps.size());
-  std::vector<int> up(P.steps.size(), nst), down(P.steps.size(), -1);
-  for (int si = nst - 1, next = nst; si >= 0; --si) {
-    up[static_cast<std::size_t>(si)] = next;
-    if (P.steps[static_cast<std::size_t>(si)].nparams > 0) next = si;
-  }
-  for (int si = 0, prev = -1; si < nst; ++si) {
-    down[static_cast<std::size_t>(si)] = prev;
-    if (P.steps[static_cast<std::size_t>(si)].nparams > 0) prev = si;
-  }
+  // The nearest step after si (up) or before it (down) with parameters, within the segment
+  // at hand (-1: none): a step with parameters has that one's loaded during its own
+  // product. Searched when needed (from steps with parameters only, so each pass walks the
+  // steps once more), which keeps the pass's memory as backward_memory counts it.
+  auto up = [&](std::size_t si) {
+    for (std::size_t k = si + 1; k < SC.step0[cur + 1]; ++k)
+      if (P.steps[k].nparams > 0) return static_cast<int>(k);
+    return -1;
+  };
+  auto down = [&](std::size_t si) {
+    for (std::size_t k = si; k-- > SC.step0[cur];)
+      if (P.steps[k].nparams > 0) return static_cast<int>(k);
+    return -1;
+  };
   // A chain whose parameters and kept boundaries fit in a core's cache has nothing to wait
   // for: it skips the prefetches (they cost a little in every product).
   double data_bytes = double(B) * double(SC.seg_per_row) + double(SC.draw_max);
@@ -650,8 +652,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   const bool prefetching = data_bytes * sizeof(T) > kCachedBytes;
   // Step `to`'s parameters, where it lies in the segment at hand (whose drawn ones D holds).
   auto prefetch_step = [&](int to) {
-    if (!prefetching) return;
-    if (to < static_cast<int>(SC.step0[cur]) || to >= static_cast<int>(SC.step0[cur + 1])) return;
+    if (to < 0) return;
     const Step& s = P.steps[static_cast<std::size_t>(to)];
     if (s.kind == Step::Kind::leaf) s.block->prefetch(drawn(s, static_cast<std::size_t>(to)));
   };
@@ -748,9 +749,9 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       } else {
         // The next layer's parameters, and where the next step writes, during a product long
         // enough to hide their loads.
-        if (s.nparams > 0 && double(R) * w(s.in) * w(s.out) >= kPrefetchWork) {
-          prefetch_step(up[si]);
-          if (prefetching && si + 1 < SC.step0[seg + 1]) {
+        if (prefetching && s.nparams > 0 && double(R) * w(s.in) * w(s.out) >= kPrefetchWork) {
+          prefetch_step(up(si));
+          if (si + 1 < SC.step0[seg + 1]) {
             const int o = P.steps[si + 1].out;
             if (SC.keep[static_cast<std::size_t>(o)])
               small::prefetch_during_next(stored(o) + p.r0 * w(o), R * w(o) * sizeof(T));
@@ -1107,8 +1108,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     ParamGradArgs opt;
     opt.norm_type = req.norm_type;
     opt.need_values = need_values;
-    const int next = down[si];  // the input of the next step with parameters
-    if (prefetching && next >= 0 && next >= static_cast<int>(SC.step0[cur])) {
+    const int next = prefetching ? down(si) : -1;  // the input of the next step with parameters
+    if (next >= 0) {
       const int in = P.steps[static_cast<std::size_t>(next)].in;
       if (P.stored[static_cast<std::size_t>(in)])
         small::prefetch_during_next(stored(in), B * w(in) * sizeof(T));
@@ -1183,9 +1184,9 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         a.train = req.train;
         a.local = &locals[k];
         a.drawn = drawn(s, k);
-        if (s.nparams > 0) {  // the next layer's parameters, and the input read next
-          prefetch_step(down[k]);
-          if (prefetching && a.x) small::prefetch_during_next(a.x, B * w(s.in) * sizeof(T));
+        if (prefetching && s.nparams > 0) {  // the next layer's parameters, the input read next
+          prefetch_step(down(k));
+          if (a.x) small::prefetch_during_next(a.x, B * w(s.in) * sizeof(T));
         }
         const std::int64_t gx = s.block->backward_input(a);
         add_to(s.in, a.dx, gx);
