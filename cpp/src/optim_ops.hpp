@@ -204,8 +204,8 @@ struct AvxSums {
 // Loop::at<S>(args, i) for every element of args.n, in the AVX2+FMA build where the CPU has
 // it, with `track` (if not null): p as it was goes to track->before (unless an earlier pass
 // of the update put it there), and the update's sums are taken from the values in
-// registers, so that neither needs a pass of its own over the arrays. Args is copied to a local, so
-// that stores through its arrays cannot alias it.
+// registers, so that neither needs a pass of its own over the arrays. Args is copied to a
+// local, so that stores through its arrays cannot alias it.
 #ifdef GC_OPTIM_FMA_BUILD
 template <class Loop, class T, class Args>
 GC_OPTIM_FMA_TARGET void run_fma(const Args& args, UpdateTrack<T>* track) {
