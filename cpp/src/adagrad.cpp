@@ -56,7 +56,7 @@ class Adagrad final : public Optimizer<T> {
                               static_cast<T>(o.weight_decay),
                               static_cast<T>(o.eps),
                               static_cast<T>(-clr)};
-    ops::run<AdagradLoop<T>, T>(args);
+    ops::run<AdagradLoop<T>, T>(args, this->track_);
   }
 };
 

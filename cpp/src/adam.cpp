@@ -2,6 +2,7 @@
 // corrections with eps added after the second one, AMSGrad's maximum taken on the raw
 // second moment, L2 decay added to the gradient (Adam) or decoupled, p *= 1 - lr wd
 // (AdamW), maximize.
+#include <algorithm>
 #include <cmath>
 #include <memory>
 
@@ -63,6 +64,10 @@ class Adam final : public Optimizer<T> {
     s.step += 1;
     if (decoupled && o.weight_decay != 0) {
       const T decay = static_cast<T>(1 - lr * o.weight_decay);
+      if (this->track_) {
+        std::copy(p, p + n, this->track_->before);
+        this->track_->copied = true;
+      }
       for (std::size_t i = 0; i < n; ++i) p[i] = p[i] * decay;
     }
     // Python floats, as torch computes them: beta ** step, then bias_correction2 ** 0.5.
@@ -84,7 +89,7 @@ class Adam final : public Optimizer<T> {
                            static_cast<T>(bias_correction2_sqrt),
                            static_cast<T>(o.eps),
                            static_cast<T>(-step_size)};
-    ops::run<AdamLoop<T>, T>(args);
+    ops::run<AdamLoop<T>, T>(args, this->track_);
   }
 };
 

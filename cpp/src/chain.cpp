@@ -19,6 +19,7 @@
 #include "gradchain/residual.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/scaled.hpp"
+#include "gradchain/small_gemm.hpp"
 #include "gradchain/system.hpp"
 
 #ifdef _OPENMP
@@ -35,6 +36,10 @@ constexpr double kKeptWorkspaceBytes = 512.0 * 1024 * 1024;
 // Below this many multiply-adds in a whole pass, waking a second thread costs more than
 // it saves.
 constexpr double kOwnThreadsWork = 1 << 16;
+// A pass over less data than this (about a core's L2 cache) does not prefetch.
+constexpr double kCachedBytes = 1 << 20;
+// Forward products of fewer multiply-adds than this do not prefetch (measured: they lose).
+constexpr double kPrefetchWork = 1 << 15;
 // Below this many multiply-adds per GEMM, OpenBLAS threads cost more than they save.
 constexpr double kThreadedGemmWork = 1 << 20;
 
@@ -633,6 +638,31 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   // largest entry (for underflow checks).
   std::vector<std::int64_t> e(NB, 0);
   std::vector<std::vector<double>> locals(P.steps.size());
+  // The nearest step after si (up) or before it (down) with parameters, within the segment
+  // at hand (-1: none): a step with parameters has that one's loaded during its own
+  // product. Searched when needed (from steps with parameters only, so each pass walks the
+  // steps once more), which keeps the pass's memory as backward_memory counts it.
+  auto up = [&](std::size_t si) {
+    for (std::size_t k = si + 1; k < SC.step0[cur + 1]; ++k)
+      if (P.steps[k].nparams > 0) return static_cast<int>(k);
+    return -1;
+  };
+  auto down = [&](std::size_t si) {
+    for (std::size_t k = si; k-- > SC.step0[cur];)
+      if (P.steps[k].nparams > 0) return static_cast<int>(k);
+    return -1;
+  };
+  // A chain whose parameters and kept boundaries fit in a core's cache has nothing to wait
+  // for: it skips the prefetches (they cost a little in every product).
+  double data_bytes = double(B) * double(SC.seg_per_row) + double(SC.draw_max);
+  for (const ParamRef<T>& r : params_) data_bytes += double(r.size);
+  const bool prefetching = data_bytes * sizeof(T) > kCachedBytes;
+  // Step `to`'s parameters, where it lies in the segment at hand (whose drawn ones D holds).
+  auto prefetch_step = [&](int to) {
+    if (to < 0) return;
+    const Step& s = P.steps[static_cast<std::size_t>(to)];
+    if (s.kind == Step::Kind::leaf) s.block->prefetch(drawn(s, static_cast<std::size_t>(to)));
+  };
 
   ChainResult<T> res;
   res.norm_type = req.norm_type;
@@ -724,6 +754,16 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         ey = r->join(R, at[static_cast<std::size_t>(s.skip)], p.e[static_cast<std::size_t>(s.skip)],
                      at[static_cast<std::size_t>(s.in)], p.e[static_cast<std::size_t>(s.in)], y);
       } else {
+        // The next layer's parameters, and where the next step writes, during a product long
+        // enough to hide their loads.
+        if (prefetching && s.nparams > 0 && double(R) * w(s.in) * w(s.out) >= kPrefetchWork) {
+          prefetch_step(up(si));
+          if (si + 1 < SC.step0[seg + 1]) {
+            const int o = P.steps[si + 1].out;
+            if (SC.keep[static_cast<std::size_t>(o)])
+              small::prefetch_during_next(stored(o) + p.r0 * w(o), R * w(o) * sizeof(T));
+          }
+        }
         ForwardArgs<T> a;
         a.rows = R;
         a.x = at[static_cast<std::size_t>(s.in)];
@@ -1075,6 +1115,12 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     ParamGradArgs opt;
     opt.norm_type = req.norm_type;
     opt.need_values = need_values;
+    const int next = prefetching ? down(si) : -1;  // the input of the next step with parameters
+    if (next >= 0) {
+      const int in = P.steps[static_cast<std::size_t>(next)].in;
+      if (P.stored[static_cast<std::size_t>(in)])
+        small::prefetch_during_next(stored(in), B * w(in) * sizeof(T));
+    }
     s.block->backward_params(a, opt, bufs, out);
     for (std::size_t i = 0; i < np; ++i) {
       const std::size_t k = n0 + i;
@@ -1145,6 +1191,10 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         a.train = req.train;
         a.local = &locals[k];
         a.drawn = drawn(s, k);
+        if (prefetching && s.nparams > 0) {  // the next layer's parameters, the input read next
+          prefetch_step(down(k));
+          if (a.x) small::prefetch_during_next(a.x, B * w(s.in) * sizeof(T));
+        }
         const std::int64_t gx = s.block->backward_input(a);
         add_to(s.in, a.dx, gx);
         release(dy.buf);

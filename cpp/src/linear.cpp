@@ -10,6 +10,7 @@
 
 #include "gradchain/blas.hpp"
 #include "gradchain/scaled.hpp"
+#include "gradchain/small_gemm.hpp"
 
 namespace gradchain {
 
@@ -175,6 +176,12 @@ void Linear<T>::weight_changed(MaxAbs s) {
   zero_bias_ = std::all_of(b_.begin(), b_.end(), [](T v) { return v == T(0); });
   if (!max_abs(b_.data(), b_.size()).finite)
     throw std::invalid_argument(describe() + ": bias must be finite; got NaN or inf");
+}
+
+template <class T>
+void Linear<T>::prefetch(const T* drawn) const {
+  const std::size_t n = static_cast<std::size_t>(this->in_) * static_cast<std::size_t>(this->out_);
+  small::prefetch_during_next(drawn ? drawn : gemm_weight(), n * sizeof(T));
 }
 
 template <class T>

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstddef>
 
+#include "gradchain/optimizer.hpp"
 #include "gradchain/system.hpp"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -134,28 +135,129 @@ inline bool cpu_has_fma() {
 #endif
 }
 
+// The running sums of a tracked update (see Optimizer::step_tracked), in double.
+template <class S>
+struct SumsOf {
+  double mp = 0.0, md = 0.0, sp = 0.0, sd = 0.0;
+  GC_OPTIM_INLINE void add(const typename S::V& before, const typename S::V& after) {
+    const double a = static_cast<double>(after), d = a - static_cast<double>(before);
+    const double fa = std::fabs(a), fd = std::fabs(d);
+    mp = fa > mp ? fa : mp;
+    md = fd > md ? fd : md;
+    sp += a * a;
+    sd += d * d;
+  }
+  void into(UpdateSums& u) const {
+    u.max_p = u.max_p > mp || mp != mp ? u.max_p : mp;
+    u.max_d = u.max_d > md || md != md ? u.max_d : md;
+    u.sum_p2 += sp;
+    u.sum_d2 += sd;
+  }
+};
+
+#ifdef GC_OPTIM_FMA_BUILD
+// Four double lanes per accumulator; a float vector goes in as its two halves.
+template <class T>
+struct AvxSums {
+  // Two sets of accumulators, one per half of a float vector: the loop-carried chains
+  // through them must stay shorter than the update's own divisions.
+  __m256d mp[2], md[2], sp[2], sd[2];
+  GC_OPTIM_FMA_INLINE AvxSums() {
+    for (int h = 0; h < 2; ++h) mp[h] = md[h] = sp[h] = sd[h] = _mm256_setzero_pd();
+  }
+  GC_OPTIM_FMA_INLINE void add4(int h, __m256d b, __m256d a) {
+    const __m256d d = _mm256_sub_pd(a, b),
+                  abs = _mm256_castsi256_pd(_mm256_set1_epi64x(~(1LL << 63)));
+    mp[h] = _mm256_max_pd(_mm256_and_pd(a, abs), mp[h]);  // |a| > mp ? |a| : mp, as SumsOf
+    md[h] = _mm256_max_pd(_mm256_and_pd(d, abs), md[h]);
+    sp[h] = _mm256_fmadd_pd(a, a, sp[h]);
+    sd[h] = _mm256_fmadd_pd(d, d, sd[h]);
+  }
+  GC_OPTIM_FMA_INLINE void add(const typename Avx<T>::V& before, const typename Avx<T>::V& after) {
+    if constexpr (sizeof(T) == 8) {
+      add4(0, before, after);
+    } else {
+      add4(0, _mm256_cvtps_pd(_mm256_castps256_ps128(before)),
+           _mm256_cvtps_pd(_mm256_castps256_ps128(after)));
+      add4(1, _mm256_cvtps_pd(_mm256_extractf128_ps(before, 1)),
+           _mm256_cvtps_pd(_mm256_extractf128_ps(after, 1)));
+    }
+  }
+  GC_OPTIM_FMA_INLINE void into(UpdateSums& u) const {
+    alignas(32) double v[4][4];
+    for (int h = 0; h < 2; ++h) {
+      _mm256_store_pd(v[0], mp[h]);
+      _mm256_store_pd(v[1], md[h]);
+      _mm256_store_pd(v[2], sp[h]);
+      _mm256_store_pd(v[3], sd[h]);
+      for (int l = 0; l < 4; ++l) {
+        u.max_p = u.max_p > v[0][l] || v[0][l] != v[0][l] ? u.max_p : v[0][l];
+        u.max_d = u.max_d > v[1][l] || v[1][l] != v[1][l] ? u.max_d : v[1][l];
+        u.sum_p2 += v[2][l];
+        u.sum_d2 += v[3][l];
+      }
+    }
+  }
+};
+#endif
+
 // Loop::at<S>(args, i) for every element of args.n, in the AVX2+FMA build where the CPU has
-// it. Args is copied to a local, so that stores through its arrays cannot alias it.
+// it, with `track` (if not null): p as it was goes to track->before (unless an earlier pass
+// of the update put it there), and the update's sums are taken from the values in
+// registers, so that neither needs a pass of its own over the arrays. Args is copied to a
+// local, so that stores through its arrays cannot alias it.
 #ifdef GC_OPTIM_FMA_BUILD
 template <class Loop, class T, class Args>
-GC_OPTIM_FMA_TARGET void run_fma(const Args& args) {
+GC_OPTIM_FMA_TARGET void run_fma(const Args& args, UpdateTrack<T>* track) {
   const Args a = args;
   std::size_t i = 0;
-  for (; i + Avx<T>::W <= a.n; i += Avx<T>::W) Loop::template at<Avx<T>>(a, i);
-  for (; i < a.n; ++i) Loop::template at<Scalar<T>>(a, i);
+  if (!track) {
+    for (; i + Avx<T>::W <= a.n; i += Avx<T>::W) Loop::template at<Avx<T>>(a, i);
+    for (; i < a.n; ++i) Loop::template at<Scalar<T>>(a, i);
+    return;
+  }
+  T* const before = track->before;
+  const bool copied = track->copied;
+  AvxSums<T> vs;
+  for (; i + Avx<T>::W <= a.n; i += Avx<T>::W) {
+    const typename Avx<T>::V b = Avx<T>::load((copied ? before : a.p) + i);
+    if (!copied) Avx<T>::store(before + i, b);
+    Loop::template at<Avx<T>>(a, i);
+    vs.add(b, Avx<T>::load(a.p + i));
+  }
+  SumsOf<Scalar<T>> ss;
+  for (; i < a.n; ++i) {
+    const T b = copied ? before[i] : a.p[i];
+    before[i] = b;
+    Loop::template at<Scalar<T>>(a, i);
+    ss.add(b, a.p[i]);
+  }
+  vs.into(track->sums);
+  ss.into(track->sums);
 }
 #endif
 
 template <class Loop, class T, class Args>
-void run(const Args& args) {
+void run(const Args& args, UpdateTrack<T>* track = nullptr) {
 #ifdef GC_OPTIM_FMA_BUILD
   if (cpu_has_fma()) {
-    run_fma<Loop, T>(args);
+    run_fma<Loop, T>(args, track);
     return;
   }
 #endif
   const Args a = args;
-  for (std::size_t i = 0; i < a.n; ++i) Loop::template at<Scalar<T>>(a, i);
+  if (!track) {
+    for (std::size_t i = 0; i < a.n; ++i) Loop::template at<Scalar<T>>(a, i);
+    return;
+  }
+  SumsOf<Scalar<T>> ss;
+  for (std::size_t i = 0; i < a.n; ++i) {
+    const T b = track->copied ? track->before[i] : a.p[i];
+    track->before[i] = b;
+    Loop::template at<Scalar<T>>(a, i);
+    ss.add(b, a.p[i]);
+  }
+  ss.into(track->sums);
 }
 
 }  // namespace gradchain::optim_ops

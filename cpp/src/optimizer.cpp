@@ -113,6 +113,22 @@ void Optimizer<T>::step(std::size_t i, T* p, const T* g, std::size_t n, double l
 }
 
 template <class T>
+UpdateSums Optimizer<T>::step_tracked(std::size_t i, T* p, const T* g, std::size_t n, double lr,
+                                      T* before) {
+  UpdateTrack<T> track;
+  track.before = before;
+  track_ = &track;
+  try {
+    step(i, p, g, n, lr);
+  } catch (...) {
+    track_ = nullptr;
+    throw;
+  }
+  track_ = nullptr;
+  return track.sums;
+}
+
+template <class T>
 void Optimizer<T>::set_state(std::vector<ParamState<T>> state) {
   const std::vector<std::string> names = state_buffer_names(spec_);
   for (std::size_t i = 0; i < state.size(); ++i) {

@@ -84,7 +84,7 @@ class RMSprop final : public Optimizer<T> {
                               ops::Lerp<T>(1 - o.alpha),
                               static_cast<T>(o.eps),
                               static_cast<T>(-lr)};
-    ops::run<RMSpropLoop<T>, T>(args);
+    ops::run<RMSpropLoop<T>, T>(args, this->track_);
   }
 };
 

@@ -60,7 +60,7 @@ class SGD final : public Optimizer<T> {
                           static_cast<T>(o.momentum),
                           static_cast<T>(1 - o.dampening),
                           static_cast<T>(-lr)};
-    ops::run<SGDLoop<T>, T>(args);
+    ops::run<SGDLoop<T>, T>(args, this->track_);
     s.step += 1;
   }
 };

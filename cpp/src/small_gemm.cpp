@@ -16,15 +16,15 @@ namespace gradchain::small {
 // instruction set: nothing else in the library is.
 namespace avx2 {
 void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
-          const double* b, int ldb, double* c, int ldc);
+          const double* b, int ldb, double* c, int ldc, Prefetch& pf);
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float* c, int ldc);
+          const float* b, int ldb, float* c, int ldc, Prefetch& pf);
 }  // namespace avx2
 namespace avx512 {
 void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
-          const double* b, int ldb, double* c, int ldc);
+          const double* b, int ldb, double* c, int ldc, Prefetch& pf);
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float* c, int ldc);
+          const float* b, int ldb, float* c, int ldc, Prefetch& pf);
 }  // namespace avx512
 #endif
 
@@ -52,9 +52,13 @@ std::atomic<Isa>& current() {
   return c;
 }
 
+thread_local Prefetch pending;
+
 template <class T>
 bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* a, int lda,
          const T* b, int ldb, T* c, int ldc) {
+  Prefetch pf = pending;
+  pending = Prefetch{};
   const Isa i = current().load(std::memory_order_relaxed);
   if (i == Isa::blas || m <= 0 || n <= 0 || k <= 0) return false;
   if (double(m) * double(n) * double(k) > kMaxWork) return false;
@@ -67,18 +71,28 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
   // amplify last-bit differences, included). The other forms sum in the same order at any
   // width.
   if (i == Isa::avx512 && !bt) {
-    avx512::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    avx512::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
   } else {
-    avx2::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    avx2::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
   }
   return true;
 #else
-  (void)a, (void)b, (void)c, (void)alpha, (void)lda, (void)ldb, (void)ldc;
+  (void)a, (void)b, (void)c, (void)alpha, (void)lda, (void)ldb, (void)ldc, (void)pf;
   return false;
 #endif
 }
 
 }  // namespace
+
+void prefetch_during_next(const void* p, std::size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int r = 0; r < 2; ++r)
+    if (pending.p[r] == pending.end[r]) {
+      pending.p[r] = c;
+      pending.end[r] = c + bytes;
+      return;
+    }
+}
 
 Isa isa() {
   return current().load();

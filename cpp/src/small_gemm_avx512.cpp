@@ -106,12 +106,12 @@ struct ZF {
 }  // namespace
 
 void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
-          const double* b, int ldb, double* c, int ldc) {
-  kernels::run<ZD>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+          const double* b, int ldb, double* c, int ldc, Prefetch& pf) {
+  kernels::run<ZD>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
 }
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float* c, int ldc) {
-  kernels::run<ZF>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+          const float* b, int ldb, float* c, int ldc, Prefetch& pf) {
+  kernels::run<ZF>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
 }
 
 }  // namespace gradchain::small::avx512

@@ -15,8 +15,24 @@
 
 #include <immintrin.h>
 
+#include "gradchain/small_gemm.hpp"
+
 namespace gradchain::small::kernels {
 namespace {
+
+// One line of pf's ranges into cache per step of a product's inner loop: loads spread over
+// the product overlap with its arithmetic.
+// Products with nothing to prefetch run without the check.
+struct NoPrefetch {};
+inline __attribute__((always_inline)) void prefetch_step(NoPrefetch&) {}
+inline __attribute__((always_inline)) void prefetch_step(Prefetch& pf) {
+  for (int r = 0; r < 2; ++r)
+    if (pf.p[r] < pf.end[r]) {
+      __builtin_prefetch(pf.p[r], 0, 2);
+      pf.p[r] += 64;
+      return;
+    }
+}
 
 // Horizontal sums of 256-bit vectors, in one fixed order: the halves, then the pairs.
 inline __attribute__((always_inline)) double hsum(__m256d v) {
@@ -50,10 +66,10 @@ inline __attribute__((always_inline)) __m256d hsum4(__m256d a, __m256d b, __m256
 // columns valid (all of them when FULL). Each step broadcasts one A entry per row against
 // the NV vectors of a B row: every C entry is the sum over p in order, one fused
 // multiply-add at a time, so the numbers are the same for any vector width.
-template <class S, int MR, int NV, bool FULL>
+template <class S, int MR, int NV, bool FULL, class P>
 inline __attribute__((always_inline)) void broadcast_tile(
     int k, const typename S::T* a, std::ptrdiff_t sai, std::ptrdiff_t sak, const typename S::T* b,
-    std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, int nr) {
+    std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, int nr, P& pf) {
   using V = typename S::V;
   using M = typename S::M;
   V acc[MR][NV];
@@ -63,6 +79,7 @@ inline __attribute__((always_inline)) void broadcast_tile(
   if (!FULL)
     for (int v = 0; v < NV; ++v) m[v] = S::mask(nr - v * S::W);
   for (int p = 0; p < k; ++p) {
+    prefetch_step(pf);
     const typename S::T* bp = b + p * ldb;
     V bv[NV];
     for (int v = 0; v < NV; ++v)
@@ -86,89 +103,93 @@ inline __attribute__((always_inline)) void broadcast_tile(
 }
 
 // Rows [0, MR) of C, the columns in tiles of NV vectors (a narrower last tile).
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 inline __attribute__((always_inline)) void broadcast_rows(int n, int k, const typename S::T* a,
                                                           std::ptrdiff_t sai, std::ptrdiff_t sak,
                                                           const typename S::T* b,
                                                           std::ptrdiff_t ldb, typename S::T* c,
-                                                          std::ptrdiff_t ldc, typename S::T alpha) {
+                                                          std::ptrdiff_t ldc, typename S::T alpha,
+                                                          P& pf) {
   constexpr int NR = NV * S::W;
   int j = 0;
   for (; j + NR <= n; j += NR)
-    broadcast_tile<S, MR, NV, true>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, NR);
-  if (j < n) broadcast_tile<S, MR, NV, false>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, n - j);
+    broadcast_tile<S, MR, NV, true>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, NR, pf);
+  if (j < n)
+    broadcast_tile<S, MR, NV, false>(k, a, sai, sak, b + j, ldb, c + j, ldc, alpha, n - j, pf);
 }
 
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 void broadcast_rows_tail(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                          std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha);
+                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf);
 
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 void broadcast_rows_of(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                        std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                       typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha) {
+                       typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf) {
   int i = 0;
   for (; i + MR <= m; i += MR)
-    broadcast_rows<S, MR, NV>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha);
+    broadcast_rows<S, MR, NV>(n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc, ldc, alpha, pf);
   if constexpr (MR > 1) {
     if (m - i > 0)
       broadcast_rows_tail<S, MR - 1, NV>(m - i, n, k, a + i * sai, sai, sak, b, ldb, c + i * ldc,
-                                         ldc, alpha);
+                                         ldc, alpha, pf);
   }
 }
 
 // The last m < MR + 1 rows.
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, class P>
 void broadcast_rows_tail(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                          std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha) {
+                         typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf) {
   if (m == MR) {
-    broadcast_rows<S, MR, NV>(n, k, a, sai, sak, b, ldb, c, ldc, alpha);
+    broadcast_rows<S, MR, NV>(n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
     return;
   }
   if constexpr (MR > 1)
-    broadcast_rows_tail<S, MR - 1, NV>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha);
+    broadcast_rows_tail<S, MR - 1, NV>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
 }
 
 // C = alpha * A B, the tile shape chosen by how many vectors a row of C takes: wide rows
 // in tiles of S::kWideRows rows x S::kWide vectors, narrower ones in taller tiles.
-template <class S>
+template <class S, class P>
 void broadcast_gemm(int m, int n, int k, const typename S::T* a, std::ptrdiff_t sai,
                     std::ptrdiff_t sak, const typename S::T* b, std::ptrdiff_t ldb,
-                    typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha) {
+                    typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha, P& pf) {
   const int nv = (n + S::W - 1) / S::W;
   if (nv >= S::kWide) {
-    broadcast_rows_of<S, S::kWideRows, S::kWide>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha);
+    broadcast_rows_of<S, S::kWideRows, S::kWide>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
     return;
   }
   if constexpr (S::kWide > 3) {
     if (nv == 3) {
-      broadcast_rows_of<S, 5, 3>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha);
+      broadcast_rows_of<S, 5, 3>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
       return;
     }
   }
   if constexpr (S::kWide > 2) {
     if (nv == 2) {
-      broadcast_rows_of<S, 8, 2>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha);
+      broadcast_rows_of<S, 8, 2>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
       return;
     }
   }
-  broadcast_rows_of<S, 8, 1>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha);
+  broadcast_rows_of<S, 8, 1>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
 }
 
 // C[MR x NR] tile of C = alpha * A B^T with A, B row-major: MR x NR dot products over k.
-template <class S, int MR, int NR>
+template <class S, int MR, int NR, class P>
 inline __attribute__((always_inline)) void dot_tile(int k, const typename S::T* a,
                                                     std::ptrdiff_t lda, const typename S::T* b,
                                                     std::ptrdiff_t ldb, typename S::T* c,
-                                                    std::ptrdiff_t ldc, typename S::T alpha) {
+                                                    std::ptrdiff_t ldc, typename S::T alpha,
+                                                    P& pf) {
   using V = typename S::V;
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int s = 0; s < NR; ++s) acc[r][s] = S::zero();
   int p = 0;
   for (; p + S::W <= k; p += S::W) {
+    prefetch_step(pf);
     V av[MR];
     for (int r = 0; r < MR; ++r) av[r] = S::load(a + r * lda + p);
     for (int s = 0; s < NR; ++s) {
@@ -194,44 +215,45 @@ inline __attribute__((always_inline)) void dot_tile(int k, const typename S::T* 
 
 // Columns [0, NR) of C: every row tile against the same NR rows of B, which stay in L1
 // while A (the smaller operand in a layer's forward product) streams past them.
-template <class S, int NR>
+template <class S, int NR, class P>
 void dot_cols(int m, int k, const typename S::T* a, std::ptrdiff_t lda, const typename S::T* b,
-              std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha) {
+              std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc, typename S::T alpha,
+              P& pf) {
   constexpr int MR = S::kDotRows;
   int i = 0;
   for (; i + MR <= m; i += MR)
-    dot_tile<S, MR, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
+    dot_tile<S, MR, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha, pf);
   switch (m - i) {
     case 3:
       if constexpr (MR > 3)
-        dot_tile<S, 3, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
+        dot_tile<S, 3, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha, pf);
       break;
     case 2:
-      dot_tile<S, 2, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
+      dot_tile<S, 2, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha, pf);
       break;
     case 1:
-      dot_tile<S, 1, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha);
+      dot_tile<S, 1, NR>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, alpha, pf);
       break;
     default:
       break;
   }
 }
 
-template <class S>
+template <class S, class P>
 void dot_gemm(int m, int n, int k, const typename S::T* a, std::ptrdiff_t lda,
               const typename S::T* b, std::ptrdiff_t ldb, typename S::T* c, std::ptrdiff_t ldc,
-              typename S::T alpha) {
+              typename S::T alpha, P& pf) {
   int j = 0;
-  for (; j + 4 <= n; j += 4) dot_cols<S, 4>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
+  for (; j + 4 <= n; j += 4) dot_cols<S, 4>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha, pf);
   switch (n - j) {
     case 3:
-      dot_cols<S, 3>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
+      dot_cols<S, 3>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha, pf);
       break;
     case 2:
-      dot_cols<S, 2>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
+      dot_cols<S, 2>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha, pf);
       break;
     case 1:
-      dot_cols<S, 1>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha);
+      dot_cols<S, 1>(m, k, a, lda, b + j * ldb, ldb, c + j, ldc, alpha, pf);
       break;
     default:
       break;
@@ -241,13 +263,23 @@ void dot_gemm(int m, int n, int k, const typename S::T* a, std::ptrdiff_t lda,
 // op(B) = B: broadcast form; op(B) = B^T (with op(A) = A): dot products.
 template <class S>
 void run(bool ta, bool tb, int m, int n, int k, typename S::T alpha, const typename S::T* a,
-         int lda, const typename S::T* b, int ldb, typename S::T* c, int ldc) {
+         int lda, const typename S::T* b, int ldb, typename S::T* c, int ldc, Prefetch& pf) {
   if (!tb) {
     const std::ptrdiff_t sai = ta ? 1 : lda;
     const std::ptrdiff_t sak = ta ? lda : 1;
-    broadcast_gemm<S>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha);
+    if (pf.p[0] == pf.end[0]) {
+      NoPrefetch none;
+      broadcast_gemm<S>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, none);
+    } else {
+      broadcast_gemm<S>(m, n, k, a, sai, sak, b, ldb, c, ldc, alpha, pf);
+    }
   } else {
-    dot_gemm<S>(m, n, k, a, lda, b, ldb, c, ldc, alpha);
+    if (pf.p[0] == pf.end[0]) {
+      NoPrefetch none;
+      dot_gemm<S>(m, n, k, a, lda, b, ldb, c, ldc, alpha, none);
+    } else {
+      dot_gemm<S>(m, n, k, a, lda, b, ldb, c, ldc, alpha, pf);
+    }
   }
 }
 

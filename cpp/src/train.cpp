@@ -50,10 +50,6 @@ bool in_band(double m) {
   return m == 0.0 || (m >= 0x1p-400 && m <= 0x1p400);
 }
 
-struct UpdateSums {
-  double mp = 0.0, md = 0.0, sp = 0.0, sd = 0.0;
-};
-
 // The largest entries and sums of squares of p and p - b, in one pass. A NaN in p makes sp
 // NaN, an inf makes mp inf.
 template <class T>
@@ -69,7 +65,12 @@ __attribute__((always_inline)) inline UpdateSums update_sums_impl(const T* p, co
     sp += a * a;
     sd += d * d;
   }
-  return {mp, md, sp, sd};
+  UpdateSums u;
+  u.max_p = mp;
+  u.max_d = md;
+  u.sum_p2 = sp;
+  u.sum_d2 = sd;
+  return u;
 }
 
 GC_CLONES UpdateSums update_sums(const float* p, const float* b, std::size_t n) {
@@ -86,18 +87,17 @@ struct Sums {
 };
 
 // log10 ||p|| (NaN or +inf for a non-finite p) and log10 ||p - b|| / ||b|| of one update
-// (b the parameter before it, `last` its sums where known), in one pass where no square
-// that matters can overflow or underflow; otherwise from scans at a power-of-two scale
-// (`diff` holds n numbers).
+// (b the parameter before it, u its sums, `last` b's sums where known), from the sums where
+// no square that matters can overflow or underflow; otherwise from scans at a power-of-two
+// scale (`diff` holds n numbers).
 template <class T>
-bool update_norms(const T* p, const T* b, std::size_t n, double* diff, Sums& last, double& log10_p,
-                  double& log10_ratio) {
+bool update_norms(const T* p, const T* b, std::size_t n, const UpdateSums& u, double* diff,
+                  Sums& last, double& log10_p, double& log10_ratio) {
   if (!last.valid) {  // b through the same pass, as p
-    const UpdateSums u = update_sums(b, b, n);
-    last = {u.mp, u.sp, true};
+    const UpdateSums ub = update_sums(b, b, n);
+    last = {ub.max_p, ub.sum_p2, true};
   }
-  const UpdateSums u = update_sums(p, b, n);
-  const double mp = u.mp, mb = last.m, md = u.md, sp = u.sp, sb = last.s, sd = u.sd;
+  const double mp = u.max_p, mb = last.m, md = u.max_d, sp = u.sum_p2, sb = last.s, sd = u.sum_d2;
   last = {mp, sp, true};
   if (std::isnan(sp) || std::isinf(mp)) {
     log10_p = std::isinf(mp) ? kInf : kNaN;
@@ -632,10 +632,16 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         T* p = model.param(i);
         const std::size_t n = model.param_size(i);
         T* b = before.data() + offset[i];
-        std::copy(p, p + n, b);
-        opt.step(i, p, pass.grads[i].data(), n, lr);
-        if (renorm && model.rows(i) > 0) renorm_rows(p, model.rows(i), n, o.max_weight_norm);
-        if (!update_norms(p, b, n, diff.data(), last[i], row.norm[i], row.ratio[i])) {
+        UpdateSums u;
+        if (renorm && model.rows(i) > 0) {
+          std::copy(p, p + n, b);
+          opt.step(i, p, pass.grads[i].data(), n, lr);
+          renorm_rows(p, model.rows(i), n, o.max_weight_norm);
+          u = update_sums(p, b, n);
+        } else {
+          u = opt.step_tracked(i, p, pass.grads[i].data(), n, lr, b);
+        }
+        if (!update_norms(p, b, n, u, diff.data(), last[i], row.norm[i], row.ratio[i])) {
           bad_weight = static_cast<std::int64_t>(i);
           break;
         }

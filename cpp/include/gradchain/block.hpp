@@ -121,6 +121,11 @@ class Block {
   virtual std::size_t draw_size() const { return 0; }
   virtual void draw(T* /*out*/) const {}
 
+  // Asks for what the block's products will read (its parameters, or the drawn ones at
+  // `drawn`) to be loaded into cache during the next product on this thread: the driver
+  // calls it for the layer after the one at hand.
+  virtual void prefetch(const T* /*drawn*/) const {}
+
   // y = f(x) for a.rows examples; returns y's exponent.
   virtual std::int64_t forward(const ForwardArgs<T>& a) const = 0;
   // After a forward pass in train mode over the whole batch (BatchNorm's running stats).

@@ -55,6 +55,7 @@ class Linear final : public Block<T> {
   T* param_data(std::size_t i) override { return i == 0 ? w_.data() : b_.data(); }
   void params_changed() override;
 
+  void prefetch(const T* drawn) const override;
   std::int64_t forward(const ForwardArgs<T>& a) const override;
   std::int64_t backward_input(const BackwardArgs<T>& a) const override;
   void backward_params(const BackwardArgs<T>& a, const ParamGradArgs& opt, T* const* grads,

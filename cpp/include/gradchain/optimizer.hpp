@@ -60,6 +60,21 @@ struct ParamState {
 // (e.g. Adam with amsgrad: exp_avg, exp_avg_sq, max_exp_avg_sq; SGD without momentum: none).
 std::vector<std::string> state_buffer_names(const OptimizerSpec& spec);
 
+// The sums of one update of a parameter (b its values before, p after), in double:
+// max |p|, sum p^2, max |p - b|, sum (p - b)^2. A NaN in p makes sum_p2 NaN, an inf makes
+// max_p inf.
+struct UpdateSums {
+  double max_p = 0.0, sum_p2 = 0.0, max_d = 0.0, sum_d2 = 0.0;
+};
+
+// A tracked update: where p's values before it go, and its sums.
+template <class T>
+struct UpdateTrack {
+  T* before = nullptr;
+  bool copied = false;  // an earlier pass of the update has put them there
+  UpdateSums sums;
+};
+
 template <class T>
 class Optimizer {
  public:
@@ -72,6 +87,9 @@ class Optimizer {
   // are numbered by the caller, the same way on every step. std::invalid_argument if lr is
   // negative or not finite, or n differs from the size of parameter i's state.
   void step(std::size_t i, T* p, const T* g, std::size_t n, double lr);
+  // As step(), and p's values before the update go to `before` (n numbers) and the
+  // update's sums come back: both taken in the update's own pass over p.
+  UpdateSums step_tracked(std::size_t i, T* p, const T* g, std::size_t n, double lr, T* before);
 
   std::vector<ParamState<T>>& state() { return state_; }
   const std::vector<ParamState<T>>& state() const { return state_; }
@@ -83,6 +101,7 @@ class Optimizer {
  protected:
   virtual void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) = 0;
   OptimizerSpec spec_;
+  UpdateTrack<T>* track_ = nullptr;  // during step_tracked: for the update's last pass over p
 
  private:
   std::vector<ParamState<T>> state_;

@@ -5,6 +5,8 @@
 // (no AVX2, not x86-64) products go to BLAS.
 #pragma once
 
+#include <cstddef>
+
 #include "gradchain/blas.hpp"
 
 namespace gradchain::small {
@@ -17,6 +19,16 @@ const char* isa_name(Isa i);
 // Uses `i` from now on (a narrower one than the CPU's, to compare variants); a variant the
 // CPU lacks throws std::invalid_argument. Returns the one in use before.
 Isa set_isa(Isa i);
+
+// Memory that the next product of these kernels on the calling thread loads into cache while
+// it runs, one line per step of its inner loop, up to two ranges (e.g. what the next layer of
+// a chain reads, so that a chain larger than the caches does not wait for memory at every
+// layer). A product that goes to BLAS drops them.
+struct Prefetch {
+  const char* p[2] = {nullptr, nullptr};
+  const char* end[2] = {nullptr, nullptr};
+};
+void prefetch_during_next(const void* p, std::size_t bytes);
 
 // C = alpha * op(A) op(B), row-major, beta = 0. Returns false (and does nothing) when the
 // product is too large for these kernels, op(B) = B^T with op(A) = A^T, or the variant in
