@@ -57,7 +57,10 @@ def test_ctrl_c_stops_drawing_a_deep_chain():
     out = run_python(code).split()
     assert out[0] == "interrupted", out
     elapsed, full = float(out[1]), float(out[2])
-    assert elapsed < min(1.5, 0.5 * full), (elapsed, full)
+    # Well before the end: most of what is left after the signal is allocating the
+    # chain's weights (zeroed, before anything is drawn), which the vector generator now
+    # outlasts by less.
+    assert elapsed < min(1.5, 0.75 * full), (elapsed, full)
 
 
 # Long calls, each sized to run for at least 3 s uninterrupted on two busy cores (measured
