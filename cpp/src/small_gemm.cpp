@@ -30,8 +30,12 @@ void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, in
 
 namespace {
 
-// Products up to this many multiply-adds use the kernels (e.g. 32 x 128 x 128).
+// Products up to this many multiply-adds use the kernels (e.g. 32 x 128 x 128): above it
+// OpenBLAS's packed panels win, except for the A B form (dL/dx = dL/dy W), whose kernel
+// reads B's rows in place where OpenBLAS packs the whole of B at every call: up to
+// 32 x 384 x 384 (at 32 x 512 x 512 the two break even).
 constexpr double kMaxWork = 1 << 19;
+constexpr double kMaxWorkAB = 3 << 21;
 
 Isa widest() {
 #ifdef GC_SMALL_GEMM
@@ -61,9 +65,9 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
   pending = Prefetch{};
   const Isa i = current().load(std::memory_order_relaxed);
   if (i == Isa::blas || m <= 0 || n <= 0 || k <= 0) return false;
-  if (double(m) * double(n) * double(k) > kMaxWork) return false;
   const bool at = ta == blas::Trans::T, bt = tb == blas::Trans::T;
   if (at && bt) return false;
+  if (double(m) * double(n) * double(k) > (at || bt ? kMaxWork : kMaxWorkAB)) return false;
 #ifdef GC_SMALL_GEMM
   // The A B^T form sums each dot product in as many lanes as a vector holds, so its
   // numbers depend on the vector width; it keeps the AVX2 kernel on every CPU, so that a
