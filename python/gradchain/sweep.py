@@ -507,8 +507,10 @@ def _drain(futures: list[Any], done: Callable[[list[Any]], bool]) -> None:
 def _run_threads(
     plan: _Plan, tasks: list[_Task], workers: int, done: Callable[[list[Any]], bool]
 ) -> None:
+    # Runs of neighbouring points on one thread: its chain changes one argument at a time
+    # (an MLP then rescales, or keeps, its weights).
     with ThreadPoolExecutor(workers, thread_name_prefix="gradchain-sweep") as ex:
-        _drain([ex.submit(_evaluate_many, plan, [t]) for t in tasks], done)
+        _drain([ex.submit(_evaluate_many, plan, c) for c in _guided_chunks(tasks, workers)], done)
     _release()
 
 
