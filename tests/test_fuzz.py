@@ -521,17 +521,19 @@ NEAR_ZERO_SLOPE = {"tanh": (1.0, 1.0), "gelu": (0.5, 0.5), "gelu_tanh": (0.5, 0.
                    "silu": (0.5, 0.5)}  # fmt: skip
 
 
-def carried_extent(ws, bs, x, act, slope, alpha) -> float:
-    """log10 of the largest |value| of the exact forward pass (pre-activations, activations,
+def carried_extent(ws, bs, x, act, slope, alpha, tiny=0.0) -> tuple[float, bool]:
+    """(log10 of the largest |value| of the exact forward pass (pre-activations, activations,
     the partial sums' bound |h| |W|^T + |b|) where a signal below the floats passes through
     layers without bias and activations linear near 0 as a mantissa times 2**e, as the
-    chain carries it: inf where a true value lies beyond the doubles (a float forward pass
-    that underflows first never sees it)."""
+    chain carries it: inf where a true value lies beyond the doubles; whether a layer's
+    exact output, back in the floats, vanishes below `tiny` although its pre-activations
+    are not all zero (gelu of -1e12)). A float forward pass that underflows first sees
+    neither."""
     slopes = NEAR_ZERO_SLOPE.get(act)
     if act == "elu":
         slopes = (1.0, alpha)
     if slopes is None:
-        return -math.inf
+        return -math.inf, False
     h = np.asarray(x, dtype=np.float64)
     e = exponent(h)
     h = np.ldexp(h, -e)
@@ -551,7 +553,7 @@ def carried_extent(ws, bs, x, act, slope, alpha) -> float:
             note(np.abs(h) @ np.abs(wm).T, ez)
             note(zm, ez)
             if not np.isfinite(zm).all():
-                return math.inf
+                return math.inf, False
             biased = bool(np.any(b))
             tz = float(np.max(np.abs(zm), initial=0.0))
             if not biased and tz > 0 and math.log2(tz) + ez < -500:
@@ -560,16 +562,18 @@ def carried_extent(ws, bs, x, act, slope, alpha) -> float:
                 note(h, e)
                 continue
             if tz > 0 and math.log2(tz) + ez > 1023:
-                return math.inf
+                return math.inf, False
             z = np.ldexp(zm, ez) + np.asarray(b, dtype=np.float64)
             note(z, 0)
             hv = O.act_forward(act, z, slope, alpha)
             if not np.isfinite(hv).all():
-                return math.inf
+                return math.inf, False
+            if bool((z != 0).any()) and float(np.max(np.abs(hv), initial=0.0)) < 4 * tiny:
+                return top, True
             e = exponent(hv)
             h = np.ldexp(hv, -e)
             note(h, e)
-    return top
+    return top, False
 
 
 def underflows(ws, bs, x, acts, dtype: str) -> bool:
@@ -970,11 +974,12 @@ def check_mlp(case: MLPCase) -> None:
     try:
         rep = net.backward(x, **kw)
     except NonFiniteError as err:
-        both = max(forward_extent(ws, bs, xs, *acts), carried_extent(ws, bs, xs, *acts))
+        carried, vanishes = carried_extent(ws, bs, xs, *acts, tiny=FTINY[dt])
+        both = max(forward_extent(ws, bs, xs, *acts), carried)
         edge = math.log10(0.25 * FMAX[dt])
         if tgt is not None and case.loss == "mse":
             both = max(both, log10_pnorm(np.asarray(tgt, dtype=np.float64), math.inf))
-        assert both >= edge or underflows(ws, bs, xs, acts, dt), (
+        assert both >= edge or vanishes or underflows(ws, bs, xs, acts, dt), (
             f"NonFiniteError ({err}) but no sum or product of the float forward pass reaches "
             f"10**{both:.2f}, and no layer's output vanishes below the normal floats"
         )
@@ -2407,3 +2412,21 @@ def test_gru_reset_gate_times_a_huge_candidate_sum(dtype, gain):
     np.testing.assert_allclose(rep.log10_layer_state_grad_norms[0], want, rtol=1e-5)
     for n, v in ref["grads"].items():
         assert close(rep.log10_param_grad_norms[n], log10_pnorm(v) + s, 1e-5), n
+
+
+def test_gru_update_gate_times_a_huge_previous_state():
+    """dL/dz = dL/dh (h_{t-1} - n) z (1 - z) with h_{t-1} = 1.3e36 in float32 and dL/dh
+    about as large (the probe loss): formed at a lower power of two instead of overflowing
+    (inf times the zero W_hh gave NaN), as float64 has it."""
+    sd = {
+        "weight_ih_l0": np.array([[0.125], [-0.13], [0.64]], dtype=np.float32),
+        "weight_hh_l0": np.zeros((3, 1), dtype=np.float32),
+    }
+    x = np.full((1, 1, 1), 0.1257, dtype=np.float32)
+    h0 = np.full((1, 1, 1), 1.257e36, dtype=np.float32)
+    rep = gc.RNN.from_state_dict(sd, "gru", dtype="float32").backward(x, h0=h0)
+    sd64 = {k: v.astype(np.float64) for k, v in sd.items()}
+    ref = gc.RNN.from_state_dict(sd64, "gru").backward(x.astype(np.float64), h0=h0)
+    np.testing.assert_allclose(rep.log10_state_grad_norms, ref.log10_state_grad_norms, rtol=1e-6)
+    for n, v in ref.log10_param_grad_norms.items():
+        assert close(rep.log10_param_grad_norms[n], v, 1e-6), n

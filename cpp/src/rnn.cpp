@@ -797,13 +797,15 @@ void Pass<T>::carry(Part<T>& p, std::size_t l, std::size_t t_hi, std::size_t t_l
       }
       case CellKind::gru: {
         const T* hp = p.Hs[l] + (t - 1) * n;
-        // dL/dr carries W_hn h + b_hn, which may lie far above the band: where dh times it
-        // could overflow, the step's gates are formed from dh * 2^-s and kept at 2^(gh + s).
+        // dL/dr carries W_hn h + b_hn and dL/dz carries h_{t-1} - n, either of which may lie
+        // far above the band: where dh times them could overflow, the step's gates are
+        // formed from dh * 2^-s and kept at 2^(gh + s).
         Pow2<T> ds(0);
         if (th != kNone) {
           T mg = T(0);
           for (std::size_t r = 0; r < R; ++r)
-            for (std::size_t j = 0; j < H; ++j) mg = std::max(mg, std::abs(G[r * GW + 3 * H + j]));
+            for (std::size_t j = 0; j < H; ++j)
+              mg = std::max({mg, std::abs(G[r * GW + 3 * H + j]), std::abs(hp[r * H + j]) + T(1)});
           if (mg > T(0) && std::isfinite(mg)) {
             constexpr int room = std::numeric_limits<T>::max_exponent - 8;
             const std::int64_t top = th - gh + exponent_of(mg) + exponent_of(double(m_.GH));
