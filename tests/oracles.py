@@ -97,8 +97,9 @@ def act_forward(name, z, negative_slope=0.01, alpha=1.0):
         return np.where(z > 0, z, alpha * np.expm1(np.minimum(z, 0.0)))
     if name == "gelu":
         return z * _normal_cdf(z)
-    if name == "gelu_tanh":
-        return 0.5 * z * (1.0 + np.tanh(_SQRT_2_OVER_PI * (z + _GELU_KAPPA * z**3)))
+    if name == "gelu_tanh":  # (1 + tanh(u)) / 2 as sigmoid(2 u): no cancellation below z = -7
+        with np.errstate(over="ignore"):
+            return z * _sigmoid(2.0 * _SQRT_2_OVER_PI * (z + _GELU_KAPPA * z**3))
     if name == "silu":
         return z * _sigmoid(z)
     if name == "softplus":  # beta = 1, threshold = 20 (torch default)
@@ -130,11 +131,14 @@ def act_derivative(name, z, negative_slope=0.01, alpha=1.0, saturate=0):
         pdf = _INV_SQRT_2PI * np.exp(-0.5 * z * z)
         return cdf + z * pdf
     if name == "gelu_tanh":
-        inner = _SQRT_2_OVER_PI * (z + _GELU_KAPPA * z**3)
-        t = saturated(np.tanh(inner), saturate)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (
-            1.0 + 3.0 * _GELU_KAPPA * z * z
-        )
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = saturated(_sigmoid(2.0 * _SQRT_2_OVER_PI * (z + _GELU_KAPPA * z**3)), saturate)
+            # 2 s (1 - s) = 1 - tanh(u)^2; where it is 0, z^2 may be inf
+            q = 2.0 * s * (1.0 - s)
+            right = np.where(
+                q == 0.0, 0.0, z * q * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_KAPPA * z * z)
+            )
+        return s + right
     if name == "silu":
         s = saturated(_sigmoid(z), saturate)
         return s * (1.0 + z * (1.0 - s))

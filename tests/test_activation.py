@@ -88,9 +88,11 @@ def _exact_mp(name, x):
             v, d = (x, 1) if x > 0 else (0, 0)
     elif name == "gelu_tanh":
         beta, kappa = mpmath.sqrt(2 / mp.pi), mpmath.mpf(0.044715)
-        t = mpmath.tanh(beta * (x + kappa * x**3))
-        v = x * (1 + t) / 2
-        d = (1 + t) / 2 + x / 2 * (1 - t * t) * beta * (1 + 3 * kappa * x * x)
+        # (1 + tanh(u)) / 2 as sigmoid(2 u): 1 + tanh(u) would cancel at any working
+        # precision once tanh(u) is within 10^-dps of -1 (z = -20.5: 1e-281)
+        s = 1 / (1 + mpmath.exp(-2 * beta * (x + kappa * x**3)))
+        v = x * s
+        d = s + x * 2 * s * (1 - s) * beta * (1 + 3 * kappa * x * x)
     elif name == "silu":
         sig = 1 / (1 + mpmath.exp(-x))
         v, d = x * sig, sig * (1 + x * (1 - sig))

@@ -49,6 +49,19 @@ void exp_neg_abs(const T* z, T* e, std::size_t n) {
   vm::exp(e, e, n);
 }
 
+// e = exp(-2 |u|), u = sqrt(2/pi) (z + 0.044715 z^3): gelu_tanh's (1 + tanh(u)) / 2 is
+// sigmoid(2 u), 1 / (1 + e) for z >= 0 and e / (1 + e) below, which keeps its tail where
+// 1 + tanh(u) cancels to 0 (from z = -7, where the true value is still 1e-16).
+template <class T>
+void gelu_tanh_half(const T* z, T* e, std::size_t n) {
+  const T two_beta = static_cast<T>(2 * kGeluBeta), kappa = static_cast<T>(kGeluKappa);
+  for (std::size_t i = 0; i < n; ++i) {
+    const T x = z[i];
+    e[i] = -std::fabs(two_beta * (x + kappa * x * x * x));
+  }
+  vm::exp(e, e, n);
+}
+
 // The normal CDF as erfc(-z / sqrt 2) / 2: (1 + erf(z / sqrt 2)) / 2 cancels to 0 below
 // z = -8 (and loses digits from z = -1 on), where the CDF is still far above the underflow.
 template <class T>
@@ -96,12 +109,9 @@ void forward_block(const Activation& a, const T* z, T* h, std::size_t n) {
       for (std::size_t i = 0; i < n; ++i) h[i] = z[i] * tmp[i];
       break;
     case Act::gelu_tanh:
-      for (std::size_t i = 0; i < n; ++i) {
-        const T x = z[i];
-        tmp[i] = static_cast<T>(kGeluBeta) * (x + static_cast<T>(kGeluKappa) * x * x * x);
-      }
-      vm::tanh(tmp, tmp, n);
-      for (std::size_t i = 0; i < n; ++i) h[i] = T(0.5) * z[i] * (T(1) + tmp[i]);
+      gelu_tanh_half(z, tmp, n);
+      for (std::size_t i = 0; i < n; ++i)
+        h[i] = z[i] * ((z[i] < T(0) ? tmp[i] : T(1)) / (T(1) + tmp[i]));
       break;
     case Act::silu:
       exp_neg_abs(z, tmp, n);
@@ -166,19 +176,16 @@ void backward_block(const Activation& a, const T* z, const T* h, const T* g, T* 
     }
     case Act::gelu_tanh: {
       const T beta = static_cast<T>(kGeluBeta), kappa = static_cast<T>(kGeluKappa);
+      gelu_tanh_half(z, tmp, n);
       for (std::size_t i = 0; i < n; ++i) {
-        const T x = z[i];
-        tmp[i] = beta * (x + kappa * x * x * x);
-      }
-      vm::tanh(tmp, tmp, n);
-      for (std::size_t i = 0; i < n; ++i) {
-        const T x = z[i], t = tmp[i];
-        const T sech2 = T(1) - t * t;
-        // Once tanh has rounded to +-1 the second term is exactly 0, while x * x may be
-        // inf (|x| > 1e154, or 1e19 in float32): 0 * inf must not make it NaN.
+        const T x = z[i], e = tmp[i], d = T(1) + e;
+        const T s = (x < T(0) ? e : T(1)) / d;
+        // 2 s (1 - s) = 2 e / (1 + e)^2 = 1 - tanh(u)^2; once it is 0 the second term is
+        // exactly 0, while x * x may be inf (|x| > 1e154, or 1e19 in float32): 0 * inf
+        // must not make it NaN.
         const T dright =
-            sech2 == T(0) ? T(0) : T(0.5) * x * sech2 * beta * (T(1) + T(3) * kappa * x * x);
-        out[i] = g[i] * (T(0.5) * (T(1) + t) + dright);
+            e == T(0) ? T(0) : x * (T(2) * e / (d * d)) * beta * (T(1) + T(3) * kappa * x * x);
+        out[i] = g[i] * (s + dright);
       }
       break;
     }
