@@ -29,9 +29,14 @@ void cross_entropy(const T* y, std::int64_t ey, std::size_t rows, std::size_t co
                    const std::int64_t* labels, double scale, T* dy, std::int64_t& gy,
                    ScaledSum& sum) {
   constexpr int band = std::numeric_limits<T>::max_exponent / 5;
-  if (ey > 900) {
-    // Logits beyond the double range: the softmax is one-hot on each row's maximum (shared
-    // on ties), the loss 2^ey (max - y_label) (or log(ties) where the label shares it).
+  // The largest logit at its true scale, as a power of two (the mantissas may lie anywhere
+  // in the band, so ey alone does not say it).
+  const MaxAbs ym = max_abs(y, rows * cols);
+  const std::int64_t top = ym.value > 0 ? ey + exponent_of(ym.value) : ey;
+  if (ey > 900 || top > 900) {
+    // Logits at or beyond 2^900: two that differ do so by at least 2^847, so the softmax
+    // is one-hot on each row's maximum (shared on ties), the loss 2^ey (max - y_label) (or
+    // log(ties) where the label shares it).
     for (std::size_t r = 0; r < rows; ++r) {
       const T* row = y + r * cols;
       const T mx = *std::max_element(row, row + cols);
