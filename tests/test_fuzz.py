@@ -576,13 +576,20 @@ def carried_extent(ws, bs, x, act, slope, alpha, tiny=0.0) -> tuple[float, bool]
     return top, False
 
 
-def kink_lost(ws, bs, x, act, slope) -> bool:
-    """Whether the exact forward pass of a relu or leaky_relu chain, carried below the
-    floats as a mantissa times 2**e through layers without bias, has a pre-activation that
-    is not 0 where its float64 value is (z = 1e-338 > 0 rounds to 0): the float oracles
-    then take relu'(0) = 0 where the chain's derivative is 1, and lose what flows there."""
-    if act not in ("relu", "leaky_relu"):
+def lost_below_floats(ws, bs, x, act, slope, loss) -> bool:
+    """Whether the exact forward pass of a linear, relu or leaky_relu chain, carried below
+    the floats as a mantissa times 2**e through layers without bias, has a pre-activation
+    that is not 0 where its float64 value is 0 or subnormal (z = 1e-338 rounds to 0), in a
+    layer that mlp_truth does not rescale (below the last nonzero bias, or any layer for
+    a loss that is not homogeneous): the float oracles then lose what the chain carries
+    (relu'(0) = 0 where the chain's derivative is 1; a signal that comes back above the
+    floats after 1e-320 weights is 0 for them)."""
+    if act not in O.HOMOGENEOUS:
         return False
+    below = {"linear": 1.0, "relu": 0.0}.get(act, slope)  # the slope below 0
+    first = 1 + max((l for l, b in enumerate(bs) if np.any(b)), default=-1)
+    if loss in ("probe", "grad_output"):
+        ws, bs = ws[:first], bs[:first]  # mlp_truth rescales the layers above
     h = np.asarray(x, dtype=np.float64)
     e = exponent(h)
     h = np.ldexp(h, -e)
@@ -592,10 +599,10 @@ def kink_lost(ws, bs, x, act, slope) -> bool:
             zm, ez = h @ np.ldexp(np.asarray(w, dtype=np.float64), -ew).T, e + ew
             b = np.asarray(b, dtype=np.float64)
             zf = np.ldexp(zm, ez) + b
-            if np.any((zf == 0) & ((zm != 0) | (b != 0))):
+            if np.any((np.abs(zf) < FTINY["float64"]) & ((zm != 0) | (b != 0))):
                 return True
             if not np.any(b):  # homogeneous: the exponent is carried
-                h, e = np.where(zm > 0, zm, slope * zm), ez
+                h, e = np.where(zm > 0, zm, below * zm), ez
                 continue
             hv = O.act_forward(act, zf, slope, 1.0)
             e = exponent(hv)
@@ -1091,7 +1098,7 @@ def check_mlp(case: MLPCase) -> None:
 
     if torch is None:
         return
-    if kink_lost(ws, bs, xs, case.activation, case.negative_slope):
+    if lost_below_floats(ws, bs, xs, case.activation, case.negative_slope, case.loss):
         return  # the oracles' float pass cannot see the kink's side: nothing to compare
     if not net.log_scale_forward and dt == "float32":
         zs, hs = O.numpy_forward(ws, bs, xs, *acts)
