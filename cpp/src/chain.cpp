@@ -697,9 +697,11 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     p.mx.assign(NB, 0.0);
     p.at.assign(NB, nullptr);
   }
-  // Segment `seg` of the forward pass for one part's rows; the first reads them from x,
-  // any other from its input boundary where the storage holds it.
-  auto forward_rows = [&](Part& p, bool polls, std::size_t seg, bool from_x) {
+  // Steps [s0, s1) of segment `seg` of the forward pass for one part's rows; false once the
+  // part has stopped. The call from the segment's first step takes its input: the first
+  // segment's from x, any other's from its input boundary where the storage holds it.
+  auto forward_rows = [&](Part& p, bool polls, std::size_t seg, bool from_x, std::size_t s0,
+                          std::size_t s1) -> bool {
     const std::size_t R = p.r1 - p.r0;
     T* tr[2] = {p.scratch, p.scratch + R * W};
     T* bscratch = p.scratch + 2 * R * W;
@@ -736,13 +738,15 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       p.mx[static_cast<std::size_t>(b)] = std::ldexp(s.value, -k);
       return true;
     };
-    const int b0 = SC.first(seg);
-    at[static_cast<std::size_t>(b0)] = stored(b0) + p.r0 * w(b0);
-    if (from_x) {
-      std::copy(x + p.r0 * w(0), x + p.r1 * w(0), at[0]);
-      if (!settle(-1, 0, 0, 1.0, true)) return;
+    if (s0 == SC.step0[seg]) {
+      const int b0 = SC.first(seg);
+      at[static_cast<std::size_t>(b0)] = stored(b0) + p.r0 * w(b0);
+      if (from_x) {
+        std::copy(x + p.r0 * w(0), x + p.r1 * w(0), at[0]);
+        if (!settle(-1, 0, 0, 1.0, true)) return false;
+      }
     }
-    for (std::size_t si = SC.step0[seg]; si < SC.step0[seg + 1]; ++si) {
+    for (std::size_t si = s0; si < s1; ++si) {
       const Step& s = P.steps[si];
       const int in_slot = slot_of(at[static_cast<std::size_t>(s.in)]);
       T* y = place(s.out, in_slot);
@@ -777,10 +781,11 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
         can_zero = s.block->can_zero();
       }
       if (!settle(static_cast<int>(si), s.out, ey, p.mx[static_cast<std::size_t>(s.in)], can_zero))
-        return;
-      if (abort.load(std::memory_order_relaxed)) return;
+        return false;
+      if (abort.load(std::memory_order_relaxed)) return false;
       if (polls) cancel.poll();
     }
+    return true;
   };
 
   // Checkpoint i holds segment i's input boundary as each part left it (its rows at the
@@ -801,15 +806,23 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     }
   };
   auto run_parts = [&](std::size_t seg, bool from_x) {
+    const std::size_t a = SC.step0[seg], e = SC.step0[seg + 1];
     if (!th.parallel_forward) {
-      for (Part& p : parts) forward_rows(p, true, seg, from_x);
+      // On one thread the parts take each step in turn, so that a step's parameters come
+      // from memory once, not once per part (each part's numbers are the same either way).
+      // The segment's parameters stay as they are while it runs.
+      small::KeepPacked same_params;
+      std::vector<char> live(parts.size(), 1);
+      for (std::size_t si = a; si == a || si < e; ++si)
+        for (std::size_t t = 0; t < parts.size(); ++t)
+          if (live[t]) live[t] = forward_rows(parts[t], true, seg, from_x, si, std::min(si + 1, e));
     } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(team_threads(2))
       {
         const auto t = static_cast<std::size_t>(omp_get_thread_num());
         try {
-          forward_rows(parts[t], t == 0, seg, from_x);
+          forward_rows(parts[t], t == 0, seg, from_x, a, e);
         } catch (...) {
           parts[t].error = std::current_exception();
           abort.store(true);

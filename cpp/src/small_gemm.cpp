@@ -2,6 +2,8 @@
 #include "gradchain/system.hpp"
 
 #include <atomic>
+#include <cstdint>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -19,12 +21,16 @@ void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, 
           const double* b, int ldb, double* c, int ldc, Prefetch& pf);
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
           const float* b, int ldb, float* c, int ldc, Prefetch& pf);
+void transpose(int n, int k, const double* b, int ldb, double* bt);
+void transpose(int n, int k, const float* b, int ldb, float* bt);
 }  // namespace avx2
 namespace avx512 {
 void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
           const double* b, int ldb, double* c, int ldc, Prefetch& pf);
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
           const float* b, int ldb, float* c, int ldc, Prefetch& pf);
+void transpose(int n, int k, const double* b, int ldb, double* bt);
+void transpose(int n, int k, const float* b, int ldb, float* bt);
 }  // namespace avx512
 #endif
 
@@ -32,8 +38,9 @@ namespace {
 
 // Products up to this many multiply-adds use the kernels (e.g. 32 x 128 x 128): above it
 // OpenBLAS's packed panels win, except for the A B form (dL/dx = dL/dy W), whose kernel
-// reads B's rows in place where OpenBLAS packs the whole of B at every call: up to
-// 32 x 384 x 384 (at 32 x 512 x 512 the two break even).
+// reads B's rows in place where OpenBLAS packs the whole of B at every call, and the A B^T
+// form, which transposes B once and then runs the A B form: up to 32 x 384 x 384 (at
+// 32 x 512 x 512 the kernels and OpenBLAS break even).
 constexpr double kMaxWork = 1 << 19;
 constexpr double kMaxWorkAB = 3 << 21;
 
@@ -58,6 +65,28 @@ std::atomic<Isa>& current() {
 
 thread_local Prefetch pending;
 
+// The transposed B of the A B^T form: a buffer per thread, aligned to a cache line, and
+// while a KeepPacked lives on the thread, which operand it holds.
+struct Packed {
+  std::vector<char> buf;
+  const void* b = nullptr;  // nullptr: nothing to reuse
+  int n = 0, k = 0, ldb = 0;
+  std::size_t elem = 0;
+};
+thread_local Packed packed;
+thread_local int keep_depth = 0;
+
+template <class T>
+T* packed_buffer(std::size_t count) {
+  const std::size_t bytes = count * sizeof(T) + 64;
+  if (packed.buf.size() < bytes) {
+    packed.buf.resize(bytes);
+    packed.b = nullptr;
+  }
+  const auto addr = reinterpret_cast<std::uintptr_t>(packed.buf.data());
+  return reinterpret_cast<T*>(packed.buf.data() + (64 - addr % 64) % 64);
+}
+
 template <class T>
 bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* a, int lda,
          const T* b, int ldb, T* c, int ldc) {
@@ -67,21 +96,41 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
   if (i == Isa::blas || m <= 0 || n <= 0 || k <= 0) return false;
   const bool at = ta == blas::Trans::T, bt = tb == blas::Trans::T;
   if (at && bt) return false;
-  if (double(m) * double(n) * double(k) > (at || bt ? kMaxWork : kMaxWorkAB)) return false;
+  const double work = double(m) * double(n) * double(k);
+  if (work > (at ? kMaxWork : kMaxWorkAB)) return false;
 #ifdef GC_SMALL_GEMM
-  // The A B^T form sums each dot product in as many lanes as a vector holds, so its
-  // numbers depend on the vector width; it keeps the AVX2 kernel on every CPU, so that a
-  // pass gives the same numbers on AVX-512 and AVX2 CPUs (training runs, whose trajectories
-  // amplify last-bit differences, included). The other forms sum in the same order at any
-  // width.
-  if (i == Isa::avx512 && !bt) {
-    avx512::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
+  // The A B^T form: dot products for small float64 products. Otherwise B is transposed
+  // (once per operand while a KeepPacked lives) and the product runs in the A B form, near
+  // the core's peak where dot products spend much of their time in horizontal sums.
+  if (bt && (sizeof(T) == sizeof(float) || work > kMaxWork)) {
+    T* t = packed_buffer<T>(std::size_t(n) * std::size_t(k));
+    const bool have = keep_depth > 0 && packed.b == b && packed.n == n && packed.k == k &&
+                      packed.ldb == ldb && packed.elem == sizeof(T);
+    if (!have) {
+      if (i == Isa::avx512)
+        avx512::transpose(n, k, b, ldb, t);
+      else
+        avx2::transpose(n, k, b, ldb, t);
+      packed.b = keep_depth > 0 ? b : nullptr;
+      packed.n = n, packed.k = k, packed.ldb = ldb, packed.elem = sizeof(T);
+    }
+    b = t;
+    ldb = n;
+    tb = blas::Trans::N;
+  }
+  // Dot products sum in as many lanes as a vector holds, so their numbers depend on the
+  // vector width: they keep the AVX2 kernel on every CPU, so that a pass gives the same
+  // numbers on AVX-512 and AVX2 CPUs (training runs, whose trajectories amplify last-bit
+  // differences, included). The A B form sums in the same order at any width.
+  const bool dot = tb == blas::Trans::T;
+  if (i == Isa::avx512 && !dot) {
+    avx512::gemm(at, dot, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
   } else {
-    avx2::gemm(at, bt, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
+    avx2::gemm(at, dot, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
   }
   return true;
 #else
-  (void)a, (void)b, (void)c, (void)alpha, (void)lda, (void)ldb, (void)ldc, (void)pf;
+  (void)a, (void)b, (void)c, (void)alpha, (void)lda, (void)ldb, (void)ldc, (void)pf, (void)work;
   return false;
 #endif
 }
@@ -96,6 +145,13 @@ void prefetch_during_next(const void* p, std::size_t bytes) {
       pending.end[r] = c + bytes;
       return;
     }
+}
+
+KeepPacked::KeepPacked() {
+  ++keep_depth;
+}
+KeepPacked::~KeepPacked() {
+  if (--keep_depth == 0) packed.b = nullptr;
 }
 
 Isa isa() {

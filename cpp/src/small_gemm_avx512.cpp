@@ -114,5 +114,12 @@ void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, in
   kernels::run<ZF>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
 }
 
+void transpose(int n, int k, const double* b, int ldb, double* bt) {
+  kernels::transpose(n, k, b, ldb, bt);
+}
+void transpose(int n, int k, const float* b, int ldb, float* bt) {
+  kernels::transpose(n, k, b, ldb, bt);
+}
+
 }  // namespace gradchain::small::avx512
 #endif

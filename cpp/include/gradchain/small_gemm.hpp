@@ -30,6 +30,18 @@ struct Prefetch {
 };
 void prefetch_during_next(const void* p, std::size_t bytes);
 
+// While one lives on a thread, the A B^T products on that thread take a B at the address,
+// shape and leading dimension of the one before it to hold the same values, and reuse its
+// transpose (e.g. the parts of a batch that one thread takes through the same layer's
+// weights in turn). Whoever opens one vouches that no such B changes while it lives.
+class KeepPacked {
+ public:
+  KeepPacked();
+  ~KeepPacked();
+  KeepPacked(const KeepPacked&) = delete;
+  KeepPacked& operator=(const KeepPacked&) = delete;
+};
+
 // C = alpha * op(A) op(B), row-major, beta = 0. Returns false (and does nothing) when the
 // product is too large for these kernels, op(B) = B^T with op(A) = A^T, or the variant in
 // use is blas: the caller then uses BLAS.
