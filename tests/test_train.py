@@ -576,6 +576,14 @@ def test_reproducible_for_any_thread_count():
                      batch_size=64, max_norm=1.0, record_activation_grads=True)
         print(digest(*[w for _, w in net.named_parameters()]), digest(h.log10_param_grad_norms,
               h.loss, h.log10_update_ratios, h.log10_activation_grad_norms))
+        # every optimizer, and the max-norm constraint (the parameters' updates run on two
+        # threads where there are enough of them)
+        for opt, extra in ((gc.optim.AdamW(lr=1e-2, amsgrad=True, weight_decay=0.1), {}),
+                           (gc.optim.RMSprop(lr=1e-3, centered=True, momentum=0.5), {}),
+                           (gc.optim.Adagrad(lr=0.1, lr_decay=0.01), {"max_weight_norm": 1.5})):
+            net = gc.MLP(width=[64, 128, 128, 8], activation="tanh", seed=2)
+            h = gc.train(net, (x, y), optimizer=opt, steps=6, batch_size=32, **extra)
+            print(digest(*[w for _, w in net.named_parameters()]), digest(h.log10_update_ratios))
         task = gc.tasks.adding_problem(40, batch=128, seed=0)
         rnn = gc.RNN("lstm", 2, 64, output_size=1, seed=0)
         h = gc.train(rnn, task, optimizer=gc.optim.SGD(lr=0.1), steps=5, batch_size=64, truncate=15)
@@ -583,7 +591,7 @@ def test_reproducible_for_any_thread_count():
     """
     one = run_python(code, env={"OMP_NUM_THREADS": "1"})
     two = run_python(code, env={"OMP_NUM_THREADS": "2"})
-    assert one.splitlines() == two.splitlines() and len(one.splitlines()) == 2
+    assert one.splitlines() == two.splitlines() and len(one.splitlines()) == 5
 
 
 # ---------------------------------------------------------------------------------------

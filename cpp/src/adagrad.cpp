@@ -43,7 +43,8 @@ class Adagrad final : public Optimizer<T> {
   using Optimizer<T>::Optimizer;
 
  protected:
-  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) override {
+  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr,
+              UpdateTrack<T>* track) override {
     const OptimizerSpec& o = this->spec_;
     T* sum = s.get("sum", n, static_cast<T>(o.initial_accumulator_value)).data();
     s.step += 1;
@@ -56,7 +57,7 @@ class Adagrad final : public Optimizer<T> {
                               static_cast<T>(o.weight_decay),
                               static_cast<T>(o.eps),
                               static_cast<T>(-clr)};
-    ops::run<AdagradLoop<T>, T>(args, this->track_);
+    ops::run<AdagradLoop<T>, T>(args, track);
   }
 };
 

@@ -55,7 +55,8 @@ class Adam final : public Optimizer<T> {
   using Optimizer<T>::Optimizer;
 
  protected:
-  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) override {
+  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr,
+              UpdateTrack<T>* track) override {
     const OptimizerSpec& o = this->spec_;
     const bool decoupled = o.kind == OptimKind::adamw;
     T* exp_avg = s.get("exp_avg", n, T(0)).data();
@@ -64,9 +65,9 @@ class Adam final : public Optimizer<T> {
     s.step += 1;
     if (decoupled && o.weight_decay != 0) {
       const T decay = static_cast<T>(1 - lr * o.weight_decay);
-      if (this->track_) {
-        std::copy(p, p + n, this->track_->before);
-        this->track_->copied = true;
+      if (track) {
+        std::copy(p, p + n, track->before);
+        track->copied = true;
       }
       for (std::size_t i = 0; i < n; ++i) p[i] = p[i] * decay;
     }
@@ -89,7 +90,7 @@ class Adam final : public Optimizer<T> {
                            static_cast<T>(bias_correction2_sqrt),
                            static_cast<T>(o.eps),
                            static_cast<T>(-step_size)};
-    ops::run<AdamLoop<T>, T>(args, this->track_);
+    ops::run<AdamLoop<T>, T>(args, track);
   }
 };
 

@@ -99,32 +99,33 @@ Optimizer<T>::Optimizer(const OptimizerSpec& spec) : spec_(spec) {
   spec_.validate();
 }
 
+namespace {
 template <class T>
-void Optimizer<T>::step(std::size_t i, T* p, const T* g, std::size_t n, double lr) {
+void check_step(std::vector<ParamState<T>>& state, std::size_t i, std::size_t n, double lr) {
   // A schedule may reach 0 (cosine annealing to eta_min = 0), so the step's lr may be 0.
   require(std::isfinite(lr) && lr >= 0, "lr must be a finite number >= 0; got " + num(lr));
-  if (i >= state_.size()) state_.resize(i + 1);
-  for (const auto& b : state_[i].buffers)
+  if (i >= state.size()) state.resize(i + 1);
+  for (const auto& b : state[i].buffers)
     if (b.second.size() != n)
       throw std::invalid_argument("parameter " + std::to_string(i) + " has " + std::to_string(n) +
                                   " numbers but its optimizer state '" + b.first + "' has " +
                                   std::to_string(b.second.size()));
-  update(state_[i], p, g, n, lr);
+}
+}  // namespace
+
+template <class T>
+void Optimizer<T>::step(std::size_t i, T* p, const T* g, std::size_t n, double lr) {
+  check_step(state_, i, n, lr);
+  update(state_[i], p, g, n, lr, nullptr);
 }
 
 template <class T>
 UpdateSums Optimizer<T>::step_tracked(std::size_t i, T* p, const T* g, std::size_t n, double lr,
                                       T* before) {
+  check_step(state_, i, n, lr);
   UpdateTrack<T> track;
   track.before = before;
-  track_ = &track;
-  try {
-    step(i, p, g, n, lr);
-  } catch (...) {
-    track_ = nullptr;
-    throw;
-  }
-  track_ = nullptr;
+  update(state_[i], p, g, n, lr, &track);
   return track.sums;
 }
 

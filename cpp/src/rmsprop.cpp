@@ -61,7 +61,8 @@ class RMSprop final : public Optimizer<T> {
   using Optimizer<T>::Optimizer;
 
  protected:
-  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) override {
+  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr,
+              UpdateTrack<T>* track) override {
     const OptimizerSpec& o = this->spec_;
     T* square_avg = s.get("square_avg", n, T(0)).data();
     T* buf = o.momentum > 0 ? s.get("momentum_buffer", n, T(0)).data() : nullptr;
@@ -84,7 +85,7 @@ class RMSprop final : public Optimizer<T> {
                               ops::Lerp<T>(1 - o.alpha),
                               static_cast<T>(o.eps),
                               static_cast<T>(-lr)};
-    ops::run<RMSpropLoop<T>, T>(args, this->track_);
+    ops::run<RMSpropLoop<T>, T>(args, track);
   }
 };
 

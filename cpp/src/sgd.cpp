@@ -45,7 +45,8 @@ class SGD final : public Optimizer<T> {
   using Optimizer<T>::Optimizer;
 
  protected:
-  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) override {
+  void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr,
+              UpdateTrack<T>* track) override {
     const OptimizerSpec& o = this->spec_;
     const bool first = o.momentum != 0 && s.find("momentum_buffer") == nullptr;
     T* buf = o.momentum != 0 ? s.get("momentum_buffer", n, T(0)).data() : nullptr;
@@ -60,7 +61,7 @@ class SGD final : public Optimizer<T> {
                           static_cast<T>(o.momentum),
                           static_cast<T>(1 - o.dampening),
                           static_cast<T>(-lr)};
-    ops::run<SGDLoop<T>, T>(args, this->track_);
+    ops::run<SGDLoop<T>, T>(args, track);
     s.step += 1;
   }
 };

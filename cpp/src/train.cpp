@@ -283,6 +283,9 @@ class RecurrentModel {
   std::vector<std::vector<std::int64_t>> shapes_;
 };
 
+// Parameters of at least this many numbers in all are updated on two threads.
+constexpr std::size_t kParallelUpdate = 16384;
+
 // ---- threads ------------------------------------------------------------------------------
 
 // The passes of a run go on the core's threads or on one: the numbers are the same either
@@ -480,7 +483,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
   // parameter, the sampler's permutation, the batch and validation copies, and one step's
   // gradients and row.
   const double bytes = TrainHistory::bytes(capacity, P, A, val) + double(offset[P]) * sizeof(T) +
-                       double(largest) * 8 + double(d.n) * 8 +
+                       double(largest) * 16 + double(d.n) * 8 +
                        (double(B) + double(chunk)) * example_bytes(d) +
                        double(offset[P]) * sizeof(T) + double(P + A) * 8 * 6;
   check_memory(bytes, "this training run (its history holds " + std::to_string(capacity) +
@@ -507,7 +510,15 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
   StepPass<T> pass;
   Row row;
   std::vector<T> before(offset[P]);
-  std::vector<double> diff(largest);
+  // Two runs of parameters for two threads' updates, of about equal size (none when the
+  // parameters are too few to be worth a second thread).
+  std::size_t split = 0;
+  if (P >= 2 && offset[P] >= kParallelUpdate) {
+    while (split < P && 2 * offset[split + 1] <= offset[P]) ++split;
+    split = std::clamp<std::size_t>(split, 1, P - 1);
+  }
+  std::vector<double> diff(split > 0 ? 2 * largest : largest);
+  std::vector<char> finite(P, 1);
   std::vector<Sums> last(P);
   std::vector<std::int64_t> vidx;
   if (val) {
@@ -568,7 +579,6 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
       try {
         threads.begin(s);
         model.backward(batch.x.data(), batch.target(), o.batch_size, d, o, pass, cancel);
-        threads.end(s);
       } catch (const NonFiniteError& e) {
         weight_norms();
         diverge(step, "loss", model.where(e), -1, e.what());
@@ -627,8 +637,10 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
       }
 
       // ---- the update ------------------------------------------------------------------------
-      std::int64_t bad_weight = -1;
-      for (std::size_t i = 0; i < P; ++i) {
+      // Every parameter takes its update (each independent of the others', its sums taken
+      // within it); on the pass's threads, two threads take the parameters in two fixed
+      // runs, so the numbers are the same on any number of threads.
+      auto update_one = [&](std::size_t i, double* dscratch) {
         T* p = model.param(i);
         const std::size_t n = model.param_size(i);
         T* b = before.data() + offset[i];
@@ -641,18 +653,38 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         } else {
           u = opt.step_tracked(i, p, pass.grads[i].data(), n, lr, b);
         }
-        if (!update_norms(p, b, n, u, diff.data(), last[i], row.norm[i], row.ratio[i])) {
-          bad_weight = static_cast<std::int64_t>(i);
-          break;
+        finite[i] = update_norms(p, b, n, u, dscratch, last[i], row.norm[i], row.ratio[i]);
+      };
+      opt.reserve(P);
+      if (split > 0 && max_threads() > 1) {
+        std::exception_ptr error[2];
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team_threads(2))
+        {
+          const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
+          try {
+            for (std::size_t i = t == 0 ? 0 : split; i < (t == 0 ? split : P); ++i)
+              update_one(i, diff.data() + t * largest);
+          } catch (...) {
+            error[t] = std::current_exception();
+          }
         }
+#endif
+        for (const std::exception_ptr& e : error)
+          if (e) std::rethrow_exception(e);
+      } else {
+        for (std::size_t i = 0; i < P; ++i) update_one(i, diff.data());
       }
-      if (bad_weight >= 0) {
+      threads.end(s);
+      const auto bad_it = std::find(finite.begin(), finite.end(), char(0));
+      if (bad_it != finite.end()) {
         // The chain keeps the weights it had before this step.
-        for (std::size_t i = 0; i <= static_cast<std::size_t>(bad_weight); ++i)
+        for (std::size_t i = 0; i < P; ++i)
           std::copy(before.data() + offset[i], before.data() + offset[i + 1], model.param(i));
         model.changed();
-        const std::string name = model.name(static_cast<std::size_t>(bad_weight));
-        diverge(step, "weight", name, bad_weight,
+        const auto bad_weight = static_cast<std::size_t>(bad_it - finite.begin());
+        const std::string name = model.name(bad_weight);
+        diverge(step, "weight", name, static_cast<std::int64_t>(bad_weight),
                 "the update of step " + std::to_string(step) + " made " + name +
                     " non-finite (the weights of step " + std::to_string(step - 1) + " are kept)");
         break;

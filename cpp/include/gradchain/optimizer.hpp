@@ -90,6 +90,11 @@ class Optimizer {
   // As step(), and p's values before the update go to `before` (n numbers) and the
   // update's sums come back: both taken in the update's own pass over p.
   UpdateSums step_tracked(std::size_t i, T* p, const T* g, std::size_t n, double lr, T* before);
+  // Makes room for the state of parameters 0 .. n - 1: after it, steps of different
+  // parameters may run on different threads at once.
+  void reserve(std::size_t n) {
+    if (n > state_.size()) state_.resize(n);
+  }
 
   std::vector<ParamState<T>>& state() { return state_; }
   const std::vector<ParamState<T>>& state() const { return state_; }
@@ -99,9 +104,11 @@ class Optimizer {
   void set_state(std::vector<ParamState<T>> state);
 
  protected:
-  virtual void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr) = 0;
+  // With `track` (step_tracked): p's values before the update go to track->before, taken
+  // in the update's last pass over p with its sums (unless an earlier pass copied them).
+  virtual void update(ParamState<T>& s, T* p, const T* g, std::size_t n, double lr,
+                      UpdateTrack<T>* track) = 0;
   OptimizerSpec spec_;
-  UpdateTrack<T>* track_ = nullptr;  // during step_tracked: for the update's last pass over p
 
  private:
   std::vector<ParamState<T>> state_;
