@@ -158,6 +158,23 @@ def test_jacobian_tools_are_checked_before_copying_the_weights(gc, monkeypatch, 
     getattr(gc, tool)(net, np.ones(512), **quick)
 
 
+def test_jacobian_norms_count_the_dense_matrix_of_far_underflowing_layers(gc, monkeypatch):
+    """Power iteration on a layer whose weights and derivative lie far below the floats
+    forms the layer's dense Jacobian (exactly rescaled): the check counts it."""
+    net = gc.MLP(depth=2, width=300, seed=0)
+    x = np.ones(300)
+
+    def needed(**kw):
+        monkeypatch.setenv("GRADCHAIN_MEMORY_LIMIT", "1")
+        with pytest.raises(MemoryError, match="GRADCHAIN_MEMORY_LIMIT") as info:
+            gc.jacobian_norms(net, x, **kw)
+        monkeypatch.delenv("GRADCHAIN_MEMORY_LIMIT")
+        return needed_bytes(str(info.value))
+
+    # above exact_max_dim = 256: no SVD, power iteration
+    assert needed(spectral=True) - needed(spectral=False) >= 300 * 300 * 8
+
+
 def test_recurrent_jacobians_are_checked(gc, monkeypatch):
     rnn = gc.RNN("lstm", 2, 64, seed=0)
     xs = np.ones((400, 2, 2))

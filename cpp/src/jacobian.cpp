@@ -1592,8 +1592,11 @@ BatchNorms chain_jacobian_norms(const Chain<T>& chain, const double* x, int batc
   opt.validate();
   if (layers) {
     const auto dims = chain_jacobian_dims(chain, batch, train, true);
+    // Spectral norms of a layer whose derivative and weights lie far below the floats
+    // (dense_needed) go through its dense matrix, which the example's data decides: it is
+    // counted whenever spectral norms are asked for.
     check_memory(mlp_layers_bytes<T>(dims, true) +
-                     batch_norms_bytes(batch, dims, opt, mlp_example_bytes(dims), false),
+                     batch_norms_bytes(batch, dims, opt, mlp_example_bytes(dims), opt.spectral),
                  "the per-layer Jacobian norms");
     const MLPLayers ml(chain, true);
     return batch_jacobian_norms(batch, ml.depth(), mlp_examples(ml, x), opt, cancel);
