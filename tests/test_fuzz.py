@@ -521,6 +521,55 @@ NEAR_ZERO_SLOPE = {"tanh": (1.0, 1.0), "gelu": (0.5, 0.5), "gelu_tanh": (0.5, 0.
                    "silu": (0.5, 0.5)}  # fmt: skip
 
 
+@dataclass
+class CarriedLayer:
+    """One layer of `carried_forward`: the mantissas of its input (h) and weight (wm), each
+    scaled by a power of two, so that h wm^T = zm is the pre-activation's product at 2**ez;
+    z = zm * 2**ez + b as a float64; its output at the true scale (hv, None where the layer
+    is carried), and as the walk goes on with it, hn * 2**en."""
+
+    h: np.ndarray
+    wm: np.ndarray
+    zm: np.ndarray
+    ez: int
+    b: np.ndarray
+    z: np.ndarray
+    carried: bool
+    hv: np.ndarray | None
+    hn: np.ndarray
+    en: int
+
+
+def carried_forward(ws, bs, x, act, slope, alpha, slopes, carry_below=None):
+    """The exact forward pass as the chain carries a signal below the floats, layer by layer:
+    the signal is a mantissa times 2**e, passed as `slopes` (the activation's slopes each
+    side of 0, exact near 0) through every layer without bias (with carry_below: one whose
+    pre-activations are not all 0 and lie below 2**carry_below), and taken to the true
+    scale everywhere else. Yields a CarriedLayer for each layer."""
+    h = np.asarray(x, dtype=np.float64)
+    e = exponent(h)
+    h = np.ldexp(h, -e)
+    with np.errstate(all="ignore"):
+        for w, b in zip(ws, bs):
+            ew = exponent(w)
+            wm = np.ldexp(np.asarray(w, dtype=np.float64), -ew)
+            zm, ez = h @ wm.T, e + ew
+            b = np.asarray(b, dtype=np.float64)
+            z = np.ldexp(zm, ez) + b
+            tz = float(np.max(np.abs(zm), initial=0.0))
+            carried = not np.any(b) and (
+                carry_below is None or (tz > 0 and math.log2(tz) + ez < carry_below)
+            )
+            if carried:
+                hv, hn, en = None, np.where(zm > 0, slopes[0] * zm, slopes[1] * zm), ez
+            else:
+                hv = O.act_forward(act, z, slope, alpha)
+                en = exponent(hv)
+                hn = np.ldexp(hv, -en)
+            yield CarriedLayer(h, wm, zm, ez, b, z, carried, hv, hn, en)
+            h, e = hn, en
+
+
 def carried_extent(ws, bs, x, act, slope, alpha, tiny=0.0) -> tuple[float, bool]:
     """(log10 of the largest |value| of the exact forward pass (pre-activations, activations,
     the partial sums' bound |h| |W|^T + |b|) where a signal below the floats passes through
@@ -534,9 +583,6 @@ def carried_extent(ws, bs, x, act, slope, alpha, tiny=0.0) -> tuple[float, bool]
         slopes = (1.0, alpha)
     if slopes is None:
         return -math.inf, False
-    h = np.asarray(x, dtype=np.float64)
-    e = exponent(h)
-    h = np.ldexp(h, -e)
     top = -math.inf
 
     def note(m, ex):
@@ -546,33 +592,21 @@ def carried_extent(ws, bs, x, act, slope, alpha, tiny=0.0) -> tuple[float, bool]
             top = max(top, math.log10(v) + ex * LOG2)
 
     with np.errstate(all="ignore"):
-        for w, b in zip(ws, bs):
-            ew = exponent(w)
-            wm = np.ldexp(np.asarray(w, dtype=np.float64), -ew)
-            zm, ez = h @ wm.T, e + ew
-            note(np.abs(h) @ np.abs(wm).T, ez)
-            note(zm, ez)
-            if not np.isfinite(zm).all():
+        for s in carried_forward(ws, bs, x, act, slope, alpha, slopes, carry_below=-500):
+            note(np.abs(s.h) @ np.abs(s.wm).T, s.ez)
+            note(s.zm, s.ez)
+            if not np.isfinite(s.zm).all():
                 return math.inf, False
-            biased = bool(np.any(b))
-            tz = float(np.max(np.abs(zm), initial=0.0))
-            if not biased and tz > 0 and math.log2(tz) + ez < -500:
-                h = np.where(zm > 0, slopes[0] * zm, slopes[1] * zm)  # exponent carried
-                e = ez
-                note(h, e)
-                continue
-            if tz > 0 and math.log2(tz) + ez > 1023:
-                return math.inf, False
-            z = np.ldexp(zm, ez) + np.asarray(b, dtype=np.float64)
-            note(z, 0)
-            hv = O.act_forward(act, z, slope, alpha)
-            if not np.isfinite(hv).all():
-                return math.inf, False
-            if bool((z != 0).any()) and float(np.max(np.abs(hv), initial=0.0)) < 4 * tiny:
-                return top, True
-            e = exponent(hv)
-            h = np.ldexp(hv, -e)
-            note(h, e)
+            if not s.carried:
+                tz = float(np.max(np.abs(s.zm), initial=0.0))
+                if tz > 0 and math.log2(tz) + s.ez > 1023:
+                    return math.inf, False
+                note(s.z, 0)
+                if not np.isfinite(s.hv).all():
+                    return math.inf, False
+                if bool((s.z != 0).any()) and float(np.max(np.abs(s.hv), initial=0.0)) < 4 * tiny:
+                    return top, True
+            note(s.hn, s.en)
     return top, False
 
 
@@ -590,23 +624,9 @@ def lost_below_floats(ws, bs, x, act, slope, loss) -> bool:
     first = 1 + max((l for l, b in enumerate(bs) if np.any(b)), default=-1)
     if loss in ("probe", "grad_output"):
         ws, bs = ws[:first], bs[:first]  # mlp_truth rescales the layers above
-    h = np.asarray(x, dtype=np.float64)
-    e = exponent(h)
-    h = np.ldexp(h, -e)
-    with np.errstate(all="ignore"):
-        for w, b in zip(ws, bs):
-            ew = exponent(w)
-            zm, ez = h @ np.ldexp(np.asarray(w, dtype=np.float64), -ew).T, e + ew
-            b = np.asarray(b, dtype=np.float64)
-            zf = np.ldexp(zm, ez) + b
-            if np.any((np.abs(zf) < FTINY["float64"]) & ((zm != 0) | (b != 0))):
-                return True
-            if not np.any(b):  # homogeneous: the exponent is carried
-                h, e = np.where(zm > 0, zm, below * zm), ez
-                continue
-            hv = O.act_forward(act, zf, slope, 1.0)
-            e = exponent(hv)
-            h = np.ldexp(hv, -e)
+    for s in carried_forward(ws, bs, x, act, slope, 1.0, (1.0, below)):
+        if np.any((np.abs(s.z) < FTINY["float64"]) & ((s.zm != 0) | (s.b != 0))):
+            return True
     return False
 
 
