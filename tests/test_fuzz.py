@@ -468,17 +468,8 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
     if sc is None:
         return None
     L = len(ws)
-    wsc, bs, xsc, zs, hs, g, oloss, F, G = (
-        sc.ws,
-        sc.bs,
-        sc.x,
-        sc.zs,
-        sc.hs,
-        sc.g,
-        sc.oloss,
-        sc.F,
-        sc.G,
-    )
+    wsc, bs, xsc, zs, hs = sc.ws, sc.bs, sc.x, sc.zs, sc.hs
+    g, oloss, F, G = sc.g, sc.oloss, sc.F, sc.G
     if dtype in ("numpy", "saturated") or dtype in FLUSH:  # sums run in another order
         sat = SATURATE_ULPS if dtype == "saturated" else 0
         with np.errstate(all="ignore"):
@@ -660,21 +651,21 @@ def lost_below_floats(ws, bs, x, act, slope, loss) -> bool:
 
 
 def lost_below_floats_backward(sc, act, target, slope, alpha, norm_type=2.0) -> dict | None:
-    """Which norms the float oracles cannot see where the exact backward pass, carried below
-    the floats as a mantissa times 2**e from dL/dh_L (the probe's h_L, a given gradient,
-    cross-entropy's (p - onehot) / batch as the oracles form them, mse's 2 (h_L - y) / n
-    with h_L - y as float64 forms it), has a value that is not 0 where its float64 value is
-    0 or subnormal, in the units the oracles work in (`sc`, from scaled_chain): dL/dh_l,
-    dL/dz_l = dL/dh_{l+1} phi'(z_l) or an entry of dL/dW_l or dL/db_l. The float pass then
-    loses what the chain carries (a signal under an mse loss that passes a weight of
-    1e-320 is 0 for torch, though a weight of 1e300 below brings it back above the floats),
-    and with it every norm formed from that value: dL/dh_l and all below it, dL/dz_l and
-    its layer and all below, or the one parameter; and the total norm (of order
-    `norm_type`) where those parameters' share of it, carried exactly, is more than
-    1e-12. The backward pass is linear in dL/dh_L whatever the activation, so the walk
-    holds for all of them, with phi'(z_l) as the float oracles form it. Returns name ->
-    mask of the norms left out ("weight", "bias", "activation"; "total": a bool), None
-    where there are none."""
+    """Which norms the float oracles cannot see: the exact backward pass, in the units they
+    work in (`sc`, from scaled_chain) and carried below the floats as a mantissa times 2**e
+    from dL/dh_L (the probe's h_L, a given gradient, cross-entropy's (p - onehot) / batch
+    as the oracles form them; mse's 2 (h_L - y) / n from h_L - y as float64 forms it), has
+    a value that float64 does not hold: one that rounds in the subnormals or to 0, in
+    dL/dh_l, dL/dz_l = dL/dh_{l+1} phi'(z_l), dL/dW_l or dL/db_l (a subnormal that is a
+    float, such as a softmax probability of 1e-310, is what the chain holds too). The float
+    pass then loses what the chain carries (under an mse loss, a signal that passes a
+    weight of 1e-320 is 0 for torch, though a weight of 1e300 below brings it back above
+    the floats), and with it every norm formed from that value: dL/dh_l and all below it;
+    dL/dz_l, its layer and all below; or the one parameter; and the total norm of order
+    `norm_type` where those parameters' share of it, carried exactly, is more than 1e-12.
+    The backward pass is linear in dL/dh_L, so this holds for every activation, phi'(z_l)
+    taken as the oracles form it. Returns name -> mask of the norms left out ("weight",
+    "bias", "activation"; "total": a bool), None where there are none."""
     L = len(sc.ws)
     lost = {
         n: np.zeros(k, dtype=bool) for n, k in (("weight", L), ("bias", L), ("activation", L + 1))
@@ -682,12 +673,10 @@ def lost_below_floats_backward(sc, act, target, slope, alpha, norm_type=2.0) -> 
     params = {"weight": [None] * L, "bias": [None] * L}  # (mantissa, exponent), as carried
 
     def below(m, e) -> bool:
-        # m * 2**e below the smallest normal float: |m| < 2**(-1022 - e)
-        if -1022 - e < -1074:
+        # whether some m * 2**e rounds as a float64: only in the subnormals, or to 0
+        if e > 52:  # the least |m|, 2**-1074, is then at least the least normal float
             return False
-        t = math.ldexp(1.0, -1022 - e) if -1022 - e < 1024 else math.inf
-        a = np.abs(m)
-        return bool(np.any((a < t) & (a > 0)))
+        return bool(np.any(np.ldexp(np.ldexp(m, e), -e) != m))
 
     out = sc.hs[-1]
     with np.errstate(all="ignore"):
