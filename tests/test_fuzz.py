@@ -2696,3 +2696,16 @@ def test_cross_entropy_of_logits_beyond_the_doubles_kept_in_band_mantissas():
     assert rep.loss == 0.0 and rep.log10_loss == -math.inf
     assert not np.isnan(rep.log10_weight_grad_norms).any()
     assert not np.isnan(rep.log10_activation_grad_norms).any()
+
+
+@pytest.mark.parametrize("value", [1e20, 1e10, 3.0])
+def test_cross_entropy_of_large_tied_logits(value):
+    """Each logit's softmax is formed as exp((z_j - max) - log sum), not exp(z_j - lse):
+    at 1e20, max + log 3 rounds to max, and three tied logits got the gradient
+    [-2/3, 1, 1] instead of [-2/3, 1/3, 1/3] (5e-7 off at 1e10)."""
+    net = gc.MLP.from_weights([np.eye(3), np.eye(3)], activation="linear")
+    x = np.full((2, 3), value)
+    rep = net.backward(x, np.array([0, 2]), loss="cross_entropy", return_grads=True)
+    want = np.array([[-2, 1, 1], [1, 1, -2]]) / 3 / 2  # mean over the batch
+    np.testing.assert_allclose(rep.weight_grads[-1], want.T @ x, rtol=1e-12)
+    np.testing.assert_allclose(rep.activation_grad_norms[-1], np.linalg.norm(want), rtol=1e-12)

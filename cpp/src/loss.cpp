@@ -57,7 +57,10 @@ void cross_entropy(const T* y, std::int64_t ey, std::size_t rows, std::size_t co
   }
   const int ie = clamp_exp(ey);
   struct Row {
-    double lse, llab;  // log-sum-exp; log|dL/dy_label| when the label holds the largest logit
+    // The largest logit and log sum_j e^(z_j - max) (the log-sum-exp is their sum, taken
+    // apart: z_j - max is exact near the top, where max + lsum may absorb lsum);
+    // log|dL/dy_label| when the label holds the largest logit.
+    double mx, lsum, llab;
     bool top;
     std::size_t lab;
   };
@@ -73,7 +76,8 @@ void cross_entropy(const T* y, std::int64_t ey, std::size_t rows, std::size_t co
     for (std::size_t j = 0; j < cols; ++j) s += std::exp(z[j] - mx);
     const double lsum = std::log(s);
     Row& w = info[r];
-    w.lse = mx + lsum;
+    w.mx = mx;
+    w.lsum = lsum;
     w.lab = lab;
     w.top = z[lab] == mx;
     if (w.top) {
@@ -127,11 +131,11 @@ void cross_entropy(const T* y, std::int64_t ey, std::size_t rows, std::size_t co
       const double zj = std::ldexp(double(yr[j]), ie);
       double g;
       if (j != w.lab)
-        g = mant(zj - w.lse);
+        g = mant((zj - w.mx) - w.lsum);
       else if (w.top)
         g = -mant(w.llab);
       else
-        g = std::expm1(zj - w.lse);
+        g = std::expm1((zj - w.mx) - w.lsum);
       d[j] = static_cast<T>(g) * s;
     }
   }
