@@ -11,6 +11,7 @@
 
 #include "gradchain/clip.hpp"
 #include "gradchain/clones.hpp"
+#include "gradchain/parallel.hpp"
 #include "gradchain/rng.hpp"
 #include "gradchain/scaled.hpp"
 #include "gradchain/system.hpp"
@@ -89,10 +90,10 @@ struct Sums {
 // log10 ||p|| (NaN or +inf for a non-finite p) and log10 ||p - b|| / ||b|| of one update
 // (b the parameter before it, u its sums, `last` b's sums where known), from the sums where
 // no square that matters can overflow or underflow; otherwise from scans at a power-of-two
-// scale (`diff` holds n numbers).
+// scale (`diff`, a scratch of the thread's, then takes n numbers).
 template <class T>
-bool update_norms(const T* p, const T* b, std::size_t n, const UpdateSums& u, double* diff,
-                  Sums& last, double& log10_p, double& log10_ratio) {
+bool update_norms(const T* p, const T* b, std::size_t n, const UpdateSums& u,
+                  std::vector<double>& diff, Sums& last, double& log10_p, double& log10_ratio) {
   if (!last.valid) {  // b through the same pass, as p
     const UpdateSums ub = update_sums(b, b, n);
     last = {ub.max_p, ub.sum_p2, true};
@@ -109,10 +110,11 @@ bool update_norms(const T* p, const T* b, std::size_t n, const UpdateSums& u, do
     log10_ratio = sd == 0.0 ? -kInf : (sb == 0.0 ? kInf : 0.5 * (std::log10(sd) - std::log10(sb)));
     return true;
   }
+  diff.resize(n);
   for (std::size_t i = 0; i < n; ++i)
     diff[i] = static_cast<double>(p[i]) - static_cast<double>(b[i]);
   log10_p = log10_norm(scan(p, n), 0);
-  const double ld = log10_norm(scan(diff, n), 0);
+  const double ld = log10_norm(scan(diff.data(), n), 0);
   log10_ratio = ld == -kInf ? -kInf : ld - log10_norm(scan(b, n), 0);
   return true;
 }
@@ -283,7 +285,7 @@ class RecurrentModel {
   std::vector<std::vector<std::int64_t>> shapes_;
 };
 
-// Parameters of at least this many numbers in all are updated on two threads.
+// Parameters of at least this many numbers in all are updated on the pass's threads.
 constexpr std::size_t kParallelUpdate = 16384;
 
 // ---- threads ------------------------------------------------------------------------------
@@ -483,7 +485,7 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
   // parameter, the sampler's permutation, the batch and validation copies, and one step's
   // gradients and row.
   const double bytes = TrainHistory::bytes(capacity, P, A, val) + double(offset[P]) * sizeof(T) +
-                       double(largest) * 16 + double(d.n) * 8 +
+                       double(largest) * 8 * max_threads() + double(d.n) * 8 +
                        (double(B) + double(chunk)) * example_bytes(d) +
                        double(offset[P]) * sizeof(T) + double(P + A) * 8 * 6;
   check_memory(bytes, "this training run (its history holds " + std::to_string(capacity) +
@@ -510,15 +512,14 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
   StepPass<T> pass;
   Row row;
   std::vector<T> before(offset[P]);
-  // Two runs of parameters for two threads' updates, of about equal size (none when the
-  // parameters are too few to be worth a second thread).
-  std::size_t split = 0;
-  if (P >= 2 && offset[P] >= kParallelUpdate) {
-    while (split < P && 2 * offset[split + 1] <= offset[P]) ++split;
-    split = std::clamp<std::size_t>(split, 1, P - 1);
-  }
-  std::vector<double> diff(split > 0 ? 2 * largest : largest);
+  // Updates of parameters too few to be worth a second thread stay on one.
+  const bool parallel_update = P >= 2 && offset[P] >= kParallelUpdate;
+  // A thread's differences p - b, where an update's sums leave the band.
+  struct UpdateScratch {
+    std::vector<double> diff;
+  };
   std::vector<char> finite(P, 1);
+  opt.reserve(P);
   std::vector<Sums> last(P);
   std::vector<std::int64_t> vidx;
   if (val) {
@@ -637,10 +638,11 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
       }
 
       // ---- the update ------------------------------------------------------------------------
-      // Every parameter takes its update (each independent of the others', its sums taken
-      // within it); on the pass's threads, two threads take the parameters in two fixed
-      // runs, so the numbers are the same on any number of threads.
-      auto update_one = [&](std::size_t i, double* dscratch) {
+      // Every parameter takes its update, independent of the others' and its sums taken
+      // within it, so that the pass's threads may share the parameters out: the numbers are
+      // the same on any number of threads.
+      auto update_one = [&](int pi, UpdateScratch& scratch) {
+        const auto i = static_cast<std::size_t>(pi);
         T* p = model.param(i);
         const std::size_t n = model.param_size(i);
         T* b = before.data() + offset[i];
@@ -653,28 +655,10 @@ std::shared_ptr<TrainHistory> run(Model& model, const TrainData<T>& d, Optimizer
         } else {
           u = opt.step_tracked(i, p, pass.grads[i].data(), n, lr, b);
         }
-        finite[i] = update_norms(p, b, n, u, dscratch, last[i], row.norm[i], row.ratio[i]);
+        finite[i] = update_norms(p, b, n, u, scratch.diff, last[i], row.norm[i], row.ratio[i]);
       };
-      opt.reserve(P);
-      if (split > 0 && max_threads() > 1) {
-        std::exception_ptr error[2];
-#ifdef _OPENMP
-#pragma omp parallel num_threads(team_threads(2))
-        {
-          const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
-          try {
-            for (std::size_t i = t == 0 ? 0 : split; i < (t == 0 ? split : P); ++i)
-              update_one(i, diff.data() + t * largest);
-          } catch (...) {
-            error[t] = std::current_exception();
-          }
-        }
-#endif
-        for (const std::exception_ptr& e : error)
-          if (e) std::rethrow_exception(e);
-      } else {
-        for (std::size_t i = 0; i < P; ++i) update_one(i, diff.data());
-      }
+      parallel_indices<UpdateScratch>(0, static_cast<int>(P), parallel_update ? max_threads() : 1,
+                                      nullptr, update_one);
       threads.end(s);
       const auto bad_it = std::find(finite.begin(), finite.end(), char(0));
       if (bad_it != finite.end()) {
