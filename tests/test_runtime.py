@@ -326,6 +326,27 @@ def test_kernels_match_blas_at_float_rounding(gc, kernel_isas, dtype):
                 assert np.all(np.abs(got - exact) <= bound), (isa, m, n, k, ta, tb)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_transposed_products_sum_in_order(gc, kernel_isas, dtype):
+    """A B^T beyond the float64 dot products runs as an A B product, either as C^T = B A^T
+    between transposes of A and C (a batch narrower than the layer) or on a transposed B:
+    either way each entry sums over k in order, bit for bit the A B product of B^T."""
+    from gradchain import _core
+
+    rng = np.random.default_rng(11)
+    shapes = [(32, 150, 150), (16, 301, 300), (7, 301, 300), (40, 200, 90), (9, 260, 270)]
+    if dtype == "float32":
+        shapes += [(16, 64, 64), (8, 33, 40), (17, 100, 3), (3, 64, 64), (64, 64, 64)]
+    for m, n, k in shapes:
+        a = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((n, k)).astype(dtype)
+        for isa in [i for i in kernel_isas if i != "blas"]:
+            _core.set_kernel_isa(isa)
+            got = _core.gemm(a, b, False, True, 0.75)
+            ref = _core.gemm(a, np.ascontiguousarray(b.T), False, False, 0.75)
+            assert np.array_equal(got, ref), (isa, m, n, k)
+
+
 def test_kernel_variants_give_the_same_chain_results_within_rounding(gc, kernel_isas):
     """A whole pass on each variant: the same norms to ~1e-12 against BLAS (whose sums run
     in another order), and bit for bit between the AVX-512 and AVX2 kernels (every product

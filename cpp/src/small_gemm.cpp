@@ -21,16 +21,16 @@ void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, 
           const double* b, int ldb, double* c, int ldc, Prefetch& pf);
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
           const float* b, int ldb, float* c, int ldc, Prefetch& pf);
-void transpose(int n, int k, const double* b, int ldb, double* bt);
-void transpose(int n, int k, const float* b, int ldb, float* bt);
+void transpose(int n, int k, const double* b, int ldb, double* bt, int ldbt);
+void transpose(int n, int k, const float* b, int ldb, float* bt, int ldbt);
 }  // namespace avx2
 namespace avx512 {
 void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
           const double* b, int ldb, double* c, int ldc, Prefetch& pf);
 void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
           const float* b, int ldb, float* c, int ldc, Prefetch& pf);
-void transpose(int n, int k, const double* b, int ldb, double* bt);
-void transpose(int n, int k, const float* b, int ldb, float* bt);
+void transpose(int n, int k, const double* b, int ldb, double* bt, int ldbt);
+void transpose(int n, int k, const float* b, int ldb, float* bt, int ldbt);
 }  // namespace avx512
 #endif
 
@@ -74,6 +74,17 @@ struct Packed {
   std::size_t elem = 0;
 };
 thread_local Packed packed;
+// A^T and C^T of an A B^T product run as C^T = B A^T (see run).
+thread_local std::vector<char> scratch;
+
+template <class T>
+T* scratch_buffer(std::size_t count) {
+  const std::size_t bytes = count * sizeof(T) + 64;
+  if (scratch.size() < bytes) scratch.resize(bytes);
+  const auto addr = reinterpret_cast<std::uintptr_t>(scratch.data());
+  return reinterpret_cast<T*>(scratch.data() + (64 - addr % 64) % 64);
+}
+
 thread_local int keep_depth = 0;
 
 template <class T>
@@ -99,18 +110,39 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
   const double work = double(m) * double(n) * double(k);
   if (work > (at ? kMaxWork : kMaxWorkAB)) return false;
 #ifdef GC_SMALL_GEMM
-  // The A B^T form: dot products for small float64 products. Otherwise B is transposed
-  // (once per operand while a KeepPacked lives) and the product runs in the A B form, near
-  // the core's peak where dot products spend much of their time in horizontal sums.
+  // The A B^T form: dot products for small float64 products. Larger ones, and float32
+  // ones, run as A B products near the core's peak (dot products spend much of their time
+  // in horizontal sums), whichever way transposes fewer entries: as C^T = B A^T, with A
+  // transposed before and C^T after (a batch narrower than the layer: A and C are a few
+  // kilobytes that the caller has just written, where B may come from memory), or with B
+  // transposed (once per operand while a KeepPacked lives, which here means two parts of a
+  // batch). Either way every entry is the sum over k in order, so the numbers are the same.
   if (bt && (sizeof(T) == sizeof(float) || work > kMaxWork)) {
-    T* t = packed_buffer<T>(std::size_t(n) * std::size_t(k));
+    const auto transpose = [i](int rows, int cols, const T* src, int lds, T* dst, int ldd) {
+      if (i == Isa::avx512)
+        avx512::transpose(rows, cols, src, lds, dst, ldd);
+      else
+        avx2::transpose(rows, cols, src, lds, dst, ldd);
+    };
     const bool have = keep_depth > 0 && packed.b == b && packed.n == n && packed.k == k &&
                       packed.ldb == ldb && packed.elem == sizeof(T);
-    if (!have) {
+    // C^T's rows are a vector wide at least, or its kernel wastes lanes.
+    const int lanes = (i == Isa::avx512 ? 64 : 32) / static_cast<int>(sizeof(T));
+    const double parts = keep_depth > 0 ? 2 : 1;
+    if (!have && m >= lanes && parts * m * (double(k) + n) < double(n) * k) {
+      T* xt = scratch_buffer<T>(std::size_t(k) * std::size_t(m) + std::size_t(n) * std::size_t(m));
+      T* yt = xt + std::size_t(k) * std::size_t(m);
+      transpose(m, k, a, lda, xt, m);
       if (i == Isa::avx512)
-        avx512::transpose(n, k, b, ldb, t);
+        avx512::gemm(false, false, n, m, k, alpha, b, ldb, xt, m, yt, m, pf);
       else
-        avx2::transpose(n, k, b, ldb, t);
+        avx2::gemm(false, false, n, m, k, alpha, b, ldb, xt, m, yt, m, pf);
+      transpose(n, m, yt, m, c, ldc);
+      return true;
+    }
+    T* t = packed_buffer<T>(std::size_t(n) * std::size_t(k));
+    if (!have) {
+      transpose(n, k, b, ldb, t, n);
       packed.b = keep_depth > 0 ? b : nullptr;
       packed.n = n, packed.k = k, packed.ldb = ldb, packed.elem = sizeof(T);
     }

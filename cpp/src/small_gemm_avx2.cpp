@@ -71,11 +71,11 @@ void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, in
   kernels::run<VF>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, pf);
 }
 
-void transpose(int n, int k, const double* b, int ldb, double* bt) {
-  kernels::transpose(n, k, b, ldb, bt);
+void transpose(int n, int k, const double* b, int ldb, double* bt, int ldbt) {
+  kernels::transpose(n, k, b, ldb, bt, ldbt);
 }
-void transpose(int n, int k, const float* b, int ldb, float* bt) {
-  kernels::transpose(n, k, b, ldb, bt);
+void transpose(int n, int k, const float* b, int ldb, float* bt, int ldbt) {
+  kernels::transpose(n, k, b, ldb, bt, ldbt);
 }
 
 }  // namespace gradchain::small::avx2

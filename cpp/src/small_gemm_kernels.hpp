@@ -260,10 +260,10 @@ void dot_gemm(int m, int n, int k, const typename S::T* a, std::ptrdiff_t lda,
   }
 }
 
-// bt (k x n, row-major) = the transpose of b (n x k, leading dimension ldb). B is read a
-// block of rows at a time, each row in order (as the prefetchers expect of memory that is
-// not yet in cache), and every row of bt receives a whole cache line from a block: 8 rows
-// of doubles (two 4 x 4 transposes in registers) or 16 of floats (two 8 x 8).
+// bt (k x n, leading dimension ldbt) = the transpose of b (n x k, leading dimension ldb). B is read
+// a block of rows at a time, each row in order (as the prefetchers expect of memory that is not yet
+// in cache), and every row of bt receives a whole cache line from a block: 8 rows of doubles (two 4
+// x 4 transposes in registers) or 16 of floats (two 8 x 8).
 inline __attribute__((always_inline)) void transpose4(const double* r, std::ptrdiff_t ldb,
                                                       double* o, std::ptrdiff_t n) {
   const __m256d r0 = _mm256_loadu_pd(r), r1 = _mm256_loadu_pd(r + ldb);
@@ -297,26 +297,26 @@ inline __attribute__((always_inline)) void transpose8(const float* r, std::ptrdi
   }
 }
 template <class T>
-void transpose(int n, int k, const T* b, std::ptrdiff_t ldb, T* bt) {
+void transpose(int n, int k, const T* b, std::ptrdiff_t ldb, T* bt, std::ptrdiff_t ldbt) {
   constexpr int B = 32 / sizeof(T);  // a register block: 4 doubles or 8 floats
   const int nb = n - n % (2 * B), kb = k - k % B;
   for (int j = 0; j < nb; j += 2 * B) {
     const T* r = b + j * ldb;
     for (int p = 0; p < kb; p += B) {
-      T* o = bt + std::ptrdiff_t(p) * n + j;
+      T* o = bt + std::ptrdiff_t(p) * ldbt + j;
       if constexpr (B == 4) {
-        transpose4(r + p, ldb, o, n);
-        transpose4(r + 4 * ldb + p, ldb, o + 4, n);
+        transpose4(r + p, ldb, o, ldbt);
+        transpose4(r + 4 * ldb + p, ldb, o + 4, ldbt);
       } else {
-        transpose8(r + p, ldb, o, n);
-        transpose8(r + 8 * ldb + p, ldb, o + 8, n);
+        transpose8(r + p, ldb, o, ldbt);
+        transpose8(r + 8 * ldb + p, ldb, o + 8, ldbt);
       }
     }
     for (int p = kb; p < k; ++p)
-      for (int s = 0; s < 2 * B; ++s) bt[std::ptrdiff_t(p) * n + j + s] = r[s * ldb + p];
+      for (int s = 0; s < 2 * B; ++s) bt[std::ptrdiff_t(p) * ldbt + j + s] = r[s * ldb + p];
   }
   for (int j = nb; j < n; ++j)
-    for (int p = 0; p < k; ++p) bt[std::ptrdiff_t(p) * n + j] = b[j * ldb + p];
+    for (int p = 0; p < k; ++p) bt[std::ptrdiff_t(p) * ldbt + j] = b[j * ldb + p];
 }
 
 // op(B) = B: broadcast form; op(B) = B^T (with op(A) = A): dot products. (small_gemm.cpp
