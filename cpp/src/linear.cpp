@@ -224,12 +224,7 @@ void Linear<T>::backward_params(const BackwardArgs<T>& a, const ParamGradArgs& o
   const std::size_t nin = static_cast<std::size_t>(this->in_);
   const std::size_t nout = static_cast<std::size_t>(this->out_);
   if (has_bias_) {
-    T* db = grads[1];
-    std::fill(db, db + nout, T(0));
-    for (std::size_t r = 0; r < a.rows; ++r) {
-      const T* row = a.dy + r * nout;
-      for (std::size_t j = 0; j < nout; ++j) db[j] += row[j];
-    }
+    column_sums(a.dy, a.rows, nout, grads[1]);
     out[1].exp = a.gy;
   }
   if (a.rows == 1 && !opt.need_values) {

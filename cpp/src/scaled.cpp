@@ -108,6 +108,34 @@ GC_CLONES void mul_coef_pow2(const double* src, std::size_t n, double m, double 
   mul_coef_pow2_impl(src, n, m, f, dst);
 }
 
+namespace {
+template <class T>
+__attribute__((always_inline)) inline void column_sums_impl(const T* x, std::size_t rows,
+                                                            std::size_t cols, T* out) {
+  // Columns in blocks that stay in registers while the rows go by.
+  constexpr std::size_t kCols = 64 / sizeof(T) * 4;
+  for (std::size_t j0 = 0; j0 < cols; j0 += kCols) {
+    const std::size_t nj = cols - j0 < kCols ? cols - j0 : kCols;
+    T acc[kCols];
+#pragma omp simd
+    for (std::size_t j = 0; j < kCols; ++j) acc[j] = T(0);
+    for (std::size_t r = 0; r < rows; ++r) {
+      const T* row = x + r * cols + j0;
+#pragma omp simd
+      for (std::size_t j = 0; j < nj; ++j) acc[j] += row[j];
+    }
+    for (std::size_t j = 0; j < nj; ++j) out[j0 + j] = acc[j];
+  }
+}
+}  // namespace
+
+GC_CLONES void column_sums(const float* x, std::size_t rows, std::size_t cols, float* out) {
+  column_sums_impl(x, rows, cols, out);
+}
+GC_CLONES void column_sums(const double* x, std::size_t rows, std::size_t cols, double* out) {
+  column_sums_impl(x, rows, cols, out);
+}
+
 GC_CLONES Scan scan(const double* x, std::size_t n) {
   return scan_impl(x, n);
 }

@@ -108,6 +108,12 @@ inline double log10_add(double a, double b) {
 // write_scaled, vectorized where the CPU allows.
 void mul_pow2(const float* src, std::size_t n, double f, float* dst);
 void mul_pow2(const double* src, std::size_t n, double f, double* dst);
+
+// out[j] = the sum over rows r of x[r * cols + j], added in row order (a bias gradient):
+// each sum held in a register, where adding row by row into out would wait on a store at
+// every row.
+void column_sums(const float* x, std::size_t rows, std::size_t cols, float* out);
+void column_sums(const double* x, std::size_t rows, std::size_t cols, double* out);
 void mul_coef_pow2(const float* src, std::size_t n, float m, double f, float* dst);
 void mul_coef_pow2(const double* src, std::size_t n, double m, double f, double* dst);
 
