@@ -139,9 +139,10 @@ def test_memory_grows_slower_than_depth(gc):
             net.backward_memory(8, checkpoint=None),
             net.backward_memory(8, checkpoint="sqrt"),
         )
-    # Without checkpointing the kept outputs grow with depth; with it they grow as
-    # sqrt(depth), and only a few numbers per layer (exponents, maxima) with depth.
-    assert 3.5 < mem[1600][0] / mem[400][0] < 4.5, mem
+    # Without checkpointing the kept outputs grow with depth (beside a ring of gradient
+    # slots of fixed size); with it they grow as sqrt(depth), and only a few numbers per
+    # layer (exponents, maxima) with depth.
+    assert 3.2 < mem[1600][0] / mem[400][0] < 4.5, mem
     assert mem[1600][1] / mem[400][1] < 3.2, mem
     assert mem[1600][1] < mem[1600][0] / 5, mem
     net = gc.MLP(depth=400, width=16, store_weights=False)

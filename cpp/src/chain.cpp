@@ -322,6 +322,19 @@ bool Chain<T>::couples_batch(bool train) const {
 
 namespace {
 
+// The pipelined backward pass hands each step's dL/dy to the second thread through a ring of
+// slots, each reused once that thread is done with it: slots written again soon are still in
+// cache, where one slot per step would send every write to memory. About this many bytes
+// (half a core's L2 today), and at least kMinSlots slots, so that the second thread may lag a
+// few steps behind.
+constexpr double kRingBytes = 1 << 19;
+constexpr std::size_t kMinSlots = 8;
+std::size_t ring_slots(std::size_t steps, std::size_t slot_bytes) {
+  const double fit = kRingBytes / double(std::max<std::size_t>(1, slot_bytes));
+  const std::size_t want = std::max(kMinSlots, static_cast<std::size_t>(fit));
+  return std::min(steps, want);
+}
+
 struct Threading {
   bool split_forward = false;     // the batch in two parts (by the problem's size alone)
   bool parallel_forward = false;  // the parts on two threads
@@ -523,14 +536,19 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
   r.needed = elems * sizeof(T) + NB * (8 + parts * 32 + 24 + 4) + nsteps * (24 + 16 + 8) + local +
              double(n_trainable_) * 24 + NB * 8 + 4096;
   if (th.two_threads && p.any_params && !req.forward_only) {
-    double dy = 0;  // the largest segment's
+    std::size_t most = 0, slot = 0;  // steps with parameters in a segment, a slot's entries
     for (std::size_t i = 0; i + 1 < S.step0.size(); ++i) {
-      double d = 0;
+      std::size_t n = 0;
       for (std::size_t si = S.step0[i]; si < S.step0[i + 1]; ++si)
-        if (p.steps[si].nparams > 0) d += B * p.width[static_cast<std::size_t>(p.steps[si].out)];
-      dy = std::max(dy, d);
+        if (p.steps[si].nparams > 0) {
+          ++n;
+          slot = std::max(slot, static_cast<std::size_t>(batch) *
+                                    static_cast<std::size_t>(
+                                        p.width[static_cast<std::size_t>(p.steps[si].out)]));
+        }
+      most = std::max(most, n);
     }
-    r.pipeline = dy * sizeof(T);
+    r.pipeline = double(ring_slots(most, slot * sizeof(T))) * double(slot) * sizeof(T);
   }
   return r;
 }
@@ -941,18 +959,22 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     return p;
   };
 
-  // dL/dy slots of one segment at a time.
-  std::size_t dy_total = 0;
-  std::vector<std::size_t> dy_off(nsteps, 0);
+  // The ring of dL/dy slots (see ring_slots): a step with parameters takes slot
+  // ord % ring, ord being its place among the steps with parameters of its segment, last
+  // first (the order both threads take them in).
+  std::vector<std::size_t> ord(nsteps, 0);
+  std::size_t most = 0, slot = 0;
   for (std::size_t i = 0; i < nseg; ++i) {
-    std::size_t acc = 0;
-    for (std::size_t si = SC.step0[i]; si < SC.step0[i + 1]; ++si)
+    std::size_t n = 0;
+    for (std::size_t si = SC.step0[i + 1]; si-- > SC.step0[i];)
       if (P.steps[si].nparams > 0) {
-        dy_off[si] = acc;
-        acc += B * w(P.steps[si].out);
+        ord[si] = n++;
+        slot = std::max(slot, B * w(P.steps[si].out));
       }
-    dy_total = std::max(dy_total, acc);
+    most = std::max(most, n);
   }
+  const std::size_t ring = ring_slots(most, slot * sizeof(T));
+  const std::size_t dy_total = ring * slot;
   bool pipelined = th.two_threads && P.any_params && req.param_grads && dy_total > 0 &&
                    need.pipeline > 0 && memory_allows(bytes - held, 2.0);
   T* DY = nullptr;
@@ -968,6 +990,21 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   for (std::size_t si = 0; si < nsteps; ++si)
     producer[static_cast<std::size_t>(P.steps[si].out)] = int(si);
   auto is_dy_slot = [&](const T* ptr) { return pipelined && ptr >= DY && ptr < DY + dy_total; };
+  auto slot_of = [&](std::size_t si) { return DY + (ord[si] % ring) * slot; };
+  // Steps with parameters of the segment whose dL/dy the first thread has handed over, and
+  // that the second thread is done with (each thread's count of its own steps).
+  std::size_t handed = 0;
+  std::atomic<std::size_t> done{0};
+  // Whether step si's slot is free (its last user is done) or will be without the first
+  // thread doing more: its last user has been handed over. Then waits for it.
+  auto claim_slot = [&](std::size_t si) {
+    if (ord[si] >= handed + ring) return false;
+    while (ord[si] >= ring && done.load(std::memory_order_acquire) < ord[si] - ring + 1) {
+      if (abort.load(std::memory_order_relaxed)) return false;
+      std::this_thread::yield();
+    }
+    return true;
+  };
   struct Live {
     T* buf = nullptr;
     std::int64_t e = 0;
@@ -980,8 +1017,9 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   auto dest_for = [&](int b) -> T* {
     const int pr = producer[static_cast<std::size_t>(b)];
     if (pipelined && pr >= 0 && P.steps[static_cast<std::size_t>(pr)].nparams > 0 &&
-        static_cast<std::size_t>(pr) >= SC.step0[cur] && !live[static_cast<std::size_t>(b)].buf)
-      return DY + dy_off[static_cast<std::size_t>(pr)];
+        static_cast<std::size_t>(pr) >= SC.step0[cur] && !live[static_cast<std::size_t>(b)].buf &&
+        claim_slot(static_cast<std::size_t>(pr)))
+      return slot_of(static_cast<std::size_t>(pr));
     return pool_get();
   };
   auto release = [&](T* ptr) {
@@ -1174,13 +1212,15 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       } else {
         if (s.nparams > 0 && req.param_grads) {
           if (pipelined) {
-            T* slot = DY + dy_off[k];
-            if (dy.buf != slot) {  // a residual join summed it elsewhere
-              std::copy(dy.buf, dy.buf + B * w(s.out), slot);
+            T* to = slot_of(k);
+            if (dy.buf != to) {  // summed elsewhere (a residual join), or the slot was busy
+              if (!claim_slot(k)) return;  // the second thread has failed
+              std::copy(dy.buf, dy.buf + B * w(s.out), to);
               release(dy.buf);
-              dy.buf = slot;
+              dy.buf = to;
             }
             dy_exp[k] = dy.e;
+            ++handed;
             ready.store(static_cast<int>(k), std::memory_order_release);
           } else {
             param_grads(k, dy.buf, dy.e, pg);
@@ -1236,6 +1276,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
       }
     }
     ready.store(static_cast<int>(SC.step0[i + 1]));
+    handed = 0;
+    done.store(0);
     if (!pipelined) {
       chain();
     } else {
@@ -1254,7 +1296,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
                 std::this_thread::yield();
               }
               if (abort.load(std::memory_order_relaxed)) break;
-              param_grads(k, DY + dy_off[k], dy_exp[k], pg);
+              param_grads(k, slot_of(k), dy_exp[k], pg);
+              done.fetch_add(1, std::memory_order_release);
             }
           }
         } catch (...) {
