@@ -284,7 +284,10 @@ def test_cpp_is_formatted():
     files = sorted(str(p) for p in root.rglob("*") if p.suffix in (".cpp", ".hpp"))
     assert files
     out = subprocess.run(
-        [exe, "--dry-run", "--Werror", *files], capture_output=True, text=True, timeout=120,
+        [exe, "--dry-run", "--Werror", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
     assert out.returncode == 0, out.stderr[:3000]
@@ -307,9 +310,19 @@ def kernel_isas(gc):
 
 def _product_shapes(rng, n):
     """Random small shapes: odd sizes, batch 1, widths off the vector lengths."""
-    fixed = [(1, 64, 64), (1, 1, 1), (31, 17, 33), (16, 64, 64), (7, 5, 129), (33, 31, 1),
-             # float64 products above 2^19 multiply-adds: B^T transposed, then the A B form
-             (32, 150, 150), (7, 301, 300), (33, 129, 131), (1, 1030, 1000)]
+    fixed = [
+        (1, 64, 64),
+        (1, 1, 1),
+        (31, 17, 33),
+        (16, 64, 64),
+        (7, 5, 129),
+        (33, 31, 1),
+        # float64 products above 2^19 multiply-adds: B^T transposed, then the A B form
+        (32, 150, 150),
+        (7, 301, 300),
+        (33, 129, 131),
+        (1, 1030, 1000),
+    ]
     return fixed + [tuple(int(v) for v in rng.integers(1, 80, 3)) for _ in range(n)]
 
 
@@ -335,15 +348,17 @@ def test_kernels_match_blas_at_float_rounding(gc, kernel_isas, dtype):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_transposed_products_sum_in_order(gc, kernel_isas, dtype):
-    """A B^T beyond the float64 dot products runs as an A B product, either as C^T = B A^T
-    between transposes of A and C (a batch narrower than the layer) or on a transposed B:
-    either way each entry sums over k in order, bit for bit the A B product of B^T."""
+    """A B^T runs as an A B product (but for small float64 products of fewer than 8 rows),
+    either as C^T = B A^T between transposes of A and C (a batch narrower than the layer)
+    or on a transposed B: either way each entry sums over k in order, bit for bit the A B
+    product of B^T."""
     from gradchain import _core
 
     rng = np.random.default_rng(11)
-    shapes = [(32, 150, 150), (16, 301, 300), (7, 301, 300), (40, 200, 90), (9, 260, 270)]
+    shapes = [(32, 150, 150), (16, 301, 300), (7, 301, 300), (40, 200, 90), (9, 260, 270),
+              (16, 64, 64), (8, 33, 40), (17, 100, 3), (64, 64, 64), (12, 5, 70)]  # fmt: skip
     if dtype == "float32":
-        shapes += [(16, 64, 64), (8, 33, 40), (17, 100, 3), (3, 64, 64), (64, 64, 64)]
+        shapes += [(3, 64, 64), (1, 17, 9)]
     for m, n, k in shapes:
         a = rng.standard_normal((m, k)).astype(dtype)
         b = rng.standard_normal((n, k)).astype(dtype)

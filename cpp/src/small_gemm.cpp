@@ -110,14 +110,17 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
   const double work = double(m) * double(n) * double(k);
   if (work > (at ? kMaxWork : kMaxWorkAB)) return false;
 #ifdef GC_SMALL_GEMM
-  // The A B^T form: dot products for small float64 products. Larger ones, and float32
-  // ones, run as A B products near the core's peak (dot products spend much of their time
-  // in horizontal sums), whichever way transposes fewer entries: as C^T = B A^T, with A
-  // transposed before and C^T after (a batch narrower than the layer: A and C are a few
-  // kilobytes that the caller has just written, where B may come from memory), or with B
-  // transposed (once per operand while a KeepPacked lives, which here means two parts of a
-  // batch). Either way every entry is the sum over k in order, so the numbers are the same.
-  if (bt && (sizeof(T) == sizeof(float) || work > kMaxWork)) {
+  // The A B^T form runs as A B products near the core's peak (dot products spend much of
+  // their time in horizontal sums), whichever way transposes fewer entries: as
+  // C^T = B A^T, with A transposed before and C^T after (a batch at least a vector wide but
+  // narrower than the layer: A and C are a few kilobytes that the caller has just written,
+  // where B may come from memory), or with B transposed (once per operand while a
+  // KeepPacked lives, which here means two parts of a batch). Either way every entry is the
+  // sum over k in order, so the numbers are the same. Small float64 products of fewer rows
+  // than a 512-bit vector holds keep dot products, whose sums depend on the rows alone: the
+  // vector is the same on every CPU, so that the choice, and the numbers, are too.
+  constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+  if (bt && (sizeof(T) == sizeof(float) || work > kMaxWork || m >= kLanes)) {
     const auto transpose = [i](int rows, int cols, const T* src, int lds, T* dst, int ldd) {
       if (i == Isa::avx512)
         avx512::transpose(rows, cols, src, lds, dst, ldd);
@@ -126,10 +129,8 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
     };
     const bool have = keep_depth > 0 && packed.b == b && packed.n == n && packed.k == k &&
                       packed.ldb == ldb && packed.elem == sizeof(T);
-    // C^T's rows are a vector wide at least, or its kernel wastes lanes.
-    const int lanes = (i == Isa::avx512 ? 64 : 32) / static_cast<int>(sizeof(T));
     const double parts = keep_depth > 0 ? 2 : 1;
-    if (!have && m >= lanes && parts * m * (double(k) + n) < double(n) * k) {
+    if (!have && m >= kLanes && parts * m * (double(k) + n) < double(n) * k) {
       T* xt = scratch_buffer<T>(std::size_t(k) * std::size_t(m) + std::size_t(n) * std::size_t(m));
       T* yt = xt + std::size_t(k) * std::size_t(m);
       transpose(m, k, a, lda, xt, m);
