@@ -2709,3 +2709,39 @@ def test_cross_entropy_of_large_tied_logits(value):
     want = np.array([[-2, 1, 1], [1, 1, -2]]) / 3 / 2  # mean over the batch
     np.testing.assert_allclose(rep.weight_grads[-1], want.T @ x, rtol=1e-12)
     np.testing.assert_allclose(rep.activation_grad_norms[-1], np.linalg.norm(want), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "big", "small"), [("float64", 1e200, 1e-25), ("float32", 1e30, 0.25)]
+)
+def test_weight_gradient_of_the_one_example_small_in_both_factors(dtype, big, small):
+    """dW = dy^T x with x largest in an example whose gradient is 0 and dy largest in one
+    whose input is 0: only the third example, small in both, contributes small**2. Each
+    factor is brought into the band by its own largest entry, which put that product below
+    the subnormals (dW = 0, where torch has small**2)."""
+    net = gc.MLP.from_weights([np.ones((1, 1), dtype)], activation="linear", dtype=dtype)
+    x = np.array([[big], [0.0], [small]], dtype)
+    g = np.array([[0.0], [big], [small]], dtype)
+    rep = net.backward(x, grad_output=g, return_grads=True)
+    s = np.dtype(dtype).type(small)
+    assert rep.weight_grads[0].item() == s * s
+    assert close(rep.log10_weight_grad_norms[0], 2 * math.log10(s), 1e-12)
+
+
+def test_silu_weight_gradient_left_to_an_example_far_below_the_others():
+    """Inputs of 1e200 with one example zeroed: in the other three, silu's slope at -4e197
+    and below (two examples) or its value at -1e199 (the third) is 0, as in torch's float64
+    pass, so layer 2's weight gradient, 4e-16, comes from the zeroed example alone: its
+    dL/dz_2 lies 1e-200 below the batch's largest and its input 1e-199 below."""
+    widths = [4, 1, 6, 7, 1, 4, 7, 8, 6, 8, 4, 4, 7, 1, 2, 3, 5, 7]
+    net = gc.MLP(width=widths, activation="silu", init="lecun_normal", gain=0.3, sigma_w=2.0,
+                 bias_std=0.5, seed=9864)  # fmt: skip
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 4)) * 1e200, rng.standard_normal((4, 7)) * 1e200
+    x[3] = y[3] = 0
+    rep = net.backward(x, target=y, loss="mse")
+    assert close(rep.log10_weight_grad_norms[1], -15.40642063, 1e-8)
+    if torch is not None:
+        ref = O.torch_backward(net.weights, net.biases, x, "silu", "mse", y)
+        for got, want in zip(rep.log10_weight_grad_norms, ref.dW):
+            assert close(got, log10_pnorm(want), TOL64), (got, log10_pnorm(want))
