@@ -2745,3 +2745,39 @@ def test_silu_weight_gradient_left_to_an_example_far_below_the_others():
         ref = O.torch_backward(net.weights, net.biases, x, "silu", "mse", y)
         for got, want in zip(rep.log10_weight_grad_norms, ref.dW):
             assert close(got, log10_pnorm(want), TOL64), (got, log10_pnorm(want))
+
+
+def test_clipping_rounds_a_float32_gradient_once_at_its_own_scale():
+    """dW_11 = 1.43 * 2^-55 is 1.43 * 2^-145 in the weight gradient's mantissa array
+    (x_0 = 2^100 sets its exponent), a float32 subnormal with five digits; the clipping
+    coefficient 0.75 * 2^-24 applied to it in float32 rounded it there (1.4% off), where
+    clip_grad_norm_ multiplies the gradient g * c in float32 at g's own scale."""
+    net = gc.MLP.from_weights([np.ones((2, 2), np.float32)], activation="linear", dtype="float32")
+    x = np.array([[2.0**100, 1.3 * 2.0**-35]], np.float32)
+    g = np.array([[2.0**24, 1.1 * 2.0**-35]], np.float32)
+    unclipped = net.backward(x, grad_output=g, return_grads=True).weight_grads[0]
+    rep = net.backward(x, grad_output=g, return_grads=True, max_norm=3 * 2.0**98)
+    assert rep.total_norm == pytest.approx(2.0**124, rel=1e-14)
+    coef = np.float32(3 * 2.0**-26)  # max_norm / (total + 1e-6) in float32
+    want = (unclipped.astype(np.float64) * np.float64(coef)).astype(np.float32)
+    np.testing.assert_array_equal(rep.weight_grads[0], want)
+
+
+def test_float32_clipped_gradient_agrees_with_its_clipped_norm():
+    """Softplus at depth 10, inputs of 1e30 with one example 0: layer 2's weight gradient,
+    2.2e-4 (clipped by 4e-20), comes from the zero example alone. Its float32 mantissa had
+    lost all but one digit (2^-12) and clipping rounded that once more, so the returned
+    array and the reported clipped norm differed by 4%, and both from the truth by 10%."""
+    net = gc.MLP(depth=10, width=1, activation="softplus", init="xavier_normal", bias_std=0.0,
+                 dtype="float32", seed=3)  # fmt: skip
+    rows = np.arange(4)[:, None]
+    x = (np.random.default_rng(9).standard_normal((4, 1)) * 1e30 * (rows != 1)).astype(np.float32)
+    y = np.where(rows == 0, 1e20, 0.0).astype(np.float32)
+    rep = net.backward(x, target=y, loss="mse", return_grads=True, max_norm=1.0)
+    got = log10_pnorm(rep.weight_grads[1])
+    assert close(got, rep.log10_clipped_weight_grad_norms[1], 1e-6)
+    if torch is not None:
+        ws = [np.asarray(w, np.float64) for w in net.weights]
+        bs = [np.asarray(b, np.float64) for b in net.biases]
+        ref = O.torch_backward(ws, bs, x, "softplus", "mse", y, max_norm=1.0)
+        assert close(got, log10_pnorm(ref.dW[1]), TOL32), (got, log10_pnorm(ref.dW[1]))
