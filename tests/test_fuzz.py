@@ -2781,3 +2781,21 @@ def test_float32_clipped_gradient_agrees_with_its_clipped_norm():
         bs = [np.asarray(b, np.float64) for b in net.biases]
         ref = O.torch_backward(ws, bs, x, "softplus", "mse", y, max_norm=1.0)
         assert close(got, log10_pnorm(ref.dW[1]), TOL32), (got, log10_pnorm(ref.dW[1]))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "w", "x0", "t1"),
+    [("float64", 1e-300, 1e150, 1e200), ("float64", 1e-300, 1e150, 1e170),
+     ("float32", 1e-35, 1e10, 1e20)],
+)  # fmt: skip
+def test_mse_gradient_of_an_example_far_below_the_other_target(dtype, w, x0, t1):
+    """y = w x on x = (x0, 0) against targets (0, t1): dL/dy = (w x0, -t1) and
+    dL/dw = w x0^2 (1 at 1e-300 * 1e150^2). The loss formed dL/dy at the scale of t1,
+    where w x0 (1e-350, 1e-320 and 1e-45 times it) is 0 or a subnormal short of digits."""
+    f = np.dtype(dtype).type
+    net = gc.MLP.from_weights([np.array([[w]], dtype)], activation="linear", dtype=dtype)
+    x, y = np.array([[x0], [0.0]], dtype), np.array([[0.0], [t1]], dtype)
+    rep = net.backward(x, target=y, loss="mse", return_grads=True)
+    want = f(w) * f(x0) * f(x0)
+    assert rep.weight_grads[0].item() == want
+    assert close(rep.log10_weight_grad_norms[0], math.log10(want), 1e-12)
