@@ -2709,3 +2709,93 @@ def test_cross_entropy_of_large_tied_logits(value):
     want = np.array([[-2, 1, 1], [1, 1, -2]]) / 3 / 2  # mean over the batch
     np.testing.assert_allclose(rep.weight_grads[-1], want.T @ x, rtol=1e-12)
     np.testing.assert_allclose(rep.activation_grad_norms[-1], np.linalg.norm(want), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "big", "small"), [("float64", 1e200, 1e-25), ("float32", 1e30, 0.25)]
+)
+def test_weight_gradient_of_the_one_example_small_in_both_factors(dtype, big, small):
+    """dW = dy^T x with x largest in an example whose gradient is 0 and dy largest in one
+    whose input is 0: only the third example, small in both, contributes small**2. Each
+    factor is brought into the band by its own largest entry, which put that product below
+    the subnormals (dW = 0, where torch has small**2)."""
+    net = gc.MLP.from_weights([np.ones((1, 1), dtype)], activation="linear", dtype=dtype)
+    x = np.array([[big], [0.0], [small]], dtype)
+    g = np.array([[0.0], [big], [small]], dtype)
+    rep = net.backward(x, grad_output=g, return_grads=True)
+    s = np.dtype(dtype).type(small)
+    assert rep.weight_grads[0].item() == s * s
+    assert close(rep.log10_weight_grad_norms[0], 2 * math.log10(s), 1e-12)
+
+
+def test_silu_weight_gradient_left_to_an_example_far_below_the_others():
+    """Inputs of 1e200 with one example zeroed: in the other three, silu's slope at -4e197
+    and below (two examples) or its value at -1e199 (the third) is 0, as in torch's float64
+    pass, so layer 2's weight gradient, 4e-16, comes from the zeroed example alone: its
+    dL/dz_2 lies 1e-200 below the batch's largest and its input 1e-199 below."""
+    widths = [4, 1, 6, 7, 1, 4, 7, 8, 6, 8, 4, 4, 7, 1, 2, 3, 5, 7]
+    net = gc.MLP(width=widths, activation="silu", init="lecun_normal", gain=0.3, sigma_w=2.0,
+                 bias_std=0.5, seed=9864)  # fmt: skip
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 4)) * 1e200, rng.standard_normal((4, 7)) * 1e200
+    x[3] = y[3] = 0
+    rep = net.backward(x, target=y, loss="mse")
+    assert close(rep.log10_weight_grad_norms[1], -15.40642063, 1e-8)
+    if torch is not None:
+        ref = O.torch_backward(net.weights, net.biases, x, "silu", "mse", y)
+        for got, want in zip(rep.log10_weight_grad_norms, ref.dW):
+            assert close(got, log10_pnorm(want), TOL64), (got, log10_pnorm(want))
+
+
+def test_clipping_rounds_a_float32_gradient_once_at_its_own_scale():
+    """dW_11 = 1.43 * 2^-55 is 1.43 * 2^-145 in the weight gradient's mantissa array
+    (x_0 = 2^100 sets its exponent), a float32 subnormal with five digits; the clipping
+    coefficient 0.75 * 2^-24 applied to it in float32 rounded it there (1.4% off), where
+    clip_grad_norm_ multiplies the gradient g * c in float32 at g's own scale."""
+    net = gc.MLP.from_weights([np.ones((2, 2), np.float32)], activation="linear", dtype="float32")
+    x = np.array([[2.0**100, 1.3 * 2.0**-35]], np.float32)
+    g = np.array([[2.0**24, 1.1 * 2.0**-35]], np.float32)
+    unclipped = net.backward(x, grad_output=g, return_grads=True).weight_grads[0]
+    rep = net.backward(x, grad_output=g, return_grads=True, max_norm=3 * 2.0**98)
+    assert rep.total_norm == pytest.approx(2.0**124, rel=1e-14)
+    coef = np.float32(3 * 2.0**-26)  # max_norm / (total + 1e-6) in float32
+    want = (unclipped.astype(np.float64) * np.float64(coef)).astype(np.float32)
+    np.testing.assert_array_equal(rep.weight_grads[0], want)
+
+
+def test_float32_clipped_gradient_agrees_with_its_clipped_norm():
+    """Softplus at depth 10, inputs of 1e30 with one example 0: layer 2's weight gradient,
+    2.2e-4 (clipped by 4e-20), comes from the zero example alone. Its float32 mantissa had
+    lost all but one digit (2^-12) and clipping rounded that once more, so the returned
+    array and the reported clipped norm differed by 4%, and both from the truth by 10%."""
+    net = gc.MLP(depth=10, width=1, activation="softplus", init="xavier_normal", bias_std=0.0,
+                 dtype="float32", seed=3)  # fmt: skip
+    rows = np.arange(4)[:, None]
+    x = (np.random.default_rng(9).standard_normal((4, 1)) * 1e30 * (rows != 1)).astype(np.float32)
+    y = np.where(rows == 0, 1e20, 0.0).astype(np.float32)
+    rep = net.backward(x, target=y, loss="mse", return_grads=True, max_norm=1.0)
+    got = log10_pnorm(rep.weight_grads[1])
+    assert close(got, rep.log10_clipped_weight_grad_norms[1], 1e-6)
+    if torch is not None:
+        ws = [np.asarray(w, np.float64) for w in net.weights]
+        bs = [np.asarray(b, np.float64) for b in net.biases]
+        ref = O.torch_backward(ws, bs, x, "softplus", "mse", y, max_norm=1.0)
+        assert close(got, log10_pnorm(ref.dW[1]), TOL32), (got, log10_pnorm(ref.dW[1]))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "w", "x0", "t1"),
+    [("float64", 1e-300, 1e150, 1e200), ("float64", 1e-300, 1e150, 1e170),
+     ("float32", 1e-35, 1e10, 1e20)],
+)  # fmt: skip
+def test_mse_gradient_of_an_example_far_below_the_other_target(dtype, w, x0, t1):
+    """y = w x on x = (x0, 0) against targets (0, t1): dL/dy = (w x0, -t1) and
+    dL/dw = w x0^2 (1 at 1e-300 * 1e150^2). The loss formed dL/dy at the scale of t1,
+    where w x0 (1e-350, 1e-320 and 1e-45 times it) is 0 or a subnormal short of digits."""
+    f = np.dtype(dtype).type
+    net = gc.MLP.from_weights([np.array([[w]], dtype)], activation="linear", dtype=dtype)
+    x, y = np.array([[x0], [0.0]], dtype), np.array([[0.0], [t1]], dtype)
+    rep = net.backward(x, target=y, loss="mse", return_grads=True)
+    want = f(w) * f(x0) * f(x0)
+    assert rep.weight_grads[0].item() == want
+    assert close(rep.log10_weight_grad_norms[0], math.log10(want), 1e-12)

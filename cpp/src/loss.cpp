@@ -165,14 +165,19 @@ void loss_rows(LossKind kind, const T* y, std::int64_t ey, std::size_t rows, std
       break;
     }
     case LossKind::mse: {
-      // (y - t) at a common power-of-two scale c, the larger of y's and t's, so that it
-      // can neither overflow nor square to inf: exact where y and t overlap.
+      // (y - t) at a common power-of-two scale 2^c that puts the larger of y's and t's
+      // largest entries just below the band's top: exact where y and t overlap, and the
+      // difference (times 2 / count) stays in the band. Near 1, an example 2^-1074 below
+      // the batch's largest would lose its gradient (torch's pass at the true scale keeps it);
+      // at the top it keeps it down to the band and the subnormals below, the most one
+      // exponent for the batch allows.
+      constexpr int band = std::numeric_limits<T>::max_exponent / 5;
       const T* t = static_cast<const T*>(target);
       const MaxAbs st = max_abs(t, m), sy = max_abs(y, m);
       constexpr std::int64_t kNone = std::numeric_limits<int>::min() / 2;
       const std::int64_t et = st.value > 0 ? exponent_of(st.value) : kNone;
       const std::int64_t eyy = sy.value > 0 ? ey + exponent_of(sy.value) : kNone;
-      const std::int64_t c = std::max(eyy, et);
+      const std::int64_t c = std::max(eyy, et) - (band - 2);
       const int shy = clamp_exp(ey - c), sht = clamp_exp(-c);
       // A product with a normal power of two rounds as ldexp does.
       constexpr int kNormal = std::numeric_limits<double>::max_exponent - 1;

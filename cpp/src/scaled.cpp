@@ -86,13 +86,6 @@ __attribute__((always_inline)) inline void mul_pow2_impl(const T* src, std::size
 #pragma omp simd
   for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<double>(src[i]) * f);
 }
-
-template <class T>
-__attribute__((always_inline)) inline void mul_coef_pow2_impl(const T* src, std::size_t n, T m,
-                                                              double f, T* dst) {
-#pragma omp simd
-  for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<double>(src[i] * m) * f);
-}
 }  // namespace
 
 GC_CLONES void mul_pow2(const float* src, std::size_t n, double f, float* dst) {
@@ -100,12 +93,6 @@ GC_CLONES void mul_pow2(const float* src, std::size_t n, double f, float* dst) {
 }
 GC_CLONES void mul_pow2(const double* src, std::size_t n, double f, double* dst) {
   mul_pow2_impl(src, n, f, dst);
-}
-GC_CLONES void mul_coef_pow2(const float* src, std::size_t n, float m, double f, float* dst) {
-  mul_coef_pow2_impl(src, n, m, f, dst);
-}
-GC_CLONES void mul_coef_pow2(const double* src, std::size_t n, double m, double f, double* dst) {
-  mul_coef_pow2_impl(src, n, m, f, dst);
 }
 
 namespace {

@@ -57,7 +57,8 @@ struct BackwardArgs {
 
 // A parameter's gradient as a block hands it to the driver: a mantissa array (grads[i],
 // the parameter's size) times 2^exp. A block that can give the norms without writing the
-// gradient (the batch-1 outer product of Linear) sets has_norms instead.
+// gradient (the batch-1 outer product of Linear), or that has scanned what it wrote, sets
+// has_norms.
 struct ParamGrad {
   std::int64_t exp = 0;
   bool has_norms = false;

@@ -104,8 +104,7 @@ inline double log10_add(double a, double b) {
   return m + std::log10(1.0 + std::pow(10.0, d));
 }
 
-// dst[i] = T(double(src[i]) * f) and dst[i] = T(double(src[i] * m) * f): the loops of
-// write_scaled, vectorized where the CPU allows.
+// dst[i] = T(double(src[i]) * f): the loop of write_scaled, vectorized where the CPU allows.
 void mul_pow2(const float* src, std::size_t n, double f, float* dst);
 void mul_pow2(const double* src, std::size_t n, double f, double* dst);
 
@@ -114,8 +113,6 @@ void mul_pow2(const double* src, std::size_t n, double f, double* dst);
 // every row.
 void column_sums(const float* x, std::size_t rows, std::size_t cols, float* out);
 void column_sums(const double* x, std::size_t rows, std::size_t cols, double* out);
-void mul_coef_pow2(const float* src, std::size_t n, float m, double f, float* dst);
-void mul_coef_pow2(const double* src, std::size_t n, double m, double f, double* dst);
 
 // Multiplies every entry by coef * 2^(e + coef_exp), where the product is formed by one
 // rounding in T. Where 2^k is a normal double, x * 2^k is the correctly rounded x 2^k that
@@ -140,13 +137,17 @@ void write_scaled(const T* src, std::size_t n, std::int64_t e, double coef, T* d
   const double cm = coef == 0.0 ? 0.0 : std::frexp(coef, &ce);
   const std::int64_t total = e + ce + coef_exp;
   const int k = static_cast<int>(std::clamp<std::int64_t>(total, -100000, 100000));
-  const T mt = static_cast<T>(cm);
-  if (k >= 1 - kNormal && k <= kNormal) {
-    mul_coef_pow2(src, n, mt, std::ldexp(1.0, k), dst);
+  const double mt = static_cast<double>(static_cast<T>(cm));
+  // The product is rounded once, at the entry's true scale, as torch's g * coef is: a
+  // mantissa entry below T's normal numbers (one far below its array's largest) times mt
+  // in T would first be rounded there, to the few digits a subnormal keeps. mt * 2^k is
+  // exact where it is a normal double; a float times it is exact in double too.
+  if (k >= 2 - kNormal && k <= kNormal) {
+    mul_pow2(src, n, std::ldexp(mt, k), dst);
     return;
   }
   for (std::size_t i = 0; i < n; ++i)
-    dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i] * mt), k));
+    dst[i] = static_cast<T>(std::ldexp(static_cast<double>(src[i]) * mt, k));
 }
 
 // log10 of the p-norm (p > 0 or inf) of x * 2^e, given x's scan. The terms are taken at
