@@ -43,6 +43,9 @@ namespace {
 // 32 x 512 x 512 the kernels and OpenBLAS break even).
 constexpr double kMaxWork = 1 << 19;
 constexpr double kMaxWorkAB = 3 << 21;
+// Float64 A B^T products from this many multiply-adds (16 x 64 x 32, say) run in order on
+// the A B kernel (see run), smaller ones as dot products.
+constexpr double kMinInOrder = 1 << 15;
 
 Isa widest() {
 #ifdef GC_SMALL_GEMM
@@ -116,11 +119,14 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
   // narrower than the layer: A and C are a few kilobytes that the caller has just written,
   // where B may come from memory), or with B transposed (once per operand while a
   // KeepPacked lives, which here means two parts of a batch). Either way every entry is the
-  // sum over k in order, so the numbers are the same. Small float64 products of fewer rows
-  // than a 512-bit vector holds keep dot products, whose sums depend on the rows alone: the
-  // vector is the same on every CPU, so that the choice, and the numbers, are too.
+  // sum over k in order, so the numbers are the same. Float64 products below kMinInOrder
+  // multiply-adds, or of fewer rows than a 512-bit vector holds, keep dot products (the
+  // transposes would cost more than they save), whose sums depend on the rows alone. The
+  // choice depends on the shape alone (the vector is the same on every CPU), and so do the
+  // numbers.
   constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
-  if (bt && (sizeof(T) == sizeof(float) || work > kMaxWork || m >= kLanes)) {
+  if (bt &&
+      (sizeof(T) == sizeof(float) || work > kMaxWork || (m >= kLanes && work >= kMinInOrder))) {
     const auto transpose = [i](int rows, int cols, const T* src, int lds, T* dst, int ldd) {
       if (i == Isa::avx512)
         avx512::transpose(rows, cols, src, lds, dst, ldd);
