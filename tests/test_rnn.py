@@ -837,6 +837,96 @@ def test_lstm_state_and_cell_gradients_far_apart(gc):
     assert rep.log10_cell_grad_norms[1] > 199
 
 
+# (dtype, largest input or state, largest upstream gradient, smallest gradient, smallest
+# input or state). Beyond the band: the largest of each at 1e200 (float32: 1e30). Inside it:
+# the inputs and states, while the gradients span 1e320 (float32: 1e40), more than one
+# exponent can hold at full precision.
+SMALL_ROWS = {
+    "f64-beyond-band": ("float64", 1e200, 1e200, 1e-25, 1e-25),
+    "f64-inside-band": ("float64", 1e50, 1e200, 1e-120, 1e-60),
+    "f32-beyond-band": ("float32", 1e30, 1e30, 0.25, 0.25),
+    "f32-inside-band": ("float32", 1e6, 1e30, 1e-10, 1e-6),
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("case", list(SMALL_ROWS))
+@pytest.mark.parametrize("layout", ["batch", "time"])
+@pytest.mark.parametrize("weight", ["weight_ih_l0", "weight_hh_l0"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_weight_gradient_left_to_rows_small_in_both_factors(gc, cell, weight, layout, case):
+    """dW = sum over rows of D^T M, with M = x (weight_ih) or h_{t-1} (weight_hh) and D the
+    gradient at the cell's pre-activations, over three rows: the examples of one step
+    ("batch") or the steps of one example ("time"). M = (big, 0, small) and D = (0, gbig,
+    gsmall): each factor's largest entry lies where the other is 0, so only the row small in
+    both contributes, though each factor brought into the float range by its own largest
+    entry left that product below the subnormals (a zero gradient, torch: gsmall * small).
+    Steps whose states or inputs lie beyond the band were already multiplied each at its own
+    scale ("time"); the rows of one step, and steps inside the band, shared one. weight_hh =
+    0, and the LSTM's forget gate and the GRU's update gate are shut (bias -1000), so that
+    each step's D and h depend on its own input and gradient alone."""
+    dtype, big, gbig, gsmall, small = SMALL_ROWS[case]
+    G = GATES[cell]
+    b_ih = np.zeros(G)
+    if cell in ("lstm", "gru"):
+        b_ih[1] = -1000.0
+    h0 = np.zeros(3)
+    if weight == "weight_ih_l0":
+        x = np.array([big, 0.0, small])
+        if cell == "relu":  # a bias of 1 opens relu at x = 0; with -big, h_1 = 0 does not
+            b_ih[0] = 1.0  # meet gbig in weight_hh's gradient (1e400 in torch)
+            x[0] = -big
+    elif layout == "batch":
+        x, h0 = np.full(3, small), np.array([big, 0.0, small])
+    else:  # h_0 = big, h_1 = f(0) = 0, h_2 = f(small)
+        x, h0 = np.array([0.0, small, small]), np.array([big, 0.0, 0.0])
+    sd = {
+        "weight_ih_l0": np.ones((G, 1)),
+        "weight_hh_l0": np.zeros((G, 1)),
+        "bias_ih_l0": b_ih,
+        "bias_hh_l0": np.zeros(G),
+    }
+    sd = {k: v.astype(dtype) for k, v in sd.items()}
+    shape = (1, 3, 1) if layout == "batch" else (3, 1, 1)
+    x = x.astype(dtype).reshape(shape)
+    g = np.array([0.0, gbig, gsmall], dtype).reshape(shape)
+    h0 = (h0 if layout == "batch" else h0[:1]).astype(dtype).reshape(1, -1, 1)
+    rep = gc.RNN.from_state_dict(sd, cell).backward(x, grad_output=g, h0=h0)
+    ref = O.torch_rnn_backward(cell, sd, x, loss="grad", target=g, h0=h0)
+    assert O.log10_norm(ref["grads"][weight]) < math.log10(gsmall) + 1
+    check_torch_norms(rep, ref, atol=1e-9 if dtype == "float64" else 1e-5)
+
+
+@needs_torch
+@pytest.mark.parametrize("layout", ["batch", "time"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_readout_weight_gradient_left_to_rows_small_in_both_factors(gc, cell, layout):
+    """The read-out's dW = sum over rows of dL/dy^T h, the mse loss of y = h against targets
+    y_1 (dL/dy = 0 where h ~ 1), -1e250 (where h = 0) and 0 (where h ~ 1e-60): only the
+    third row contributes, (2/3) h^2 ~ 1e-120, 1e-370 below the largest gradient."""
+    G = GATES[cell]
+    b_ih = np.zeros(G)
+    if cell in ("lstm", "gru"):
+        b_ih[1] = -1000.0  # the forget / update gate shut: no step depends on another
+    sd = {
+        "weight_ih_l0": np.ones((G, 1)),
+        "weight_hh_l0": np.zeros((G, 1)),
+        "bias_ih_l0": b_ih,
+        "bias_hh_l0": np.zeros(G),
+        "readout.weight": np.ones((1, 1)),
+        "readout.bias": np.zeros(1),
+    }
+    shape = (1, 3, 1) if layout == "batch" else (3, 1, 1)
+    x = np.array([5.0, 0.0, 1e-60]).reshape(shape)
+    rnn = gc.RNN.from_state_dict(sd, cell)
+    target = rnn.forward(x)[0].copy()
+    target.reshape(-1)[1:] = [-1e250, 0.0]
+    rep = rnn.backward(x, target, loss="mse")
+    ref = O.torch_rnn_backward(cell, sd, x, loss="mse", target=target)
+    assert -125 < O.log10_norm(ref["grads"]["readout.weight"]) < -115
+    check_torch_norms(rep, ref)
+
+
 def test_huge_recurrent_weights_beyond_torch(gc):
     """relu, weight_hh = w I with w = 1e150, weight_ih = I, x = 1, T = 3: the states are
     h_1 = 1, h_2 = 1 + w, h_3 = 1 + w h_2 (~1e300); the gradients ~1e750 exist only in log

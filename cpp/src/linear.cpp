@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
-#include <optional>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -12,6 +11,7 @@
 #include "gradchain/blas.hpp"
 #include "gradchain/scaled.hpp"
 #include "gradchain/small_gemm.hpp"
+#include "gradchain/weight_grad.hpp"
 
 namespace gradchain {
 
@@ -22,48 +22,6 @@ int clamp_exp(std::int64_t k) {
   return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
 }
 
-// dW = dy^T x again, each example's rows of dy and x scaled by powers of two so that its
-// products lie as far below the largest example's as they truly do, and those near 1.
-// In-band factors keep the product of their two largest entries in range, but those may
-// lie in different examples (x largest where dy is 0, dy largest where x is 0), and the
-// products that remain may be those of an example small in both, below the subnormals.
-// Returns the exponent added to dW; nothing where the largest example's products are in
-// range already.
-template <class T>
-std::optional<int> rescaled_weight_grad(std::size_t rows, std::size_t nin, std::size_t nout,
-                                        const T* dy, const T* x, T* dw) {
-  constexpr int band = std::numeric_limits<T>::max_exponent / 5;
-  constexpr int kNone = std::numeric_limits<int>::min();
-  std::vector<int> edy(rows, kNone), ex(rows, kNone);
-  int top = kNone;
-  for (std::size_t r = 0; r < rows; ++r) {
-    const MaxAbs md = max_abs(dy + r * nout, nout), mx = max_abs(x + r * nin, nin);
-    if (!md.finite || !mx.finite) return std::nullopt;
-    if (md.value == 0 || mx.value == 0) continue;
-    edy[r] = exponent_of(md.value);
-    ex[r] = exponent_of(mx.value);
-    top = std::max(top, edy[r] + ex[r]);
-  }
-  if (top == kNone || top >= -2 * band) return std::nullopt;
-  std::vector<T> ds(rows * nout), xs(rows * nin);
-  for (std::size_t r = 0; r < rows; ++r) {
-    T* d = ds.data() + r * nout;
-    T* v = xs.data() + r * nin;
-    if (edy[r] == kNone) {
-      std::fill(d, d + nout, T(0));
-      std::fill(v, v + nin, T(0));
-      continue;
-    }
-    std::copy(dy + r * nout, dy + (r + 1) * nout, d);
-    std::copy(x + r * nin, x + (r + 1) * nin, v);
-    scale_pow2(d, nout, -edy[r]);
-    scale_pow2(v, nin, edy[r] - top);
-  }
-  blas::gemm(Trans::T, Trans::N, static_cast<int>(nout), static_cast<int>(nin),
-             static_cast<int>(rows), T(1), ds.data(), static_cast<int>(nout), xs.data(),
-             static_cast<int>(nin), T(0), dw, static_cast<int>(nin));
-  return top;
-}
 }  // namespace
 
 template <class T>
@@ -293,7 +251,19 @@ void Linear<T>::backward_params(const BackwardArgs<T>& a, const ParamGradArgs& o
   Scan sc = scan(grads[0], n);
   constexpr int band = std::numeric_limits<T>::max_exponent / 5;
   if (sc.finite && sc.maxabs < std::ldexp(1.0, -2 * band)) {
-    if (const auto k = rescaled_weight_grad(a.rows, nin, nout, a.dy, a.x, grads[0])) {
+    const std::vector<ColumnRun> runs{{0, 0, nout}};
+    ProductRows<T> rows;
+    rows.rows = a.rows;
+    rows.d = a.dy;
+    rows.ldd = nout;
+    rows.runs = &runs;
+    rows.m = a.x;
+    rows.width = nin;
+    auto product = [&](const T* ds, const T* xs, std::size_t k, bool first) {
+      blas::gemm(Trans::T, Trans::N, this->out_, this->in_, static_cast<int>(k), T(1), ds,
+                 this->out_, xs, this->in_, first ? T(0) : T(1), grads[0], this->in_);
+    };
+    if (const auto k = rescaled_weight_grad(rows, 0, a.rows, product)) {
       out[0].exp += *k;
       sc = scan(grads[0], n);
     }

@@ -19,6 +19,7 @@
 #include "gradchain/scaled.hpp"
 #include "gradchain/step_gemm.hpp"
 #include "gradchain/system.hpp"
+#include "gradchain/weight_grad.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -127,13 +128,6 @@ struct Pow2 {
   T operator()(T x) const { return (x * f1) * f2; }
 };
 
-// A run of columns of the stored per-step gradient that multiplies a block of rows of a
-// weight: LSTM and the vanilla cells use one run; GRU's input and hidden weights see
-// different gradients for the n gate.
-struct Block {
-  std::size_t row, col, width;
-};
-
 // A weight is used as W~ * 2^e: W~ a copy scaled by a power of two when max|W| has left the
 // band (so that products with it neither overflow nor underflow before the scale is
 // applied), else the parameter itself with e = 0.
@@ -156,7 +150,10 @@ struct Model {
   const T* b_out = nullptr;
   int p_out = -1;
   std::size_t n_params = 0;
-  std::vector<Block> ih, hh, out;
+  // The runs of columns of the stored per-step gradient that multiply blocks of rows of each
+  // weight: LSTM and the vanilla cells use one run; GRU's input and hidden weights see
+  // different gradients for the n gate.
+  std::vector<ColumnRun> ih, hh, out;
   std::vector<std::vector<T>> scaled;  // the scaled copies
   // Per layer: W~_hh transposed (H x G H), so that the forward step's product reads the
   // weight row by row as the backward step's does, with no repacking per step.
@@ -212,13 +209,13 @@ struct Up {
   std::size_t first, last;
 };
 
-// One weight gradient sum_t D_t^T M_t (M_t: the step's R rows of `width` entries; Blocks map
-// runs of D's columns to rows of the gradient), or with M null a bias gradient sum_t D_t.
+// One weight gradient sum_t D_t^T M_t (M_t: the step's R rows of `width` entries; `blocks`
+// map runs of D's columns to rows of the gradient), or with M null a bias gradient sum_t D_t.
 template <class T>
 struct StepProduct {
   const T* M;
   std::size_t width;
-  const std::vector<Block>* blocks;
+  const std::vector<ColumnRun>* blocks;
   std::size_t index;  // of the parameter
 };
 
@@ -879,7 +876,7 @@ void Pass<T>::vertical(Part<T>& p, std::size_t l, const T* dG, std::size_t rows,
   (void)p;
   const std::size_t in = m_.in[l];
   bool first = true;
-  for (const Block& b : m_.ih) {
+  for (const ColumnRun& b : m_.ih) {
     gemm(Trans::N, Trans::N, rows, in, b.width, dG + b.col, m_.GW, m_.w_ih[l].w + b.row * in, in,
          first ? T(0) : T(1), out, in);
     first = false;
@@ -895,9 +892,10 @@ template <class T>
 void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
                          const std::vector<std::int64_t>& ex, const std::vector<char>& nz,
                          std::initializer_list<StepProduct<T>> products) const {
+  constexpr int band = std::numeric_limits<T>::max_exponent / 5;
   const std::size_t R = p.R, blk = R * ld;
   std::vector<std::int64_t> a(steps, kNone);  // exponent of max|D_t| * 2^ex[t]
-  std::int64_t C = kNone;
+  std::int64_t C = kNone, lowest = kNone;     // the largest a[t]; the lowest ex[t] of those
   // The products run over the steps lo..hi between the first and the last nonzero block
   // (truncation leaves the steps before a boundary without gradient); zero blocks in
   // between are written as zeros.
@@ -906,6 +904,7 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
     if (!nz[t]) continue;
     a[t] = top_exponent(max_abs(D + t * blk, blk), ex[t]);
     C = std::max(C, a[t]);
+    if (a[t] != kNone) lowest = lowest == kNone ? ex[t] : std::min(lowest, ex[t]);
     lo = std::min(lo, t);
     hi = t;
   }
@@ -915,7 +914,7 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
   std::size_t rows_out = 0;
   for (const StepProduct<T>& q : products) {
     rows_out = 0;
-    for (const Block& b : *q.blocks) rows_out = std::max(rows_out, b.row + b.width);
+    for (const ColumnRun& b : *q.blocks) rows_out = std::max(rows_out, b.row + b.width);
     p.pg[q.index].assign(rows_out * (q.M ? q.width : 1), T(0));
     p.pnz[q.index] = any ? 1 : 0;
   }
@@ -923,10 +922,40 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
   auto gemm_blocks = [&](const StepProduct<T>& q, const T* Dm, const T* M, std::size_t rows,
                          bool first) {
     T* out = p.pg[q.index].data();
-    for (const Block& b : *q.blocks)
+    for (const ColumnRun& b : *q.blocks)
       gemm(Trans::T, Trans::N, b.width, q.width, rows, Dm + b.col, ld, M, q.width,
            first ? T(0) : T(1), out + b.row * q.width, q.width);
   };
+  auto chunk_steps = [&](const StepProduct<T>& q) {
+    return std::max<std::size_t>(1, kChunkEntries / (blk + R * q.width));
+  };
+  // A weight gradient formed at 2^at whose largest entry lies below 2^-2band there, far
+  // below the products of its factors' in-band maxima: the steps' rows may have met only in
+  // their small entries (M_t largest in a row where D_t is 0, and the reverse). It is formed
+  // again at each row's own scale from D_t at 2^e(t) (kZeroRows: no products).
+  auto reform = [&](const StepProduct<T>& q, const T* Dm, std::int64_t at, auto e) {
+    const std::vector<T>& g = p.pg[q.index];
+    const MaxAbs s = max_abs(g.data(), g.size());
+    if (!s.finite || s.value >= std::ldexp(1.0, -2 * band)) return;
+    std::vector<std::int64_t> ge(hi + 1 - lo);
+    for (std::size_t t = lo; t <= hi; ++t) ge[t - lo] = e(t);
+    ProductRows<T> f;
+    f.rows = (hi + 1 - lo) * R;
+    f.d = Dm + lo * blk;
+    f.ldd = ld;
+    f.runs = q.blocks;
+    f.exp = ge.data();
+    f.group = R;
+    f.m = q.M + lo * R * q.width;
+    f.width = q.width;
+    const auto k = rescaled_weight_grad(f, at, chunk_steps(q) * R,
+                                        [&](const T* ds, const T* ms, std::size_t n, bool first) {
+                                          gemm_blocks(q, ds, ms, n, first);
+                                        });
+    if (k) p.pexp[q.index] = *k;
+  };
+  // Per product: the exponent of max|M_t| (kNone: M_t is zero, or D_t is).
+  std::vector<std::vector<std::int64_t>> mes(products.size());
   // Products whose M_t left the band: step t's term D_t^T M_t is formed from D_t * 2^(ex_t +
   // m_t - P) and M_t * 2^-m_t (m_t: M_t's binary exponent), P the largest term's exponent.
   // Their entries are at most about 1, so nothing overflows and every term within the
@@ -940,7 +969,8 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
         ++qi;
         continue;
       }
-      std::vector<std::int64_t> me(steps, kNone);
+      std::vector<std::int64_t>& me = mes[qi];
+      me.assign(steps, kNone);
       std::int64_t P = kNone;
       for (std::size_t t = 0; t < steps; ++t) {
         const MaxAbs s = max_abs(q.M + t * qb, qb);
@@ -952,7 +982,7 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
       }
       if (!in_band[qi]) {
         p.pexp[q.index] = P == kNone ? 0 : P;
-        const std::size_t cs = std::max<std::size_t>(1, kChunkEntries / (blk + qb));
+        const std::size_t cs = chunk_steps(q);
         std::vector<T> Gs(std::min(cs, steps) * blk), Ms(std::min(cs, steps) * qb);
         bool first = true;
         for (std::size_t t0 = lo; t0 <= hi && P != kNone; t0 += cs) {
@@ -973,26 +1003,38 @@ void Pass<T>::step_grads(Part<T>& p, T* D, std::size_t ld, std::size_t steps,
           gemm_blocks(q, Gs.data(), Ms.data(), (t1 - t0) * R, first);
           first = false;
         }
+        Gs = std::vector<T>();  // the rows formed again below take their place
+        Ms = std::vector<T>();
+        if (P != kNone)
+          reform(q, D, P, [&](std::size_t t) { return me[t] == kNone ? kZeroRows : ex[t]; });
       }
       ++qi;
     }
   }
-  // Everything else at D's common exponent C: with M_t inside the band, terms whose rows
-  // underflow there lie far below the precision of the largest.
+  // Everything else at D's common exponent E. E = C puts the largest entries near 1; any E
+  // up to `room` below C keeps every product and sum in range (M_t inside the band), and an
+  // E at or below every step's own exponent scales no step down, so that no entry is lost to
+  // the subnormals and the rows can still be formed again at their own scales.
+  const std::size_t rows = (hi + 1 - lo) * R;
+  const std::int64_t room =
+      std::numeric_limits<T>::max_exponent - band - 4 - (exponent_of(double(rows)) + 1);
+  const std::int64_t E = std::max(C - room, std::min(C, lowest));
   for (std::size_t t = 0; t < steps; ++t)
-    if (a[t] != kNone) scale_pow2(D + t * blk, blk, clamp_shift(ex[t] - C));
+    if (a[t] != kNone) scale_pow2(D + t * blk, blk, clamp_shift(ex[t] - E));
   std::size_t qi = 0;
   for (const StepProduct<T>& q : products) {
+    const std::vector<std::int64_t>& me = mes[qi];
     if (!in_band[qi++]) continue;
-    p.pexp[q.index] = C;
+    p.pexp[q.index] = E;
     if (q.M) {
-      gemm_blocks(q, D + lo * blk, q.M + lo * R * q.width, (hi + 1 - lo) * R, true);
+      gemm_blocks(q, D + lo * blk, q.M + lo * R * q.width, rows, true);
+      reform(q, D, E, [&](std::size_t t) { return me[t] == kNone ? kZeroRows : E; });
       continue;
     }
     std::vector<double> s(p.pg[q.index].size(), 0.0);
     for (std::size_t r = lo * R; r < (hi + 1) * R; ++r) {
       const T* d = D + r * ld;
-      for (const Block& b : *q.blocks)
+      for (const ColumnRun& b : *q.blocks)
         for (std::size_t j = 0; j < b.width; ++j) s[b.row + j] += double(d[b.col + j]);
     }
     for (std::size_t j = 0; j < s.size(); ++j) p.pg[q.index][j] = static_cast<T>(s[j]);
@@ -1373,11 +1415,12 @@ double RecurrentChain<T>::run_bytes(int steps, int batch, const RecurrentRequest
     if (window) per_step += L * 9 * (lstm ? 3 : 2);
     bytes += P * (per_step * (Tn + 1) + 18 * k);
     // Per part: its parameter gradients; the loss terms; the largest layer's parameter
-    // gradient scratch (steps whose states left the float band are rescaled in copies).
+    // gradient scratch (steps whose states left the float band are rescaled in copies); the
+    // steps' exponents of D and of each M, and of rows formed again at their own scales.
     bytes += P * params * sizeof(T);
     e += 2 * (req.target_every_step ? Tn : 1) * B * O;
     e += Tn * B * (in_max + GW);
-    bytes += P * 3 * Tn * 8;
+    bytes += P * 4 * Tn * 8;
     // The parts' sum, its norms, and the result's state norms and kept gradients.
     bytes += params * sizeof(T) + 24 * double(params_.size());
     bytes += L * (Tn + 1) * 8 * (lstm ? 2 : 1);
