@@ -45,6 +45,7 @@ LN10 = math.log(10.0)
 LOG2 = math.log10(2.0)
 FMAX = {"float64": float(np.finfo(np.float64).max), "float32": float(np.finfo(np.float32).max)}
 FTINY = {"float64": float(np.finfo(np.float64).tiny), "float32": float(np.finfo(np.float32).tiny)}
+EPS = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps)}
 # Largest |value| of an array that a float computation holds without losing digits to
 # underflow, and the largest that leaves room for the sums and products downstream.
 TRUSTED = {"float64": (1e-290, 1e290), "float32": (1e-30, 1e30)}
@@ -376,12 +377,13 @@ class Truth:
     floor: dict  # name -> log10 of the rounding-error bound of each value (see noise_floor)
 
 
-def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch) -> dict:
+def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch, dtype) -> dict:
     """log10 of a bound on the rounding error of every norm a float backward pass forms,
     in the units of the arrays given (the caller adds the same log2 shifts): the backward
     pass run on absolute values, from the terms of dL/dh_L (|h_L| for the probe, |g| for a
     given gradient, |h| + |y| for mse, p + onehot for cross-entropy) through
-    |W_l|^T |phi'(z_l)|, times (depth + 1) (width + batch) eps. A value below it is rounding
+    |W_l|^T |phi'(z_l)|, times (depth + 1) (width + batch) eps, the machine epsilon of the
+    chain's `dtype` (its pass rounds in that precision). A value below it is rounding
     noise around zero (a sum that cancels exactly, such as W^T (p - onehot) with equal
     columns of W): an exact zero, or anything no larger, is as right as the float value."""
     L = len(ws)
@@ -396,7 +398,7 @@ def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch) -> di
             t /= batch
         else:  # probe (dL/dh_L = h_L) or a given gradient
             t = np.abs(g_top)
-        k = (L + 1) * (max(w.shape[0] for w in ws) + batch) * EPS64
+        k = (L + 1) * (max(w.shape[0] for w in ws) + batch) * EPS[dtype]
         c = math.log10(k)
         floor = {"weight": [0.0] * L, "bias": [0.0] * L, "activation": [0.0] * (L + 1)}
         floor["activation"][L] = log10_pnorm(t) + c
@@ -461,9 +463,12 @@ def scaled_chain(ws, bs, x, act, loss, grad_output, slope, alpha):
     return SimpleNamespace(ws=wsc, bs=bs, x=xsc, zs=zs, hs=hs, g=g, oloss=oloss, F=F, G=G)
 
 
-def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="float64"):
+def mlp_truth(
+    ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="float64", chain="float64"
+):
     """torch float64 autograd of the chain, rescaled by powers of two where that is exact;
-    None where torch cannot represent every value."""
+    None where torch cannot represent every value. `dtype` names the oracle (see
+    compare_all), `chain` the chain's own dtype, whose rounding the noise floor bounds."""
     sc = scaled_chain(ws, bs, x, act, loss, grad_output, slope, alpha)
     if sc is None:
         return None
@@ -489,7 +494,7 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
     }
     log10 = {k: np.array([log10_pnorm(a) + s * LOG2 for a, s in v]) for k, v in arrays.items()}
     top_g = g if oloss == "grad_output" else hs[-1]
-    floor = noise_floor(wsc, zs, hs, act, oloss, target, top_g, slope, alpha, xsc.shape[0])
+    floor = noise_floor(wsc, zs, hs, act, oloss, target, top_g, slope, alpha, xsc.shape[0], chain)
     entries = floor.pop("entries")
     floor = {k: np.array(v) + np.array([s * LOG2 for _, s in arrays[k]]) for k, v in floor.items()}
     floor["entries"] = entries
@@ -905,9 +910,6 @@ def report_mismatches(name, got, want, idx) -> str:
     return f"{name}: {len(idx)} entries off: {shown}"
 
 
-EPS64 = float(np.finfo(np.float64).eps)
-
-
 def cancellation(act: str, z) -> float:
     """How many units in the last place torch's float64 phi'(z) can be off, at worst over z:
     the sum of the absolute terms of its formula over the result. tanh' = 1 - t^2 and
@@ -1026,9 +1028,10 @@ def compare_all(
     left out of every comparison; called only once a mismatch needs judging (leaving
     values out makes no mismatch at the base tolerance, so the outcome is the same)."""
     base = TOL64 if dtype == "float64" else TOL32
-    # torch's own rounding where its derivative formulas cancel (see `cancellation`): `ulps`
-    # units in the last place, summed over the chain's layers or steps
-    base += min(10.0, 8.0 * EPS64 * ulps / LN10)
+    # torch's own float64 rounding where its derivative formulas cancel (see `cancellation`):
+    # `ulps` units in the last place, summed over the chain's layers or steps (a float32
+    # chain's own cancellation is measured by its float32 twin below)
+    base += min(10.0, 8.0 * EPS["float64"] * ulps / LN10)
     want = want_fn(0.0, None, "float64")
     if want is None:
         return
@@ -1263,8 +1266,9 @@ def check_mlp(case: MLPCase) -> None:
         if case.loss == "mse":
             pt = np.asarray(pt, dtype=np.float64)
         t = mlp_truth(
-            pw, pb, px, case.activation, case.loss, pt, pg, case.negative_slope, case.alpha, tdtype
-        )
+            pw, pb, px, case.activation, case.loss, pt, pg, case.negative_slope, case.alpha,
+            tdtype, chain=dt,
+        )  # fmt: skip
         if t is None:
             return None
         params = [t.arrays[n][l] for l in range(L) for n in ("weight", "bias")]
@@ -1653,15 +1657,15 @@ def check_rnn(case: RNNCase) -> None:
         if tdtype == "float64" and not rel:
             # the parameter gradients are sums over steps and examples: their rounding error
             # in any order is bounded by the same sums over absolute values times
-            # (T L + 1) (T B + H + inputs) eps (the gates' own errors, relative to the
-            # carried gradients, accumulate over the T L cells they pass)
+            # (T L + 1) (T B + H + inputs) eps of the chain's dtype (the gates' own errors,
+            # relative to the carried gradients, accumulate over the T L cells they pass)
             with np.errstate(all="ignore"):
                 nt = np.ldexp(pt, -ref["shift"]) if oloss == "grad" else pt
                 num = O.numpy_rnn_backward(
                     case.cell, psd, px, h0=ph, c0=pc, loss=oloss, target=nt,
                     truncate=case.truncate, truncate_mode=case.truncate_mode, sums=True,
                 )  # fmt: skip
-            k = (T * L + 1) * (T * B + H + xs.shape[2]) * EPS64
+            k = (T * L + 1) * (T * B + H + xs.shape[2]) * EPS[dt]
             sums = [num["abs_sums"][n] for n in names]
             bounds = [None if a is None else k * a for a in sums]
             if all(b is None or np.all(np.isfinite(b)) for b in bounds):
@@ -2391,6 +2395,43 @@ def test_the_backward_rule_leaves_no_norm_out_of_ordinary_chains(act, loss):
             ws = [w * 1e-150 for w in ws]
             sc = scaled_chain(ws, [np.zeros_like(b) for b in bs], x, act, loss, g, 0.01, 1.0)
             assert lost_below_floats_backward(sc, act, target, 0.01, 1.0) is None, (seed, depth)
+
+
+TANH_BIAS_GRADIENT_THAT_CANCELS_IN_FLOAT32 = MLPCase(
+    "float32", "tanh", (2, 5, 6, 2, 6, 7, 7, 4, 7, 7, 2, 4, 7, 1, 7, 4, 1), 4,
+    ("init", "he_normal", 3.0, 1.5, 1.0, 90781),
+    0.01, 1.0, Arr("normal", 0.5, 14041), "grad_output", Arr("alternating", 3.0), True, None, 2.0,
+)  # fmt: skip
+
+
+def test_float32_bias_gradient_that_cancels_below_float32_rounding():
+    """Layer 12 of this float32 tanh chain (width 1) has the pre-activations 3.7793665 to
+    3.7793674 for its four examples, and grad_output alternates in sign: dL/db_12 sums four
+    terms of +-1.0106e-5 to 2.5e-11 in float64, a few float32 epsilons of their size. The
+    chain's float32 pass gives 0, torch's float32 pass 1.1e-11: both lie below the
+    rounding-error bound of a float32 backward pass, 3.7e-9, where float64's epsilon put
+    that bound at 6.8e-18 and the exact zero was flagged."""
+    check_mlp(TANH_BIAS_GRADIENT_THAT_CANCELS_IN_FLOAT32)
+
+
+def test_noise_floor_is_the_rounding_of_the_chains_dtype():
+    """The same chain's floor for float32 lies log10(eps32 / eps64) = 29 log10(2) above its
+    floor for float64, norm by norm and entry by entry."""
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((3, 2)), rng.standard_normal((2, 3))]
+    bs = [np.zeros(3), np.zeros(2)]
+    x = rng.standard_normal((4, 2))
+    zs, hs = O.numpy_forward(ws, bs, x, "tanh")
+    f64, f32 = (
+        noise_floor(ws, zs, hs, "tanh", "probe", None, hs[-1], 0.01, 1.0, 4, dtype)
+        for dtype in ("float64", "float32")
+    )
+    for n in ("weight", "bias", "activation"):
+        assert np.isfinite(f64[n]).all()
+        np.testing.assert_allclose(np.subtract(f32[n], f64[n]), 29 * LOG2, rtol=1e-12)
+    for a32, a64 in zip(f32["entries"], f64["entries"]):
+        assert np.all(a64 > 0)
+        np.testing.assert_allclose(a32, a64 * 2.0**29, rtol=1e-12)
 
 
 def test_lstm_cell_gradient_through_a_saturated_tanh():
