@@ -28,6 +28,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from types import SimpleNamespace
 
 import gradchain as gc
@@ -723,15 +724,17 @@ def lost_below_floats_backward(sc, act, target, slope, alpha, norm_type=2.0) -> 
     return lost
 
 
+def vanishes(z, h, tiny: float) -> bool:
+    """Whether a layer's whole output h lies below the smallest normal float `tiny` (with
+    room for the activation's rounding) although its pre-activations z are not all zero."""
+    return bool((z != 0).any()) and float(abs(h).max()) < 4 * tiny
+
+
 def underflows(ws, bs, x, acts, dtype: str) -> bool:
     """Whether some layer's whole output falls below the smallest normal float of the chain's
     dtype although its pre-activations are not all zero (a scale the chain cannot carry:
     the documented NonFiniteError): in float64, and for float32 also as torch's float32
     arithmetic has it (gelu_tanh's 1 + tanh(u) is 0 there from u = -9 on)."""
-
-    def vanishes(z, h, tiny):
-        return bool((z != 0).any()) and float(abs(h).max()) < 4 * tiny
-
     zs, hs = O.numpy_forward(ws, bs, x, *acts)
     if any(vanishes(z, h, FTINY[dtype]) for z, h in zip(zs, hs[1:])):
         return True
@@ -749,6 +752,74 @@ def underflows(ws, bs, x, acts, dtype: str) -> bool:
         if vanishes(z, h, FTINY[dtype]):
             return True
     return False
+
+
+def may_round(h, w, b: float, dtype: str) -> bool:
+    """Whether a float pass in `dtype` may round in forming sum_i h_i w_i + b: whether some
+    product h_i w_i, or some sum of a few of the terms (what adding them in any order, in
+    any grouping, with or without fused multiply-adds, forms on the way), is not a float.
+    More than 12 nonzero terms are taken to round."""
+    digits = np.finfo(dtype).nmant + 1
+
+    def is_float(t: Fraction) -> bool:
+        n = abs(t.numerator)
+        return n == 0 or (n >> ((n & -n).bit_length() - 1)).bit_length() <= digits
+
+    terms = [Fraction(float(u)) * Fraction(float(v)) for u, v in zip(h, w)] + [Fraction(b)]
+    terms = [t for t in terms if t]
+    if len(terms) > 12 or not all(map(is_float, terms)):
+        return True
+    sums = {Fraction(0)}
+    for t in terms:
+        sums |= {v + t for v in sums}
+    return not all(map(is_float, sums))
+
+
+def residue_errs(ws, bs, x, acts, dtype: str, branches: int = 3) -> bool:
+    """Whether a float forward pass may overflow or vanish (as check_mlp judges a
+    NonFiniteError) from the rounding residue of a sum that cancels. A float product is
+    accurate to (k + 2) eps sum |a| |b| over its k terms, however it rounds (a kernel with
+    fused multiply-adds, as any BLAS may have, leaves other residues than a plain one): a
+    pre-activation within (k + 2) eps (|h| |W|^T + |b|) of 0, the bias one more term, may
+    come out as anything up to that bound, of either sign (1e30 h - 1e30 h is 0, or 1e23
+    with a fused multiply-add), unless no float pass rounds in forming it (`may_round`:
+    1e100 (0.5 - 0.5) is 0 in any order). The float64 pass is walked with such entries
+    moved to the bound, all up or all down (a layer's sums that cancel alike leave residues
+    alike), at each of the first `branches` layers that have them. Residues below the normal floats
+    are left alone (in a layer without bias the chain forms them on scaled mantissas); a
+    homogeneous chain without biases carries every scale, so none of its residues errs."""
+    act, slope, alpha = acts
+    if act in O.HOMOGENEOUS and not any(np.any(b) for b in bs):
+        return False
+    eps, tiny, edge = EPS[dtype], FTINY[dtype], 0.25 * FMAX[dtype]
+    layers = [
+        (np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64)) for w, b in zip(ws, bs)
+    ]
+
+    def after(z, l: int, left: int) -> bool:
+        # layer l's activation of z, then the layers above it
+        h = O.act_forward(act, z, slope, alpha)
+        if not float(np.max(np.abs(h), initial=0.0)) < edge or vanishes(z, h, tiny):
+            return True
+        return l + 1 < len(layers) and walk(h, l + 1, left)
+
+    def walk(h, l: int, left: int) -> bool:
+        w, b = layers[l]
+        terms = np.abs(h) @ np.abs(w).T + np.abs(b)  # bounds every partial sum of h W^T + b
+        if not float(np.max(terms, initial=0.0)) < edge:
+            return True
+        z = h @ w.T + b
+        bound = (w.shape[1] + 3) * eps * terms
+        cancels = (np.abs(z) <= bound) & (bound >= tiny)
+        hd = h.astype(dtype)  # the inputs as the chain holds them, which its sums round
+        for i, j in zip(*np.nonzero(cancels)):
+            cancels[i, j] = may_round(hd[i], w[j], float(b[j]), dtype)
+        if left and cancels.any():
+            return any(after(np.where(cancels, s * bound, z), l, left - 1) for s in (1.0, -1.0))
+        return after(z, l, left)
+
+    with np.errstate(all="ignore"):
+        return walk(np.asarray(x, dtype=np.float64), 0, branches)
 
 
 # --------------------------------------------------------------------------------------
@@ -1144,14 +1215,20 @@ def check_mlp(case: MLPCase) -> None:
     try:
         rep = net.backward(x, **kw)
     except NonFiniteError as err:
-        carried, vanishes = carried_extent(ws, bs, xs, *acts, tiny=FTINY[dt])
+        carried, vanished = carried_extent(ws, bs, xs, *acts, tiny=FTINY[dt])
         both = max(forward_extent(ws, bs, xs, *acts), carried)
         edge = math.log10(0.25 * FMAX[dt])
         if tgt is not None and case.loss == "mse":
             both = max(both, log10_pnorm(np.asarray(tgt, dtype=np.float64), math.inf))
-        assert both >= edge or vanishes or underflows(ws, bs, xs, acts, dt), (
+        assert (
+            both >= edge
+            or vanished
+            or underflows(ws, bs, xs, acts, dt)
+            or residue_errs(ws, bs, xs, acts, dt)
+        ), (
             f"NonFiniteError ({err}) but no sum or product of the float forward pass reaches "
-            f"10**{both:.2f}, and no layer's output vanishes below the normal floats"
+            f"10**{both:.2f}, no layer's output vanishes below the normal floats, and no "
+            "rounding residue of a sum that cancels makes either happen"
         )
         return
     f = Failures()
@@ -2432,6 +2509,48 @@ def test_noise_floor_is_the_rounding_of_the_chains_dtype():
     for a32, a64 in zip(f32["entries"], f64["entries"]):
         assert np.all(a64 > 0)
         np.testing.assert_allclose(a32, a64 * 2.0**29, rtol=1e-12)
+
+
+SIGMOID_OF_A_SUM_THAT_CANCELS_AT_1E30 = MLPCase(
+    "float32", "sigmoid", (1, 1, 2, 2, 2, 1), 1,
+    ("arrays", [Arr("normal", 1.0), Arr("normal", 1.0), Arr("const", 1.0),
+                Arr("alternating", 1e30), Arr("normal", 1.0)], [None] * 5),
+    0.01, 1.0, Arr("normal", 1.0), "probe", None, False, None, 2.0,
+)  # fmt: skip
+
+
+def test_sigmoid_of_a_float32_sum_that_cancels_at_1e30():
+    """Layer 4 applies 1e30 (1, -1) in both rows to two equal activations h = 0.731:
+    z = 1e30 h - 1e30 h is exactly 0 (torch: sigmoid 0.5), but a float32 product is only
+    accurate to (k + 2) eps sum |a| |b|, 7e23 here, and one with fused multiply-adds
+    leaves a residue (the core's is -1.7e22 in both rows) whose sigmoid is 0: the layer
+    vanishes and the pass raises NonFiniteError, a right float result that the plain pass
+    (no overflow, no layer below the normal floats) does not explain. With the second row
+    summing instead (sigmoid(1.5e30) = 1), no residue makes the layer vanish."""
+    check_mlp(SIGMOID_OF_A_SUM_THAT_CANCELS_AT_1E30)
+    ns = run_code(SIGMOID_OF_A_SUM_THAT_CANCELS_AT_1E30.code().rsplit("\n", 1)[0])
+    ws = [np.asarray(w, dtype=np.float64) for w in ns["net"].weights]
+    bs = [np.zeros(w.shape[0]) for w in ws]
+    x = np.asarray(ns["x"], dtype=np.float64)
+    acts = ("sigmoid", 0.01, 1.0)
+    assert forward_extent(ws, bs, x, *acts) < 31
+    assert not underflows(ws, bs, x, acts, "float32")
+    assert residue_errs(ws, bs, x, acts, "float32")
+    ws[3][1] = np.abs(ws[3][1])
+    assert not residue_errs(ws, bs, x, acts, "float32")
+
+
+def test_a_residue_only_where_some_order_of_the_sum_rounds():
+    """1e100 (0.5 - 0.5 + 0.5 - 0.5) is 0 in any order; 0.731 1e30 is not a float32, and
+    with six terms of 0.5 1e37 three of them add to 1.5e37, which rounds in float32."""
+    alternating = (-1.0) ** np.arange(6)
+    assert not may_round(np.full(4, 0.5), 1e100 * alternating[:4], 0.0, "float64")
+    f32 = float(np.float32(1e37))
+    assert may_round(np.full(6, 0.5), f32 * alternating, 0.0, "float32")
+    assert not may_round(np.full(2, 0.5), f32 * alternating[:2], 0.0, "float32")
+    h = float(np.float32(0.731))
+    assert may_round([h, h], [1e30, -1e30], 0.0, "float32")
+    assert not may_round([h, h], [1.0, -1.0], 0.0, "float32")
 
 
 def test_lstm_cell_gradient_through_a_saturated_tanh():
