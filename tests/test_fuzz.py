@@ -1158,8 +1158,10 @@ def compare_all(
         noisy = {n: noisy[n] | (moved[n] > 0.5) for n in want}
     # one binary exponent per boundary holds the whole batch, so an entry further below
     # its boundary's largest than the band and the subnormals reach is 0 there (in float32
-    # an example 1e-55 times the others), and a relu kink at it is decided as at 0: the
-    # NumPy oracle with such pre-activations flushed is as right as torch
+    # an example 1e-55 times the others), and a relu kink at it is decided as at 0; the
+    # same holds for dL/dh and dL/dz on the way back (a float32 gradient entry 1e-70 below
+    # the rest, which torch keeps): the NumPy oracle with such pre-activations and
+    # gradient entries flushed is as right as torch
     flushed = want_fn(0.0, None, f"flushed {dtype}")
     if flushed is not None:
         moved = spread_between(want, flushed)
@@ -2551,6 +2553,39 @@ def test_a_residue_only_where_some_order_of_the_sum_rounds():
     h = float(np.float32(0.731))
     assert may_round([h, h], [1e30, -1e30], 0.0, "float32")
     assert not may_round([h, h], [1.0, -1.0], 0.0, "float32")
+
+
+ELU_GRADIENT_FLUSHED_AT_ITS_BOUNDARY = MLPCase(
+    "float32", "elu", (1, 1, 1), 2,
+    ("arrays", [Arr("const", -80.0), Arr("const", 80.0)], [None, None]),
+    0.01, 1.0, Arr("sparse", 1.0, 1), "mse", Arr("const", 1e30), False, None, 2.0,
+)  # fmt: skip
+
+
+def test_float32_gradient_entry_that_one_exponent_per_boundary_flushes():
+    """Two examples x = (0, 1), elu layers of weights -80 and 80, an mse target of 1e30, in
+    float32: dL/dh_2 is -1e30 for both examples, and the second sits at z = -80 in both
+    layers (elu' = 1.8e-35), so dL/dz_0 = (-8e31, -2.6e-38), 3e-70 apart, further than
+    float32's band and subnormals reach (2^-172): the boundary's one exponent makes the
+    second entry 0, and with it dL/dW_0 = x^T dL/dz_0, formed from that entry alone. torch
+    keeps 2.6e-38 in float32 and float64 alike; the NumPy oracle with such backward
+    entries flushed has the chain's 0, and is as right."""
+    case = ELU_GRADIENT_FLUSHED_AT_ITS_BOUNDARY
+    check_mlp(case)
+    ns = run_code(case.code())
+    ws = [np.asarray(w, dtype=np.float64) for w in ns["net"].weights]
+    bs = [np.zeros(1), np.zeros(1)]
+    x, y = (np.asarray(ns[k], dtype=np.float64) for k in ("x", "target"))
+    kept = O.numpy_backward(ws, bs, x, "elu", "mse", y)
+    flushed = O.numpy_backward(ws, bs, x, "elu", "mse", y, flush=FLUSH["flushed float32"])
+    # |h - y| elu'(-80) w elu'(-80) x, with h = elu(-80) = -1 and x = 1
+    want = (1.0 + y[0, 0]) * math.exp(-80) * 80.0 * math.exp(-80)
+    assert close(log10_pnorm(kept.dW[0]), math.log10(want), 1e-9)
+    assert not np.any(flushed.dW[0])
+    for a, b in zip(
+        kept.dW[1:] + kept.db + kept.dh[1:], flushed.dW[1:] + flushed.db + flushed.dh[1:]
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_lstm_cell_gradient_through_a_saturated_tanh():
