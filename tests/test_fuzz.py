@@ -16,7 +16,15 @@ and checks the report twice:
   where it is a forward value (`lost_below_floats`), for the norms formed from it where
   it is a backward one (`lost_below_floats_backward`).
 
-A NonFiniteError passes only where the plain float forward pass does overflow.
+A value within the rounding-error bound of a float backward pass in the chain's own
+precision (`noise_floor`) cannot be told from zero, and an entry further below its
+boundary's largest than one exponent per boundary reaches is as right flushed to zero, in
+the forward pass or the backward one (the "flushed" oracle of `compare_all`).
+
+A NonFiniteError passes only where a forward pass does overflow or vanish below the normal
+floats: the plain float pass, the exact one as the chain carries it below the floats
+(`carried_extent`), or a float pass in which a sum that cancels leaves a rounding residue
+(`residue_errs`).
 
 Each example is printed as a few lines of Python that reproduce it; those lines are also
 what the test runs.
