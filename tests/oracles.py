@@ -182,6 +182,17 @@ def _zeros_biases(weights):
     return [np.zeros(np.shape(w)[0]) for w in weights]
 
 
+def _flushed(a, flush):
+    """`a` with its entries more than 2**flush below its largest set to 0 (flush None: `a`
+    as it is)."""
+    if flush is None:
+        return a
+    m = float(np.max(np.abs(a), initial=0.0))
+    if not math.isfinite(m):
+        return a
+    return np.where(np.abs(a) < math.ldexp(m, -flush), 0.0 * a, a)
+
+
 def numpy_forward(
     weights, biases, x, activation, negative_slope=0.01, alpha=1.0, dtype=np.float64, flush=None
 ):
@@ -195,11 +206,7 @@ def numpy_forward(
     zs, hs = [], [h]
     with np.errstate(all="ignore"):
         for w, b in zip(weights, biases):
-            z = h @ np.asarray(w, dtype=dt).T + np.asarray(b, dtype=dt)
-            if flush is not None:
-                m = float(np.max(np.abs(z), initial=0.0))
-                if math.isfinite(m):
-                    z = np.where(np.abs(z) < math.ldexp(m, -flush), 0.0 * z, z)
+            z = _flushed(h @ np.asarray(w, dtype=dt).T + np.asarray(b, dtype=dt), flush)
             h = act_forward(activation, z, negative_slope, alpha).astype(dt)
             zs.append(z)
             hs.append(h)
@@ -236,20 +243,22 @@ def numpy_backward(
     Returns a namespace with ``loss``, ``output`` (h_L), ``dW`` and ``db`` (lists of length
     depth) and ``dh`` (length depth + 1, dh[0] = dL/dx). ``saturate``: tanh and sigmoid
     outputs within so many ulps of +-1 are taken as +-1 in the derivatives (`saturated`);
-    ``flush`` as in :func:`numpy_forward`.
+    ``flush``: as in :func:`numpy_forward`, and the same for dL/dh_l and dL/dz_l in the
+    backward pass.
     """
     if biases is None:
         biases = _zeros_biases(weights)
     zs, hs = numpy_forward(weights, biases, x, activation, negative_slope, alpha, flush=flush)
     loss_val, g = _loss_and_grad(hs[-1], loss, target, grad_output)
+    g = _flushed(g, flush)
     depth = len(weights)
     dW, db, dh = [None] * depth, [None] * depth, [None] * (depth + 1)
     dh[depth] = g
     for l in range(depth - 1, -1, -1):
-        dz = g * act_derivative(activation, zs[l], negative_slope, alpha, saturate)
+        dz = _flushed(g * act_derivative(activation, zs[l], negative_slope, alpha, saturate), flush)
         dW[l] = dz.T @ hs[l]
         db[l] = dz.sum(axis=0)
-        g = dz @ _as64(weights[l])
+        g = _flushed(dz @ _as64(weights[l]), flush)
         dh[l] = g
     return SimpleNamespace(loss=loss_val, output=hs[-1], dW=dW, db=db, dh=dh)
 

@@ -16,7 +16,15 @@ and checks the report twice:
   where it is a forward value (`lost_below_floats`), for the norms formed from it where
   it is a backward one (`lost_below_floats_backward`).
 
-A NonFiniteError passes only where the plain float forward pass does overflow.
+A value within the rounding-error bound of a float backward pass in the chain's own
+precision (`noise_floor`) cannot be told from zero, and an entry further below its
+boundary's largest than one exponent per boundary reaches is as right flushed to zero, in
+the forward pass or the backward one (the "flushed" oracle of `compare_all`).
+
+A NonFiniteError passes only where a forward pass does overflow or vanish below the normal
+floats: the plain float pass, the exact one as the chain carries it below the floats
+(`carried_extent`), or a float pass in which a sum that cancels leaves a rounding residue
+(`residue_errs`).
 
 Each example is printed as a few lines of Python that reproduce it; those lines are also
 what the test runs.
@@ -28,6 +36,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from types import SimpleNamespace
 
 import gradchain as gc
@@ -45,6 +54,7 @@ LN10 = math.log(10.0)
 LOG2 = math.log10(2.0)
 FMAX = {"float64": float(np.finfo(np.float64).max), "float32": float(np.finfo(np.float32).max)}
 FTINY = {"float64": float(np.finfo(np.float64).tiny), "float32": float(np.finfo(np.float32).tiny)}
+EPS = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps)}
 # Largest |value| of an array that a float computation holds without losing digits to
 # underflow, and the largest that leaves room for the sums and products downstream.
 TRUSTED = {"float64": (1e-290, 1e290), "float32": (1e-30, 1e30)}
@@ -376,12 +386,13 @@ class Truth:
     floor: dict  # name -> log10 of the rounding-error bound of each value (see noise_floor)
 
 
-def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch) -> dict:
+def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch, dtype) -> dict:
     """log10 of a bound on the rounding error of every norm a float backward pass forms,
     in the units of the arrays given (the caller adds the same log2 shifts): the backward
     pass run on absolute values, from the terms of dL/dh_L (|h_L| for the probe, |g| for a
     given gradient, |h| + |y| for mse, p + onehot for cross-entropy) through
-    |W_l|^T |phi'(z_l)|, times (depth + 1) (width + batch) eps. A value below it is rounding
+    |W_l|^T |phi'(z_l)|, times (depth + 1) (width + batch) eps, the machine epsilon of the
+    chain's `dtype` (its pass rounds in that precision). A value below it is rounding
     noise around zero (a sum that cancels exactly, such as W^T (p - onehot) with equal
     columns of W): an exact zero, or anything no larger, is as right as the float value."""
     L = len(ws)
@@ -396,7 +407,7 @@ def noise_floor(ws, zs, hs, act, loss, target, g_top, slope, alpha, batch) -> di
             t /= batch
         else:  # probe (dL/dh_L = h_L) or a given gradient
             t = np.abs(g_top)
-        k = (L + 1) * (max(w.shape[0] for w in ws) + batch) * EPS64
+        k = (L + 1) * (max(w.shape[0] for w in ws) + batch) * EPS[dtype]
         c = math.log10(k)
         floor = {"weight": [0.0] * L, "bias": [0.0] * L, "activation": [0.0] * (L + 1)}
         floor["activation"][L] = log10_pnorm(t) + c
@@ -461,9 +472,12 @@ def scaled_chain(ws, bs, x, act, loss, grad_output, slope, alpha):
     return SimpleNamespace(ws=wsc, bs=bs, x=xsc, zs=zs, hs=hs, g=g, oloss=oloss, F=F, G=G)
 
 
-def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="float64"):
+def mlp_truth(
+    ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="float64", chain="float64"
+):
     """torch float64 autograd of the chain, rescaled by powers of two where that is exact;
-    None where torch cannot represent every value."""
+    None where torch cannot represent every value. `dtype` names the oracle (see
+    compare_all), `chain` the chain's own dtype, whose rounding the noise floor bounds."""
     sc = scaled_chain(ws, bs, x, act, loss, grad_output, slope, alpha)
     if sc is None:
         return None
@@ -489,7 +503,7 @@ def mlp_truth(ws, bs, x, act, loss, target, grad_output, slope, alpha, dtype="fl
     }
     log10 = {k: np.array([log10_pnorm(a) + s * LOG2 for a, s in v]) for k, v in arrays.items()}
     top_g = g if oloss == "grad_output" else hs[-1]
-    floor = noise_floor(wsc, zs, hs, act, oloss, target, top_g, slope, alpha, xsc.shape[0])
+    floor = noise_floor(wsc, zs, hs, act, oloss, target, top_g, slope, alpha, xsc.shape[0], chain)
     entries = floor.pop("entries")
     floor = {k: np.array(v) + np.array([s * LOG2 for _, s in arrays[k]]) for k, v in floor.items()}
     floor["entries"] = entries
@@ -718,15 +732,17 @@ def lost_below_floats_backward(sc, act, target, slope, alpha, norm_type=2.0) -> 
     return lost
 
 
+def vanishes(z, h, tiny: float) -> bool:
+    """Whether a layer's whole output h lies below the smallest normal float `tiny` (with
+    room for the activation's rounding) although its pre-activations z are not all zero."""
+    return bool((z != 0).any()) and float(abs(h).max()) < 4 * tiny
+
+
 def underflows(ws, bs, x, acts, dtype: str) -> bool:
     """Whether some layer's whole output falls below the smallest normal float of the chain's
     dtype although its pre-activations are not all zero (a scale the chain cannot carry:
     the documented NonFiniteError): in float64, and for float32 also as torch's float32
     arithmetic has it (gelu_tanh's 1 + tanh(u) is 0 there from u = -9 on)."""
-
-    def vanishes(z, h, tiny):
-        return bool((z != 0).any()) and float(abs(h).max()) < 4 * tiny
-
     zs, hs = O.numpy_forward(ws, bs, x, *acts)
     if any(vanishes(z, h, FTINY[dtype]) for z, h in zip(zs, hs[1:])):
         return True
@@ -744,6 +760,74 @@ def underflows(ws, bs, x, acts, dtype: str) -> bool:
         if vanishes(z, h, FTINY[dtype]):
             return True
     return False
+
+
+def may_round(h, w, b: float, dtype: str) -> bool:
+    """Whether a float pass in `dtype` may round in forming sum_i h_i w_i + b: whether some
+    product h_i w_i, or some sum of a few of the terms (what adding them in any order, in
+    any grouping, with or without fused multiply-adds, forms on the way), is not a float.
+    More than 12 nonzero terms are taken to round."""
+    digits = np.finfo(dtype).nmant + 1
+
+    def is_float(t: Fraction) -> bool:
+        n = abs(t.numerator)
+        return n == 0 or (n >> ((n & -n).bit_length() - 1)).bit_length() <= digits
+
+    terms = [Fraction(float(u)) * Fraction(float(v)) for u, v in zip(h, w)] + [Fraction(b)]
+    terms = [t for t in terms if t]
+    if len(terms) > 12 or not all(map(is_float, terms)):
+        return True
+    sums = {Fraction(0)}
+    for t in terms:
+        sums |= {v + t for v in sums}
+    return not all(map(is_float, sums))
+
+
+def residue_errs(ws, bs, x, acts, dtype: str, branches: int = 3) -> bool:
+    """Whether a float forward pass may overflow or vanish (as check_mlp judges a
+    NonFiniteError) from the rounding residue of a sum that cancels. A float product is
+    accurate to (k + 2) eps sum |a| |b| over its k terms, however it rounds (a kernel with
+    fused multiply-adds, as any BLAS may have, leaves other residues than a plain one): a
+    pre-activation within (k + 2) eps (|h| |W|^T + |b|) of 0, the bias one more term, may
+    come out as anything up to that bound, of either sign (1e30 h - 1e30 h is 0, or 1e23
+    with a fused multiply-add), unless no float pass rounds in forming it (`may_round`:
+    1e100 (0.5 - 0.5) is 0 in any order). The float64 pass is walked with such entries
+    moved to the bound, all up or all down (a layer's sums that cancel alike leave residues
+    alike), at each of the first `branches` layers that have them. Residues below the normal floats
+    are left alone (in a layer without bias the chain forms them on scaled mantissas); a
+    homogeneous chain without biases carries every scale, so none of its residues errs."""
+    act, slope, alpha = acts
+    if act in O.HOMOGENEOUS and not any(np.any(b) for b in bs):
+        return False
+    eps, tiny, edge = EPS[dtype], FTINY[dtype], 0.25 * FMAX[dtype]
+    layers = [
+        (np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64)) for w, b in zip(ws, bs)
+    ]
+
+    def after(z, l: int, left: int) -> bool:
+        # layer l's activation of z, then the layers above it
+        h = O.act_forward(act, z, slope, alpha)
+        if not float(np.max(np.abs(h), initial=0.0)) < edge or vanishes(z, h, tiny):
+            return True
+        return l + 1 < len(layers) and walk(h, l + 1, left)
+
+    def walk(h, l: int, left: int) -> bool:
+        w, b = layers[l]
+        terms = np.abs(h) @ np.abs(w).T + np.abs(b)  # bounds every partial sum of h W^T + b
+        if not float(np.max(terms, initial=0.0)) < edge:
+            return True
+        z = h @ w.T + b
+        bound = (w.shape[1] + 3) * eps * terms
+        cancels = (np.abs(z) <= bound) & (bound >= tiny)
+        hd = h.astype(dtype)  # the inputs as the chain holds them, which its sums round
+        for i, j in zip(*np.nonzero(cancels)):
+            cancels[i, j] = may_round(hd[i], w[j], float(b[j]), dtype)
+        if left and cancels.any():
+            return any(after(np.where(cancels, s * bound, z), l, left - 1) for s in (1.0, -1.0))
+        return after(z, l, left)
+
+    with np.errstate(all="ignore"):
+        return walk(np.asarray(x, dtype=np.float64), 0, branches)
 
 
 # --------------------------------------------------------------------------------------
@@ -905,9 +989,6 @@ def report_mismatches(name, got, want, idx) -> str:
     return f"{name}: {len(idx)} entries off: {shown}"
 
 
-EPS64 = float(np.finfo(np.float64).eps)
-
-
 def cancellation(act: str, z) -> float:
     """How many units in the last place torch's float64 phi'(z) can be off, at worst over z:
     the sum of the absolute terms of its formula over the result. tanh' = 1 - t^2 and
@@ -1026,9 +1107,10 @@ def compare_all(
     left out of every comparison; called only once a mismatch needs judging (leaving
     values out makes no mismatch at the base tolerance, so the outcome is the same)."""
     base = TOL64 if dtype == "float64" else TOL32
-    # torch's own rounding where its derivative formulas cancel (see `cancellation`): `ulps`
-    # units in the last place, summed over the chain's layers or steps
-    base += min(10.0, 8.0 * EPS64 * ulps / LN10)
+    # torch's own float64 rounding where its derivative formulas cancel (see `cancellation`):
+    # `ulps` units in the last place, summed over the chain's layers or steps (a float32
+    # chain's own cancellation is measured by its float32 twin below)
+    base += min(10.0, 8.0 * EPS["float64"] * ulps / LN10)
     want = want_fn(0.0, None, "float64")
     if want is None:
         return
@@ -1084,8 +1166,10 @@ def compare_all(
         noisy = {n: noisy[n] | (moved[n] > 0.5) for n in want}
     # one binary exponent per boundary holds the whole batch, so an entry further below
     # its boundary's largest than the band and the subnormals reach is 0 there (in float32
-    # an example 1e-55 times the others), and a relu kink at it is decided as at 0: the
-    # NumPy oracle with such pre-activations flushed is as right as torch
+    # an example 1e-55 times the others), and a relu kink at it is decided as at 0; the
+    # same holds for dL/dh and dL/dz on the way back (a float32 gradient entry 1e-70 below
+    # the rest, which torch keeps): the NumPy oracle with such pre-activations and
+    # gradient entries flushed is as right as torch
     flushed = want_fn(0.0, None, f"flushed {dtype}")
     if flushed is not None:
         moved = spread_between(want, flushed)
@@ -1141,14 +1225,20 @@ def check_mlp(case: MLPCase) -> None:
     try:
         rep = net.backward(x, **kw)
     except NonFiniteError as err:
-        carried, vanishes = carried_extent(ws, bs, xs, *acts, tiny=FTINY[dt])
+        carried, vanished = carried_extent(ws, bs, xs, *acts, tiny=FTINY[dt])
         both = max(forward_extent(ws, bs, xs, *acts), carried)
         edge = math.log10(0.25 * FMAX[dt])
         if tgt is not None and case.loss == "mse":
             both = max(both, log10_pnorm(np.asarray(tgt, dtype=np.float64), math.inf))
-        assert both >= edge or vanishes or underflows(ws, bs, xs, acts, dt), (
+        assert (
+            both >= edge
+            or vanished
+            or underflows(ws, bs, xs, acts, dt)
+            or residue_errs(ws, bs, xs, acts, dt)
+        ), (
             f"NonFiniteError ({err}) but no sum or product of the float forward pass reaches "
-            f"10**{both:.2f}, and no layer's output vanishes below the normal floats"
+            f"10**{both:.2f}, no layer's output vanishes below the normal floats, and no "
+            "rounding residue of a sum that cancels makes either happen"
         )
         return
     f = Failures()
@@ -1263,8 +1353,9 @@ def check_mlp(case: MLPCase) -> None:
         if case.loss == "mse":
             pt = np.asarray(pt, dtype=np.float64)
         t = mlp_truth(
-            pw, pb, px, case.activation, case.loss, pt, pg, case.negative_slope, case.alpha, tdtype
-        )
+            pw, pb, px, case.activation, case.loss, pt, pg, case.negative_slope, case.alpha,
+            tdtype, chain=dt,
+        )  # fmt: skip
         if t is None:
             return None
         params = [t.arrays[n][l] for l in range(L) for n in ("weight", "bias")]
@@ -1653,15 +1744,15 @@ def check_rnn(case: RNNCase) -> None:
         if tdtype == "float64" and not rel:
             # the parameter gradients are sums over steps and examples: their rounding error
             # in any order is bounded by the same sums over absolute values times
-            # (T L + 1) (T B + H + inputs) eps (the gates' own errors, relative to the
-            # carried gradients, accumulate over the T L cells they pass)
+            # (T L + 1) (T B + H + inputs) eps of the chain's dtype (the gates' own errors,
+            # relative to the carried gradients, accumulate over the T L cells they pass)
             with np.errstate(all="ignore"):
                 nt = np.ldexp(pt, -ref["shift"]) if oloss == "grad" else pt
                 num = O.numpy_rnn_backward(
                     case.cell, psd, px, h0=ph, c0=pc, loss=oloss, target=nt,
                     truncate=case.truncate, truncate_mode=case.truncate_mode, sums=True,
                 )  # fmt: skip
-            k = (T * L + 1) * (T * B + H + xs.shape[2]) * EPS64
+            k = (T * L + 1) * (T * B + H + xs.shape[2]) * EPS[dt]
             sums = [num["abs_sums"][n] for n in names]
             bounds = [None if a is None else k * a for a in sums]
             if all(b is None or np.all(np.isfinite(b)) for b in bounds):
@@ -2391,6 +2482,118 @@ def test_the_backward_rule_leaves_no_norm_out_of_ordinary_chains(act, loss):
             ws = [w * 1e-150 for w in ws]
             sc = scaled_chain(ws, [np.zeros_like(b) for b in bs], x, act, loss, g, 0.01, 1.0)
             assert lost_below_floats_backward(sc, act, target, 0.01, 1.0) is None, (seed, depth)
+
+
+TANH_BIAS_GRADIENT_THAT_CANCELS_IN_FLOAT32 = MLPCase(
+    "float32", "tanh", (2, 5, 6, 2, 6, 7, 7, 4, 7, 7, 2, 4, 7, 1, 7, 4, 1), 4,
+    ("init", "he_normal", 3.0, 1.5, 1.0, 90781),
+    0.01, 1.0, Arr("normal", 0.5, 14041), "grad_output", Arr("alternating", 3.0), True, None, 2.0,
+)  # fmt: skip
+
+
+def test_float32_bias_gradient_that_cancels_below_float32_rounding():
+    """Layer 12 of this float32 tanh chain (width 1) has the pre-activations 3.7793665 to
+    3.7793674 for its four examples, and grad_output alternates in sign: dL/db_12 sums four
+    terms of +-1.0106e-5 to 2.5e-11 in float64, a few float32 epsilons of their size. The
+    chain's float32 pass gives 0, torch's float32 pass 1.1e-11: both lie below the
+    rounding-error bound of a float32 backward pass, 3.7e-9, where float64's epsilon put
+    that bound at 6.8e-18 and the exact zero was flagged."""
+    check_mlp(TANH_BIAS_GRADIENT_THAT_CANCELS_IN_FLOAT32)
+
+
+def test_noise_floor_is_the_rounding_of_the_chains_dtype():
+    """The same chain's floor for float32 lies log10(eps32 / eps64) = 29 log10(2) above its
+    floor for float64, norm by norm and entry by entry."""
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((3, 2)), rng.standard_normal((2, 3))]
+    bs = [np.zeros(3), np.zeros(2)]
+    x = rng.standard_normal((4, 2))
+    zs, hs = O.numpy_forward(ws, bs, x, "tanh")
+    f64, f32 = (
+        noise_floor(ws, zs, hs, "tanh", "probe", None, hs[-1], 0.01, 1.0, 4, dtype)
+        for dtype in ("float64", "float32")
+    )
+    for n in ("weight", "bias", "activation"):
+        assert np.isfinite(f64[n]).all()
+        np.testing.assert_allclose(np.subtract(f32[n], f64[n]), 29 * LOG2, rtol=1e-12)
+    for a32, a64 in zip(f32["entries"], f64["entries"]):
+        assert np.all(a64 > 0)
+        np.testing.assert_allclose(a32, a64 * 2.0**29, rtol=1e-12)
+
+
+SIGMOID_OF_A_SUM_THAT_CANCELS_AT_1E30 = MLPCase(
+    "float32", "sigmoid", (1, 1, 2, 2, 2, 1), 1,
+    ("arrays", [Arr("normal", 1.0), Arr("normal", 1.0), Arr("const", 1.0),
+                Arr("alternating", 1e30), Arr("normal", 1.0)], [None] * 5),
+    0.01, 1.0, Arr("normal", 1.0), "probe", None, False, None, 2.0,
+)  # fmt: skip
+
+
+def test_sigmoid_of_a_float32_sum_that_cancels_at_1e30():
+    """Layer 4 applies 1e30 (1, -1) in both rows to two equal activations h = 0.731:
+    z = 1e30 h - 1e30 h is exactly 0 (torch: sigmoid 0.5), but a float32 product is only
+    accurate to (k + 2) eps sum |a| |b|, 7e23 here, and one with fused multiply-adds
+    leaves a residue (the core's is -1.7e22 in both rows) whose sigmoid is 0: the layer
+    vanishes and the pass raises NonFiniteError, a right float result that the plain pass
+    (no overflow, no layer below the normal floats) does not explain. With the second row
+    summing instead (sigmoid(1.5e30) = 1), no residue makes the layer vanish."""
+    check_mlp(SIGMOID_OF_A_SUM_THAT_CANCELS_AT_1E30)
+    ns = run_code(SIGMOID_OF_A_SUM_THAT_CANCELS_AT_1E30.code().rsplit("\n", 1)[0])
+    ws = [np.asarray(w, dtype=np.float64) for w in ns["net"].weights]
+    bs = [np.zeros(w.shape[0]) for w in ws]
+    x = np.asarray(ns["x"], dtype=np.float64)
+    acts = ("sigmoid", 0.01, 1.0)
+    assert forward_extent(ws, bs, x, *acts) < 31
+    assert not underflows(ws, bs, x, acts, "float32")
+    assert residue_errs(ws, bs, x, acts, "float32")
+    ws[3][1] = np.abs(ws[3][1])
+    assert not residue_errs(ws, bs, x, acts, "float32")
+
+
+def test_a_residue_only_where_some_order_of_the_sum_rounds():
+    """1e100 (0.5 - 0.5 + 0.5 - 0.5) is 0 in any order; 0.731 1e30 is not a float32, and
+    with six terms of 0.5 1e37 three of them add to 1.5e37, which rounds in float32."""
+    alternating = (-1.0) ** np.arange(6)
+    assert not may_round(np.full(4, 0.5), 1e100 * alternating[:4], 0.0, "float64")
+    f32 = float(np.float32(1e37))
+    assert may_round(np.full(6, 0.5), f32 * alternating, 0.0, "float32")
+    assert not may_round(np.full(2, 0.5), f32 * alternating[:2], 0.0, "float32")
+    h = float(np.float32(0.731))
+    assert may_round([h, h], [1e30, -1e30], 0.0, "float32")
+    assert not may_round([h, h], [1.0, -1.0], 0.0, "float32")
+
+
+ELU_GRADIENT_FLUSHED_AT_ITS_BOUNDARY = MLPCase(
+    "float32", "elu", (1, 1, 1), 2,
+    ("arrays", [Arr("const", -80.0), Arr("const", 80.0)], [None, None]),
+    0.01, 1.0, Arr("sparse", 1.0, 1), "mse", Arr("const", 1e30), False, None, 2.0,
+)  # fmt: skip
+
+
+def test_float32_gradient_entry_that_one_exponent_per_boundary_flushes():
+    """Two examples x = (0, 1), elu layers of weights -80 and 80, an mse target of 1e30, in
+    float32: dL/dh_2 is -1e30 for both examples, and the second sits at z = -80 in both
+    layers (elu' = 1.8e-35), so dL/dz_0 = (-8e31, -2.6e-38), 3e-70 apart, further than
+    float32's band and subnormals reach (2^-172): the boundary's one exponent makes the
+    second entry 0, and with it dL/dW_0 = x^T dL/dz_0, formed from that entry alone. torch
+    keeps 2.6e-38 in float32 and float64 alike; the NumPy oracle with such backward
+    entries flushed has the chain's 0, and is as right."""
+    case = ELU_GRADIENT_FLUSHED_AT_ITS_BOUNDARY
+    check_mlp(case)
+    ns = run_code(case.code())
+    ws = [np.asarray(w, dtype=np.float64) for w in ns["net"].weights]
+    bs = [np.zeros(1), np.zeros(1)]
+    x, y = (np.asarray(ns[k], dtype=np.float64) for k in ("x", "target"))
+    kept = O.numpy_backward(ws, bs, x, "elu", "mse", y)
+    flushed = O.numpy_backward(ws, bs, x, "elu", "mse", y, flush=FLUSH["flushed float32"])
+    # |h - y| elu'(-80) w elu'(-80) x, with h = elu(-80) = -1 and x = 1
+    want = (1.0 + y[0, 0]) * math.exp(-80) * 80.0 * math.exp(-80)
+    assert close(log10_pnorm(kept.dW[0]), math.log10(want), 1e-9)
+    assert not np.any(flushed.dW[0])
+    for a, b in zip(
+        kept.dW[1:] + kept.db + kept.dh[1:], flushed.dW[1:] + flushed.db + flushed.dh[1:]
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_lstm_cell_gradient_through_a_saturated_tanh():
