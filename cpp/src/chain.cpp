@@ -386,6 +386,12 @@ struct Schedule {
   std::size_t ck_per_row = 0;         // the checkpoints per example
   std::vector<std::size_t> draw_off;  // per step: offset of its drawn parameters
   std::size_t draw_max = 0;           // the largest segment's drawn parameters
+  // The pipelined backward pass's ring of dL/dy slots (see ring_slots): a step with
+  // parameters takes slot ord % ring, ord being its place among the steps with parameters of
+  // its segment, last first (the order both threads take them in); a slot holds `slot`
+  // entries.
+  std::vector<std::size_t> ord;
+  std::size_t ring = 0, slot = 0;
   std::size_t segments() const { return start.size(); }
   // The boundaries of segment i: its input up to the next segment's input.
   int first(std::size_t i) const { return start[i]; }
@@ -394,7 +400,7 @@ struct Schedule {
 // A segment's parameters drawn at once: up to this many entries (unless one block has more).
 constexpr std::size_t kDrawChunk = 1 << 20;
 
-template <class Plan>
+template <class T, class Plan>
 Schedule make_schedule(const Plan& P, std::size_t B, const ChainRequest& req) {
   Schedule S;
   const std::size_t nsteps = P.steps.size();
@@ -465,6 +471,19 @@ Schedule make_schedule(const Plan& P, std::size_t B, const ChainRequest& req) {
     }
     S.draw_max = std::max(S.draw_max, acc);
   }
+  S.ord.assign(nsteps, 0);
+  std::size_t most = 0;  // steps with parameters in a segment
+  for (std::size_t i = 0; i + 1 < S.step0.size(); ++i) {
+    std::size_t n = 0;
+    for (std::size_t si = S.step0[i + 1]; si-- > S.step0[i];)
+      if (P.steps[si].nparams > 0) {
+        S.ord[si] = n++;
+        S.slot = std::max(S.slot, B * static_cast<std::size_t>(
+                                          P.width[static_cast<std::size_t>(P.steps[si].out)]));
+      }
+    most = std::max(most, n);
+  }
+  S.ring = ring_slots(most, S.slot * sizeof(T));
   if (!S.per_segment) {
     S.keep = P.stored;
     S.off = P.offset;
@@ -506,7 +525,7 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
   const Threading th = decide_threads<T>(p.steps, static_cast<std::size_t>(batch),
                                          couples_batch(req.train) || req.trace);
   const double parts = th.split_forward ? 2 : 1;
-  const Schedule S = make_schedule(p, static_cast<std::size_t>(batch), req);
+  const Schedule S = make_schedule<T>(p, static_cast<std::size_t>(batch), req);
   // Kept boundaries (one segment's with checkpointing), checkpoints, drawn parameters.
   double elems = B * double(S.seg_per_row) + B * double(S.ck_per_row) + double(S.draw_max) + 1;
   elems += 3 * B * W + 1;  // the parts' transients and block scratch
@@ -535,21 +554,8 @@ typename Chain<T>::PassBytes Chain<T>::pass_bytes(int batch, const ChainRequest&
   PassBytes r;
   r.needed = elems * sizeof(T) + NB * (8 + parts * 32 + 24 + 4) + nsteps * (24 + 16 + 8) + local +
              double(n_trainable_) * 24 + NB * 8 + 4096;
-  if (th.two_threads && p.any_params && !req.forward_only) {
-    std::size_t most = 0, slot = 0;  // steps with parameters in a segment, a slot's entries
-    for (std::size_t i = 0; i + 1 < S.step0.size(); ++i) {
-      std::size_t n = 0;
-      for (std::size_t si = S.step0[i]; si < S.step0[i + 1]; ++si)
-        if (p.steps[si].nparams > 0) {
-          ++n;
-          slot = std::max(slot, static_cast<std::size_t>(batch) *
-                                    static_cast<std::size_t>(
-                                        p.width[static_cast<std::size_t>(p.steps[si].out)]));
-        }
-      most = std::max(most, n);
-    }
-    r.pipeline = double(ring_slots(most, slot * sizeof(T))) * double(slot) * sizeof(T);
-  }
+  if (th.two_threads && p.any_params && !req.forward_only)
+    r.pipeline = double(S.ring) * double(S.slot) * sizeof(T);
   return r;
 }
 
@@ -611,7 +617,7 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
   auto& DYbuf = ws.dy;
   auto& PGbuf = ws.pg;
   auto& PG2 = ws.pg2;
-  const Schedule SC = make_schedule(P, B, req);
+  const Schedule SC = make_schedule<T>(P, B, req);
   const std::size_t nseg = SC.segments();
   T* H;
   T* CK;
@@ -959,21 +965,8 @@ ChainResult<T> Chain<T>::backward(const T* x, int batch, const ChainRequest& req
     return p;
   };
 
-  // The ring of dL/dy slots (see ring_slots): a step with parameters takes slot
-  // ord % ring, ord being its place among the steps with parameters of its segment, last
-  // first (the order both threads take them in).
-  std::vector<std::size_t> ord(nsteps, 0);
-  std::size_t most = 0, slot = 0;
-  for (std::size_t i = 0; i < nseg; ++i) {
-    std::size_t n = 0;
-    for (std::size_t si = SC.step0[i + 1]; si-- > SC.step0[i];)
-      if (P.steps[si].nparams > 0) {
-        ord[si] = n++;
-        slot = std::max(slot, B * w(P.steps[si].out));
-      }
-    most = std::max(most, n);
-  }
-  const std::size_t ring = ring_slots(most, slot * sizeof(T));
+  const std::vector<std::size_t>& ord = SC.ord;
+  const std::size_t ring = SC.ring, slot = SC.slot;
   const std::size_t dy_total = ring * slot;
   bool pipelined = th.two_threads && P.any_params && req.param_grads && dy_total > 0 &&
                    need.pipeline > 0 && memory_allows(bytes - held, 2.0);

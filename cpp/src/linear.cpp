@@ -21,7 +21,6 @@ using blas::Trans;
 int clamp_exp(std::int64_t k) {
   return static_cast<int>(std::clamp<std::int64_t>(k, -100000, 100000));
 }
-
 }  // namespace
 
 template <class T>

@@ -79,26 +79,17 @@ struct Packed {
 thread_local Packed packed;
 // A^T and C^T of an A B^T product run as C^T = B A^T (see run).
 thread_local std::vector<char> scratch;
-
-template <class T>
-T* scratch_buffer(std::size_t count) {
-  const std::size_t bytes = count * sizeof(T) + 64;
-  if (scratch.size() < bytes) scratch.resize(bytes);
-  const auto addr = reinterpret_cast<std::uintptr_t>(scratch.data());
-  return reinterpret_cast<T*>(scratch.data() + (64 - addr % 64) % 64);
-}
-
 thread_local int keep_depth = 0;
 
+// `count` T's in buf, from a cache line's start (buf grows as needed: true where it did).
 template <class T>
-T* packed_buffer(std::size_t count) {
+T* aligned_in(std::vector<char>& buf, std::size_t count, bool* grew = nullptr) {
   const std::size_t bytes = count * sizeof(T) + 64;
-  if (packed.buf.size() < bytes) {
-    packed.buf.resize(bytes);
-    packed.b = nullptr;
-  }
-  const auto addr = reinterpret_cast<std::uintptr_t>(packed.buf.data());
-  return reinterpret_cast<T*>(packed.buf.data() + (64 - addr % 64) % 64);
+  const bool more = buf.size() < bytes;
+  if (more) buf.resize(bytes);
+  if (grew) *grew = more;
+  const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+  return reinterpret_cast<T*>(buf.data() + (64 - addr % 64) % 64);
 }
 
 template <class T>
@@ -137,7 +128,8 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
                       packed.ldb == ldb && packed.elem == sizeof(T);
     const double parts = keep_depth > 0 ? 2 : 1;
     if (!have && m >= kLanes && parts * m * (double(k) + n) < double(n) * k) {
-      T* xt = scratch_buffer<T>(std::size_t(k) * std::size_t(m) + std::size_t(n) * std::size_t(m));
+      T* xt =
+          aligned_in<T>(scratch, std::size_t(k) * std::size_t(m) + std::size_t(n) * std::size_t(m));
       T* yt = xt + std::size_t(k) * std::size_t(m);
       transpose(m, k, a, lda, xt, m);
       if (i == Isa::avx512)
@@ -147,7 +139,9 @@ bool run(blas::Trans ta, blas::Trans tb, int m, int n, int k, T alpha, const T* 
       transpose(n, m, yt, m, c, ldc);
       return true;
     }
-    T* t = packed_buffer<T>(std::size_t(n) * std::size_t(k));
+    bool grew = false;
+    T* t = aligned_in<T>(packed.buf, std::size_t(n) * std::size_t(k), &grew);
+    if (grew) packed.b = nullptr;
     if (!have) {
       transpose(n, k, b, ldb, t, n);
       packed.b = keep_depth > 0 ? b : nullptr;
