@@ -110,7 +110,9 @@ def float_array(name: str, value: Any, dt: np.dtype, shape: tuple[int | None, ..
         try:
             arr = np.asarray(value)
         except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be an array of real numbers; got {type(value).__name__}") from exc
+            raise TypeError(
+                f"{name} must be an array of real numbers; got {type(value).__name__}"
+            ) from exc
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must hold real numbers (float or int); got dtype {arr.dtype}")
     want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ")"
@@ -250,7 +252,9 @@ def param_array(name: str, a: Any, dt: np.dtype, shape: tuple[int | None, ...]) 
     would be simulated in a precision the model does not use)."""
     arr = as_array(name, a)
     if isinstance(arr, np.ndarray) and arr.dtype == np.float16:
-        raise TypeError(f"{name} has dtype float16; gradchain accepts float32 and float64 parameters")
+        raise TypeError(
+            f"{name} has dtype float16; gradchain accepts float32 and float64 parameters"
+        )
     return float_array(name, arr, dt, shape)
 
 
@@ -262,5 +266,9 @@ def default_loss(target: Any) -> str:
     kind = getattr(getattr(target, "dtype", None), "kind", None)
     if kind is None:
         dt = str(getattr(target, "dtype", ""))  # a torch tensor
-        kind = "i" if dt.startswith(("torch.int", "torch.uint")) else ("f" if dt else np.asarray(target).dtype.kind)
+        kind = (
+            "i"
+            if dt.startswith(("torch.int", "torch.uint"))
+            else ("f" if dt else as_array("target", target).dtype.kind)
+        )
     return "cross_entropy" if kind in "iu" else "mse"

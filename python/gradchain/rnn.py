@@ -25,9 +25,7 @@ _GATES = {"tanh": 1, "relu": 1, "lstm": 4, "gru": 3}
 _KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
 
 
-def _weight_reach(
-    init: str, input_size: int, hidden: int, num_layers: int
-) -> tuple[float, float]:
+def _weight_reach(init: str, input_size: int, hidden: int, num_layers: int) -> tuple[float, float]:
     """The largest ``|weight_ih|`` per unit of gain and ``|weight_hh|`` per unit of
     recurrent_gain that `init` can draw: the scale at the smallest fan times the largest
     draw (uniform draws lie in [-1, 1), normal ones within ``NORMAL_DRAW_MAX``)."""
@@ -149,13 +147,17 @@ class RNN:
         if spectral_radius is not None:
             sr = v.finite_float("spectral_radius", spectral_radius)
             if sr <= 0:
-                raise ValueError(f"spectral_radius must be a positive number; got {spectral_radius!r}")
+                raise ValueError(
+                    f"spectral_radius must be a positive number; got {spectral_radius!r}"
+                )
             if recurrent_gain != 1.0:
                 raise ValueError("give recurrent_gain or spectral_radius, not both")
         fb = None
         if forget_bias is not None:
             if cell != "lstm" or not bias:
-                raise ValueError(f"forget_bias applies to cell='lstm' with bias=True; got cell={cell!r}, bias={bias}")
+                raise ValueError(
+                    f"forget_bias applies to cell='lstm' with bias=True; got cell={cell!r}, bias={bias}"
+                )
             fb = v.finite_float("forget_bias", forget_bias)
             v.representable("forget_bias", fb, self._dtype)
         dt = self._dtype
@@ -188,7 +190,9 @@ class RNN:
                     )
 
     @staticmethod
-    def _shape(cell: Any, input_size: Any, hidden_size: Any, num_layers: Any, output_size: Any, bias: Any) -> dict[str, Any]:
+    def _shape(
+        cell: Any, input_size: Any, hidden_size: Any, num_layers: Any, output_size: Any, bias: Any
+    ) -> dict[str, Any]:
         v.choice("cell", cell, CELLS)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be a bool; got {bias!r}")
@@ -204,7 +208,12 @@ class RNN:
     # -- construction from arrays ------------------------------------------------------
     @classmethod
     def from_state_dict(
-        cls, state_dict: Mapping[str, Any], cell: str, *, batch_first: bool = False, dtype: Any = None
+        cls,
+        state_dict: Mapping[str, Any],
+        cell: str,
+        *,
+        batch_first: bool = False,
+        dtype: Any = None,
     ) -> RNN:
         """An RNN with the parameters of a ``state_dict`` (NumPy arrays or torch tensors).
 
@@ -218,7 +227,9 @@ class RNN:
         """
         v.choice("cell", cell, CELLS)
         if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping of names to arrays; got {type(state_dict).__name__}")
+            raise TypeError(
+                f"state_dict must be a mapping of names to arrays; got {type(state_dict).__name__}"
+            )
         arrays = {str(k): v.as_array(f"state_dict[{k!r}]", a) for k, a in state_dict.items()}
         layers: set[int] = set()
         unknown = []
@@ -229,33 +240,65 @@ class RNN:
             elif k not in ("readout.weight", "readout.bias"):
                 unknown.append(k)
         if unknown:
-            hint = " (bidirectional and proj_size modules are not supported)" if any("reverse" in k or "weight_hr" in k for k in unknown) else ""
-            raise ValueError(f"state_dict has keys gradchain does not know: {sorted(unknown)}{hint}")
+            hint = (
+                " (bidirectional and proj_size modules are not supported)"
+                if any("reverse" in k or "weight_hr" in k for k in unknown)
+                else ""
+            )
+            raise ValueError(
+                f"state_dict has keys gradchain does not know: {sorted(unknown)}{hint}"
+            )
         if not layers or sorted(layers) != list(range(len(layers))):
-            raise ValueError(f"state_dict must hold weight_ih_l0, weight_hh_l0, ... for layers 0..n-1; got keys {sorted(arrays)}")
+            raise ValueError(
+                f"state_dict must hold weight_ih_l0, weight_hh_l0, ... for layers 0..n-1; got keys {sorted(arrays)}"
+            )
         w0 = arrays.get("weight_ih_l0")
         if w0 is None or w0.ndim != 2:
-            raise ValueError("state_dict['weight_ih_l0'] must be a 2-d array (gates * hidden_size, input_size)")
+            raise ValueError(
+                "state_dict['weight_ih_l0'] must be a 2-d array (gates * hidden_size, input_size)"
+            )
         g = _GATES[cell]
-        if w0.shape[0] % g:
-            raise ValueError(f"weight_ih_l0 has {w0.shape[0]} rows, not a multiple of {g} gates for cell={cell!r}")
+        if w0.shape[0] % g or w0.shape[0] == 0:
+            raise ValueError(
+                f"weight_ih_l0 has {w0.shape[0]} rows, not a positive multiple of {g} gates for cell={cell!r}"
+            )
         bias = "bias_ih_l0" in arrays
         out = arrays.get("readout.weight")
-        shape = cls._shape(cell, int(w0.shape[1]), w0.shape[0] // g, len(layers), None if out is None else _readout_rows(out), bias)
+        shape = cls._shape(
+            cell,
+            int(w0.shape[1]),
+            w0.shape[0] // g,
+            len(layers),
+            None if out is None else _readout_rows(out),
+            bias,
+        )
         if dtype is None:
-            dtype = np.float32 if all(a.dtype == np.float32 for a in arrays.values()) else np.float64
+            dtype = (
+                np.float32 if all(a.dtype == np.float32 for a in arrays.values()) else np.float64
+            )
         dt = v.dtype(dtype)
         names, shapes = _param_layout(shape)
         missing = [n for n in names if n not in arrays]
         extra = [k for k in arrays if k not in names]
         if missing or extra:
-            raise ValueError(f"state_dict does not match a {cell} chain of this shape: missing {missing}, unexpected {extra}")
-        params = [v.param_array(f"state_dict[{n!r}]", arrays[n], dt, s) for n, s in zip(names, shapes)]
+            raise ValueError(
+                f"state_dict does not match a {cell} chain of this shape: missing {missing}, unexpected {extra}"
+            )
+        params = [
+            v.param_array(f"state_dict[{n!r}]", arrays[n], dt, s) for n, s in zip(names, shapes)
+        ]
         self = cls.__new__(cls)
         self._batch_first = v.flag("batch_first", batch_first)
         self._dtype = dt
         self._config = dict(shape)
-        self._config.update(init=None, gain=None, recurrent_gain=None, spectral_radius=None, forget_bias=None, seed=None)
+        self._config.update(
+            init=None,
+            gain=None,
+            recurrent_gain=None,
+            spectral_radius=None,
+            forget_bias=None,
+            seed=None,
+        )
         core = _core.RecurrentChain64 if dt == np.float64 else _core.RecurrentChain32
         self._chain = core.from_params(
             shape["cell"], shape["input_size"], shape["hidden_size"], shape["num_layers"],
@@ -336,7 +379,10 @@ class RNN:
             f"num_layers={c['num_layers']}", f"output_size={c['output_size']}", f"bias={c['bias']}",
         ]  # fmt: skip
         if c["init"] is not None:
-            args += [f"{k}={c[k]!r}" for k in ("init", "gain", "recurrent_gain", "spectral_radius", "forget_bias")]
+            args += [
+                f"{k}={c[k]!r}"
+                for k in ("init", "gain", "recurrent_gain", "spectral_radius", "forget_bias")
+            ]
         args += [f"batch_first={self._batch_first}", f"dtype={self._dtype.name!r}"]
         if c["seed"] is not None:
             args.append(f"seed={c['seed']!r}")
@@ -351,7 +397,9 @@ class RNN:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        other = RNN.from_state_dict(state["state_dict"], state["config"]["cell"], dtype=state["dtype"])
+        other = RNN.from_state_dict(
+            state["state_dict"], state["config"]["cell"], dtype=state["dtype"]
+        )
         self._dtype = other._dtype
         self._chain = other._chain
         self._config = dict(state["config"])
@@ -380,7 +428,9 @@ class RNN:
             )
         if self._batch_first:
             if arr.shape[2] != self.input_size:
-                raise ValueError(f"x must have shape {self._layout(str(self.input_size))}; got {arr.shape}")
+                raise ValueError(
+                    f"x must have shape {self._layout(str(self.input_size))}; got {arr.shape}"
+                )
             arr = np.swapaxes(arr, 0, 1)
         return v.float_array("x", arr, self._dtype, (None, None, self.input_size))
 
@@ -389,7 +439,9 @@ class RNN:
             return None
         if name == "c0" and self.cell != "lstm":
             raise ValueError(f"c0 is the LSTM's initial cell state; cell={self.cell!r} has none")
-        return v.float_array(name, v.as_array(name, value), self._dtype, (self.num_layers, batch, self.hidden_size))
+        return v.float_array(
+            name, v.as_array(name, value), self._dtype, (self.num_layers, batch, self.hidden_size)
+        )
 
     def backward(
         self,
@@ -494,19 +546,33 @@ class RNN:
         if truncate is None:
             mode, k = "none", 0
         else:
-            if isinstance(truncate, bool) or not isinstance(truncate, numbers.Integral) or truncate <= 0:
-                raise ValueError(f"truncate must be a positive integer (the window k) or None; got {truncate!r}")
+            if (
+                isinstance(truncate, bool)
+                or not isinstance(truncate, numbers.Integral)
+                or truncate <= 0
+            ):
+                raise ValueError(
+                    f"truncate must be a positive integer (the window k) or None; got {truncate!r}"
+                )
             v.choice("truncate_mode", truncate_mode, TRUNCATE_MODES)
             mode, k = truncate_mode, int(min(int(truncate), 2**31 - 1))
         n_out = self.output_size or self.hidden_size
         every = False
         if grad_output is not None:
-            if target is not None or loss not in (None, "grad_output"):
-                raise ValueError("grad_output replaces the loss: pass neither target nor loss with it")
+            if target is not None or not (
+                loss is None or (isinstance(loss, str) and loss == "grad_output")
+            ):
+                raise ValueError(
+                    "grad_output replaces the loss: pass neither target nor loss with it"
+                )
             name = "grad_output"
             arr = v.as_array("grad_output", grad_output)
             every = arr.ndim == 3
-            shape = self._seq_shape(steps, batch, self.hidden_size) if every else (batch, self.hidden_size)
+            shape = (
+                self._seq_shape(steps, batch, self.hidden_size)
+                if every
+                else (batch, self.hidden_size)
+            )
             go = v.float_array("grad_output", arr, dt, shape)
             tgt: np.ndarray | None = self._time_first(go) if every else go
         else:
@@ -540,7 +606,9 @@ class RNN:
     def _labels(self, target: Any, steps: int, batch: int, n: int) -> tuple[np.ndarray, bool]:
         arr = v.as_array("target", target)
         if arr.dtype.kind not in "iu":
-            raise TypeError(f"target for loss='cross_entropy' must be integer class labels; got dtype {arr.dtype}")
+            raise TypeError(
+                f"target for loss='cross_entropy' must be integer class labels; got dtype {arr.dtype}"
+            )
         every = self._seq_shape(steps, batch)
         if arr.shape not in ((batch,), every):
             raise ValueError(
@@ -548,7 +616,9 @@ class RNN:
                 f"{every} (every step); got {arr.shape}"
             )
         if arr.size and (arr.min() < 0 or arr.max() >= n):
-            raise ValueError(f"target labels must lie in [0, {n}); got values in [{arr.min()}, {arr.max()}]")
+            raise ValueError(
+                f"target labels must lie in [0, {n}); got values in [{arr.min()}, {arr.max()}]"
+            )
         labels = np.ascontiguousarray(arr, dtype=np.int64)
         return (self._time_first(labels) if arr.ndim == 2 else labels), arr.ndim == 2
 
@@ -579,11 +649,21 @@ class RNN:
         if truncate is not None:
             k = v.positive_int("truncate", truncate)
             mode = v.choice("truncate_mode", truncate_mode, TRUNCATE_MODES)
-        return int(self._chain.run_bytes(
-            t, b, v.flag("return_grads", return_grads), mode, k, v.flag("every_step", every_step), False
-        ))
+        return int(
+            self._chain.run_bytes(
+                t,
+                b,
+                v.flag("return_grads", return_grads),
+                mode,
+                k,
+                v.flag("every_step", every_step),
+                False,
+            )
+        )
 
-    def forward(self, x: Any, h0: Any = None, c0: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def forward(
+        self, x: Any, h0: Any = None, c0: Any = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Run the chain over `x`; as ``torch.nn.RNN/LSTM/GRU``'s forward.
 
         Returns
@@ -600,7 +680,9 @@ class RNN:
         """
         x = self._x(x)
         batch = x.shape[1]
-        out, h_n, c_n = self._chain.forward(x, self._state("h0", h0, batch), self._state("c0", c0, batch))
+        out, h_n, c_n = self._chain.forward(
+            x, self._state("h0", h0, batch), self._state("c0", c0, batch)
+        )
         return (np.ascontiguousarray(self._as_given(out)) if self._batch_first else out), h_n, c_n
 
 
@@ -619,8 +701,6 @@ def _param_layout(shape: dict[str, Any]) -> tuple[list[str], list[tuple[int, ...
         names += ["readout.weight", "readout.bias"]
         shapes += [(shape["output_size"], shape["hidden_size"]), (shape["output_size"],)]
     return names, shapes
-
-
 
 
 def _readout_rows(out: Any) -> int:

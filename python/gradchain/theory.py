@@ -996,7 +996,10 @@ def correlation_map(
     if q is None:
         q = _fixed_point(act, sw * sw, sb * sb, sw * sw + sb * sb)
         if not 0.0 < q < math.inf:
-            raise ValueError(f"q* = {q} for these parameters; pass q explicitly (> 0, finite)")
+            raise ValueError(
+                f"q* = {q} for sigma_w = {sw}, sigma_b = {sb} (the fixed point must be finite "
+                "and > 0); pass q explicitly (> 0, finite) or other sigma_w, sigma_b"
+            )
     else:
         q = _variance("q", q)
         if q == 0.0:
